@@ -1,0 +1,21 @@
+//! Compiles the mesh and public API protos. `protoc` comes from the
+//! `protoc-bin-vendored` crate so a fresh machine needs nothing installed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY-free: build scripts are single-threaded; set_var is only unsafe in edition 2024
+    // because of other threads, and there are none here.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("PROTOC", protoc);
+    }
+    let files = [
+        "switchboard/mesh/v1/mesh.proto",
+        "switchboard/api/v1/messaging.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    tonic_prost_build::configure().compile_protos(&files, &["."])?;
+    Ok(())
+}

@@ -1,0 +1,185 @@
+use std::fmt;
+
+/// The one error code shared by every edge: protocol `ERROR` frames, gRPC
+/// status codes and HTTP statuses all derive from it here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    InvalidJson,
+    UnknownType,
+    InvalidFrame,
+    NotAuthenticated,
+    Forbidden,
+    InvalidRecipient,
+    NotAMember,
+    PayloadTooLarge,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidFrame,
+        ErrorCode::NotAuthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::InvalidRecipient,
+        ErrorCode::NotAMember,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The code as it appears in a protocol `ERROR` frame.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "INVALID_JSON",
+            ErrorCode::UnknownType => "UNKNOWN_TYPE",
+            ErrorCode::InvalidFrame => "INVALID_FRAME",
+            ErrorCode::NotAuthenticated => "NOT_AUTHENTICATED",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::InvalidRecipient => "INVALID_RECIPIENT",
+            ErrorCode::NotAMember => "NOT_A_MEMBER",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            ErrorCode::InvalidJson | ErrorCode::UnknownType | ErrorCode::InvalidFrame => {
+                tonic::Code::InvalidArgument
+            }
+            ErrorCode::NotAuthenticated => tonic::Code::Unauthenticated,
+            ErrorCode::Forbidden => tonic::Code::PermissionDenied,
+            ErrorCode::InvalidRecipient => tonic::Code::NotFound,
+            ErrorCode::NotAMember => tonic::Code::FailedPrecondition,
+            ErrorCode::PayloadTooLarge => tonic::Code::OutOfRange,
+            ErrorCode::RateLimited => tonic::Code::ResourceExhausted,
+            ErrorCode::Unavailable => tonic::Code::Unavailable,
+            ErrorCode::Internal => tonic::Code::Internal,
+        }
+    }
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidJson
+            | ErrorCode::UnknownType
+            | ErrorCode::InvalidFrame
+            | ErrorCode::InvalidRecipient => 400,
+            ErrorCode::NotAuthenticated => 401,
+            ErrorCode::Forbidden | ErrorCode::NotAMember => 403,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    fn from_grpc(code: tonic::Code) -> ErrorCode {
+        match code {
+            tonic::Code::InvalidArgument => ErrorCode::InvalidFrame,
+            tonic::Code::Unauthenticated => ErrorCode::NotAuthenticated,
+            tonic::Code::PermissionDenied => ErrorCode::Forbidden,
+            tonic::Code::NotFound => ErrorCode::InvalidRecipient,
+            tonic::Code::FailedPrecondition => ErrorCode::NotAMember,
+            tonic::Code::OutOfRange => ErrorCode::PayloadTooLarge,
+            tonic::Code::ResourceExhausted => ErrorCode::RateLimited,
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                ErrorCode::Unavailable
+            }
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error crossing a service boundary: a code every edge understands and a
+/// message safe to show to the caller.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ServiceError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ServiceError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServiceError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidFrame, message)
+    }
+}
+
+/// Metadata key that carries the exact [`ErrorCode`] across gRPC, since several
+/// codes share one `tonic::Code`.
+const CODE_KEY: &str = "x-switchboard-error";
+
+impl From<ServiceError> for tonic::Status {
+    fn from(err: ServiceError) -> Self {
+        let mut status = tonic::Status::new(err.code.grpc_code(), err.message);
+        if let Ok(v) = err.code.as_str().parse() {
+            status.metadata_mut().insert(CODE_KEY, v);
+        }
+        status
+    }
+}
+
+impl From<tonic::Status> for ServiceError {
+    fn from(status: tonic::Status) -> Self {
+        let code = status
+            .metadata()
+            .get(CODE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(ErrorCode::parse)
+            .unwrap_or_else(|| ErrorCode::from_grpc(status.code()));
+        ServiceError::new(code, status.message())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_survives_a_grpc_round_trip() {
+        for code in ErrorCode::ALL {
+            let status: tonic::Status = ServiceError::new(code, "m").into();
+            let back = ServiceError::from(status);
+            assert_eq!(back.code, code);
+            assert_eq!(back.message, "m");
+        }
+    }
+
+    #[test]
+    fn a_foreign_status_maps_by_grpc_code() {
+        let back = ServiceError::from(tonic::Status::unavailable("down"));
+        assert_eq!(back.code, ErrorCode::Unavailable);
+    }
+}

@@ -1,0 +1,51 @@
+//! Each role's API as a domain trait over the generated protobuf messages.
+
+use async_trait::async_trait;
+
+use crate::error::ServiceError;
+use crate::pb;
+
+/// Client apps and credential checks.
+#[async_trait]
+pub trait Auth: Send + Sync + 'static {
+    async fn verify_client(
+        &self,
+        req: pb::VerifyClientRequest,
+    ) -> Result<pb::VerifyClientReply, ServiceError>;
+    async fn get_app(&self, req: pb::GetAppRequest) -> Result<pb::App, ServiceError>;
+}
+
+/// Where an envelope goes: local delivery, group fan-out or (later) another domain.
+#[async_trait]
+pub trait Router: Send + Sync + 'static {
+    async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError>;
+    /// Inbound from another domain.
+    async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError>;
+}
+
+/// Fan-out of a group message into per-recipient deliveries.
+#[async_trait]
+pub trait Groups: Send + Sync + 'static {
+    async fn fanout(&self, req: pb::FanoutRequest) -> Result<pb::FanoutReply, ServiceError>;
+}
+
+/// Per-user inboxes, push to gateways, confirmations.
+#[async_trait]
+pub trait Delivery: Send + Sync + 'static {
+    async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError>;
+    async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError>;
+    async fn delivered(
+        &self,
+        req: pb::DeliveredRequest,
+    ) -> Result<pb::DeliveredReply, ServiceError>;
+    async fn presence_changed(
+        &self,
+        req: pb::PresenceChangeRequest,
+    ) -> Result<pb::PresenceChangeReply, ServiceError>;
+}
+
+/// Push of messages to the live connections a gateway holds.
+#[async_trait]
+pub trait Gateway: Send + Sync + 'static {
+    async fn push(&self, req: pb::PushRequest) -> Result<pb::PushReply, ServiceError>;
+}

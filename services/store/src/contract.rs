@@ -1,0 +1,170 @@
+//! The store contract: behaviour every [`Store`] backend must show. Run it
+//! against a backend with [`store_contract_tests!`](crate::store_contract_tests).
+
+use crate::{InboxKey, InboxMessage, Store};
+
+/// A message for `to`, for tests.
+pub fn message(to: &str, content: &str) -> InboxMessage {
+    InboxMessage {
+        id: format!("id-{content}"),
+        from: "a-sender".into(),
+        to: to.into(),
+        content: content.into(),
+        ts: 1,
+        ..Default::default()
+    }
+}
+
+pub async fn append_assigns_increasing_seqs_per_inbox(store: &impl Store) {
+    let seqs = store
+        .append(
+            "app",
+            vec![
+                message("app-1", "a"),
+                message("app-2", "b"),
+                message("app-1", "c"),
+            ],
+        )
+        .await
+        .expect("append");
+    assert_eq!(seqs, vec![1, 1, 2]);
+    let more = store
+        .append("app", vec![message("app-1", "d")])
+        .await
+        .expect("append");
+    assert_eq!(more, vec![3]);
+}
+
+pub async fn fetch_pages_oldest_first(store: &impl Store) {
+    let inbox = InboxKey::new("app", "app-1");
+    let msgs = (0..25).map(|i| message("app-1", &format!("{i}"))).collect();
+    store.append("app", msgs).await.expect("append");
+    let first = store.fetch(&inbox, 0, 10).await.expect("fetch");
+    assert_eq!(first.messages.len(), 10);
+    assert_eq!(first.left, 15);
+    assert_eq!(first.messages[0].content, "0");
+    assert_eq!(first.messages[9].content, "9");
+    let last_seq = first.messages[9].seq;
+    let second = store.fetch(&inbox, last_seq, 10).await.expect("fetch");
+    assert_eq!(second.messages[0].content, "10");
+    assert_eq!(second.left, 5);
+    let rest = store.fetch(&inbox, 0, 100).await.expect("fetch");
+    assert_eq!(rest.messages.len(), 25);
+    assert_eq!(rest.left, 0);
+    assert_eq!(store.count(&inbox).await.expect("count"), 25);
+}
+
+pub async fn inboxes_are_isolated(store: &impl Store) {
+    store
+        .append(
+            "app",
+            vec![message("app-1", "x"), message("app-10", "y")],
+        )
+        .await
+        .expect("append");
+    store
+        .append("other", vec![message("app-1", "z")])
+        .await
+        .expect("append");
+    let page = store
+        .fetch(&InboxKey::new("app", "app-1"), 0, 100)
+        .await
+        .expect("fetch");
+    let contents: Vec<_> = page.messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(contents, vec!["x"]);
+}
+
+pub async fn remove_returns_each_message_once(store: &impl Store) {
+    let inbox = InboxKey::new("app", "app-1");
+    let seqs = store
+        .append("app", vec![message("app-1", "a"), message("app-1", "b")])
+        .await
+        .expect("append");
+    let removed = store.remove(&inbox, &seqs[..1]).await.expect("remove");
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].content, "a");
+    assert_eq!(removed[0].seq, seqs[0]);
+    let again = store.remove(&inbox, &seqs[..1]).await.expect("remove");
+    assert!(again.is_empty());
+    let page = store.fetch(&inbox, 0, 10).await.expect("fetch");
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].content, "b");
+}
+
+pub async fn seqs_are_not_reused_after_emptying(store: &impl Store) {
+    let inbox = InboxKey::new("app", "app-1");
+    let seqs = store
+        .append("app", vec![message("app-1", "a")])
+        .await
+        .expect("append");
+    store.remove(&inbox, &seqs).await.expect("remove");
+    let next = store
+        .append("app", vec![message("app-1", "b")])
+        .await
+        .expect("append");
+    assert!(next[0] > seqs[0]);
+}
+
+pub async fn content_round_trips_exactly(store: &impl Store) {
+    let inbox = InboxKey::new("app", "app-1");
+    let content = "héllo \"quoted\" \\ \u{0} \u{1f} 👋 \n\t end";
+    let mut msg = message("app-1", content);
+    msg.reference = "ref-1".into();
+    msg.group = "g".into();
+    store.append("app", vec![msg.clone()]).await.expect("append");
+    let page = store.fetch(&inbox, 0, 1).await.expect("fetch");
+    let got = &page.messages[0];
+    assert_eq!(got.content, content);
+    assert_eq!(got.reference, "ref-1");
+    assert_eq!(got.group, "g");
+    assert_eq!(got.id, msg.id);
+}
+
+pub async fn concurrent_appends_all_land(store: &impl Store) {
+    let inbox = InboxKey::new("app", "app-1");
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        tasks.push(store.append("app", vec![message("app-1", &format!("{i}"))]));
+    }
+    let results = futures_util::future::join_all(tasks).await;
+    let mut seqs: Vec<u64> = results
+        .into_iter()
+        .map(|r| r.expect("append")[0])
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 200);
+    assert_eq!(store.count(&inbox).await.expect("count"), 200);
+}
+
+/// Generates one `#[tokio::test]` per contract function. `$make` is an async
+/// block expression yielding `(store, guard)`; the guard (a temp dir, a
+/// keyspace) lives until the test ends.
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($make:expr) => {
+        $crate::store_contract_tests!(@each $make;
+            append_assigns_increasing_seqs_per_inbox,
+            fetch_pages_oldest_first,
+            inboxes_are_isolated,
+            remove_returns_each_message_once,
+            seqs_are_not_reused_after_emptying,
+            content_round_trips_exactly,
+            concurrent_appends_all_land
+        );
+    };
+    (@each $make:expr; $($name:ident),*) => {
+        mod contract_suite {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (store, _guard) = $make;
+                    $crate::contract::$name(&store).await;
+                    $crate::Store::close(&store).await.expect("close");
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,84 @@
+//! The inbox store: undelivered RELIABLE messages per user, ordered by a
+//! per-inbox sequence number.
+//!
+//! The data model is the one a wide-column store wants: partition key
+//! `(app_id, user_id)`, clustering key `seq`, value the encoded
+//! [`InboxMessage`]. Every backend (the embedded redb store here, ScyllaDB
+//! later) implements [`Store`] and passes the same [`contract`] suite.
+
+pub mod contract;
+mod embedded;
+
+use async_trait::async_trait;
+pub use embedded::{EmbeddedStore, EmbeddedStoreOptions};
+pub use switchboard_proto::mesh::InboxMessage;
+
+/// One user's inbox: the partition key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InboxKey {
+    pub app_id: String,
+    pub user_id: String,
+}
+
+impl InboxKey {
+    pub fn new(app_id: impl Into<String>, user_id: impl Into<String>) -> Self {
+        InboxKey {
+            app_id: app_id.into(),
+            user_id: user_id.into(),
+        }
+    }
+}
+
+/// A page of an inbox, oldest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InboxPage {
+    pub messages: Vec<InboxMessage>,
+    /// Messages stored past this page.
+    pub left: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store backend error: {0}")]
+    Backend(String),
+    #[error("stored message could not be decoded: {0}")]
+    Corrupt(#[from] prost::DecodeError),
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Persistence of inboxes.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Appends each message to the inbox named by its `to` field and assigns
+    /// the next sequence number of that inbox (written into the returned
+    /// sequence list, in input order). Durable when it returns: a crash after
+    /// this point does not lose the messages. Sequence numbers are never
+    /// reused, also after the inbox was emptied.
+    async fn append(&self, app_id: &str, messages: Vec<InboxMessage>)
+    -> Result<Vec<u64>, StoreError>;
+
+    /// Up to `limit` messages with `seq > after_seq`, oldest first, and how
+    /// many more are stored after them.
+    async fn fetch(
+        &self,
+        inbox: &InboxKey,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<InboxPage, StoreError>;
+
+    /// Removes messages by sequence number and returns those that were still
+    /// there (a second removal of the same message returns nothing, which is
+    /// what makes sender confirmations happen once). Removal need not be
+    /// durable at once: a message that reappears after a crash is delivered
+    /// again, which at-least-once allows.
+    async fn remove(&self, inbox: &InboxKey, seqs: &[u64])
+    -> Result<Vec<InboxMessage>, StoreError>;
+
+    /// Number of messages in an inbox.
+    async fn count(&self, inbox: &InboxKey) -> Result<u64, StoreError>;
+
+    /// Finishes in-flight writes and releases the storage. Later calls fail
+    /// with [`StoreError::Closed`].
+    async fn close(&self) -> Result<(), StoreError>;
+}
