@@ -1,1 +1,249 @@
-//! placeholder
+//! The auth role: the registry of client apps and credential checks.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use switchboard_config::{AppConfig, AuthMode};
+use switchboard_mesh::{ErrorCode, ServiceError, pb};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("app {app:?}: cannot read RS256 public key {path}: {source}")]
+    KeyFile {
+        app: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("app {app:?}: invalid JWT key: {source}")]
+    Key {
+        app: String,
+        source: jsonwebtoken::errors::Error,
+    },
+}
+
+struct RegisteredApp {
+    config: AppConfig,
+    hs256: Option<DecodingKey>,
+    rs256: Option<DecodingKey>,
+}
+
+/// The apps of this deployment and how their clients authenticate.
+pub struct AuthRole {
+    apps: HashMap<String, RegisteredApp>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[allow(dead_code)]
+    sub: String,
+}
+
+impl AuthRole {
+    pub fn new(apps: Vec<AppConfig>) -> Result<Self, AuthError> {
+        let mut registered = HashMap::new();
+        for app in apps {
+            let key_err = |source| AuthError::Key {
+                app: app.name.clone(),
+                source,
+            };
+            let hs256 = app
+                .jwt_secret
+                .as_ref()
+                .map(|s| DecodingKey::from_secret(s.as_bytes()));
+            let pem = match (&app.jwt_public_key_pem, &app.jwt_public_key_file) {
+                (Some(pem), _) => Some(pem.clone().into_bytes()),
+                (None, Some(path)) => {
+                    Some(std::fs::read(path).map_err(|source| AuthError::KeyFile {
+                        app: app.name.clone(),
+                        path: path.display().to_string(),
+                        source,
+                    })?)
+                }
+                (None, None) => None,
+            };
+            let rs256 = pem
+                .map(|pem| DecodingKey::from_rsa_pem(&pem).map_err(key_err))
+                .transpose()?;
+            registered.insert(
+                app.app_id.clone(),
+                RegisteredApp {
+                    config: app,
+                    hs256,
+                    rs256,
+                },
+            );
+        }
+        Ok(AuthRole { apps: registered })
+    }
+
+    fn check_jwt(app: &RegisteredApp, user_id: &str, token: &str) -> Result<(), String> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| format!("invalid token: {e}"))?;
+        let key = match header.alg {
+            Algorithm::HS256 => app.hs256.as_ref(),
+            Algorithm::RS256 => app.rs256.as_ref(),
+            _ => None,
+        }
+        .ok_or_else(|| format!("token algorithm {:?} is not accepted for this app", header.alg))?;
+        let mut validation = Validation::new(header.alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.sub = Some(user_id.to_owned());
+        validation.leeway = 5;
+        jsonwebtoken::decode::<Claims>(token, key, &validation)
+            .map(|_| ())
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "token expired".to_owned(),
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    "invalid token signature".to_owned()
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidSubject => {
+                    "token subject does not match userId".to_owned()
+                }
+                _ => format!("invalid token: {e}"),
+            })
+    }
+}
+
+fn refuse(reason: impl Into<String>) -> pb::VerifyClientReply {
+    pb::VerifyClientReply {
+        authenticated: false,
+        reason: reason.into(),
+        ..Default::default()
+    }
+}
+
+#[async_trait]
+impl switchboard_mesh::Auth for AuthRole {
+    async fn verify_client(
+        &self,
+        req: pb::VerifyClientRequest,
+    ) -> Result<pb::VerifyClientReply, ServiceError> {
+        let Some(app) = self.apps.get(&req.app_id) else {
+            return Ok(refuse("unknown appId"));
+        };
+        let prefix_ok = req
+            .user_id
+            .strip_prefix(app.config.name.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|id| !id.is_empty());
+        if !prefix_ok {
+            return Ok(refuse(format!(
+                "userId must be {}-<id> for this app",
+                app.config.name
+            )));
+        }
+        if app.config.auth == AuthMode::Jwt {
+            if let Err(reason) = Self::check_jwt(app, &req.user_id, &req.token) {
+                tracing::debug!(app = %app.config.name, %reason, "client token refused");
+                return Ok(refuse(reason));
+            }
+        }
+        Ok(pb::VerifyClientReply {
+            authenticated: true,
+            reason: String::new(),
+            app_name: app.config.name.clone(),
+            master_user_id: app.config.master_user_id.clone(),
+        })
+    }
+
+    async fn get_app(&self, req: pb::GetAppRequest) -> Result<pb::App, ServiceError> {
+        let app = self
+            .apps
+            .get(&req.app_id)
+            .ok_or_else(|| ServiceError::new(ErrorCode::InvalidRecipient, "unknown appId"))?;
+        Ok(pb::App {
+            app_id: app.config.app_id.clone(),
+            name: app.config.name.clone(),
+            master_user_id: app.config.master_user_id.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_mesh::Auth;
+
+    fn jwt_app() -> AppConfig {
+        AppConfig {
+            name: "ANZ".into(),
+            app_id: "app-1".into(),
+            master_user_id: "ANZ-0".into(),
+            auth: AuthMode::Jwt,
+            jwt_secret: Some("s3cret".into()),
+            jwt_public_key_pem: None,
+            jwt_public_key_file: None,
+        }
+    }
+
+    fn token(secret: &str, sub: &str, exp: i64) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": sub, "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("encode")
+    }
+
+    const RS_PRIVATE: &str = include_str!("../tests/fixtures/test-rs256.key.pem");
+    const RS_PUBLIC: &str = include_str!("../tests/fixtures/test-rs256.pub.pem");
+
+    #[tokio::test]
+    async fn rs256_with_public_key() {
+        let mut app = jwt_app();
+        app.jwt_secret = None;
+        app.jwt_public_key_pem = Some(RS_PUBLIC.into());
+        let role = AuthRole::new(vec![app]).expect("role");
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(RS_PRIVATE.as_bytes()).expect("key");
+        let good = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::RS256),
+            &serde_json::json!({"sub": "ANZ-1", "exp": now() + 600}),
+            &key,
+        )
+        .expect("encode");
+        assert!(verify(&role, "app-1", "ANZ-1", &good).await.authenticated);
+        // An HS256 token is refused when the app only has an RS256 key.
+        let hs = token("s3cret", "ANZ-1", now() + 600);
+        assert!(!verify(&role, "app-1", "ANZ-1", &hs).await.authenticated);
+    }
+
+    async fn verify(role: &AuthRole, app: &str, user: &str, token: &str) -> pb::VerifyClientReply {
+        role.verify_client(pb::VerifyClientRequest {
+            app_id: app.into(),
+            user_id: user.into(),
+            token: token.into(),
+        })
+        .await
+        .expect("verify")
+    }
+
+    fn now() -> i64 {
+        switchboard_mesh::now_ms() / 1000
+    }
+
+    #[tokio::test]
+    async fn hs256_checks_signature_subject_and_expiry() {
+        let role = AuthRole::new(vec![jwt_app()]).expect("role");
+        let good = token("s3cret", "ANZ-1", now() + 600);
+        assert!(verify(&role, "app-1", "ANZ-1", &good).await.authenticated);
+        let r = verify(&role, "app-1", "ANZ-2", &good).await;
+        assert!(!r.authenticated && r.reason.contains("subject"), "{}", r.reason);
+        let forged = token("other", "ANZ-1", now() + 600);
+        let r = verify(&role, "app-1", "ANZ-1", &forged).await;
+        assert!(!r.authenticated && r.reason.contains("signature"), "{}", r.reason);
+        let expired = token("s3cret", "ANZ-1", now() - 3600);
+        let r = verify(&role, "app-1", "ANZ-1", &expired).await;
+        assert!(!r.authenticated && r.reason.contains("expired"), "{}", r.reason);
+    }
+
+    #[tokio::test]
+    async fn app_and_prefix_are_checked() {
+        let role = AuthRole::new(vec![AppConfig::demo()]).expect("role");
+        assert!(verify(&role, "demo", "demo-1", "").await.authenticated);
+        assert!(!verify(&role, "demo", "other-1", "").await.authenticated);
+        assert!(!verify(&role, "demo", "demo-", "").await.authenticated);
+        assert!(!verify(&role, "demo", "demo1", "").await.authenticated);
+        assert!(!verify(&role, "nope", "demo-1", "").await.authenticated);
+    }
+}

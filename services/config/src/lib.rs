@@ -1,1 +1,386 @@
-//! placeholder
+//! Configuration of a Switchboard node.
+//!
+//! Sources, later ones winning: defaults in code, one TOML file, environment
+//! variables `SWITCHBOARD_KEY` / `SWITCHBOARD_SECTION__KEY`, then CLI flags
+//! (applied by the binary). The environment is passed in as a map so tests
+//! never touch the process environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid value {value:?} for {var}: expected {expected}")]
+    EnvValue {
+        var: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Client port: WebSocket `/ws`, health, metrics.
+    pub client_addr: SocketAddr,
+    /// Mesh port: gRPC between roles.
+    pub mesh_addr: SocketAddr,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// This node's id in the mesh (gateway id in presence). Empty: generated.
+    pub node_id: String,
+    pub limits: Limits,
+    pub store: StoreConfig,
+    /// Client apps. Empty: the built-in development app `demo`.
+    pub apps: Vec<AppConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            client_addr: SocketAddr::from(([127, 0, 0, 1], 8088)),
+            mesh_addr: SocketAddr::from(([127, 0, 0, 1], 9089)),
+            data_dir: PathBuf::from("./data"),
+            node_id: String::new(),
+            limits: Limits::default(),
+            store: StoreConfig::default(),
+            apps: Vec::new(),
+        }
+    }
+}
+
+/// Per-connection protocol limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest text frame accepted, bytes. Larger frames get
+    /// `ERROR PAYLOAD_TOO_LARGE`; frames over 4× this close the socket (1009).
+    pub max_frame_bytes: usize,
+    /// Largest message content, bytes.
+    pub max_content_bytes: usize,
+    /// Sustained messages per second per connection (the burst is the same).
+    pub messages_per_second: u32,
+    /// Refused frames in a row after which a flooding connection is closed.
+    pub max_refusals: u32,
+    /// Recipients of one ad-hoc GROUP_MESSAGE.
+    pub max_group_recipients: usize,
+    /// Seconds a new connection has to send AUTH_CLIENT.
+    pub auth_timeout_secs: u64,
+    /// Frames queued for one connection before it counts as a slow consumer.
+    pub send_queue_frames: usize,
+    /// Seconds between server pings.
+    pub ping_interval_secs: u64,
+    /// Seconds without any frame from the client before it is dropped.
+    pub idle_timeout_secs: u64,
+    /// Largest `count` of one FETCH_MISSING_MESSAGES_REQUEST.
+    pub max_fetch_count: u32,
+    /// Unacknowledged messages tracked per connection in ack mode.
+    pub max_unacked: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 64 * 1024,
+            max_content_bytes: 16 * 1024,
+            messages_per_second: 200,
+            max_refusals: 200,
+            max_group_recipients: 1000,
+            auth_timeout_secs: 10,
+            send_queue_frames: 4096,
+            ping_interval_secs: 25,
+            idle_timeout_secs: 75,
+            max_fetch_count: 1000,
+            max_unacked: 10_000,
+        }
+    }
+}
+
+/// The embedded store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Most writes committed (and fsync'd) together.
+    pub max_batch: usize,
+    /// Page cache, MiB.
+    pub cache_mib: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_batch: 8192,
+            cache_mib: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Any token is accepted. Development only.
+    None,
+    /// A JWT signed with HS256 or RS256; `sub` must equal the user id.
+    Jwt,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// The user id prefix: user ids are `NAME-<id>`.
+    pub name: String,
+    pub app_id: String,
+    /// Receives USER_CONNECTED / USER_DISCONNECTED.
+    #[serde(default)]
+    pub master_user_id: String,
+    pub auth: AuthMode,
+    /// HS256 shared secret.
+    #[serde(default)]
+    pub jwt_secret: Option<String>,
+    /// RS256 public key, PEM text.
+    #[serde(default)]
+    pub jwt_public_key_pem: Option<String>,
+    /// RS256 public key, path of a PEM file.
+    #[serde(default)]
+    pub jwt_public_key_file: Option<PathBuf>,
+}
+
+impl AppConfig {
+    /// The built-in development app.
+    pub fn demo() -> Self {
+        AppConfig {
+            name: "demo".into(),
+            app_id: "demo".into(),
+            master_user_id: "demo-0".into(),
+            auth: AuthMode::None,
+            jwt_secret: None,
+            jwt_public_key_pem: None,
+            jwt_public_key_file: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config: the TOML file (when given), then the `SWITCHBOARD_*`
+    /// variables of `env`. Variables that name no config key are ignored
+    /// (they may belong to tools or tests).
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml_and_env(&text, env)
+    }
+
+    pub fn from_toml_and_env(
+        text: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let defaults = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            let Some(default) = lookup(&defaults, &path) else {
+                continue;
+            };
+            let parsed = typed_like(default, var, value)?;
+            insert(&mut table, &path, parsed);
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The configured apps, or the built-in development app when none are.
+    pub fn effective_apps(&self) -> Vec<AppConfig> {
+        if self.apps.is_empty() {
+            vec![AppConfig::demo()]
+        } else {
+            self.apps.clone()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_frame_bytes < 256 || l.max_content_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_frame_bytes must be >= 256 and limits.max_content_bytes > 0".into(),
+            ));
+        }
+        if l.messages_per_second == 0 || l.send_queue_frames == 0 || l.max_group_recipients == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.messages_per_second, send_queue_frames and max_group_recipients must be > 0"
+                    .into(),
+            ));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for app in &self.apps {
+            if app.name.is_empty() || app.app_id.is_empty() {
+                return Err(ConfigError::Invalid("every app needs a name and an app_id".into()));
+            }
+            if !ids.insert(app.app_id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "app_id {:?} is defined twice",
+                    app.app_id
+                )));
+            }
+            if app.auth == AuthMode::Jwt
+                && app.jwt_secret.is_none()
+                && app.jwt_public_key_pem.is_none()
+                && app.jwt_public_key_file.is_none()
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "app {:?} uses jwt auth but has no jwt_secret, jwt_public_key_pem or jwt_public_key_file",
+                    app.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (first, rest) = path.split_first()?;
+    let value = table.get(first)?;
+    if rest.is_empty() {
+        return Some(value);
+    }
+    lookup(value.as_table()?, rest)
+}
+
+fn insert(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return;
+    }
+    let entry = table
+        .entry(first.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if !entry.is_table() {
+        *entry = toml::Value::Table(toml::Table::new());
+    }
+    if let Some(inner) = entry.as_table_mut() {
+        insert(inner, rest, value);
+    }
+}
+
+/// Parses an env value as the type the default has.
+fn typed_like(default: &toml::Value, var: &str, raw: &str) -> Result<toml::Value, ConfigError> {
+    let err = |expected| ConfigError::EnvValue {
+        var: var.to_owned(),
+        value: raw.to_owned(),
+        expected,
+    };
+    Ok(match default {
+        toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|_| err("an integer"))?),
+        toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().map_err(|_| err("true or false"))?),
+        toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|_| err("a number"))?),
+        _ => toml::Value::String(raw.to_owned()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_without_file_or_env() {
+        let c = Config::load(None, &BTreeMap::new()).expect("load");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.client_addr.to_string(), "127.0.0.1:8088");
+        assert_eq!(c.effective_apps(), vec![AppConfig::demo()]);
+    }
+
+    #[test]
+    fn env_overrides_file_and_ignores_foreign_vars() {
+        let text = "client_addr = \"127.0.0.1:1000\"\n[limits]\nmax_frame_bytes = 1000\n";
+        let c = Config::from_toml_and_env(
+            text,
+            &env(&[
+                ("SWITCHBOARD_CLIENT_ADDR", "127.0.0.1:2000"),
+                ("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "7"),
+                ("SWITCHBOARD_TEST_ETCD", "http://x"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(c.client_addr.to_string(), "127.0.0.1:2000");
+        assert_eq!(c.limits.max_frame_bytes, 1000);
+        assert_eq!(c.limits.messages_per_second, 7);
+    }
+
+    #[test]
+    fn bad_env_value_is_a_clear_error() {
+        let err = Config::from_toml_and_env(
+            "",
+            &env(&[("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "many")]),
+        )
+        .expect_err("must fail");
+        assert!(err.to_string().contains("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml_and_env("client_adr = \"x\"", &BTreeMap::new())
+            .expect_err("must fail");
+        assert!(err.to_string().contains("client_adr"), "{err}");
+    }
+
+    #[test]
+    fn jwt_app_without_key_is_refused() {
+        let text = "[[apps]]\nname = \"x\"\napp_id = \"x\"\nauth = \"jwt\"\n";
+        assert!(Config::from_toml_and_env(text, &BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn example_configs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("deploy dir") {
+            let path = entry.expect("entry").path();
+            if path.to_string_lossy().ends_with(".example.toml") {
+                Config::load(Some(&path), &BTreeMap::new())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no deploy/*.example.toml found");
+    }
+}

@@ -15,6 +15,9 @@ use crate::services::{Auth, Delivery, Gateway, Groups, Router};
 
 macro_rules! client_handle {
     ($(#[$doc:meta])* $client:ident, $trait:ident, $remote:ident, $grpc:ty) => {
+        client_handle!($(#[$doc])* $client, $trait, $remote, $grpc, |channel| $remote(<$grpc>::new(channel)));
+    };
+    ($(#[$doc:meta])* $client:ident, $trait:ident, $remote:ident, $grpc:ty, |$ch:ident| $ctor:expr) => {
         $(#[$doc])*
         #[derive(Clone)]
         pub struct $client(Arc<dyn $trait>);
@@ -26,8 +29,8 @@ macro_rules! client_handle {
             }
 
             /// A client calling a remote instance over gRPC.
-            pub fn from_channel(channel: Channel) -> Self {
-                $client(Arc::new($remote(<$grpc>::new(channel))))
+            pub fn from_channel($ch: Channel) -> Self {
+                $client(Arc::new($ctor))
             }
         }
 
@@ -38,7 +41,6 @@ macro_rules! client_handle {
             }
         }
 
-        struct $remote($grpc);
     };
 }
 
@@ -60,7 +62,11 @@ client_handle!(
 );
 client_handle!(
     /// Client of the router role.
-    RouterClient, Router, RemoteRouter, pb::router_client::RouterClient<Channel>
+    RouterClient, Router, RemoteRouter, pb::router_client::RouterClient<Channel>,
+    |channel| RemoteRouter(
+        pb::router_client::RouterClient::new(channel.clone()),
+        pb::federation_client::FederationClient::new(channel),
+    )
 );
 client_handle!(
     /// Client of the groups role.
@@ -74,6 +80,15 @@ client_handle!(
     /// Client of one gateway.
     GatewayClient, Gateway, RemoteGateway, pb::gateway_client::GatewayClient<Channel>
 );
+
+struct RemoteAuth(pb::auth_client::AuthClient<Channel>);
+struct RemoteRouter(
+    pb::router_client::RouterClient<Channel>,
+    pb::federation_client::FederationClient<Channel>,
+);
+struct RemoteGroups(pb::groups_client::GroupsClient<Channel>);
+struct RemoteDelivery(pb::delivery_client::DeliveryClient<Channel>);
+struct RemoteGateway(pb::gateway_client::GatewayClient<Channel>);
 
 #[async_trait]
 impl Auth for RemoteAuth {
@@ -95,8 +110,8 @@ impl Router for RemoteRouter {
     }
     async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError> {
         // Inbound federation is its own service on the same mesh port.
-        let mut federation = pb::federation_client::FederationClient::new(self.0.clone().into_inner());
-        federation
+        self.1
+            .clone()
             .forward(req)
             .await
             .map(tonic::Response::into_inner)

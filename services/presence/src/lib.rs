@@ -1,1 +1,162 @@
-//! placeholder
+//! Presence: which gateways hold a user's connections, with counts.
+//!
+//! Gateways report each connection opened and closed; delivery asks where a
+//! user is connected. The in-memory implementation serves one process; a
+//! Redis implementation (multi-process) sits behind the same trait.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    #[error("presence backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What a connect or disconnect changed for the user as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    /// The user went from no connections to one (on connect) or from one to
+    /// none (on disconnect), across all gateways.
+    pub user_changed: bool,
+}
+
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    /// One more connection of `user_id` on `gateway_id`.
+    async fn connect(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        gateway_id: &str,
+    ) -> Result<Transition, PresenceError>;
+    /// One connection fewer.
+    async fn disconnect(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        gateway_id: &str,
+    ) -> Result<Transition, PresenceError>;
+    /// The gateways holding at least one connection of the user.
+    async fn gateways(&self, app_id: &str, user_id: &str) -> Result<Vec<String>, PresenceError>;
+}
+
+type UserKey = (String, String);
+type Shard = RwLock<HashMap<UserKey, HashMap<String, u32>>>;
+
+/// Presence of a single process. Sharded so that lookups on the delivery hot
+/// path rarely contend.
+pub struct InMemoryPresence {
+    shards: Vec<Shard>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+const SHARDS: usize = 32;
+
+impl Default for InMemoryPresence {
+    fn default() -> Self {
+        InMemoryPresence {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+}
+
+impl InMemoryPresence {
+    fn shard(&self, app_id: &str, user_id: &str) -> &Shard {
+        let mut h = self.hasher.build_hasher();
+        app_id.hash(&mut h);
+        user_id.hash(&mut h);
+        // The modulo keeps the index in range; truncation of the hash is fine.
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+}
+
+#[async_trait]
+impl Presence for InMemoryPresence {
+    async fn connect(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        gateway_id: &str,
+    ) -> Result<Transition, PresenceError> {
+        let mut map = self
+            .shard(app_id, user_id)
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let gateways = map
+            .entry((app_id.to_owned(), user_id.to_owned()))
+            .or_default();
+        let first = gateways.is_empty();
+        *gateways.entry(gateway_id.to_owned()).or_insert(0) += 1;
+        Ok(Transition {
+            user_changed: first,
+        })
+    }
+
+    async fn disconnect(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        gateway_id: &str,
+    ) -> Result<Transition, PresenceError> {
+        let mut map = self
+            .shard(app_id, user_id)
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (app_id.to_owned(), user_id.to_owned());
+        let Some(gateways) = map.get_mut(&key) else {
+            return Ok(Transition {
+                user_changed: false,
+            });
+        };
+        if let Some(count) = gateways.get_mut(gateway_id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                gateways.remove(gateway_id);
+            }
+        }
+        let last = gateways.is_empty();
+        if last {
+            map.remove(&key);
+        }
+        Ok(Transition { user_changed: last })
+    }
+
+    async fn gateways(&self, app_id: &str, user_id: &str) -> Result<Vec<String>, PresenceError> {
+        let map = self
+            .shard(app_id, user_id)
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(map
+            .get(&(app_id.to_owned(), user_id.to_owned()))
+            .map(|g| g.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn first_and_last_connection_across_gateways() {
+        let p = InMemoryPresence::default();
+        assert!(p.connect("a", "a-1", "g1").await.expect("c").user_changed);
+        assert!(!p.connect("a", "a-1", "g1").await.expect("c").user_changed);
+        assert!(!p.connect("a", "a-1", "g2").await.expect("c").user_changed);
+        let mut gws = p.gateways("a", "a-1").await.expect("g");
+        gws.sort();
+        assert_eq!(gws, vec!["g1", "g2"]);
+        assert!(!p.disconnect("a", "a-1", "g1").await.expect("d").user_changed);
+        assert!(!p.disconnect("a", "a-1", "g2").await.expect("d").user_changed);
+        assert_eq!(p.gateways("a", "a-1").await.expect("g"), vec!["g1"]);
+        assert!(p.disconnect("a", "a-1", "g1").await.expect("d").user_changed);
+        assert!(p.gateways("a", "a-1").await.expect("g").is_empty());
+        // A stray disconnect changes nothing.
+        assert!(!p.disconnect("a", "a-1", "g1").await.expect("d").user_changed);
+    }
+}
