@@ -1,1 +1,254 @@
-//! placeholder
+//! The delivery role: per-user inboxes, push to the gateways holding the
+//! recipient's connections, removal once delivered, sender confirmations.
+//!
+//! RELIABLE: appended to the recipient's inbox (durable) before the call
+//! returns, then pushed. A gateway reports it delivered once written to a
+//! socket (or acknowledged in ack mode); then it leaves the inbox and, when the
+//! sender gave a reference, a MESSAGE_CONFIRMATION (itself RELIABLE) goes back.
+//! FAST: pushed to whoever is connected, never stored.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use switchboard_mesh::{AuthClient, GatewayDirectory, ServiceError, pb};
+use switchboard_presence::Presence;
+use switchboard_store::{InboxKey, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Presence(#[from] switchboard_presence::PresenceError),
+}
+
+impl From<DeliveryError> for ServiceError {
+    fn from(err: DeliveryError) -> Self {
+        // The caller may retry: a RELIABLE message was not accepted.
+        ServiceError::unavailable(err.to_string())
+    }
+}
+
+pub struct DeliveryRole {
+    store: Arc<dyn Store>,
+    presence: Arc<dyn Presence>,
+    gateways: Arc<dyn GatewayDirectory>,
+    auth: AuthClient,
+}
+
+fn inbox_message(envelope: &pb::Envelope, to: &str) -> pb::InboxMessage {
+    pb::InboxMessage {
+        id: envelope.id.clone(),
+        kind: envelope.kind,
+        from: envelope.from.clone(),
+        to: to.to_owned(),
+        group: envelope.group.clone(),
+        content: envelope.content.clone(),
+        reference: envelope.reference.clone(),
+        ts: envelope.ts,
+        seq: 0,
+        feature: envelope.feature,
+    }
+}
+
+impl DeliveryRole {
+    pub fn new(
+        store: Arc<dyn Store>,
+        presence: Arc<dyn Presence>,
+        gateways: Arc<dyn GatewayDirectory>,
+        auth: AuthClient,
+    ) -> Self {
+        DeliveryRole {
+            store,
+            presence,
+            gateways,
+            auth,
+        }
+    }
+
+    /// Persists the RELIABLE envelopes, then pushes everything.
+    async fn deliver_envelopes(
+        &self,
+        envelopes: Vec<pb::Envelope>,
+        sent_copies: Vec<pb::Envelope>,
+    ) -> Result<Vec<u64>, DeliveryError> {
+        let mut messages: Vec<(String, pb::InboxMessage)> = Vec::with_capacity(envelopes.len());
+        for envelope in &envelopes {
+            let Some(to) = envelope.to.first() else {
+                continue;
+            };
+            messages.push((envelope.app_id.clone(), inbox_message(envelope, to)));
+        }
+
+        // Append RELIABLE messages, grouped per app (one store call each).
+        let mut seqs = vec![0u64; messages.len()];
+        let mut by_app: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, (app, msg)) in messages.iter().enumerate() {
+            if msg.feature() == pb::Feature::Reliable {
+                by_app.entry(app.as_str()).or_default().push(i);
+            }
+        }
+        for (app, indexes) in &by_app {
+            let batch = indexes.iter().map(|&i| messages[i].1.clone()).collect();
+            let assigned = self.store.append(app, batch).await?;
+            for (&i, seq) in indexes.iter().zip(assigned) {
+                seqs[i] = seq;
+            }
+        }
+        let mut pushes = Vec::with_capacity(messages.len() + sent_copies.len());
+        for ((app, mut msg), seq) in messages.into_iter().zip(seqs.iter().copied()) {
+            msg.seq = seq;
+            pushes.push(pb::PushItem {
+                app_id: app,
+                user_id: msg.to.clone(),
+                message: Some(msg),
+                exclude: None,
+                sent_copy: false,
+                to: Vec::new(),
+            });
+        }
+        for original in sent_copies {
+            let mut msg = inbox_message(&original, "");
+            msg.to = original.from.clone();
+            pushes.push(pb::PushItem {
+                app_id: original.app_id.clone(),
+                user_id: original.from.clone(),
+                message: Some(msg),
+                exclude: original.origin.clone(),
+                sent_copy: true,
+                to: original.to.clone(),
+            });
+        }
+        self.push(pushes).await?;
+        Ok(seqs)
+    }
+
+    /// Pushes items to the gateways that hold the users' connections, one
+    /// call per gateway. A failing gateway only delays its own users: RELIABLE
+    /// messages stay in the inbox until fetched.
+    async fn push(&self, items: Vec<pb::PushItem>) -> Result<(), DeliveryError> {
+        let mut by_gateway: HashMap<String, Vec<pb::PushItem>> = HashMap::new();
+        for item in items {
+            let gateways = self.presence.gateways(&item.app_id, &item.user_id).await?;
+            match gateways.as_slice() {
+                [] => {}
+                [only] => by_gateway.entry(only.clone()).or_default().push(item),
+                many => {
+                    for gw in many {
+                        by_gateway.entry(gw.clone()).or_default().push(item.clone());
+                    }
+                }
+            }
+        }
+        for (gateway_id, items) in by_gateway {
+            let Some(gateway) = self.gateways.gateway(&gateway_id) else {
+                tracing::warn!(gateway = %gateway_id, "push to an unknown gateway skipped");
+                continue;
+            };
+            if let Err(e) = gateway.push(pb::PushRequest { items }).await {
+                tracing::warn!(gateway = %gateway_id, error = %e, "push failed");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl switchboard_mesh::Delivery for DeliveryRole {
+    #[tracing::instrument(name = "delivery.deliver", skip_all, fields(count = req.envelopes.len()))]
+    async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
+        let seqs = self
+            .deliver_envelopes(req.envelopes, req.sent_copies)
+            .await?;
+        Ok(pb::DeliverReply { seqs })
+    }
+
+    #[tracing::instrument(name = "store.fetch", skip_all)]
+    async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
+        let inbox = InboxKey::new(req.app_id, req.user_id);
+        let page = self
+            .store
+            .fetch(&inbox, req.after_seq, req.count as usize)
+            .await
+            .map_err(DeliveryError::from)?;
+        Ok(pb::FetchReply {
+            messages: page.messages,
+            left: page.left,
+        })
+    }
+
+    async fn delivered(
+        &self,
+        req: pb::DeliveredRequest,
+    ) -> Result<pb::DeliveredReply, ServiceError> {
+        let mut by_inbox: HashMap<InboxKey, Vec<u64>> = HashMap::new();
+        for item in req.items {
+            by_inbox
+                .entry(InboxKey::new(item.app_id, item.user_id))
+                .or_default()
+                .push(item.seq);
+        }
+        let mut removed = 0u32;
+        let mut confirmations = Vec::new();
+        for (inbox, seqs) in by_inbox {
+            let gone = self
+                .store
+                .remove(&inbox, &seqs)
+                .await
+                .map_err(DeliveryError::from)?;
+            removed = removed.saturating_add(u32::try_from(gone.len()).unwrap_or(u32::MAX));
+            for msg in gone {
+                if msg.kind() == pb::MessageKind::Direct && !msg.reference.is_empty() {
+                    confirmations.push(pb::Envelope {
+                        id: msg.id,
+                        app_id: inbox.app_id.clone(),
+                        from: msg.to,
+                        to: vec![msg.from],
+                        reference: msg.reference,
+                        feature: pb::Feature::Reliable.into(),
+                        kind: pb::MessageKind::Confirmation.into(),
+                        ts: switchboard_mesh::now_ms(),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        if !confirmations.is_empty() {
+            self.deliver_envelopes(confirmations, Vec::new()).await?;
+        }
+        Ok(pb::DeliveredReply { removed })
+    }
+
+    async fn presence_changed(
+        &self,
+        req: pb::PresenceChangeRequest,
+    ) -> Result<pb::PresenceChangeReply, ServiceError> {
+        let app = self
+            .auth
+            .get_app(pb::GetAppRequest {
+                app_id: req.app_id.clone(),
+            })
+            .await?;
+        if app.master_user_id.is_empty() || app.master_user_id == req.user_id {
+            return Ok(pb::PresenceChangeReply {});
+        }
+        let kind = if req.online {
+            pb::MessageKind::UserConnected
+        } else {
+            pb::MessageKind::UserDisconnected
+        };
+        let envelope = pb::Envelope {
+            id: switchboard_mesh::new_message_id(),
+            app_id: req.app_id,
+            from: req.user_id,
+            to: vec![app.master_user_id],
+            feature: pb::Feature::Fast.into(),
+            kind: kind.into(),
+            ts: switchboard_mesh::now_ms(),
+            ..Default::default()
+        };
+        self.deliver_envelopes(vec![envelope], Vec::new()).await?;
+        Ok(pb::PresenceChangeReply {})
+    }
+}

@@ -1,1 +1,119 @@
-//! placeholder
+//! The gateway role: the client port. It speaks client protocol v1 over
+//! WebSocket, holds the live connections and writes pushed messages to them.
+
+mod connection;
+pub mod frames;
+mod ratelimit;
+mod registry;
+mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use switchboard_config::Limits;
+use switchboard_mesh::{AuthClient, DeliveryClient, RouterClient, ServiceError, pb};
+use switchboard_presence::Presence;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use server::serve;
+
+use registry::Registry;
+
+/// What a gateway needs from the rest of the mesh.
+#[derive(Clone)]
+pub struct GatewayDeps {
+    pub auth: AuthClient,
+    pub router: RouterClient,
+    pub delivery: DeliveryClient,
+    pub presence: Arc<dyn Presence>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("client port: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reports of RELIABLE messages written to a socket, batched to delivery.
+const DELIVERED_QUEUE: usize = 65_536;
+const DELIVERED_BATCH: usize = 1024;
+
+pub(crate) struct GatewayInner {
+    pub id: String,
+    pub limits: Limits,
+    pub deps: GatewayDeps,
+    pub registry: Registry,
+    pub delivered_tx: mpsc::Sender<pb::DeliveredItem>,
+    /// Cancelled at shutdown: every connection closes with 1001.
+    pub shutdown: CancellationToken,
+    pub next_conn_id: std::sync::atomic::AtomicU64,
+}
+
+/// A gateway instance. Cheap to clone.
+#[derive(Clone)]
+pub struct GatewayRole {
+    pub(crate) inner: Arc<GatewayInner>,
+}
+
+impl GatewayRole {
+    pub fn new(id: impl Into<String>, limits: Limits, deps: GatewayDeps) -> Self {
+        let (delivered_tx, delivered_rx) = mpsc::channel(DELIVERED_QUEUE);
+        tokio::spawn(report_delivered(deps.delivery.clone(), delivered_rx));
+        GatewayRole {
+            inner: Arc::new(GatewayInner {
+                id: id.into(),
+                limits,
+                deps,
+                registry: Registry::default(),
+                delivered_tx,
+                shutdown: CancellationToken::new(),
+                next_conn_id: std::sync::atomic::AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Number of authenticated connections.
+    pub fn connections(&self) -> usize {
+        self.inner.registry.len()
+    }
+
+    /// Closes every connection with 1001 and waits (bounded) until they are gone.
+    pub async fn close_all(&self, grace: Duration) {
+        self.inner.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.inner.registry.len() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn report_delivered(delivery: DeliveryClient, mut rx: mpsc::Receiver<pb::DeliveredItem>) {
+    let mut buf = Vec::with_capacity(DELIVERED_BATCH);
+    while rx.recv_many(&mut buf, DELIVERED_BATCH).await > 0 {
+        let items = std::mem::take(&mut buf);
+        let count = items.len();
+        // On failure the messages stay in their inboxes and are fetched
+        // again: a duplicate, never a loss.
+        if let Err(e) = delivery.delivered(pb::DeliveredRequest { items }).await {
+            tracing::warn!(error = %e, count, "delivered report failed");
+        }
+    }
+}
+
+#[async_trait]
+impl switchboard_mesh::Gateway for GatewayRole {
+    async fn push(&self, req: pb::PushRequest) -> Result<pb::PushReply, ServiceError> {
+        let connections = req
+            .items
+            .iter()
+            .map(|item| self.inner.registry.push(&self.inner.id, item))
+            .collect();
+        Ok(pb::PushReply { connections })
+    }
+}

@@ -1,1 +1,60 @@
-//! placeholder
+//! The groups role: turns a group message into one delivery per recipient.
+//! Ad-hoc groups (a list of users) are handled here; persistent groups, rooms
+//! and topics, sharded over groups instances, come with their own issue.
+
+use async_trait::async_trait;
+use switchboard_mesh::{DeliveryClient, ErrorCode, ServiceError, pb};
+
+pub struct GroupsRole {
+    delivery: DeliveryClient,
+}
+
+impl GroupsRole {
+    pub fn new(delivery: DeliveryClient) -> Self {
+        GroupsRole { delivery }
+    }
+}
+
+#[async_trait]
+impl switchboard_mesh::Groups for GroupsRole {
+    #[tracing::instrument(name = "groups.fanout", skip_all)]
+    async fn fanout(&self, req: pb::FanoutRequest) -> Result<pb::FanoutReply, ServiceError> {
+        let envelope = req
+            .envelope
+            .ok_or_else(|| ServiceError::invalid("fanout request without an envelope"))?;
+        if !envelope.group.is_empty() {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidRecipient,
+                format!("unknown group {:?}", envelope.group),
+            ));
+        }
+        let mut recipients: Vec<&String> = envelope
+            .to
+            .iter()
+            .filter(|user| **user != envelope.from)
+            .collect();
+        recipients.sort_unstable();
+        recipients.dedup();
+        let envelopes: Vec<pb::Envelope> = recipients
+            .iter()
+            .map(|user| pb::Envelope {
+                to: vec![(*user).clone()],
+                origin: None,
+                ..envelope.clone()
+            })
+            .collect();
+        let count = u32::try_from(envelopes.len()).unwrap_or(u32::MAX);
+        let sent_copies = if envelope.origin.is_some() {
+            vec![envelope]
+        } else {
+            Vec::new()
+        };
+        self.delivery
+            .deliver(pb::DeliverRequest {
+                envelopes,
+                sent_copies,
+            })
+            .await?;
+        Ok(pb::FanoutReply { recipients: count })
+    }
+}

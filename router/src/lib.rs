@@ -1,1 +1,89 @@
-//! placeholder
+//! The router role: decides where an envelope goes. In a single domain that is
+//! local delivery (direct messages) or the groups role (group messages); the
+//! federation work adds next-hop forwarding to other domains here.
+
+use async_trait::async_trait;
+use switchboard_mesh::{DeliveryClient, ErrorCode, GroupsClient, ServiceError, pb};
+
+/// Hops an envelope may take between domains before it is dropped.
+pub const DEFAULT_HOP_LIMIT: u32 = 8;
+
+pub struct RouterRole {
+    domain: String,
+    delivery: DeliveryClient,
+    groups: GroupsClient,
+}
+
+impl RouterRole {
+    pub fn new(domain: impl Into<String>, delivery: DeliveryClient, groups: GroupsClient) -> Self {
+        RouterRole {
+            domain: domain.into(),
+            delivery,
+            groups,
+        }
+    }
+
+    async fn route_local(&self, envelope: pb::Envelope) -> Result<u32, ServiceError> {
+        match envelope.kind() {
+            pb::MessageKind::Group => {
+                let reply = self
+                    .groups
+                    .fanout(pb::FanoutRequest {
+                        envelope: Some(envelope),
+                    })
+                    .await?;
+                Ok(reply.recipients)
+            }
+            _ => {
+                if envelope.to.len() != 1 {
+                    return Err(ServiceError::new(
+                        ErrorCode::InvalidRecipient,
+                        "a direct message has exactly one recipient",
+                    ));
+                }
+                let sent_copies = if envelope.origin.is_some() {
+                    vec![envelope.clone()]
+                } else {
+                    Vec::new()
+                };
+                self.delivery
+                    .deliver(pb::DeliverRequest {
+                        envelopes: vec![envelope],
+                        sent_copies,
+                    })
+                    .await?;
+                Ok(1)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl switchboard_mesh::Router for RouterRole {
+    #[tracing::instrument(name = "router.route", skip_all)]
+    async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError> {
+        let envelope = req
+            .envelope
+            .ok_or_else(|| ServiceError::invalid("route request without an envelope"))?;
+        let recipients = self.route_local(envelope).await?;
+        Ok(pb::RouteReply { recipients })
+    }
+
+    #[tracing::instrument(name = "federation.receive", skip_all)]
+    async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError> {
+        let mut envelope = req
+            .envelope
+            .ok_or_else(|| ServiceError::invalid("forward request without an envelope"))?;
+        if envelope.hops.iter().any(|h| h == &self.domain) {
+            return Err(ServiceError::invalid("routing loop: envelope passed here before"));
+        }
+        if envelope.hops.len() as u32 >= envelope.hop_limit.max(1) {
+            return Err(ServiceError::invalid("hop limit reached"));
+        }
+        envelope.hops.push(self.domain.clone());
+        // Another domain's connections are not ours: no MESSAGE_SENT copies here.
+        envelope.origin = None;
+        let recipients = self.route_local(envelope).await?;
+        Ok(pb::ForwardReply { recipients })
+    }
+}

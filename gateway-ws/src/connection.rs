@@ -1,0 +1,652 @@
+//! One client connection: a reader that speaks the protocol and a writer that
+//! drains the connection's bounded send queue to the socket.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use switchboard_mesh::{ErrorCode, ServiceError, pb};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
+
+use crate::GatewayInner;
+use crate::frames::{self, ClientFrame, FrameError};
+use crate::ratelimit::RateLimiter;
+use crate::registry::{CloseReason, ConnHandle, ConnShared, Outbound};
+
+/// Longest wait for another role before a frame is answered with UNAVAILABLE.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames written per flush.
+const WRITE_BATCH: usize = 64;
+/// How long a closing connection may take to flush what is queued.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The authenticated user of a connection.
+struct Identity {
+    app_id: String,
+    app_name: String,
+    user_id: String,
+    acks: bool,
+}
+
+/// Messages written in ack mode and not acknowledged yet: id → seq.
+type Unacked = Mutex<HashMap<String, u64>>;
+
+pub(crate) async fn run<S>(gw: Arc<GatewayInner>, ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_id = gw.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let shared = Arc::new(ConnShared::new(conn_id, gw.shutdown.child_token()));
+    let (tx, rx) = mpsc::channel(gw.limits.send_queue_frames);
+    let handle = ConnHandle {
+        shared: shared.clone(),
+        tx,
+    };
+    let (sink, stream) = ws.split();
+    let identity: Arc<std::sync::OnceLock<Identity>> = Arc::default();
+    let unacked: Arc<Unacked> = Arc::default();
+
+    let writer = tokio::spawn(write_loop(
+        gw.clone(),
+        sink,
+        rx,
+        shared.clone(),
+        identity.clone(),
+        unacked.clone(),
+    ));
+    let mut conn = Connection {
+        gw: gw.clone(),
+        handle,
+        identity: identity.clone(),
+        unacked,
+        limiter: RateLimiter::new(gw.limits.messages_per_second),
+        refusals: 0,
+        fetch_cursor: 0,
+    };
+    conn.read_loop(stream).await;
+    shared.close(CloseReason::Client);
+    let _ = writer.await;
+    conn.handle.tx = mpsc::channel(1).0;
+
+    if let Some(id) = identity.get() {
+        gw.registry.remove(&id.app_id, &id.user_id, conn_id);
+        match gw
+            .deps
+            .presence
+            .disconnect(&id.app_id, &id.user_id, &gw.id)
+            .await
+        {
+            Ok(t) if t.user_changed => {
+                let change = pb::PresenceChangeRequest {
+                    app_id: id.app_id.clone(),
+                    user_id: id.user_id.clone(),
+                    online: false,
+                };
+                if let Err(e) = gw.deps.delivery.presence_changed(change).await {
+                    tracing::warn!(error = %e, "user disconnected event failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "presence disconnect failed"),
+        }
+    }
+}
+
+async fn write_loop<W>(
+    gw: Arc<GatewayInner>,
+    mut sink: W,
+    mut rx: mpsc::Receiver<Outbound>,
+    shared: Arc<ConnShared>,
+    identity: Arc<std::sync::OnceLock<Identity>>,
+    unacked: Arc<Unacked>,
+) where
+    W: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    let ping_every = Duration::from_secs(gw.limits.ping_interval_secs.max(1));
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        tokio::select! {
+            biased;
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                if write_batch(&mut sink, &mut batch).await.is_err() {
+                    shared.close(CloseReason::Client);
+                    return;
+                }
+                report(&gw, &identity, &unacked, &mut batch).await;
+            }
+            _ = shared.cancel.cancelled() => break,
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    shared.close(CloseReason::Client);
+                    return;
+                }
+            }
+        }
+    }
+    let reason = shared.reason();
+    if matches!(reason, Some(CloseReason::Client)) {
+        return;
+    }
+    let (code, text) = match reason {
+        Some(CloseReason::Server(code, text)) => (code, text),
+        _ => (1001, "server shutting down".to_owned()),
+    };
+    // Flush what is already queued (an auth reply, an error), then close.
+    let _ = timeout(CLOSE_GRACE, async {
+        while let Ok(out) = rx.try_recv() {
+            batch.push(out);
+        }
+        if write_batch(&mut sink, &mut batch).await.is_ok() {
+            report(&gw, &identity, &unacked, &mut batch).await;
+        }
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from(text),
+        };
+        let _ = sink.send(Message::Close(Some(frame))).await;
+        let _ = sink.close().await;
+    })
+    .await;
+}
+
+async fn write_batch<W>(sink: &mut W, batch: &mut [Outbound]) -> Result<(), WsError>
+where
+    W: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    for out in batch.iter() {
+        sink.feed(Message::Text(out.text.clone())).await?;
+    }
+    sink.flush().await
+}
+
+/// After a batch was written: stored messages are delivered (or, in ack mode,
+/// wait for the client's ACK).
+async fn report(
+    gw: &GatewayInner,
+    identity: &std::sync::OnceLock<Identity>,
+    unacked: &Unacked,
+    batch: &mut Vec<Outbound>,
+) {
+    let Some(id) = identity.get() else {
+        batch.clear();
+        return;
+    };
+    for out in batch.drain(..) {
+        let Some(stored) = out.stored else { continue };
+        if id.acks {
+            let mut map = unacked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Past the cap a message is not tracked: it stays stored and
+            // comes again on the next connection.
+            if map.len() < gw.limits.max_unacked {
+                map.insert(stored.id, stored.seq);
+            }
+        } else {
+            let item = pb::DeliveredItem {
+                app_id: id.app_id.clone(),
+                user_id: id.user_id.clone(),
+                seq: stored.seq,
+            };
+            if gw.delivered_tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Connection {
+    gw: Arc<GatewayInner>,
+    handle: ConnHandle,
+    identity: Arc<std::sync::OnceLock<Identity>>,
+    unacked: Arc<Unacked>,
+    limiter: RateLimiter,
+    /// Refused frames in a row.
+    refusals: u32,
+    /// Highest sequence number sent by FETCH (or ack-mode replay) on this
+    /// connection: the next page starts after it.
+    fetch_cursor: u64,
+}
+
+impl Connection {
+    fn shared(&self) -> &ConnShared {
+        &self.handle.shared
+    }
+
+    fn close(&self, code: u16, reason: &str) {
+        self.shared()
+            .close(CloseReason::Server(code, reason.to_owned()));
+    }
+
+    fn send_text(&self, text: String) -> bool {
+        self.handle.send(Outbound {
+            text: Utf8Bytes::from(text),
+            stored: None,
+        })
+    }
+
+    async fn read_loop<R>(&mut self, mut stream: R)
+    where
+        R: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let limits = self.gw.limits.clone();
+        let auth_deadline = Instant::now() + Duration::from_secs(limits.auth_timeout_secs);
+        let idle = Duration::from_secs(limits.idle_timeout_secs.max(1));
+        loop {
+            let authenticated = self.identity.get().is_some();
+            let wait = if authenticated {
+                idle
+            } else {
+                auth_deadline.saturating_duration_since(Instant::now())
+            };
+            let next = tokio::select! {
+                _ = self.shared().cancel.cancelled() => return,
+                next = timeout(wait, stream.next()) => next,
+            };
+            let msg = match next {
+                Err(_) if authenticated => return self.close(1001, "idle timeout"),
+                Err(_) => return self.close(1008, "authentication timeout"),
+                Ok(None) => return,
+                Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))) => {
+                    return self.close(1009, "frame too large");
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "websocket read failed");
+                    return;
+                }
+                Ok(Some(Ok(msg))) => msg,
+            };
+            let flow = match msg {
+                Message::Text(text) => self.on_text(text.as_str()).await,
+                Message::Binary(_) => self.refuse(FrameError::new(
+                    ErrorCode::InvalidFrame,
+                    "binary frames are not part of the protocol; send JSON text frames",
+                )),
+                Message::Close(_) => return,
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Flow::Continue,
+            };
+            if let Flow::Stop = flow {
+                return;
+            }
+        }
+    }
+
+    /// Answers a refused frame with ERROR; closes a connection that keeps
+    /// sending refused frames.
+    fn refuse(&mut self, err: FrameError) -> Flow {
+        self.refusals += 1;
+        if !self.send_text(frames::error(&err)) {
+            return Flow::Stop;
+        }
+        if self.refusals > self.gw.limits.max_refusals {
+            let reason = if err.code == ErrorCode::RateLimited {
+                "rate limit exceeded"
+            } else {
+                "too many refused frames"
+            };
+            self.close(1008, reason);
+            return Flow::Stop;
+        }
+        Flow::Continue
+    }
+
+    async fn on_text(&mut self, text: &str) -> Flow {
+        if text.len() > self.gw.limits.max_frame_bytes {
+            return self.refuse(FrameError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "frame of {} bytes exceeds the limit of {}",
+                    text.len(),
+                    self.gw.limits.max_frame_bytes
+                ),
+            ));
+        }
+        let frame = match frames::parse(text) {
+            Ok(f) => f,
+            Err(e) => return self.refuse(e),
+        };
+        let result = if self.identity.get().is_none() {
+            if frame.kind == "AUTH_CLIENT" {
+                self.on_auth(frame).await
+            } else {
+                Err(FrameError::new(
+                    ErrorCode::NotAuthenticated,
+                    "send AUTH_CLIENT first",
+                )
+                .with_reference(frame.reference))
+            }
+        } else {
+            self.on_authenticated(frame).await
+        };
+        match result {
+            Ok(flow) => {
+                self.refusals = 0;
+                flow
+            }
+            Err(e) => self.refuse(e),
+        }
+    }
+
+    async fn on_authenticated(&mut self, frame: ClientFrame) -> Result<Flow, FrameError> {
+        if frame.kind != "ACK" && !self.limiter.allow() {
+            return Err(FrameError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second",
+                    self.gw.limits.messages_per_second
+                ),
+            )
+            .with_reference(frame.reference));
+        }
+        match frame.kind.as_str() {
+            "MESSAGE" => self.on_message(frame).await,
+            "GROUP_MESSAGE" => self.on_group_message(frame).await,
+            "FETCH_MISSING_MESSAGES_REQUEST" => self.on_fetch(frame).await,
+            "ACK" => self.on_ack(frame).await,
+            "AUTH_CLIENT" => Err(FrameError::new(
+                ErrorCode::InvalidFrame,
+                "already authenticated",
+            )
+            .with_reference(frame.reference)),
+            other => Err(FrameError::new(
+                ErrorCode::UnknownType,
+                format!("unknown frame type {other:?}"),
+            )
+            .with_reference(frame.reference)),
+        }
+    }
+
+    async fn on_auth(&mut self, mut frame: ClientFrame) -> Result<Flow, FrameError> {
+        let app_id = frame.take_string("appId")?;
+        let user_id = frame.take_string("userId")?;
+        let token = frame.take_optional_string("token")?.unwrap_or_default();
+        let acks = frame.take_bool("acks")?;
+        let _device = frame.take_optional_string("device")?;
+        let reply = call(self.gw.deps.auth.verify_client(pb::VerifyClientRequest {
+            app_id: app_id.clone(),
+            user_id: user_id.clone(),
+            token,
+        }))
+        .await
+        .map_err(|e| service_error(e, &frame))?;
+        if !reply.authenticated {
+            self.send_text(frames::auth_reply(
+                &app_id,
+                &user_id,
+                false,
+                Some(&reply.reason),
+            ));
+            self.close(1008, "authentication failed");
+            return Ok(Flow::Stop);
+        }
+        // The reply is queued before the connection is registered, so it is
+        // the first frame the client reads.
+        self.send_text(frames::auth_reply(&app_id, &user_id, true, None));
+        let identity = Identity {
+            app_id,
+            app_name: reply.app_name,
+            user_id,
+            acks,
+        };
+        let gw = self.gw.clone();
+        gw.registry
+            .add(&identity.app_id, &identity.user_id, self.handle.clone());
+        let presence = gw
+            .deps
+            .presence
+            .connect(&identity.app_id, &identity.user_id, &gw.id)
+            .await;
+        let (app_id, user_id) = (identity.app_id.clone(), identity.user_id.clone());
+        // Set once: on_auth runs only while no identity is set.
+        let _ = self.identity.set(identity);
+        match presence {
+            Ok(t) if t.user_changed => {
+                let change = pb::PresenceChangeRequest {
+                    app_id: app_id.clone(),
+                    user_id: user_id.clone(),
+                    online: true,
+                };
+                if let Err(e) = gw.deps.delivery.presence_changed(change).await {
+                    tracing::warn!(error = %e, "user connected event failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "presence connect failed"),
+        }
+        if acks {
+            // Unacknowledged messages come again on the next connection.
+            let count = u32::try_from(self.gw.limits.max_unacked)
+                .unwrap_or(u32::MAX)
+                .min(self.gw.limits.max_fetch_count);
+            self.send_stored(&app_id, &user_id, count, &frame).await?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Sends up to `count` stored messages after the fetch cursor; returns how
+    /// many remain after them.
+    async fn send_stored(
+        &mut self,
+        app_id: &str,
+        user_id: &str,
+        count: u32,
+        frame: &ClientFrame,
+    ) -> Result<u64, FrameError> {
+        let page = call(self.gw.deps.delivery.fetch(pb::FetchRequest {
+            app_id: app_id.to_owned(),
+            user_id: user_id.to_owned(),
+            count,
+            after_seq: self.fetch_cursor,
+        }))
+        .await
+        .map_err(|e| service_error(e, frame))?;
+        let item = pb::PushItem::default();
+        for msg in &page.messages {
+            let text = frames::render_push(&item, msg);
+            let sent = self.handle.send(Outbound {
+                text: Utf8Bytes::from(text),
+                stored: Some(crate::registry::Stored {
+                    seq: msg.seq,
+                    id: msg.id.clone(),
+                }),
+            });
+            if !sent {
+                break;
+            }
+            self.fetch_cursor = self.fetch_cursor.max(msg.seq);
+        }
+        Ok(page.left)
+    }
+
+    fn identity(&self) -> Result<&Identity, FrameError> {
+        self.identity
+            .get()
+            .ok_or_else(|| FrameError::new(ErrorCode::NotAuthenticated, "send AUTH_CLIENT first"))
+    }
+
+    fn check_recipient(&self, id: &Identity, to: &str, frame: &ClientFrame) -> Result<(), FrameError> {
+        let ok = to
+            .strip_prefix(id.app_name.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|rest| !rest.is_empty());
+        if ok {
+            Ok(())
+        } else {
+            Err(FrameError::new(
+                ErrorCode::InvalidRecipient,
+                format!("recipient {to:?} is not a user of app {}", id.app_name),
+            )
+            .with_reference(frame.reference.clone()))
+        }
+    }
+
+    fn check_content(&self, content: &str, frame: &ClientFrame) -> Result<(), FrameError> {
+        if content.len() > self.gw.limits.max_content_bytes {
+            return Err(FrameError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "content of {} bytes exceeds the limit of {}",
+                    content.len(),
+                    self.gw.limits.max_content_bytes
+                ),
+            )
+            .with_reference(frame.reference.clone()));
+        }
+        Ok(())
+    }
+
+    fn envelope(&self, id: &Identity, frame: &ClientFrame, feature: pb::Feature) -> pb::Envelope {
+        pb::Envelope {
+            id: switchboard_mesh::new_message_id(),
+            app_id: id.app_id.clone(),
+            from: id.user_id.clone(),
+            reference: frame.reference.clone().unwrap_or_default(),
+            feature: feature.into(),
+            ts: switchboard_mesh::now_ms(),
+            origin: Some(pb::ConnRef {
+                gateway_id: self.gw.id.clone(),
+                conn_id: self.shared().id,
+            }),
+            hop_limit: 8,
+            ..Default::default()
+        }
+    }
+
+    async fn route(&self, envelope: pb::Envelope, frame: &ClientFrame) -> Result<Flow, FrameError> {
+        let id = envelope.id.clone();
+        let reliable = envelope.feature() == pb::Feature::Reliable;
+        call(self.gw.deps.router.route(pb::RouteRequest {
+            envelope: Some(envelope),
+        }))
+        .await
+        .map_err(|e| service_error(e, frame))?;
+        if reliable && self.identity()?.acks {
+            self.send_text(frames::accepted(frame.reference.as_deref(), &id));
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn on_message(&mut self, mut frame: ClientFrame) -> Result<Flow, FrameError> {
+        let to = frame.take_string("to")?;
+        let content = frame.take_string("content")?;
+        let feature = frame.feature()?;
+        let id = self.identity()?;
+        self.check_recipient(id, &to, &frame)?;
+        self.check_content(&content, &frame)?;
+        let mut envelope = self.envelope(id, &frame, feature);
+        envelope.to = vec![to];
+        envelope.content = content;
+        envelope.kind = pb::MessageKind::Direct.into();
+        self.route(envelope, &frame).await
+    }
+
+    async fn on_group_message(&mut self, mut frame: ClientFrame) -> Result<Flow, FrameError> {
+        let to = frame.take_string_list("to")?;
+        let group = frame.take_optional_string("group")?;
+        let content = frame.take_string("content")?;
+        let feature = frame.feature()?;
+        let id = self.identity()?;
+        self.check_content(&content, &frame)?;
+        let mut envelope = self.envelope(id, &frame, feature);
+        match (to, group) {
+            (Some(to), None) => {
+                if to.is_empty() {
+                    return Err(FrameError::new(ErrorCode::InvalidFrame, "data.to is empty")
+                        .with_reference(frame.reference));
+                }
+                if to.len() > self.gw.limits.max_group_recipients {
+                    return Err(FrameError::new(
+                        ErrorCode::InvalidFrame,
+                        format!(
+                            "{} recipients exceed the limit of {}",
+                            to.len(),
+                            self.gw.limits.max_group_recipients
+                        ),
+                    )
+                    .with_reference(frame.reference));
+                }
+                for user in &to {
+                    self.check_recipient(id, user, &frame)?;
+                }
+                envelope.to = to;
+            }
+            (None, Some(group)) if !group.is_empty() => envelope.group = group,
+            _ => {
+                return Err(FrameError::new(
+                    ErrorCode::InvalidFrame,
+                    "GROUP_MESSAGE needs either data.to (a list of users) or data.group",
+                )
+                .with_reference(frame.reference));
+            }
+        }
+        envelope.content = content;
+        envelope.kind = pb::MessageKind::Group.into();
+        self.route(envelope, &frame).await
+    }
+
+    async fn on_fetch(&mut self, mut frame: ClientFrame) -> Result<Flow, FrameError> {
+        let count = frame
+            .take_count("count", 100)?
+            .min(self.gw.limits.max_fetch_count);
+        let id = self.identity()?;
+        let (app_id, user_id) = (id.app_id.clone(), id.user_id.clone());
+        let left = self.send_stored(&app_id, &user_id, count, &frame).await?;
+        self.send_text(frames::fetch_complete(left));
+        Ok(Flow::Continue)
+    }
+
+    async fn on_ack(&mut self, mut frame: ClientFrame) -> Result<Flow, FrameError> {
+        let ids = frame.take_string_list("ids")?.ok_or_else(|| {
+            FrameError::new(ErrorCode::InvalidFrame, "missing field data.ids")
+                .with_reference(frame.reference.clone())
+        })?;
+        let id = self.identity()?;
+        let seqs: Vec<u64> = {
+            let mut map = self
+                .unacked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            ids.iter().filter_map(|i| map.remove(i)).collect()
+        };
+        for seq in seqs {
+            let item = pb::DeliveredItem {
+                app_id: id.app_id.clone(),
+                user_id: id.user_id.clone(),
+                seq,
+            };
+            if self.gw.delivered_tx.send(item).await.is_err() {
+                break;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+}
+
+async fn call<T>(
+    fut: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, ServiceError> {
+    timeout(CALL_TIMEOUT, fut)
+        .await
+        .map_err(|_| ServiceError::unavailable("timed out; try again"))?
+}
+
+fn service_error(err: ServiceError, frame: &ClientFrame) -> FrameError {
+    FrameError::new(err.code, err.message).with_reference(frame.reference.clone())
+}

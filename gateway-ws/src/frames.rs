@@ -1,0 +1,424 @@
+//! Client protocol v1 frames: parsing what clients send and rendering what
+//! they receive. JSON lives here and nowhere else.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use switchboard_mesh::{ErrorCode, pb};
+
+/// A parsed client frame: its type, `data` object and top-level fields.
+#[derive(Debug)]
+pub struct ClientFrame {
+    pub kind: String,
+    pub data: Map<String, Value>,
+    pub feature: Option<String>,
+    pub reference: Option<String>,
+}
+
+/// Why a frame was refused, with the reference when it could be read.
+#[derive(Debug)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub reference: Option<String>,
+}
+
+impl FrameError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        FrameError {
+            code,
+            message: message.into(),
+            reference: None,
+        }
+    }
+
+    pub fn with_reference(mut self, reference: Option<String>) -> Self {
+        self.reference = reference;
+        self
+    }
+}
+
+pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(FrameError::new(
+            ErrorCode::InvalidFrame,
+            "a frame is a JSON object",
+        ));
+    };
+    let reference = match obj.remove("reference") {
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Null) | None => None,
+        Some(_) => {
+            return Err(FrameError::new(
+                ErrorCode::InvalidFrame,
+                "reference must be a string",
+            ));
+        }
+    };
+    let kind = match obj.remove("type") {
+        Some(Value::String(s)) => s,
+        _ => {
+            return Err(
+                FrameError::new(ErrorCode::InvalidFrame, "missing string field type")
+                    .with_reference(reference),
+            );
+        }
+    };
+    let data = match obj.remove("data") {
+        Some(Value::Object(m)) => m,
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => {
+            return Err(
+                FrameError::new(ErrorCode::InvalidFrame, "data must be an object")
+                    .with_reference(reference),
+            );
+        }
+    };
+    let feature = match obj.remove("feature") {
+        Some(Value::String(s)) => Some(s),
+        None | Some(Value::Null) => None,
+        Some(_) => {
+            return Err(
+                FrameError::new(ErrorCode::InvalidFrame, "feature must be a string")
+                    .with_reference(reference),
+            );
+        }
+    };
+    Ok(ClientFrame {
+        kind,
+        data,
+        feature,
+        reference,
+    })
+}
+
+impl ClientFrame {
+    fn err(&self, code: ErrorCode, message: impl Into<String>) -> FrameError {
+        FrameError::new(code, message).with_reference(self.reference.clone())
+    }
+
+    /// A required string field of `data`, moved out.
+    pub fn take_string(&mut self, field: &str) -> Result<String, FrameError> {
+        match self.data.remove(field) {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(self.err(
+                ErrorCode::InvalidFrame,
+                format!("data.{field} must be a string"),
+            )),
+            None => Err(self.err(
+                ErrorCode::InvalidFrame,
+                format!("missing field data.{field}"),
+            )),
+        }
+    }
+
+    pub fn take_optional_string(&mut self, field: &str) -> Result<Option<String>, FrameError> {
+        match self.data.remove(field) {
+            Some(Value::String(s)) => Ok(Some(s)),
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => Err(self.err(
+                ErrorCode::InvalidFrame,
+                format!("data.{field} must be a string"),
+            )),
+        }
+    }
+
+    pub fn take_bool(&mut self, field: &str) -> Result<bool, FrameError> {
+        match self.data.remove(field) {
+            Some(Value::Bool(b)) => Ok(b),
+            None | Some(Value::Null) => Ok(false),
+            Some(_) => Err(self.err(
+                ErrorCode::InvalidFrame,
+                format!("data.{field} must be true or false"),
+            )),
+        }
+    }
+
+    pub fn take_string_list(&mut self, field: &str) -> Result<Option<Vec<String>>, FrameError> {
+        match self.data.remove(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(self.err(
+                        ErrorCode::InvalidFrame,
+                        format!("data.{field} must be a list of strings"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(self.err(
+                ErrorCode::InvalidFrame,
+                format!("data.{field} must be a list of strings"),
+            )),
+        }
+    }
+
+    pub fn take_count(&mut self, field: &str, default: u32) -> Result<u32, FrameError> {
+        match self.data.remove(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+                .ok_or_else(|| {
+                    self.err(
+                        ErrorCode::InvalidFrame,
+                        format!("data.{field} must be a non-negative integer"),
+                    )
+                }),
+            Some(_) => Err(self.err(
+                ErrorCode::InvalidFrame,
+                format!("data.{field} must be a non-negative integer"),
+            )),
+        }
+    }
+
+    /// `feature`: RELIABLE (default) or FAST.
+    pub fn feature(&self) -> Result<pb::Feature, FrameError> {
+        match self.feature.as_deref() {
+            None | Some("RELIABLE") => Ok(pb::Feature::Reliable),
+            Some("FAST") => Ok(pb::Feature::Fast),
+            Some(other) => Err(self.err(
+                ErrorCode::InvalidFrame,
+                format!("feature must be RELIABLE or FAST, not {other:?}"),
+            )),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- rendering
+
+#[derive(Serialize)]
+struct Out<'a, D: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    data: D,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+}
+
+fn render<D: Serialize>(kind: &str, data: D, reference: Option<&str>) -> String {
+    serde_json::to_string(&Out {
+        kind,
+        data,
+        reference,
+    })
+    // Serializing plain structs of strings and numbers cannot fail.
+    .unwrap_or_default()
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[derive(Serialize)]
+struct MessageData<'a> {
+    from: &'a str,
+    content: &'a str,
+    id: &'a str,
+    ts: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum SentTo<'a> {
+    One(&'a str),
+    Many(&'a [String]),
+}
+
+#[derive(Serialize)]
+struct SentData<'a> {
+    to: SentTo<'a>,
+    content: &'a str,
+    id: &'a str,
+    ts: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfirmationData<'a> {
+    reference: &'a str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UserData<'a> {
+    user_id: &'a str,
+}
+
+/// Renders a pushed message as the frame its recipient gets.
+pub fn render_push(item: &pb::PushItem, msg: &pb::InboxMessage) -> String {
+    let seq = (msg.seq > 0).then_some(msg.seq);
+    if item.sent_copy {
+        let to = match (msg.kind(), item.to.as_slice()) {
+            (pb::MessageKind::Direct, [one]) => SentTo::One(one),
+            (_, many) => SentTo::Many(many),
+        };
+        return render(
+            "MESSAGE_SENT",
+            SentData {
+                to,
+                content: &msg.content,
+                id: &msg.id,
+                ts: msg.ts,
+                group: non_empty(&msg.group),
+            },
+            non_empty(&msg.reference),
+        );
+    }
+    match msg.kind() {
+        pb::MessageKind::Direct | pb::MessageKind::Group => render(
+            "MESSAGE",
+            MessageData {
+                from: &msg.from,
+                content: &msg.content,
+                id: &msg.id,
+                ts: msg.ts,
+                seq,
+                group: non_empty(&msg.group),
+            },
+            non_empty(&msg.reference),
+        ),
+        pb::MessageKind::Confirmation => render(
+            "MESSAGE_CONFIRMATION",
+            ConfirmationData {
+                reference: &msg.reference,
+                id: &msg.id,
+                seq,
+            },
+            None,
+        ),
+        pb::MessageKind::UserConnected => {
+            render("USER_CONNECTED", UserData { user_id: &msg.from }, None)
+        }
+        pb::MessageKind::UserDisconnected => {
+            render("USER_DISCONNECTED", UserData { user_id: &msg.from }, None)
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AuthReplyData<'a> {
+    app_id: &'a str,
+    user_id: &'a str,
+    is_authenticated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+pub fn auth_reply(app_id: &str, user_id: &str, ok: bool, reason: Option<&str>) -> String {
+    render(
+        "AUTH_CLIENT_REPLY",
+        AuthReplyData {
+            app_id,
+            user_id,
+            is_authenticated: ok,
+            reason,
+        },
+        None,
+    )
+}
+
+#[derive(Serialize)]
+struct ErrorData<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+pub fn error(err: &FrameError) -> String {
+    render(
+        "ERROR",
+        ErrorData {
+            code: err.code.as_str(),
+            message: &err.message,
+        },
+        err.reference.as_deref(),
+    )
+}
+
+#[derive(Serialize)]
+struct AcceptedData<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+    id: &'a str,
+}
+
+pub fn accepted(reference: Option<&str>, id: &str) -> String {
+    render("MESSAGE_ACCEPTED", AcceptedData { reference, id }, reference)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FetchCompleteData {
+    left_missing_count: u64,
+}
+
+pub fn fetch_complete(left: u64) -> String {
+    render(
+        "FETCH_MISSING_MESSAGES_COMPLETE",
+        FetchCompleteData {
+            left_missing_count: left,
+        },
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_moves_fields_out() {
+        let mut f = parse(r#"{"type":"MESSAGE","data":{"to":"a-1","content":"x"},"feature":"FAST","reference":"r"}"#)
+            .expect("parse");
+        assert_eq!(f.kind, "MESSAGE");
+        assert_eq!(f.reference.as_deref(), Some("r"));
+        assert_eq!(f.feature().expect("feature"), pb::Feature::Fast);
+        assert_eq!(f.take_string("to").expect("to"), "a-1");
+        let e = f.take_string("to").expect_err("moved");
+        assert_eq!(e.code, ErrorCode::InvalidFrame);
+        assert_eq!(e.reference.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn parse_errors_have_codes() {
+        assert_eq!(parse("{nope").expect_err("bad").code, ErrorCode::InvalidJson);
+        assert_eq!(parse("[1]").expect_err("bad").code, ErrorCode::InvalidFrame);
+        assert_eq!(parse(r#"{"data":{}}"#).expect_err("bad").code, ErrorCode::InvalidFrame);
+        assert_eq!(parse(r#"{"type":"X","data":3}"#).expect_err("bad").code, ErrorCode::InvalidFrame);
+    }
+
+    #[test]
+    fn rendered_message_round_trips_content() {
+        let content = "a\"b\\c\u{0}\u{1f}\n👋";
+        let msg = pb::InboxMessage {
+            id: "i".into(),
+            from: "a-1".into(),
+            to: "a-2".into(),
+            content: content.into(),
+            reference: "r".into(),
+            ts: 5,
+            seq: 3,
+            ..Default::default()
+        };
+        let item = pb::PushItem::default();
+        let text = render_push(&item, &msg);
+        let v: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["type"], "MESSAGE");
+        assert_eq!(v["data"]["content"], content);
+        assert_eq!(v["data"]["seq"], 3);
+        assert_eq!(v["reference"], "r");
+    }
+}

@@ -1,0 +1,104 @@
+//! The client port: HTTP (health) and the WebSocket upgrade on one listener.
+
+use std::future::Future;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::{GatewayError, GatewayRole, connection};
+
+/// Serves the client port on an already-bound listener until `shutdown`
+/// resolves; then stops accepting and closes every socket with 1001.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: GatewayRole,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/ws", get(ws_upgrade))
+        .with_state(gateway.clone());
+    let closing = gateway.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            closing.close_all(std::time::Duration::from_secs(5)).await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(serde_json::json!({"error": {"code": "INVALID_FRAME", "message": message}})),
+    )
+        .into_response()
+}
+
+async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Response {
+    let headers = req.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !is_upgrade {
+        return bad_request("this endpoint speaks WebSocket: send an Upgrade: websocket request");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return bad_request("Sec-WebSocket-Version must be 13");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return bad_request("missing Sec-WebSocket-Key");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return bad_request("connection cannot be upgraded");
+    };
+    let limits = gateway.inner.limits.clone();
+    let inner = gateway.inner.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let hard_limit = limits.max_frame_bytes.saturating_mul(4);
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(4096)
+                    .write_buffer_size(0)
+                    .max_write_buffer_size(hard_limit.saturating_mul(4))
+                    .max_message_size(Some(hard_limit))
+                    .max_frame_size(Some(hard_limit));
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                connection::run(inner, ws).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
