@@ -34,6 +34,12 @@ macro_rules! client_handle {
             }
         }
 
+        impl From<$client> for Arc<dyn $trait> {
+            fn from(client: $client) -> Self {
+                client.0
+            }
+        }
+
         impl Deref for $client {
             type Target = dyn $trait;
             fn deref(&self) -> &Self::Target {

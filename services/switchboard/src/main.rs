@@ -1,1 +1,141 @@
-fn main() {}
+//! `switchboard`: run a node, or tools around it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchboard::{Listeners, RemoteRoles};
+use switchboard_config::Config;
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "Real-time messaging backend")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: with no arguments, every role in this process with the
+    /// embedded store in ./data, client port 127.0.0.1:8088 (WebSocket /ws,
+    /// /healthz) and mesh port 127.0.0.1:9089 (gRPC).
+    ///
+    /// Every setting is also a key in the TOML file given by --config and an
+    /// environment variable (SWITCHBOARD_KEY, or SWITCHBOARD_SECTION__KEY for
+    /// keys in a section, e.g. SWITCHBOARD_LIMITS__MAX_FRAME_BYTES). Flags win
+    /// over the environment, which wins over the file. See
+    /// deploy/switchboard.example.toml for every key.
+    Run(RunArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config file [env: SWITCHBOARD_CONFIG]
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Client port address (WebSocket /ws, /healthz) [env: SWITCHBOARD_CLIENT_ADDR]
+    #[arg(long)]
+    client_addr: Option<SocketAddr>,
+    /// Mesh port address (gRPC between roles) [env: SWITCHBOARD_MESH_ADDR]
+    #[arg(long)]
+    mesh_addr: Option<SocketAddr>,
+    /// Directory of the embedded store [env: SWITCHBOARD_DATA_DIR]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// This node's id in the mesh; generated when empty [env: SWITCHBOARD_NODE_ID]
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("switchboard {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Run(args) => {
+            init_logging();
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(run(args))
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHBOARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let mut config = Config::load(args.config.as_deref(), &env)?;
+    if let Some(addr) = args.client_addr {
+        config.client_addr = addr;
+    }
+    if let Some(addr) = args.mesh_addr {
+        config.mesh_addr = addr;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(id) = args.node_id {
+        config.node_id = id;
+    }
+    config.validate()?;
+
+    let listeners = Listeners::bind(&config).await?;
+    let client = listeners.client_addr()?;
+    let mesh = listeners.mesh_addr()?;
+    println!("switchboard {}", env!("CARGO_PKG_VERSION"));
+    println!("  client port  ws://{client}/ws   (health: http://{client}/healthz)");
+    println!("  mesh port    grpc://{mesh}");
+    println!("  data dir     {}", config.data_dir.display());
+    if config.apps.is_empty() {
+        println!(
+            "  WARNING: no apps configured; using the built-in development app \
+             (name \"demo\", appId \"demo\", master user \"demo-0\", auth \"none\": \
+             any token is accepted). Do not use it in production."
+        );
+    } else {
+        for app in &config.apps {
+            println!(
+                "  app          {} (appId {}, auth {:?})",
+                app.name, app.app_id, app.auth
+            );
+        }
+    }
+    switchboard::serve(config, listeners, RemoteRoles::default(), shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
