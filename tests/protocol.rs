@@ -1,0 +1,524 @@
+//! Client protocol v1 through real WebSocket connections against a running
+//! node.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Client, Closed, TestNode, close_code};
+use switchboard_config::{AppConfig, AuthMode};
+
+const QUIET: Duration = Duration::from_millis(300);
+
+fn ids(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| f["data"]["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn two_users_exchange_fast_and_reliable_messages() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let mut ann = Client::login(&url, "demo-ann").await;
+    let mut bob = Client::login(&url, "demo-bob").await;
+
+    ann.message("demo-bob", "hello reliable", "RELIABLE", "r1").await;
+    let m = bob.recv_type("MESSAGE").await;
+    assert_eq!(m["data"]["from"], "demo-ann");
+    assert_eq!(m["data"]["content"], "hello reliable");
+    assert_eq!(m["reference"], "r1");
+    assert!(m["data"]["seq"].as_u64().expect("seq on RELIABLE") > 0);
+    assert!(m["data"]["ts"].as_i64().expect("ts") > 0);
+    let id = m["data"]["id"].as_str().expect("id").to_owned();
+    let c = ann.recv_type("MESSAGE_CONFIRMATION").await;
+    assert_eq!(c["data"]["reference"], "r1");
+    assert_eq!(c["data"]["id"], id.as_str());
+
+    bob.message("demo-ann", "hello fast", "FAST", "r2").await;
+    let m = ann.recv_type("MESSAGE").await;
+    assert_eq!(m["data"]["content"], "hello fast");
+    assert_eq!(m["data"]["from"], "demo-bob");
+    assert_eq!(m["reference"], "r2");
+    assert!(m["data"].get("seq").is_none(), "FAST messages carry no seq: {m}");
+
+    // Default feature is RELIABLE.
+    ann.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"default"},"reference":"r3"}))
+        .await;
+    let m = bob.recv_type("MESSAGE").await;
+    assert!(m["data"]["seq"].as_u64().is_some());
+    assert_eq!(ann.recv_type("MESSAGE_CONFIRMATION").await["data"]["reference"], "r3");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn reliable_to_offline_user_is_fetched_in_order_and_paged() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let mut ann = Client::login(&url, "demo-ann").await;
+    for i in 0..25 {
+        ann.message("demo-bob", &format!("m{i}"), "RELIABLE", &format!("ref{i}"))
+            .await;
+    }
+    // Nothing is delivered yet, so no confirmation comes.
+    ann.expect_silence(QUIET).await;
+    ann.close().await;
+
+    let mut bob = Client::login(&url, "demo-bob").await;
+    bob.expect_silence(QUIET).await;
+    let (frames, lefts) = bob.fetch_all(10).await;
+    assert_eq!(lefts, vec![15, 5, 0]);
+    let contents: Vec<&str> = frames
+        .iter()
+        .map(|f| f["data"]["content"].as_str().expect("content"))
+        .collect();
+    let expected: Vec<String> = (0..25).map(|i| format!("m{i}")).collect();
+    assert_eq!(contents, expected);
+    let seqs: Vec<u64> = frames
+        .iter()
+        .map(|f| f["data"]["seq"].as_u64().expect("seq"))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    // The sender was offline when they were delivered: the confirmations
+    // wait in its inbox.
+    let mut ann = Client::login(&url, "demo-ann").await;
+    let (confirmations, _) = ann.fetch_all(100).await;
+    let refs: HashSet<&str> = confirmations
+        .iter()
+        .filter(|f| f["type"] == "MESSAGE_CONFIRMATION")
+        .map(|f| f["data"]["reference"].as_str().expect("reference"))
+        .collect();
+    assert_eq!(refs.len(), 25, "{confirmations:?}");
+    assert!(refs.contains("ref0") && refs.contains("ref24"));
+
+    // Delivered messages are gone.
+    let (again, lefts) = bob.fetch_all(10).await;
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(lefts, vec![0]);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn confirmation_reaches_an_online_sender_when_the_recipient_fetches() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let mut ann = Client::login_with(&url, "demo-ann", true).await;
+    ann.send_accepted("demo-bob", "later", "late-ref").await;
+    let mut bob = Client::login(&url, "demo-bob").await;
+    let (frames, _) = bob.fetch_all(10).await;
+    assert_eq!(frames.len(), 1);
+    let c = ann.recv_type("MESSAGE_CONFIRMATION").await;
+    assert_eq!(c["data"]["reference"], "late-ref");
+    assert_eq!(c["data"]["id"], frames[0]["data"]["id"]);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn fast_to_an_offline_user_is_not_stored() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let mut ann = Client::login_with(&url, "demo-ann", true).await;
+    ann.message("demo-bob", "gone", "FAST", "f1").await;
+    // Frames of one connection are handled in order: once the RELIABLE one
+    // is accepted, the FAST one was handled too.
+    ann.send_accepted("demo-bob", "kept", "r1").await;
+    let mut bob = Client::login(&url, "demo-bob").await;
+    let (frames, lefts) = bob.fetch_all(10).await;
+    let contents: Vec<&str> = frames
+        .iter()
+        .map(|f| f["data"]["content"].as_str().expect("content"))
+        .collect();
+    assert_eq!(contents, vec!["kept"]);
+    assert_eq!(lefts, vec![0]);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_connection_of_a_user_gets_every_message() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let mut bobs = vec![
+        Client::login(&url, "demo-bob").await,
+        Client::login(&url, "demo-bob").await,
+        Client::login(&url, "demo-bob").await,
+    ];
+    let mut ann_sender = Client::login(&url, "demo-ann").await;
+    let mut ann_other = Client::login(&url, "demo-ann").await;
+
+    for i in 0..3 {
+        ann_sender
+            .message("demo-bob", &format!("to all {i}"), "RELIABLE", &format!("r{i}"))
+            .await;
+    }
+    for bob in &mut bobs {
+        for i in 0..3 {
+            let m = bob.recv_type("MESSAGE").await;
+            assert_eq!(m["data"]["content"], format!("to all {i}"));
+        }
+    }
+    for i in 0..3 {
+        let sent = ann_other.recv_type("MESSAGE_SENT").await;
+        assert_eq!(sent["data"]["to"], "demo-bob");
+        assert_eq!(sent["data"]["content"], format!("to all {i}"));
+        assert_eq!(sent["reference"], format!("r{i}"));
+    }
+    // The sending connection gets confirmations, never a MESSAGE_SENT copy.
+    let mut confirmations = 0;
+    while let Some(f) = ann_sender.try_recv(QUIET).await {
+        assert_ne!(f["type"], "MESSAGE_SENT", "{f}");
+        if f["type"] == "MESSAGE_CONFIRMATION" {
+            confirmations += 1;
+        }
+    }
+    assert_eq!(confirmations, 3, "one confirmation per message, not per connection");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn ad_hoc_group_message_reaches_every_listed_user() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let mut ann = Client::login(&url, "demo-ann").await;
+    let mut ann2 = Client::login(&url, "demo-ann").await;
+    let mut bob = Client::login(&url, "demo-bob").await;
+    let mut cat = Client::login(&url, "demo-cat").await;
+    ann.send(json!({"type":"GROUP_MESSAGE","data":{"to":["demo-bob","demo-cat","demo-dan"],"content":"hi all"},"reference":"g1"}))
+        .await;
+    for c in [&mut bob, &mut cat] {
+        let m = c.recv_type("MESSAGE").await;
+        assert_eq!(m["data"]["content"], "hi all");
+        assert_eq!(m["data"]["from"], "demo-ann");
+    }
+    let sent = ann2.recv_type("MESSAGE_SENT").await;
+    assert_eq!(sent["data"]["to"], json!(["demo-bob", "demo-cat", "demo-dan"]));
+    // dan was offline: his copy is stored.
+    let mut dan = Client::login(&url, "demo-dan").await;
+    let (frames, _) = dan.fetch_all(10).await;
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0]["data"]["content"], "hi all");
+    // No confirmation for group messages.
+    ann.expect_silence(QUIET).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn ack_mode_redelivers_until_acknowledged() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let mut ann = Client::login_with(&url, "demo-ann", true).await;
+    let mut bob = Client::login_with(&url, "demo-bob", true).await;
+
+    ann.message("demo-bob", "one", "RELIABLE", "a1").await;
+    let accepted = ann.recv_type("MESSAGE_ACCEPTED").await;
+    assert_eq!(accepted["data"]["reference"], "a1");
+    ann.message("demo-bob", "two", "RELIABLE", "a2").await;
+    assert_eq!(ann.recv_type("MESSAGE_ACCEPTED").await["data"]["reference"], "a2");
+
+    let one = bob.recv_type("MESSAGE").await;
+    let two = bob.recv_type("MESSAGE").await;
+    assert_eq!(one["data"]["content"], "one");
+    assert_eq!(two["data"]["content"], "two");
+    // Written but not acknowledged: not delivered, no confirmation.
+    ann.expect_silence(QUIET).await;
+
+    bob.send(json!({"type":"ACK","data":{"ids":[one["data"]["id"]]}})).await;
+    let c = ann.recv_type("MESSAGE_CONFIRMATION").await;
+    assert_eq!(c["data"]["reference"], "a1");
+    // ann acknowledges its confirmation too.
+    ann.send(json!({"type":"ACK","data":{"ids":[c["data"]["id"]]}})).await;
+    bob.close().await;
+
+    let mut bob = Client::login_with(&url, "demo-bob", true).await;
+    let again = bob.recv_type("MESSAGE").await;
+    assert_eq!(again["data"]["content"], "two");
+    assert_eq!(again["data"]["id"], two["data"]["id"]);
+    bob.expect_silence(QUIET).await;
+    bob.send(json!({"type":"ACK","data":{"ids":[two["data"]["id"]]}})).await;
+    assert_eq!(ann.recv_type("MESSAGE_CONFIRMATION").await["data"]["reference"], "a2");
+    bob.close().await;
+
+    let mut bob = Client::login_with(&url, "demo-bob", true).await;
+    bob.expect_silence(QUIET).await;
+    let (frames, lefts) = bob.fetch_all(10).await;
+    assert!(frames.is_empty(), "{frames:?}");
+    assert_eq!(lefts, vec![0]);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn master_user_sees_one_connect_and_one_disconnect_per_user() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let mut master = Client::login(&url, "demo-0").await;
+    let first = Client::login(&url, "demo-7").await;
+    let second = Client::login(&url, "demo-7").await;
+    let connected = master.recv().await;
+    assert_eq!(connected["type"], "USER_CONNECTED");
+    assert_eq!(connected["data"]["userId"], "demo-7");
+    master.expect_silence(QUIET).await;
+    first.close().await;
+    master.expect_silence(QUIET).await;
+    second.close().await;
+    let gone = master.recv().await;
+    assert_eq!(gone["type"], "USER_DISCONNECTED");
+    assert_eq!(gone["data"]["userId"], "demo-7");
+    master.expect_silence(QUIET).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn content_round_trips_byte_exactly() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let samples = [
+        "plain",
+        "ünïcödé 日本語 👋🏽 \u{200d}",
+        "quotes \" ' \\ \\\" and slashes / \\\\",
+        "control \u{0}\u{1}\u{7}\u{8}\u{b}\u{c}\u{1b}\u{1f}\u{7f} \n\r\t end",
+        "{\"json\":\"inside\"}",
+        "",
+    ];
+    let mut ann = Client::login_with(&url, "demo-ann", true).await;
+    let mut bob = Client::login(&url, "demo-bob").await;
+    for s in samples {
+        ann.message("demo-bob", s, "RELIABLE", "").await;
+        let m = bob.recv_type("MESSAGE").await;
+        assert_eq!(m["data"]["content"], s);
+    }
+    bob.close().await;
+    // The same through the store.
+    for (i, s) in samples.iter().enumerate() {
+        ann.send_accepted("demo-bob", s, &format!("s{i}")).await;
+    }
+    let mut bob = Client::login(&url, "demo-bob").await;
+    let (frames, _) = bob.fetch_all(100).await;
+    let got: Vec<&str> = frames
+        .iter()
+        .map(|f| f["data"]["content"].as_str().expect("content"))
+        .collect();
+    assert_eq!(got, samples);
+    node.shutdown().await;
+}
+
+const JWT_SECRET: &str = "test-secret";
+
+fn jwt_app() -> AppConfig {
+    AppConfig {
+        name: "ANZ".into(),
+        app_id: "app-id-343".into(),
+        master_user_id: "ANZ-0".into(),
+        auth: AuthMode::Jwt,
+        jwt_secret: Some(JWT_SECRET.into()),
+        jwt_public_key_pem: None,
+        jwt_public_key_file: None,
+    }
+}
+
+fn jwt(secret: &str, sub: &str, exp_offset: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": sub, "exp": now + exp_offset}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode")
+}
+
+async fn expect_error(c: &mut Client, code: &str) -> Value {
+    let f = c.recv_type("ERROR").await;
+    assert_eq!(f["data"]["code"], code, "{f}");
+    assert!(f["data"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    f
+}
+
+async fn expect_auth_refused(url: &str, data: Value, reason_part: &str) {
+    let mut c = Client::connect(url).await;
+    let reply = c.auth(data).await;
+    assert_eq!(reply["data"]["isAuthenticated"], false, "{reply}");
+    let reason = reply["data"]["reason"].as_str().expect("reason");
+    assert!(reason.contains(reason_part), "{reason}");
+    assert_eq!(close_code(&c.closed().await), Some(1008));
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_while_others_keep_talking() {
+    let node = TestNode::start_with(
+        |c| {
+            c.apps = vec![AppConfig::demo(), jwt_app()];
+            c.limits.max_frame_bytes = 4096;
+            c.limits.max_content_bytes = 2048;
+        },
+        Default::default(),
+    )
+    .await;
+    let url = node.url();
+
+    // A pair that keeps talking in the background the whole time.
+    let pair_url = url.clone();
+    let background = tokio::spawn(async move {
+        let mut ann = Client::login(&pair_url, "demo-ann").await;
+        let mut bob = Client::login(&pair_url, "demo-bob").await;
+        let mut got = 0;
+        for i in 0..100 {
+            ann.message("demo-bob", &format!("bg{i}"), "RELIABLE", "").await;
+            let m = bob.recv_type("MESSAGE").await;
+            assert_eq!(m["data"]["content"], format!("bg{i}"));
+            got += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        got
+    });
+
+    // Before authentication.
+    let mut c = Client::connect(&url).await;
+    c.message("demo-bob", "x", "RELIABLE", "early").await;
+    let e = expect_error(&mut c, "NOT_AUTHENTICATED").await;
+    assert_eq!(e["reference"], "early");
+
+    // Authentication failures: reply with a reason, then close 1008.
+    expect_auth_refused(&url, json!({"appId":"demo","userId":"other-1","token":""}), "demo-<id>").await;
+    expect_auth_refused(&url, json!({"appId":"nope","userId":"demo-1","token":""}), "appId").await;
+    expect_auth_refused(
+        &url,
+        json!({"appId":"app-id-343","userId":"ANZ-1","token": jwt("wrong", "ANZ-1", 600)}),
+        "signature",
+    )
+    .await;
+    expect_auth_refused(
+        &url,
+        json!({"appId":"app-id-343","userId":"ANZ-1","token": jwt(JWT_SECRET, "ANZ-1", -3600)}),
+        "expired",
+    )
+    .await;
+    let mut anz = Client::connect(&url).await;
+    let ok = anz
+        .auth(json!({"appId":"app-id-343","userId":"ANZ-1","token": jwt(JWT_SECRET, "ANZ-1", 600)}))
+        .await;
+    assert_eq!(ok["data"]["isAuthenticated"], true, "{ok}");
+
+    // Garbage after authentication keeps the connection open.
+    let mut c = Client::login(&url, "demo-mallory").await;
+    c.send_text("{not json".into()).await;
+    expect_error(&mut c, "INVALID_JSON").await;
+    c.send(json!({"type":"TELEPORT","data":{},"reference":"t1"})).await;
+    assert_eq!(expect_error(&mut c, "UNKNOWN_TYPE").await["reference"], "t1");
+    c.send(json!({"type":"MESSAGE","data":{"content":"no recipient"},"reference":"m1"})).await;
+    assert_eq!(expect_error(&mut c, "INVALID_FRAME").await["reference"], "m1");
+    c.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":7}})).await;
+    expect_error(&mut c, "INVALID_FRAME").await;
+    c.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"x"},"feature":"SLOW"})).await;
+    expect_error(&mut c, "INVALID_FRAME").await;
+    c.message("ANZ-1", "cross-app", "RELIABLE", "x1").await;
+    expect_error(&mut c, "INVALID_RECIPIENT").await;
+    c.message("demo-nobody", &"y".repeat(3000), "RELIABLE", "big").await;
+    expect_error(&mut c, "PAYLOAD_TOO_LARGE").await;
+    c.send_text(format!("{{\"type\":\"MESSAGE\",\"data\":{{\"to\":\"demo-bob\",\"content\":\"{}\"}}}}", "z".repeat(5000)))
+        .await;
+    expect_error(&mut c, "PAYLOAD_TOO_LARGE").await;
+    c.send(json!({"type":"GROUP_MESSAGE","data":{"to":[],"content":"x"}})).await;
+    expect_error(&mut c, "INVALID_FRAME").await;
+    // Still usable.
+    c.message("demo-nobody", "still here", "FAST", "").await;
+
+    // A frame far beyond the limit closes the socket with 1009.
+    let mut huge = Client::login(&url, "demo-huge").await;
+    huge.send_text("x".repeat(4096 * 5)).await;
+    assert_eq!(close_code(&huge.closed().await), Some(1009));
+
+    // A flood past the rate limit: RATE_LIMITED, then the socket is closed.
+    let mut flood = Client::login(&url, "demo-flood").await;
+    for i in 0..600 {
+        flood
+            .send(json!({"type":"MESSAGE","data":{"to":"demo-sink","content":"f"},"feature":"FAST","reference":format!("f{i}")}))
+            .await;
+    }
+    let mut limited = 0;
+    let closed = loop {
+        match flood.try_recv(support::WAIT).await {
+            Some(f) if f["type"] == "ERROR" => {
+                assert_eq!(f["data"]["code"], "RATE_LIMITED", "{f}");
+                limited += 1;
+            }
+            Some(_) => {}
+            None => break true,
+        }
+    };
+    assert!(closed);
+    assert!(limited > 100, "got {limited} RATE_LIMITED errors");
+
+    assert_eq!(background.await.expect("background pair"), 100);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_connection_is_closed_at_the_auth_timeout() {
+    let node = TestNode::start_with(|c| c.limits.auth_timeout_secs = 1, Default::default()).await;
+    let mut c = Client::connect(&node.url()).await;
+    let closed = c.closed().await;
+    assert_eq!(close_code(&closed), Some(1008), "{closed:?}");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_consumer_is_disconnected_and_others_are_not_held_up() {
+    let node = TestNode::start_with(|c| c.limits.send_queue_frames = 8, Default::default()).await;
+    let url = node.url();
+    let mut slow = Client::login(&url, "demo-slow").await;
+    let mut ann = Client::login(&url, "demo-ann").await;
+    let mut bob = Client::login(&url, "demo-bob").await;
+    let payload = "p".repeat(8000);
+    // Enough to fill the socket buffers and then the send queue.
+    for _ in 0..150 {
+        ann.message("demo-slow", &payload, "FAST", "").await;
+    }
+    ann.message("demo-bob", "after the flood", "FAST", "").await;
+    assert_eq!(bob.recv_type("MESSAGE").await["data"]["content"], "after the flood");
+    // The slow reader finally reads: some frames, then the end of the socket.
+    let mut frames = 0;
+    let end = loop {
+        match slow.try_recv(support::WAIT).await {
+            Some(_) => frames += 1,
+            None => break slow.closed().await,
+        }
+    };
+    assert!(frames < 150, "a slow consumer must not get everything queued ({frames})");
+    if let Closed::Frame(Some(f)) = &end {
+        assert_eq!(u16::from(f.code), 1008);
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1001() {
+    let node = TestNode::start().await;
+    let mut c = Client::login(&node.url(), "demo-ann").await;
+    let stopping = tokio::spawn(node.shutdown());
+    let closed = c.closed().await;
+    assert_eq!(close_code(&closed), Some(1001), "{closed:?}");
+    stopping.await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn fetched_messages_have_distinct_ids() {
+    let node = TestNode::start().await;
+    let url = node.url();
+    let mut ann = Client::login_with(&url, "demo-ann", true).await;
+    for i in 0..10 {
+        ann.send_accepted("demo-bob", &format!("{i}"), &format!("r{i}")).await;
+    }
+    let mut bob = Client::login(&url, "demo-bob").await;
+    let (frames, _) = bob.fetch_all(3).await;
+    let all = ids(&frames);
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 10);
+    assert_eq!(unique.len(), 10);
+    node.shutdown().await;
+}

@@ -72,7 +72,12 @@ where
         fetch_cursor: 0,
     };
     conn.read_loop(stream).await;
-    shared.close(CloseReason::Client);
+    // The reader stopped on its own (client closed, socket failed): nothing
+    // more to send. When it stopped because of a close request, the writer
+    // sends that close frame.
+    if !shared.cancel.is_cancelled() {
+        shared.close(CloseReason::Client);
+    }
     let _ = writer.await;
     conn.handle.tx = mpsc::channel(1).0;
 

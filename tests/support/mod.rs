@@ -1,0 +1,336 @@
+//! The test sandbox: Switchboard nodes (in-process or as real processes) on
+//! ephemeral ports, and a WebSocket client speaking protocol v1.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchboard::{Listeners, RemoteRoles};
+use switchboard_config::Config;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A node running in this test process.
+pub struct TestNode {
+    pub client_addr: SocketAddr,
+    pub mesh_addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestNode {
+    pub async fn start() -> TestNode {
+        Self::start_with(|_| {}, RemoteRoles::default()).await
+    }
+
+    pub async fn start_with(edit: impl FnOnce(&mut Config), remote: RemoteRoles) -> TestNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.data_dir = dir.path().to_path_buf();
+        config.client_addr = "127.0.0.1:0".parse().expect("addr");
+        config.mesh_addr = "127.0.0.1:0".parse().expect("addr");
+        edit(&mut config);
+        let listeners = Listeners::bind(&config).await.expect("bind");
+        let client_addr = listeners.client_addr().expect("addr");
+        let mesh_addr = listeners.mesh_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(switchboard::serve(config, listeners, remote, async move {
+            token.cancelled().await
+        }));
+        TestNode {
+            client_addr,
+            mesh_addr,
+            stop,
+            task: Some(task),
+            _dir: Some(dir),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.client_addr)
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("node stops in time")
+                .expect("node task")
+                .expect("node ran cleanly");
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The real `switchboard` binary as a child process.
+pub struct ProcessNode {
+    pub child: Child,
+    pub client_addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl ProcessNode {
+    pub async fn start(data_dir: &Path) -> ProcessNode {
+        let client_port = free_port();
+        let mesh_port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args([
+                "run",
+                "--client-addr",
+                &format!("127.0.0.1:{client_port}"),
+                "--mesh-addr",
+                &format!("127.0.0.1:{mesh_port}"),
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn switchboard");
+        let node = ProcessNode {
+            child,
+            client_addr: format!("127.0.0.1:{client_port}").parse().expect("addr"),
+            data_dir: data_dir.to_owned(),
+        };
+        node.wait_ready().await;
+        node
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            if TcpStream::connect(self.client_addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("switchboard did not listen on {}", self.client_addr);
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.client_addr)
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A protocol v1 client.
+pub struct Client {
+    ws: Ws,
+    pub user: String,
+}
+
+/// What the server did with the connection.
+#[derive(Debug)]
+pub enum Closed {
+    Frame(Option<CloseFrame>),
+    Eof,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connect");
+        Client {
+            ws,
+            user: String::new(),
+        }
+    }
+
+    /// Connects and authenticates as `user` of the demo app.
+    pub async fn login(url: &str, user: &str) -> Client {
+        Self::login_with(url, user, false).await
+    }
+
+    pub async fn login_with(url: &str, user: &str, acks: bool) -> Client {
+        let mut c = Self::connect(url).await;
+        let reply = c
+            .auth(json!({"appId": "demo", "userId": user, "token": "", "acks": acks}))
+            .await;
+        assert_eq!(reply["data"]["isAuthenticated"], true, "{reply}");
+        c.user = user.to_owned();
+        c
+    }
+
+    pub async fn auth(&mut self, data: Value) -> Value {
+        self.send(json!({"type": "AUTH_CLIENT", "data": data})).await;
+        self.recv_type("AUTH_CLIENT_REPLY").await
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send frame");
+    }
+
+    pub async fn message(&mut self, to: &str, content: &str, feature: &str, reference: &str) {
+        self.send(json!({
+            "type": "MESSAGE",
+            "data": {"to": to, "content": content},
+            "feature": feature,
+            "reference": reference,
+        }))
+        .await;
+    }
+
+    /// Sends a RELIABLE message from an ack-mode connection and waits until
+    /// the server has stored it (MESSAGE_ACCEPTED); returns the message id.
+    pub async fn send_accepted(&mut self, to: &str, content: &str, reference: &str) -> String {
+        self.message(to, content, "RELIABLE", reference).await;
+        loop {
+            let f = self.recv_type("MESSAGE_ACCEPTED").await;
+            if f["data"]["reference"] == reference {
+                return f["data"]["id"].as_str().expect("id").to_owned();
+            }
+        }
+    }
+
+    /// The next JSON frame, or `None` on close/timeout.
+    pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
+            match next.ok()? {
+                Message::Text(t) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("server sent JSON"));
+                }
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("{}: no frame within {WAIT:?}", self.user))
+    }
+
+    /// The next frame of `kind`, skipping others.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let f = self.recv().await;
+            if f["type"] == kind {
+                return f;
+            }
+        }
+    }
+
+    /// Asserts that no frame arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Some(f) = self.try_recv(wait).await {
+            panic!("{}: unexpected frame {f}", self.user);
+        }
+    }
+
+    /// Reads until the server closes; returns the close frame.
+    pub async fn closed(&mut self) -> Closed {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("{}: connection not closed within {WAIT:?}", self.user),
+                Ok(None) | Ok(Some(Err(_))) => return Closed::Eof,
+                Ok(Some(Ok(Message::Close(frame)))) => return Closed::Frame(frame),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Fetches everything stored, page by page; returns the frames (MESSAGE,
+    /// MESSAGE_CONFIRMATION, ...) and the leftMissingCount of each page.
+    pub async fn fetch_all(&mut self, page: u32) -> (Vec<Value>, Vec<u64>) {
+        let mut messages = Vec::new();
+        let mut lefts = Vec::new();
+        loop {
+            self.send(json!({"type": "FETCH_MISSING_MESSAGES_REQUEST", "data": {"count": page}}))
+                .await;
+            loop {
+                let f = self.recv().await;
+                match f["type"].as_str() {
+                    Some("FETCH_MISSING_MESSAGES_COMPLETE") => {
+                        let left = f["data"]["leftMissingCount"].as_u64().expect("count");
+                        lefts.push(left);
+                        break;
+                    }
+                    _ => messages.push(f),
+                }
+            }
+            if lefts.last() == Some(&0) {
+                return (messages, lefts);
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Drain until the server acknowledges the close.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+pub fn close_code(closed: &Closed) -> Option<u16> {
+    match closed {
+        Closed::Frame(Some(f)) => Some(u16::from(f.code)),
+        _ => None,
+    }
+}
