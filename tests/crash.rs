@@ -1,0 +1,84 @@
+//! Crash safety of the real binary: kill -9 and restart on the same data dir.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashSet;
+
+use support::{Client, ProcessNode, close_code};
+
+#[tokio::test]
+async fn accepted_messages_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The sends below are pipelined, faster than the default rate limit.
+    const FAST_CLIENTS: &[(&str, &str)] = &[("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "100000")];
+    let mut node = ProcessNode::start_with_env(dir.path(), FAST_CLIENTS).await;
+
+    // Pipeline the sends, then count the acceptances.
+    const N: usize = 1000;
+    let sender = tokio::spawn({
+        let url = node.url();
+        async move {
+            let mut pipe = Client::login_with(&url, "demo-ann", true).await;
+            for i in 0..N {
+                pipe.message("demo-bob", &format!("crash-{i}"), "RELIABLE", &format!("c{i}"))
+                    .await;
+            }
+            let mut accepted = HashSet::new();
+            while accepted.len() < N {
+                let f = pipe.recv_type("MESSAGE_ACCEPTED").await;
+                accepted.insert(f["data"]["id"].as_str().expect("id").to_owned());
+            }
+            accepted
+        }
+    });
+    let accepted = sender.await.expect("sender");
+    assert_eq!(accepted.len(), N);
+    // Right after the last acceptance: no graceful anything.
+    node.kill9();
+
+    let node = ProcessNode::start(dir.path()).await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let (frames, lefts) = bob.fetch_all(300).await;
+    assert_eq!(lefts.last(), Some(&0));
+    let fetched: HashSet<String> = frames
+        .iter()
+        .map(|f| f["data"]["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(fetched.len(), N, "every accepted message is fetched after the crash");
+    assert_eq!(fetched, accepted);
+    // In order of sending.
+    let contents: Vec<String> = frames
+        .iter()
+        .map(|f| f["data"]["content"].as_str().expect("content").to_owned())
+        .collect();
+    let expected: Vec<String> = (0..N).map(|i| format!("crash-{i}")).collect();
+    assert_eq!(contents, expected);
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = ProcessNode::start(dir.path()).await;
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    ann.send_accepted("demo-bob", "before stop", "s1").await;
+    let pid = node.child.id();
+    let status = tokio::task::spawn_blocking(move || {
+        let s = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        s.map(|s| s.success())
+    });
+    let closed = ann.closed().await;
+    assert_eq!(close_code(&closed), Some(1001), "{closed:?}");
+    assert!(status.await.expect("kill").expect("kill ran"));
+    let exit = node.child.wait().expect("wait");
+    assert!(exit.success(), "switchboard exited with {exit}");
+
+    // The message stored before the stop is still there.
+    let node = ProcessNode::start(dir.path()).await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let (frames, _) = bob.fetch_all(10).await;
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0]["data"]["content"], "before stop");
+}

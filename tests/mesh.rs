@@ -1,0 +1,71 @@
+//! Roles across a real gRPC connection: a node whose gateway reaches the auth
+//! and router roles of another node over the mesh port.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{Client, TestNode};
+use switchboard::RemoteRoles;
+use switchboard_mesh::{AuthClient, ErrorCode, RouterClient, pb};
+
+async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to the mesh port")
+}
+
+#[tokio::test]
+async fn gateway_uses_auth_and_router_of_another_process_over_grpc() {
+    let core = TestNode::start().await;
+    let ch = channel(core.mesh_addr).await;
+    let edge = TestNode::start_with(
+        |_| {},
+        RemoteRoles {
+            auth: Some(AuthClient::from_channel(ch.clone())),
+            router: Some(RouterClient::from_channel(ch)),
+        },
+    )
+    .await;
+
+    // bob is connected to the core node; ann to the edge node, whose router
+    // is the core's: the message crosses the mesh.
+    let mut bob = Client::login(&core.url(), "demo-bob").await;
+    let mut ann = Client::login_with(&edge.url(), "demo-ann", true).await;
+    ann.send_accepted("demo-bob", "over grpc", "g1").await;
+    let m = bob.recv_type("MESSAGE").await;
+    assert_eq!(m["data"]["content"], "over grpc");
+    assert_eq!(m["data"]["from"], "demo-ann");
+
+    // Auth refusals travel back as a reply, not an error.
+    let mut eve = Client::connect(&edge.url()).await;
+    let reply = eve
+        .auth(serde_json::json!({"appId": "nope", "userId": "demo-1", "token": ""}))
+        .await;
+    assert_eq!(reply["data"]["isAuthenticated"], false);
+
+    // Errors keep their protocol code across gRPC.
+    let router = RouterClient::from_channel(channel(core.mesh_addr).await);
+    let err = router
+        .route(pb::RouteRequest {
+            envelope: Some(pb::Envelope {
+                app_id: "demo".into(),
+                from: "demo-ann".into(),
+                kind: pb::MessageKind::Group.into(),
+                group: "g-unknown".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("unknown group");
+    assert_eq!(err.code, ErrorCode::InvalidRecipient);
+    let err = router
+        .route(pb::RouteRequest { envelope: None })
+        .await
+        .expect_err("no envelope");
+    assert_eq!(err.code, ErrorCode::InvalidFrame);
+
+    edge.shutdown().await;
+    core.shutdown().await;
+}

@@ -98,6 +98,11 @@ pub struct ProcessNode {
 
 impl ProcessNode {
     pub async fn start(data_dir: &Path) -> ProcessNode {
+        Self::start_with_env(data_dir, &[]).await
+    }
+
+    /// Starts the binary with extra `SWITCHBOARD_*` settings.
+    pub async fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> ProcessNode {
         let client_port = free_port();
         let mesh_port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
@@ -111,6 +116,7 @@ impl ProcessNode {
             ])
             .arg(data_dir)
             .env("SWITCHBOARD_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
