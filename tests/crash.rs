@@ -21,8 +21,13 @@ async fn accepted_messages_survive_kill_9() {
         async move {
             let mut pipe = Client::login_with(&url, "demo-ann", true).await;
             for i in 0..N {
-                pipe.message("demo-bob", &format!("crash-{i}"), "RELIABLE", &format!("c{i}"))
-                    .await;
+                pipe.message(
+                    "demo-bob",
+                    &format!("crash-{i}"),
+                    "RELIABLE",
+                    &format!("c{i}"),
+                )
+                .await;
             }
             let mut accepted = HashSet::new();
             while accepted.len() < N {
@@ -45,7 +50,11 @@ async fn accepted_messages_survive_kill_9() {
         .iter()
         .map(|f| f["data"]["id"].as_str().expect("id").to_owned())
         .collect();
-    assert_eq!(fetched.len(), N, "every accepted message is fetched after the crash");
+    assert_eq!(
+        fetched.len(),
+        N,
+        "every accepted message is fetched after the crash"
+    );
     assert_eq!(fetched, accepted);
     // In order of sending.
     let contents: Vec<String> = frames

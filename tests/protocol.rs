@@ -27,7 +27,8 @@ async fn two_users_exchange_fast_and_reliable_messages() {
     let mut ann = Client::login(&url, "demo-ann").await;
     let mut bob = Client::login(&url, "demo-bob").await;
 
-    ann.message("demo-bob", "hello reliable", "RELIABLE", "r1").await;
+    ann.message("demo-bob", "hello reliable", "RELIABLE", "r1")
+        .await;
     let m = bob.recv_type("MESSAGE").await;
     assert_eq!(m["data"]["from"], "demo-ann");
     assert_eq!(m["data"]["content"], "hello reliable");
@@ -44,14 +45,22 @@ async fn two_users_exchange_fast_and_reliable_messages() {
     assert_eq!(m["data"]["content"], "hello fast");
     assert_eq!(m["data"]["from"], "demo-bob");
     assert_eq!(m["reference"], "r2");
-    assert!(m["data"].get("seq").is_none(), "FAST messages carry no seq: {m}");
+    assert!(
+        m["data"].get("seq").is_none(),
+        "FAST messages carry no seq: {m}"
+    );
 
     // Default feature is RELIABLE.
-    ann.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"default"},"reference":"r3"}))
-        .await;
+    ann.send(
+        json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"default"},"reference":"r3"}),
+    )
+    .await;
     let m = bob.recv_type("MESSAGE").await;
     assert!(m["data"]["seq"].as_u64().is_some());
-    assert_eq!(ann.recv_type("MESSAGE_CONFIRMATION").await["data"]["reference"], "r3");
+    assert_eq!(
+        ann.recv_type("MESSAGE_CONFIRMATION").await["data"]["reference"],
+        "r3"
+    );
     node.shutdown().await;
 }
 
@@ -152,7 +161,12 @@ async fn every_connection_of_a_user_gets_every_message() {
 
     for i in 0..3 {
         ann_sender
-            .message("demo-bob", &format!("to all {i}"), "RELIABLE", &format!("r{i}"))
+            .message(
+                "demo-bob",
+                &format!("to all {i}"),
+                "RELIABLE",
+                &format!("r{i}"),
+            )
             .await;
     }
     for bob in &mut bobs {
@@ -175,7 +189,10 @@ async fn every_connection_of_a_user_gets_every_message() {
             confirmations += 1;
         }
     }
-    assert_eq!(confirmations, 3, "one confirmation per message, not per connection");
+    assert_eq!(
+        confirmations, 3,
+        "one confirmation per message, not per connection"
+    );
     node.shutdown().await;
 }
 
@@ -195,7 +212,10 @@ async fn ad_hoc_group_message_reaches_every_listed_user() {
         assert_eq!(m["data"]["from"], "demo-ann");
     }
     let sent = ann2.recv_type("MESSAGE_SENT").await;
-    assert_eq!(sent["data"]["to"], json!(["demo-bob", "demo-cat", "demo-dan"]));
+    assert_eq!(
+        sent["data"]["to"],
+        json!(["demo-bob", "demo-cat", "demo-dan"])
+    );
     // dan was offline: his copy is stored.
     let mut dan = Client::login(&url, "demo-dan").await;
     let (frames, _) = dan.fetch_all(10).await;
@@ -217,7 +237,10 @@ async fn ack_mode_redelivers_until_acknowledged() {
     let accepted = ann.recv_type("MESSAGE_ACCEPTED").await;
     assert_eq!(accepted["data"]["reference"], "a1");
     ann.message("demo-bob", "two", "RELIABLE", "a2").await;
-    assert_eq!(ann.recv_type("MESSAGE_ACCEPTED").await["data"]["reference"], "a2");
+    assert_eq!(
+        ann.recv_type("MESSAGE_ACCEPTED").await["data"]["reference"],
+        "a2"
+    );
 
     let one = bob.recv_type("MESSAGE").await;
     let two = bob.recv_type("MESSAGE").await;
@@ -226,11 +249,13 @@ async fn ack_mode_redelivers_until_acknowledged() {
     // Written but not acknowledged: not delivered, no confirmation.
     ann.expect_silence(QUIET).await;
 
-    bob.send(json!({"type":"ACK","data":{"ids":[one["data"]["id"]]}})).await;
+    bob.send(json!({"type":"ACK","data":{"ids":[one["data"]["id"]]}}))
+        .await;
     let c = ann.recv_type("MESSAGE_CONFIRMATION").await;
     assert_eq!(c["data"]["reference"], "a1");
     // ann acknowledges its confirmation too.
-    ann.send(json!({"type":"ACK","data":{"ids":[c["data"]["id"]]}})).await;
+    ann.send(json!({"type":"ACK","data":{"ids":[c["data"]["id"]]}}))
+        .await;
     bob.close().await;
 
     let mut bob = Client::login_with(&url, "demo-bob", true).await;
@@ -238,8 +263,12 @@ async fn ack_mode_redelivers_until_acknowledged() {
     assert_eq!(again["data"]["content"], "two");
     assert_eq!(again["data"]["id"], two["data"]["id"]);
     bob.expect_silence(QUIET).await;
-    bob.send(json!({"type":"ACK","data":{"ids":[two["data"]["id"]]}})).await;
-    assert_eq!(ann.recv_type("MESSAGE_CONFIRMATION").await["data"]["reference"], "a2");
+    bob.send(json!({"type":"ACK","data":{"ids":[two["data"]["id"]]}}))
+        .await;
+    assert_eq!(
+        ann.recv_type("MESSAGE_CONFIRMATION").await["data"]["reference"],
+        "a2"
+    );
     bob.close().await;
 
     let mut bob = Client::login_with(&url, "demo-bob", true).await;
@@ -368,7 +397,8 @@ async fn bad_input_gets_clear_errors_while_others_keep_talking() {
         let mut bob = Client::login(&pair_url, "demo-bob").await;
         let mut got = 0;
         for i in 0..100 {
-            ann.message("demo-bob", &format!("bg{i}"), "RELIABLE", "").await;
+            ann.message("demo-bob", &format!("bg{i}"), "RELIABLE", "")
+                .await;
             let m = bob.recv_type("MESSAGE").await;
             assert_eq!(m["data"]["content"], format!("bg{i}"));
             got += 1;
@@ -384,8 +414,18 @@ async fn bad_input_gets_clear_errors_while_others_keep_talking() {
     assert_eq!(e["reference"], "early");
 
     // Authentication failures: reply with a reason, then close 1008.
-    expect_auth_refused(&url, json!({"appId":"demo","userId":"other-1","token":""}), "demo-<id>").await;
-    expect_auth_refused(&url, json!({"appId":"nope","userId":"demo-1","token":""}), "appId").await;
+    expect_auth_refused(
+        &url,
+        json!({"appId":"demo","userId":"other-1","token":""}),
+        "demo-<id>",
+    )
+    .await;
+    expect_auth_refused(
+        &url,
+        json!({"appId":"nope","userId":"demo-1","token":""}),
+        "appId",
+    )
+    .await;
     expect_auth_refused(
         &url,
         json!({"appId":"app-id-343","userId":"ANZ-1","token": jwt("wrong", "ANZ-1", 600)}),
@@ -408,22 +448,37 @@ async fn bad_input_gets_clear_errors_while_others_keep_talking() {
     let mut c = Client::login(&url, "demo-mallory").await;
     c.send_text("{not json".into()).await;
     expect_error(&mut c, "INVALID_JSON").await;
-    c.send(json!({"type":"TELEPORT","data":{},"reference":"t1"})).await;
-    assert_eq!(expect_error(&mut c, "UNKNOWN_TYPE").await["reference"], "t1");
-    c.send(json!({"type":"MESSAGE","data":{"content":"no recipient"},"reference":"m1"})).await;
-    assert_eq!(expect_error(&mut c, "INVALID_FRAME").await["reference"], "m1");
-    c.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":7}})).await;
+    c.send(json!({"type":"TELEPORT","data":{},"reference":"t1"}))
+        .await;
+    assert_eq!(
+        expect_error(&mut c, "UNKNOWN_TYPE").await["reference"],
+        "t1"
+    );
+    c.send(json!({"type":"MESSAGE","data":{"content":"no recipient"},"reference":"m1"}))
+        .await;
+    assert_eq!(
+        expect_error(&mut c, "INVALID_FRAME").await["reference"],
+        "m1"
+    );
+    c.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":7}}))
+        .await;
     expect_error(&mut c, "INVALID_FRAME").await;
-    c.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"x"},"feature":"SLOW"})).await;
+    c.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"x"},"feature":"SLOW"}))
+        .await;
     expect_error(&mut c, "INVALID_FRAME").await;
     c.message("ANZ-1", "cross-app", "RELIABLE", "x1").await;
     expect_error(&mut c, "INVALID_RECIPIENT").await;
-    c.message("demo-nobody", &"y".repeat(3000), "RELIABLE", "big").await;
-    expect_error(&mut c, "PAYLOAD_TOO_LARGE").await;
-    c.send_text(format!("{{\"type\":\"MESSAGE\",\"data\":{{\"to\":\"demo-bob\",\"content\":\"{}\"}}}}", "z".repeat(5000)))
+    c.message("demo-nobody", &"y".repeat(3000), "RELIABLE", "big")
         .await;
     expect_error(&mut c, "PAYLOAD_TOO_LARGE").await;
-    c.send(json!({"type":"GROUP_MESSAGE","data":{"to":[],"content":"x"}})).await;
+    c.send_text(format!(
+        "{{\"type\":\"MESSAGE\",\"data\":{{\"to\":\"demo-bob\",\"content\":\"{}\"}}}}",
+        "z".repeat(5000)
+    ))
+    .await;
+    expect_error(&mut c, "PAYLOAD_TOO_LARGE").await;
+    c.send(json!({"type":"GROUP_MESSAGE","data":{"to":[],"content":"x"}}))
+        .await;
     expect_error(&mut c, "INVALID_FRAME").await;
     // Still usable.
     c.message("demo-nobody", "still here", "FAST", "").await;
@@ -480,7 +535,10 @@ async fn slow_consumer_is_disconnected_and_others_are_not_held_up() {
         ann.message("demo-slow", &payload, "FAST", "").await;
     }
     ann.message("demo-bob", "after the flood", "FAST", "").await;
-    assert_eq!(bob.recv_type("MESSAGE").await["data"]["content"], "after the flood");
+    assert_eq!(
+        bob.recv_type("MESSAGE").await["data"]["content"],
+        "after the flood"
+    );
     // The slow reader finally reads: some frames, then the end of the socket.
     let mut frames = 0;
     let end = loop {
@@ -489,7 +547,10 @@ async fn slow_consumer_is_disconnected_and_others_are_not_held_up() {
             None => break slow.closed().await,
         }
     };
-    assert!(frames < 150, "a slow consumer must not get everything queued ({frames})");
+    assert!(
+        frames < 150,
+        "a slow consumer must not get everything queued ({frames})"
+    );
     if let Closed::Frame(Some(f)) = &end {
         assert_eq!(u16::from(f.code), 1008);
     }
@@ -512,7 +573,8 @@ async fn fetched_messages_have_distinct_ids() {
     let url = node.url();
     let mut ann = Client::login_with(&url, "demo-ann", true).await;
     for i in 0..10 {
-        ann.send_accepted("demo-bob", &format!("{i}"), &format!("r{i}")).await;
+        ann.send_accepted("demo-bob", &format!("{i}"), &format!("r{i}"))
+            .await;
     }
     let mut bob = Client::login(&url, "demo-bob").await;
     let (frames, _) = bob.fetch_all(3).await;

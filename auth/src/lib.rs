@@ -79,13 +79,19 @@ impl AuthRole {
     }
 
     fn check_jwt(app: &RegisteredApp, user_id: &str, token: &str) -> Result<(), String> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| format!("invalid token: {e}"))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| format!("invalid token: {e}"))?;
         let key = match header.alg {
             Algorithm::HS256 => app.hs256.as_ref(),
             Algorithm::RS256 => app.rs256.as_ref(),
             _ => None,
         }
-        .ok_or_else(|| format!("token algorithm {:?} is not accepted for this app", header.alg))?;
+        .ok_or_else(|| {
+            format!(
+                "token algorithm {:?} is not accepted for this app",
+                header.alg
+            )
+        })?;
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.sub = Some(user_id.to_owned());
@@ -133,11 +139,11 @@ impl switchboard_mesh::Auth for AuthRole {
                 app.config.name
             )));
         }
-        if app.config.auth == AuthMode::Jwt {
-            if let Err(reason) = Self::check_jwt(app, &req.user_id, &req.token) {
-                tracing::debug!(app = %app.config.name, %reason, "client token refused");
-                return Ok(refuse(reason));
-            }
+        if app.config.auth == AuthMode::Jwt
+            && let Err(reason) = Self::check_jwt(app, &req.user_id, &req.token)
+        {
+            tracing::debug!(app = %app.config.name, %reason, "client token refused");
+            return Ok(refuse(reason));
         }
         Ok(pb::VerifyClientReply {
             authenticated: true,
@@ -228,13 +234,25 @@ mod tests {
         let good = token("s3cret", "ANZ-1", now() + 600);
         assert!(verify(&role, "app-1", "ANZ-1", &good).await.authenticated);
         let r = verify(&role, "app-1", "ANZ-2", &good).await;
-        assert!(!r.authenticated && r.reason.contains("subject"), "{}", r.reason);
+        assert!(
+            !r.authenticated && r.reason.contains("subject"),
+            "{}",
+            r.reason
+        );
         let forged = token("other", "ANZ-1", now() + 600);
         let r = verify(&role, "app-1", "ANZ-1", &forged).await;
-        assert!(!r.authenticated && r.reason.contains("signature"), "{}", r.reason);
+        assert!(
+            !r.authenticated && r.reason.contains("signature"),
+            "{}",
+            r.reason
+        );
         let expired = token("s3cret", "ANZ-1", now() - 3600);
         let r = verify(&role, "app-1", "ANZ-1", &expired).await;
-        assert!(!r.authenticated && r.reason.contains("expired"), "{}", r.reason);
+        assert!(
+            !r.authenticated && r.reason.contains("expired"),
+            "{}",
+            r.reason
+        );
     }
 
     #[tokio::test]

@@ -331,11 +331,10 @@ impl Connection {
             if frame.kind == "AUTH_CLIENT" {
                 self.on_auth(frame).await
             } else {
-                Err(FrameError::new(
-                    ErrorCode::NotAuthenticated,
-                    "send AUTH_CLIENT first",
+                Err(
+                    FrameError::new(ErrorCode::NotAuthenticated, "send AUTH_CLIENT first")
+                        .with_reference(frame.reference),
                 )
-                .with_reference(frame.reference))
             }
         } else {
             self.on_authenticated(frame).await
@@ -365,11 +364,10 @@ impl Connection {
             "GROUP_MESSAGE" => self.on_group_message(frame).await,
             "FETCH_MISSING_MESSAGES_REQUEST" => self.on_fetch(frame).await,
             "ACK" => self.on_ack(frame).await,
-            "AUTH_CLIENT" => Err(FrameError::new(
-                ErrorCode::InvalidFrame,
-                "already authenticated",
-            )
-            .with_reference(frame.reference)),
+            "AUTH_CLIENT" => Err(
+                FrameError::new(ErrorCode::InvalidFrame, "already authenticated")
+                    .with_reference(frame.reference),
+            ),
             other => Err(FrameError::new(
                 ErrorCode::UnknownType,
                 format!("unknown frame type {other:?}"),
@@ -486,7 +484,12 @@ impl Connection {
             .ok_or_else(|| FrameError::new(ErrorCode::NotAuthenticated, "send AUTH_CLIENT first"))
     }
 
-    fn check_recipient(&self, id: &Identity, to: &str, frame: &ClientFrame) -> Result<(), FrameError> {
+    fn check_recipient(
+        &self,
+        id: &Identity,
+        to: &str,
+        frame: &ClientFrame,
+    ) -> Result<(), FrameError> {
         let ok = to
             .strip_prefix(id.app_name.as_str())
             .and_then(|rest| rest.strip_prefix('-'))

@@ -356,7 +356,11 @@ struct AcceptedData<'a> {
 }
 
 pub fn accepted(reference: Option<&str>, id: &str) -> String {
-    render("MESSAGE_ACCEPTED", AcceptedData { reference, id }, reference)
+    render(
+        "MESSAGE_ACCEPTED",
+        AcceptedData { reference, id },
+        reference,
+    )
 }
 
 #[derive(Serialize)]
@@ -394,10 +398,19 @@ mod tests {
 
     #[test]
     fn parse_errors_have_codes() {
-        assert_eq!(parse("{nope").expect_err("bad").code, ErrorCode::InvalidJson);
+        assert_eq!(
+            parse("{nope").expect_err("bad").code,
+            ErrorCode::InvalidJson
+        );
         assert_eq!(parse("[1]").expect_err("bad").code, ErrorCode::InvalidFrame);
-        assert_eq!(parse(r#"{"data":{}}"#).expect_err("bad").code, ErrorCode::InvalidFrame);
-        assert_eq!(parse(r#"{"type":"X","data":3}"#).expect_err("bad").code, ErrorCode::InvalidFrame);
+        assert_eq!(
+            parse(r#"{"data":{}}"#).expect_err("bad").code,
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            parse(r#"{"type":"X","data":3}"#).expect_err("bad").code,
+            ErrorCode::InvalidFrame
+        );
     }
 
     #[test]

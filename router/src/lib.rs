@@ -75,7 +75,9 @@ impl switchboard_mesh::Router for RouterRole {
             .envelope
             .ok_or_else(|| ServiceError::invalid("forward request without an envelope"))?;
         if envelope.hops.iter().any(|h| h == &self.domain) {
-            return Err(ServiceError::invalid("routing loop: envelope passed here before"));
+            return Err(ServiceError::invalid(
+                "routing loop: envelope passed here before",
+            ));
         }
         if envelope.hops.len() as u32 >= envelope.hop_limit.max(1) {
             return Err(ServiceError::invalid("hop limit reached"));

@@ -37,10 +37,12 @@ impl TestNode {
 
     pub async fn start_with(edit: impl FnOnce(&mut Config), remote: RemoteRoles) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::default();
-        config.data_dir = dir.path().to_path_buf();
-        config.client_addr = "127.0.0.1:0".parse().expect("addr");
-        config.mesh_addr = "127.0.0.1:0".parse().expect("addr");
+        let mut config = Config {
+            data_dir: dir.path().to_path_buf(),
+            client_addr: "127.0.0.1:0".parse().expect("addr"),
+            mesh_addr: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
         edit(&mut config);
         let listeners = Listeners::bind(&config).await.expect("bind");
         let client_addr = listeners.client_addr().expect("addr");
@@ -211,7 +213,8 @@ impl Client {
     }
 
     pub async fn auth(&mut self, data: Value) -> Value {
-        self.send(json!({"type": "AUTH_CLIENT", "data": data})).await;
+        self.send(json!({"type": "AUTH_CLIENT", "data": data}))
+            .await;
         self.recv_type("AUTH_CLIENT_REPLY").await
     }
 
@@ -252,7 +255,9 @@ impl Client {
     pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
             match next.ok()? {
                 Message::Text(t) => {
                     return Some(serde_json::from_str(t.as_str()).expect("server sent JSON"));

@@ -243,7 +243,9 @@ impl Config {
         let mut ids = std::collections::BTreeSet::new();
         for app in &self.apps {
             if app.name.is_empty() || app.app_id.is_empty() {
-                return Err(ConfigError::Invalid("every app needs a name and an app_id".into()));
+                return Err(ConfigError::Invalid(
+                    "every app needs a name and an app_id".into(),
+                ));
             }
             if !ids.insert(app.app_id.as_str()) {
                 return Err(ConfigError::Invalid(format!(
@@ -302,9 +304,15 @@ fn typed_like(default: &toml::Value, var: &str, raw: &str) -> Result<toml::Value
         expected,
     };
     Ok(match default {
-        toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|_| err("an integer"))?),
-        toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().map_err(|_| err("true or false"))?),
-        toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|_| err("a number"))?),
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(raw.trim().parse().map_err(|_| err("an integer"))?)
+        }
+        toml::Value::Boolean(_) => {
+            toml::Value::Boolean(raw.trim().parse().map_err(|_| err("true or false"))?)
+        }
+        toml::Value::Float(_) => {
+            toml::Value::Float(raw.trim().parse().map_err(|_| err("a number"))?)
+        }
         _ => toml::Value::String(raw.to_owned()),
     })
 }
@@ -353,7 +361,10 @@ mod tests {
             &env(&[("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "many")]),
         )
         .expect_err("must fail");
-        assert!(err.to_string().contains("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND"));
+        assert!(
+            err.to_string()
+                .contains("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND")
+        );
     }
 
     #[test]

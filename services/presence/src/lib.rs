@@ -151,12 +151,32 @@ mod tests {
         let mut gws = p.gateways("a", "a-1").await.expect("g");
         gws.sort();
         assert_eq!(gws, vec!["g1", "g2"]);
-        assert!(!p.disconnect("a", "a-1", "g1").await.expect("d").user_changed);
-        assert!(!p.disconnect("a", "a-1", "g2").await.expect("d").user_changed);
+        assert!(
+            !p.disconnect("a", "a-1", "g1")
+                .await
+                .expect("d")
+                .user_changed
+        );
+        assert!(
+            !p.disconnect("a", "a-1", "g2")
+                .await
+                .expect("d")
+                .user_changed
+        );
         assert_eq!(p.gateways("a", "a-1").await.expect("g"), vec!["g1"]);
-        assert!(p.disconnect("a", "a-1", "g1").await.expect("d").user_changed);
+        assert!(
+            p.disconnect("a", "a-1", "g1")
+                .await
+                .expect("d")
+                .user_changed
+        );
         assert!(p.gateways("a", "a-1").await.expect("g").is_empty());
         // A stray disconnect changes nothing.
-        assert!(!p.disconnect("a", "a-1", "g1").await.expect("d").user_changed);
+        assert!(
+            !p.disconnect("a", "a-1", "g1")
+                .await
+                .expect("d")
+                .user_changed
+        );
     }
 }

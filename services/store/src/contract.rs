@@ -56,10 +56,7 @@ pub async fn fetch_pages_oldest_first(store: &impl Store) {
 
 pub async fn inboxes_are_isolated(store: &impl Store) {
     store
-        .append(
-            "app",
-            vec![message("app-1", "x"), message("app-10", "y")],
-        )
+        .append("app", vec![message("app-1", "x"), message("app-10", "y")])
         .await
         .expect("append");
     store
@@ -111,7 +108,10 @@ pub async fn content_round_trips_exactly(store: &impl Store) {
     let mut msg = message("app-1", content);
     msg.reference = "ref-1".into();
     msg.group = "g".into();
-    store.append("app", vec![msg.clone()]).await.expect("append");
+    store
+        .append("app", vec![msg.clone()])
+        .await
+        .expect("append");
     let page = store.fetch(&inbox, 0, 1).await.expect("fetch");
     let got = &page.messages[0];
     assert_eq!(got.content, content);
@@ -127,10 +127,7 @@ pub async fn concurrent_appends_all_land(store: &impl Store) {
         tasks.push(store.append("app", vec![message("app-1", &format!("{i}"))]));
     }
     let results = futures_util::future::join_all(tasks).await;
-    let mut seqs: Vec<u64> = results
-        .into_iter()
-        .map(|r| r.expect("append")[0])
-        .collect();
+    let mut seqs: Vec<u64> = results.into_iter().map(|r| r.expect("append")[0]).collect();
     seqs.sort_unstable();
     seqs.dedup();
     assert_eq!(seqs.len(), 200);

@@ -191,7 +191,9 @@ fn commit_batch(db: &Database, batch: &mut Vec<WriteOp>) {
                         }
                         Ok(Outcome::Appended(seqs))
                     }
-                    WriteOp::Remove { inbox: key, seqs, .. } => {
+                    WriteOp::Remove {
+                        inbox: key, seqs, ..
+                    } => {
                         let mut removed = Vec::new();
                         for seq in seqs.iter() {
                             let old = inbox

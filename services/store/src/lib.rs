@@ -55,8 +55,11 @@ pub trait Store: Send + Sync + 'static {
     /// sequence list, in input order). Durable when it returns: a crash after
     /// this point does not lose the messages. Sequence numbers are never
     /// reused, also after the inbox was emptied.
-    async fn append(&self, app_id: &str, messages: Vec<InboxMessage>)
-    -> Result<Vec<u64>, StoreError>;
+    async fn append(
+        &self,
+        app_id: &str,
+        messages: Vec<InboxMessage>,
+    ) -> Result<Vec<u64>, StoreError>;
 
     /// Up to `limit` messages with `seq > after_seq`, oldest first, and how
     /// many more are stored after them.

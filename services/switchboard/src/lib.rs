@@ -106,7 +106,10 @@ pub async fn serve(
         delivery.clone(),
         groups.clone(),
     )));
-    let router = remote.router.clone().unwrap_or_else(|| local_router.clone());
+    let router = remote
+        .router
+        .clone()
+        .unwrap_or_else(|| local_router.clone());
     let gateway = GatewayRole::new(
         node_id.clone(),
         config.limits.clone(),
@@ -117,7 +120,10 @@ pub async fn serve(
             presence,
         },
     );
-    gateways.insert(node_id.clone(), GatewayClient::from_local(Arc::new(gateway.clone())));
+    gateways.insert(
+        node_id.clone(),
+        GatewayClient::from_local(Arc::new(gateway.clone())),
+    );
 
     let stop = CancellationToken::new();
     let mesh_stop = stop.clone();

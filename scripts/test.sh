@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Runs the whole Switchboard test suite on a fresh machine.
+#
+# Installs what is missing (Debian's etcd-server and redis-server, with
+# apt-get), starts etcd and Redis on free loopback ports with temporary data
+# dirs, passes their addresses to the tests (SWITCHBOARD_TEST_ETCD,
+# SWITCHBOARD_TEST_REDIS), runs `cargo test --workspace`, and stops what it
+# started by PID, also when the tests fail. Extra arguments go to cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[test.sh] %s\n' "$*" >&2; }
+
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if ((${#need[@]})); then
+  log "installing ${need[*]}"
+  sudo=""
+  [[ $(id -u) == 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# Debian's packages may start system services on the default ports; ours run
+# on their own ports and never touch those.
+
+tmp=$(mktemp -d -t switchboard-test.XXXXXX)
+pids=()
+
+stop_all() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 100); do
+      # kill -0 reports zombies as alive: look at the process state instead.
+      [[ -e /proc/$pid ]] || break
+      [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && break
+      sleep 0.05
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$tmp"
+}
+trap stop_all EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() { # port name
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  log "$2 did not start on port $1"; exit 1
+}
+
+etcd_port=$(free_port)
+etcd_peer_port=$(free_port)
+etcd --name test --data-dir "$tmp/etcd" \
+  --listen-client-urls "http://127.0.0.1:$etcd_port" \
+  --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+  --initial-cluster "test=http://127.0.0.1:$etcd_peer_port" \
+  --heartbeat-interval 10 --election-timeout 100 \
+  >"$tmp/etcd.log" 2>&1 &
+pids+=($!)
+
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+  --dir "$tmp" >"$tmp/redis.log" 2>&1 &
+pids+=($!)
+
+wait_port "$etcd_port" etcd
+wait_port "$redis_port" redis
+export SWITCHBOARD_TEST_ETCD="http://127.0.0.1:$etcd_port"
+export SWITCHBOARD_TEST_REDIS="redis://127.0.0.1:$redis_port"
+log "etcd at $SWITCHBOARD_TEST_ETCD, redis at $SWITCHBOARD_TEST_REDIS"
+
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+set +e
+cargo test --workspace --locked --all-targets "$@" 2>&1 | tee "$tmp/cargo-test.log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
+     END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$tmp/cargo-test.log"
+exit "$status"
