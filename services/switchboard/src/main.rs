@@ -28,6 +28,10 @@ enum Command {
     /// over the environment, which wins over the file. See
     /// deploy/switchboard.example.toml for every key.
     Run(RunArgs),
+    /// Load generator: N WebSocket connections sending to themselves or to a
+    /// partner at a fixed rate; reports latency percentiles, loss, duplicates
+    /// and throughput per rate step.
+    Bench(switchboard_bench::BenchArgs),
     /// Print the version.
     Version,
 }
@@ -56,6 +60,22 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Version => {
             println!("switchboard {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let json = args.json;
+            let report = runtime.block_on(switchboard_bench::run(args, !json))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for step in &report.steps {
+                    println!("{}", switchboard_bench::format_step(step));
+                }
+                if report.server_errors > 0 {
+                    println!("server sent {} ERROR frames", report.server_errors);
+                }
+            }
             Ok(())
         }
         Command::Run(args) => {
