@@ -102,6 +102,10 @@ pub struct BenchArgs {
     /// Connections opened at once while connecting.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// Open and authenticate the connections, then hold them idle for
+    /// --duration without sending (to measure memory per idle connection).
+    #[arg(long)]
+    pub idle: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -249,6 +253,21 @@ pub async fn run(args: BenchArgs, progress: bool) -> Result<BenchReport, BenchEr
     }
     let connect_seconds = connect_started.elapsed().as_secs_f64();
     sockets.sort_by_key(|(i, _, _)| *i);
+    if args.idle {
+        eprintln!(
+            "{} connections open and authenticated in {connect_seconds:.1} s; holding them idle for {:.0} s",
+            sockets.len(),
+            args.duration.as_secs_f64()
+        );
+        tokio::time::sleep(args.duration).await;
+        return Ok(BenchReport {
+            options: args,
+            open_files_limit: limit,
+            connect_seconds,
+            server_errors: 0,
+            steps: Vec::new(),
+        });
+    }
 
     let mut tasks = JoinSet::new();
     let mut conns = Vec::with_capacity(sockets.len());
