@@ -95,8 +95,23 @@ async fn reliable_to_offline_user_is_fetched_in_order_and_paged() {
 
     // The sender was offline when they were delivered: the confirmations
     // wait in its inbox.
+    // Delivery is reported asynchronously after the write, so the last
+    // confirmations may still be on their way: fetch until all are there.
     let mut ann = Client::login(&url, "demo-ann").await;
-    let (confirmations, _) = ann.fetch_all(100).await;
+    let mut confirmations = Vec::new();
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    loop {
+        let (frames, _) = ann.fetch_all(100).await;
+        confirmations.extend(frames);
+        let count = confirmations
+            .iter()
+            .filter(|f| f["type"] == "MESSAGE_CONFIRMATION")
+            .count();
+        if count >= 25 || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let refs: HashSet<&str> = confirmations
         .iter()
         .filter(|f| f["type"] == "MESSAGE_CONFIRMATION")
@@ -345,6 +360,7 @@ fn jwt_app() -> AppConfig {
         jwt_secret: Some(JWT_SECRET.into()),
         jwt_public_key_pem: None,
         jwt_public_key_file: None,
+        jwt_audience: None,
     }
 }
 

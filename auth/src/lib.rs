@@ -96,6 +96,10 @@ impl AuthRole {
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.sub = Some(user_id.to_owned());
         validation.leeway = 5;
+        match &app.config.jwt_audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
         jsonwebtoken::decode::<Claims>(token, key, &validation)
             .map(|_| ())
             .map_err(|e| match e.kind() {
@@ -180,6 +184,7 @@ mod tests {
             jwt_secret: Some("s3cret".into()),
             jwt_public_key_pem: None,
             jwt_public_key_file: None,
+            jwt_audience: None,
         }
     }
 
@@ -190,6 +195,37 @@ mod tests {
             &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
         )
         .expect("encode")
+    }
+
+    #[tokio::test]
+    async fn audience_is_checked_only_when_configured() {
+        let with_aud = |aud: &str| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": "ANZ-1", "exp": now() + 600, "aud": aud}),
+                &jsonwebtoken::EncodingKey::from_secret(b"s3cret"),
+            )
+            .expect("encode")
+        };
+        let role = AuthRole::new(vec![jwt_app()]).expect("role");
+        assert!(
+            verify(&role, "app-1", "ANZ-1", &with_aud("anything"))
+                .await
+                .authenticated
+        );
+        let mut app = jwt_app();
+        app.jwt_audience = Some("switchboard".into());
+        let role = AuthRole::new(vec![app]).expect("role");
+        assert!(
+            verify(&role, "app-1", "ANZ-1", &with_aud("switchboard"))
+                .await
+                .authenticated
+        );
+        assert!(
+            !verify(&role, "app-1", "ANZ-1", &with_aud("other"))
+                .await
+                .authenticated
+        );
     }
 
     const RS_PRIVATE: &str = include_str!("../tests/fixtures/test-rs256.key.pem");

@@ -52,6 +52,24 @@ fn inbox_message(envelope: &pb::Envelope, to: &str) -> pb::InboxMessage {
     }
 }
 
+/// The sender confirmation of a delivered message: RELIABLE, for direct
+/// messages that carry a reference. Its id is the original message's id.
+fn confirmation_of(msg: &pb::InboxMessage) -> Option<pb::InboxMessage> {
+    if msg.kind() != pb::MessageKind::Direct || msg.reference.is_empty() {
+        return None;
+    }
+    Some(pb::InboxMessage {
+        id: msg.id.clone(),
+        kind: pb::MessageKind::Confirmation.into(),
+        from: msg.to.clone(),
+        to: msg.from.clone(),
+        reference: msg.reference.clone(),
+        ts: switchboard_mesh::now_ms(),
+        feature: pb::Feature::Reliable.into(),
+        ..Default::default()
+    })
+}
+
 impl DeliveryRole {
     pub fn new(
         store: Arc<dyn Store>,
@@ -190,32 +208,30 @@ impl switchboard_mesh::Delivery for DeliveryRole {
                 .push(item.seq);
         }
         let mut removed = 0u32;
-        let mut confirmations = Vec::new();
+        let mut pushes = Vec::new();
         for (inbox, seqs) in by_inbox {
-            let gone = self
+            // Removal and the sender's confirmation are one atomic store
+            // write: a crash loses neither or both.
+            let removal = self
                 .store
-                .remove(&inbox, &seqs)
+                .remove(&inbox, &seqs, Some(confirmation_of))
                 .await
                 .map_err(DeliveryError::from)?;
-            removed = removed.saturating_add(u32::try_from(gone.len()).unwrap_or(u32::MAX));
-            for msg in gone {
-                if msg.kind() == pb::MessageKind::Direct && !msg.reference.is_empty() {
-                    confirmations.push(pb::Envelope {
-                        id: msg.id,
-                        app_id: inbox.app_id.clone(),
-                        from: msg.to,
-                        to: vec![msg.from],
-                        reference: msg.reference,
-                        feature: pb::Feature::Reliable.into(),
-                        kind: pb::MessageKind::Confirmation.into(),
-                        ts: switchboard_mesh::now_ms(),
-                        ..Default::default()
-                    });
-                }
+            removed =
+                removed.saturating_add(u32::try_from(removal.removed.len()).unwrap_or(u32::MAX));
+            for msg in removal.appended {
+                pushes.push(pb::PushItem {
+                    app_id: inbox.app_id.clone(),
+                    user_id: msg.to.clone(),
+                    message: Some(msg),
+                    exclude: None,
+                    sent_copy: false,
+                    to: Vec::new(),
+                });
             }
         }
-        if !confirmations.is_empty() {
-            self.deliver_envelopes(confirmations, Vec::new()).await?;
+        if !pushes.is_empty() {
+            self.push(pushes).await?;
         }
         Ok(pb::DeliveredReply { removed })
     }

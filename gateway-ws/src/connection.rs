@@ -125,11 +125,20 @@ async fn write_loop<W>(
                 if n == 0 {
                     break;
                 }
-                if write_batch(&mut sink, &mut batch).await.is_err() {
+                // Tracked before the write: an ACK may come back before the
+                // write call returns.
+                track_unacked(&gw, &identity, &unacked, &batch);
+                // A client that stops reading blocks the write; a close
+                // request (slow consumer, shutdown) must still get through.
+                let written = tokio::select! {
+                    r = write_batch(&mut sink, &mut batch) => r.is_ok(),
+                    _ = shared.cancel.cancelled() => break,
+                };
+                if !written {
                     shared.close(CloseReason::Client);
                     return;
                 }
-                report(&gw, &identity, &unacked, &mut batch).await;
+                report_delivered(&gw, &identity, &mut batch).await;
             }
             _ = shared.cancel.cancelled() => break,
             _ = ping.tick() => {
@@ -153,8 +162,9 @@ async fn write_loop<W>(
         while let Ok(out) = rx.try_recv() {
             batch.push(out);
         }
+        track_unacked(&gw, &identity, &unacked, &batch);
         if write_batch(&mut sink, &mut batch).await.is_ok() {
-            report(&gw, &identity, &unacked, &mut batch).await;
+            report_delivered(&gw, &identity, &mut batch).await;
         }
         let frame = CloseFrame {
             code: CloseCode::from(code),
@@ -176,38 +186,49 @@ where
     sink.flush().await
 }
 
-/// After a batch was written: stored messages are delivered (or, in ack mode,
-/// wait for the client's ACK).
-async fn report(
+/// Ack mode: stored messages about to be written wait for the client's ACK.
+fn track_unacked(
     gw: &GatewayInner,
     identity: &std::sync::OnceLock<Identity>,
     unacked: &Unacked,
+    batch: &[Outbound],
+) {
+    if !identity.get().is_some_and(|id| id.acks) {
+        return;
+    }
+    let mut map = unacked
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for stored in batch.iter().filter_map(|out| out.stored.as_ref()) {
+        // Past the cap a message is not tracked: it stays stored and comes
+        // again on the next connection.
+        if map.len() >= gw.limits.max_unacked {
+            break;
+        }
+        map.insert(stored.id.clone(), stored.seq);
+    }
+}
+
+/// After a batch was written: without ack mode, stored messages are now
+/// delivered.
+async fn report_delivered(
+    gw: &GatewayInner,
+    identity: &std::sync::OnceLock<Identity>,
     batch: &mut Vec<Outbound>,
 ) {
-    let Some(id) = identity.get() else {
+    let Some(id) = identity.get().filter(|id| !id.acks) else {
         batch.clear();
         return;
     };
     for out in batch.drain(..) {
         let Some(stored) = out.stored else { continue };
-        if id.acks {
-            let mut map = unacked
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Past the cap a message is not tracked: it stays stored and
-            // comes again on the next connection.
-            if map.len() < gw.limits.max_unacked {
-                map.insert(stored.id, stored.seq);
-            }
-        } else {
-            let item = pb::DeliveredItem {
-                app_id: id.app_id.clone(),
-                user_id: id.user_id.clone(),
-                seq: stored.seq,
-            };
-            if gw.delivered_tx.send(item).await.is_err() {
-                return;
-            }
+        let item = pb::DeliveredItem {
+            app_id: id.app_id.clone(),
+            user_id: id.user_id.clone(),
+            seq: stored.seq,
+        };
+        if gw.delivered_tx.send(item).await.is_err() {
+            return;
         }
     }
 }
@@ -532,7 +553,7 @@ impl Connection {
                 gateway_id: self.gw.id.clone(),
                 conn_id: self.shared().id,
             }),
-            hop_limit: 8,
+            hop_limit: switchboard_mesh::DEFAULT_HOP_LIMIT,
             ..Default::default()
         }
     }

@@ -5,9 +5,6 @@
 use async_trait::async_trait;
 use switchboard_mesh::{DeliveryClient, ErrorCode, GroupsClient, ServiceError, pb};
 
-/// Hops an envelope may take between domains before it is dropped.
-pub const DEFAULT_HOP_LIMIT: u32 = 8;
-
 pub struct RouterRole {
     domain: String,
     delivery: DeliveryClient,

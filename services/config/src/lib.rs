@@ -157,6 +157,9 @@ pub struct AppConfig {
     /// RS256 public key, path of a PEM file.
     #[serde(default)]
     pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `aud` of tokens; when unset, `aud` is not checked.
+    #[serde(default)]
+    pub jwt_audience: Option<String>,
 }
 
 impl AppConfig {
@@ -170,6 +173,7 @@ impl AppConfig {
             jwt_secret: None,
             jwt_public_key_pem: None,
             jwt_public_key_file: None,
+            jwt_audience: None,
         }
     }
 }

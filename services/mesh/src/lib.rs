@@ -24,3 +24,6 @@ pub use error::{ErrorCode, ServiceError};
 pub use ids::{new_message_id, now_ms};
 pub use services::{Auth, Delivery, Gateway, Groups, Router};
 pub use switchboard_proto::mesh as pb;
+
+/// Domains an envelope may pass through before it is dropped (loop guard).
+pub const DEFAULT_HOP_LIMIT: u32 = 8;

@@ -65,8 +65,11 @@ fn append(c: &mut Criterion) {
         let inbox = InboxKey::new("demo", "demo-rm");
         b.iter(|| {
             rt.block_on(async {
-                let seqs = store.append("demo", vec![message("demo-rm")]).await.expect("append");
-                store.remove(&inbox, &seqs).await.expect("remove")
+                let seqs = store
+                    .append("demo", vec![message("demo-rm")])
+                    .await
+                    .expect("append");
+                store.remove(&inbox, &seqs, None).await.expect("remove")
             })
         })
     });

@@ -77,12 +77,19 @@ pub async fn remove_returns_each_message_once(store: &impl Store) {
         .append("app", vec![message("app-1", "a"), message("app-1", "b")])
         .await
         .expect("append");
-    let removed = store.remove(&inbox, &seqs[..1]).await.expect("remove");
+    let removed = store
+        .remove(&inbox, &seqs[..1], None)
+        .await
+        .expect("remove")
+        .removed;
     assert_eq!(removed.len(), 1);
     assert_eq!(removed[0].content, "a");
     assert_eq!(removed[0].seq, seqs[0]);
-    let again = store.remove(&inbox, &seqs[..1]).await.expect("remove");
-    assert!(again.is_empty());
+    let again = store
+        .remove(&inbox, &seqs[..1], None)
+        .await
+        .expect("remove");
+    assert!(again.removed.is_empty());
     let page = store.fetch(&inbox, 0, 10).await.expect("fetch");
     assert_eq!(page.messages.len(), 1);
     assert_eq!(page.messages[0].content, "b");
@@ -94,12 +101,60 @@ pub async fn seqs_are_not_reused_after_emptying(store: &impl Store) {
         .append("app", vec![message("app-1", "a")])
         .await
         .expect("append");
-    store.remove(&inbox, &seqs).await.expect("remove");
+    store.remove(&inbox, &seqs, None).await.expect("remove");
     let next = store
         .append("app", vec![message("app-1", "b")])
         .await
         .expect("append");
     assert!(next[0] > seqs[0]);
+}
+
+fn confirm(msg: &InboxMessage) -> Option<InboxMessage> {
+    (!msg.reference.is_empty()).then(|| InboxMessage {
+        id: msg.id.clone(),
+        from: msg.to.clone(),
+        to: msg.from.clone(),
+        reference: msg.reference.clone(),
+        ..Default::default()
+    })
+}
+
+pub async fn removal_appends_follow_ups_once(store: &impl Store) {
+    let inbox = InboxKey::new("app", "app-1");
+    let mut with_ref = message("app-1", "a");
+    with_ref.reference = "r1".into();
+    with_ref.from = "app-2".into();
+    let seqs = store
+        .append("app", vec![with_ref, message("app-1", "b")])
+        .await
+        .expect("append");
+    let removal = store
+        .remove(&inbox, &seqs, Some(confirm))
+        .await
+        .expect("remove");
+    assert_eq!(removal.removed.len(), 2);
+    assert_eq!(
+        removal.appended.len(),
+        1,
+        "only the message with a reference"
+    );
+    assert_eq!(removal.appended[0].to, "app-2");
+    assert!(removal.appended[0].seq > 0);
+    let again = store
+        .remove(&inbox, &seqs, Some(confirm))
+        .await
+        .expect("remove");
+    assert!(
+        again.appended.is_empty(),
+        "a second removal confirms nothing"
+    );
+    let sender = store
+        .fetch(&InboxKey::new("app", "app-2"), 0, 10)
+        .await
+        .expect("fetch");
+    assert_eq!(sender.messages.len(), 1);
+    assert_eq!(sender.messages[0].reference, "r1");
+    assert_eq!(sender.messages[0].seq, removal.appended[0].seq);
 }
 
 pub async fn content_round_trips_exactly(store: &impl Store) {
@@ -145,6 +200,7 @@ macro_rules! store_contract_tests {
             fetch_pages_oldest_first,
             inboxes_are_isolated,
             remove_returns_each_message_once,
+            removal_appends_follow_ups_once,
             seqs_are_not_reused_after_emptying,
             content_round_trips_exactly,
             concurrent_appends_all_land

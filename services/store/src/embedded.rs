@@ -17,7 +17,7 @@ use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{InboxKey, InboxMessage, InboxPage, Store, StoreError};
+use crate::{FollowUp, InboxKey, InboxMessage, InboxPage, Removal, Store, StoreError};
 
 /// (app, user, seq) → encoded InboxMessage.
 const INBOX: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("inbox");
@@ -54,7 +54,8 @@ enum WriteOp {
     Remove {
         inbox: InboxKey,
         seqs: Vec<u64>,
-        reply: oneshot::Sender<Result<Vec<InboxMessage>, StoreError>>,
+        follow_up: Option<FollowUp>,
+        reply: oneshot::Sender<Result<Removal, StoreError>>,
     },
 }
 
@@ -151,14 +152,45 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize)
 
 enum Outcome {
     Appended(Vec<u64>),
-    Removed(Vec<InboxMessage>),
+    Removed(Removal),
+}
+
+/// Assigns the next sequence number of an inbox and inserts the message.
+fn insert_next(
+    inbox: &mut redb::Table<(&str, &str, u64), &[u8]>,
+    last_seq: &mut redb::Table<(&str, &str), u64>,
+    app_id: &str,
+    msg: &mut InboxMessage,
+) -> Result<u64, StoreError> {
+    let key = (app_id, msg.to.as_str());
+    let seq = last_seq
+        .get(key)
+        .map_err(backend)?
+        .map(|g| g.value())
+        .unwrap_or(0)
+        + 1;
+    last_seq.insert(key, seq).map_err(backend)?;
+    msg.seq = seq;
+    inbox
+        .insert((key.0, key.1, seq), msg.encode_to_vec().as_slice())
+        .map_err(backend)?;
+    Ok(seq)
 }
 
 /// Applies a batch in one transaction. Appends make the commit durable;
 /// a batch of removals alone is committed without fsync (the next durable
 /// commit persists it too).
 fn commit_batch(db: &Database, batch: &mut Vec<WriteOp>) {
-    let durable = batch.iter().any(|op| matches!(op, WriteOp::Append { .. }));
+    let durable = batch.iter().any(|op| {
+        matches!(
+            op,
+            WriteOp::Append { .. }
+                | WriteOp::Remove {
+                    follow_up: Some(_),
+                    ..
+                }
+        )
+    });
     let result = (|| -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
         let mut txn = db.begin_write().map_err(backend)?;
         if !durable {
@@ -175,35 +207,35 @@ fn commit_batch(db: &Database, batch: &mut Vec<WriteOp>) {
                     } => {
                         let mut seqs = Vec::with_capacity(messages.len());
                         for msg in messages.iter_mut() {
-                            let key = (app_id.as_str(), msg.to.as_str());
-                            let seq = last_seq
-                                .get(key)
-                                .map_err(backend)?
-                                .map(|g| g.value())
-                                .unwrap_or(0)
-                                + 1;
-                            last_seq.insert(key, seq).map_err(backend)?;
-                            msg.seq = seq;
-                            inbox
-                                .insert((key.0, key.1, seq), msg.encode_to_vec().as_slice())
-                                .map_err(backend)?;
-                            seqs.push(seq);
+                            seqs.push(insert_next(&mut inbox, &mut last_seq, app_id, msg)?);
                         }
                         Ok(Outcome::Appended(seqs))
                     }
                     WriteOp::Remove {
-                        inbox: key, seqs, ..
+                        inbox: key,
+                        seqs,
+                        follow_up,
+                        ..
                     } => {
-                        let mut removed = Vec::new();
+                        let mut removal = Removal::default();
                         for seq in seqs.iter() {
                             let old = inbox
                                 .remove((key.app_id.as_str(), key.user_id.as_str(), *seq))
-                                .map_err(backend)?;
-                            if let Some(bytes) = old {
-                                removed.push(InboxMessage::decode(bytes.value())?);
+                                .map_err(backend)?
+                                .map(|bytes| InboxMessage::decode(bytes.value()));
+                            if let Some(msg) = old {
+                                removal.removed.push(msg?);
                             }
                         }
-                        Ok(Outcome::Removed(removed))
+                        if let Some(follow_up) = follow_up {
+                            for msg in &removal.removed {
+                                if let Some(mut next) = follow_up(msg) {
+                                    insert_next(&mut inbox, &mut last_seq, &key.app_id, &mut next)?;
+                                    removal.appended.push(next);
+                                }
+                            }
+                        }
+                        Ok(Outcome::Removed(removal))
                     }
                 };
                 outcomes.push(outcome);
@@ -319,14 +351,16 @@ impl Store for EmbeddedStore {
         &self,
         inbox: &InboxKey,
         seqs: &[u64],
-    ) -> Result<Vec<InboxMessage>, StoreError> {
+        follow_up: Option<FollowUp>,
+    ) -> Result<Removal, StoreError> {
         if seqs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Removal::default());
         }
         let (reply, rx) = oneshot::channel();
         self.submit(WriteOp::Remove {
             inbox: inbox.clone(),
             seqs: seqs.to_vec(),
+            follow_up,
             reply,
         })
         .await?;

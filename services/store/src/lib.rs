@@ -29,6 +29,18 @@ impl InboxKey {
     }
 }
 
+/// Builds the message that follows the removal of a delivered one.
+pub type FollowUp = fn(&InboxMessage) -> Option<InboxMessage>;
+
+/// What a removal did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Removal {
+    /// The messages that were still there.
+    pub removed: Vec<InboxMessage>,
+    /// Follow-up messages appended, with their sequence numbers.
+    pub appended: Vec<InboxMessage>,
+}
+
 /// A page of an inbox, oldest first.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InboxPage {
@@ -72,11 +84,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes messages by sequence number and returns those that were still
     /// there (a second removal of the same message returns nothing, which is
-    /// what makes sender confirmations happen once). Removal need not be
-    /// durable at once: a message that reappears after a crash is delivered
-    /// again, which at-least-once allows.
-    async fn remove(&self, inbox: &InboxKey, seqs: &[u64])
-    -> Result<Vec<InboxMessage>, StoreError>;
+    /// what makes sender confirmations happen once). For each removed
+    /// message, `follow_up` may build a message (a sender confirmation) that
+    /// is appended — to the inbox its `to` names, same app — atomically with
+    /// the removal, so that a crash loses neither or both.
+    ///
+    /// A removal without follow-ups need not be durable at once: a message
+    /// that reappears after a crash is delivered again, which at-least-once
+    /// allows. With follow-ups it is durable when it returns.
+    async fn remove(
+        &self,
+        inbox: &InboxKey,
+        seqs: &[u64],
+        follow_up: Option<FollowUp>,
+    ) -> Result<Removal, StoreError>;
 
     /// Number of messages in an inbox.
     async fn count(&self, inbox: &InboxKey) -> Result<u64, StoreError>;
