@@ -8,11 +8,23 @@ use std::collections::HashSet;
 use support::{Client, ProcessNode, close_code};
 
 #[tokio::test]
-async fn accepted_messages_survive_kill_9() {
+async fn accepted_messages_survive_kill_9_fjall() {
+    accepted_messages_survive_kill_9("fjall").await;
+}
+
+#[tokio::test]
+async fn accepted_messages_survive_kill_9_redb() {
+    accepted_messages_survive_kill_9("redb").await;
+}
+
+async fn accepted_messages_survive_kill_9(engine: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     // The sends below are pipelined, faster than the default rate limit.
-    const FAST_CLIENTS: &[(&str, &str)] = &[("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "100000")];
-    let mut node = ProcessNode::start_with_env(dir.path(), FAST_CLIENTS).await;
+    let env = [
+        ("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "100000"),
+        ("SWITCHBOARD_STORE__ENGINE", engine),
+    ];
+    let mut node = ProcessNode::start_with_env(dir.path(), &env).await;
 
     // Pipeline the sends, then count the acceptances.
     const N: usize = 1000;
@@ -42,7 +54,7 @@ async fn accepted_messages_survive_kill_9() {
     // Right after the last acceptance: no graceful anything.
     node.kill9();
 
-    let node = ProcessNode::start(dir.path()).await;
+    let node = ProcessNode::start_with_env(dir.path(), &env).await;
     let mut bob = Client::login(&node.url(), "demo-bob").await;
     let (frames, lefts) = bob.fetch_all(300).await;
     assert_eq!(lefts.last(), Some(&0));

@@ -110,10 +110,24 @@ impl Default for Limits {
     }
 }
 
+/// Engine of the embedded store.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreEngine {
+    /// fjall, an LSM tree: the default (faster for the append-then-delete
+    /// inbox workload; see docs/benchmarks.md).
+    Fjall,
+    /// redb, a copy-on-write B-tree.
+    Redb,
+}
+
 /// The embedded store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// `fjall` (default) or `redb`. A data dir holds the files of the engine
+    /// it was written with; switching engines starts from empty inboxes.
+    pub engine: StoreEngine,
     /// Most writes committed (and fsync'd) together.
     pub max_batch: usize,
     /// Page cache, MiB.
@@ -123,6 +137,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
+            engine: StoreEngine::Fjall,
             max_batch: 8192,
             cache_mib: 64,
         }
@@ -356,6 +371,17 @@ mod tests {
         assert_eq!(c.client_addr.to_string(), "127.0.0.1:2000");
         assert_eq!(c.limits.max_frame_bytes, 1000);
         assert_eq!(c.limits.messages_per_second, 7);
+    }
+
+    #[test]
+    fn store_engine_from_env() {
+        let c = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__ENGINE", "redb")]))
+            .expect("load");
+        assert_eq!(c.store.engine, StoreEngine::Redb);
+        assert!(
+            Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__ENGINE", "sqlite")]))
+                .is_err()
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use switchboard_store::{EmbeddedStore, EmbeddedStoreOptions, InboxKey, InboxMessage, Store};
+use switchboard_store::{
+    FjallStore, FjallStoreOptions, InboxKey, InboxMessage, RedbStore, RedbStoreOptions, Store,
+};
 
 fn message(to: &str) -> InboxMessage {
     InboxMessage {
@@ -18,12 +20,22 @@ fn message(to: &str) -> InboxMessage {
 }
 
 fn append(c: &mut Criterion) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(
-        EmbeddedStore::open(dir.path(), EmbeddedStoreOptions::default()).expect("open store"),
+    let redb: Arc<dyn Store> = Arc::new(
+        RedbStore::open(&dir.path().join("redb"), RedbStoreOptions::default())
+            .expect("open redb store"),
     );
-    let mut group = c.benchmark_group("store_append");
+    bench_store(c, "redb", redb);
+    let fjall: Arc<dyn Store> = Arc::new(
+        FjallStore::open(&dir.path().join("fjall"), FjallStoreOptions::default())
+            .expect("open fjall store"),
+    );
+    bench_store(c, "fjall", fjall);
+}
+
+fn bench_store(c: &mut Criterion, engine: &str, store: Arc<dyn Store>) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut group = c.benchmark_group(format!("store_append_{engine}"));
     group.sample_size(20);
 
     group.throughput(Throughput::Elements(1));

@@ -7,10 +7,12 @@
 //! later) implements [`Store`] and passes the same [`contract`] suite.
 
 pub mod contract;
-mod embedded;
+mod fjall_store;
+mod redb_store;
 
 use async_trait::async_trait;
-pub use embedded::{EmbeddedStore, EmbeddedStoreOptions};
+pub use fjall_store::{FjallStore, FjallStoreOptions};
+pub use redb_store::{RedbStore, RedbStoreOptions};
 pub use switchboard_proto::mesh::InboxMessage;
 
 /// One user's inbox: the partition key.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchboard_auth::AuthRole;
-use switchboard_config::Config;
+use switchboard_config::{Config, StoreEngine};
 use switchboard_delivery::DeliveryRole;
 use switchboard_gateway::{GatewayDeps, GatewayRole};
 use switchboard_groups::GroupsRole;
@@ -20,7 +20,7 @@ use switchboard_mesh::{
 };
 use switchboard_presence::InMemoryPresence;
 use switchboard_router::RouterRole;
-use switchboard_store::{EmbeddedStore, EmbeddedStoreOptions, Store};
+use switchboard_store::{FjallStore, FjallStoreOptions, RedbStore, RedbStoreOptions, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -76,17 +76,8 @@ pub async fn serve(
         config.node_id.clone()
     };
 
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(
-            &config.data_dir,
-            EmbeddedStoreOptions {
-                max_batch: config.store.max_batch,
-                cache_bytes: config.store.cache_mib.saturating_mul(1024 * 1024),
-                ..EmbeddedStoreOptions::default()
-            },
-        )
-        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?,
-    );
+    let store = open_store(&config)
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let presence = Arc::new(InMemoryPresence::default());
     let gateways = Arc::new(StaticGatewayDirectory::default());
 
@@ -163,6 +154,28 @@ pub async fn serve(
     store.close().await.context("closing the store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn open_store(config: &Config) -> Result<Arc<dyn Store>, switchboard_store::StoreError> {
+    let cache_bytes = config.store.cache_mib.saturating_mul(1024 * 1024);
+    Ok(match config.store.engine {
+        StoreEngine::Fjall => Arc::new(FjallStore::open(
+            &config.data_dir,
+            FjallStoreOptions {
+                max_batch: config.store.max_batch,
+                cache_bytes: u64::try_from(cache_bytes).unwrap_or(u64::MAX),
+                ..FjallStoreOptions::default()
+            },
+        )?),
+        StoreEngine::Redb => Arc::new(RedbStore::open(
+            &config.data_dir,
+            RedbStoreOptions {
+                max_batch: config.store.max_batch,
+                cache_bytes,
+                ..RedbStoreOptions::default()
+            },
+        )?),
+    })
 }
 
 /// The shared implementation behind a client handle, for the mesh adapters.

@@ -26,7 +26,7 @@ const LAST_SEQ: TableDefinition<(&str, &str), u64> = TableDefinition::new("inbox
 
 /// Tuning of the embedded store.
 #[derive(Debug, Clone)]
-pub struct EmbeddedStoreOptions {
+pub struct RedbStoreOptions {
     /// Most operations committed in one transaction.
     pub max_batch: usize,
     /// Operations waiting for the writer before callers are slowed down.
@@ -35,9 +35,9 @@ pub struct EmbeddedStoreOptions {
     pub cache_bytes: usize,
 }
 
-impl Default for EmbeddedStoreOptions {
+impl Default for RedbStoreOptions {
     fn default() -> Self {
-        EmbeddedStoreOptions {
+        RedbStoreOptions {
             max_batch: 8192,
             queue_capacity: 65_536,
             cache_bytes: 64 * 1024 * 1024,
@@ -60,7 +60,7 @@ enum WriteOp {
 }
 
 /// The default store: redb in `<data_dir>/inbox.redb`.
-pub struct EmbeddedStore {
+pub struct RedbStore {
     db: Arc<Database>,
     writer: Mutex<Option<mpsc::Sender<WriteOp>>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
@@ -71,9 +71,9 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-impl EmbeddedStore {
+impl RedbStore {
     /// Opens (or creates) the store in `data_dir`.
-    pub fn open(data_dir: &Path, options: EmbeddedStoreOptions) -> Result<Self, StoreError> {
+    pub fn open(data_dir: &Path, options: RedbStoreOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(backend)?;
         let path = data_dir.join("inbox.redb");
         let db = Database::builder()
@@ -94,7 +94,7 @@ impl EmbeddedStore {
             .name("store-writer".into())
             .spawn(move || writer_loop(&writer_db, rx, max_batch))
             .map_err(backend)?;
-        Ok(EmbeddedStore {
+        Ok(RedbStore {
             db,
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(writer_thread)),
@@ -298,7 +298,7 @@ fn upper(inbox: &InboxKey) -> (&str, &str, u64) {
 }
 
 #[async_trait]
-impl Store for EmbeddedStore {
+impl Store for RedbStore {
     async fn append(
         &self,
         app_id: &str,
@@ -398,8 +398,8 @@ impl Store for EmbeddedStore {
 mod tests {
     use super::*;
 
-    async fn open(dir: &Path) -> EmbeddedStore {
-        EmbeddedStore::open(dir, EmbeddedStoreOptions::default()).expect("open store")
+    async fn open(dir: &Path) -> RedbStore {
+        RedbStore::open(dir, RedbStoreOptions::default()).expect("open store")
     }
 
     crate::store_contract_tests!({
