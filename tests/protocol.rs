@@ -103,11 +103,12 @@ async fn reliable_to_offline_user_is_fetched_in_order_and_paged() {
     loop {
         let (frames, _) = ann.fetch_all(100).await;
         confirmations.extend(frames);
-        let count = confirmations
+        let distinct: HashSet<&Value> = confirmations
             .iter()
             .filter(|f| f["type"] == "MESSAGE_CONFIRMATION")
-            .count();
-        if count >= 25 || tokio::time::Instant::now() > deadline {
+            .map(|f| &f["data"]["reference"])
+            .collect();
+        if distinct.len() >= 25 || tokio::time::Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

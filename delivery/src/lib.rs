@@ -90,7 +90,26 @@ impl DeliveryRole {
         &self,
         envelopes: Vec<pb::Envelope>,
         sent_copies: Vec<pb::Envelope>,
+        copy_to_sender: bool,
     ) -> Result<Vec<u64>, DeliveryError> {
+        // MESSAGE_SENT copies, built only when the sender has a connection
+        // besides the one that sent.
+        let mut copies = Vec::new();
+        let direct_copies = envelopes.iter().filter(|_| copy_to_sender);
+        for original in sent_copies.iter().chain(direct_copies) {
+            if self.has_other_connections(original).await? {
+                let mut msg = inbox_message(original, "");
+                msg.to = original.from.clone();
+                copies.push(pb::PushItem {
+                    app_id: original.app_id.clone(),
+                    user_id: original.from.clone(),
+                    message: Some(msg),
+                    exclude: original.origin.clone(),
+                    sent_copy: true,
+                    to: original.to.clone(),
+                });
+            }
+        }
         let mut messages: Vec<(String, pb::InboxMessage)> = Vec::with_capacity(envelopes.len());
         for envelope in &envelopes {
             let Some(to) = envelope.to.first() else {
@@ -114,7 +133,7 @@ impl DeliveryRole {
                 seqs[i] = seq;
             }
         }
-        let mut pushes = Vec::with_capacity(messages.len() + sent_copies.len());
+        let mut pushes = Vec::with_capacity(messages.len() + copies.len());
         for ((app, mut msg), seq) in messages.into_iter().zip(seqs.iter().copied()) {
             msg.seq = seq;
             pushes.push(pb::PushItem {
@@ -126,20 +145,25 @@ impl DeliveryRole {
                 to: Vec::new(),
             });
         }
-        for original in sent_copies {
-            let mut msg = inbox_message(&original, "");
-            msg.to = original.from.clone();
-            pushes.push(pb::PushItem {
-                app_id: original.app_id.clone(),
-                user_id: original.from.clone(),
-                message: Some(msg),
-                exclude: original.origin.clone(),
-                sent_copy: true,
-                to: original.to.clone(),
-            });
-        }
+        pushes.extend(copies);
         self.push(pushes).await?;
         Ok(seqs)
+    }
+
+    /// Whether the sender of `original` has a connection other than the one
+    /// it was sent from.
+    async fn has_other_connections(&self, original: &pb::Envelope) -> Result<bool, DeliveryError> {
+        let gateways = self
+            .presence
+            .gateways(&original.app_id, &original.from)
+            .await?;
+        let mut total: u32 = gateways.iter().map(|(_, n)| *n).sum();
+        if let Some(origin) = &original.origin
+            && gateways.iter().any(|(gw, _)| *gw == origin.gateway_id)
+        {
+            total = total.saturating_sub(1);
+        }
+        Ok(total > 0)
     }
 
     /// Pushes items to the gateways that hold the users' connections, one
@@ -151,9 +175,9 @@ impl DeliveryRole {
             let gateways = self.presence.gateways(&item.app_id, &item.user_id).await?;
             match gateways.as_slice() {
                 [] => {}
-                [only] => by_gateway.entry(only.clone()).or_default().push(item),
+                [(only, _)] => by_gateway.entry(only.clone()).or_default().push(item),
                 many => {
-                    for gw in many {
+                    for (gw, _) in many {
                         by_gateway.entry(gw.clone()).or_default().push(item.clone());
                     }
                 }
@@ -177,7 +201,7 @@ impl switchboard_mesh::Delivery for DeliveryRole {
     #[tracing::instrument(name = "delivery.deliver", skip_all, fields(count = req.envelopes.len()))]
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
         let seqs = self
-            .deliver_envelopes(req.envelopes, req.sent_copies)
+            .deliver_envelopes(req.envelopes, req.sent_copies, req.copy_to_sender)
             .await?;
         Ok(pb::DeliverReply { seqs })
     }
@@ -264,7 +288,8 @@ impl switchboard_mesh::Delivery for DeliveryRole {
             ts: switchboard_mesh::now_ms(),
             ..Default::default()
         };
-        self.deliver_envelopes(vec![envelope], Vec::new()).await?;
+        self.deliver_envelopes(vec![envelope], Vec::new(), false)
+            .await?;
         Ok(pb::PresenceChangeReply {})
     }
 }

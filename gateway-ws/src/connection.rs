@@ -118,6 +118,7 @@ async fn write_loop<W>(
     let ping_every = Duration::from_secs(gw.limits.ping_interval_secs.max(1));
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut sent = SentSeqs::default();
     loop {
         tokio::select! {
             biased;
@@ -125,6 +126,7 @@ async fn write_loop<W>(
                 if n == 0 {
                     break;
                 }
+                sent.drop_repeats(&mut batch);
                 // Tracked before the write: an ACK may come back before the
                 // write call returns.
                 track_unacked(&gw, &identity, &unacked, &batch);
@@ -162,6 +164,7 @@ async fn write_loop<W>(
         while let Ok(out) = rx.try_recv() {
             batch.push(out);
         }
+        sent.drop_repeats(&mut batch);
         track_unacked(&gw, &identity, &unacked, &batch);
         if write_batch(&mut sink, &mut batch).await.is_ok() {
             report_delivered(&gw, &identity, &mut batch).await;
@@ -184,6 +187,38 @@ where
         sink.feed(Message::Text(out.text.clone())).await?;
     }
     sink.flush().await
+}
+
+/// Stored messages already written on this connection, by sequence number.
+/// A message can reach a connection twice — pushed live while the same
+/// connection fetches it, or replayed in ack mode as it is pushed — and is
+/// written once. Bounded: the oldest entries are forgotten first.
+#[derive(Default)]
+struct SentSeqs {
+    seen: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
+const SENT_SEQS_REMEMBERED: usize = 8192;
+
+impl SentSeqs {
+    fn drop_repeats(&mut self, batch: &mut Vec<Outbound>) {
+        batch.retain(|out| match &out.stored {
+            None => true,
+            Some(stored) => {
+                if !self.seen.insert(stored.seq) {
+                    return false;
+                }
+                self.order.push_back(stored.seq);
+                if self.order.len() > SENT_SEQS_REMEMBERED
+                    && let Some(old) = self.order.pop_front()
+                {
+                    self.seen.remove(&old);
+                }
+                true
+            }
+        });
+    }
 }
 
 /// Ack mode: stored messages about to be written wait for the client's ACK.

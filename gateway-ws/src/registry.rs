@@ -172,22 +172,21 @@ impl Registry {
         let Some(msg) = item.message.as_ref() else {
             return 0;
         };
-        let conns = self.connections(&item.app_id, &item.user_id);
-        if conns.is_empty() {
-            return 0;
-        }
         let excluded = item
             .exclude
             .as_ref()
             .filter(|c| c.gateway_id == gateway_id)
             .map(|c| c.conn_id);
+        let mut conns = self.connections(&item.app_id, &item.user_id);
+        conns.retain(|c| Some(c.shared.id) != excluded);
+        if conns.is_empty() {
+            return 0;
+        }
+        // Rendered once, shared by every connection of the user.
         let text = Utf8Bytes::from(frames::render_push(item, msg));
         let tracked = !item.sent_copy && msg.seq > 0;
         let mut queued = 0;
         for conn in conns {
-            if Some(conn.shared.id) == excluded {
-                continue;
-            }
             let stored = tracked.then(|| Stored {
                 seq: msg.seq,
                 id: msg.id.clone(),

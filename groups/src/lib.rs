@@ -53,6 +53,7 @@ impl switchboard_mesh::Groups for GroupsRole {
             .deliver(pb::DeliverRequest {
                 envelopes,
                 sent_copies,
+                copy_to_sender: false,
             })
             .await?;
         Ok(pb::FanoutReply { recipients: count })

@@ -38,15 +38,12 @@ impl RouterRole {
                         "a direct message has exactly one recipient",
                     ));
                 }
-                let sent_copies = if envelope.origin.is_some() {
-                    vec![envelope.clone()]
-                } else {
-                    Vec::new()
-                };
+                let copy_to_sender = envelope.origin.is_some();
                 self.delivery
                     .deliver(pb::DeliverRequest {
                         envelopes: vec![envelope],
-                        sent_copies,
+                        sent_copies: Vec::new(),
+                        copy_to_sender,
                     })
                     .await?;
                 Ok(1)

@@ -36,6 +36,7 @@ impl TestNode {
     }
 
     pub async fn start_with(edit: impl FnOnce(&mut Config), remote: RemoteRoles) -> TestNode {
+        init_test_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config {
             data_dir: dir.path().to_path_buf(),
@@ -80,6 +81,17 @@ impl TestNode {
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// Logs of in-process nodes, when `SWITCHBOARD_TEST_LOG` names a filter
+/// (e.g. `warn` or `switchboard_delivery=debug`).
+fn init_test_logging() {
+    if let Ok(filter) = std::env::var("SWITCHBOARD_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
     }
 }
 

@@ -40,8 +40,13 @@ pub trait Presence: Send + Sync + 'static {
         user_id: &str,
         gateway_id: &str,
     ) -> Result<Transition, PresenceError>;
-    /// The gateways holding at least one connection of the user.
-    async fn gateways(&self, app_id: &str, user_id: &str) -> Result<Vec<String>, PresenceError>;
+    /// The gateways holding at least one connection of the user, with the
+    /// number of connections on each.
+    async fn gateways(
+        &self,
+        app_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<(String, u32)>, PresenceError>;
 }
 
 type UserKey = (String, String);
@@ -126,14 +131,18 @@ impl Presence for InMemoryPresence {
         Ok(Transition { user_changed: last })
     }
 
-    async fn gateways(&self, app_id: &str, user_id: &str) -> Result<Vec<String>, PresenceError> {
+    async fn gateways(
+        &self,
+        app_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<(String, u32)>, PresenceError> {
         let map = self
             .shard(app_id, user_id)
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(map
             .get(&(app_id.to_owned(), user_id.to_owned()))
-            .map(|g| g.keys().cloned().collect())
+            .map(|g| g.iter().map(|(gw, n)| (gw.clone(), *n)).collect())
             .unwrap_or_default())
     }
 }
@@ -150,7 +159,7 @@ mod tests {
         assert!(!p.connect("a", "a-1", "g2").await.expect("c").user_changed);
         let mut gws = p.gateways("a", "a-1").await.expect("g");
         gws.sort();
-        assert_eq!(gws, vec!["g1", "g2"]);
+        assert_eq!(gws, vec![("g1".to_owned(), 2), ("g2".to_owned(), 1)]);
         assert!(
             !p.disconnect("a", "a-1", "g1")
                 .await
@@ -163,7 +172,10 @@ mod tests {
                 .expect("d")
                 .user_changed
         );
-        assert_eq!(p.gateways("a", "a-1").await.expect("g"), vec!["g1"]);
+        assert_eq!(
+            p.gateways("a", "a-1").await.expect("g"),
+            vec![("g1".to_owned(), 1)]
+        );
         assert!(
             p.disconnect("a", "a-1", "g1")
                 .await

@@ -256,11 +256,11 @@ impl Writer {
             )
         });
         let mut pending = Pending::default();
-        let seq_snapshot = self.seq_cache.clone();
         let outcomes: Result<Vec<Outcome>, StoreError> = batch
             .iter_mut()
             .map(|op| self.apply(op, &mut pending))
             .collect();
+        let touched: Vec<Vec<u8>> = pending.last_seq.keys().cloned().collect();
         let result = outcomes.and_then(|outcomes| {
             let mut wb = self.db.batch();
             for (key, value) in pending.inbox {
@@ -298,8 +298,11 @@ impl Writer {
                 }
             }
             Err(e) => {
-                // Nothing of this batch was written: forget its sequence numbers.
-                self.seq_cache = seq_snapshot;
+                // Nothing of this batch was written: forget its sequence
+                // numbers; the next use reloads them from disk.
+                for prefix in &touched {
+                    self.seq_cache.remove(prefix);
+                }
                 tracing::error!(error = %e, ops = batch.len(), "store commit failed");
                 for op in batch.drain(..) {
                     fail(op, StoreError::Backend(e.to_string()));
