@@ -520,10 +520,10 @@ async fn bad_input_gets_clear_errors_while_others_keep_talking() {
                 limited += 1;
             }
             Some(_) => {}
-            None => break true,
+            None => break flood.closed().await,
         }
     };
-    assert!(closed);
+    assert_eq!(close_code(&closed), Some(1008), "{closed:?}");
     assert!(limited > 100, "got {limited} RATE_LIMITED errors");
 
     assert_eq!(background.await.expect("background pair"), 100);

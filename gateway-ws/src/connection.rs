@@ -23,6 +23,11 @@ use crate::registry::{CloseReason, ConnHandle, ConnShared, Outbound};
 
 /// Longest wait for another role before a frame is answered with UNAVAILABLE.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection closed by a server shutdown waits for the client's
+/// close frame.
+const SHUTDOWN_CLOSE_GRACE: Duration = Duration::from_millis(200);
+/// A pause without refused frames this long forgives earlier refusals.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
 /// Frames written per flush.
 const WRITE_BATCH: usize = 64;
 /// How long a closing connection may take to flush what is queued.
@@ -50,7 +55,7 @@ where
         shared: shared.clone(),
         tx,
     };
-    let (sink, stream) = ws.split();
+    let (sink, mut stream) = ws.split();
     let identity: Arc<std::sync::OnceLock<Identity>> = Arc::default();
     let unacked: Arc<Unacked> = Arc::default();
 
@@ -69,9 +74,10 @@ where
         unacked,
         limiter: RateLimiter::new(gw.limits.messages_per_second),
         refusals: 0,
+        last_refusal: Instant::now(),
         fetch_cursor: 0,
     };
-    conn.read_loop(stream).await;
+    conn.read_loop(&mut stream).await;
     // The reader stopped on its own (client closed, socket failed): nothing
     // more to send. When it stopped because of a close request, the writer
     // sends that close frame.
@@ -79,6 +85,26 @@ where
         shared.close(CloseReason::Client);
     }
     let _ = writer.await;
+    let handshake = match shared.reason() {
+        Some(CloseReason::Server(..)) => Some(CLOSE_GRACE),
+        // Server shutdown: every connection closes at once; keep it short.
+        None => Some(SHUTDOWN_CLOSE_GRACE),
+        Some(CloseReason::Client) => None,
+    };
+    if let Some(grace) = handshake {
+        // Closing handshake: read (and drop) what the client still sends
+        // until it answers the close frame. Dropping a socket with unread
+        // input makes the kernel send a reset, which can destroy the close
+        // frame (and its reason) before the client reads it.
+        let _ = timeout(grace, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     conn.handle.tx = mpsc::channel(1).0;
 
     if let Some(id) = identity.get() {
@@ -279,8 +305,9 @@ struct Connection {
     identity: Arc<std::sync::OnceLock<Identity>>,
     unacked: Arc<Unacked>,
     limiter: RateLimiter,
-    /// Refused frames in a row.
+    /// Refused frames since the last pause of a second without refusals.
     refusals: u32,
+    last_refusal: Instant,
     /// Highest sequence number sent by FETCH (or ack-mode replay) on this
     /// connection: the next page starts after it.
     fetch_cursor: u64,
@@ -303,7 +330,7 @@ impl Connection {
         })
     }
 
-    async fn read_loop<R>(&mut self, mut stream: R)
+    async fn read_loop<R>(&mut self, stream: &mut R)
     where
         R: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
@@ -352,6 +379,13 @@ impl Connection {
     /// Answers a refused frame with ERROR; closes a connection that keeps
     /// sending refused frames.
     fn refuse(&mut self, err: FrameError) -> Flow {
+        // A flood interleaved with a few accepted frames still adds up; a
+        // second without refusals starts the count again.
+        let now = Instant::now();
+        if now.duration_since(self.last_refusal) > REFUSAL_WINDOW {
+            self.refusals = 0;
+        }
+        self.last_refusal = now;
         self.refusals += 1;
         if !self.send_text(frames::error(&err)) {
             return Flow::Stop;
@@ -396,10 +430,7 @@ impl Connection {
             self.on_authenticated(frame).await
         };
         match result {
-            Ok(flow) => {
-                self.refusals = 0;
-                flow
-            }
+            Ok(flow) => flow,
             Err(e) => self.refuse(e),
         }
     }

@@ -189,6 +189,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub struct Client {
     ws: Ws,
     pub user: String,
+    /// How the connection ended, once seen.
+    end: Option<Closed>,
 }
 
 /// What the server did with the connection.
@@ -206,6 +208,7 @@ impl Client {
         Client {
             ws,
             user: String::new(),
+            end: None,
         }
     }
 
@@ -263,19 +266,30 @@ impl Client {
         }
     }
 
-    /// The next JSON frame, or `None` on close/timeout.
+    /// The next JSON frame, or `None` on close/timeout (a close is kept for
+    /// [`Client::closed`]).
     pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
+        if self.end.is_some() {
+            return None;
+        }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
-                .ok()??;
-            match next.ok()? {
-                Message::Text(t) => {
+                .ok()?;
+            match next {
+                Some(Ok(Message::Text(t))) => {
                     return Some(serde_json::from_str(t.as_str()).expect("server sent JSON"));
                 }
-                Message::Close(_) => return None,
-                _ => continue,
+                Some(Ok(Message::Close(frame))) => {
+                    self.end = Some(Closed::Frame(frame));
+                    return None;
+                }
+                None | Some(Err(_)) => {
+                    self.end = Some(Closed::Eof);
+                    return None;
+                }
+                Some(Ok(_)) => continue,
             }
         }
     }
@@ -305,6 +319,9 @@ impl Client {
 
     /// Reads until the server closes; returns the close frame.
     pub async fn closed(&mut self) -> Closed {
+        if let Some(end) = self.end.take() {
+            return end;
+        }
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {

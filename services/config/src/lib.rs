@@ -74,7 +74,8 @@ pub struct Limits {
     pub max_content_bytes: usize,
     /// Sustained messages per second per connection (the burst is the same).
     pub messages_per_second: u32,
-    /// Refused frames in a row after which a flooding connection is closed.
+    /// Refused frames (without a one-second pause) after which a flooding
+    /// connection is closed.
     pub max_refusals: u32,
     /// Recipients of one ad-hoc GROUP_MESSAGE.
     pub max_group_recipients: usize,
