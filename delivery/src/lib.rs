@@ -233,14 +233,20 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         }
         let mut removed = 0u32;
         let mut pushes = Vec::new();
-        for (inbox, seqs) in by_inbox {
-            // Removal and the sender's confirmation are one atomic store
-            // write: a crash loses neither or both.
-            let removal = self
-                .store
-                .remove(&inbox, &seqs, Some(confirmation_of))
-                .await
-                .map_err(DeliveryError::from)?;
+        // All inboxes at once, so that the store commits them together.
+        // Removal and the sender's confirmation are one atomic store write:
+        // a crash loses neither or both.
+        let removals =
+            futures_util::future::join_all(by_inbox.into_iter().map(|(inbox, seqs)| async move {
+                let removal = self
+                    .store
+                    .remove(&inbox, &seqs, Some(confirmation_of))
+                    .await;
+                (inbox, removal)
+            }))
+            .await;
+        for (inbox, removal) in removals {
+            let removal = removal.map_err(DeliveryError::from)?;
             removed =
                 removed.saturating_add(u32::try_from(removal.removed.len()).unwrap_or(u32::MAX));
             for msg in removal.appended {

@@ -245,16 +245,6 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut Vec<WriteOp>) {
-        let durable = batch.iter().any(|op| {
-            matches!(
-                op,
-                WriteOp::Append { .. }
-                    | WriteOp::Remove {
-                        follow_up: Some(_),
-                        ..
-                    }
-            )
-        });
         let mut pending = Pending::default();
         let outcomes: Result<Vec<Outcome>, StoreError> = batch
             .iter_mut()
@@ -275,6 +265,12 @@ impl Writer {
                 wb.insert(&self.last_seq, key, seq.to_be_bytes().to_vec());
             }
             wb.commit().map_err(backend)?;
+            // Appends (messages, confirmations) are synced before anyone
+            // hears of them; removals alone are not (see Store::remove).
+            let durable = outcomes.iter().any(|o| match o {
+                Outcome::Appended(_) => true,
+                Outcome::Removed(r) => !r.appended.is_empty(),
+            });
             let mode = if durable {
                 PersistMode::SyncData
             } else {

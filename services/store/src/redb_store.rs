@@ -181,21 +181,8 @@ fn insert_next(
 /// a batch of removals alone is committed without fsync (the next durable
 /// commit persists it too).
 fn commit_batch(db: &Database, batch: &mut Vec<WriteOp>) {
-    let durable = batch.iter().any(|op| {
-        matches!(
-            op,
-            WriteOp::Append { .. }
-                | WriteOp::Remove {
-                    follow_up: Some(_),
-                    ..
-                }
-        )
-    });
     let result = (|| -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
         let mut txn = db.begin_write().map_err(backend)?;
-        if !durable {
-            txn.set_durability(Durability::None).map_err(backend)?;
-        }
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut inbox = txn.open_table(INBOX).map_err(backend)?;
@@ -240,6 +227,16 @@ fn commit_batch(db: &Database, batch: &mut Vec<WriteOp>) {
                 };
                 outcomes.push(outcome);
             }
+        }
+        // Appends (messages, confirmations) are synced before anyone hears
+        // of them; removals alone are not (see Store::remove).
+        let durable = outcomes.iter().any(|o| match o {
+            Ok(Outcome::Appended(_)) => true,
+            Ok(Outcome::Removed(r)) => !r.appended.is_empty(),
+            Err(_) => false,
+        });
+        if !durable {
+            txn.set_durability(Durability::None).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         Ok(outcomes)

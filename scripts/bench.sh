@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Reproduces docs/benchmarks.md: the bare relay and `switchboard run` under the
+# same generator, one after the other on this machine. Nothing else should run
+# meanwhile (no build, no other server): the generator and the server share
+# the machine's cores.
+#
+#   scripts/bench.sh            # everything (about 15 minutes)
+#   scripts/bench.sh ramp       # only the max-throughput ramps
+#
+# Output: one line per measured step, prefixed with the scenario.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+
+cargo build --release -q -p switchboard -p switchboard-bench --bins --examples
+bin=target/release/switchboard
+relay=target/release/examples/bare_relay
+port=18088
+url="ws://127.0.0.1:$port/ws"
+tmp=$(mktemp -d -t switchboard-bench.XXXXXX)
+server_pid=""
+
+stop_server() {
+  if [[ -n $server_pid ]]; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  fi
+}
+trap 'stop_server; rm -rf "$tmp"' EXIT
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "server did not listen on $port" >&2; exit 1
+}
+
+start() { # relay | switchboard
+  stop_server
+  case $1 in
+    relay) "$relay" "127.0.0.1:$port" >"$tmp/server.log" 2>&1 & ;;
+    switchboard)
+      rm -rf "$tmp/data"
+      # The generator sends faster than the default per-connection limit in the ramps.
+      SWITCHBOARD_LOG=warn SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND=100000 \
+        "$bin" run --data-dir "$tmp/data" --client-addr "127.0.0.1:$port" \
+        --mesh-addr 127.0.0.1:0 >"$tmp/server.log" 2>&1 & ;;
+  esac
+  server_pid=$!
+  wait_port
+}
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$server_pid/status"; }
+
+run() { # label, bench args...
+  local label=$1; shift
+  "$bin" bench --url "$url" "$@" 2>/dev/null | grep '^step' | sed "s/^/$label: /"
+}
+
+ramp() {
+  start relay
+  run "relay FAST 200 conns" -n 200 --feature fast --rate-steps 200,300,400,500,600,700 --warmup 2s --duration 5s
+  start switchboard
+  run "switchboard FAST 200 conns" -n 200 --feature fast --rate-steps 200,300,400,500,600,700 --warmup 2s --duration 5s
+  start switchboard
+  run "switchboard RELIABLE 200 conns" -n 200 --feature reliable --rate-steps 50,75,100,150,200,300 --warmup 2s --duration 5s
+}
+
+connections() {
+  for target in relay switchboard; do
+    for feature in fast reliable; do
+      [[ $target == relay && $feature == reliable ]] && continue
+      start "$target"
+      run "$target $feature default workload (1000 conns, 100/s, 1000 chars)" -n 1000 --feature "$feature" --warmup 3s --duration 10s
+      # The same 20,000 msgs/s spread over more connections.
+      for n_rate in 1000:20 2000:10 4000:5 10000:2; do
+        start "$target"
+        run "$target $feature ${n_rate%%:*} conns @ ${n_rate##*:}/s" -n "${n_rate%%:*}" --rate-steps "${n_rate##*:}" --feature "$feature" --warmup 3s --duration 10s
+      done
+    done
+  done
+}
+
+idle_memory() {
+  for target in relay switchboard; do
+    start "$target"
+    local before after
+    before=$(rss_kb)
+    "$bin" bench --url "$url" -n 10000 --idle --duration 15s 2>/dev/null &
+    local gen=$!
+    sleep 12
+    after=$(rss_kb)
+    wait "$gen" || true
+    echo "$target idle: RSS ${before} kB empty, ${after} kB with 10000 idle connections: $(( (after - before) / 1024 )) MiB, $(( (after - before) * 1024 / 10000 )) bytes per connection"
+  done
+}
+
+case $what in
+  ramp) ramp ;;
+  connections) connections ;;
+  idle) idle_memory ;;
+  all) ramp; connections; idle_memory ;;
+  *) echo "usage: $0 [all|ramp|connections|idle]" >&2; exit 2 ;;
+esac
