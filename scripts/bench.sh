@@ -56,7 +56,9 @@ rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$server_pid/status"; }
 
 run() { # label, bench args...
   local label=$1; shift
-  "$bin" bench --url "$url" "$@" 2>/dev/null | grep '^step' | sed "s/^/$label: /"
+  "$bin" bench --url "$url" "$@" 2>/dev/null | grep '^step' | while IFS= read -r line; do
+    echo "$label: $line"
+  done
 }
 
 ramp() {

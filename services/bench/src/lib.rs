@@ -325,6 +325,8 @@ pub async fn run(args: BenchArgs, progress: bool) -> Result<BenchReport, BenchEr
         let _ = phase_tx.send(Phase::Idle);
         let seconds = started.elapsed().as_secs_f64();
         let cpu = process_cpu_seconds() - cpu_before;
+        // Let writers that were mid-send finish counting before anything is read.
+        tokio::time::sleep(Duration::from_millis(100)).await;
 
         // Drain: wait until everything sent arrived, or the bound. A writer
         // may still finish the send it started before the phase changed, so
@@ -506,6 +508,7 @@ async fn write_loop(
         let mut k: u64 = 0;
         loop {
             tokio::select! {
+                biased;
                 changed = phase.changed() => {
                     if changed.is_err() {
                         break 'outer;
@@ -513,6 +516,10 @@ async fn write_loop(
                     continue 'outer;
                 }
                 _ = tokio::time::sleep_until(schedule.at(k)) => {
+                    // The phase may have changed while this task slept.
+                    if phase.has_changed().unwrap_or(true) {
+                        continue 'outer;
+                    }
                     let n = schedule.to_send(Instant::now(), k).max(1);
                     for _ in 0..n {
                         let send_us = u64::try_from(shared.base.elapsed().as_micros()).unwrap_or(u64::MAX);
