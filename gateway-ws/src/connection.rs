@@ -362,7 +362,10 @@ impl Connection {
                 Ok(Some(Ok(msg))) => msg,
             };
             let flow = match msg {
-                Message::Text(text) => self.on_text(text.as_str()).await,
+                // Boxed: the handlers' state lives only while a frame is
+                // handled, instead of enlarging every idle connection's
+                // long-lived future (a small allocation per frame).
+                Message::Text(text) => Box::pin(self.on_text(text.as_str())).await,
                 Message::Binary(_) => self.refuse(FrameError::new(
                     ErrorCode::InvalidFrame,
                     "binary frames are not part of the protocol; send JSON text frames",
@@ -552,10 +555,10 @@ impl Connection {
             let text = frames::render_push(&item, msg);
             let sent = self.handle.send(Outbound {
                 text: Utf8Bytes::from(text),
-                stored: Some(crate::registry::Stored {
+                stored: Some(Box::new(crate::registry::Stored {
                     seq: msg.seq,
                     id: msg.id.clone(),
-                }),
+                })),
             });
             if !sent {
                 break;

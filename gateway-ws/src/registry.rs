@@ -16,7 +16,9 @@ pub struct Outbound {
     pub text: Utf8Bytes,
     /// A stored message: reported delivered once written (or tracked for
     /// acknowledgement in ack mode).
-    pub stored: Option<Stored>,
+    /// Boxed: most frames carry none, and a small `Outbound` keeps each
+    /// connection's queue blocks small.
+    pub stored: Option<Box<Stored>>,
 }
 
 pub struct Stored {
@@ -187,9 +189,11 @@ impl Registry {
         let tracked = !item.sent_copy && msg.seq > 0;
         let mut queued = 0;
         for conn in conns {
-            let stored = tracked.then(|| Stored {
-                seq: msg.seq,
-                id: msg.id.clone(),
+            let stored = tracked.then(|| {
+                Box::new(Stored {
+                    seq: msg.seq,
+                    id: msg.id.clone(),
+                })
             });
             if conn.send(Outbound {
                 text: text.clone(),
