@@ -601,3 +601,38 @@ async fn fetched_messages_have_distinct_ids() {
     assert_eq!(unique.len(), 10);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn idle_connection_is_pinged_and_dropped_when_silent() {
+    let node = TestNode::start_with(
+        |c| {
+            c.limits.ping_interval_secs = 1;
+            c.limits.idle_timeout_secs = 2;
+        },
+        Default::default(),
+    )
+    .await;
+    // The master user reads all the time, so it answers pings and stays.
+    let mut master = Client::login(&node.url(), "demo-0").await;
+    // A client that sends nothing and never reads never answers a ping.
+    let silent = Client::login(&node.url(), "demo-silent").await;
+    let connected = master.recv_type("USER_CONNECTED").await;
+    assert_eq!(connected["data"]["userId"], "demo-silent");
+    let started = tokio::time::Instant::now();
+    let gone = master.recv_type("USER_DISCONNECTED").await;
+    assert_eq!(gone["data"]["userId"], "demo-silent");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6),
+        "dropped after {waited:?}, idle timeout is 2 s"
+    );
+    // The master, idle too but answering pings, is still served.
+    let mut ann = Client::login(&node.url(), "demo-ann").await;
+    ann.message("demo-0", "still there?", "FAST", "").await;
+    assert_eq!(
+        master.recv_type("MESSAGE").await["data"]["content"],
+        "still there?"
+    );
+    drop(silent);
+    node.shutdown().await;
+}
