@@ -159,7 +159,9 @@ async fn write_loop<W>(
                 // A client that stops reading blocks the write; a close
                 // request (slow consumer, shutdown) must still get through.
                 let written = tokio::select! {
-                    r = write_batch(&mut sink, &mut batch) => r.is_ok(),
+                    // Boxed, like frame handling: only a writing connection
+                    // holds this state.
+                    r = Box::pin(write_batch(&mut sink, &mut batch)) => r.is_ok(),
                     _ = shared.cancel.cancelled() => break,
                 };
                 if !written {

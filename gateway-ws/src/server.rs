@@ -85,7 +85,7 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
             Ok(upgraded) => {
                 let hard_limit = limits.max_frame_bytes.saturating_mul(4);
                 let config = WebSocketConfig::default()
-                    .read_buffer_size(4096)
+                    .read_buffer_size(limits.read_buffer_bytes)
                     .write_buffer_size(0)
                     .max_write_buffer_size(hard_limit.saturating_mul(4))
                     .max_message_size(Some(hard_limit))

@@ -91,6 +91,9 @@ pub struct Limits {
     pub max_fetch_count: u32,
     /// Unacknowledged messages tracked per connection in ack mode.
     pub max_unacked: usize,
+    /// WebSocket read buffer per connection, bytes: the largest fixed cost of
+    /// an idle connection (see docs/benchmarks.md).
+    pub read_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -107,6 +110,7 @@ impl Default for Limits {
             idle_timeout_secs: 75,
             max_fetch_count: 1000,
             max_unacked: 10_000,
+            read_buffer_bytes: 2048,
         }
     }
 }
@@ -252,6 +256,11 @@ impl Config {
         if l.max_frame_bytes < 256 || l.max_content_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_frame_bytes must be >= 256 and limits.max_content_bytes > 0".into(),
+            ));
+        }
+        if l.read_buffer_bytes < 256 {
+            return Err(ConfigError::Invalid(
+                "limits.read_buffer_bytes must be >= 256".into(),
             ));
         }
         if l.messages_per_second == 0 || l.send_queue_frames == 0 || l.max_group_recipients == 0 {
