@@ -9,15 +9,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
-use std::thread::JoinHandle;
 
+use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp, needs_sync};
+use crate::{FollowUp, InboxKey, InboxMessage, InboxPage, Removal, Store, StoreError};
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
-
-use crate::{FollowUp, InboxKey, InboxMessage, InboxPage, Removal, Store, StoreError};
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -41,20 +38,6 @@ fn message_key(prefix: &[u8], seq: u64) -> Vec<u8> {
     k
 }
 
-enum WriteOp {
-    Append {
-        app_id: String,
-        messages: Vec<InboxMessage>,
-        reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
-    },
-    Remove {
-        inbox: InboxKey,
-        seqs: Vec<u64>,
-        follow_up: Option<FollowUp>,
-        reply: oneshot::Sender<Result<Removal, StoreError>>,
-    },
-}
-
 /// Tuning of the LSM store.
 #[derive(Debug, Clone)]
 pub struct FjallStoreOptions {
@@ -75,8 +58,7 @@ impl Default for FjallStoreOptions {
 
 pub struct FjallStore {
     inbox: Keyspace,
-    writer: Mutex<Option<mpsc::Sender<WriteOp>>>,
-    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    writer: GroupCommit,
 }
 
 struct Writer {
@@ -101,40 +83,14 @@ impl FjallStore {
         let last_seq = db
             .keyspace("inbox_last_seq", KeyspaceCreateOptions::default)
             .map_err(backend)?;
-        let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
-        let mut writer = Writer {
+        let writer = Writer {
             db,
             inbox: inbox.clone(),
             last_seq,
             seq_cache: HashMap::new(),
         };
-        let max_batch = options.max_batch.max(1);
-        let writer_thread = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer.run(rx, max_batch))
-            .map_err(backend)?;
-        Ok(FjallStore {
-            inbox,
-            writer: Mutex::new(Some(tx)),
-            writer_thread: Mutex::new(Some(writer_thread)),
-        })
-    }
-
-    async fn submit(&self, op: WriteOp) -> Result<(), StoreError> {
-        let tx = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-            .ok_or(StoreError::Closed)?;
-        tx.send(op).await.map_err(|_| StoreError::Closed)
-    }
-
-    fn is_closed(&self) -> bool {
-        self.writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_none()
+        let writer = GroupCommit::start(writer, options.max_batch, options.queue_capacity)?;
+        Ok(FjallStore { inbox, writer })
     }
 }
 
@@ -147,23 +103,6 @@ struct Pending {
 }
 
 impl Writer {
-    fn run(&mut self, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize) {
-        let mut batch = Vec::with_capacity(max_batch);
-        while let Some(op) = rx.blocking_recv() {
-            batch.push(op);
-            while batch.len() < max_batch {
-                match rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
-            self.commit(&mut batch);
-        }
-        if let Err(e) = self.db.persist(PersistMode::SyncAll) {
-            tracing::error!(error = %e, "store: final persist failed");
-        }
-    }
-
     fn next_seq(&mut self, prefix: &[u8], pending: &mut Pending) -> Result<u64, StoreError> {
         let last = match self.seq_cache.get(prefix) {
             Some(&seq) => seq,
@@ -243,8 +182,10 @@ impl Writer {
             }
         }
     }
+}
 
-    fn commit(&mut self, batch: &mut Vec<WriteOp>) {
+impl Engine for Writer {
+    fn commit(&mut self, batch: &mut [WriteOp]) -> Result<Vec<Outcome>, StoreError> {
         let mut pending = Pending::default();
         let outcomes: Result<Vec<Outcome>, StoreError> = batch
             .iter_mut()
@@ -265,13 +206,7 @@ impl Writer {
                 wb.insert(&self.last_seq, key, seq.to_be_bytes().to_vec());
             }
             wb.commit().map_err(backend)?;
-            // Appends (messages, confirmations) are synced before anyone
-            // hears of them; removals alone are not (see Store::remove).
-            let durable = outcomes.iter().any(|o| match o {
-                Outcome::Appended(_) => true,
-                Outcome::Removed(r) => !r.appended.is_empty(),
-            });
-            let mode = if durable {
+            let mode = if needs_sync(&outcomes) {
                 PersistMode::SyncData
             } else {
                 PersistMode::Buffer
@@ -279,47 +214,19 @@ impl Writer {
             self.db.persist(mode).map_err(backend)?;
             Ok(outcomes)
         });
-        match result {
-            Ok(outcomes) => {
-                for (op, outcome) in batch.drain(..).zip(outcomes) {
-                    match (op, outcome) {
-                        (WriteOp::Append { reply, .. }, Outcome::Appended(seqs)) => {
-                            let _ = reply.send(Ok(seqs));
-                        }
-                        (WriteOp::Remove { reply, .. }, Outcome::Removed(r)) => {
-                            let _ = reply.send(Ok(r));
-                        }
-                        (op, _) => fail(op, StoreError::Backend("outcome mismatch".into())),
-                    }
-                }
-            }
-            Err(e) => {
-                // Nothing of this batch was written: forget its sequence
-                // numbers; the next use reloads them from disk.
-                for prefix in &touched {
-                    self.seq_cache.remove(prefix);
-                }
-                tracing::error!(error = %e, ops = batch.len(), "store commit failed");
-                for op in batch.drain(..) {
-                    fail(op, StoreError::Backend(e.to_string()));
-                }
+        if result.is_err() {
+            // Nothing of this batch was written: forget its sequence numbers;
+            // the next use reloads them from disk.
+            for prefix in &touched {
+                self.seq_cache.remove(prefix);
             }
         }
+        result
     }
-}
 
-enum Outcome {
-    Appended(Vec<u64>),
-    Removed(Removal),
-}
-
-fn fail(op: WriteOp, err: StoreError) {
-    match op {
-        WriteOp::Append { reply, .. } => {
-            let _ = reply.send(Err(err));
-        }
-        WriteOp::Remove { reply, .. } => {
-            let _ = reply.send(Err(err));
+    fn finish(&mut self) {
+        if let Err(e) = self.db.persist(PersistMode::SyncAll) {
+            tracing::error!(error = %e, "store: final persist failed");
         }
     }
 }
@@ -331,17 +238,7 @@ impl Store for FjallStore {
         app_id: &str,
         messages: Vec<InboxMessage>,
     ) -> Result<Vec<u64>, StoreError> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::Append {
-            app_id: app_id.to_owned(),
-            messages,
-            reply,
-        })
-        .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.writer.append(app_id, messages).await
     }
 
     async fn fetch(
@@ -350,7 +247,7 @@ impl Store for FjallStore {
         after_seq: u64,
         limit: usize,
     ) -> Result<InboxPage, StoreError> {
-        if self.is_closed() {
+        if self.writer.is_closed() {
             return Err(StoreError::Closed);
         }
         let prefix = inbox_prefix(&inbox.app_id, &inbox.user_id);
@@ -381,18 +278,7 @@ impl Store for FjallStore {
         seqs: &[u64],
         follow_up: Option<FollowUp>,
     ) -> Result<Removal, StoreError> {
-        if seqs.is_empty() {
-            return Ok(Removal::default());
-        }
-        let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::Remove {
-            inbox: inbox.clone(),
-            seqs: seqs.to_vec(),
-            follow_up,
-            reply,
-        })
-        .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.writer.remove(inbox, seqs, follow_up).await
     }
 
     async fn count(&self, inbox: &InboxKey) -> Result<u64, StoreError> {
@@ -400,24 +286,7 @@ impl Store for FjallStore {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
-        let sender = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        drop(sender);
-        let handle = self
-            .writer_thread
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            tokio::task::spawn_blocking(move || handle.join())
-                .await
-                .map_err(backend)?
-                .map_err(|_| StoreError::Backend("store writer panicked".into()))?;
-        }
-        Ok(())
+        self.writer.close().await
     }
 }
 

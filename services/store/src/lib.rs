@@ -8,6 +8,7 @@
 
 pub mod contract;
 mod fjall_store;
+mod group_commit;
 mod redb_store;
 
 use async_trait::async_trait;

@@ -9,15 +9,13 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
+use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp, needs_sync};
+use crate::{FollowUp, InboxKey, InboxMessage, InboxPage, Removal, Store, StoreError};
 use async_trait::async_trait;
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
-
-use crate::{FollowUp, InboxKey, InboxMessage, InboxPage, Removal, Store, StoreError};
 
 /// (app, user, seq) → encoded InboxMessage.
 const INBOX: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("inbox");
@@ -45,25 +43,10 @@ impl Default for RedbStoreOptions {
     }
 }
 
-enum WriteOp {
-    Append {
-        app_id: String,
-        messages: Vec<InboxMessage>,
-        reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
-    },
-    Remove {
-        inbox: InboxKey,
-        seqs: Vec<u64>,
-        follow_up: Option<FollowUp>,
-        reply: oneshot::Sender<Result<Removal, StoreError>>,
-    },
-}
-
-/// The default store: redb in `<data_dir>/inbox.redb`.
+/// The redb store: one file, `<data_dir>/inbox.redb`.
 pub struct RedbStore {
     db: Arc<Database>,
-    writer: Mutex<Option<mpsc::Sender<WriteOp>>>,
-    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    writer: GroupCommit,
     path: PathBuf,
 }
 
@@ -87,46 +70,23 @@ impl RedbStore {
         txn.commit().map_err(backend)?;
 
         let db = Arc::new(db);
-        let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
-        let writer_db = db.clone();
-        let max_batch = options.max_batch.max(1);
-        let writer_thread = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx, max_batch))
-            .map_err(backend)?;
-        Ok(RedbStore {
-            db,
-            writer: Mutex::new(Some(tx)),
-            writer_thread: Mutex::new(Some(writer_thread)),
-            path,
-        })
+        let writer = GroupCommit::start(
+            RedbEngine { db: db.clone() },
+            options.max_batch,
+            options.queue_capacity,
+        )?;
+        Ok(RedbStore { db, writer, path })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    async fn submit(&self, op: WriteOp) -> Result<(), StoreError> {
-        let tx = {
-            let guard = self
-                .writer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            guard.clone().ok_or(StoreError::Closed)?
-        };
-        tx.send(op).await.map_err(|_| StoreError::Closed)
-    }
-
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        if self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_none()
-        {
+        if self.writer.is_closed() {
             return Err(StoreError::Closed);
         }
         let db = self.db.clone();
@@ -134,25 +94,6 @@ impl RedbStore {
             .await
             .map_err(backend)?
     }
-}
-
-fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize) {
-    let mut batch = Vec::with_capacity(max_batch);
-    while let Some(op) = rx.blocking_recv() {
-        batch.push(op);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        commit_batch(db, &mut batch);
-    }
-}
-
-enum Outcome {
-    Appended(Vec<u64>),
-    Removed(Removal),
 }
 
 /// Assigns the next sequence number of an inbox and inserts the message.
@@ -177,12 +118,14 @@ fn insert_next(
     Ok(seq)
 }
 
-/// Applies a batch in one transaction. Appends make the commit durable;
-/// a batch of removals alone is committed without fsync (the next durable
-/// commit persists it too).
-fn commit_batch(db: &Database, batch: &mut Vec<WriteOp>) {
-    let result = (|| -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
-        let mut txn = db.begin_write().map_err(backend)?;
+/// The redb side of group commit: one write transaction per batch.
+struct RedbEngine {
+    db: Arc<Database>,
+}
+
+impl Engine for RedbEngine {
+    fn commit(&mut self, batch: &mut [WriteOp]) -> Result<Vec<Outcome>, StoreError> {
+        let mut txn = self.db.begin_write().map_err(backend)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut inbox = txn.open_table(INBOX).map_err(backend)?;
@@ -196,7 +139,7 @@ fn commit_batch(db: &Database, batch: &mut Vec<WriteOp>) {
                         for msg in messages.iter_mut() {
                             seqs.push(insert_next(&mut inbox, &mut last_seq, app_id, msg)?);
                         }
-                        Ok(Outcome::Appended(seqs))
+                        Outcome::Appended(seqs)
                     }
                     WriteOp::Remove {
                         inbox: key,
@@ -222,63 +165,17 @@ fn commit_batch(db: &Database, batch: &mut Vec<WriteOp>) {
                                 }
                             }
                         }
-                        Ok(Outcome::Removed(removal))
+                        Outcome::Removed(removal)
                     }
                 };
                 outcomes.push(outcome);
             }
         }
-        // Appends (messages, confirmations) are synced before anyone hears
-        // of them; removals alone are not (see Store::remove).
-        let durable = outcomes.iter().any(|o| match o {
-            Ok(Outcome::Appended(_)) => true,
-            Ok(Outcome::Removed(r)) => !r.appended.is_empty(),
-            Err(_) => false,
-        });
-        if !durable {
+        if !needs_sync(&outcomes) {
             txn.set_durability(Durability::None).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         Ok(outcomes)
-    })();
-
-    match result {
-        Ok(outcomes) => {
-            for (op, outcome) in batch.drain(..).zip(outcomes) {
-                match (op, outcome) {
-                    (WriteOp::Append { reply, .. }, Ok(Outcome::Appended(seqs))) => {
-                        let _ = reply.send(Ok(seqs));
-                    }
-                    (WriteOp::Remove { reply, .. }, Ok(Outcome::Removed(msgs))) => {
-                        let _ = reply.send(Ok(msgs));
-                    }
-                    (WriteOp::Append { reply, .. }, Err(e)) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    (WriteOp::Remove { reply, .. }, Err(e)) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    (op, _) => fail(op, StoreError::Backend("outcome mismatch".into())),
-                }
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, ops = batch.len(), "store commit failed");
-            for op in batch.drain(..) {
-                fail(op, StoreError::Backend(e.to_string()));
-            }
-        }
-    }
-}
-
-fn fail(op: WriteOp, err: StoreError) {
-    match op {
-        WriteOp::Append { reply, .. } => {
-            let _ = reply.send(Err(err));
-        }
-        WriteOp::Remove { reply, .. } => {
-            let _ = reply.send(Err(err));
-        }
     }
 }
 
@@ -301,17 +198,7 @@ impl Store for RedbStore {
         app_id: &str,
         messages: Vec<InboxMessage>,
     ) -> Result<Vec<u64>, StoreError> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::Append {
-            app_id: app_id.to_owned(),
-            messages,
-            reply,
-        })
-        .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.writer.append(app_id, messages).await
     }
 
     async fn fetch(
@@ -350,18 +237,7 @@ impl Store for RedbStore {
         seqs: &[u64],
         follow_up: Option<FollowUp>,
     ) -> Result<Removal, StoreError> {
-        if seqs.is_empty() {
-            return Ok(Removal::default());
-        }
-        let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::Remove {
-            inbox: inbox.clone(),
-            seqs: seqs.to_vec(),
-            follow_up,
-            reply,
-        })
-        .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.writer.remove(inbox, seqs, follow_up).await
     }
 
     async fn count(&self, inbox: &InboxKey) -> Result<u64, StoreError> {
@@ -369,25 +245,7 @@ impl Store for RedbStore {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
-        // Dropping the sender lets the writer drain what is queued and stop.
-        let sender = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        drop(sender);
-        let handle = self
-            .writer_thread
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            tokio::task::spawn_blocking(move || handle.join())
-                .await
-                .map_err(backend)?
-                .map_err(|_| StoreError::Backend("store writer panicked".into()))?;
-        }
-        Ok(())
+        self.writer.close().await
     }
 }
 
