@@ -103,7 +103,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Removal, StoreError>;
 
     /// Number of messages in an inbox.
-    async fn count(&self, inbox: &InboxKey) -> Result<u64, StoreError>;
+    async fn count(&self, inbox: &InboxKey) -> Result<u64, StoreError> {
+        Ok(self.fetch(inbox, 0, 0).await?.left)
+    }
 
     /// Finishes in-flight writes and releases the storage. Later calls fail
     /// with [`StoreError::Closed`].

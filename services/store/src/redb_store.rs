@@ -240,10 +240,6 @@ impl Store for RedbStore {
         self.writer.remove(inbox, seqs, follow_up).await
     }
 
-    async fn count(&self, inbox: &InboxKey) -> Result<u64, StoreError> {
-        Ok(self.fetch(inbox, 0, 0).await?.left)
-    }
-
     async fn close(&self) -> Result<(), StoreError> {
         self.writer.close().await
     }
