@@ -85,28 +85,7 @@ where
         shared.close(CloseReason::Client);
     }
     let _ = writer.await;
-    let handshake = match shared.reason() {
-        Some(CloseReason::Server(..)) => Some(CLOSE_GRACE),
-        // Server shutdown: every connection closes at once; keep it short.
-        None => Some(SHUTDOWN_CLOSE_GRACE),
-        Some(CloseReason::Client) => None,
-    };
-    if let Some(grace) = handshake {
-        // Closing handshake: read (and drop) what the client still sends
-        // until it answers the close frame. Dropping a socket with unread
-        // input makes the kernel send a reset, which can destroy the close
-        // frame (and its reason) before the client reads it.
-        let _ = timeout(grace, async {
-            while let Some(Ok(msg)) = stream.next().await {
-                if msg.is_close() {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
-    conn.handle.tx = mpsc::channel(1).0;
-
+    // Nothing can be written any more: stop routing pushes here.
     if let Some(id) = identity.get() {
         gw.registry.remove(&id.app_id, &id.user_id, conn_id);
         match gw
@@ -128,6 +107,26 @@ where
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "presence disconnect failed"),
         }
+    }
+    let handshake = match shared.reason() {
+        Some(CloseReason::Server(..)) => Some(CLOSE_GRACE),
+        // Server shutdown: every connection closes at once; keep it short.
+        None => Some(SHUTDOWN_CLOSE_GRACE),
+        Some(CloseReason::Client) => None,
+    };
+    if let Some(grace) = handshake {
+        // Closing handshake: read (and drop) what the client still sends
+        // until it answers the close frame. Dropping a socket with unread
+        // input makes the kernel send a reset, which can destroy the close
+        // frame (and its reason) before the client reads it.
+        let _ = timeout(grace, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
