@@ -10,6 +10,11 @@ use std::sync::RwLock;
 
 use async_trait::async_trait;
 
+pub mod contract;
+mod redis_presence;
+
+pub use redis_presence::RedisPresence;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PresenceError {
     #[error("presence backend unavailable: {0}")]
@@ -152,43 +157,12 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn first_and_last_connection_across_gateways() {
-        let p = InMemoryPresence::default();
-        assert!(p.connect("a", "a-1", "g1").await.expect("c").user_changed);
-        assert!(!p.connect("a", "a-1", "g1").await.expect("c").user_changed);
-        assert!(!p.connect("a", "a-1", "g2").await.expect("c").user_changed);
-        let mut gws = p.gateways("a", "a-1").await.expect("g");
-        gws.sort();
-        assert_eq!(gws, vec![("g1".to_owned(), 2), ("g2".to_owned(), 1)]);
-        assert!(
-            !p.disconnect("a", "a-1", "g1")
-                .await
-                .expect("d")
-                .user_changed
-        );
-        assert!(
-            !p.disconnect("a", "a-1", "g2")
-                .await
-                .expect("d")
-                .user_changed
-        );
-        assert_eq!(
-            p.gateways("a", "a-1").await.expect("g"),
-            vec![("g1".to_owned(), 1)]
-        );
-        assert!(
-            p.disconnect("a", "a-1", "g1")
-                .await
-                .expect("d")
-                .user_changed
-        );
-        assert!(p.gateways("a", "a-1").await.expect("g").is_empty());
-        // A stray disconnect changes nothing.
-        assert!(
-            !p.disconnect("a", "a-1", "g1")
-                .await
-                .expect("d")
-                .user_changed
-        );
+    async fn in_memory_first_and_last_connection_across_gateways() {
+        contract::first_and_last_connection_across_gateways(&InMemoryPresence::default()).await;
+    }
+
+    #[tokio::test]
+    async fn in_memory_stray_disconnect_changes_nothing() {
+        contract::stray_disconnect_changes_nothing(&InMemoryPresence::default()).await;
     }
 }

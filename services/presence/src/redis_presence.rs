@@ -1,0 +1,215 @@
+//! Presence in Redis, shared by every gateway of a deployment.
+//!
+//! - `{prefix}p:{app}:{user}`: a hash, gateway id → connections of the user
+//!   on that gateway.
+//! - `{prefix}gw:{gateway}`: a gateway's liveness key, refreshed by the
+//!   gateway ([`RedisPresence::spawn_heartbeat`]) and expiring after the TTL
+//!   when it dies. Entries of a gateway without a liveness key are ignored,
+//!   and deleted the next time the user connects or disconnects, so delivery
+//!   never waits on a dead gateway.
+//!
+//! Each operation is one Lua script: atomic, one round trip. The scripts
+//! touch liveness keys not named in KEYS, so they need one Redis node (or a
+//! cluster with hash tags), not a plain Redis Cluster.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+
+use crate::{Presence, PresenceError, Transition};
+
+const CONNECT: &str = r"
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+local fields = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #fields, 2 do
+  local gw = fields[i]
+  if gw == ARGV[1] or redis.call('EXISTS', ARGV[2] .. gw) == 1 then
+    total = total + tonumber(fields[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], gw)
+  end
+end
+return total
+";
+
+const DISCONNECT: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  return -1
+end
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if n <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local fields = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #fields, 2 do
+  local gw = fields[i]
+  if gw == ARGV[1] or redis.call('EXISTS', ARGV[2] .. gw) == 1 then
+    total = total + tonumber(fields[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], gw)
+  end
+end
+return total
+";
+
+const GATEWAYS: &str = r"
+local fields = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #fields, 2 do
+  if redis.call('EXISTS', ARGV[1] .. fields[i]) == 1 then
+    table.insert(out, fields[i])
+    table.insert(out, fields[i + 1])
+  end
+end
+return out
+";
+
+/// Presence kept in Redis.
+#[derive(Clone)]
+pub struct RedisPresence {
+    conn: ConnectionManager,
+    prefix: String,
+    gateway_ttl: Duration,
+    connect: redis::Script,
+    disconnect: redis::Script,
+    gateways: redis::Script,
+}
+
+fn unavailable(e: redis::RedisError) -> PresenceError {
+    PresenceError::Unavailable(e.to_string())
+}
+
+impl RedisPresence {
+    /// Connects to `url` (`redis://host:port`). `prefix` namespaces every key
+    /// (one deployment, or one test); `gateway_ttl` is how long a gateway
+    /// counts as alive after its last heartbeat.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        gateway_ttl: Duration,
+    ) -> Result<Self, PresenceError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        Ok(RedisPresence {
+            conn,
+            prefix: prefix.to_owned(),
+            gateway_ttl,
+            connect: redis::Script::new(CONNECT),
+            disconnect: redis::Script::new(DISCONNECT),
+            gateways: redis::Script::new(GATEWAYS),
+        })
+    }
+
+    fn user_key(&self, app_id: &str, user_id: &str) -> String {
+        format!("{}p:{}:{}", self.prefix, app_id, user_id)
+    }
+
+    fn gateway_prefix(&self) -> String {
+        format!("{}gw:", self.prefix)
+    }
+
+    /// Marks `gateway_id` alive for one TTL.
+    pub async fn heartbeat(&self, gateway_id: &str) -> Result<(), PresenceError> {
+        let ttl_ms = u64::try_from(self.gateway_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        redis::cmd("SET")
+            .arg(format!("{}{}", self.gateway_prefix(), gateway_id))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Marks `gateway_id` dead at once (graceful shutdown).
+    pub async fn retire(&self, gateway_id: &str) -> Result<(), PresenceError> {
+        redis::cmd("DEL")
+            .arg(format!("{}{}", self.gateway_prefix(), gateway_id))
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Refreshes the gateway's liveness every third of the TTL until the
+    /// returned handle is aborted or dropped with the runtime.
+    pub fn spawn_heartbeat(&self, gateway_id: String) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let every = (self.gateway_ttl / 3).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.heartbeat(&gateway_id).await {
+                    tracing::warn!(error = %e, gateway = %gateway_id, "presence heartbeat failed");
+                }
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl Presence for RedisPresence {
+    async fn connect(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        gateway_id: &str,
+    ) -> Result<Transition, PresenceError> {
+        let total: i64 = self
+            .connect
+            .key(self.user_key(app_id, user_id))
+            .arg(gateway_id)
+            .arg(self.gateway_prefix())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(Transition {
+            user_changed: total == 1,
+        })
+    }
+
+    async fn disconnect(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        gateway_id: &str,
+    ) -> Result<Transition, PresenceError> {
+        let total: i64 = self
+            .disconnect
+            .key(self.user_key(app_id, user_id))
+            .arg(gateway_id)
+            .arg(self.gateway_prefix())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(Transition {
+            user_changed: total == 0,
+        })
+    }
+
+    async fn gateways(
+        &self,
+        app_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<(String, u32)>, PresenceError> {
+        let flat: Vec<String> = self
+            .gateways
+            .key(self.user_key(app_id, user_id))
+            .arg(self.gateway_prefix())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(flat
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                let count = pair[1].parse::<u32>().ok()?;
+                (count > 0).then(|| (pair[0].clone(), count))
+            })
+            .collect())
+    }
+}

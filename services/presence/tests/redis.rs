@@ -1,0 +1,88 @@
+//! The presence contract against a real Redis (`SWITCHBOARD_TEST_REDIS`,
+//! started by `scripts/test.sh`), plus gateway expiry.
+
+use std::time::Duration;
+
+use switchboard_presence::{Presence, RedisPresence, contract};
+
+/// The Redis under test, or `None` (with the reason printed) when a developer
+/// runs plain `cargo test` without one. In CI a missing Redis is a failure.
+fn redis_url() -> Option<String> {
+    match std::env::var("SWITCHBOARD_TEST_REDIS") {
+        Ok(url) => Some(url),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("SWITCHBOARD_TEST_REDIS is not set (CI=true): run scripts/test.sh")
+        }
+        Err(_) => {
+            eprintln!("skipped: SWITCHBOARD_TEST_REDIS is not set (scripts/test.sh sets it)");
+            None
+        }
+    }
+}
+
+/// A presence in its own key prefix, with g1 and g2 alive.
+async fn presence(ttl: Duration) -> Option<RedisPresence> {
+    let url = redis_url()?;
+    let prefix = format!("sbtest:{}:", uuid_like());
+    let p = RedisPresence::connect(&url, &prefix, ttl)
+        .await
+        .expect("connect to redis");
+    p.heartbeat("g1").await.expect("heartbeat");
+    p.heartbeat("g2").await.expect("heartbeat");
+    Some(p)
+}
+
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}-{}", nanos, std::process::id())
+}
+
+#[tokio::test]
+async fn first_and_last_connection_across_gateways() {
+    let Some(p) = presence(Duration::from_secs(30)).await else {
+        return;
+    };
+    contract::first_and_last_connection_across_gateways(&p).await;
+}
+
+#[tokio::test]
+async fn stray_disconnect_changes_nothing() {
+    let Some(p) = presence(Duration::from_secs(30)).await else {
+        return;
+    };
+    contract::stray_disconnect_changes_nothing(&p).await;
+}
+
+#[tokio::test]
+async fn a_dead_gateway_disappears_after_its_ttl() {
+    let Some(p) = presence(Duration::from_millis(400)).await else {
+        return;
+    };
+    // g1 keeps beating; g2 dies (no more heartbeats).
+    let beat = p.spawn_heartbeat("g1".to_owned());
+    assert!(p.connect("a", "a-1", "g2").await.expect("c").user_changed);
+    assert!(!p.connect("a", "a-1", "g1").await.expect("c").user_changed);
+    assert_eq!(p.gateways("a", "a-1").await.expect("g").len(), 2);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        p.gateways("a", "a-1").await.expect("g"),
+        vec![("g1".to_owned(), 1)],
+        "the dead gateway is no longer listed"
+    );
+    // The user's last live connection closing makes them offline, although
+    // the dead gateway never said goodbye.
+    assert!(
+        p.disconnect("a", "a-1", "g1")
+            .await
+            .expect("d")
+            .user_changed
+    );
+    // A graceful stop retires a gateway at once.
+    assert!(p.connect("a", "a-2", "g1").await.expect("c").user_changed);
+    beat.abort();
+    p.retire("g1").await.expect("retire");
+    assert!(p.gateways("a", "a-2").await.expect("g").is_empty());
+}
