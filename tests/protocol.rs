@@ -636,3 +636,65 @@ async fn idle_connection_is_pinged_and_dropped_when_silent() {
     drop(silent);
     node.shutdown().await;
 }
+
+/// The Redis under test, or `None` (with the reason printed) when a developer
+/// runs plain `cargo test` without one. Under CI a missing Redis fails.
+fn test_redis() -> Option<String> {
+    match std::env::var("SWITCHBOARD_TEST_REDIS") {
+        Ok(url) => Some(url),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("SWITCHBOARD_TEST_REDIS is not set (CI=true): run scripts/test.sh")
+        }
+        Err(_) => {
+            eprintln!("skipped: SWITCHBOARD_TEST_REDIS is not set (scripts/test.sh sets it)");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn presence_in_redis_serves_the_same_protocol() {
+    let Some(redis) = test_redis() else {
+        return;
+    };
+    let prefix = format!("sbtest:{}:", switchboard_mesh::new_message_id());
+    let node = TestNode::start_with(
+        |c| {
+            c.redis = redis;
+            c.presence.key_prefix = prefix;
+        },
+        Default::default(),
+    )
+    .await;
+    let url = node.url();
+    let mut master = Client::login(&url, "demo-0").await;
+    let first = Client::login(&url, "demo-7").await;
+    let mut second = Client::login(&url, "demo-7").await;
+    let connected = master.recv().await;
+    assert_eq!(connected["type"], "USER_CONNECTED");
+    assert_eq!(connected["data"]["userId"], "demo-7");
+    master.expect_silence(QUIET).await;
+
+    // Pushes find the user's connections through Redis.
+    let mut ann = Client::login(&url, "demo-ann").await;
+    let ann_online = master.recv().await;
+    assert_eq!(ann_online["type"], "USER_CONNECTED");
+    assert_eq!(ann_online["data"]["userId"], "demo-ann");
+    ann.message("demo-7", "via redis", "RELIABLE", "r1").await;
+    assert_eq!(
+        second.recv_type("MESSAGE").await["data"]["content"],
+        "via redis"
+    );
+    assert_eq!(
+        ann.recv_type("MESSAGE_CONFIRMATION").await["data"]["reference"],
+        "r1"
+    );
+
+    first.close().await;
+    master.expect_silence(QUIET).await;
+    second.close().await;
+    let gone = master.recv().await;
+    assert_eq!(gone["type"], "USER_DISCONNECTED");
+    master.expect_silence(QUIET).await;
+    node.shutdown().await;
+}

@@ -43,8 +43,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// This node's id in the mesh (gateway id in presence). Empty: generated.
     pub node_id: String,
+    /// Redis for presence (`redis://host:port`). Empty: in-memory presence,
+    /// which is right for one process.
+    pub redis: String,
     pub limits: Limits,
     pub store: StoreConfig,
+    pub presence: PresenceConfig,
     /// Client apps. Empty: the built-in development app `demo`.
     pub apps: Vec<AppConfig>,
 }
@@ -56,8 +60,10 @@ impl Default for Config {
             mesh_addr: SocketAddr::from(([127, 0, 0, 1], 9089)),
             data_dir: PathBuf::from("./data"),
             node_id: String::new(),
+            redis: String::new(),
             limits: Limits::default(),
             store: StoreConfig::default(),
+            presence: PresenceConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -111,6 +117,26 @@ impl Default for Limits {
             max_fetch_count: 1000,
             max_unacked: 10_000,
             read_buffer_bytes: 2048,
+        }
+    }
+}
+
+/// Presence in Redis (used when `redis` is set).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Prefix of every presence key: one per deployment sharing a Redis.
+    pub key_prefix: String,
+    /// Seconds a gateway counts as alive after its last heartbeat; its users'
+    /// entries are ignored after that.
+    pub gateway_ttl_secs: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            key_prefix: "switchboard:".into(),
+            gateway_ttl_secs: 5,
         }
     }
 }

@@ -18,7 +18,7 @@ use switchboard_mesh::{
     GatewayService, GroupsClient, GroupsService, RouterClient, RouterService,
     StaticGatewayDirectory,
 };
-use switchboard_presence::InMemoryPresence;
+use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::RouterRole;
 use switchboard_store::{FjallStore, FjallStoreOptions, RedbStore, RedbStoreOptions, Store};
 use tokio::net::TcpListener;
@@ -78,7 +78,8 @@ pub async fn serve(
 
     let store = open_store(&config)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-    let presence = Arc::new(InMemoryPresence::default());
+    let node_presence = NodePresence::open(&config, &node_id).await?;
+    let presence = node_presence.presence.clone();
     let gateways = Arc::new(StaticGatewayDirectory::default());
 
     let local_auth = AuthClient::from_local(Arc::new(
@@ -151,9 +152,54 @@ pub async fn serve(
         Ok(_) => {}
         Err(_) => tracing::warn!("mesh port did not stop within 5 s"),
     }
+    node_presence.retire(&node_id).await;
     store.close().await.context("closing the store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The presence backend of this node, and its heartbeat when it is Redis.
+struct NodePresence {
+    presence: Arc<dyn Presence>,
+    redis: Option<(RedisPresence, tokio::task::JoinHandle<()>)>,
+}
+
+impl NodePresence {
+    async fn open(config: &Config, node_id: &str) -> anyhow::Result<Self> {
+        if config.redis.is_empty() {
+            return Ok(NodePresence {
+                presence: Arc::new(InMemoryPresence::default()),
+                redis: None,
+            });
+        }
+        let redis = RedisPresence::connect(
+            &config.redis,
+            &config.presence.key_prefix,
+            Duration::from_secs(config.presence.gateway_ttl_secs.max(1)),
+        )
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", config.redis))?;
+        // Alive before the first client can connect.
+        redis
+            .heartbeat(node_id)
+            .await
+            .context("first presence heartbeat")?;
+        let beat = redis.spawn_heartbeat(node_id.to_owned());
+        Ok(NodePresence {
+            presence: Arc::new(redis.clone()),
+            redis: Some((redis, beat)),
+        })
+    }
+
+    /// Graceful stop: this gateway's users are gone at once, not after the TTL.
+    async fn retire(&self, node_id: &str) {
+        if let Some((redis, beat)) = &self.redis {
+            beat.abort();
+            if let Err(e) = redis.retire(node_id).await {
+                tracing::warn!(error = %e, "cannot retire this gateway from presence");
+            }
+        }
+    }
 }
 
 fn open_store(config: &Config) -> Result<Arc<dyn Store>, switchboard_store::StoreError> {

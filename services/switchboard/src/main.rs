@@ -53,6 +53,10 @@ struct RunArgs {
     /// This node's id in the mesh; generated when empty [env: SWITCHBOARD_NODE_ID]
     #[arg(long)]
     node_id: Option<String>,
+    /// Redis for presence, e.g. redis://127.0.0.1:6379; without it presence
+    /// is in memory [env: SWITCHBOARD_REDIS]
+    #[arg(long)]
+    redis: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,6 +111,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(id) = args.node_id {
         config.node_id = id;
     }
+    if let Some(url) = args.redis {
+        config.redis = url;
+    }
     config.validate()?;
 
     let listeners = Listeners::bind(&config).await?;
@@ -116,6 +123,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     println!("  client port  ws://{client}/ws   (health: http://{client}/healthz)");
     println!("  mesh port    grpc://{mesh}");
     println!("  data dir     {}", config.data_dir.display());
+    if config.redis.is_empty() {
+        println!("  presence     in memory");
+    } else {
+        println!("  presence     {}", config.redis);
+    }
     if config.apps.is_empty() {
         println!(
             "  WARNING: no apps configured; using the built-in development app \
