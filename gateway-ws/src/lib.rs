@@ -28,6 +28,21 @@ pub struct GatewayDeps {
     pub router: RouterClient,
     pub delivery: DeliveryClient,
     pub presence: Arc<dyn Presence>,
+    /// What `/readyz` checks.
+    pub readiness: Arc<dyn Readiness>,
+}
+
+/// One dependency checked by `/readyz`: its name, and why it failed.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub error: Option<String>,
+}
+
+/// The dependencies a node needs to serve (store, presence, …).
+#[async_trait]
+pub trait Readiness: Send + Sync + 'static {
+    async fn check(&self) -> Vec<Check>;
 }
 
 #[derive(Debug, thiserror::Error)]

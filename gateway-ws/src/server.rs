@@ -25,6 +25,7 @@ pub async fn serve(
 ) -> Result<(), GatewayError> {
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/ws", get(ws_upgrade))
         .with_state(gateway.clone());
     let closing = gateway.clone();
@@ -45,6 +46,29 @@ pub async fn serve(
 
 async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// 200 when every dependency answers, 503 naming those that did not.
+async fn readyz(State(gateway): State<GatewayRole>) -> Response {
+    let checks = gateway.inner.deps.readiness.check().await;
+    let ready = checks.iter().all(|c| c.error.is_none());
+    let body: serde_json::Map<String, serde_json::Value> = checks
+        .into_iter()
+        .map(|c| {
+            let state = c.error.unwrap_or_else(|| "ok".to_owned());
+            (c.name.to_owned(), serde_json::Value::String(state))
+        })
+        .collect();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({"ready": ready, "checks": body})),
+    )
+        .into_response()
 }
 
 fn bad_request(message: &str) -> Response {

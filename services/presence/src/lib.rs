@@ -45,6 +45,11 @@ pub trait Presence: Send + Sync + 'static {
         user_id: &str,
         gateway_id: &str,
     ) -> Result<Transition, PresenceError>;
+    /// Whether the backend answers (readiness).
+    async fn check(&self) -> Result<(), PresenceError> {
+        Ok(())
+    }
+
     /// The gateways holding at least one connection of the user, with the
     /// number of connections on each.
     async fn gateways(

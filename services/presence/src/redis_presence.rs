@@ -154,6 +154,14 @@ impl RedisPresence {
 
 #[async_trait]
 impl Presence for RedisPresence {
+    async fn check(&self) -> Result<(), PresenceError> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.conn.clone())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
     async fn connect(
         &self,
         app_id: &str,

@@ -11,7 +11,7 @@ use anyhow::Context;
 use switchboard_auth::AuthRole;
 use switchboard_config::{Config, StoreEngine};
 use switchboard_delivery::DeliveryRole;
-use switchboard_gateway::{GatewayDeps, GatewayRole};
+use switchboard_gateway::{Check, GatewayDeps, GatewayRole, Readiness};
 use switchboard_groups::GroupsRole;
 use switchboard_mesh::{
     AuthClient, AuthService, DeliveryClient, DeliveryService, FederationService, GatewayClient,
@@ -109,7 +109,11 @@ pub async fn serve(
             auth: auth.clone(),
             router,
             delivery: delivery.clone(),
-            presence,
+            presence: presence.clone(),
+            readiness: Arc::new(NodeReadiness {
+                store: store.clone(),
+                presence,
+            }),
         },
     );
     gateways.insert(
@@ -156,6 +160,41 @@ pub async fn serve(
     store.close().await.context("closing the store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `/readyz` of a node: its store and its presence backend answer.
+struct NodeReadiness {
+    store: Arc<dyn Store>,
+    presence: Arc<dyn Presence>,
+}
+
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[async_trait::async_trait]
+impl Readiness for NodeReadiness {
+    async fn check(&self) -> Vec<Check> {
+        let probe = switchboard_store::InboxKey::new("", "readyz");
+        let store = match tokio::time::timeout(READINESS_TIMEOUT, self.store.count(&probe)).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("timed out".to_owned()),
+        };
+        let presence = match tokio::time::timeout(READINESS_TIMEOUT, self.presence.check()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("timed out".to_owned()),
+        };
+        vec![
+            Check {
+                name: "store",
+                error: store,
+            },
+            Check {
+                name: "presence",
+                error: presence,
+            },
+        ]
+    }
 }
 
 /// The presence backend of this node, and its heartbeat when it is Redis.
