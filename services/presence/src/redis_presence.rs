@@ -19,8 +19,12 @@ use redis::aio::ConnectionManager;
 
 use crate::{Presence, PresenceError, Transition};
 
-const CONNECT: &str = r"
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+/// The user's connections on live gateways (the caller's own gateway counts
+/// as live); entries of dead gateways are deleted on the way. Returns the
+/// total. Shared tail of the connect and disconnect scripts.
+macro_rules! live_total_lua {
+    () => {
+        r"
 local fields = redis.call('HGETALL', KEYS[1])
 local total = 0
 for i = 1, #fields, 2 do
@@ -32,9 +36,19 @@ for i = 1, #fields, 2 do
   end
 end
 return total
-";
+"
+    };
+}
 
-const DISCONNECT: &str = r"
+const CONNECT: &str = concat!(
+    r"
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+",
+    live_total_lua!()
+);
+
+const DISCONNECT: &str = concat!(
+    r"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   return -1
 end
@@ -42,18 +56,9 @@ local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 if n <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
-local fields = redis.call('HGETALL', KEYS[1])
-local total = 0
-for i = 1, #fields, 2 do
-  local gw = fields[i]
-  if gw == ARGV[1] or redis.call('EXISTS', ARGV[2] .. gw) == 1 then
-    total = total + tonumber(fields[i + 1])
-  else
-    redis.call('HDEL', KEYS[1], gw)
-  end
-end
-return total
-";
+",
+    live_total_lua!()
+);
 
 const GATEWAYS: &str = r"
 local fields = redis.call('HGETALL', KEYS[1])
@@ -109,6 +114,24 @@ impl RedisPresence {
 
     fn gateway_prefix(&self) -> String {
         format!("{}gw:", self.prefix)
+    }
+
+    /// Runs a connect/disconnect script: the user's connections on live
+    /// gateways afterwards (-1: the gateway held none of them).
+    async fn live_total(
+        &self,
+        script: &redis::Script,
+        app_id: &str,
+        user_id: &str,
+        gateway_id: &str,
+    ) -> Result<i64, PresenceError> {
+        script
+            .key(self.user_key(app_id, user_id))
+            .arg(gateway_id)
+            .arg(self.gateway_prefix())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
     }
 
     /// Marks `gateway_id` alive for one TTL.
@@ -168,14 +191,9 @@ impl Presence for RedisPresence {
         user_id: &str,
         gateway_id: &str,
     ) -> Result<Transition, PresenceError> {
-        let total: i64 = self
-            .connect
-            .key(self.user_key(app_id, user_id))
-            .arg(gateway_id)
-            .arg(self.gateway_prefix())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+        let total = self
+            .live_total(&self.connect, app_id, user_id, gateway_id)
+            .await?;
         Ok(Transition {
             user_changed: total == 1,
         })
@@ -187,14 +205,9 @@ impl Presence for RedisPresence {
         user_id: &str,
         gateway_id: &str,
     ) -> Result<Transition, PresenceError> {
-        let total: i64 = self
-            .disconnect
-            .key(self.user_key(app_id, user_id))
-            .arg(gateway_id)
-            .arg(self.gateway_prefix())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+        let total = self
+            .live_total(&self.disconnect, app_id, user_id, gateway_id)
+            .await?;
         Ok(Transition {
             user_changed: total == 0,
         })
