@@ -9,24 +9,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::{TestNode, free_port};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// `GET path` → (status, JSON body), with a plain HTTP/1.0 request.
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8(raw).expect("utf-8");
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    (status, serde_json::from_str(body).expect("JSON body"))
+    support::http_get(addr, path).await.expect("HTTP answer")
 }
 
 struct Redis(Child);

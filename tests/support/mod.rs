@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -46,7 +48,10 @@ impl TestNode {
         };
         edit(&mut config);
         let listeners = Listeners::bind(&config).await.expect("bind");
-        let client_addr = listeners.client_addr().expect("addr");
+        let client_addr = listeners
+            .client_addr()
+            .expect("addr")
+            .expect("a gateway has a client port");
         let mesh_addr = listeners.mesh_addr().expect("addr");
         let stop = CancellationToken::new();
         let token = stop.clone();
@@ -84,6 +89,43 @@ impl Drop for TestNode {
     }
 }
 
+/// Where a test's clients connect: one in-process node, or a multi-process
+/// cluster whose gateways take turns.
+pub enum Deployment {
+    Single(TestNode),
+    Cluster(Box<cluster::Cluster>),
+}
+
+impl Deployment {
+    pub async fn single(edit: impl FnOnce(&mut Config)) -> Deployment {
+        Deployment::Single(TestNode::start_with(edit, RemoteRoles::default()).await)
+    }
+
+    /// The protocol-test cluster shape; `None` when etcd/Redis are not
+    /// available outside CI (the reason is printed).
+    pub async fn cluster(edit: impl FnOnce(&mut Config)) -> Option<Deployment> {
+        let infra = cluster::Infra::from_env()?;
+        Some(Deployment::Cluster(Box::new(
+            cluster::Cluster::start(infra, cluster::PROTOCOL_SHAPE, edit).await,
+        )))
+    }
+
+    /// A client URL; on a cluster, the next gateway's.
+    pub fn url(&self) -> String {
+        match self {
+            Deployment::Single(node) => node.url(),
+            Deployment::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    pub async fn shutdown(self) {
+        match self {
+            Deployment::Single(node) => node.shutdown().await,
+            Deployment::Cluster(cluster) => cluster.shutdown().await,
+        }
+    }
+}
+
 /// Logs of in-process nodes, when `SWITCHBOARD_TEST_LOG` names a filter
 /// (e.g. `warn` or `switchboard_delivery=debug`).
 fn init_test_logging() {
@@ -93,6 +135,25 @@ fn init_test_logging() {
             .with_test_writer()
             .try_init();
     }
+}
+
+/// `GET path` over plain HTTP/1.0 → (status, JSON body); `None` when the
+/// port does not answer.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
 /// A free loopback port (bound and released; good enough for tests).

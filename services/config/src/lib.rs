@@ -46,6 +46,20 @@ pub struct Config {
     /// Redis for presence (`redis://host:port`). Empty: in-memory presence,
     /// which is right for one process.
     pub redis: String,
+    /// Roles this process runs. Default: all five (one process is a whole
+    /// deployment).
+    pub roles: Vec<Role>,
+    /// etcd endpoints for discovery (`http://127.0.0.1:2379`). Empty: no
+    /// discovery; every role must then run in this process.
+    pub etcd: Vec<String>,
+    /// Secret every mesh call carries; calls without it are refused. Must be
+    /// the same on every process of a deployment. Empty: the mesh port is
+    /// open (acceptable on loopback only).
+    pub mesh_secret: String,
+    /// The mesh address other processes dial (`host:port`). Empty: the mesh
+    /// address, which then must not be a wildcard when `etcd` is set.
+    pub advertise_addr: String,
+    pub discovery: DiscoveryConfig,
     pub limits: Limits,
     pub store: StoreConfig,
     pub presence: PresenceConfig,
@@ -61,10 +75,95 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             node_id: String::new(),
             redis: String::new(),
+            roles: Role::ALL.to_vec(),
+            etcd: Vec::new(),
+            mesh_secret: String::new(),
+            advertise_addr: String::new(),
+            discovery: DiscoveryConfig::default(),
             limits: Limits::default(),
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
             apps: Vec::new(),
+        }
+    }
+}
+
+/// A role a process can run.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Gateway,
+    Router,
+    Groups,
+    Delivery,
+    Auth,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Gateway,
+        Role::Router,
+        Role::Groups,
+        Role::Delivery,
+        Role::Auth,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Router => "router",
+            Role::Groups => "groups",
+            Role::Delivery => "delivery",
+            Role::Auth => "auth",
+        }
+    }
+
+    /// Parses a comma-separated list (`gateway,router` or `all`).
+    pub fn parse_list(text: &str) -> Result<Vec<Role>, ConfigError> {
+        let mut roles = Vec::new();
+        for name in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if name == "all" {
+                roles.extend(Role::ALL);
+                continue;
+            }
+            let role = Role::ALL
+                .into_iter()
+                .find(|r| r.as_str() == name)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "unknown role {name:?}: expected gateway, router, groups, delivery, auth or all"
+                    ))
+                })?;
+            roles.push(role);
+        }
+        roles.sort_unstable();
+        roles.dedup();
+        Ok(roles)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Discovery in etcd (used when `etcd` is set).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// Prefix of every key: one per deployment sharing an etcd.
+    pub key_prefix: String,
+    /// Seconds a process stays registered after its last keep-alive: how long
+    /// a crashed process is still called (calls to it fail over at once).
+    pub lease_ttl_secs: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            key_prefix: "/switchboard/".into(),
+            lease_ttl_secs: 5,
         }
     }
 }
@@ -277,7 +376,51 @@ impl Config {
         }
     }
 
+    /// Whether this process runs `role`.
+    pub fn runs(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// The mesh address other processes dial, as a URL.
+    pub fn advertised_mesh_url(&self) -> Result<String, ConfigError> {
+        let addr = if self.advertise_addr.is_empty() {
+            if self.mesh_addr.ip().is_unspecified() {
+                return Err(ConfigError::Invalid(format!(
+                    "mesh_addr {} is a wildcard address: set advertise_addr to the address other processes dial",
+                    self.mesh_addr
+                )));
+            }
+            self.mesh_addr.to_string()
+        } else {
+            self.advertise_addr.clone()
+        };
+        Ok(
+            if addr.starts_with("http://") || addr.starts_with("https://") {
+                addr
+            } else {
+                format!("http://{addr}")
+            },
+        )
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.roles.is_empty() {
+            return Err(ConfigError::Invalid(
+                "roles is empty: name at least one of gateway, router, groups, delivery, auth"
+                    .into(),
+            ));
+        }
+        if !self.etcd.is_empty() && self.redis.is_empty() {
+            return Err(ConfigError::Invalid(
+                "etcd is set but redis is not: processes of one deployment share presence in Redis"
+                    .into(),
+            ));
+        }
+        if self.discovery.lease_ttl_secs == 0 || self.discovery.key_prefix.is_empty() {
+            return Err(ConfigError::Invalid(
+                "discovery.lease_ttl_secs must be > 0 and discovery.key_prefix non-empty".into(),
+            ));
+        }
         let l = &self.limits;
         if l.max_frame_bytes < 256 || l.max_content_bytes == 0 {
             return Err(ConfigError::Invalid(
@@ -368,6 +511,14 @@ fn typed_like(default: &toml::Value, var: &str, raw: &str) -> Result<toml::Value
         toml::Value::Float(_) => {
             toml::Value::Float(raw.trim().parse().map_err(|_| err("a number"))?)
         }
+        // Lists: comma-separated.
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
         _ => toml::Value::String(raw.to_owned()),
     })
 }
@@ -407,6 +558,54 @@ mod tests {
         assert_eq!(c.client_addr.to_string(), "127.0.0.1:2000");
         assert_eq!(c.limits.max_frame_bytes, 1000);
         assert_eq!(c.limits.messages_per_second, 7);
+    }
+
+    #[test]
+    fn roles_and_etcd_from_env_lists() {
+        let c = Config::from_toml_and_env(
+            "",
+            &env(&[
+                ("SWITCHBOARD_ROLES", "gateway, auth"),
+                ("SWITCHBOARD_ETCD", "http://127.0.0.1:1,http://127.0.0.1:2"),
+                ("SWITCHBOARD_REDIS", "redis://127.0.0.1:3"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(c.roles, vec![Role::Gateway, Role::Auth]);
+        assert_eq!(c.etcd.len(), 2);
+        assert!(
+            Config::from_toml_and_env("", &env(&[("SWITCHBOARD_ROLES", "gateway,cache")])).is_err()
+        );
+        // Discovery without shared presence cannot work.
+        let err = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_ETCD", "http://x:1")]))
+            .expect_err("etcd without redis");
+        assert!(err.to_string().contains("redis"), "{err}");
+    }
+
+    #[test]
+    fn role_lists_parse() {
+        assert_eq!(Role::parse_list("all").expect("all"), Role::ALL.to_vec());
+        assert_eq!(
+            Role::parse_list("router,gateway,router").expect("list"),
+            vec![Role::Gateway, Role::Router]
+        );
+        assert!(Role::parse_list("gateway,sms").is_err());
+    }
+
+    #[test]
+    fn advertised_url_needs_a_dialable_address() {
+        let mut c = Config::default();
+        assert_eq!(
+            c.advertised_mesh_url().expect("url"),
+            "http://127.0.0.1:9089"
+        );
+        c.mesh_addr = "0.0.0.0:9089".parse().expect("addr");
+        assert!(c.advertised_mesh_url().is_err());
+        c.advertise_addr = "10.0.0.5:9089".into();
+        assert_eq!(
+            c.advertised_mesh_url().expect("url"),
+            "http://10.0.0.5:9089"
+        );
     }
 
     #[test]

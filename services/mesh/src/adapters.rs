@@ -23,6 +23,8 @@ macro_rules! adapter {
 
             pub fn into_server(self) -> $server<Self> {
                 $server::new(self)
+                    .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(crate::MAX_MESSAGE_BYTES)
             }
         }
     };

@@ -1,6 +1,6 @@
 //! Clients of each role: a handle over either the local implementation (same
-//! process, a direct call) or a tonic client on a (balanced) channel. The
-//! caller's code is the same either way.
+//! process, a direct call) or the role's instances on the mesh (a [`Pool`]
+//! with failover). The caller's code is the same either way.
 
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -10,14 +10,14 @@ use async_trait::async_trait;
 use switchboard_proto::mesh as pb;
 use tonic::transport::Channel;
 
+use crate::credentials::MeshCredentials;
 use crate::error::ServiceError;
+use crate::gateway_link::GatewayLink;
+use crate::pool::Pool;
 use crate::services::{Auth, Delivery, Gateway, Groups, Router};
 
 macro_rules! client_handle {
-    ($(#[$doc:meta])* $client:ident, $trait:ident, $remote:ident, $grpc:ty) => {
-        client_handle!($(#[$doc])* $client, $trait, $remote, $grpc, |channel| $remote(<$grpc>::new(channel)));
-    };
-    ($(#[$doc:meta])* $client:ident, $trait:ident, $remote:ident, $grpc:ty, |$ch:ident| $ctor:expr) => {
+    ($(#[$doc:meta])* $client:ident, $trait:ident, $remote:ident, $role:literal) => {
         $(#[$doc])*
         #[derive(Clone)]
         pub struct $client(Arc<dyn $trait>);
@@ -28,9 +28,14 @@ macro_rules! client_handle {
                 $client(local)
             }
 
-            /// A client calling a remote instance over gRPC.
-            pub fn from_channel($ch: Channel) -> Self {
-                $client(Arc::new($ctor))
+            /// A client calling the role's instances in `pool`.
+            pub fn from_pool(pool: Arc<Pool>) -> Self {
+                $client(Arc::new($remote(pool)))
+            }
+
+            /// A client calling one remote instance over gRPC.
+            pub fn from_channel(channel: Channel) -> Self {
+                Self::from_pool(Pool::fixed($role, channel, MeshCredentials::default()))
             }
         }
 
@@ -46,55 +51,57 @@ macro_rules! client_handle {
                 self.0.as_ref()
             }
         }
-
     };
 }
 
-macro_rules! remote_call {
-    ($self:ident . $method:ident ($req:expr)) => {
+/// One call through the pool: `$grpc::new(channel).$method(req.clone())`,
+/// retried on other instances when one cannot be reached.
+macro_rules! pooled {
+    ($self:ident, $grpc:ident :: $method:ident ($req:ident), key = $key:expr) => {
         $self
             .0
-            .clone()
-            .$method($req)
+            .call($key, |channel| {
+                let req = $req.clone();
+                let mut client = $grpc::new(channel)
+                    .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
+                async move { client.$method(req).await }
+            })
             .await
-            .map(tonic::Response::into_inner)
-            .map_err(ServiceError::from)
+    };
+    ($self:ident, $grpc:ident :: $method:ident ($req:ident)) => {
+        pooled!($self, $grpc::$method($req), key = None)
     };
 }
 
 client_handle!(
     /// Client of the auth role.
-    AuthClient, Auth, RemoteAuth, pb::auth_client::AuthClient<Channel>
+    AuthClient, Auth, RemoteAuth, "auth"
 );
 client_handle!(
     /// Client of the router role.
-    RouterClient, Router, RemoteRouter, pb::router_client::RouterClient<Channel>,
-    |channel| RemoteRouter(
-        pb::router_client::RouterClient::new(channel.clone()),
-        pb::federation_client::FederationClient::new(channel),
-    )
+    RouterClient, Router, RemoteRouter, "router"
 );
 client_handle!(
-    /// Client of the groups role.
-    GroupsClient, Groups, RemoteGroups, pb::groups_client::GroupsClient<Channel>
+    /// Client of the groups role. Calls go to the instance that owns the
+    /// group (rendezvous hashing over the live instances).
+    GroupsClient, Groups, RemoteGroups, "groups"
 );
 client_handle!(
     /// Client of the delivery role.
-    DeliveryClient, Delivery, RemoteDelivery, pb::delivery_client::DeliveryClient<Channel>
-);
-client_handle!(
-    /// Client of one gateway.
-    GatewayClient, Gateway, RemoteGateway, pb::gateway_client::GatewayClient<Channel>
+    DeliveryClient, Delivery, RemoteDelivery, "delivery"
 );
 
-struct RemoteAuth(pb::auth_client::AuthClient<Channel>);
-struct RemoteRouter(
-    pb::router_client::RouterClient<Channel>,
-    pb::federation_client::FederationClient<Channel>,
-);
-struct RemoteGroups(pb::groups_client::GroupsClient<Channel>);
-struct RemoteDelivery(pb::delivery_client::DeliveryClient<Channel>);
-struct RemoteGateway(pb::gateway_client::GatewayClient<Channel>);
+struct RemoteAuth(Arc<Pool>);
+struct RemoteRouter(Arc<Pool>);
+struct RemoteGroups(Arc<Pool>);
+struct RemoteDelivery(Arc<Pool>);
+
+use pb::auth_client::AuthClient as AuthGrpc;
+use pb::delivery_client::DeliveryClient as DeliveryGrpc;
+use pb::federation_client::FederationClient as FederationGrpc;
+use pb::groups_client::GroupsClient as GroupsGrpc;
+use pb::router_client::RouterClient as RouterGrpc;
 
 #[async_trait]
 impl Auth for RemoteAuth {
@@ -102,62 +109,92 @@ impl Auth for RemoteAuth {
         &self,
         req: pb::VerifyClientRequest,
     ) -> Result<pb::VerifyClientReply, ServiceError> {
-        remote_call!(self.verify_client(req))
+        pooled!(self, AuthGrpc::verify_client(req))
     }
     async fn get_app(&self, req: pb::GetAppRequest) -> Result<pb::App, ServiceError> {
-        remote_call!(self.get_app(req))
+        pooled!(self, AuthGrpc::get_app(req))
     }
 }
 
 #[async_trait]
 impl Router for RemoteRouter {
     async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError> {
-        remote_call!(self.route(req))
+        pooled!(self, RouterGrpc::route(req))
     }
     async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError> {
         // Inbound federation is its own service on the same mesh port.
-        self.1
-            .clone()
-            .forward(req)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(ServiceError::from)
+        pooled!(self, FederationGrpc::forward(req))
     }
+}
+
+/// The key a group message is owned by: the group id, or for an ad-hoc
+/// group (a list of users) the message id, which spreads them evenly.
+fn group_key(req: &pb::FanoutRequest) -> Option<Vec<u8>> {
+    let envelope = req.envelope.as_ref()?;
+    let key = if envelope.group.is_empty() {
+        &envelope.id
+    } else {
+        &envelope.group
+    };
+    Some(key.as_bytes().to_vec())
 }
 
 #[async_trait]
 impl Groups for RemoteGroups {
     async fn fanout(&self, req: pb::FanoutRequest) -> Result<pb::FanoutReply, ServiceError> {
-        remote_call!(self.fanout(req))
+        let key = group_key(&req);
+        pooled!(self, GroupsGrpc::fanout(req), key = key.as_deref())
     }
 }
 
 #[async_trait]
 impl Delivery for RemoteDelivery {
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
-        remote_call!(self.deliver(req))
+        pooled!(self, DeliveryGrpc::deliver(req))
     }
     async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
-        remote_call!(self.fetch(req))
+        pooled!(self, DeliveryGrpc::fetch(req))
     }
     async fn delivered(
         &self,
         req: pb::DeliveredRequest,
     ) -> Result<pb::DeliveredReply, ServiceError> {
-        remote_call!(self.delivered(req))
+        pooled!(self, DeliveryGrpc::delivered(req))
     }
     async fn presence_changed(
         &self,
         req: pb::PresenceChangeRequest,
     ) -> Result<pb::PresenceChangeReply, ServiceError> {
-        remote_call!(self.presence_changed(req))
+        pooled!(self, DeliveryGrpc::presence_changed(req))
     }
 }
 
-#[async_trait]
-impl Gateway for RemoteGateway {
-    async fn push(&self, req: pb::PushRequest) -> Result<pb::PushReply, ServiceError> {
-        remote_call!(self.push(req))
+/// Client of one gateway: the local one, or a remote one reached over a
+/// long-lived push stream (see [`GatewayLink`]).
+#[derive(Clone)]
+pub struct GatewayClient(Arc<dyn Gateway>);
+
+impl GatewayClient {
+    pub fn from_local(local: Arc<dyn Gateway>) -> Self {
+        GatewayClient(local)
+    }
+
+    /// A remote gateway over a push stream on `channel`.
+    pub fn from_channel(channel: Channel, credentials: MeshCredentials) -> Self {
+        GatewayClient(Arc::new(GatewayLink::start(channel, credentials)))
+    }
+}
+
+impl From<GatewayClient> for Arc<dyn Gateway> {
+    fn from(client: GatewayClient) -> Self {
+        client.0
+    }
+}
+
+impl Deref for GatewayClient {
+    type Target = dyn Gateway;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref()
     }
 }
 
@@ -167,29 +204,74 @@ pub trait GatewayDirectory: Send + Sync + 'static {
     fn gateway(&self, gateway_id: &str) -> Option<GatewayClient>;
 }
 
-/// A fixed set of gateways (the single-process default, and tests). Later the
-/// etcd discovery feeds the same trait.
+/// The gateways this process knows: its own (if any) and the ones discovery
+/// reports, each remote one with its push stream.
 #[derive(Default)]
-pub struct StaticGatewayDirectory {
-    gateways: RwLock<HashMap<String, GatewayClient>>,
+pub struct GatewayTable {
+    gateways: RwLock<HashMap<String, Entry>>,
 }
 
-impl StaticGatewayDirectory {
+struct Entry {
+    /// Empty for a gateway in this process.
+    addr: String,
+    client: GatewayClient,
+}
+
+impl GatewayTable {
+    /// Adds a gateway with a ready client (this process's own, or tests').
     pub fn insert(&self, gateway_id: impl Into<String>, client: GatewayClient) {
-        let mut map = self
-            .gateways
+        self.write().insert(
+            gateway_id.into(),
+            Entry {
+                addr: String::new(),
+                client,
+            },
+        );
+    }
+
+    /// Replaces the remote gateways with `(id, mesh address)` pairs: links to
+    /// gateways that stay are kept, links to gone ones are closed.
+    pub fn update_remote(&self, remote: &[(String, String)], credentials: &MeshCredentials) {
+        let mut map = self.write();
+        map.retain(|id, e| {
+            e.addr.is_empty() || remote.iter().any(|(i, a)| i == id && *a == e.addr)
+        });
+        for (id, addr) in remote {
+            if map.contains_key(id) {
+                continue;
+            }
+            match tonic::transport::Endpoint::from_shared(addr.clone()) {
+                Ok(endpoint) => {
+                    let channel = endpoint
+                        .connect_timeout(std::time::Duration::from_secs(1))
+                        .tcp_nodelay(true)
+                        .connect_lazy();
+                    map.insert(
+                        id.clone(),
+                        Entry {
+                            addr: addr.clone(),
+                            client: GatewayClient::from_channel(channel, credentials.clone()),
+                        },
+                    );
+                }
+                Err(e) => tracing::warn!(gateway = %id, %addr, error = %e, "bad gateway address"),
+            }
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.gateways
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.insert(gateway_id.into(), client);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-impl GatewayDirectory for StaticGatewayDirectory {
+impl GatewayDirectory for GatewayTable {
     fn gateway(&self, gateway_id: &str) -> Option<GatewayClient> {
         let map = self
             .gateways
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(gateway_id).cloned()
+        map.get(gateway_id).map(|e| e.client.clone())
     }
 }

@@ -139,7 +139,7 @@ impl ServiceError {
 
 /// Metadata key that carries the exact [`ErrorCode`] across gRPC, since several
 /// codes share one `tonic::Code`.
-const CODE_KEY: &str = "x-switchboard-error";
+pub(crate) const CODE_KEY: &str = "x-switchboard-error";
 
 impl From<ServiceError> for tonic::Status {
     fn from(err: ServiceError) -> Self {

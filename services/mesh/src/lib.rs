@@ -9,21 +9,31 @@
 
 mod adapters;
 mod clients;
+mod credentials;
 mod error;
+mod gateway_link;
 mod ids;
+mod pool;
 mod services;
 
 pub use adapters::{
     AuthService, DeliveryService, FederationService, GatewayService, GroupsService, RouterService,
 };
 pub use clients::{
-    AuthClient, DeliveryClient, GatewayClient, GatewayDirectory, GroupsClient, RouterClient,
-    StaticGatewayDirectory,
+    AuthClient, DeliveryClient, GatewayClient, GatewayDirectory, GatewayTable, GroupsClient,
+    RouterClient,
 };
+pub use credentials::{InvalidSecret, MeshCredentials, MeshGuard, secret_tag};
 pub use error::{ErrorCode, ServiceError};
 pub use ids::{new_message_id, now_ms};
+pub use pool::{MeshChannel, Pool, RETRY_BUDGET};
 pub use services::{Auth, Delivery, Gateway, Groups, Router};
 pub use switchboard_proto::mesh as pb;
+
+/// Largest mesh message, either way. A group fan-out carries one envelope
+/// per recipient (up to `max_group_recipients` × `max_content_bytes`), so
+/// tonic's 4 MiB default is too small.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Domains an envelope may pass through before it is dropped (loop guard).
 pub const DEFAULT_HOP_LIMIT: u32 = 8;

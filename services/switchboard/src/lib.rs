@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchboard_auth::AuthRole;
-use switchboard_config::{Config, StoreEngine};
+use switchboard_config::{Config, Role, StoreEngine};
 use switchboard_delivery::DeliveryRole;
+use switchboard_discovery::{Discovery, DiscoveryOptions, Member};
 use switchboard_gateway::{Check, GatewayDeps, GatewayRole, Readiness};
 use switchboard_groups::GroupsRole;
 use switchboard_mesh::{
     AuthClient, AuthService, DeliveryClient, DeliveryService, FederationService, GatewayClient,
-    GatewayService, GroupsClient, GroupsService, RouterClient, RouterService,
-    StaticGatewayDirectory,
+    GatewayService, GatewayTable, GroupsClient, GroupsService, MeshCredentials, MeshGuard, Pool,
+    RouterClient, RouterService,
 };
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::RouterRole;
@@ -24,28 +25,43 @@ use switchboard_store::{FjallStore, FjallStoreOptions, RedbStore, RedbStoreOptio
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod cluster;
+
 /// The domain name of a deployment without federation.
 pub const LOCAL_DOMAIN: &str = "local";
 
 /// Already-bound listeners (tests bind port 0).
 pub struct Listeners {
-    pub client: TcpListener,
+    /// The client port; only processes running the gateway role have one.
+    pub client: Option<TcpListener>,
     pub mesh: TcpListener,
 }
 
 impl Listeners {
     pub async fn bind(config: &Config) -> anyhow::Result<Self> {
-        let client = TcpListener::bind(config.client_addr)
-            .await
-            .with_context(|| format!("cannot listen on client address {}", config.client_addr))?;
+        let client = if config.runs(Role::Gateway) {
+            Some(
+                TcpListener::bind(config.client_addr)
+                    .await
+                    .with_context(|| {
+                        format!("cannot listen on client address {}", config.client_addr)
+                    })?,
+            )
+        } else {
+            None
+        };
         let mesh = TcpListener::bind(config.mesh_addr)
             .await
             .with_context(|| format!("cannot listen on mesh address {}", config.mesh_addr))?;
         Ok(Listeners { client, mesh })
     }
 
-    pub fn client_addr(&self) -> std::io::Result<SocketAddr> {
-        self.client.local_addr()
+    /// The client port's address, when this process has one.
+    pub fn client_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.client
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()
     }
 
     pub fn mesh_addr(&self) -> std::io::Result<SocketAddr> {
@@ -61,11 +77,12 @@ pub struct RemoteRoles {
     pub router: Option<RouterClient>,
 }
 
-/// Runs all roles until `shutdown` resolves, then stops in order: stop
-/// accepting, close client sockets with 1001, stop the mesh, finish in-flight
-/// store writes, close the store.
+/// Runs this process's roles until `shutdown` resolves, then stops in order:
+/// stop accepting, close client sockets with 1001, leave discovery (the lease
+/// is revoked, so others stop calling at once), stop the mesh, finish
+/// in-flight store writes, close the store.
 pub async fn serve(
-    config: Config,
+    mut config: Config,
     listeners: Listeners,
     remote: RemoteRoles,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -75,97 +92,252 @@ pub async fn serve(
     } else {
         config.node_id.clone()
     };
+    config.roles.sort_unstable();
+    config.roles.dedup();
+    let credentials = MeshCredentials::new(&config.mesh_secret).context("invalid mesh_secret")?;
+    if config.mesh_secret.is_empty() && !config.etcd.is_empty() {
+        tracing::warn!(
+            "no mesh_secret set: the mesh port accepts calls from anyone who reaches it"
+        );
+    }
 
-    let store = open_store(&config)
-        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    // Discovery first: a second delivery process is refused before it
+    // touches anything.
+    let discovery = match config.etcd.is_empty() {
+        true => None,
+        false => Some(join_discovery(&config, &node_id, &listeners).await?),
+    };
+    let pools = cluster::Pools::new(&config, &credentials);
+    let gateways = Arc::new(GatewayTable::default());
+    if let Some(d) = &discovery {
+        cluster::follow(
+            d.members(),
+            node_id.clone(),
+            switchboard_mesh::secret_tag(&config.mesh_secret),
+            pools.clone(),
+            gateways.clone(),
+            credentials.clone(),
+        );
+    }
+    let remote_or_pool = |role: Role| -> anyhow::Result<Arc<Pool>> {
+        pools.get(role).with_context(|| {
+            format!(
+                "the {role} role is not in this process's roles and there is no etcd to find it: \
+                 set etcd, or run every role here"
+            )
+        })
+    };
+
+    let store =
+        match config.runs(Role::Delivery) {
+            true => Some(open_store(&config).with_context(|| {
+                format!("cannot open the store in {}", config.data_dir.display())
+            })?),
+            false => None,
+        };
     let node_presence = NodePresence::open(&config, &node_id).await?;
     let presence = node_presence.presence.clone();
-    let gateways = Arc::new(StaticGatewayDirectory::default());
 
-    let local_auth = AuthClient::from_local(Arc::new(
-        AuthRole::new(config.effective_apps()).context("invalid app configuration")?,
-    ));
-    let auth = remote.auth.clone().unwrap_or_else(|| local_auth.clone());
-    let delivery = DeliveryClient::from_local(Arc::new(DeliveryRole::new(
-        store.clone(),
-        presence.clone(),
-        gateways.clone(),
-        auth.clone(),
-    )));
-    let groups = GroupsClient::from_local(Arc::new(GroupsRole::new(delivery.clone())));
-    let local_router = RouterClient::from_local(Arc::new(RouterRole::new(
-        LOCAL_DOMAIN,
-        delivery.clone(),
-        groups.clone(),
-    )));
-    let router = remote
-        .router
-        .clone()
-        .unwrap_or_else(|| local_router.clone());
-    let gateway = GatewayRole::new(
-        node_id.clone(),
-        config.limits.clone(),
-        GatewayDeps {
-            auth: auth.clone(),
-            router,
-            delivery: delivery.clone(),
-            presence: presence.clone(),
-            readiness: Arc::new(NodeReadiness {
-                store: store.clone(),
-                presence,
-            }),
-        },
-    );
-    gateways.insert(
-        node_id.clone(),
-        GatewayClient::from_local(Arc::new(gateway.clone())),
-    );
+    let local_auth = match config.runs(Role::Auth) {
+        true => Some(AuthClient::from_local(Arc::new(
+            AuthRole::new(config.effective_apps()).context("invalid app configuration")?,
+        ))),
+        false => None,
+    };
+    let auth = match (&remote.auth, &local_auth) {
+        (Some(r), _) => r.clone(),
+        (None, Some(l)) => l.clone(),
+        (None, None) => AuthClient::from_pool(remote_or_pool(Role::Auth)?),
+    };
+    let delivery = match &store {
+        Some(store) => DeliveryClient::from_local(Arc::new(DeliveryRole::new(
+            store.clone(),
+            presence.clone(),
+            gateways.clone(),
+            auth.clone(),
+        ))),
+        None => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
+    };
+    let groups = match config.runs(Role::Groups) {
+        true => GroupsClient::from_local(Arc::new(GroupsRole::new(delivery.clone()))),
+        false => GroupsClient::from_pool(remote_or_pool(Role::Groups)?),
+    };
+    let local_router = match config.runs(Role::Router) {
+        true => Some(RouterClient::from_local(Arc::new(RouterRole::new(
+            LOCAL_DOMAIN,
+            delivery.clone(),
+            groups.clone(),
+        )))),
+        false => None,
+    };
+    let router = match (&remote.router, &local_router) {
+        (Some(r), _) => r.clone(),
+        (None, Some(l)) => l.clone(),
+        (None, None) => RouterClient::from_pool(remote_or_pool(Role::Router)?),
+    };
+    let gateway = match config.runs(Role::Gateway) {
+        true => {
+            let gateway = GatewayRole::new(
+                node_id.clone(),
+                config.limits.clone(),
+                GatewayDeps {
+                    auth: auth.clone(),
+                    router,
+                    delivery: delivery.clone(),
+                    presence: presence.clone(),
+                    readiness: Arc::new(NodeReadiness {
+                        store: store.clone(),
+                        presence: presence.clone(),
+                        discovery: discovery.as_ref().map(Discovery::checker),
+                        pools: pools.clone(),
+                    }),
+                },
+            );
+            gateways.insert(
+                node_id.clone(),
+                GatewayClient::from_local(Arc::new(gateway.clone())),
+            );
+            Some(gateway)
+        }
+        false => None,
+    };
 
     let stop = CancellationToken::new();
     let mesh_stop = stop.clone();
-    let mesh = tonic::transport::Server::builder()
-        .add_service(AuthService::new(arc_of(&local_auth)).into_server())
-        .add_service(RouterService::new(arc_of(&local_router)).into_server())
-        .add_service(FederationService::new(arc_of(&local_router)).into_server())
-        .add_service(GroupsService::new(arc_of(&groups)).into_server())
-        .add_service(DeliveryService::new(arc_of(&delivery)).into_server())
-        .add_service(GatewayService::new(Arc::new(gateway.clone())).into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.mesh),
-            async move { mesh_stop.cancelled().await },
+    let mut mesh = tonic::transport::Server::builder()
+        .layer(tonic::service::InterceptorLayer::new(MeshGuard::new(
+            &config.mesh_secret,
+        )))
+        .add_optional_service(
+            local_auth
+                .as_ref()
+                .map(|a| AuthService::new(arc_of(a)).into_server()),
+        )
+        .add_optional_service(
+            local_router
+                .as_ref()
+                .map(|r| RouterService::new(arc_of(r)).into_server()),
+        )
+        .add_optional_service(
+            local_router
+                .as_ref()
+                .map(|r| FederationService::new(arc_of(r)).into_server()),
+        )
+        .add_optional_service(
+            config
+                .runs(Role::Groups)
+                .then(|| GroupsService::new(arc_of(&groups)).into_server()),
+        )
+        .add_optional_service(
+            store
+                .is_some()
+                .then(|| DeliveryService::new(arc_of(&delivery)).into_server()),
         );
+    if let Some(g) = &gateway {
+        mesh = mesh.add_service(GatewayService::new(Arc::new(g.clone())).into_server());
+    }
+    let mesh = mesh.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listeners.mesh),
+        async move { mesh_stop.cancelled().await },
+    );
     let mesh = tokio::spawn(mesh);
 
-    let client_stop = stop.clone();
-    let client = switchboard_gateway::serve(listeners.client, gateway.clone(), async move {
-        client_stop.cancelled().await;
-    });
-    let client = tokio::spawn(client);
+    let client = match (&gateway, listeners.client) {
+        (Some(gateway), Some(listener)) => {
+            let client_stop = stop.clone();
+            Some(tokio::spawn(switchboard_gateway::serve(
+                listener,
+                gateway.clone(),
+                async move {
+                    client_stop.cancelled().await;
+                },
+            )))
+        }
+        _ => None,
+    };
 
-    tracing::info!(node = %node_id, "switchboard is running");
+    let roles: Vec<&str> = config.roles.iter().map(|r| r.as_str()).collect();
+    tracing::info!(node = %node_id, roles = %roles.join(","), "switchboard is running");
     shutdown.await;
     tracing::info!("shutting down");
     stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(10), client).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "client port stopped with an error"),
-        Ok(_) => {}
-        Err(_) => tracing::warn!("client port did not stop within 10 s"),
+    if let Some(client) = client {
+        match tokio::time::timeout(Duration::from_secs(10), client).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "client port stopped with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("client port did not stop within 10 s"),
+        }
+    }
+    if let Some(d) = discovery {
+        d.shutdown().await;
     }
     match tokio::time::timeout(Duration::from_secs(5), mesh).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "mesh port stopped with an error"),
         Ok(_) => {}
         Err(_) => tracing::warn!("mesh port did not stop within 5 s"),
     }
-    node_presence.retire(&node_id).await;
-    store.close().await.context("closing the store")?;
+    if gateway.is_some() {
+        node_presence.retire(&node_id).await;
+    }
+    if let Some(store) = store {
+        store.close().await.context("closing the store")?;
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
+/// Registers this process in etcd and, for the delivery role, claims the
+/// single embedded store of the deployment.
+async fn join_discovery(
+    config: &Config,
+    node_id: &str,
+    listeners: &Listeners,
+) -> anyhow::Result<Discovery> {
+    let mut advertised = config.advertised_mesh_url()?;
+    if config.advertise_addr.is_empty() && config.mesh_addr.port() == 0 {
+        // Port 0 (tests): advertise the port actually bound.
+        advertised = format!("http://{}", listeners.mesh_addr()?);
+    }
+    let me = Member {
+        id: node_id.to_owned(),
+        roles: config.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+        addr: advertised,
+        tag: switchboard_mesh::secret_tag(&config.mesh_secret),
+    };
+    let discovery = Discovery::start(
+        DiscoveryOptions {
+            endpoints: config.etcd.clone(),
+            key_prefix: config.discovery.key_prefix.clone(),
+            lease_ttl: Duration::from_secs(config.discovery.lease_ttl_secs),
+        },
+        me,
+    )
+    .await
+    .context("cannot join discovery in etcd")?;
+    if config.runs(Role::Delivery) {
+        discovery
+            .claim_exclusive("delivery-store", node_id)
+            .await
+            .with_context(|| {
+                format!(
+                    "refusing to start a second delivery process: the embedded store ({:?}) keeps \
+                     inboxes in one process's data dir and cannot be shared between delivery \
+                     processes. Run exactly one delivery process per deployment (several need a \
+                     shared store such as ScyllaDB)",
+                    config.store.engine
+                )
+            })?;
+    }
+    Ok(discovery)
+}
+
 /// `/readyz` of a node: its store and its presence backend answer.
 struct NodeReadiness {
-    store: Arc<dyn Store>,
+    store: Option<Arc<dyn Store>>,
     presence: Arc<dyn Presence>,
+    discovery: Option<switchboard_discovery::Checker>,
+    /// Roles reached over the mesh: each needs at least one known instance.
+    pools: cluster::Pools,
 }
 
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -173,27 +345,46 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 #[async_trait::async_trait]
 impl Readiness for NodeReadiness {
     async fn check(&self) -> Vec<Check> {
-        let probe = switchboard_store::InboxKey::new("", "readyz");
-        let store = match tokio::time::timeout(READINESS_TIMEOUT, self.store.count(&probe)).await {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("timed out".to_owned()),
-        };
+        let mut checks = Vec::with_capacity(3);
+        if let Some(store) = &self.store {
+            let probe = switchboard_store::InboxKey::new("", "readyz");
+            let error = match tokio::time::timeout(READINESS_TIMEOUT, store.count(&probe)).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("timed out".to_owned()),
+            };
+            checks.push(Check {
+                name: "store",
+                error,
+            });
+        }
         let presence = match tokio::time::timeout(READINESS_TIMEOUT, self.presence.check()).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("timed out".to_owned()),
         };
-        vec![
-            Check {
-                name: "store",
-                error: store,
-            },
-            Check {
-                name: "presence",
-                error: presence,
-            },
-        ]
+        checks.push(Check {
+            name: "presence",
+            error: presence,
+        });
+        if let Some(discovery) = &self.discovery {
+            let error = match tokio::time::timeout(READINESS_TIMEOUT, discovery.check()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("timed out".to_owned()),
+            };
+            checks.push(Check {
+                name: "etcd",
+                error,
+            });
+            let missing = self.pools.without_instances();
+            checks.push(Check {
+                name: "mesh",
+                error: (!missing.is_empty())
+                    .then(|| format!("no instance of {} is known", missing.join(", "))),
+            });
+        }
+        checks
     }
 }
 

@@ -57,6 +57,23 @@ struct RunArgs {
     /// is in memory [env: SWITCHBOARD_REDIS]
     #[arg(long)]
     redis: Option<String>,
+    /// Roles this process runs, comma-separated or repeated: gateway, router,
+    /// groups, delivery, auth, or all (default) [env: SWITCHBOARD_ROLES]
+    #[arg(long, value_delimiter = ',')]
+    roles: Vec<String>,
+    /// etcd endpoints for discovery, comma-separated, e.g.
+    /// http://127.0.0.1:2379; without it this process finds no other
+    /// [env: SWITCHBOARD_ETCD]
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Secret every mesh call carries; the same on every process
+    /// [env: SWITCHBOARD_MESH_SECRET]
+    #[arg(long)]
+    mesh_secret: Option<String>,
+    /// Mesh address other processes dial (host:port); default: --mesh-addr
+    /// [env: SWITCHBOARD_ADVERTISE_ADDR]
+    #[arg(long)]
+    advertise_addr: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -93,7 +110,10 @@ fn main() -> anyhow::Result<()> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHBOARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -114,15 +134,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(url) = args.redis {
         config.redis = url;
     }
+    if !args.roles.is_empty() {
+        config.roles = switchboard_config::Role::parse_list(&args.roles.join(","))?;
+    }
+    if !args.etcd.is_empty() {
+        config.etcd = args.etcd;
+    }
+    if let Some(secret) = args.mesh_secret {
+        config.mesh_secret = secret;
+    }
+    if let Some(addr) = args.advertise_addr {
+        config.advertise_addr = addr;
+    }
     config.validate()?;
 
     let listeners = Listeners::bind(&config).await?;
     let client = listeners.client_addr()?;
     let mesh = listeners.mesh_addr()?;
     println!("switchboard {}", env!("CARGO_PKG_VERSION"));
-    println!("  client port  ws://{client}/ws   (health: http://{client}/healthz)");
+    let roles: Vec<&str> = config.roles.iter().map(|r| r.as_str()).collect();
+    println!("  roles        {}", roles.join(","));
+    if let Some(client) = client {
+        println!("  client port  ws://{client}/ws   (health: http://{client}/healthz)");
+    }
     println!("  mesh port    grpc://{mesh}");
-    println!("  data dir     {}", config.data_dir.display());
+    if config.runs(switchboard_config::Role::Delivery) {
+        println!("  data dir     {}", config.data_dir.display());
+    }
+    if !config.etcd.is_empty() {
+        println!("  discovery    etcd {}", config.etcd.join(","));
+    }
     if config.redis.is_empty() {
         println!("  presence     in memory");
     } else {

@@ -1,0 +1,89 @@
+//! Turning the member list from discovery into role pools and gateway links.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use switchboard_config::{Config, Role};
+use switchboard_discovery::Members;
+use switchboard_mesh::{GatewayTable, MeshCredentials, Pool};
+use tokio::sync::watch;
+
+/// Pools of the roles this process reaches over the mesh.
+#[derive(Clone, Default)]
+pub(crate) struct Pools {
+    pools: HashMap<Role, Arc<Pool>>,
+}
+
+impl Pools {
+    /// One pool per role not run here, when discovery is configured.
+    pub(crate) fn new(config: &Config, credentials: &MeshCredentials) -> Self {
+        if config.etcd.is_empty() {
+            return Pools::default();
+        }
+        let pools = Role::ALL
+            .into_iter()
+            .filter(|r| !config.runs(*r) && *r != Role::Gateway)
+            .map(|r| (r, Pool::new(r.as_str(), credentials.clone())))
+            .collect();
+        Pools { pools }
+    }
+
+    pub(crate) fn get(&self, role: Role) -> Option<Arc<Pool>> {
+        self.pools.get(&role).cloned()
+    }
+
+    /// Roles reached over the mesh with no instance known now.
+    pub(crate) fn without_instances(&self) -> Vec<&'static str> {
+        let mut missing: Vec<&'static str> = self
+            .pools
+            .values()
+            .filter(|p| p.ids().is_empty())
+            .map(|p| p.role())
+            .collect();
+        missing.sort_unstable();
+        missing
+    }
+}
+
+/// Follows the member list: feeds every pool with the instances of its
+/// role, and the gateway table with the other gateways. Members whose mesh
+/// secret differs (another tag) are ignored, with a warning once each.
+pub(crate) fn follow(
+    mut members: watch::Receiver<Arc<Members>>,
+    self_id: String,
+    tag: String,
+    pools: Pools,
+    gateways: Arc<GatewayTable>,
+    credentials: MeshCredentials,
+) {
+    tokio::spawn(async move {
+        let mut warned: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let current = members.borrow_and_update().clone();
+            for m in current.values() {
+                if m.tag != tag && warned.insert(m.id.clone()) {
+                    tracing::warn!(
+                        member = %m.id, addr = %m.addr,
+                        "ignoring a process with another mesh secret"
+                    );
+                }
+            }
+            let trusted = || current.values().filter(|m| m.tag == tag);
+            for (role, pool) in &pools.pools {
+                let instances: Vec<(String, String)> = trusted()
+                    .filter(|m| m.has_role(role.as_str()))
+                    .map(|m| (m.id.clone(), m.addr.clone()))
+                    .collect();
+                pool.update(&instances);
+            }
+            let remote_gateways: Vec<(String, String)> = trusted()
+                .filter(|m| m.id != self_id && m.has_role(Role::Gateway.as_str()))
+                .map(|m| (m.id.clone(), m.addr.clone()))
+                .collect();
+            gateways.update_remote(&remote_gateways, &credentials);
+            if members.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}

@@ -1,0 +1,299 @@
+//! Multi-process clusters: real `switchboard` processes, one per role set,
+//! finding each other through a real etcd and sharing presence in a real
+//! Redis (`SWITCHBOARD_TEST_ETCD`, `SWITCHBOARD_TEST_REDIS`, started by
+//! `scripts/test.sh`). Each cluster has its own key prefixes, so clusters of
+//! concurrent tests never see each other.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use switchboard_config::{Config, Role};
+
+use super::{free_port, http_get};
+
+/// The etcd and Redis under test.
+#[derive(Clone, Debug)]
+pub struct Infra {
+    pub etcd: String,
+    pub redis: String,
+}
+
+impl Infra {
+    /// From the environment; `None` (with the reason printed) when a
+    /// developer runs plain `cargo test`. Under `CI=true` a missing variable
+    /// is a failure.
+    pub fn from_env() -> Option<Infra> {
+        let etcd = std::env::var("SWITCHBOARD_TEST_ETCD");
+        let redis = std::env::var("SWITCHBOARD_TEST_REDIS");
+        match (etcd, redis) {
+            (Ok(etcd), Ok(redis)) => Some(Infra { etcd, redis }),
+            _ if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
+                "SWITCHBOARD_TEST_ETCD / SWITCHBOARD_TEST_REDIS are not set (CI=true): run scripts/test.sh"
+            ),
+            _ => {
+                eprintln!(
+                    "skipped: SWITCHBOARD_TEST_ETCD / SWITCHBOARD_TEST_REDIS are not set (scripts/test.sh sets them)"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// One process of a cluster.
+pub struct Proc {
+    pub name: String,
+    pub roles: Vec<Role>,
+    pub client_addr: Option<SocketAddr>,
+    pub mesh_addr: SocketAddr,
+    config_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.client_addr.expect("a gateway"))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// A running cluster.
+pub struct Cluster {
+    pub infra: Infra,
+    /// etcd key prefix and Redis presence prefix of this cluster.
+    pub etcd_prefix: String,
+    pub redis_prefix: String,
+    base: Config,
+    dir: tempfile::TempDir,
+    pub procs: Vec<Proc>,
+    next_gateway: AtomicUsize,
+}
+
+/// The shape used to re-run the protocol tests: two gateways, delivery on
+/// its own, router, groups and auth together.
+pub const PROTOCOL_SHAPE: &[(&str, &str)] = &[
+    ("gw1", "gateway"),
+    ("gw2", "gateway"),
+    ("core", "router,groups,auth"),
+    ("delivery", "delivery"),
+];
+
+/// The full shape of `deploy/local`: 2 gateways, 1 delivery, 2 groups,
+/// 1 router, 1 auth.
+pub const FULL_SHAPE: &[(&str, &str)] = &[
+    ("gw1", "gateway"),
+    ("gw2", "gateway"),
+    ("delivery", "delivery"),
+    ("groups1", "groups"),
+    ("groups2", "groups"),
+    ("router", "router"),
+    ("auth", "auth"),
+];
+
+pub const TEST_SECRET: &str = "test-mesh-secret";
+
+impl Cluster {
+    /// Starts every process of `shape` with settings from `edit` and waits
+    /// until each gateway is ready (it knows an instance of every role).
+    pub async fn start(
+        infra: Infra,
+        shape: &[(&str, &str)],
+        edit: impl FnOnce(&mut Config),
+    ) -> Cluster {
+        let tag = format!(
+            "{}{}",
+            std::process::id(),
+            switchboard_mesh::new_message_id().replace('-', "")
+        );
+        let mut base = Config {
+            etcd: vec![infra.etcd.clone()],
+            redis: infra.redis.clone(),
+            mesh_secret: TEST_SECRET.into(),
+            ..Config::default()
+        };
+        base.discovery.key_prefix = format!("/sbtest/{tag}/");
+        base.discovery.lease_ttl_secs = 2;
+        base.presence.key_prefix = format!("sbtest:{tag}:");
+        base.presence.gateway_ttl_secs = 2;
+        edit(&mut base);
+        let mut cluster = Cluster {
+            infra,
+            etcd_prefix: base.discovery.key_prefix.clone(),
+            redis_prefix: base.presence.key_prefix.clone(),
+            base,
+            dir: tempfile::tempdir().expect("tempdir"),
+            procs: Vec::new(),
+            next_gateway: AtomicUsize::new(0),
+        };
+        for (name, roles) in shape {
+            cluster.add(name, roles, |_| {});
+        }
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    /// Adds (and spawns) a process; `edit` changes only its config.
+    pub fn add(&mut self, name: &str, roles: &str, edit: impl FnOnce(&mut Config)) -> usize {
+        let roles = Role::parse_list(roles).expect("roles");
+        let mut config = self.base.clone();
+        config.roles = roles.clone();
+        config.node_id = format!("{name}-{}", &self.etcd_prefix[8..16]);
+        config.mesh_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        config.client_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        config.data_dir = self.dir.path().join(format!("{name}-data"));
+        edit(&mut config);
+        let config_path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config_path,
+            toml::to_string(&config).expect("config as TOML"),
+        )
+        .expect("write config");
+        let mut proc = Proc {
+            name: name.to_owned(),
+            client_addr: roles.contains(&Role::Gateway).then_some(config.client_addr),
+            mesh_addr: config.mesh_addr,
+            roles,
+            config_path,
+            child: None,
+        };
+        proc.child = Some(spawn(&proc.config_path));
+        self.procs.push(proc);
+        self.procs.len() - 1
+    }
+
+    pub fn proc(&self, name: &str) -> &Proc {
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    fn proc_mut(&mut self, name: &str) -> &mut Proc {
+        self.procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// The gateways' client URLs.
+    pub fn gateway_urls(&self) -> Vec<String> {
+        self.procs
+            .iter()
+            .filter(|p| p.client_addr.is_some())
+            .map(Proc::url)
+            .collect()
+    }
+
+    /// A gateway URL, a different gateway on each call.
+    pub fn url(&self) -> String {
+        let urls = self.gateway_urls();
+        urls[self.next_gateway.fetch_add(1, Ordering::Relaxed) % urls.len()].clone()
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self, name: &str) {
+        let proc = self.proc_mut(name);
+        if let Some(mut child) = proc.child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// Starts a killed process again with the same config (ports, node id,
+    /// data dir).
+    pub fn restart(&mut self, name: &str) {
+        let proc = self.proc_mut(name);
+        assert!(proc.child.is_none(), "{name} is running");
+        proc.child = Some(spawn(&proc.config_path));
+    }
+
+    /// SIGTERM and wait; returns whether it exited cleanly.
+    pub fn terminate(&mut self, name: &str) -> bool {
+        let proc = self.proc_mut(name);
+        let Some(mut child) = proc.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().is_ok_and(|s| s.success())
+    }
+
+    /// Waits until every gateway answers `/readyz` with 200.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for proc in self.procs.iter().filter(|p| p.client_addr.is_some()) {
+            let addr = proc.client_addr.expect("gateway");
+            loop {
+                if let Some((200, _)) = http_get(addr, "/readyz").await {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "gateway {} not ready within 30 s: {:?}",
+                    proc.name,
+                    http_get(addr, "/readyz").await
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        for proc in &mut self.procs {
+            if let Some(child) = proc.child.as_ref() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+            }
+        }
+        for proc in &mut self.procs {
+            if let Some(mut child) = proc.child.take() {
+                let deadline = std::time::Instant::now() + Duration::from_secs(15);
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(_)) => break,
+                        _ if std::time::Instant::now() > deadline => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            panic!("{} did not stop within 15 s of SIGTERM", proc.name);
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for proc in &mut self.procs {
+            if let Some(mut child) = proc.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn spawn(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env(
+            "SWITCHBOARD_LOG",
+            std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn switchboard")
+}
