@@ -138,22 +138,31 @@ impl Cluster {
         cluster
     }
 
-    /// Adds (and spawns) a process; `edit` changes only its config.
-    pub fn add(&mut self, name: &str, roles: &str, edit: impl FnOnce(&mut Config)) -> usize {
-        let roles = Role::parse_list(roles).expect("roles");
+    /// Writes the config of process `name` (based on the cluster's, with
+    /// its own ports, node id and data dir, then `edit`).
+    fn write_config(
+        &self,
+        name: &str,
+        roles: &[Role],
+        edit: impl FnOnce(&mut Config),
+    ) -> (Config, PathBuf) {
         let mut config = self.base.clone();
-        config.roles = roles.clone();
+        config.roles = roles.to_vec();
         config.node_id = format!("{name}-{}", &self.etcd_prefix[8..16]);
         config.mesh_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         config.client_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         config.data_dir = self.dir.path().join(format!("{name}-data"));
         edit(&mut config);
-        let config_path = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &config_path,
-            toml::to_string(&config).expect("config as TOML"),
-        )
-        .expect("write config");
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(&config).expect("config as TOML"))
+            .expect("write config");
+        (config, path)
+    }
+
+    /// Adds (and spawns) a process; `edit` changes only its config.
+    pub fn add(&mut self, name: &str, roles: &str, edit: impl FnOnce(&mut Config)) -> usize {
+        let roles = Role::parse_list(roles).expect("roles");
+        let (config, config_path) = self.write_config(name, &roles, edit);
         let mut proc = Proc {
             name: name.to_owned(),
             client_addr: roles.contains(&Role::Gateway).then_some(config.client_addr),
@@ -165,6 +174,46 @@ impl Cluster {
         proc.child = Some(spawn(&proc.config_path));
         self.procs.push(proc);
         self.procs.len() - 1
+    }
+
+    /// Runs a process that is expected to exit by itself (a refused start);
+    /// returns its exit status and what it wrote to stderr. Killed after
+    /// `limit`.
+    pub async fn run_to_exit(
+        &self,
+        name: &str,
+        roles: &str,
+        limit: Duration,
+    ) -> (Option<std::process::ExitStatus>, String) {
+        let roles = Role::parse_list(roles).expect("roles");
+        let (_, path) = self.write_config(name, &roles, |_| {});
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn switchboard");
+        let deadline = std::time::Instant::now() + limit;
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            use std::io::Read;
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        (status, stderr)
     }
 
     pub fn proc(&self, name: &str) -> &Proc {
@@ -225,10 +274,19 @@ impl Cluster {
         child.wait().is_ok_and(|s| s.success())
     }
 
-    /// Waits until every gateway answers `/readyz` with 200.
+    /// `/readyz` of gateway `name`.
+    pub async fn readyz(&self, name: &str) -> Option<(u16, serde_json::Value)> {
+        http_get(self.proc(name).client_addr.expect("a gateway"), "/readyz").await
+    }
+
+    /// Waits until every running gateway answers `/readyz` with 200.
     pub async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        for proc in self.procs.iter().filter(|p| p.client_addr.is_some()) {
+        for proc in self
+            .procs
+            .iter()
+            .filter(|p| p.client_addr.is_some() && p.child.is_some())
+        {
             let addr = proc.client_addr.expect("gateway");
             loop {
                 if let Some((200, _)) = http_get(addr, "/readyz").await {

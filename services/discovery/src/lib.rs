@@ -80,7 +80,7 @@ pub struct Discovery {
 /// How long one etcd call may take before the caller gives up on it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause between attempts while etcd is away.
-const RETRY_PAUSE: Duration = Duration::from_millis(500);
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 impl Discovery {
     /// Connects, registers `me` and loads the member list. Fails when etcd

@@ -286,6 +286,9 @@ pub async fn serve(
     Ok(())
 }
 
+/// How long a starting process waits for etcd.
+const ETCD_START_WAIT: Duration = Duration::from_secs(15);
+
 /// Registers this process in etcd and, for the delivery role, claims the
 /// single embedded store of the deployment.
 async fn join_discovery(
@@ -304,16 +307,27 @@ async fn join_discovery(
         addr: advertised,
         tag: switchboard_mesh::secret_tag(&config.mesh_secret),
     };
-    let discovery = Discovery::start(
-        DiscoveryOptions {
-            endpoints: config.etcd.clone(),
-            key_prefix: config.discovery.key_prefix.clone(),
-            lease_ttl: Duration::from_secs(config.discovery.lease_ttl_secs),
-        },
-        me,
-    )
-    .await
-    .context("cannot join discovery in etcd")?;
+    let options = DiscoveryOptions {
+        endpoints: config.etcd.clone(),
+        key_prefix: config.discovery.key_prefix.clone(),
+        lease_ttl: Duration::from_secs(config.discovery.lease_ttl_secs),
+    };
+    // etcd may be starting at the same time as we are: wait for it, bounded.
+    let deadline = tokio::time::Instant::now() + ETCD_START_WAIT;
+    let discovery = loop {
+        match Discovery::start(options.clone(), me.clone()).await {
+            Ok(d) => break d,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "etcd not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot join discovery in etcd within {ETCD_START_WAIT:?}"
+                )));
+            }
+        }
+    };
     if config.runs(Role::Delivery) {
         discovery
             .claim_exclusive("delivery-store", node_id)

@@ -1,0 +1,442 @@
+//! The multi-process cluster under failure: real `switchboard` processes,
+//! real etcd and Redis, kill -9 and restarts.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::cluster::{Cluster, FULL_SHAPE, Infra, PROTOCOL_SHAPE};
+use support::{Client, free_port};
+use switchboard_mesh::{ErrorCode, RouterClient, pb};
+use switchboard_presence::{Presence, RedisPresence};
+
+const QUIET: Duration = Duration::from_millis(300);
+
+/// The index in a `m<i>` content.
+fn index_of(frame: &Value) -> usize {
+    frame["data"]["content"]
+        .as_str()
+        .and_then(|c| c.strip_prefix('m'))
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected content in {frame}"))
+}
+
+#[tokio::test]
+async fn delivery_killed_mid_stream_loses_no_accepted_message() {
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    const N: usize = 1000;
+    let mut cluster = Cluster::start(infra, PROTOCOL_SHAPE, |c| {
+        c.limits.messages_per_second = 100_000;
+        c.limits.max_refusals = 100_000;
+    })
+    .await;
+    let gw1 = cluster.proc("gw1").url();
+    let gw2 = cluster.proc("gw2").url();
+    let mut ann = Client::login_with(&gw1, "demo-ann", true).await;
+    let mut bob = Client::login(&gw2, "demo-bob").await;
+
+    // bob reads everything pushed to him, until told to stop.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        let mut pushed: Vec<(usize, String)> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => break,
+                f = bob.try_recv(Duration::from_secs(60)) => match f {
+                    Some(f) if f["type"] == "MESSAGE" => {
+                        pushed.push((index_of(&f), f["data"]["id"].as_str().expect("id").to_owned()));
+                    }
+                    Some(_) => {}
+                    None => panic!("bob's connection ended during the outage"),
+                },
+            }
+        }
+        (bob, pushed)
+    });
+
+    // All N sends go out at once; the gateway works through them in order.
+    for i in 0..N {
+        ann.message("demo-bob", &format!("m{i}"), "RELIABLE", &format!("r{i}"))
+            .await;
+    }
+    let mut accepted: BTreeMap<usize, String> = BTreeMap::new();
+    let mut unavailable: BTreeSet<usize> = BTreeSet::new();
+    let mut killed_at: Option<Instant> = None;
+    let mut restarted_at: Option<Instant> = None;
+    let mut first_accept_after_restart: Option<Duration> = None;
+    while accepted.len() + unavailable.len() < N {
+        let f = ann
+            .try_recv(Duration::from_secs(30))
+            .await
+            .expect("ann's connection stays open and every send is answered");
+        let reference = f["reference"].as_str().unwrap_or_default();
+        let Some(i) = reference.strip_prefix('r').and_then(|i| i.parse().ok()) else {
+            continue;
+        };
+        match f["type"].as_str() {
+            Some("MESSAGE_ACCEPTED") => {
+                let id = f["data"]["id"].as_str().expect("id").to_owned();
+                assert!(accepted.insert(i, id).is_none(), "r{i} accepted twice");
+                if let (Some(at), None) = (restarted_at, first_accept_after_restart) {
+                    first_accept_after_restart = Some(at.elapsed());
+                }
+            }
+            Some("ERROR") => {
+                assert_eq!(f["data"]["code"], "UNAVAILABLE", "{f}");
+                assert!(unavailable.insert(i), "r{i} refused twice");
+            }
+            _ => continue,
+        }
+        if killed_at.is_none() && accepted.len() >= 300 {
+            cluster.kill9("delivery");
+            killed_at = Some(Instant::now());
+        }
+        // Long enough for the lease to expire and for sends to be refused.
+        if let (Some(at), None) = (killed_at, restarted_at)
+            && at.elapsed() > Duration::from_secs(5)
+        {
+            cluster.restart("delivery");
+            restarted_at = Some(Instant::now());
+        }
+    }
+    if restarted_at.is_none() {
+        // Everything was answered while delivery was down.
+        cluster.restart("delivery");
+    }
+    assert!(
+        !unavailable.is_empty(),
+        "sends during the outage are refused with UNAVAILABLE"
+    );
+    assert!(
+        accepted.len() > 300 + 100,
+        "sends resume once delivery is back ({} accepted)",
+        accepted.len()
+    );
+
+    // After the last accepted message reached bob (or sits in his inbox),
+    // fetch what the push path lost in the crash.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = stop_tx.send(());
+    let (mut bob, pushed) = reader.await.expect("reader");
+    let (fetched, _) = bob.fetch_all(1000).await;
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    let mut by_index: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+    for (i, id) in pushed.iter().cloned().chain(fetched.iter().map(|f| {
+        (
+            index_of(f),
+            f["data"]["id"].as_str().expect("id").to_owned(),
+        )
+    })) {
+        *copies.entry(id.clone()).or_default() += 1;
+        by_index.entry(i).or_default().insert(id);
+    }
+    for (i, id) in &accepted {
+        assert!(
+            by_index.get(i).is_some_and(|ids| ids.contains(id)),
+            "accepted message m{i} ({id}) never reached bob"
+        );
+    }
+    for (i, ids) in &by_index {
+        assert!(*i < N, "m{i} was never sent");
+        assert_eq!(ids.len(), 1, "m{i} arrived under several ids: {ids:?}");
+    }
+    let duplicates: usize = copies.values().map(|n| n - 1).sum();
+    eprintln!(
+        "delivery kill -9: {} accepted, {} refused (UNAVAILABLE), {} distinct received, {} duplicate copies; first accept {:?} after the restart",
+        accepted.len(),
+        unavailable.len(),
+        copies.len(),
+        duplicates,
+        first_accept_after_restart
+    );
+    // Refused sends may still have been stored before the crash; accepted
+    // ones are all there, each once after de-duplication.
+    assert!(copies.len() >= accepted.len());
+    assert!(copies.len() <= accepted.len() + unavailable.len());
+
+    // The same connections keep working.
+    ann.message("demo-bob", "m0", "FAST", "after").await;
+    assert_eq!(bob.recv_type("MESSAGE").await["reference"], "after");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_killed_groups_process_is_taken_over() {
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    let mut cluster = Cluster::start(infra, FULL_SHAPE, |_| {}).await;
+    let mut ann = Client::login(&cluster.proc("gw1").url(), "demo-ann").await;
+    let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+    let mut cat = Client::login(&cluster.proc("gw1").url(), "demo-cat").await;
+
+    async fn group_round(ann: &mut Client, bob: &mut Client, cat: &mut Client, tag: &str) {
+        ann.send(json!({"type":"GROUP_MESSAGE","data":{"to":["demo-bob","demo-cat"],"content":tag},"reference":tag}))
+            .await;
+        for c in [bob, cat] {
+            assert_eq!(c.recv_type("MESSAGE").await["data"]["content"], tag);
+        }
+    }
+    // Ad-hoc group messages are owned by message id: both instances serve.
+    for i in 0..10 {
+        group_round(&mut ann, &mut bob, &mut cat, &format!("before{i}")).await;
+    }
+    cluster.kill9("groups1");
+    let killed = Instant::now();
+    // Every group message right after the kill is delivered: the ones the
+    // dead instance owned go to the survivor.
+    for i in 0..20 {
+        group_round(&mut ann, &mut bob, &mut cat, &format!("after{i}")).await;
+    }
+    let takeover = killed.elapsed();
+    eprintln!("groups kill -9: 20 group messages delivered {takeover:?} after the kill");
+    assert!(
+        takeover < Duration::from_secs(2),
+        "takeover within the 2 s lease TTL, took {takeover:?}"
+    );
+    // No ERROR reached the sender.
+    while let Some(f) = ann.try_recv(QUIET).await {
+        assert_ne!(f["type"], "ERROR", "{f}");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn users_of_a_killed_gateway_reconnect_elsewhere_and_fetch() {
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    let mut cluster = Cluster::start(infra.clone(), PROTOCOL_SHAPE, |_| {}).await;
+    let gw1 = cluster.proc("gw1").url();
+    let mut ann = Client::login_with(&gw1, "demo-ann", true).await;
+    let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+    ann.send_accepted("demo-bob", "m0", "r0").await;
+    assert_eq!(bob.recv_type("MESSAGE").await["data"]["content"], "m0");
+
+    cluster.kill9("gw2");
+    // bob's socket is gone with it.
+    assert!(bob.try_recv(Duration::from_secs(5)).await.is_none());
+    // Messages sent while bob has no connection wait in his inbox.
+    for i in 1..=5 {
+        ann.send_accepted("demo-bob", &format!("m{i}"), &format!("r{i}"))
+            .await;
+    }
+    let mut bob = Client::login(&gw1, "demo-bob").await;
+    let (fetched, _) = bob.fetch_all(100).await;
+    let got: Vec<usize> = fetched
+        .iter()
+        .filter(|f| f["type"] == "MESSAGE")
+        .map(index_of)
+        .collect();
+    assert_eq!(got, vec![1, 2, 3, 4, 5]);
+
+    // After the gateway TTL, presence lists only the live gateway, and
+    // delivery to bob does not wait on the dead one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let presence =
+        RedisPresence::connect(&infra.redis, &cluster.redis_prefix, Duration::from_secs(2))
+            .await
+            .expect("redis");
+    let gateways = presence
+        .gateways("demo", "demo-bob")
+        .await
+        .expect("presence");
+    let gw1_id = format!("gw1-{}", &cluster.etcd_prefix[8..16]);
+    assert_eq!(gateways, vec![(gw1_id, 1)]);
+    let sent = Instant::now();
+    ann.message("demo-bob", "m6", "FAST", "").await;
+    assert_eq!(bob.recv_type("MESSAGE").await["data"]["content"], "m6");
+    eprintln!(
+        "after the gateway died: a FAST message took {:?}",
+        sent.elapsed()
+    );
+    cluster.shutdown().await;
+}
+
+/// A private etcd (this test stops it), on free ports.
+struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let mut etcd = Etcd {
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.client_port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("etcd did not listen on {}", self.client_port);
+    }
+
+    fn spawn(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.url()])
+            .args(["--advertise-client-urls", &self.url()])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn traffic_survives_an_etcd_outage_and_registrations_return() {
+    let Some(mut infra) = Infra::from_env() else {
+        return;
+    };
+    let mut etcd = Etcd::start();
+    etcd.wait_ready().await;
+    infra.etcd = etcd.url();
+    let mut cluster = Cluster::start(infra, PROTOCOL_SHAPE, |_| {}).await;
+    let mut ann = Client::login(&cluster.proc("gw1").url(), "demo-ann").await;
+    let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+
+    etcd.stop();
+    // Ten seconds without etcd: messages keep flowing between the known
+    // instances, both ways.
+    let outage = Instant::now();
+    let mut i = 0;
+    while outage.elapsed() < Duration::from_secs(10) {
+        ann.message("demo-bob", &format!("m{i}"), "RELIABLE", &format!("r{i}"))
+            .await;
+        assert_eq!(index_of(&bob.recv_type("MESSAGE").await), i);
+        bob.message("demo-ann", &format!("m{i}"), "FAST", "").await;
+        assert_eq!(index_of(&ann.recv_type("MESSAGE").await), i);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(i >= 10, "only {i} round trips in 10 s");
+
+    etcd.spawn();
+    etcd.wait_ready().await;
+    // Registrations are back: a gateway started now finds every role, and
+    // delivery (whose watch had broken) finds the new gateway.
+    cluster.add("gw3", "gateway", |_| {});
+    cluster.wait_ready().await;
+    // gw3 knows everyone; the others learn of gw3 once their watches are
+    // re-established (each retries every 200 ms while etcd is away).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut cat = Client::login(&cluster.proc("gw3").url(), "demo-cat").await;
+    ann.message("demo-cat", "m100", "RELIABLE", "r100").await;
+    assert_eq!(index_of(&cat.recv_type("MESSAGE").await), 100);
+    cat.message("demo-bob", "m101", "RELIABLE", "r101").await;
+    assert_eq!(index_of(&bob.recv_type("MESSAGE").await), 101);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_process_with_the_wrong_mesh_secret_cannot_call_or_join() {
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    let mut cluster = Cluster::start(infra, PROTOCOL_SHAPE, |_| {}).await;
+
+    // A direct mesh call without the secret is refused.
+    let core = cluster.proc("core").mesh_addr;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{core}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let err = RouterClient::from_channel(channel)
+        .route(pb::RouteRequest::default())
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code, ErrorCode::NotAuthenticated, "{err}");
+
+    // A gateway with another secret is ignored by the others and finds no
+    // instance it may call: it never becomes ready, and its users cannot
+    // log in.
+    cluster.add("intruder", "gateway", |c| c.mesh_secret = "wrong".into());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = cluster.readyz("intruder").await.expect("answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.to_string().contains("no instance of"),
+        "readyz names the missing roles: {body}"
+    );
+    let mut c = Client::connect(&cluster.proc("intruder").url()).await;
+    c.send(json!({"type":"AUTH_CLIENT","data":{"appId":"demo","userId":"demo-eve","token":""}}))
+        .await;
+    let reply = c.recv().await;
+    assert_ne!(reply["data"]["isAuthenticated"], true, "{reply}");
+
+    // The real gateways still work, and never push to the intruder.
+    let mut ann = Client::login(&cluster.proc("gw1").url(), "demo-ann").await;
+    let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+    ann.message("demo-bob", "m1", "RELIABLE", "r1").await;
+    assert_eq!(index_of(&bob.recv_type("MESSAGE").await), 1);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_delivery_process_is_refused() {
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    let cluster = Cluster::start(infra, PROTOCOL_SHAPE, |_| {}).await;
+    let (status, stderr) = cluster
+        .run_to_exit("delivery2", "delivery", Duration::from_secs(20))
+        .await;
+    let status = status.expect("the second delivery process exits by itself");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("second delivery process") && stderr.contains("shared store"),
+        "the refusal names the reason: {stderr}"
+    );
+    // The first one is untouched.
+    let mut ann = Client::login(&cluster.proc("gw1").url(), "demo-ann").await;
+    let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+    ann.message("demo-bob", "m1", "RELIABLE", "r1").await;
+    assert_eq!(index_of(&bob.recv_type("MESSAGE").await), 1);
+    cluster.shutdown().await;
+}
