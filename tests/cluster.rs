@@ -440,3 +440,69 @@ async fn a_second_delivery_process_is_refused() {
     assert_eq!(index_of(&bob.recv_type("MESSAGE").await), 1);
     cluster.shutdown().await;
 }
+
+/// A CA and one certificate for 127.0.0.1 signed by it, as PEM files in
+/// `dir`: (cert, key, ca).
+fn mesh_certificates(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let key = KeyPair::generate().expect("key");
+    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("params");
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    let paths = (
+        dir.join("mesh.crt"),
+        dir.join("mesh.key"),
+        dir.join("ca.crt"),
+    );
+    std::fs::write(&paths.0, cert.pem()).expect("write cert");
+    std::fs::write(&paths.1, key.serialize_pem()).expect("write key");
+    std::fs::write(&paths.2, ca_cert.pem()).expect("write ca");
+    paths
+}
+
+#[tokio::test]
+async fn the_mesh_runs_over_mutual_tls() {
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (cert, key, ca) = mesh_certificates(certs.path());
+    let cluster = Cluster::start(infra, PROTOCOL_SHAPE, |c| {
+        c.mesh_tls.cert = cert.clone();
+        c.mesh_tls.key = key.clone();
+        c.mesh_tls.ca = ca.clone();
+    })
+    .await;
+    let mut ann = Client::login(&cluster.proc("gw1").url(), "demo-ann").await;
+    let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+    ann.message("demo-bob", "m1", "RELIABLE", "r1").await;
+    assert_eq!(index_of(&bob.recv_type("MESSAGE").await), 1);
+    assert_eq!(
+        ann.recv_type("MESSAGE_CONFIRMATION").await["data"]["reference"],
+        "r1"
+    );
+
+    // Plain HTTP/2 to the mesh port gets nowhere.
+    let core = cluster.proc("core").mesh_addr;
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{core}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    let err = RouterClient::from_channel(plain)
+        .route(pb::RouteRequest::default())
+        .await
+        .expect_err("plaintext refused");
+    // The TLS handshake fails: a transport error, never an answer.
+    assert!(
+        matches!(err.code, ErrorCode::Unavailable | ErrorCode::Internal),
+        "{err}"
+    );
+    cluster.shutdown().await;
+}

@@ -60,6 +60,7 @@ pub struct Config {
     /// address, which then must not be a wildcard when `etcd` is set.
     pub advertise_addr: String,
     pub discovery: DiscoveryConfig,
+    pub mesh_tls: MeshTlsConfig,
     pub limits: Limits,
     pub store: StoreConfig,
     pub presence: PresenceConfig,
@@ -80,6 +81,7 @@ impl Default for Config {
             mesh_secret: String::new(),
             advertise_addr: String::new(),
             discovery: DiscoveryConfig::default(),
+            mesh_tls: MeshTlsConfig::default(),
             limits: Limits::default(),
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
@@ -165,6 +167,27 @@ impl Default for DiscoveryConfig {
             key_prefix: "/switchboard/".into(),
             lease_ttl_secs: 5,
         }
+    }
+}
+
+/// Mutual TLS on the mesh port (all three set) or none (all empty). Every
+/// process presents `cert` when serving and when calling, and accepts only
+/// peers whose certificate `ca` signed. Certificates need the advertised
+/// host (IP or DNS name) as a subject alternative name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshTlsConfig {
+    /// This process's certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// The CA certificate that signs every mesh certificate, PEM.
+    pub ca: PathBuf,
+}
+
+impl MeshTlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
     }
 }
 
@@ -394,13 +417,16 @@ impl Config {
         } else {
             self.advertise_addr.clone()
         };
-        Ok(
-            if addr.starts_with("http://") || addr.starts_with("https://") {
-                addr
-            } else {
-                format!("http://{addr}")
-            },
-        )
+        let scheme = if self.mesh_tls.enabled() {
+            "https"
+        } else {
+            "http"
+        };
+        Ok(if addr.contains("://") {
+            addr
+        } else {
+            format!("{scheme}://{addr}")
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -414,6 +440,16 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "etcd is set but redis is not: processes of one deployment share presence in Redis"
                     .into(),
+            ));
+        }
+        let tls = &self.mesh_tls;
+        let set = [&tls.cert, &tls.key, &tls.ca]
+            .iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .count();
+        if set != 0 && set != 3 {
+            return Err(ConfigError::Invalid(
+                "mesh_tls needs all of cert, key and ca (or none)".into(),
             ));
         }
         if self.discovery.lease_ttl_secs == 0 || self.discovery.key_prefix.is_empty() {

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use switchboard_proto::mesh as pb;
 use tonic::transport::Channel;
 
+use crate::connector::MeshConnector;
 use crate::credentials::MeshCredentials;
 use crate::error::ServiceError;
 use crate::gateway_link::GatewayLink;
@@ -231,7 +232,7 @@ impl GatewayTable {
 
     /// Replaces the remote gateways with `(id, mesh address)` pairs: links to
     /// gateways that stay are kept, links to gone ones are closed.
-    pub fn update_remote(&self, remote: &[(String, String)], credentials: &MeshCredentials) {
+    pub fn update_remote(&self, remote: &[(String, String)], connector: &MeshConnector) {
         let mut map = self.write();
         map.retain(|id, e| {
             e.addr.is_empty() || remote.iter().any(|(i, a)| i == id && *a == e.addr)
@@ -240,21 +241,20 @@ impl GatewayTable {
             if map.contains_key(id) {
                 continue;
             }
-            match tonic::transport::Endpoint::from_shared(addr.clone()) {
-                Ok(endpoint) => {
-                    let channel = endpoint
-                        .connect_timeout(std::time::Duration::from_secs(1))
-                        .tcp_nodelay(true)
-                        .connect_lazy();
+            match connector.channel(addr) {
+                Ok(channel) => {
                     map.insert(
                         id.clone(),
                         Entry {
                             addr: addr.clone(),
-                            client: GatewayClient::from_channel(channel, credentials.clone()),
+                            client: GatewayClient::from_channel(
+                                channel,
+                                connector.credentials().clone(),
+                            ),
                         },
                     );
                 }
-                Err(e) => tracing::warn!(gateway = %id, %addr, error = %e, "bad gateway address"),
+                Err(e) => tracing::warn!(gateway = %id, error = %e, "gateway skipped"),
             }
         }
     }

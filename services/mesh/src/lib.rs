@@ -9,6 +9,7 @@
 
 mod adapters;
 mod clients;
+mod connector;
 mod credentials;
 mod error;
 mod gateway_link;
@@ -23,6 +24,7 @@ pub use clients::{
     AuthClient, DeliveryClient, GatewayClient, GatewayDirectory, GatewayTable, GroupsClient,
     RouterClient,
 };
+pub use connector::{ConnectError, MeshConnector, MeshTls};
 pub use credentials::{InvalidSecret, MeshCredentials, MeshGuard, secret_tag};
 pub use error::{ErrorCode, ServiceError};
 pub use ids::{new_message_id, now_ms};

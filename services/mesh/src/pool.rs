@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use crate::connector::MeshConnector;
 use crate::credentials::MeshCredentials;
 use crate::error::{CODE_KEY, ServiceError};
 
@@ -22,7 +23,6 @@ pub type MeshChannel = InterceptedService<Channel, MeshCredentials>;
 pub const RETRY_BUDGET: Duration = Duration::from_secs(4);
 /// How long one attempt on one instance may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct PoolMember {
@@ -36,17 +36,17 @@ struct PoolMember {
 /// The live instances of one role.
 pub struct Pool {
     role: &'static str,
-    credentials: MeshCredentials,
+    connector: MeshConnector,
     members: RwLock<Arc<Vec<PoolMember>>>,
     changed: Notify,
     next: AtomicUsize,
 }
 
 impl Pool {
-    pub fn new(role: &'static str, credentials: MeshCredentials) -> Arc<Self> {
+    pub fn new(role: &'static str, connector: MeshConnector) -> Arc<Self> {
         Arc::new(Pool {
             role,
-            credentials,
+            connector,
             members: RwLock::new(Arc::new(Vec::new())),
             changed: Notify::new(),
             next: AtomicUsize::new(0),
@@ -55,7 +55,7 @@ impl Pool {
 
     /// A pool of one fixed instance.
     pub fn fixed(role: &'static str, channel: Channel, credentials: MeshCredentials) -> Arc<Self> {
-        let pool = Pool::new(role, credentials.clone());
+        let pool = Pool::new(role, MeshConnector::new(credentials.clone(), None));
         pool.set_members(vec![PoolMember {
             id: "fixed".into(),
             addr: String::new(),
@@ -82,23 +82,20 @@ impl Pool {
                 members.push(kept.clone());
                 continue;
             }
-            match Endpoint::from_shared(addr.clone()) {
-                Ok(endpoint) => {
-                    let channel = endpoint
-                        .connect_timeout(CONNECT_TIMEOUT)
-                        .tcp_nodelay(true)
-                        .http2_keep_alive_interval(Duration::from_secs(10))
-                        .keep_alive_timeout(Duration::from_secs(5))
-                        .connect_lazy();
+            match self.connector.channel(addr) {
+                Ok(channel) => {
                     members.push(PoolMember {
                         id: id.clone(),
                         addr: addr.clone(),
                         id_hash: hash(id.as_bytes()),
-                        channel: InterceptedService::new(channel, self.credentials.clone()),
+                        channel: InterceptedService::new(
+                            channel,
+                            self.connector.credentials().clone(),
+                        ),
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(role = self.role, %id, %addr, error = %e, "bad mesh address");
+                    tracing::warn!(role = self.role, %id, error = %e, "instance skipped");
                     ok = false;
                 }
             }
@@ -111,7 +108,7 @@ impl Pool {
         if changed {
             tracing::info!(
                 role = self.role,
-                instances = ?members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+                instances = ?members.iter().map(|m| format!("{}@{}", m.id, m.addr)).collect::<Vec<_>>(),
                 "instances changed"
             );
         }
@@ -255,7 +252,7 @@ mod tests {
     use super::*;
 
     fn pool_of(ids: &[&str]) -> Arc<Pool> {
-        let pool = Pool::new("groups", MeshCredentials::default());
+        let pool = Pool::new("groups", MeshConnector::default());
         let instances: Vec<(String, String)> = ids
             .iter()
             .enumerate()
@@ -302,7 +299,7 @@ mod tests {
     #[tokio::test]
     async fn an_empty_pool_fails_with_unavailable_after_the_budget() {
         tokio::time::pause();
-        let pool = Pool::new("router", MeshCredentials::default());
+        let pool = Pool::new("router", MeshConnector::default());
         let err = pool
             .call(None, |ch| async move {
                 crate::pb::router_client::RouterClient::new(ch)

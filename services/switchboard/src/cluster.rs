@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use switchboard_config::{Config, Role};
 use switchboard_discovery::Members;
-use switchboard_mesh::{GatewayTable, MeshCredentials, Pool};
+use switchboard_mesh::{GatewayTable, MeshConnector, Pool};
 use tokio::sync::watch;
 
 /// Pools of the roles this process reaches over the mesh.
@@ -16,14 +16,14 @@ pub(crate) struct Pools {
 
 impl Pools {
     /// One pool per role not run here, when discovery is configured.
-    pub(crate) fn new(config: &Config, credentials: &MeshCredentials) -> Self {
+    pub(crate) fn new(config: &Config, connector: &MeshConnector) -> Self {
         if config.etcd.is_empty() {
             return Pools::default();
         }
         let pools = Role::ALL
             .into_iter()
             .filter(|r| !config.runs(*r) && *r != Role::Gateway)
-            .map(|r| (r, Pool::new(r.as_str(), credentials.clone())))
+            .map(|r| (r, Pool::new(r.as_str(), connector.clone())))
             .collect();
         Pools { pools }
     }
@@ -54,7 +54,7 @@ pub(crate) fn follow(
     tag: String,
     pools: Pools,
     gateways: Arc<GatewayTable>,
-    credentials: MeshCredentials,
+    connector: MeshConnector,
 ) {
     tokio::spawn(async move {
         let mut warned: BTreeSet<String> = BTreeSet::new();
@@ -80,7 +80,7 @@ pub(crate) fn follow(
                 .filter(|m| m.id != self_id && m.has_role(Role::Gateway.as_str()))
                 .map(|m| (m.id.clone(), m.addr.clone()))
                 .collect();
-            gateways.update_remote(&remote_gateways, &credentials);
+            gateways.update_remote(&remote_gateways, &connector);
             if members.changed().await.is_err() {
                 return;
             }

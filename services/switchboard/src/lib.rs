@@ -16,8 +16,8 @@ use switchboard_gateway::{Check, GatewayDeps, GatewayRole, Readiness};
 use switchboard_groups::GroupsRole;
 use switchboard_mesh::{
     AuthClient, AuthService, DeliveryClient, DeliveryService, FederationService, GatewayClient,
-    GatewayService, GatewayTable, GroupsClient, GroupsService, MeshCredentials, MeshGuard, Pool,
-    RouterClient, RouterService,
+    GatewayService, GatewayTable, GroupsClient, GroupsService, MeshConnector, MeshCredentials,
+    MeshGuard, MeshTls, Pool, RouterClient, RouterService,
 };
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::RouterRole;
@@ -95,6 +95,8 @@ pub async fn serve(
     config.roles.sort_unstable();
     config.roles.dedup();
     let credentials = MeshCredentials::new(&config.mesh_secret).context("invalid mesh_secret")?;
+    let tls = load_mesh_tls(&config)?;
+    let connector = MeshConnector::new(credentials, tls.clone());
     if config.mesh_secret.is_empty() && !config.etcd.is_empty() {
         tracing::warn!(
             "no mesh_secret set: the mesh port accepts calls from anyone who reaches it"
@@ -107,7 +109,7 @@ pub async fn serve(
         true => None,
         false => Some(join_discovery(&config, &node_id, &listeners).await?),
     };
-    let pools = cluster::Pools::new(&config, &credentials);
+    let pools = cluster::Pools::new(&config, &connector);
     let gateways = Arc::new(GatewayTable::default());
     if let Some(d) = &discovery {
         cluster::follow(
@@ -116,7 +118,7 @@ pub async fn serve(
             switchboard_mesh::secret_tag(&config.mesh_secret),
             pools.clone(),
             gateways.clone(),
-            credentials.clone(),
+            connector.clone(),
         );
     }
     let remote_or_pool = |role: Role| -> anyhow::Result<Arc<Pool>> {
@@ -204,7 +206,13 @@ pub async fn serve(
 
     let stop = CancellationToken::new();
     let mesh_stop = stop.clone();
-    let mut mesh = tonic::transport::Server::builder()
+    let mut mesh = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        mesh = mesh
+            .tls_config(tls.server_config())
+            .context("invalid mesh_tls certificate or key")?;
+    }
+    let mut mesh = mesh
         .layer(tonic::service::InterceptorLayer::new(MeshGuard::new(
             &config.mesh_secret,
         )))
@@ -286,6 +294,22 @@ pub async fn serve(
     Ok(())
 }
 
+/// The mesh's mutual-TLS material, when configured.
+fn load_mesh_tls(config: &Config) -> anyhow::Result<Option<MeshTls>> {
+    if !config.mesh_tls.enabled() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .with_context(|| format!("cannot read mesh_tls.{what} {}", path.display()))
+    };
+    Ok(Some(MeshTls {
+        cert_pem: read(&config.mesh_tls.cert, "cert")?,
+        key_pem: read(&config.mesh_tls.key, "key")?,
+        ca_pem: read(&config.mesh_tls.ca, "ca")?,
+    }))
+}
+
 /// How long a starting process waits for etcd.
 const ETCD_START_WAIT: Duration = Duration::from_secs(15);
 
@@ -299,7 +323,12 @@ async fn join_discovery(
     let mut advertised = config.advertised_mesh_url()?;
     if config.advertise_addr.is_empty() && config.mesh_addr.port() == 0 {
         // Port 0 (tests): advertise the port actually bound.
-        advertised = format!("http://{}", listeners.mesh_addr()?);
+        let scheme = if config.mesh_tls.enabled() {
+            "https"
+        } else {
+            "http"
+        };
+        advertised = format!("{scheme}://{}", listeners.mesh_addr()?);
     }
     let me = Member {
         id: node_id.to_owned(),
