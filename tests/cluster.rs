@@ -506,3 +506,70 @@ async fn the_mesh_runs_over_mutual_tls() {
     );
     cluster.shutdown().await;
 }
+
+/// `deploy/local/cluster.sh` as an operator uses it: start, talk through
+/// both gateways, stop; nothing it started is left running.
+#[tokio::test]
+async fn deploy_local_script_starts_and_stops_a_full_cluster() {
+    // The script starts its own etcd and Redis; it needs the same binaries.
+    if Infra::from_env().is_none() {
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/local/cluster.sh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        Command::new("bash")
+            .arg(script)
+            .args(args)
+            .env("SWITCHBOARD_BIN", env!("CARGO_BIN_EXE_switchboard"))
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run cluster.sh")
+    };
+    let cluster_dir = dir.path().join("cluster");
+    let cluster_dir = cluster_dir.to_str().expect("utf-8 path");
+    let started = run(&["start", cluster_dir]);
+    assert!(started.status.success(), "cluster.sh start failed");
+    let env_text = std::fs::read_to_string(dir.path().join("cluster/env")).expect("env file");
+    let var = |name: &str| {
+        env_text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} in {env_text}"))
+            .trim_matches('\'')
+            .to_owned()
+    };
+    let pids: Vec<u32> = std::fs::read_to_string(dir.path().join("cluster/pids"))
+        .expect("pids file")
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 9, "etcd, Redis and 7 switchboard processes");
+
+    let mut ann = Client::login(&var("GW1_URL"), "demo-ann").await;
+    let mut bob = Client::login(&var("GW2_URL"), "demo-bob").await;
+    ann.send(
+        json!({"type":"GROUP_MESSAGE","data":{"to":["demo-bob"],"content":"m1"},"reference":"g1"}),
+    )
+    .await;
+    assert_eq!(index_of(&bob.recv_type("MESSAGE").await), 1);
+    bob.message("demo-ann", "m2", "RELIABLE", "r2").await;
+    assert_eq!(index_of(&ann.recv_type("MESSAGE").await), 2);
+
+    let stopped = run(&["stop", cluster_dir]);
+    assert!(stopped.status.success(), "cluster.sh stop failed");
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next());
+        assert!(
+            stat.is_empty() || state == Some("Z"),
+            "process {pid} still runs after cluster.sh stop"
+        );
+    }
+}

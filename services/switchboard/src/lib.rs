@@ -245,7 +245,19 @@ pub async fn serve(
         mesh = mesh.add_service(GatewayService::new(Arc::new(g.clone())).into_server());
     }
     let mesh = mesh.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(listeners.mesh),
+        // Nagle off on accepted mesh connections: small replies must not wait
+        // for the peer's delayed ACK (40 ms per call otherwise).
+        tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listeners.mesh),
+            |conn| {
+                if let Ok(tcp) = &conn
+                    && let Err(e) = tcp.set_nodelay(true)
+                {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY on a mesh connection");
+                }
+                conn
+            },
+        ),
         async move { mesh_stop.cancelled().await },
     );
     let mesh = tokio::spawn(mesh);
