@@ -73,9 +73,13 @@ pub struct Discovery {
     opts: DiscoveryOptions,
     client: Client,
     lease: Arc<Mutex<i64>>,
+    /// Exclusive claims held: (key, holder), written again under a new lease.
+    claims: Claims,
     members: watch::Receiver<Arc<Members>>,
     stop: CancellationToken,
 }
+
+type Claims = Arc<Mutex<Vec<(String, String)>>>;
 
 /// How long one etcd call may take before the caller gives up on it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -111,10 +115,12 @@ impl Discovery {
         let (tx, rx) = watch::channel(Arc::new(snapshot));
         let stop = CancellationToken::new();
         let lease = Arc::new(Mutex::new(lease));
+        let claims: Claims = Arc::default();
         tokio::spawn(keep_registered(
             opts.clone(),
             client.clone(),
             lease.clone(),
+            claims.clone(),
             member_key,
             value,
             stop.clone(),
@@ -130,6 +136,7 @@ impl Discovery {
             opts,
             client,
             lease,
+            claims,
             members: rx,
             stop,
         })
@@ -168,6 +175,7 @@ impl Discovery {
                 .or_else([TxnOp::get(key.clone(), None)]);
             let reply = bounded(&self.opts, c.txn(txn)).await?;
             if reply.succeeded() {
+                self.claims.lock().await.push((key, holder.to_owned()));
                 return Ok(());
             }
             let current = reply.op_responses().into_iter().find_map(|r| match r {
@@ -311,6 +319,7 @@ async fn keep_registered(
     opts: DiscoveryOptions,
     client: Client,
     lease: Arc<Mutex<i64>>,
+    claims: Claims,
     key: String,
     value: String,
     stop: CancellationToken,
@@ -366,6 +375,21 @@ async fn keep_registered(
                 ),
             )
             .await?;
+            // Claims lapsed with the old lease: take them again unless
+            // another process took them in the meantime.
+            for (claim, holder) in claims.lock().await.iter() {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(claim.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        claim.clone(),
+                        holder.clone(),
+                        Some(PutOptions::new().with_lease(granted.id())),
+                    )]);
+                let reply = bounded(&opts, c.txn(txn)).await?;
+                if !reply.succeeded() {
+                    tracing::error!(%claim, "an exclusive claim was taken by another process while etcd was away");
+                }
+            }
             *lease.lock().await = granted.id();
             Ok(())
         }
