@@ -125,6 +125,7 @@ fn refuse(reason: impl Into<String>) -> pb::VerifyClientReply {
 
 #[async_trait]
 impl switchboard_mesh::Auth for AuthRole {
+    #[tracing::instrument(name = "auth.verify", skip_all, fields(app = %req.app_id))]
     async fn verify_client(
         &self,
         req: pb::VerifyClientRequest,

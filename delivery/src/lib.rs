@@ -107,6 +107,7 @@ impl DeliveryRole {
                     exclude: original.origin.clone(),
                     sent_copy: true,
                     to: original.to.clone(),
+                    traceparent: String::new(),
                 });
             }
         }
@@ -128,7 +129,15 @@ impl DeliveryRole {
         }
         for (app, indexes) in &by_app {
             let batch = indexes.iter().map(|&i| messages[i].1.clone()).collect();
-            let assigned = self.store.append(app, batch).await?;
+            let started = std::time::Instant::now();
+            let assigned = tracing::Instrument::instrument(
+                self.store.append(app, batch),
+                tracing::info_span!("store.append", count = indexes.len()),
+            )
+            .await?;
+            metrics::histogram!("switchboard_store_op_duration_seconds", "op" => "append")
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!("switchboard_inbox_appended_total").increment(indexes.len() as u64);
             for (&i, seq) in indexes.iter().zip(assigned) {
                 seqs[i] = seq;
             }
@@ -143,6 +152,7 @@ impl DeliveryRole {
                 exclude: None,
                 sent_copy: false,
                 to: Vec::new(),
+                traceparent: String::new(),
             });
         }
         pushes.extend(copies);
@@ -170,11 +180,23 @@ impl DeliveryRole {
     /// call per gateway. A failing gateway only delays its own users: RELIABLE
     /// messages stay in the inbox until fetched.
     async fn push(&self, items: Vec<pb::PushItem>) -> Result<(), DeliveryError> {
+        let traceparent = switchboard_telemetry::current_traceparent().unwrap_or_default();
         let mut by_gateway: HashMap<String, Vec<pb::PushItem>> = HashMap::new();
-        for item in items {
+        for mut item in items {
+            item.traceparent.clone_from(&traceparent);
             let gateways = self.presence.gateways(&item.app_id, &item.user_id).await?;
             match gateways.as_slice() {
-                [] => {}
+                [] => {
+                    let fast = item
+                        .message
+                        .as_ref()
+                        .is_some_and(|m| m.feature() == pb::Feature::Fast);
+                    if fast && !item.sent_copy {
+                        // Nobody to hand it to: a FAST message is gone.
+                        metrics::counter!("switchboard_fast_dropped_total", "reason" => "offline")
+                            .increment(1);
+                    }
+                }
                 [(only, _)] => by_gateway.entry(only.clone()).or_default().push(item),
                 many => {
                     for (gw, _) in many {
@@ -198,7 +220,14 @@ impl DeliveryRole {
 
 #[async_trait]
 impl switchboard_mesh::Delivery for DeliveryRole {
-    #[tracing::instrument(name = "delivery.deliver", skip_all, fields(count = req.envelopes.len()))]
+    #[tracing::instrument(
+        name = "delivery.deliver",
+        skip_all,
+        fields(
+            count = req.envelopes.len(),
+            message.id = req.envelopes.first().map(|e| e.id.as_str()).unwrap_or_default(),
+        )
+    )]
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
         let seqs = self
             .deliver_envelopes(req.envelopes, req.sent_copies, req.copy_to_sender)
@@ -209,11 +238,14 @@ impl switchboard_mesh::Delivery for DeliveryRole {
     #[tracing::instrument(name = "store.fetch", skip_all)]
     async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
         let inbox = InboxKey::new(req.app_id, req.user_id);
+        let started = std::time::Instant::now();
         let page = self
             .store
             .fetch(&inbox, req.after_seq, req.count as usize)
             .await
             .map_err(DeliveryError::from)?;
+        metrics::histogram!("switchboard_store_op_duration_seconds", "op" => "fetch")
+            .record(started.elapsed().as_secs_f64());
         Ok(pb::FetchReply {
             messages: page.messages,
             left: page.left,
@@ -236,6 +268,7 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         // All inboxes at once, so that the store commits them together.
         // Removal and the sender's confirmation are one atomic store write:
         // a crash loses neither or both.
+        let started = std::time::Instant::now();
         let removals =
             futures_util::future::join_all(by_inbox.into_iter().map(|(inbox, seqs)| async move {
                 let removal = self
@@ -245,8 +278,12 @@ impl switchboard_mesh::Delivery for DeliveryRole {
                 (inbox, removal)
             }))
             .await;
+        metrics::histogram!("switchboard_store_op_duration_seconds", "op" => "remove")
+            .record(started.elapsed().as_secs_f64());
         for (inbox, removal) in removals {
             let removal = removal.map_err(DeliveryError::from)?;
+            metrics::counter!("switchboard_inbox_removed_total")
+                .increment(removal.removed.len() as u64);
             removed =
                 removed.saturating_add(u32::try_from(removal.removed.len()).unwrap_or(u32::MAX));
             for msg in removal.appended {
@@ -257,6 +294,7 @@ impl switchboard_mesh::Delivery for DeliveryRole {
                     exclude: None,
                     sent_copy: false,
                     to: Vec::new(),
+                    traceparent: String::new(),
                 });
             }
         }

@@ -213,7 +213,14 @@ where
     for out in batch.iter() {
         sink.feed(Message::Text(out.text.clone())).await?;
     }
-    sink.flush().await
+    sink.flush().await?;
+    // End-to-end latency: accepted by the sender's gateway → written here.
+    let now = switchboard_mesh::now_ms();
+    for out in batch.iter().filter(|o| o.accepted_ms > 0) {
+        let ms = u32::try_from(now.saturating_sub(out.accepted_ms)).unwrap_or(u32::MAX);
+        metrics::histogram!("switchboard_delivery_latency_seconds").record(f64::from(ms) / 1000.0);
+    }
+    Ok(())
 }
 
 /// Stored messages already written on this connection, by sequence number.
@@ -324,10 +331,12 @@ impl Connection {
             .close(CloseReason::Server(code, reason.to_owned()));
     }
 
-    fn send_text(&self, text: String) -> bool {
+    fn send_text(&self, kind: &'static str, text: String) -> bool {
+        metrics::counter!("switchboard_frames_out_total", "type" => kind).increment(1);
         self.handle.send(Outbound {
             text: Utf8Bytes::from(text),
             stored: None,
+            accepted_ms: 0,
         })
     }
 
@@ -383,6 +392,7 @@ impl Connection {
     /// Answers a refused frame with ERROR; closes a connection that keeps
     /// sending refused frames.
     fn refuse(&mut self, err: FrameError) -> Flow {
+        metrics::counter!("switchboard_refusals_total", "code" => err.code.as_str()).increment(1);
         // A flood interleaved with a few accepted frames still adds up; a
         // second without refusals starts the count again.
         let now = Instant::now();
@@ -391,7 +401,7 @@ impl Connection {
         }
         self.last_refusal = now;
         self.refusals += 1;
-        if !self.send_text(frames::error(&err)) {
+        if !self.send_text("ERROR", frames::error(&err)) {
             return Flow::Stop;
         }
         if self.refusals > self.gw.limits.max_refusals {
@@ -421,6 +431,8 @@ impl Connection {
             Ok(f) => f,
             Err(e) => return self.refuse(e),
         };
+        metrics::counter!("switchboard_frames_in_total", "type" => frames::known_type(&frame.kind))
+            .increment(1);
         let result = if self.identity.get().is_none() {
             if frame.kind == "AUTH_CLIENT" {
                 self.on_auth(frame).await
@@ -481,18 +493,19 @@ impl Connection {
         .await
         .map_err(|e| service_error(e, &frame))?;
         if !reply.authenticated {
-            self.send_text(frames::auth_reply(
-                &app_id,
-                &user_id,
-                false,
-                Some(&reply.reason),
-            ));
+            self.send_text(
+                "AUTH_CLIENT_REPLY",
+                frames::auth_reply(&app_id, &user_id, false, Some(&reply.reason)),
+            );
             self.close(1008, "authentication failed");
             return Ok(Flow::Stop);
         }
         // The reply is queued before the connection is registered, so it is
         // the first frame the client reads.
-        self.send_text(frames::auth_reply(&app_id, &user_id, true, None));
+        self.send_text(
+            "AUTH_CLIENT_REPLY",
+            frames::auth_reply(&app_id, &user_id, true, None),
+        );
         let identity = Identity {
             app_id,
             app_name: reply.app_name,
@@ -554,12 +567,15 @@ impl Connection {
         let item = pb::PushItem::default();
         for msg in &page.messages {
             let text = frames::render_push(&item, msg);
+            metrics::counter!("switchboard_frames_out_total", "type" => frames::push_type(msg))
+                .increment(1);
             let sent = self.handle.send(Outbound {
                 text: Utf8Bytes::from(text),
                 stored: Some(Box::new(crate::registry::Stored {
                     seq: msg.seq,
                     id: msg.id.clone(),
                 })),
+                accepted_ms: 0,
             });
             if !sent {
                 break;
@@ -631,13 +647,41 @@ impl Connection {
     async fn route(&self, envelope: pb::Envelope, frame: &ClientFrame) -> Result<Flow, FrameError> {
         let id = envelope.id.clone();
         let reliable = envelope.feature() == pb::Feature::Reliable;
-        call(self.gw.deps.router.route(pb::RouteRequest {
-            envelope: Some(envelope),
-        }))
-        .await
-        .map_err(|e| service_error(e, frame))?;
+        let kind = match envelope.kind() {
+            pb::MessageKind::Group => "group",
+            _ => "direct",
+        };
+        let feature = if reliable { "reliable" } else { "fast" };
+        metrics::counter!("switchboard_messages_total", "kind" => kind, "feature" => feature)
+            .increment(1);
+        let span = tracing::info_span!(
+            "gateway.receive",
+            message.id = %id,
+            message.kind = kind,
+            message.feature = feature,
+            app = %envelope.app_id,
+            domain = switchboard_mesh::LOCAL_DOMAIN,
+            error = tracing::field::Empty,
+        );
+        if let Some(traceparent) = &frame.traceparent {
+            switchboard_telemetry::continue_traceparent(&span, traceparent);
+        }
+        let routed = tracing::Instrument::instrument(
+            call(self.gw.deps.router.route(pb::RouteRequest {
+                envelope: Some(envelope),
+            })),
+            span.clone(),
+        )
+        .await;
+        if let Err(e) = &routed {
+            span.record("error", tracing::field::display(e));
+        }
+        routed.map_err(|e| service_error(e, frame))?;
         if reliable && self.identity()?.acks {
-            self.send_text(frames::accepted(frame.reference.as_deref(), &id));
+            self.send_text(
+                "MESSAGE_ACCEPTED",
+                frames::accepted(frame.reference.as_deref(), &id),
+            );
         }
         Ok(Flow::Continue)
     }
@@ -707,7 +751,10 @@ impl Connection {
         let id = self.identity()?;
         let (app_id, user_id) = (id.app_id.clone(), id.user_id.clone());
         let left = self.send_stored(&app_id, &user_id, count, &frame).await?;
-        self.send_text(frames::fetch_complete(left));
+        self.send_text(
+            "FETCH_MISSING_MESSAGES_COMPLETE",
+            frames::fetch_complete(left),
+        );
         Ok(Flow::Continue)
     }
 

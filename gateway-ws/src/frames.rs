@@ -12,6 +12,8 @@ pub struct ClientFrame {
     pub data: Map<String, Value>,
     pub feature: Option<String>,
     pub reference: Option<String>,
+    /// A client's own W3C `traceparent`: the message joins that trace.
+    pub traceparent: Option<String>,
 }
 
 /// Why a frame was refused, with the reference when it could be read.
@@ -85,12 +87,46 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             );
         }
     };
+    let traceparent = match obj.remove("traceparent") {
+        Some(Value::String(s)) => Some(s),
+        None | Some(Value::Null) => None,
+        Some(_) => {
+            return Err(
+                FrameError::new(ErrorCode::InvalidFrame, "traceparent must be a string")
+                    .with_reference(reference),
+            );
+        }
+    };
     Ok(ClientFrame {
         kind,
         data,
         feature,
         reference,
+        traceparent,
     })
+}
+
+/// The frame type a pushed message is rendered as (metrics label).
+pub fn push_type(msg: &pb::InboxMessage) -> &'static str {
+    match msg.kind() {
+        pb::MessageKind::Direct | pb::MessageKind::Group => "MESSAGE",
+        pb::MessageKind::Confirmation => "MESSAGE_CONFIRMATION",
+        pb::MessageKind::UserConnected => "USER_CONNECTED",
+        pb::MessageKind::UserDisconnected => "USER_DISCONNECTED",
+    }
+}
+
+/// A frame type as a metrics label: the known ones, or `unknown` (the type
+/// is client input; labels must stay a small set).
+pub fn known_type(kind: &str) -> &'static str {
+    match kind {
+        "AUTH_CLIENT" => "AUTH_CLIENT",
+        "MESSAGE" => "MESSAGE",
+        "GROUP_MESSAGE" => "GROUP_MESSAGE",
+        "FETCH_MISSING_MESSAGES_REQUEST" => "FETCH_MISSING_MESSAGES_REQUEST",
+        "ACK" => "ACK",
+        _ => "unknown",
+    }
 }
 
 impl ClientFrame {

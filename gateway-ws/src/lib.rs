@@ -17,7 +17,7 @@ use switchboard_presence::Presence;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use server::serve;
+pub use server::{serve, serve_metrics};
 
 use registry::Registry;
 
@@ -127,7 +127,19 @@ impl switchboard_mesh::Gateway for GatewayRole {
         let connections = req
             .items
             .iter()
-            .map(|item| self.inner.registry.push(&self.inner.id, item))
+            .map(|item| {
+                let span = tracing::info_span!(
+                    "gateway.push",
+                    message.id = item.message.as_ref().map(|m| m.id.as_str()).unwrap_or_default(),
+                    gateway = %self.inner.id,
+                    connections = tracing::field::Empty,
+                );
+                switchboard_telemetry::continue_traceparent(&span, &item.traceparent);
+                let _entered = span.enter();
+                let n = self.inner.registry.push(&self.inner.id, item);
+                span.record("connections", n);
+                n
+            })
             .collect();
         Ok(pb::PushReply { connections })
     }

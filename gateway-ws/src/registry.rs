@@ -19,6 +19,9 @@ pub struct Outbound {
     /// Boxed: most frames carry none, and a small `Outbound` keeps each
     /// connection's queue blocks small.
     pub stored: Option<Box<Stored>>,
+    /// When the message was accepted (ms since the epoch), for the delivery
+    /// latency metric; 0 for replies.
+    pub accepted_ms: i64,
 }
 
 pub struct Stored {
@@ -84,6 +87,7 @@ impl ConnHandle {
         match self.tx.try_send(frame) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
                 self.shared.close(CloseReason::Server(
                     1008,
                     "slow consumer: send queue full".into(),
@@ -135,8 +139,11 @@ impl Registry {
         map.entry((app_id.to_owned(), user_id.to_owned()))
             .or_default()
             .push(handle);
-        self.count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = self
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        metrics::gauge!("switchboard_connections").set(now as f64);
     }
 
     pub fn remove(&self, app_id: &str, user_id: &str, conn_id: u64) {
@@ -149,8 +156,11 @@ impl Registry {
             let before = conns.len();
             conns.retain(|c| c.shared.id != conn_id);
             if conns.len() < before {
-                self.count
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let now = self
+                    .count
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+                    .saturating_sub(1);
+                metrics::gauge!("switchboard_connections").set(now as f64);
             }
             if conns.is_empty() {
                 map.remove(&key);
@@ -187,6 +197,11 @@ impl Registry {
         // Rendered once, shared by every connection of the user.
         let text = Utf8Bytes::from(frames::render_push(item, msg));
         let tracked = !item.sent_copy && msg.seq > 0;
+        let kind = if item.sent_copy {
+            "MESSAGE_SENT"
+        } else {
+            frames::push_type(msg)
+        };
         let mut queued = 0;
         for conn in conns {
             let stored = tracked.then(|| {
@@ -198,10 +213,13 @@ impl Registry {
             if conn.send(Outbound {
                 text: text.clone(),
                 stored,
+                accepted_ms: msg.ts,
             }) {
                 queued += 1;
             }
         }
+        metrics::counter!("switchboard_frames_out_total", "type" => kind)
+            .increment(u64::from(queued));
         queued
     }
 }

@@ -26,6 +26,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade))
         .with_state(gateway.clone());
     let closing = gateway.clone();
@@ -40,6 +41,33 @@ pub async fn serve(
             shutdown.await;
             closing.close_all(std::time::Duration::from_secs(5)).await;
         })
+        .await?;
+    Ok(())
+}
+
+/// Prometheus text exposition of this process's metrics.
+pub async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        switchboard_telemetry::metrics_handle().render(),
+    )
+        .into_response()
+}
+
+/// Serves only `/metrics` (and `/healthz`): for processes without a client
+/// port.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
 }

@@ -17,7 +17,11 @@ impl GroupsRole {
 
 #[async_trait]
 impl switchboard_mesh::Groups for GroupsRole {
-    #[tracing::instrument(name = "groups.fanout", skip_all)]
+    #[tracing::instrument(
+        name = "groups.fanout",
+        skip_all,
+        fields(message.id = req.envelope.as_ref().map(|e| e.id.as_str()).unwrap_or_default())
+    )]
     async fn fanout(&self, req: pb::FanoutRequest) -> Result<pb::FanoutReply, ServiceError> {
         let envelope = req
             .envelope

@@ -54,7 +54,16 @@ impl RouterRole {
 
 #[async_trait]
 impl switchboard_mesh::Router for RouterRole {
-    #[tracing::instrument(name = "router.route", skip_all)]
+    #[tracing::instrument(
+        name = "router.route",
+        skip_all,
+        fields(
+            message.id = req.envelope.as_ref().map(|e| e.id.as_str()).unwrap_or_default(),
+            message.kind = req.envelope.as_ref().map(|e| e.kind().as_str_name()).unwrap_or_default(),
+            domain = %self.domain,
+            hop = req.envelope.as_ref().map(|e| e.hops.len()).unwrap_or_default(),
+        )
+    )]
     async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError> {
         let envelope = req
             .envelope

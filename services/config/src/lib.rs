@@ -61,6 +61,15 @@ pub struct Config {
     pub advertise_addr: String,
     pub discovery: DiscoveryConfig,
     pub mesh_tls: MeshTlsConfig,
+    /// OTLP/gRPC endpoint for traces (`http://127.0.0.1:4317`). Empty:
+    /// tracing off.
+    pub otlp_endpoint: String,
+    /// Fraction of traces kept when tracing is on (parent-based: a trace is
+    /// kept or dropped whole).
+    pub trace_sampling: f64,
+    /// Extra listener for `/metrics` (`host:port`); the client port serves
+    /// `/metrics` too. Empty: none.
+    pub metrics_addr: String,
     pub limits: Limits,
     pub store: StoreConfig,
     pub presence: PresenceConfig,
@@ -82,6 +91,9 @@ impl Default for Config {
             advertise_addr: String::new(),
             discovery: DiscoveryConfig::default(),
             mesh_tls: MeshTlsConfig::default(),
+            otlp_endpoint: String::new(),
+            trace_sampling: 1.0,
+            metrics_addr: String::new(),
             limits: Limits::default(),
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
@@ -451,6 +463,18 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "mesh_tls needs all of cert, key and ca (or none)".into(),
             ));
+        }
+        if !(0.0..=1.0).contains(&self.trace_sampling) {
+            return Err(ConfigError::Invalid(format!(
+                "trace_sampling must be within 0.0 and 1.0, not {}",
+                self.trace_sampling
+            )));
+        }
+        if !self.metrics_addr.is_empty() && self.metrics_addr.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "metrics_addr {:?} is not host:port",
+                self.metrics_addr
+            )));
         }
         if self.discovery.lease_ttl_secs == 0 || self.discovery.key_prefix.is_empty() {
             return Err(ConfigError::Invalid(

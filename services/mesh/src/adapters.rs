@@ -30,15 +30,40 @@ macro_rules! adapter {
     };
 }
 
+/// One unary call: a server span continuing the caller's trace, the call,
+/// and its duration by method and status.
 macro_rules! unary {
-    ($self:ident . $method:ident ($req:ident)) => {
-        $self
-            .0
-            .$method($req.into_inner())
+    ($self:ident . $method:ident ($req:ident), $rpc:literal) => {{
+        let span = tracing::info_span!(
+            "mesh.server",
+            otel.name = $rpc,
+            otel.kind = "server",
+            rpc.method = $rpc
+        );
+        let metadata = $req.metadata().clone();
+        switchboard_telemetry::continue_trace(&span, |key| {
+            metadata
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+        let started = std::time::Instant::now();
+        let result = tracing::Instrument::instrument($self.0.$method($req.into_inner()), span)
             .await
             .map(Response::new)
-            .map_err(Status::from)
-    };
+            .map_err(Status::from);
+        let status = match &result {
+            Ok(_) => "ok",
+            Err(s) => crate::error::status_label(s.code()),
+        };
+        metrics::histogram!(
+            "switchboard_mesh_server_duration_seconds",
+            "method" => $rpc,
+            "status" => status
+        )
+        .record(started.elapsed().as_secs_f64());
+        result
+    }};
 }
 
 use pb::auth_server::AuthServer;
@@ -68,10 +93,22 @@ adapter!(
     /// The delivery role on the mesh.
     DeliveryService, Delivery, DeliveryServer
 );
-adapter!(
-    /// A gateway on the mesh.
-    GatewayService, Gateway, GatewayServer
-);
+/// A gateway on the mesh. Its push streams end when `closing` is cancelled,
+/// so a graceful stop does not wait for delivery to hang up.
+#[derive(Clone)]
+pub struct GatewayService(Arc<dyn Gateway>, tokio_util::sync::CancellationToken);
+
+impl GatewayService {
+    pub fn new(inner: Arc<dyn Gateway>, closing: tokio_util::sync::CancellationToken) -> Self {
+        GatewayService(inner, closing)
+    }
+
+    pub fn into_server(self) -> GatewayServer<Self> {
+        GatewayServer::new(self)
+            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::MAX_MESSAGE_BYTES)
+    }
+}
 
 #[tonic::async_trait]
 impl pb::auth_server::Auth for AuthService {
@@ -79,10 +116,10 @@ impl pb::auth_server::Auth for AuthService {
         &self,
         req: Request<pb::VerifyClientRequest>,
     ) -> Result<Response<pb::VerifyClientReply>, Status> {
-        unary!(self.verify_client(req))
+        unary!(self.verify_client(req), "Auth/VerifyClient")
     }
     async fn get_app(&self, req: Request<pb::GetAppRequest>) -> Result<Response<pb::App>, Status> {
-        unary!(self.get_app(req))
+        unary!(self.get_app(req), "Auth/GetApp")
     }
 }
 
@@ -92,7 +129,7 @@ impl pb::router_server::Router for RouterService {
         &self,
         req: Request<pb::RouteRequest>,
     ) -> Result<Response<pb::RouteReply>, Status> {
-        unary!(self.route(req))
+        unary!(self.route(req), "Router/Route")
     }
 }
 
@@ -102,7 +139,7 @@ impl pb::federation_server::Federation for FederationService {
         &self,
         req: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardReply>, Status> {
-        unary!(self.forward(req))
+        unary!(self.forward(req), "Federation/Forward")
     }
 }
 
@@ -112,7 +149,7 @@ impl pb::groups_server::Groups for GroupsService {
         &self,
         req: Request<pb::FanoutRequest>,
     ) -> Result<Response<pb::FanoutReply>, Status> {
-        unary!(self.fanout(req))
+        unary!(self.fanout(req), "Groups/Fanout")
     }
 }
 
@@ -122,25 +159,25 @@ impl pb::delivery_server::Delivery for DeliveryService {
         &self,
         req: Request<pb::DeliverRequest>,
     ) -> Result<Response<pb::DeliverReply>, Status> {
-        unary!(self.deliver(req))
+        unary!(self.deliver(req), "Delivery/Deliver")
     }
     async fn fetch(
         &self,
         req: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchReply>, Status> {
-        unary!(self.fetch(req))
+        unary!(self.fetch(req), "Delivery/Fetch")
     }
     async fn delivered(
         &self,
         req: Request<pb::DeliveredRequest>,
     ) -> Result<Response<pb::DeliveredReply>, Status> {
-        unary!(self.delivered(req))
+        unary!(self.delivered(req), "Delivery/Delivered")
     }
     async fn presence_changed(
         &self,
         req: Request<pb::PresenceChangeRequest>,
     ) -> Result<Response<pb::PresenceChangeReply>, Status> {
-        unary!(self.presence_changed(req))
+        unary!(self.presence_changed(req), "Delivery/PresenceChanged")
     }
 }
 
@@ -149,7 +186,7 @@ type PushStream = Pin<Box<dyn Stream<Item = Result<pb::PushReply, Status>> + Sen
 #[tonic::async_trait]
 impl pb::gateway_server::Gateway for GatewayService {
     async fn push(&self, req: Request<pb::PushRequest>) -> Result<Response<pb::PushReply>, Status> {
-        unary!(self.push(req))
+        unary!(self.push(req), "Gateway/Push")
     }
 
     type PushStreamStream = PushStream;
@@ -168,6 +205,7 @@ impl pb::gateway_server::Gateway for GatewayService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(replies)))
+        let closing = self.1.clone().cancelled_owned();
+        Ok(Response::new(Box::pin(replies.take_until(closing))))
     }
 }

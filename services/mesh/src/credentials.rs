@@ -41,6 +41,12 @@ impl Interceptor for MeshCredentials {
         if let Some(h) = &self.header {
             req.metadata_mut().insert(HEADER, h.clone());
         }
+        // The caller's trace continues in the callee (W3C trace context).
+        for (key, value) in switchboard_telemetry::current_trace_headers() {
+            if let Ok(v) = value.parse() {
+                req.metadata_mut().insert(key, v);
+            }
+        }
         Ok(req)
     }
 }

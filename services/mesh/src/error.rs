@@ -137,6 +137,25 @@ impl ServiceError {
     }
 }
 
+/// A short label for a gRPC status code (metrics).
+pub(crate) fn status_label(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "ok",
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::NotFound => "not_found",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::PermissionDenied => "permission_denied",
+        tonic::Code::FailedPrecondition => "failed_precondition",
+        tonic::Code::OutOfRange => "out_of_range",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::DeadlineExceeded => "deadline_exceeded",
+        tonic::Code::Cancelled => "cancelled",
+        tonic::Code::Internal => "internal",
+        _ => "other",
+    }
+}
+
 /// Metadata key that carries the exact [`ErrorCode`] across gRPC, since several
 /// codes share one `tonic::Code`.
 pub(crate) const CODE_KEY: &str = "x-switchboard-error";

@@ -50,6 +50,8 @@ impl Gateway for GatewayLink {
             }
         }
         if dropped > 0 {
+            metrics::counter!("switchboard_push_dropped_total", "reason" => "gateway_queue_full")
+                .increment(dropped as u64);
             return Err(ServiceError::unavailable(format!(
                 "gateway push queue full: {dropped} items dropped"
             )));

@@ -176,6 +176,30 @@ impl Pool {
         F: Fn(MeshChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        let started = std::time::Instant::now();
+        let result = self.call_with_failover(key, attempt).await;
+        let status = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code.as_str(),
+        };
+        metrics::histogram!(
+            "switchboard_mesh_client_duration_seconds",
+            "role" => self.role,
+            "status" => status
+        )
+        .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn call_with_failover<T, F, Fut>(
+        &self,
+        key: Option<&[u8]>,
+        attempt: F,
+    ) -> Result<T, ServiceError>
+    where
+        F: Fn(MeshChannel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
         let mut pause = Duration::from_millis(50);
         let mut last_error: Option<String> = None;

@@ -27,8 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 mod cluster;
 
-/// The domain name of a deployment without federation.
-pub const LOCAL_DOMAIN: &str = "local";
+pub use switchboard_mesh::LOCAL_DOMAIN;
 
 /// Already-bound listeners (tests bind port 0).
 pub struct Listeners {
@@ -242,7 +241,8 @@ pub async fn serve(
                 .then(|| DeliveryService::new(arc_of(&delivery)).into_server()),
         );
     if let Some(g) = &gateway {
-        mesh = mesh.add_service(GatewayService::new(Arc::new(g.clone())).into_server());
+        mesh =
+            mesh.add_service(GatewayService::new(Arc::new(g.clone()), stop.clone()).into_server());
     }
     let mesh = mesh.serve_with_incoming_shutdown(
         // Nagle off on accepted mesh connections: small replies must not wait
@@ -276,6 +276,21 @@ pub async fn serve(
         _ => None,
     };
 
+    let metrics_server = if config.metrics_addr.is_empty() {
+        None
+    } else {
+        let listener = TcpListener::bind(&config.metrics_addr)
+            .await
+            .with_context(|| format!("cannot listen on metrics address {}", config.metrics_addr))?;
+        let metrics_stop = stop.clone();
+        Some(tokio::spawn(switchboard_gateway::serve_metrics(
+            listener,
+            async move { metrics_stop.cancelled().await },
+        )))
+    };
+    // Metrics exist from the start (an empty scrape is still valid).
+    let _ = switchboard_telemetry::metrics_handle();
+
     let roles: Vec<&str> = config.roles.iter().map(|r| r.as_str()).collect();
     tracing::info!(node = %node_id, roles = %roles.join(","), "switchboard is running");
     shutdown.await;
@@ -290,6 +305,9 @@ pub async fn serve(
     }
     if let Some(d) = discovery {
         d.shutdown().await;
+    }
+    if let Some(m) = metrics_server {
+        let _ = tokio::time::timeout(Duration::from_secs(2), m).await;
     }
     match tokio::time::timeout(Duration::from_secs(5), mesh).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "mesh port stopped with an error"),

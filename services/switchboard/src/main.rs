@@ -74,6 +74,18 @@ struct RunArgs {
     /// [env: SWITCHBOARD_ADVERTISE_ADDR]
     #[arg(long)]
     advertise_addr: Option<String>,
+    /// OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317; tracing is
+    /// off without it [env: SWITCHBOARD_OTLP_ENDPOINT]
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// Fraction of traces kept, 0.0..=1.0 (default 1.0)
+    /// [env: SWITCHBOARD_TRACE_SAMPLING]
+    #[arg(long)]
+    trace_sampling: Option<f64>,
+    /// Extra listener for /metrics (host:port), for processes without a
+    /// client port [env: SWITCHBOARD_METRICS_ADDR]
+    #[arg(long)]
+    metrics_addr: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,20 +112,34 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            init_logging();
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(run(args))
         }
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHBOARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs to stderr (`SWITCHBOARD_LOG` filter) and, with an OTLP endpoint,
+/// traces. Resource: `service.name` = `switchboard-<roles>`, instance id =
+/// node id, domain.
+fn init_telemetry(config: &Config) -> anyhow::Result<switchboard_telemetry::Telemetry> {
+    let filter = std::env::var("SWITCHBOARD_LOG").unwrap_or_else(|_| "info".to_owned());
+    let roles: Vec<&str> = config.roles.iter().map(|r| r.as_str()).collect();
+    let service_name = if config.roles.len() == switchboard_config::Role::ALL.len() {
+        "switchboard-all".to_owned()
+    } else {
+        format!("switchboard-{}", roles.join("+"))
+    };
+    let telemetry = switchboard_telemetry::Telemetry::init(
+        &filter,
+        &switchboard_telemetry::TraceSettings {
+            otlp_endpoint: config.otlp_endpoint.clone(),
+            sampling: config.trace_sampling,
+            service_name,
+            instance_id: config.node_id.clone(),
+            domain: switchboard::LOCAL_DOMAIN.to_owned(),
+        },
+    )?;
+    Ok(telemetry)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -146,7 +172,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.advertise_addr {
         config.advertise_addr = addr;
     }
+    if let Some(endpoint) = args.otlp_endpoint {
+        config.otlp_endpoint = endpoint;
+    }
+    if let Some(ratio) = args.trace_sampling {
+        config.trace_sampling = ratio;
+    }
+    if let Some(addr) = args.metrics_addr {
+        config.metrics_addr = addr;
+    }
     config.validate()?;
+    if config.node_id.is_empty() {
+        config.node_id = format!("node-{}", &switchboard_mesh::new_message_id()[24..]);
+    }
+    let telemetry = init_telemetry(&config)?;
 
     let listeners = Listeners::bind(&config).await?;
     let client = listeners.client_addr()?;
@@ -183,7 +222,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
     }
-    switchboard::serve(config, listeners, RemoteRoles::default(), shutdown_signal()).await
+    if telemetry.tracing_enabled() {
+        println!(
+            "  traces       {} (sampling {})",
+            config.otlp_endpoint, config.trace_sampling
+        );
+    }
+    let served =
+        switchboard::serve(config, listeners, RemoteRoles::default(), shutdown_signal()).await;
+    // Flushing blocks: off the runtime's threads, which drive the exporter.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    served
 }
 
 async fn shutdown_signal() {
