@@ -214,6 +214,7 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
                 if metrics::set_global_recorder(recorder).is_err() {
                     tracing::warn!("a metrics recorder was already installed");
                 }
+                describe();
                 let upkeep = handle.clone();
                 std::thread::Builder::new()
                     .name("metrics-upkeep".into())
@@ -232,4 +233,69 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             }
         }
     })
+}
+
+/// HELP texts of every Switchboard metric.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "switchboard_connections",
+        "Open authenticated client connections."
+    );
+    describe_counter!(
+        "switchboard_frames_in_total",
+        "Client frames received, by type."
+    );
+    describe_counter!(
+        "switchboard_frames_out_total",
+        "Frames queued to clients, by type."
+    );
+    describe_counter!(
+        "switchboard_messages_total",
+        "Messages accepted from clients, by kind and feature."
+    );
+    describe_histogram!(
+        "switchboard_delivery_latency_seconds",
+        Unit::Seconds,
+        "From acceptance by the sender's gateway to the write to the recipient's socket."
+    );
+    describe_histogram!(
+        "switchboard_mesh_server_duration_seconds",
+        Unit::Seconds,
+        "Mesh calls served, by method and status."
+    );
+    describe_histogram!(
+        "switchboard_mesh_client_duration_seconds",
+        Unit::Seconds,
+        "Mesh calls made (with failover), by callee role and status."
+    );
+    describe_histogram!(
+        "switchboard_store_op_duration_seconds",
+        Unit::Seconds,
+        "Store operations, by op."
+    );
+    describe_counter!(
+        "switchboard_inbox_appended_total",
+        "Messages appended to inboxes."
+    );
+    describe_counter!(
+        "switchboard_inbox_removed_total",
+        "Messages removed from inboxes once delivered."
+    );
+    describe_counter!(
+        "switchboard_fast_dropped_total",
+        "FAST messages nobody could receive, by reason."
+    );
+    describe_counter!(
+        "switchboard_push_dropped_total",
+        "Pushes dropped because a gateway's queue was full."
+    );
+    describe_counter!(
+        "switchboard_refusals_total",
+        "Client frames refused with an ERROR, by code."
+    );
+    describe_counter!(
+        "switchboard_slow_consumer_disconnects_total",
+        "Connections closed because their send queue was full."
+    );
 }
