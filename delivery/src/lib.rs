@@ -284,6 +284,9 @@ impl switchboard_mesh::Delivery for DeliveryRole {
             let removal = removal.map_err(DeliveryError::from)?;
             metrics::counter!("switchboard_inbox_removed_total")
                 .increment(removal.removed.len() as u64);
+            // Sender confirmations, stored in the same write.
+            metrics::counter!("switchboard_inbox_appended_total")
+                .increment(removal.appended.len() as u64);
             removed =
                 removed.saturating_add(u32::try_from(removal.removed.len()).unwrap_or(u32::MAX));
             for msg in removal.appended {
