@@ -255,8 +255,18 @@ async fn metrics_count_exactly_the_messages_sent() {
     ann.send(json!({"type":"MESSAGE","data":{"to":"demo-bob"}}))
         .await;
     ann.recv_type("ERROR").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = scrape(node.client_addr).await;
+    // Delivered reports (and the sender confirmations they store) are
+    // asynchronous: wait until the three confirmations are counted.
+    let mut after = scrape(node.client_addr).await;
+    for _ in 0..50 {
+        let appended = sample(&after, "switchboard_inbox_appended_total", &[])
+            - sample(&before, "switchboard_inbox_appended_total", &[]);
+        if appended >= 6.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = scrape(node.client_addr).await;
+    }
 
     let delta = |name: &str, labels: &[(&str, &str)]| {
         sample(&after, name, labels) - sample(&before, name, labels)
@@ -305,7 +315,8 @@ async fn metrics_count_exactly_the_messages_sent() {
         delta("switchboard_fast_dropped_total", &[("reason", "offline")]),
         3.0
     );
-    assert_eq!(delta("switchboard_inbox_appended_total", &[]), 3.0);
+    // Three RELIABLE messages and their three sender confirmations.
+    assert_eq!(delta("switchboard_inbox_appended_total", &[]), 6.0);
     assert_eq!(sample(&after, "switchboard_connections", &[]), 2.0);
     // Histograms: every pushed message was timed end to end.
     assert!(
