@@ -317,7 +317,7 @@ cmd_start() { # [DIR]
   wait_tcp redis "$redis_port"
 
   local i=3 node name roles mesh_port client_port args
-  declare -A MESH=() CLIENT=() ROLES=()
+  declare -A MESH=() CLIENT=() ROLES=() METRICS=()
   for node in "${NODES[@]}"; do
     name=${node%%:*}
     roles=${node#*:}
@@ -331,6 +331,10 @@ cmd_start() { # [DIR]
     if [[ $roles == *gateway* ]]; then
       args+=(--client-addr "127.0.0.1:$client_port")
       CLIENT[$name]=$client_port
+    else
+      # No client port: /metrics on its own listener.
+      args+=(--metrics-addr "127.0.0.1:$client_port")
+      METRICS[$name]=$client_port
     fi
     MESH[$name]=$mesh_port
     ROLES[$name]=$roles
@@ -396,7 +400,8 @@ cmd_start() { # [DIR]
       printf '  %-9s %-9s %-8s mesh 127.0.0.1:%s  clients ws://127.0.0.1:%s/ws\n' \
         "$name" "${ROLES[$name]}" "${PID[$name]}" "${MESH[$name]}" "${CLIENT[$name]}"
     else
-      printf '  %-9s %-9s %-8s mesh 127.0.0.1:%s\n' "$name" "${ROLES[$name]}" "${PID[$name]}" "${MESH[$name]}"
+      printf '  %-9s %-9s %-8s mesh 127.0.0.1:%s  metrics http://127.0.0.1:%s/metrics\n' \
+        "$name" "${ROLES[$name]}" "${PID[$name]}" "${MESH[$name]}" "${METRICS[$name]}"
     fi
   done
   printf 'Clients: %s  %s\n' "ws://127.0.0.1:${CLIENT[gw1]}/ws" "ws://127.0.0.1:${CLIENT[gw2]}/ws"
