@@ -142,7 +142,9 @@ async fn write_loop<W>(
 {
     let ping_every = Duration::from_secs(gw.limits.ping_interval_secs.max(1));
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    // Grown on demand (up to WRITE_BATCH): an idle connection keeps a few
+    // slots, not 64 (3 KiB).
+    let mut batch = Vec::new();
     let mut sent = SentSeqs::default();
     loop {
         tokio::select! {

@@ -21,6 +21,7 @@ use opentelemetry_sdk::trace::{
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer as _;
+use tracing_subscriber::Registry;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -70,17 +71,23 @@ impl Telemetry {
         } else {
             Some(tracer_provider(traces)?)
         };
-        let otel = provider.as_ref().map(|p| {
-            tracing_opentelemetry::layer()
-                .with_tracer(p.tracer("switchboard"))
-                .with_filter(
-                    tracing_subscriber::filter::Targets::new()
-                        .with_targets([("switchboard", tracing::Level::INFO)]),
-                )
-        });
+        // Only the layers in use: an absent layer would count as interested
+        // in every span, and spans the log filters out would still be built.
+        let mut layers: Vec<Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>> =
+            vec![fmt.boxed()];
+        if let Some(p) = &provider {
+            layers.push(
+                tracing_opentelemetry::layer()
+                    .with_tracer(p.tracer("switchboard"))
+                    .with_filter(
+                        tracing_subscriber::filter::Targets::new()
+                            .with_targets([("switchboard", tracing::Level::INFO)]),
+                    )
+                    .boxed(),
+            );
+        }
         tracing_subscriber::registry()
-            .with(fmt)
-            .with(otel)
+            .with(layers)
             .try_init()
             .map_err(|_| TelemetryError::AlreadyInstalled)?;
         Ok(Telemetry { provider })
