@@ -77,8 +77,14 @@ impl Telemetry {
             vec![fmt.boxed()];
         if let Some(p) = &provider {
             layers.push(
+                // Per-span extras off: source location and thread
+                // attributes, and busy/idle timing (a clock read on every
+                // poll of an instrumented future).
                 tracing_opentelemetry::layer()
                     .with_tracer(p.tracer("switchboard"))
+                    .with_location(false)
+                    .with_threads(false)
+                    .with_tracked_inactivity(false)
                     .with_filter(
                         tracing_subscriber::filter::Targets::new()
                             .with_targets([("switchboard", tracing::Level::INFO)]),
