@@ -311,4 +311,9 @@ fn describe() {
         "switchboard_slow_consumer_disconnects_total",
         "Connections closed because their send queue was full."
     );
+    // Present from the first scrape, before any traffic.
+    metrics::gauge!("switchboard_connections").set(0.0);
+    metrics::counter!("switchboard_inbox_appended_total").increment(0);
+    metrics::counter!("switchboard_inbox_removed_total").increment(0);
+    metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(0);
 }
