@@ -206,7 +206,7 @@ impl DeliveryRole {
             }
         }
         for (gateway_id, items) in by_gateway {
-            let Some(gateway) = self.gateways.gateway(&gateway_id) else {
+            let Some(gateway) = self.gateways.gateway_when_known(&gateway_id).await else {
                 tracing::warn!(gateway = %gateway_id, "push to an unknown gateway skipped");
                 continue;
             };

@@ -201,15 +201,31 @@ impl Deref for GatewayClient {
 
 /// Finds the gateway that holds a connection, by gateway id. Presence names
 /// gateways by id; this turns an id into a client.
+#[async_trait]
 pub trait GatewayDirectory: Send + Sync + 'static {
     fn gateway(&self, gateway_id: &str) -> Option<GatewayClient>;
+
+    /// Like [`GatewayDirectory::gateway`], but for a gateway this process
+    /// has never heard of (presence can name a gateway that just started
+    /// before discovery has told us its address) waits a little for it.
+    async fn gateway_when_known(&self, gateway_id: &str) -> Option<GatewayClient> {
+        self.gateway(gateway_id)
+    }
 }
+
+/// How long a push waits for discovery to report a gateway that presence
+/// already names.
+const NEW_GATEWAY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The gateways this process knows: its own (if any) and the ones discovery
 /// reports, each remote one with its push stream.
 #[derive(Default)]
 pub struct GatewayTable {
     gateways: RwLock<HashMap<String, Entry>>,
+    /// Every id ever listed or waited for: only a never-seen id is waited
+    /// for, once, so a dead gateway never delays a push.
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+    changed: tokio::sync::Notify,
 }
 
 struct Entry {
@@ -221,18 +237,32 @@ struct Entry {
 impl GatewayTable {
     /// Adds a gateway with a ready client (this process's own, or tests').
     pub fn insert(&self, gateway_id: impl Into<String>, client: GatewayClient) {
+        let id = gateway_id.into();
+        self.mark_seen(&id);
         self.write().insert(
-            gateway_id.into(),
+            id,
             Entry {
                 addr: String::new(),
                 client,
             },
         );
+        self.changed.notify_waiters();
+    }
+
+    /// Records `id` as seen; returns whether it was new.
+    fn mark_seen(&self, id: &str) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned())
     }
 
     /// Replaces the remote gateways with `(id, mesh address)` pairs: links to
     /// gateways that stay are kept, links to gone ones are closed.
     pub fn update_remote(&self, remote: &[(String, String)], connector: &MeshConnector) {
+        for (id, _) in remote {
+            self.mark_seen(id);
+        }
         let mut map = self.write();
         map.retain(|id, e| {
             e.addr.is_empty() || remote.iter().any(|(i, a)| i == id && *a == e.addr)
@@ -257,6 +287,8 @@ impl GatewayTable {
                 Err(e) => tracing::warn!(gateway = %id, error = %e, "gateway skipped"),
             }
         }
+        drop(map);
+        self.changed.notify_waiters();
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
@@ -266,6 +298,7 @@ impl GatewayTable {
     }
 }
 
+#[async_trait]
 impl GatewayDirectory for GatewayTable {
     fn gateway(&self, gateway_id: &str) -> Option<GatewayClient> {
         let map = self
@@ -273,5 +306,68 @@ impl GatewayDirectory for GatewayTable {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.get(gateway_id).map(|e| e.client.clone())
+    }
+
+    async fn gateway_when_known(&self, gateway_id: &str) -> Option<GatewayClient> {
+        if let Some(client) = self.gateway(gateway_id) {
+            return Some(client);
+        }
+        if !self.mark_seen(gateway_id) {
+            return None; // known before and gone, or already waited for
+        }
+        let deadline = tokio::time::Instant::now() + NEW_GATEWAY_WAIT;
+        loop {
+            let changed = self.changed.notified();
+            if let Some(client) = self.gateway(gateway_id) {
+                return Some(client);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.gateway(gateway_id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    struct Nowhere;
+
+    #[async_trait]
+    impl Gateway for Nowhere {
+        async fn push(&self, _req: pb::PushRequest) -> Result<pb::PushReply, ServiceError> {
+            Ok(pb::PushReply::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_gateway_is_waited_for_once_and_a_gone_one_never() {
+        let table = Arc::new(GatewayTable::default());
+        let later = table.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            later.insert("gw-new", GatewayClient::from_local(Arc::new(Nowhere)));
+        });
+        // Not listed yet: waited for until discovery reports it.
+        assert!(table.gateway_when_known("gw-new").await.is_some());
+
+        // Listed once, then gone: no wait at all.
+        table.update_remote(&[], &MeshConnector::default());
+        let started = tokio::time::Instant::now();
+        table.insert("gw-old", GatewayClient::from_local(Arc::new(Nowhere)));
+        table.write().retain(|id, _| id != "gw-old");
+        assert!(table.gateway_when_known("gw-old").await.is_none());
+        assert!(started.elapsed() < Duration::from_millis(50));
+
+        // Never listed: one bounded wait, then no more waiting for it.
+        tokio::time::pause();
+        assert!(table.gateway_when_known("gw-ghost").await.is_none());
+        let again = tokio::time::Instant::now();
+        assert!(table.gateway_when_known("gw-ghost").await.is_none());
+        assert_eq!(again.elapsed(), Duration::ZERO);
     }
 }
