@@ -69,3 +69,36 @@ async fn gateway_uses_auth_and_router_of_another_process_over_grpc() {
     edge.shutdown().await;
     core.shutdown().await;
 }
+
+/// A caller that repeats a Deliver call (its first answer was lost in a
+/// failover) gets the same seqs back, and the recipient gets the message
+/// once.
+#[tokio::test]
+async fn a_repeated_deliver_call_delivers_once() {
+    let node = TestNode::start().await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let delivery = switchboard_mesh::DeliveryClient::from_channel(channel(node.mesh_addr).await);
+    let request = pb::DeliverRequest {
+        envelopes: vec![pb::Envelope {
+            id: switchboard_mesh::new_message_id(),
+            app_id: "demo".into(),
+            from: "demo-ann".into(),
+            to: vec!["demo-bob".into()],
+            content: "once".into(),
+            feature: pb::Feature::Reliable.into(),
+            kind: pb::MessageKind::Direct.into(),
+            ts: switchboard_mesh::now_ms(),
+            ..Default::default()
+        }],
+        sent_copies: Vec::new(),
+        copy_to_sender: false,
+    };
+    let first = delivery.deliver(request.clone()).await.expect("deliver");
+    let again = delivery.deliver(request).await.expect("deliver again");
+    assert_eq!(first.seqs, again.seqs);
+    assert!(first.seqs[0] > 0);
+    assert_eq!(bob.recv_type("MESSAGE").await["data"]["content"], "once");
+    bob.expect_silence(std::time::Duration::from_millis(300))
+        .await;
+    node.shutdown().await;
+}

@@ -35,6 +35,54 @@ pub struct DeliveryRole {
     presence: Arc<dyn Presence>,
     gateways: Arc<dyn GatewayDirectory>,
     auth: AuthClient,
+    recent: std::sync::Mutex<RecentDeliveries>,
+}
+
+/// Deliveries recently done, by (app, message id, recipient), with the seq
+/// each got: a Deliver call repeated after a caller's failover (the first
+/// one did the work, its answer was lost) is answered from here instead of
+/// storing and pushing the message a second time. Bounded, oldest first
+/// out; it lives as long as the process.
+struct RecentDeliveries {
+    seqs: HashMap<DeliveryKey, u64>,
+    order: std::collections::VecDeque<DeliveryKey>,
+}
+
+type DeliveryKey = (String, String, String);
+
+/// Deliveries remembered for de-duplication.
+const RECENT_DELIVERIES: usize = 65_536;
+
+impl RecentDeliveries {
+    fn new() -> Self {
+        RecentDeliveries {
+            seqs: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn get(&self, key: &DeliveryKey) -> Option<u64> {
+        self.seqs.get(key).copied()
+    }
+
+    fn insert(&mut self, key: DeliveryKey, seq: u64) {
+        if self.seqs.insert(key.clone(), seq).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > RECENT_DELIVERIES {
+                if let Some(old) = self.order.pop_front() {
+                    self.seqs.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+fn delivery_key(envelope: &pb::Envelope) -> Option<DeliveryKey> {
+    let to = envelope.to.first()?;
+    if envelope.id.is_empty() {
+        return None;
+    }
+    Some((envelope.app_id.clone(), envelope.id.clone(), to.clone()))
 }
 
 fn inbox_message(envelope: &pb::Envelope, to: &str) -> pb::InboxMessage {
@@ -82,6 +130,7 @@ impl DeliveryRole {
             presence,
             gateways,
             auth,
+            recent: std::sync::Mutex::new(RecentDeliveries::new()),
         }
     }
 
@@ -229,9 +278,53 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         )
     )]
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
-        let seqs = self
-            .deliver_envelopes(req.envelopes, req.sent_copies, req.copy_to_sender)
+        let keys: Vec<Option<DeliveryKey>> = req.envelopes.iter().map(delivery_key).collect();
+        let known: Vec<Option<u64>> = {
+            let recent = self
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            keys.iter()
+                .map(|k| k.as_ref().and_then(|k| recent.get(k)))
+                .collect()
+        };
+        let repeated = known.iter().filter(|k| k.is_some()).count();
+        if repeated > 0 {
+            metrics::counter!("switchboard_deliveries_repeated_total").increment(repeated as u64);
+            tracing::debug!(repeated, "repeated deliveries answered from memory");
+        }
+        // Only what was not delivered yet; copies for the sender only when
+        // none of the message was (they went out with the first call).
+        let mut fresh = Vec::with_capacity(req.envelopes.len() - repeated);
+        let mut positions = Vec::with_capacity(fresh.capacity());
+        for (i, envelope) in req.envelopes.into_iter().enumerate() {
+            if known[i].is_none() {
+                fresh.push(envelope);
+                positions.push(i);
+            }
+        }
+        let mut seqs: Vec<u64> = known.iter().map(|k| k.unwrap_or(0)).collect();
+        if fresh.is_empty() && repeated > 0 {
+            return Ok(pb::DeliverReply { seqs });
+        }
+        let (sent_copies, copy_to_sender) = if repeated == 0 {
+            (req.sent_copies, req.copy_to_sender)
+        } else {
+            (Vec::new(), false)
+        };
+        let fresh_seqs = self
+            .deliver_envelopes(fresh, sent_copies, copy_to_sender)
             .await?;
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (&i, seq) in positions.iter().zip(fresh_seqs) {
+            seqs[i] = seq;
+            if let Some(key) = keys[i].clone() {
+                recent.insert(key, seq);
+            }
+        }
         Ok(pb::DeliverReply { seqs })
     }
 
@@ -338,5 +431,28 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         self.deliver_envelopes(vec![envelope], Vec::new(), false)
             .await?;
         Ok(pb::PresenceChangeReply {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_deliveries_are_bounded_oldest_first() {
+        let mut recent = RecentDeliveries::new();
+        let key = |i: usize| ("app".to_owned(), format!("id{i}"), "bob".to_owned());
+        for i in 0..RECENT_DELIVERIES + 10 {
+            recent.insert(key(i), i as u64);
+        }
+        assert_eq!(recent.seqs.len(), RECENT_DELIVERIES);
+        assert_eq!(recent.get(&key(5)), None, "the oldest are forgotten");
+        assert_eq!(
+            recent.get(&key(RECENT_DELIVERIES + 9)),
+            Some((RECENT_DELIVERIES + 9) as u64)
+        );
+        // Inserting a known key again does not grow the order.
+        recent.insert(key(RECENT_DELIVERIES + 9), 1);
+        assert_eq!(recent.order.len(), RECENT_DELIVERIES);
     }
 }

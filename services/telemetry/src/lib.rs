@@ -308,6 +308,10 @@ fn describe() {
         "Client frames refused with an ERROR, by code."
     );
     describe_counter!(
+        "switchboard_deliveries_repeated_total",
+        "Deliveries asked for again (a caller's retry after a failover) and answered without storing or pushing twice."
+    );
+    describe_counter!(
         "switchboard_slow_consumer_disconnects_total",
         "Connections closed because their send queue was full."
     );
