@@ -49,6 +49,7 @@ pub struct Proc {
     pub roles: Vec<Role>,
     pub client_addr: Option<SocketAddr>,
     pub mesh_addr: SocketAddr,
+    config: Config,
     config_path: PathBuf,
     child: Option<Child>,
 }
@@ -168,6 +169,7 @@ impl Cluster {
             client_addr: roles.contains(&Role::Gateway).then_some(config.client_addr),
             mesh_addr: config.mesh_addr,
             roles,
+            config,
             config_path,
             child: None,
         };
@@ -280,25 +282,74 @@ impl Cluster {
     }
 
     /// Waits until every running gateway answers `/readyz` with 200.
-    pub async fn wait_ready(&self) {
+    pub async fn wait_ready(&mut self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        for proc in self
-            .procs
-            .iter()
-            .filter(|p| p.client_addr.is_some() && p.child.is_some())
-        {
-            let addr = proc.client_addr.expect("gateway");
+        for i in 0..self.procs.len() {
+            if self.procs[i].child.is_none() {
+                continue; // killed on purpose
+            }
             loop {
-                if let Some((200, _)) = http_get(addr, "/readyz").await {
+                let proc = &mut self.procs[i];
+                // Ports come from free_port(): another process may take one
+                // between its release and our bind. Such a start fails at
+                // once; start it again on other ports.
+                let exited = proc
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                if exited {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{} keeps exiting at start-up",
+                        proc.name
+                    );
+                    eprintln!(
+                        "{} exited at start-up; starting it on other ports",
+                        proc.name
+                    );
+                    proc.config.mesh_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                    proc.config.client_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                    proc.mesh_addr = proc.config.mesh_addr;
+                    if proc.client_addr.is_some() {
+                        proc.client_addr = Some(proc.config.client_addr);
+                    }
+                    std::fs::write(
+                        &proc.config_path,
+                        toml::to_string(&proc.config).expect("config as TOML"),
+                    )
+                    .expect("write config");
+                    proc.child = Some(spawn(&proc.config_path));
+                }
+                let ready = match proc.client_addr {
+                    Some(addr) => matches!(http_get(addr, "/readyz").await, Some((200, _))),
+                    None => tokio::net::TcpStream::connect(proc.mesh_addr).await.is_ok(),
+                };
+                if ready {
                     break;
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "gateway {} not ready within 30 s: {:?}",
-                    proc.name,
-                    http_get(addr, "/readyz").await
-                );
+                if tokio::time::Instant::now() >= deadline {
+                    let state = match proc.client_addr {
+                        Some(addr) => format!("{:?}", http_get(addr, "/readyz").await),
+                        None => "mesh port closed".to_owned(),
+                    };
+                    panic!("{} not ready within 30 s: {state}", proc.name);
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // Gateways checked first may have been ready before a respawned
+        // process registered: check them all once more.
+        for proc in self.procs.iter().filter(|p| p.child.is_some()) {
+            if let Some(addr) = proc.client_addr {
+                let limit = tokio::time::Instant::now() + Duration::from_secs(30);
+                while !matches!(http_get(addr, "/readyz").await, Some((200, _))) {
+                    assert!(
+                        tokio::time::Instant::now() < limit,
+                        "{} not ready after a restart of another process",
+                        proc.name
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
     }
