@@ -370,7 +370,12 @@ async fn traffic_survives_an_etcd_outage_and_registrations_return() {
     let mut etcd = Etcd::start();
     etcd.wait_ready().await;
     infra.etcd = etcd.url();
-    let mut cluster = Cluster::start(infra, PROTOCOL_SHAPE, |_| {}).await;
+    // The default lease TTL: registrations must outlive the time etcd
+    // takes to come back and the keep-alives to get through again.
+    let mut cluster = Cluster::start(infra, PROTOCOL_SHAPE, |c| {
+        c.discovery.lease_ttl_secs = 5;
+    })
+    .await;
     let mut ann = Client::login(&cluster.proc("gw1").url(), "demo-ann").await;
     let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
 
@@ -395,6 +400,7 @@ async fn traffic_survives_an_etcd_outage_and_registrations_return() {
     // Registrations are back: a gateway started now finds every role, and
     // delivery (whose watch had broken) finds the new gateway.
     cluster.add("gw3", "gateway", |_| {});
+    // Every gateway (gw3 included) knows an instance of every role again.
     cluster.wait_ready().await;
     // gw3 knows everyone; the others learn of gw3 once their watches are
     // re-established (each retries every 200 ms while etcd is away).

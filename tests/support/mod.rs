@@ -177,40 +177,52 @@ impl ProcessNode {
         Self::start_with_env(data_dir, &[]).await
     }
 
-    /// Starts the binary with extra `SWITCHBOARD_*` settings.
+    /// Starts the binary with extra `SWITCHBOARD_*` settings. Ports come
+    /// from free_port(): when another process takes one before the node
+    /// binds it, the node exits at once and is started on other ports.
     pub async fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> ProcessNode {
-        let client_port = free_port();
-        let mesh_port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args([
-                "run",
-                "--client-addr",
-                &format!("127.0.0.1:{client_port}"),
-                "--mesh-addr",
-                &format!("127.0.0.1:{mesh_port}"),
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .env("SWITCHBOARD_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn switchboard");
-        let node = ProcessNode {
-            child,
-            client_addr: format!("127.0.0.1:{client_port}").parse().expect("addr"),
-            data_dir: data_dir.to_owned(),
-        };
-        node.wait_ready().await;
-        node
+        for _ in 0..5 {
+            let client_port = free_port();
+            let mesh_port = free_port();
+            let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+                .args([
+                    "run",
+                    "--client-addr",
+                    &format!("127.0.0.1:{client_port}"),
+                    "--mesh-addr",
+                    &format!("127.0.0.1:{mesh_port}"),
+                    "--data-dir",
+                ])
+                .arg(data_dir)
+                .env("SWITCHBOARD_LOG", "warn")
+                .envs(env.iter().copied())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn switchboard");
+            let mut node = ProcessNode {
+                child,
+                client_addr: format!("127.0.0.1:{client_port}").parse().expect("addr"),
+                data_dir: data_dir.to_owned(),
+            };
+            if node.wait_ready().await {
+                return node;
+            }
+            eprintln!("switchboard exited at start-up; starting it on other ports");
+        }
+        panic!("switchboard did not start in five attempts");
     }
 
-    async fn wait_ready(&self) {
+    /// Whether the node listens (false: it exited at start-up).
+    async fn wait_ready(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
             if TcpStream::connect(self.client_addr).await.is_ok() {
-                return;
+                // Ours, not another process's that took the port.
+                return !matches!(self.child.try_wait(), Ok(Some(_)));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -81,8 +81,10 @@ pub struct Discovery {
 
 type Claims = Arc<Mutex<Vec<(String, String)>>>;
 
-/// How long one etcd call may take before the caller gives up on it.
-const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one etcd call may take before the caller gives up on it. Short:
+/// while etcd is away every retry waits this long, and a keep-alive must
+/// get through again within the lease TTL once etcd is back.
+const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Pause between attempts while etcd is away.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
@@ -262,7 +264,7 @@ fn lease_ttl_secs(opts: &DiscoveryOptions) -> i64 {
 
 async fn connect(opts: &DiscoveryOptions) -> Result<Client, DiscoveryError> {
     let options = ConnectOptions::new()
-        .with_connect_timeout(CALL_TIMEOUT)
+        .with_connect_timeout(Duration::from_millis(500))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
     bounded(opts, Client::connect(&opts.endpoints, Some(options))).await
 }
