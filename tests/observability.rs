@@ -212,18 +212,10 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+    let (status, head, body) = support::http_get_text(addr, "/metrics")
         .await
-        .expect("write");
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.expect("read");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
+        .expect("HTTP response");
+    assert_eq!(status, 200, "{head}");
     assert!(
         head.to_ascii_lowercase()
             .contains("content-type: text/plain"),

@@ -646,24 +646,9 @@ async fn idle_connection_is_pinged_and_dropped_when_silent(node: Deployment) {
     node.shutdown().await;
 }
 
-/// The Redis under test, or `None` (with the reason printed) when a developer
-/// runs plain `cargo test` without one. Under CI a missing Redis fails.
-fn test_redis() -> Option<String> {
-    match std::env::var("SWITCHBOARD_TEST_REDIS") {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("SWITCHBOARD_TEST_REDIS is not set (CI=true): run scripts/test.sh")
-        }
-        Err(_) => {
-            eprintln!("skipped: SWITCHBOARD_TEST_REDIS is not set (scripts/test.sh sets it)");
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn presence_in_redis_serves_the_same_protocol() {
-    let Some(redis) = test_redis() else {
+    let Some(redis) = support::test_redis() else {
         return;
     };
     let prefix = format!("sbtest:{}:", switchboard_mesh::new_message_id());

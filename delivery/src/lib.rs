@@ -48,7 +48,19 @@ struct RecentDeliveries {
     order: std::collections::VecDeque<DeliveryKey>,
 }
 
-type DeliveryKey = (String, String, String);
+/// A 64-bit digest of (app, message id, recipient): nothing to allocate per
+/// delivery on the hot path, and a collision among the remembered 65,536 is
+/// out of reach (~10⁻¹⁰).
+type DeliveryKey = u64;
+
+fn digest(app_id: &str, id: &str, to: &str) -> DeliveryKey {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for part in [app_id, id, to] {
+        h.update(part.as_bytes());
+        h.update(&[0]);
+    }
+    h.digest()
+}
 
 /// Deliveries remembered for de-duplication.
 const RECENT_DELIVERIES: usize = 65_536;
@@ -66,7 +78,7 @@ impl RecentDeliveries {
     }
 
     fn insert(&mut self, key: DeliveryKey, seq: u64) {
-        if self.seqs.insert(key.clone(), seq).is_none() {
+        if self.seqs.insert(key, seq).is_none() {
             self.order.push_back(key);
             while self.order.len() > RECENT_DELIVERIES {
                 if let Some(old) = self.order.pop_front() {
@@ -82,7 +94,20 @@ fn delivery_key(envelope: &pb::Envelope) -> Option<DeliveryKey> {
     if envelope.id.is_empty() {
         return None;
     }
-    Some((envelope.app_id.clone(), envelope.id.clone(), to.clone()))
+    Some(digest(&envelope.app_id, &envelope.id, to))
+}
+
+/// A push of a stored or fresh message to its recipient's connections.
+fn push_to_recipient(app_id: String, msg: pb::InboxMessage) -> pb::PushItem {
+    pb::PushItem {
+        app_id,
+        user_id: msg.to.clone(),
+        message: Some(msg),
+        exclude: None,
+        sent_copy: false,
+        to: Vec::new(),
+        traceparent: String::new(),
+    }
 }
 
 fn inbox_message(envelope: &pb::Envelope, to: &str) -> pb::InboxMessage {
@@ -194,15 +219,7 @@ impl DeliveryRole {
         let mut pushes = Vec::with_capacity(messages.len() + copies.len());
         for ((app, mut msg), seq) in messages.into_iter().zip(seqs.iter().copied()) {
             msg.seq = seq;
-            pushes.push(pb::PushItem {
-                app_id: app,
-                user_id: msg.to.clone(),
-                message: Some(msg),
-                exclude: None,
-                sent_copy: false,
-                to: Vec::new(),
-                traceparent: String::new(),
-            });
+            pushes.push(push_to_recipient(app, msg));
         }
         pushes.extend(copies);
         self.push(pushes).await?;
@@ -321,7 +338,7 @@ impl switchboard_mesh::Delivery for DeliveryRole {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (&i, seq) in positions.iter().zip(fresh_seqs) {
             seqs[i] = seq;
-            if let Some(key) = keys[i].clone() {
+            if let Some(key) = keys[i] {
                 recent.insert(key, seq);
             }
         }
@@ -383,15 +400,7 @@ impl switchboard_mesh::Delivery for DeliveryRole {
             removed =
                 removed.saturating_add(u32::try_from(removal.removed.len()).unwrap_or(u32::MAX));
             for msg in removal.appended {
-                pushes.push(pb::PushItem {
-                    app_id: inbox.app_id.clone(),
-                    user_id: msg.to.clone(),
-                    message: Some(msg),
-                    exclude: None,
-                    sent_copy: false,
-                    to: Vec::new(),
-                    traceparent: String::new(),
-                });
+                pushes.push(push_to_recipient(inbox.app_id.clone(), msg));
             }
         }
         if !pushes.is_empty() {
@@ -441,7 +450,7 @@ mod tests {
     #[test]
     fn recent_deliveries_are_bounded_oldest_first() {
         let mut recent = RecentDeliveries::new();
-        let key = |i: usize| ("app".to_owned(), format!("id{i}"), "bob".to_owned());
+        let key = |i: usize| digest("app", &format!("id{i}"), "bob");
         for i in 0..RECENT_DELIVERIES + 10 {
             recent.insert(key(i), i as u64);
         }

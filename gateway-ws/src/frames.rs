@@ -77,26 +77,8 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             );
         }
     };
-    let feature = match obj.remove("feature") {
-        Some(Value::String(s)) => Some(s),
-        None | Some(Value::Null) => None,
-        Some(_) => {
-            return Err(
-                FrameError::new(ErrorCode::InvalidFrame, "feature must be a string")
-                    .with_reference(reference),
-            );
-        }
-    };
-    let traceparent = match obj.remove("traceparent") {
-        Some(Value::String(s)) => Some(s),
-        None | Some(Value::Null) => None,
-        Some(_) => {
-            return Err(
-                FrameError::new(ErrorCode::InvalidFrame, "traceparent must be a string")
-                    .with_reference(reference),
-            );
-        }
-    };
+    let feature = optional_string(&mut obj, "feature", &reference)?;
+    let traceparent = optional_string(&mut obj, "traceparent", &reference)?;
     Ok(ClientFrame {
         kind,
         data,
@@ -104,6 +86,23 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         reference,
         traceparent,
     })
+}
+
+/// An optional top-level string field (absent or null: `None`).
+fn optional_string(
+    obj: &mut Map<String, Value>,
+    name: &str,
+    reference: &Option<String>,
+) -> Result<Option<String>, FrameError> {
+    match obj.remove(name) {
+        Some(Value::String(s)) => Ok(Some(s)),
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => Err(FrameError::new(
+            ErrorCode::InvalidFrame,
+            format!("{name} must be a string"),
+        )
+        .with_reference(reference.clone())),
+    }
 }
 
 /// The frame type a pushed message is rendered as (metrics label).

@@ -138,9 +138,9 @@ fn init_test_logging() {
     }
 }
 
-/// `GET path` over plain HTTP/1.0 → (status, JSON body); `None` when the
+/// `GET path` over plain HTTP/1.0 → (status, head, body); `None` when the
 /// port does not answer.
-pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
+pub async fn http_get_text(addr: SocketAddr, path: &str) -> Option<(u16, String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = TcpStream::connect(addr).await.ok()?;
     tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
@@ -153,8 +153,30 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
         .ok()?;
     let text = String::from_utf8(raw).ok()?;
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Some((status, head.to_owned(), body.to_owned()))
+}
+
+/// `GET path` → (status, JSON body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
+    let (status, _, body) = http_get_text(addr, path).await?;
+    Some((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
+}
+
+/// The Redis under test, or `None` (with the reason printed) when a
+/// developer runs plain `cargo test` without one. Under CI a missing Redis
+/// fails.
+pub fn test_redis() -> Option<String> {
+    match std::env::var("SWITCHBOARD_TEST_REDIS") {
+        Ok(url) => Some(url),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("SWITCHBOARD_TEST_REDIS is not set (CI=true): run scripts/test.sh")
+        }
+        Err(_) => {
+            eprintln!("skipped: SWITCHBOARD_TEST_REDIS is not set (scripts/test.sh sets it)");
+            None
+        }
+    }
 }
 
 /// A free loopback port (bound and released; good enough for tests).

@@ -40,9 +40,8 @@ macro_rules! unary {
             otel.kind = "server",
             rpc.method = $rpc
         );
-        let metadata = $req.metadata().clone();
         switchboard_telemetry::continue_trace(&span, |key| {
-            metadata
+            $req.metadata()
                 .get(key)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)

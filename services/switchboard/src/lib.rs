@@ -93,6 +93,8 @@ pub async fn serve(
     };
     config.roles.sort_unstable();
     config.roles.dedup();
+    // The metrics recorder first, so that nothing recorded at start-up is lost.
+    let _ = switchboard_telemetry::metrics_handle();
     let credentials = MeshCredentials::new(&config.mesh_secret).context("invalid mesh_secret")?;
     let tls = load_mesh_tls(&config)?;
     let connector = MeshConnector::new(credentials, tls.clone());
@@ -288,8 +290,6 @@ pub async fn serve(
             async move { metrics_stop.cancelled().await },
         )))
     };
-    // Metrics exist from the start (an empty scrape is still valid).
-    let _ = switchboard_telemetry::metrics_handle();
 
     let roles: Vec<&str> = config.roles.iter().map(|r| r.as_str()).collect();
     tracing::info!(node = %node_id, roles = %roles.join(","), "switchboard is running");

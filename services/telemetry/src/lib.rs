@@ -96,6 +96,7 @@ impl Telemetry {
             .with(layers)
             .try_init()
             .map_err(|_| TelemetryError::AlreadyInstalled)?;
+        TRACING_ON.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
         Ok(Telemetry { provider })
     }
 
@@ -146,6 +147,14 @@ fn tracer_provider(traces: &TraceSettings) -> Result<SdkTracerProvider, Telemetr
         .build())
 }
 
+/// Whether spans are exported: without it, propagation has nothing to carry
+/// and the helpers below return at once.
+static TRACING_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn tracing_on() -> bool {
+    TRACING_ON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn propagator() -> &'static TraceContextPropagator {
     static PROPAGATOR: OnceLock<TraceContextPropagator> = OnceLock::new();
     PROPAGATOR.get_or_init(TraceContextPropagator::new)
@@ -154,6 +163,9 @@ fn propagator() -> &'static TraceContextPropagator {
 /// The W3C headers (`traceparent`, `tracestate`) of the current span, for
 /// an outgoing call. Empty when tracing is off or the trace is not sampled.
 pub fn current_trace_headers() -> Vec<(&'static str, String)> {
+    if !tracing_on() {
+        return Vec::new();
+    }
     let cx = tracing::Span::current().context();
     let mut out = Headers(Vec::new());
     propagator().inject_context(&cx, &mut out);
@@ -171,6 +183,9 @@ pub fn current_traceparent() -> Option<String> {
 /// Makes `span` continue the trace described by the headers `get` returns
 /// (`traceparent`, `tracestate`). Does nothing without a valid traceparent.
 pub fn continue_trace(span: &tracing::Span, get: impl Fn(&str) -> Option<String>) {
+    if !tracing_on() {
+        return;
+    }
     let carrier: std::collections::HashMap<String, String> = ["traceparent", "tracestate"]
         .into_iter()
         .filter_map(|k| get(k).map(|v| (k.to_owned(), v)))
