@@ -138,8 +138,12 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
                 let hard_limit = limits.max_frame_bytes.saturating_mul(4);
                 let config = WebSocketConfig::default()
                     .read_buffer_size(limits.read_buffer_bytes)
-                    .write_buffer_size(0)
-                    .max_write_buffer_size(hard_limit.saturating_mul(4))
+                    .write_buffer_size(limits.write_buffer_bytes)
+                    .max_write_buffer_size(
+                        limits
+                            .write_buffer_bytes
+                            .saturating_add(hard_limit.saturating_mul(4)),
+                    )
                     .max_message_size(Some(hard_limit))
                     .max_frame_size(Some(hard_limit));
                 let ws = WebSocketStream::from_raw_socket(

@@ -5,6 +5,12 @@
 //!
 //!     cargo run --release -p switchboard-bench --example bare_relay -- 127.0.0.1:8090
 //!     switchboard bench --url ws://127.0.0.1:8090/ws
+//!
+//! It uses what the switchboard binary uses below the protocol — mimalloc and
+//! a 16 KiB write buffer (frames of one batch gathered per socket write) — so
+//! that the ratio between the two measures Switchboard's own work.
+//! `RELAY_WRITE_BUFFER=0` gives one write call per frame (the relay of the
+//! first measurements).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -15,6 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type Peers = Arc<RwLock<HashMap<String, mpsc::Sender<Utf8Bytes>>>>;
 
@@ -65,18 +74,23 @@ async fn main() -> std::io::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let listener = TcpListener::bind(&addr).await?;
     println!("bare relay on ws://{}/ws", listener.local_addr()?);
+    let write_buffer = std::env::var("RELAY_WRITE_BUFFER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 * 1024);
     let peers: Peers = Arc::default();
     loop {
         let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve(stream, peers.clone()));
+        tokio::spawn(serve(stream, peers.clone(), write_buffer));
     }
 }
 
-async fn serve(stream: TcpStream, peers: Peers) {
+async fn serve(stream: TcpStream, peers: Peers, write_buffer: usize) {
     let _ = stream.set_nodelay(true);
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
-        .write_buffer_size(0);
+        .write_buffer_size(write_buffer)
+        .max_write_buffer_size(write_buffer + 1024 * 1024);
     let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };

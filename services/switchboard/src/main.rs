@@ -9,6 +9,13 @@ use clap::{Parser, Subcommand};
 use switchboard::{Listeners, RemoteRoles};
 use switchboard_config::Config;
 
+/// mimalloc instead of the system allocator: messages are allocated on one
+/// thread and freed on another (a runtime worker and the store writer), where
+/// glibc's per-thread arenas spend much of the store writer's time
+/// (docs/benchmarks.md, "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "switchboard", version, about = "Real-time messaging backend")]
 struct Cli {
