@@ -373,36 +373,31 @@ impl switchboard_mesh::Delivery for DeliveryRole {
                 .or_default()
                 .push(item.seq);
         }
-        let mut removed = 0u32;
         let mut pushes = Vec::new();
-        // All inboxes at once, so that the store commits them together.
-        // Removal and the sender's confirmation are one atomic store write:
-        // a crash loses neither or both.
+        // All inboxes in one store write. Removal and the sender's
+        // confirmation are one atomic store write: a crash loses neither or
+        // both.
         let started = std::time::Instant::now();
-        let removals =
-            futures_util::future::join_all(by_inbox.into_iter().map(|(inbox, seqs)| async move {
-                let removal = self
-                    .store
-                    .remove(&inbox, &seqs, Some(confirmation_of))
-                    .await;
-                (inbox, removal)
-            }))
-            .await;
+        let by_inbox: Vec<(InboxKey, Vec<u64>)> = by_inbox.into_iter().collect();
+        let apps: Vec<String> = by_inbox.iter().map(|(k, _)| k.app_id.clone()).collect();
+        let removals = self
+            .store
+            .remove_many(by_inbox, Some(confirmation_of))
+            .await
+            .map_err(DeliveryError::from)?;
         metrics::histogram!("switchboard_store_op_duration_seconds", "op" => "remove")
             .record(started.elapsed().as_secs_f64());
-        for (inbox, removal) in removals {
-            let removal = removal.map_err(DeliveryError::from)?;
-            metrics::counter!("switchboard_inbox_removed_total")
-                .increment(removal.removed.len() as u64);
-            // Sender confirmations, stored in the same write.
-            metrics::counter!("switchboard_inbox_appended_total")
-                .increment(removal.appended.len() as u64);
-            removed =
-                removed.saturating_add(u32::try_from(removal.removed.len()).unwrap_or(u32::MAX));
+        let mut removed_total = 0u64;
+        for (app_id, removal) in apps.into_iter().zip(removals) {
+            removed_total += removal.removed.len() as u64;
             for msg in removal.appended {
-                pushes.push(push_to_recipient(inbox.app_id.clone(), msg));
+                pushes.push(push_to_recipient(app_id.clone(), msg));
             }
         }
+        metrics::counter!("switchboard_inbox_removed_total").increment(removed_total);
+        // Sender confirmations, stored in the same write.
+        metrics::counter!("switchboard_inbox_appended_total").increment(pushes.len() as u64);
+        let removed = u32::try_from(removed_total).unwrap_or(u32::MAX);
         if !pushes.is_empty() {
             self.push(pushes).await?;
         }

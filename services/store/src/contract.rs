@@ -189,6 +189,55 @@ pub async fn concurrent_appends_all_land(store: &impl Store) {
     assert_eq!(store.count(&inbox).await.expect("count"), 200);
 }
 
+pub async fn remove_many_spans_inboxes(store: &impl Store) {
+    let mut with_ref = message("app-1", "a");
+    with_ref.reference = "r1".into();
+    with_ref.from = "app-3".into();
+    let seqs = store
+        .append(
+            "app",
+            vec![with_ref, message("app-1", "b"), message("app-2", "c")],
+        )
+        .await
+        .expect("append");
+    let (one, two) = (InboxKey::new("app", "app-1"), InboxKey::new("app", "app-2"));
+    let removals = store
+        .remove_many(
+            vec![
+                (one.clone(), vec![seqs[0]]),
+                (two.clone(), vec![seqs[2], 99]),
+            ],
+            Some(confirm),
+        )
+        .await
+        .expect("remove_many");
+    assert_eq!(removals.len(), 2, "one result per inbox, in order");
+    assert_eq!(removals[0].removed.len(), 1);
+    assert_eq!(removals[0].removed[0].content, "a");
+    assert_eq!(removals[0].removed[0].seq, seqs[0]);
+    assert_eq!(removals[0].appended.len(), 1, "the confirmation of a");
+    assert_eq!(
+        removals[1].removed.len(),
+        1,
+        "an unknown seq removes nothing"
+    );
+    assert_eq!(removals[1].removed[0].content, "c");
+    assert!(removals[1].appended.is_empty());
+    let again = store
+        .remove_many(vec![(one.clone(), vec![seqs[0]])], Some(confirm))
+        .await
+        .expect("remove_many");
+    assert!(again[0].removed.is_empty() && again[0].appended.is_empty());
+    assert_eq!(store.count(&one).await.expect("count"), 1);
+    assert_eq!(store.count(&two).await.expect("count"), 0);
+    let sender = store
+        .fetch(&InboxKey::new("app", "app-3"), 0, 10)
+        .await
+        .expect("fetch");
+    assert_eq!(sender.messages.len(), 1);
+    assert_eq!(sender.messages[0].reference, "r1");
+}
+
 /// Generates one `#[tokio::test]` per contract function. `$make` is an async
 /// block expression yielding `(store, guard)`; the guard (a temp dir, a
 /// keyspace) lives until the test ends.
@@ -203,7 +252,8 @@ macro_rules! store_contract_tests {
             removal_appends_follow_ups_once,
             seqs_are_not_reused_after_emptying,
             content_round_trips_exactly,
-            concurrent_appends_all_land
+            concurrent_appends_all_land,
+            remove_many_spans_inboxes
         );
     };
     (@each $make:expr; $($name:ident),*) => {

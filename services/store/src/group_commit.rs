@@ -8,26 +8,26 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{FollowUp, InboxKey, InboxMessage, Removal, StoreError};
+use crate::{FollowUp, InboxKey, InboxMessage, Prepared, Removal, StoreError};
 
 pub(crate) enum WriteOp {
     Append {
         app_id: String,
-        messages: Vec<InboxMessage>,
+        messages: Vec<Prepared>,
         reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
     },
+    /// Removals from any number of inboxes (a delivered report), one reply.
     Remove {
-        inbox: InboxKey,
-        seqs: Vec<u64>,
+        removals: Vec<(InboxKey, Vec<u64>)>,
         follow_up: Option<FollowUp>,
-        reply: oneshot::Sender<Result<Removal, StoreError>>,
+        reply: oneshot::Sender<Result<Vec<Removal>, StoreError>>,
     },
 }
 
 /// What one operation of a batch did.
 pub(crate) enum Outcome {
     Appended(Vec<u64>),
-    Removed(Removal),
+    Removed(Vec<Removal>),
 }
 
 /// Whether a batch must be synced before its callers hear back: appends
@@ -36,7 +36,7 @@ pub(crate) enum Outcome {
 pub(crate) fn needs_sync(outcomes: &[Outcome]) -> bool {
     outcomes.iter().any(|o| match o {
         Outcome::Appended(_) => true,
-        Outcome::Removed(r) => !r.appended.is_empty(),
+        Outcome::Removed(rs) => rs.iter().any(|r| !r.appended.is_empty()),
     })
 }
 
@@ -109,6 +109,9 @@ impl GroupCommit {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        // Encoded here, on the caller's thread: the writer is one thread
+        // for the whole store, the callers are many.
+        let messages = messages.into_iter().map(Prepared::new).collect();
         let (reply, rx) = oneshot::channel();
         self.submit(WriteOp::Append {
             app_id: app_id.to_owned(),
@@ -128,10 +131,25 @@ impl GroupCommit {
         if seqs.is_empty() {
             return Ok(Removal::default());
         }
+        let mut removals = self
+            .remove_many(vec![(inbox.clone(), seqs.to_vec())], follow_up)
+            .await?;
+        removals.pop().ok_or(StoreError::Backend(
+            "store engine lost a removal".to_owned(),
+        ))
+    }
+
+    pub(crate) async fn remove_many(
+        &self,
+        removals: Vec<(InboxKey, Vec<u64>)>,
+        follow_up: Option<FollowUp>,
+    ) -> Result<Vec<Removal>, StoreError> {
+        if removals.iter().all(|(_, seqs)| seqs.is_empty()) {
+            return Ok(vec![Removal::default(); removals.len()]);
+        }
         let (reply, rx) = oneshot::channel();
         self.submit(WriteOp::Remove {
-            inbox: inbox.clone(),
-            seqs: seqs.to_vec(),
+            removals,
             follow_up,
             reply,
         })
@@ -161,8 +179,8 @@ fn answer(batch: &mut Vec<WriteOp>, result: Result<Vec<Outcome>, StoreError>) {
                     (WriteOp::Append { reply, .. }, Outcome::Appended(seqs)) => {
                         let _ = reply.send(Ok(seqs));
                     }
-                    (WriteOp::Remove { reply, .. }, Outcome::Removed(removal)) => {
-                        let _ = reply.send(Ok(removal));
+                    (WriteOp::Remove { reply, .. }, Outcome::Removed(removals)) => {
+                        let _ = reply.send(Ok(removals));
                     }
                     (op, _) => fail(op, "store engine answered out of order"),
                 }

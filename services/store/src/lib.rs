@@ -13,6 +13,7 @@ mod redb_store;
 
 use async_trait::async_trait;
 pub use fjall_store::{FjallStore, FjallStoreOptions};
+use prost::Message;
 pub use redb_store::{RedbStore, RedbStoreOptions};
 pub use switchboard_proto::mesh::InboxMessage;
 
@@ -102,6 +103,21 @@ pub trait Store: Send + Sync + 'static {
         follow_up: Option<FollowUp>,
     ) -> Result<Removal, StoreError>;
 
+    /// Removes from several inboxes at once, like [`Store::remove`] on each
+    /// (one result per inbox, in order). Backends that batch writes commit
+    /// them together.
+    async fn remove_many(
+        &self,
+        removals: Vec<(InboxKey, Vec<u64>)>,
+        follow_up: Option<FollowUp>,
+    ) -> Result<Vec<Removal>, StoreError> {
+        let mut out = Vec::with_capacity(removals.len());
+        for (inbox, seqs) in &removals {
+            out.push(self.remove(inbox, seqs, follow_up).await?);
+        }
+        Ok(out)
+    }
+
     /// Number of messages in an inbox.
     async fn count(&self, inbox: &InboxKey) -> Result<u64, StoreError> {
         Ok(self.fetch(inbox, 0, 0).await?.left)
@@ -110,4 +126,26 @@ pub trait Store: Send + Sync + 'static {
     /// Finishes in-flight writes and releases the storage. Later calls fail
     /// with [`StoreError::Closed`].
     async fn close(&self) -> Result<(), StoreError>;
+}
+
+/// A message encoded for storage, on the caller's thread: the writer only
+/// assigns its sequence number (kept in the key, not in the value).
+pub(crate) struct Prepared {
+    pub(crate) to: String,
+    pub(crate) value: Vec<u8>,
+}
+
+impl Prepared {
+    pub(crate) fn new(mut msg: InboxMessage) -> Self {
+        msg.seq = 0;
+        let value = msg.encode_to_vec();
+        Prepared { to: msg.to, value }
+    }
+}
+
+/// Decodes a stored message; its sequence number comes from the key.
+pub(crate) fn decode_stored(value: &[u8], seq: u64) -> Result<InboxMessage, StoreError> {
+    let mut msg = InboxMessage::decode(value)?;
+    msg.seq = seq;
+    Ok(msg)
 }

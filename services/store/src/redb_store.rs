@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp, needs_sync};
-use crate::{FollowUp, InboxKey, InboxMessage, InboxPage, Removal, Store, StoreError};
+use crate::{
+    FollowUp, InboxKey, InboxMessage, InboxPage, Prepared, Removal, Store, StoreError,
+    decode_stored,
+};
 use async_trait::async_trait;
-use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 /// (app, user, seq) → encoded InboxMessage.
@@ -101,7 +103,7 @@ fn insert_next(
     inbox: &mut redb::Table<(&str, &str, u64), &[u8]>,
     last_seq: &mut redb::Table<(&str, &str), u64>,
     app_id: &str,
-    msg: &mut InboxMessage,
+    msg: &Prepared,
 ) -> Result<u64, StoreError> {
     let key = (app_id, msg.to.as_str());
     let seq = last_seq
@@ -111,9 +113,8 @@ fn insert_next(
         .unwrap_or(0)
         + 1;
     last_seq.insert(key, seq).map_err(backend)?;
-    msg.seq = seq;
     inbox
-        .insert((key.0, key.1, seq), msg.encode_to_vec().as_slice())
+        .insert((key.0, key.1, seq), msg.value.as_slice())
         .map_err(backend)?;
     Ok(seq)
 }
@@ -136,36 +137,44 @@ impl Engine for RedbEngine {
                         app_id, messages, ..
                     } => {
                         let mut seqs = Vec::with_capacity(messages.len());
-                        for msg in messages.iter_mut() {
+                        for msg in messages.iter() {
                             seqs.push(insert_next(&mut inbox, &mut last_seq, app_id, msg)?);
                         }
                         Outcome::Appended(seqs)
                     }
                     WriteOp::Remove {
-                        inbox: key,
-                        seqs,
+                        removals,
                         follow_up,
                         ..
                     } => {
-                        let mut removal = Removal::default();
-                        for seq in seqs.iter() {
-                            let old = inbox
-                                .remove((key.app_id.as_str(), key.user_id.as_str(), *seq))
-                                .map_err(backend)?
-                                .map(|bytes| InboxMessage::decode(bytes.value()));
-                            if let Some(msg) = old {
-                                removal.removed.push(msg?);
-                            }
-                        }
-                        if let Some(follow_up) = follow_up {
-                            for msg in &removal.removed {
-                                if let Some(mut next) = follow_up(msg) {
-                                    insert_next(&mut inbox, &mut last_seq, &key.app_id, &mut next)?;
-                                    removal.appended.push(next);
+                        let mut out = Vec::with_capacity(removals.len());
+                        for (key, seqs) in removals.iter() {
+                            let mut removal = Removal::default();
+                            for &seq in seqs {
+                                let old = inbox
+                                    .remove((key.app_id.as_str(), key.user_id.as_str(), seq))
+                                    .map_err(backend)?
+                                    .map(|bytes| decode_stored(bytes.value(), seq));
+                                if let Some(msg) = old {
+                                    removal.removed.push(msg?);
                                 }
                             }
+                            if let Some(follow_up) = follow_up {
+                                for msg in &removal.removed {
+                                    if let Some(mut next) = follow_up(msg) {
+                                        next.seq = insert_next(
+                                            &mut inbox,
+                                            &mut last_seq,
+                                            &key.app_id,
+                                            &Prepared::new(next.clone()),
+                                        )?;
+                                        removal.appended.push(next);
+                                    }
+                                }
+                            }
+                            out.push(removal);
                         }
-                        Outcome::Removed(removal)
+                        Outcome::Removed(out)
                     }
                 };
                 outcomes.push(outcome);
@@ -219,9 +228,10 @@ impl Store for RedbStore {
                 .map_err(backend)?;
             let mut page = InboxPage::default();
             for entry in range {
-                let (_, value) = entry.map_err(backend)?;
+                let (key, value) = entry.map_err(backend)?;
                 if page.messages.len() < limit {
-                    page.messages.push(InboxMessage::decode(value.value())?);
+                    page.messages
+                        .push(decode_stored(value.value(), key.value().2)?);
                 } else {
                     page.left += 1;
                 }
@@ -238,6 +248,14 @@ impl Store for RedbStore {
         follow_up: Option<FollowUp>,
     ) -> Result<Removal, StoreError> {
         self.writer.remove(inbox, seqs, follow_up).await
+    }
+
+    async fn remove_many(
+        &self,
+        removals: Vec<(InboxKey, Vec<u64>)>,
+        follow_up: Option<FollowUp>,
+    ) -> Result<Vec<Removal>, StoreError> {
+        self.writer.remove_many(removals, follow_up).await
     }
 
     async fn close(&self) -> Result<(), StoreError> {
