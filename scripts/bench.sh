@@ -41,6 +41,7 @@ start() { # relay | switchboard
   stop_server
   case $1 in
     relay) "$relay" "127.0.0.1:$port" >"$tmp/server.log" 2>&1 & ;;
+    relay-unbuffered) RELAY_WRITE_BUFFER=0 "$relay" "127.0.0.1:$port" >"$tmp/server.log" 2>&1 & ;;
     switchboard)
       rm -rf "$tmp/data"
       # The generator sends faster than the default per-connection limit in the ramps.
@@ -62,12 +63,15 @@ run() { # label, bench args...
 }
 
 ramp() {
+  local fast_steps=300,400,500,600,700,800,900,1000
   start relay
-  run "relay FAST 200 conns" -n 200 --feature fast --rate-steps 200,300,400,500,600,700 --warmup 2s --duration 5s
+  run "relay FAST 200 conns" -n 200 --feature fast --rate-steps $fast_steps --warmup 2s --duration 5s
+  start relay-unbuffered
+  run "relay (one write per frame) FAST 200 conns" -n 200 --feature fast --rate-steps $fast_steps --warmup 2s --duration 5s
   start switchboard
-  run "switchboard FAST 200 conns" -n 200 --feature fast --rate-steps 200,300,400,500,600,700 --warmup 2s --duration 5s
+  run "switchboard FAST 200 conns" -n 200 --feature fast --rate-steps $fast_steps --warmup 2s --duration 5s
   start switchboard
-  run "switchboard RELIABLE 200 conns" -n 200 --feature reliable --rate-steps 50,75,100,150,200,300 --warmup 2s --duration 5s
+  run "switchboard RELIABLE 200 conns" -n 200 --feature reliable --rate-steps 50,75,100,125,150,200 --warmup 2s --duration 5s
 }
 
 connections() {
