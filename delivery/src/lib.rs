@@ -125,6 +125,25 @@ fn inbox_message(envelope: &pb::Envelope, to: &str) -> pb::InboxMessage {
     }
 }
 
+/// The message of an envelope for one recipient (its first `to`), with the
+/// envelope's app; the fields move.
+fn into_inbox_message(envelope: pb::Envelope) -> Option<(String, pb::InboxMessage)> {
+    let to = envelope.to.into_iter().next()?;
+    let msg = pb::InboxMessage {
+        id: envelope.id,
+        kind: envelope.kind,
+        from: envelope.from,
+        to,
+        group: envelope.group,
+        content: envelope.content,
+        reference: envelope.reference,
+        ts: envelope.ts,
+        seq: 0,
+        feature: envelope.feature,
+    };
+    Some((envelope.app_id, msg))
+}
+
 /// The sender confirmation of a delivered message: RELIABLE, for direct
 /// messages that carry a reference. Its id is the original message's id.
 fn confirmation_of(msg: &pb::InboxMessage) -> Option<pb::InboxMessage> {
@@ -185,39 +204,56 @@ impl DeliveryRole {
                 });
             }
         }
-        let mut messages: Vec<(String, pb::InboxMessage)> = Vec::with_capacity(envelopes.len());
-        for envelope in &envelopes {
-            let Some(to) = envelope.to.first() else {
-                continue;
-            };
-            messages.push((envelope.app_id.clone(), inbox_message(envelope, to)));
-        }
-
-        // Append RELIABLE messages, grouped per app (one store call each).
-        let mut seqs = vec![0u64; messages.len()];
-        let mut by_app: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, (app, msg)) in messages.iter().enumerate() {
-            if msg.feature() == pb::Feature::Reliable {
-                by_app.entry(app.as_str()).or_default().push(i);
+        // The envelopes' fields move into the messages: a 1000-character
+        // content is not copied on its way to the socket.
+        let mut apps: Vec<String> = Vec::with_capacity(envelopes.len());
+        let mut messages: Vec<pb::InboxMessage> = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            if let Some((app, msg)) = into_inbox_message(envelope) {
+                apps.push(app);
+                messages.push(msg);
             }
         }
-        for (app, indexes) in &by_app {
-            let batch = indexes.iter().map(|&i| messages[i].1.clone()).collect();
+
+        // Append RELIABLE messages: one store call per app (one in practice:
+        // a route call carries one message of one app).
+        let mut seqs = vec![0u64; messages.len()];
+        let reliable: Vec<usize> = (0..messages.len())
+            .filter(|&i| messages[i].feature() == pb::Feature::Reliable)
+            .collect();
+        let mut start = 0;
+        while start < reliable.len() {
+            let app = &apps[reliable[start]];
+            let end = start
+                + reliable[start..]
+                    .iter()
+                    .take_while(|&&i| apps[i] == *app)
+                    .count();
+            let group = &reliable[start..end];
+            let contiguous = group.windows(2).all(|w| w[1] == w[0] + 1);
+            let owned: Vec<pb::InboxMessage>;
+            let batch: &[pb::InboxMessage] = if contiguous {
+                &messages[group[0]..=group[group.len() - 1]]
+            } else {
+                owned = group.iter().map(|&i| messages[i].clone()).collect();
+                &owned
+            };
             let started = std::time::Instant::now();
             let assigned = tracing::Instrument::instrument(
                 self.store.append(app, batch),
-                tracing::info_span!("store.append", count = indexes.len()),
+                tracing::info_span!("store.append", count = group.len()),
             )
             .await?;
             metrics::histogram!("switchboard_store_op_duration_seconds", "op" => "append")
                 .record(started.elapsed().as_secs_f64());
-            metrics::counter!("switchboard_inbox_appended_total").increment(indexes.len() as u64);
-            for (&i, seq) in indexes.iter().zip(assigned) {
+            metrics::counter!("switchboard_inbox_appended_total").increment(group.len() as u64);
+            for (&i, seq) in group.iter().zip(assigned) {
                 seqs[i] = seq;
             }
+            start = end;
         }
         let mut pushes = Vec::with_capacity(messages.len() + copies.len());
-        for ((app, mut msg), seq) in messages.into_iter().zip(seqs.iter().copied()) {
+        for ((app, mut msg), seq) in apps.into_iter().zip(messages).zip(seqs.iter().copied()) {
             msg.seq = seq;
             pushes.push(push_to_recipient(app, msg));
         }

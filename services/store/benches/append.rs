@@ -41,7 +41,7 @@ fn bench_store(c: &mut Criterion, engine: &str, store: Arc<dyn Store>) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("one_durable_append", |b| {
         b.iter(|| {
-            rt.block_on(store.append("demo", vec![message("demo-1")]))
+            rt.block_on(store.append("demo", &[message("demo-1")]))
                 .expect("append")
         })
     });
@@ -58,7 +58,7 @@ fn bench_store(c: &mut Criterion, engine: &str, store: Arc<dyn Store>) {
                             let store = store.clone();
                             tasks.push(tokio::spawn(async move {
                                 store
-                                    .append("demo", vec![message(&format!("demo-{}", i % 100))])
+                                    .append("demo", &[message(&format!("demo-{}", i % 100))])
                                     .await
                             }));
                         }
@@ -78,7 +78,7 @@ fn bench_store(c: &mut Criterion, engine: &str, store: Arc<dyn Store>) {
         b.iter(|| {
             rt.block_on(async {
                 let seqs = store
-                    .append("demo", vec![message("demo-rm")])
+                    .append("demo", &[message("demo-rm")])
                     .await
                     .expect("append");
                 store.remove(&inbox, &seqs, None).await.expect("remove")

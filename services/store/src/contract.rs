@@ -19,7 +19,7 @@ pub async fn append_assigns_increasing_seqs_per_inbox(store: &impl Store) {
     let seqs = store
         .append(
             "app",
-            vec![
+            &[
                 message("app-1", "a"),
                 message("app-2", "b"),
                 message("app-1", "c"),
@@ -29,7 +29,7 @@ pub async fn append_assigns_increasing_seqs_per_inbox(store: &impl Store) {
         .expect("append");
     assert_eq!(seqs, vec![1, 1, 2]);
     let more = store
-        .append("app", vec![message("app-1", "d")])
+        .append("app", &[message("app-1", "d")])
         .await
         .expect("append");
     assert_eq!(more, vec![3]);
@@ -37,8 +37,8 @@ pub async fn append_assigns_increasing_seqs_per_inbox(store: &impl Store) {
 
 pub async fn fetch_pages_oldest_first(store: &impl Store) {
     let inbox = InboxKey::new("app", "app-1");
-    let msgs = (0..25).map(|i| message("app-1", &format!("{i}"))).collect();
-    store.append("app", msgs).await.expect("append");
+    let msgs: Vec<_> = (0..25).map(|i| message("app-1", &format!("{i}"))).collect();
+    store.append("app", &msgs).await.expect("append");
     let first = store.fetch(&inbox, 0, 10).await.expect("fetch");
     assert_eq!(first.messages.len(), 10);
     assert_eq!(first.left, 15);
@@ -56,11 +56,11 @@ pub async fn fetch_pages_oldest_first(store: &impl Store) {
 
 pub async fn inboxes_are_isolated(store: &impl Store) {
     store
-        .append("app", vec![message("app-1", "x"), message("app-10", "y")])
+        .append("app", &[message("app-1", "x"), message("app-10", "y")])
         .await
         .expect("append");
     store
-        .append("other", vec![message("app-1", "z")])
+        .append("other", &[message("app-1", "z")])
         .await
         .expect("append");
     let page = store
@@ -74,7 +74,7 @@ pub async fn inboxes_are_isolated(store: &impl Store) {
 pub async fn remove_returns_each_message_once(store: &impl Store) {
     let inbox = InboxKey::new("app", "app-1");
     let seqs = store
-        .append("app", vec![message("app-1", "a"), message("app-1", "b")])
+        .append("app", &[message("app-1", "a"), message("app-1", "b")])
         .await
         .expect("append");
     let removed = store
@@ -98,12 +98,12 @@ pub async fn remove_returns_each_message_once(store: &impl Store) {
 pub async fn seqs_are_not_reused_after_emptying(store: &impl Store) {
     let inbox = InboxKey::new("app", "app-1");
     let seqs = store
-        .append("app", vec![message("app-1", "a")])
+        .append("app", &[message("app-1", "a")])
         .await
         .expect("append");
     store.remove(&inbox, &seqs, None).await.expect("remove");
     let next = store
-        .append("app", vec![message("app-1", "b")])
+        .append("app", &[message("app-1", "b")])
         .await
         .expect("append");
     assert!(next[0] > seqs[0]);
@@ -125,7 +125,7 @@ pub async fn removal_appends_follow_ups_once(store: &impl Store) {
     with_ref.reference = "r1".into();
     with_ref.from = "app-2".into();
     let seqs = store
-        .append("app", vec![with_ref, message("app-1", "b")])
+        .append("app", &[with_ref, message("app-1", "b")])
         .await
         .expect("append");
     let removal = store
@@ -163,10 +163,7 @@ pub async fn content_round_trips_exactly(store: &impl Store) {
     let mut msg = message("app-1", content);
     msg.reference = "ref-1".into();
     msg.group = "g".into();
-    store
-        .append("app", vec![msg.clone()])
-        .await
-        .expect("append");
+    store.append("app", &[msg.clone()]).await.expect("append");
     let page = store.fetch(&inbox, 0, 1).await.expect("fetch");
     let got = &page.messages[0];
     assert_eq!(got.content, content);
@@ -177,9 +174,12 @@ pub async fn content_round_trips_exactly(store: &impl Store) {
 
 pub async fn concurrent_appends_all_land(store: &impl Store) {
     let inbox = InboxKey::new("app", "app-1");
+    let msgs: Vec<_> = (0..200)
+        .map(|i| [message("app-1", &format!("{i}"))])
+        .collect();
     let mut tasks = Vec::new();
-    for i in 0..200 {
-        tasks.push(store.append("app", vec![message("app-1", &format!("{i}"))]));
+    for one in &msgs {
+        tasks.push(store.append("app", one));
     }
     let results = futures_util::future::join_all(tasks).await;
     let mut seqs: Vec<u64> = results.into_iter().map(|r| r.expect("append")[0]).collect();
@@ -196,7 +196,7 @@ pub async fn remove_many_spans_inboxes(store: &impl Store) {
     let seqs = store
         .append(
             "app",
-            vec![with_ref, message("app-1", "b"), message("app-2", "c")],
+            &[with_ref, message("app-1", "b"), message("app-2", "c")],
         )
         .await
         .expect("append");

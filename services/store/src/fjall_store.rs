@@ -246,8 +246,7 @@ impl Writer {
         if let Some(follow_up) = follow_up {
             for i in 0..removal.removed.len() {
                 if let Some(mut next) = follow_up(&removal.removed[i]) {
-                    next.seq =
-                        self.append_one(&inbox.app_id, Prepared::new(next.clone()), pending)?;
+                    next.seq = self.append_one(&inbox.app_id, Prepared::new(&next), pending)?;
                     removal.appended.push(next);
                 }
             }
@@ -335,7 +334,7 @@ impl Store for FjallStore {
     async fn append(
         &self,
         app_id: &str,
-        messages: Vec<InboxMessage>,
+        messages: &[InboxMessage],
     ) -> Result<Vec<u64>, StoreError> {
         self.writer.append(app_id, messages).await
     }
@@ -413,10 +412,10 @@ mod tests {
         let inbox = InboxKey::new("a", "a-1");
         {
             let store = open(dir.path());
-            let msgs = (0..10)
+            let msgs: Vec<_> = (0..10)
                 .map(|i| crate::contract::message("a-1", &format!("m{i}")))
                 .collect();
-            let seqs = store.append("a", msgs).await.expect("append");
+            let seqs = store.append("a", &msgs).await.expect("append");
             store
                 .remove(&inbox, &seqs[..2], None)
                 .await
@@ -427,7 +426,7 @@ mod tests {
         let page = store.fetch(&inbox, 0, 100).await.expect("fetch");
         assert_eq!(page.messages.len(), 8);
         let seqs = store
-            .append("a", vec![crate::contract::message("a-1", "next")])
+            .append("a", &[crate::contract::message("a-1", "next")])
             .await
             .expect("append");
         assert_eq!(seqs, vec![11]);
@@ -445,10 +444,10 @@ mod tests {
         };
         let store = FjallStore::open(dir.path(), options).expect("open");
         let inbox = InboxKey::new("a", "a-1");
-        let msgs = (0..50)
+        let msgs: Vec<_> = (0..50)
             .map(|i| crate::contract::message("a-1", &format!("m{i}")))
             .collect();
-        let seqs = store.append("a", msgs).await.expect("append");
+        let seqs = store.append("a", &msgs).await.expect("append");
         let first = store
             .remove(&inbox, &seqs[..30], None)
             .await
@@ -469,10 +468,10 @@ mod tests {
         let inbox = InboxKey::new("a", "a-1");
         let seqs = {
             let store = open(dir.path());
-            let msgs = (0..5)
+            let msgs: Vec<_> = (0..5)
                 .map(|i| crate::contract::message("a-1", &format!("m{i}")))
                 .collect();
-            let seqs = store.append("a", msgs).await.expect("append");
+            let seqs = store.append("a", &msgs).await.expect("append");
             store.close().await.expect("close");
             seqs
         };

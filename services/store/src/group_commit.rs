@@ -104,14 +104,14 @@ impl GroupCommit {
     pub(crate) async fn append(
         &self,
         app_id: &str,
-        messages: Vec<InboxMessage>,
+        messages: &[InboxMessage],
     ) -> Result<Vec<u64>, StoreError> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
         // Encoded here, on the caller's thread: the writer is one thread
         // for the whole store, the callers are many.
-        let messages = messages.into_iter().map(Prepared::new).collect();
+        let messages = messages.iter().map(Prepared::new).collect();
         let (reply, rx) = oneshot::channel();
         self.submit(WriteOp::Append {
             app_id: app_id.to_owned(),

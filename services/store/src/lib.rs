@@ -71,11 +71,8 @@ pub trait Store: Send + Sync + 'static {
     /// sequence list, in input order). Durable when it returns: a crash after
     /// this point does not lose the messages. Sequence numbers are never
     /// reused, also after the inbox was emptied.
-    async fn append(
-        &self,
-        app_id: &str,
-        messages: Vec<InboxMessage>,
-    ) -> Result<Vec<u64>, StoreError>;
+    async fn append(&self, app_id: &str, messages: &[InboxMessage])
+    -> Result<Vec<u64>, StoreError>;
 
     /// Up to `limit` messages with `seq > after_seq`, oldest first, and how
     /// many more are stored after them.
@@ -136,10 +133,20 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    pub(crate) fn new(mut msg: InboxMessage) -> Self {
-        msg.seq = 0;
-        let value = msg.encode_to_vec();
-        Prepared { to: msg.to, value }
+    pub(crate) fn new(msg: &InboxMessage) -> Self {
+        let mut value = msg.encode_to_vec();
+        if msg.seq != 0 {
+            // The seq lives in the key only.
+            value = InboxMessage {
+                seq: 0,
+                ..msg.clone()
+            }
+            .encode_to_vec();
+        }
+        Prepared {
+            to: msg.to.clone(),
+            value,
+        }
     }
 }
 

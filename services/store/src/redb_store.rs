@@ -166,7 +166,7 @@ impl Engine for RedbEngine {
                                             &mut inbox,
                                             &mut last_seq,
                                             &key.app_id,
-                                            &Prepared::new(next.clone()),
+                                            &Prepared::new(&next),
                                         )?;
                                         removal.appended.push(next);
                                     }
@@ -205,7 +205,7 @@ impl Store for RedbStore {
     async fn append(
         &self,
         app_id: &str,
-        messages: Vec<InboxMessage>,
+        messages: &[InboxMessage],
     ) -> Result<Vec<u64>, StoreError> {
         self.writer.append(app_id, messages).await
     }
@@ -283,10 +283,10 @@ mod tests {
         let inbox = InboxKey::new("a", "a-1");
         {
             let store = open(dir.path()).await;
-            let msgs = (0..10)
+            let msgs: Vec<_> = (0..10)
                 .map(|i| crate::contract::message("a-1", &format!("m{i}")))
                 .collect();
-            store.append("a", msgs).await.expect("append");
+            store.append("a", &msgs).await.expect("append");
             store.close().await.expect("close");
         }
         let store = open(dir.path()).await;
@@ -294,7 +294,7 @@ mod tests {
         assert_eq!(page.messages.len(), 10);
         // Sequence numbers continue after a restart.
         let seqs = store
-            .append("a", vec![crate::contract::message("a-1", "next")])
+            .append("a", &[crate::contract::message("a-1", "next")])
             .await
             .expect("append");
         assert_eq!(seqs, vec![11]);
@@ -307,7 +307,7 @@ mod tests {
         let store = open(dir.path()).await;
         store.close().await.expect("close");
         let err = store
-            .append("a", vec![crate::contract::message("a-1", "x")])
+            .append("a", &[crate::contract::message("a-1", "x")])
             .await;
         assert!(matches!(err, Err(StoreError::Closed)));
     }
