@@ -35,7 +35,6 @@ pub struct DeliveryRole {
     presence: Arc<dyn Presence>,
     gateways: Arc<dyn GatewayDirectory>,
     auth: AuthClient,
-    recent: std::sync::Mutex<RecentDeliveries>,
 }
 
 /// Deliveries recently done, by (app, message id, recipient), with the seq
@@ -174,7 +173,6 @@ impl DeliveryRole {
             presence,
             gateways,
             auth,
-            recent: std::sync::Mutex::new(RecentDeliveries::new()),
         }
     }
 
@@ -331,53 +329,9 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         )
     )]
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
-        let keys: Vec<Option<DeliveryKey>> = req.envelopes.iter().map(delivery_key).collect();
-        let known: Vec<Option<u64>> = {
-            let recent = self
-                .recent
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            keys.iter()
-                .map(|k| k.as_ref().and_then(|k| recent.get(k)))
-                .collect()
-        };
-        let repeated = known.iter().filter(|k| k.is_some()).count();
-        if repeated > 0 {
-            metrics::counter!("switchboard_deliveries_repeated_total").increment(repeated as u64);
-            tracing::debug!(repeated, "repeated deliveries answered from memory");
-        }
-        // Only what was not delivered yet; copies for the sender only when
-        // none of the message was (they went out with the first call).
-        let mut fresh = Vec::with_capacity(req.envelopes.len() - repeated);
-        let mut positions = Vec::with_capacity(fresh.capacity());
-        for (i, envelope) in req.envelopes.into_iter().enumerate() {
-            if known[i].is_none() {
-                fresh.push(envelope);
-                positions.push(i);
-            }
-        }
-        let mut seqs: Vec<u64> = known.iter().map(|k| k.unwrap_or(0)).collect();
-        if fresh.is_empty() && repeated > 0 {
-            return Ok(pb::DeliverReply { seqs });
-        }
-        let (sent_copies, copy_to_sender) = if repeated == 0 {
-            (req.sent_copies, req.copy_to_sender)
-        } else {
-            (Vec::new(), false)
-        };
-        let fresh_seqs = self
-            .deliver_envelopes(fresh, sent_copies, copy_to_sender)
+        let seqs = self
+            .deliver_envelopes(req.envelopes, req.sent_copies, req.copy_to_sender)
             .await?;
-        let mut recent = self
-            .recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (&i, seq) in positions.iter().zip(fresh_seqs) {
-            seqs[i] = seq;
-            if let Some(key) = keys[i] {
-                recent.insert(key, seq);
-            }
-        }
         Ok(pb::DeliverReply { seqs })
     }
 
@@ -471,6 +425,102 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         self.deliver_envelopes(vec![envelope], Vec::new(), false)
             .await?;
         Ok(pb::PresenceChangeReply {})
+    }
+}
+
+/// The delivery role as other processes reach it over the mesh: a Deliver
+/// call repeated after a caller's failover (the first one did the work, its
+/// answer was lost) is answered from memory of recent deliveries instead of
+/// storing and pushing the message again. Calls inside one process cannot be
+/// repeated that way and skip this memory.
+pub struct MeshDelivery {
+    inner: Arc<dyn switchboard_mesh::Delivery>,
+    recent: std::sync::Mutex<RecentDeliveries>,
+}
+
+impl MeshDelivery {
+    pub fn new(inner: Arc<dyn switchboard_mesh::Delivery>) -> Self {
+        MeshDelivery {
+            inner,
+            recent: std::sync::Mutex::new(RecentDeliveries::new()),
+        }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentDeliveries> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl switchboard_mesh::Delivery for MeshDelivery {
+    async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
+        let keys: Vec<Option<DeliveryKey>> = req.envelopes.iter().map(delivery_key).collect();
+        let known: Vec<Option<u64>> = {
+            let recent = self.recent();
+            keys.iter()
+                .map(|k| k.as_ref().and_then(|k| recent.get(k)))
+                .collect()
+        };
+        let repeated = known.iter().filter(|k| k.is_some()).count();
+        if repeated > 0 {
+            metrics::counter!("switchboard_deliveries_repeated_total").increment(repeated as u64);
+            tracing::debug!(repeated, "repeated deliveries answered from memory");
+        }
+        // Only what was not delivered yet; copies for the sender only when
+        // none of the message was (they went out with the first call).
+        let mut fresh = Vec::with_capacity(req.envelopes.len() - repeated);
+        let mut positions = Vec::with_capacity(fresh.capacity());
+        for (i, envelope) in req.envelopes.into_iter().enumerate() {
+            if known[i].is_none() {
+                fresh.push(envelope);
+                positions.push(i);
+            }
+        }
+        let mut seqs: Vec<u64> = known.iter().map(|k| k.unwrap_or(0)).collect();
+        if fresh.is_empty() && repeated > 0 {
+            return Ok(pb::DeliverReply { seqs });
+        }
+        let (sent_copies, copy_to_sender) = if repeated == 0 {
+            (req.sent_copies, req.copy_to_sender)
+        } else {
+            (Vec::new(), false)
+        };
+        let reply = self
+            .inner
+            .deliver(pb::DeliverRequest {
+                envelopes: fresh,
+                sent_copies,
+                copy_to_sender,
+            })
+            .await?;
+        let mut recent = self.recent();
+        for (&i, seq) in positions.iter().zip(reply.seqs) {
+            seqs[i] = seq;
+            if let Some(key) = keys[i] {
+                recent.insert(key, seq);
+            }
+        }
+        Ok(pb::DeliverReply { seqs })
+    }
+
+    async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
+        self.inner.fetch(req).await
+    }
+
+    async fn delivered(
+        &self,
+        req: pb::DeliveredRequest,
+    ) -> Result<pb::DeliveredReply, ServiceError> {
+        self.inner.delivered(req).await
+    }
+
+    async fn presence_changed(
+        &self,
+        req: pb::PresenceChangeRequest,
+    ) -> Result<pb::PresenceChangeReply, ServiceError> {
+        self.inner.presence_changed(req).await
     }
 }
 

@@ -334,7 +334,7 @@ impl Connection {
     }
 
     fn send_text(&self, kind: &'static str, text: String) -> bool {
-        metrics::counter!("switchboard_frames_out_total", "type" => kind).increment(1);
+        self.gw.registry.counters.frame_out(kind).increment(1);
         self.handle.send(Outbound {
             text: Utf8Bytes::from(text),
             stored: None,
@@ -433,7 +433,10 @@ impl Connection {
             Ok(f) => f,
             Err(e) => return self.refuse(e),
         };
-        metrics::counter!("switchboard_frames_in_total", "type" => frames::known_type(&frame.kind))
+        self.gw
+            .registry
+            .counters
+            .frame_in(frames::known_type(&frame.kind))
             .increment(1);
         let result = if self.identity.get().is_none() {
             if frame.kind == "AUTH_CLIENT" {
@@ -654,7 +657,10 @@ impl Connection {
             _ => "direct",
         };
         let feature = if reliable { "reliable" } else { "fast" };
-        metrics::counter!("switchboard_messages_total", "kind" => kind, "feature" => feature)
+        self.gw
+            .registry
+            .counters
+            .message(kind == "group", reliable)
             .increment(1);
         let span = tracing::info_span!(
             "gateway.receive",

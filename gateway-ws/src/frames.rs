@@ -118,15 +118,21 @@ pub fn push_type(msg: &pb::InboxMessage) -> &'static str {
 /// A frame type as a metrics label: the known ones, or `unknown` (the type
 /// is client input; labels must stay a small set).
 pub fn known_type(kind: &str) -> &'static str {
-    match kind {
-        "AUTH_CLIENT" => "AUTH_CLIENT",
-        "MESSAGE" => "MESSAGE",
-        "GROUP_MESSAGE" => "GROUP_MESSAGE",
-        "FETCH_MISSING_MESSAGES_REQUEST" => "FETCH_MISSING_MESSAGES_REQUEST",
-        "ACK" => "ACK",
-        _ => "unknown",
-    }
+    KNOWN_TYPES
+        .iter()
+        .find(|&&t| t == kind)
+        .copied()
+        .unwrap_or("unknown")
 }
+
+/// The client frame types this server handles.
+pub const KNOWN_TYPES: [&str; 5] = [
+    "MESSAGE",
+    "AUTH_CLIENT",
+    "GROUP_MESSAGE",
+    "FETCH_MISSING_MESSAGES_REQUEST",
+    "ACK",
+];
 
 impl ClientFrame {
     fn err(&self, code: ErrorCode, message: impl Into<String>) -> FrameError {

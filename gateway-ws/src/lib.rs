@@ -2,6 +2,7 @@
 //! WebSocket, holds the live connections and writes pushed messages to them.
 
 mod connection;
+mod counters;
 pub mod frames;
 mod ratelimit;
 mod registry;

@@ -107,6 +107,7 @@ pub struct Registry {
     shards: Vec<Shard>,
     hasher: std::collections::hash_map::RandomState,
     count: std::sync::atomic::AtomicUsize,
+    pub(crate) counters: crate::counters::Counters,
 }
 
 impl Default for Registry {
@@ -115,6 +116,7 @@ impl Default for Registry {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             count: std::sync::atomic::AtomicUsize::new(0),
+            counters: crate::counters::Counters::new(),
         }
     }
 }
@@ -218,8 +220,7 @@ impl Registry {
                 queued += 1;
             }
         }
-        metrics::counter!("switchboard_frames_out_total", "type" => kind)
-            .increment(u64::from(queued));
+        self.counters.frame_out(kind).increment(u64::from(queued));
         queued
     }
 }

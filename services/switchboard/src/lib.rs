@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use switchboard_auth::AuthRole;
 use switchboard_config::{Config, Role, StoreEngine};
-use switchboard_delivery::DeliveryRole;
+use switchboard_delivery::{DeliveryRole, MeshDelivery};
 use switchboard_discovery::{Discovery, DiscoveryOptions, Member};
 use switchboard_gateway::{Check, GatewayDeps, GatewayRole, Readiness};
 use switchboard_groups::GroupsRole;
@@ -237,11 +237,12 @@ pub async fn serve(
                 .runs(Role::Groups)
                 .then(|| GroupsService::new(arc_of(&groups)).into_server()),
         )
-        .add_optional_service(
-            store
-                .is_some()
-                .then(|| DeliveryService::new(arc_of(&delivery)).into_server()),
-        );
+        .add_optional_service(store.is_some().then(|| {
+            // Over the mesh a Deliver can come twice (a caller's
+            // failover); local calls cannot, and skip that memory.
+            let mesh_delivery = MeshDelivery::new(arc_of(&delivery));
+            DeliveryService::new(Arc::new(mesh_delivery)).into_server()
+        }));
     if let Some(g) = &gateway {
         mesh =
             mesh.add_service(GatewayService::new(Arc::new(g.clone()), stop.clone()).into_server());
