@@ -53,6 +53,9 @@ protocol_tests! {
     master_user_sees_one_connect_and_one_disconnect_per_user;
     content_round_trips_byte_exactly;
     fetched_messages_have_distinct_ids;
+    pipelined_messages_keep_their_order_and_each_gets_its_answer => |c: &mut Config| {
+        c.limits.messages_per_second = 10_000;
+    };
     bad_input_gets_clear_errors_while_others_keep_talking => |c: &mut Config| {
         c.apps = vec![AppConfig::demo(), jwt_app()];
         c.limits.max_frame_bytes = 4096;
@@ -285,6 +288,70 @@ async fn ad_hoc_group_message_reaches_every_listed_user(node: Deployment) {
     assert_eq!(frames[0]["data"]["content"], "hi all");
     // No confirmation for group messages.
     ann.expect_silence(QUIET).await;
+    node.shutdown().await;
+}
+
+async fn pipelined_messages_keep_their_order_and_each_gets_its_answer(node: Deployment) {
+    // Frames that reach the server together are routed together; each one
+    // still gets its own answer, in order, and a bad one among them is
+    // refused alone.
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let frames: Vec<Value> = (0..200)
+        .map(|i| match i {
+            50 => {
+                json!({"type":"MESSAGE","data":{"to":"other-x","content":"no"},"reference":"bad"})
+            }
+            120 => json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"m120"},
+                          "feature":"FAST","reference":"r120"}),
+            _ => json!({"type":"MESSAGE","data":{"to":"demo-bob","content":format!("m{i}")},
+                        "feature":"RELIABLE","reference":format!("r{i}")}),
+        })
+        .collect();
+    ann.send_burst(&frames).await;
+
+    // The sender: MESSAGE_ACCEPTED for each RELIABLE one in order, the
+    // refusal in its place.
+    let mut answers = Vec::new();
+    while answers.len() < 199 {
+        let f = ann.recv().await;
+        match f["type"].as_str() {
+            Some("MESSAGE_ACCEPTED" | "ERROR") => {
+                answers.push(f["reference"].as_str().unwrap_or_default().to_owned())
+            }
+            Some("MESSAGE_CONFIRMATION") => {}
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    let expected: Vec<String> = (0..200)
+        .filter(|&i| i != 120)
+        .map(|i| {
+            if i == 50 {
+                "bad".to_owned()
+            } else {
+                format!("r{i}")
+            }
+        })
+        .collect();
+    assert_eq!(answers, expected);
+
+    // The recipient: every accepted message once, in the order sent.
+    let mut got = Vec::new();
+    let mut last_seq = 0;
+    while got.len() < 199 {
+        let m = bob.recv_type("MESSAGE").await;
+        if let Some(seq) = m["data"]["seq"].as_u64() {
+            assert!(seq > last_seq, "seqs rise in the order sent: {m}");
+            last_seq = seq;
+        }
+        got.push(m["data"]["content"].as_str().expect("content").to_owned());
+    }
+    let sent: Vec<String> = (0..200)
+        .filter(|&i| i != 50)
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(got, sent);
+    bob.expect_silence(QUIET).await;
     node.shutdown().await;
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use switchboard_mesh::{ErrorCode, ServiceError, pb};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -28,6 +28,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// A pause without refused frames this long forgives earlier refusals.
 const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
+/// Frames read at once when they are already there (routed together).
+const READ_BATCH: usize = 64;
 /// Frames written per flush.
 const WRITE_BATCH: usize = 64;
 /// How long a closing connection may take to flush what is queued.
@@ -349,6 +351,8 @@ impl Connection {
         let limits = self.gw.limits.clone();
         let auth_deadline = Instant::now() + Duration::from_secs(limits.auth_timeout_secs);
         let idle = Duration::from_secs(limits.idle_timeout_secs.max(1));
+        // What the stream gave after a batch of text frames, handled next.
+        let mut held: Option<Box<Option<Result<Message, WsError>>>> = None;
         loop {
             let authenticated = self.identity.get().is_some();
             let wait = if authenticated {
@@ -356,9 +360,12 @@ impl Connection {
             } else {
                 auth_deadline.saturating_duration_since(Instant::now())
             };
-            let next = tokio::select! {
-                _ = self.shared().cancel.cancelled() => return,
-                next = timeout(wait, stream.next()) => next,
+            let next = match held.take() {
+                Some(item) => Ok(*item),
+                None => tokio::select! {
+                    _ = self.shared().cancel.cancelled() => return,
+                    next = timeout(wait, stream.next()) => next,
+                },
             };
             let msg = match next {
                 Err(_) if authenticated => return self.close(1001, "idle timeout"),
@@ -377,6 +384,27 @@ impl Connection {
                 // Boxed: the handlers' state lives only while a frame is
                 // handled, instead of enlarging every idle connection's
                 // long-lived future (a small allocation per frame).
+                Message::Text(text) if authenticated => {
+                    // Frames that already arrived behind this one are
+                    // handled together: consecutive direct messages are
+                    // routed as one unit (one store write when RELIABLE).
+                    let mut texts = vec![text];
+                    while texts.len() < READ_BATCH {
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(Message::Text(t)))) => texts.push(t),
+                            Some(other) => {
+                                held = Some(Box::new(other));
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    if texts.len() == 1 {
+                        Box::pin(self.on_text(texts[0].as_str())).await
+                    } else {
+                        Box::pin(self.on_texts(texts)).await
+                    }
+                }
                 Message::Text(text) => Box::pin(self.on_text(text.as_str())).await,
                 Message::Binary(_) => self.refuse(FrameError::new(
                     ErrorCode::InvalidFrame,
@@ -418,9 +446,10 @@ impl Connection {
         Flow::Continue
     }
 
-    async fn on_text(&mut self, text: &str) -> Flow {
+    /// A text frame read as a client frame (counted), or why not.
+    fn parse_text(&self, text: &str) -> Result<ClientFrame, FrameError> {
         if text.len() > self.gw.limits.max_frame_bytes {
-            return self.refuse(FrameError::new(
+            return Err(FrameError::new(
                 ErrorCode::PayloadTooLarge,
                 format!(
                     "frame of {} bytes exceeds the limit of {}",
@@ -429,15 +458,144 @@ impl Connection {
                 ),
             ));
         }
-        let frame = match frames::parse(text) {
-            Ok(f) => f,
-            Err(e) => return self.refuse(e),
-        };
+        let frame = frames::parse(text)?;
         self.gw
             .registry
             .counters
             .frame_in(frames::known_type(&frame.kind))
             .increment(1);
+        Ok(frame)
+    }
+
+    async fn on_text(&mut self, text: &str) -> Flow {
+        match self.parse_text(text) {
+            Ok(frame) => self.on_frame(frame).await,
+            Err(e) => self.refuse(e),
+        }
+    }
+
+    /// Frames that arrived together, in order. Runs of valid direct messages
+    /// go to the router as one batch; anything else is handled on its own,
+    /// after the messages before it were routed.
+    async fn on_texts(&mut self, texts: Vec<Utf8Bytes>) -> Flow {
+        let mut batch: Vec<(pb::Envelope, ClientFrame)> = Vec::new();
+        for text in &texts {
+            let step = match self.parse_text(text.as_str()) {
+                Ok(frame) => self.direct_message(frame),
+                Err(e) => Err(e),
+            };
+            let flow = match step {
+                Ok(Ok(item)) => {
+                    batch.push(item);
+                    continue;
+                }
+                Ok(Err(frame)) => match self.route_all(std::mem::take(&mut batch)).await {
+                    Flow::Continue => self.on_frame(frame).await,
+                    Flow::Stop => Flow::Stop,
+                },
+                Err(e) => match self.route_all(std::mem::take(&mut batch)).await {
+                    Flow::Continue => self.refuse(e),
+                    Flow::Stop => Flow::Stop,
+                },
+            };
+            if let Flow::Stop = flow {
+                return Flow::Stop;
+            }
+        }
+        self.route_all(batch).await
+    }
+
+    /// A direct MESSAGE frame made into its envelope (`Ok(Ok)`), a refusal
+    /// (`Err`), or any other frame handed back (`Ok(Err)`).
+    #[allow(clippy::type_complexity)]
+    fn direct_message(
+        &mut self,
+        mut frame: ClientFrame,
+    ) -> Result<Result<(pb::Envelope, ClientFrame), ClientFrame>, FrameError> {
+        if frame.kind != "MESSAGE" || self.identity.get().is_none() {
+            return Ok(Err(frame));
+        }
+        self.check_rate(&frame)?;
+        let envelope = self.direct_envelope(&mut frame)?;
+        Ok(Ok((envelope, frame)))
+    }
+
+    /// Routes direct messages that arrived together: one router call for the
+    /// lot; each frame gets its own answer.
+    async fn route_all(&mut self, mut batch: Vec<(pb::Envelope, ClientFrame)>) -> Flow {
+        if batch.len() <= 1 {
+            let Some((envelope, frame)) = batch.pop() else {
+                return Flow::Continue;
+            };
+            return match self.route(envelope, &frame).await {
+                Ok(flow) => flow,
+                Err(e) => self.refuse(e),
+            };
+        }
+        let reliable = batch
+            .iter()
+            .filter(|(e, _)| e.feature() == pb::Feature::Reliable)
+            .count();
+        let counters = &self.gw.registry.counters;
+        counters.message(false, true).increment(reliable as u64);
+        counters
+            .message(false, false)
+            .increment((batch.len() - reliable) as u64);
+        let span = tracing::info_span!(
+            "gateway.receive",
+            message.id = %batch[0].0.id,
+            message.kind = "direct",
+            count = batch.len(),
+            app = %batch[0].0.app_id,
+            domain = switchboard_mesh::LOCAL_DOMAIN,
+            error = tracing::field::Empty,
+        );
+        if let Some(traceparent) = &batch[0].1.traceparent {
+            switchboard_telemetry::continue_traceparent(&span, traceparent);
+        }
+        let mut envelopes = Vec::with_capacity(batch.len());
+        let mut answers = Vec::with_capacity(batch.len());
+        for (envelope, frame) in batch {
+            let reliable = envelope.feature() == pb::Feature::Reliable;
+            answers.push((envelope.id.clone(), reliable, frame));
+            envelopes.push(envelope);
+        }
+        let routed = tracing::Instrument::instrument(
+            call(
+                self.gw
+                    .deps
+                    .router
+                    .route_batch(pb::RouteBatchRequest { envelopes }),
+            ),
+            span.clone(),
+        )
+        .await;
+        match routed {
+            Ok(_) => {
+                let acks = self.identity.get().is_some_and(|i| i.acks);
+                for (id, reliable, frame) in answers {
+                    if reliable && acks {
+                        self.send_text(
+                            "MESSAGE_ACCEPTED",
+                            frames::accepted(frame.reference.as_deref(), &id),
+                        );
+                    }
+                }
+                Flow::Continue
+            }
+            Err(e) => {
+                span.record("error", tracing::field::display(&e));
+                for (_, _, frame) in answers {
+                    if let Flow::Stop = self.refuse(service_error(e.clone(), &frame)) {
+                        return Flow::Stop;
+                    }
+                }
+                Flow::Continue
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: ClientFrame) -> Flow {
         let result = if self.identity.get().is_none() {
             if frame.kind == "AUTH_CLIENT" {
                 self.on_auth(frame).await
@@ -456,7 +614,7 @@ impl Connection {
         }
     }
 
-    async fn on_authenticated(&mut self, frame: ClientFrame) -> Result<Flow, FrameError> {
+    fn check_rate(&mut self, frame: &ClientFrame) -> Result<(), FrameError> {
         if frame.kind != "ACK" && !self.limiter.allow() {
             return Err(FrameError::new(
                 ErrorCode::RateLimited,
@@ -465,8 +623,13 @@ impl Connection {
                     self.gw.limits.messages_per_second
                 ),
             )
-            .with_reference(frame.reference));
+            .with_reference(frame.reference.clone()));
         }
+        Ok(())
+    }
+
+    async fn on_authenticated(&mut self, frame: ClientFrame) -> Result<Flow, FrameError> {
+        self.check_rate(&frame)?;
         match frame.kind.as_str() {
             "MESSAGE" => self.on_message(frame).await,
             "GROUP_MESSAGE" => self.on_group_message(frame).await,
@@ -695,17 +858,23 @@ impl Connection {
     }
 
     async fn on_message(&mut self, mut frame: ClientFrame) -> Result<Flow, FrameError> {
+        let envelope = self.direct_envelope(&mut frame)?;
+        self.route(envelope, &frame).await
+    }
+
+    /// The envelope of a valid direct MESSAGE frame.
+    fn direct_envelope(&self, frame: &mut ClientFrame) -> Result<pb::Envelope, FrameError> {
         let to = frame.take_string("to")?;
         let content = frame.take_string("content")?;
         let feature = frame.feature()?;
         let id = self.identity()?;
-        self.check_recipient(id, &to, &frame)?;
-        self.check_content(&content, &frame)?;
-        let mut envelope = self.envelope(id, &frame, feature);
+        self.check_recipient(id, &to, frame)?;
+        self.check_content(&content, frame)?;
+        let mut envelope = self.envelope(id, frame, feature);
         envelope.to = vec![to];
         envelope.content = content;
         envelope.kind = pb::MessageKind::Direct.into();
-        self.route(envelope, &frame).await
+        Ok(envelope)
     }
 
     async fn on_group_message(&mut self, mut frame: ClientFrame) -> Result<Flow, FrameError> {

@@ -54,7 +54,9 @@ pub enum GatewayError {
 
 /// Reports of RELIABLE messages written to a socket, batched to delivery.
 const DELIVERED_QUEUE: usize = 65_536;
-const DELIVERED_BATCH: usize = 1024;
+/// Reports sent in one Delivered call: a store behind under load must not
+/// make the reports, and through them the socket writers, wait.
+const DELIVERED_BATCH: usize = 16_384;
 
 pub(crate) struct GatewayInner {
     pub id: String,

@@ -72,6 +72,46 @@ impl switchboard_mesh::Router for RouterRole {
         Ok(pb::RouteReply { recipients })
     }
 
+    #[tracing::instrument(
+        name = "router.route",
+        skip_all,
+        fields(
+            count = req.envelopes.len(),
+            message.id = req.envelopes.first().map(|e| e.id.as_str()).unwrap_or_default(),
+            domain = %self.domain,
+        )
+    )]
+    async fn route_batch(
+        &self,
+        req: pb::RouteBatchRequest,
+    ) -> Result<pb::RouteReply, ServiceError> {
+        let envelopes = req.envelopes;
+        if let Some(bad) = envelopes
+            .iter()
+            .find(|e| e.kind() != pb::MessageKind::Direct || e.to.len() != 1)
+        {
+            return Err(ServiceError::invalid(format!(
+                "a batch holds direct messages with one recipient each; {} is not one",
+                bad.id
+            )));
+        }
+        let Some(first) = envelopes.first() else {
+            return Ok(pb::RouteReply { recipients: 0 });
+        };
+        let copy_to_sender = first.origin.is_some();
+        let recipients = u32::try_from(envelopes.len()).unwrap_or(u32::MAX);
+        // One delivery call: RELIABLE ones share one store write, and
+        // they keep the order they were sent in.
+        self.delivery
+            .deliver(pb::DeliverRequest {
+                envelopes,
+                sent_copies: Vec::new(),
+                copy_to_sender,
+            })
+            .await?;
+        Ok(pb::RouteReply { recipients })
+    }
+
     #[tracing::instrument(name = "federation.receive", skip_all)]
     async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError> {
         let mut envelope = req

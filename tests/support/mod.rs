@@ -340,6 +340,18 @@ impl Client {
             .expect("send frame");
     }
 
+    /// Sends frames back to back and flushes once: they reach the server
+    /// together, as from a client that pipelines.
+    pub async fn send_burst(&mut self, frames: &[Value]) {
+        for frame in frames {
+            self.ws
+                .feed(Message::Text(frame.to_string().into()))
+                .await
+                .expect("send frame");
+        }
+        self.ws.flush().await.expect("flush frames");
+    }
+
     pub async fn message(&mut self, to: &str, content: &str, feature: &str, reference: &str) {
         self.send(json!({
             "type": "MESSAGE",

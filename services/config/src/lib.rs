@@ -300,7 +300,7 @@ pub struct StoreConfig {
     /// `fjall` (default) or `redb`. A data dir holds the files of the engine
     /// it was written with; switching engines starts from empty inboxes.
     pub engine: StoreEngine,
-    /// Most writes committed (and fsync'd) together.
+    /// Most messages (appended or removed) committed, and fsync'd, together.
     pub max_batch: usize,
     /// Page cache, MiB.
     pub cache_mib: usize,

@@ -130,6 +130,13 @@ impl pb::router_server::Router for RouterService {
     ) -> Result<Response<pb::RouteReply>, Status> {
         unary!(self.route(req), "Router/Route")
     }
+
+    async fn route_batch(
+        &self,
+        req: Request<pb::RouteBatchRequest>,
+    ) -> Result<Response<pb::RouteReply>, Status> {
+        unary!(self.route_batch(req), "Router/RouteBatch")
+    }
 }
 
 #[tonic::async_trait]

@@ -122,6 +122,12 @@ impl Router for RemoteRouter {
     async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError> {
         pooled!(self, RouterGrpc::route(req))
     }
+    async fn route_batch(
+        &self,
+        req: pb::RouteBatchRequest,
+    ) -> Result<pb::RouteReply, ServiceError> {
+        pooled!(self, RouterGrpc::route_batch(req))
+    }
     async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError> {
         // Inbound federation is its own service on the same mesh port.
         pooled!(self, FederationGrpc::forward(req))

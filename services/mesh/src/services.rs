@@ -19,6 +19,9 @@ pub trait Auth: Send + Sync + 'static {
 #[async_trait]
 pub trait Router: Send + Sync + 'static {
     async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError>;
+    /// Direct messages of one sender connection, in order, as one unit.
+    async fn route_batch(&self, req: pb::RouteBatchRequest)
+    -> Result<pb::RouteReply, ServiceError>;
     /// Inbound from another domain.
     async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError>;
 }

@@ -24,6 +24,16 @@ pub(crate) enum WriteOp {
     },
 }
 
+impl WriteOp {
+    /// Messages written by the operation.
+    fn weight(&self) -> usize {
+        match self {
+            WriteOp::Append { messages, .. } => messages.len(),
+            WriteOp::Remove { removals, .. } => removals.iter().map(|(_, s)| s.len()).sum(),
+        }
+    }
+}
+
 /// What one operation of a batch did.
 pub(crate) enum Outcome {
     Appended(Vec<u64>),
@@ -66,17 +76,23 @@ impl GroupCommit {
         max_batch: usize,
         queue_capacity: usize,
     ) -> Result<Self, StoreError> {
-        let (tx, mut rx) = mpsc::channel(queue_capacity.max(1));
+        let (tx, mut rx) = mpsc::channel::<WriteOp>(queue_capacity.max(1));
         let max_batch = max_batch.max(1);
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                let mut batch = Vec::with_capacity(max_batch);
+                let mut batch = Vec::new();
                 while let Some(op) = rx.blocking_recv() {
+                    // Bounded by messages, not operations: an operation can
+                    // carry many (a pipelined connection's batch, a report).
+                    let mut weight = op.weight();
                     batch.push(op);
-                    while batch.len() < max_batch {
+                    while weight < max_batch {
                         match rx.try_recv() {
-                            Ok(op) => batch.push(op),
+                            Ok(op) => {
+                                weight += op.weight();
+                                batch.push(op);
+                            }
                             Err(_) => break,
                         }
                     }
