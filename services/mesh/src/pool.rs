@@ -248,14 +248,19 @@ impl Pool {
 }
 
 /// A status that no instance produced as an answer: the call never reached
-/// a role implementation (connection refused or reset, instance gone).
+/// a role implementation, or its connection broke (refused, reset, an HTTP/2
+/// protocol error from an instance killed mid-call: `INTERNAL` without our
+/// code). Role answers always carry their code in the metadata.
 fn is_transport_failure(status: &tonic::Status) -> bool {
     if status.metadata().contains_key(CODE_KEY) {
         return false;
     }
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Internal
     )
 }
 
@@ -318,6 +323,22 @@ mod tests {
             ("b".into(), "not a uri".into()),
         ]));
         assert_eq!(pool.ids(), vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn broken_connections_are_transport_failures_and_answers_are_not() {
+        assert!(is_transport_failure(&tonic::Status::internal(
+            "h2 protocol error: http2 error"
+        )));
+        assert!(is_transport_failure(&tonic::Status::unavailable(
+            "connection refused"
+        )));
+        let answer: tonic::Status =
+            ServiceError::new(crate::ErrorCode::Internal, "a role failed").into();
+        assert!(!is_transport_failure(&answer), "a role's answer is final");
+        assert!(!is_transport_failure(&tonic::Status::invalid_argument(
+            "bad"
+        )));
     }
 
     #[tokio::test]
