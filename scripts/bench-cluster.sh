@@ -69,10 +69,10 @@ run() { # label, bench args...
 common=(-n 200 --warmup 2s --duration 5s)
 
 start_single
-run "all-in-one FAST" --url "ws://127.0.0.1:$port/ws" "${common[@]}" --feature fast --rate-steps 25,50,100,200,300,400
+run "all-in-one FAST" --url "ws://127.0.0.1:$port/ws" "${common[@]}" --feature fast --rate-steps 25,50,100,200,400,600
 start_cluster
-run "cluster FAST" --url "$GW1_URL" --url "$GW2_URL" "${common[@]}" --feature fast --rate-steps 10,25,30,40,50
+run "cluster FAST" --url "$GW1_URL" --url "$GW2_URL" "${common[@]}" --feature fast --rate-steps 10,25,50,75,100
 start_single
-run "all-in-one RELIABLE" --url "ws://127.0.0.1:$port/ws" "${common[@]}" --feature reliable --rate-steps 10,25,50,75,100
+run "all-in-one RELIABLE" --url "ws://127.0.0.1:$port/ws" "${common[@]}" --feature reliable --rate-steps 25,50,100,150,200,250
 start_cluster
-run "cluster RELIABLE" --url "$GW1_URL" --url "$GW2_URL" "${common[@]}" --feature reliable --rate-steps 10,25,30,40,50
+run "cluster RELIABLE" --url "$GW1_URL" --url "$GW2_URL" "${common[@]}" --feature reliable --rate-steps 10,25,50,75,100
