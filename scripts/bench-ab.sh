@@ -6,6 +6,9 @@
 #   (cd /tmp/sb-before && CARGO_TARGET_DIR=/tmp/sb-before-target cargo build --release -p switchboard)
 #   cargo build --release -p switchboard
 #   scripts/bench-ab.sh /tmp/sb-before-target/release/switchboard target/release/switchboard
+#
+# Rate steps per connection: FAST_STEPS (default 300,400,500) and
+# RELIABLE_STEPS (default 50,75,100).
 set -euo pipefail
 before=${1:?usage: $0 BEFORE_BIN AFTER_BIN}
 after=${2:?usage: $0 BEFORE_BIN AFTER_BIN}
@@ -22,9 +25,11 @@ run_one() { # label server-binary bench-args...
     | grep '^step' | while IFS= read -r l; do echo "$label: $l"; done
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; rm -rf "$dir"
 }
+fast_steps=${FAST_STEPS:-300,400,500}
+reliable_steps=${RELIABLE_STEPS:-50,75,100}
 for _ in 1 2; do
-  run_one "before FAST" "$before" --feature fast --rate-steps 300,400,500
-  run_one "after FAST" "$after" --feature fast --rate-steps 300,400,500
-  run_one "before RELIABLE" "$before" --feature reliable --rate-steps 50,75,100
-  run_one "after RELIABLE" "$after" --feature reliable --rate-steps 50,75,100
+  run_one "before FAST" "$before" --feature fast --rate-steps "$fast_steps"
+  run_one "after FAST" "$after" --feature fast --rate-steps "$fast_steps"
+  run_one "before RELIABLE" "$before" --feature reliable --rate-steps "$reliable_steps"
+  run_one "after RELIABLE" "$after" --feature reliable --rate-steps "$reliable_steps"
 done

@@ -11,8 +11,10 @@ use switchboard_config::Config;
 
 /// mimalloc instead of the system allocator: messages are allocated on one
 /// thread and freed on another (a runtime worker and the store writer), where
-/// glibc's per-thread arenas spend much of the store writer's time
-/// (docs/benchmarks.md, "Allocator").
+/// glibc's per-thread arenas spend much of the store writer's time. Version 2
+/// without transparent huge pages (workspace features): version 3 and huge
+/// pages cost ~0.6–1.2 KB more RSS per idle connection (docs/benchmarks.md,
+/// "Allocator").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
