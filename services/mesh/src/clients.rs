@@ -126,7 +126,34 @@ impl Router for RemoteRouter {
         &self,
         req: pb::RouteBatchRequest,
     ) -> Result<pb::RouteReply, ServiceError> {
-        pooled!(self, RouterGrpc::route_batch(req))
+        self.0
+            .call(None, |channel| {
+                let req = req.clone();
+                let mut client = RouterGrpc::new(channel)
+                    .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
+                async move {
+                    match client.route_batch(req.clone()).await {
+                        // A router from before RouteBatch (a cluster being
+                        // upgraded): one Route per message, in order.
+                        Err(status) if status.code() == tonic::Code::Unimplemented => {
+                            let mut recipients = 0u32;
+                            for envelope in req.envelopes {
+                                let reply = client
+                                    .route(pb::RouteRequest {
+                                        envelope: Some(envelope),
+                                    })
+                                    .await?;
+                                recipients =
+                                    recipients.saturating_add(reply.into_inner().recipients);
+                            }
+                            Ok(tonic::Response::new(pb::RouteReply { recipients }))
+                        }
+                        other => other,
+                    }
+                }
+            })
+            .await
     }
     async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError> {
         // Inbound federation is its own service on the same mesh port.
@@ -375,5 +402,72 @@ mod tests {
         let again = tokio::time::Instant::now();
         assert!(table.gateway_when_known("gw-ghost").await.is_none());
         assert_eq!(again.elapsed(), Duration::ZERO);
+    }
+
+    /// A router from before `RouteBatch`: `Route` works, `RouteBatch` is
+    /// answered `UNIMPLEMENTED`.
+    #[derive(Default, Clone)]
+    struct OldRouter {
+        routed: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl pb::router_server::Router for OldRouter {
+        async fn route(
+            &self,
+            req: tonic::Request<pb::RouteRequest>,
+        ) -> Result<tonic::Response<pb::RouteReply>, tonic::Status> {
+            let id = req.into_inner().envelope.map(|e| e.id).unwrap_or_default();
+            self.routed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(id);
+            Ok(tonic::Response::new(pb::RouteReply { recipients: 1 }))
+        }
+
+        /// What the server of an older proto answers for a method it does
+        /// not know (gRPC status 12).
+        async fn route_batch(
+            &self,
+            _req: tonic::Request<pb::RouteBatchRequest>,
+        ) -> Result<tonic::Response<pb::RouteReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("Not implemented"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_to_a_router_without_route_batch_is_routed_one_by_one_in_order() {
+        let old = OldRouter::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::router_server::RouterServer::new(old.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect_lazy();
+        let router = RouterClient::from_channel(channel);
+        let envelopes = (0..5)
+            .map(|i| pb::Envelope {
+                id: format!("m{i}"),
+                ..Default::default()
+            })
+            .collect();
+        let reply = router
+            .route_batch(pb::RouteBatchRequest { envelopes })
+            .await
+            .expect("routed through Route");
+        assert_eq!(reply.recipients, 5);
+        let routed = old
+            .routed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        assert_eq!(routed, ["m0", "m1", "m2", "m3", "m4"]);
+        server.abort();
     }
 }
