@@ -213,40 +213,36 @@ impl DeliveryRole {
             }
         }
 
-        // Append RELIABLE messages: one store call per app (one in practice:
-        // a route call carries one message of one app).
+        // Append RELIABLE messages: one store call per run of one app (one
+        // in practice: a route call carries messages of one app).
         let mut seqs = vec![0u64; messages.len()];
-        let reliable: Vec<usize> = (0..messages.len())
-            .filter(|&i| messages[i].feature() == pb::Feature::Reliable)
-            .collect();
+        let reliable = |m: &pb::InboxMessage| m.feature() == pb::Feature::Reliable;
         let mut start = 0;
-        while start < reliable.len() {
-            let app = &apps[reliable[start]];
+        while start < messages.len() {
+            if !reliable(&messages[start]) {
+                start += 1;
+                continue;
+            }
+            // A run of RELIABLE messages of one app: one append, in order.
+            let app = &apps[start];
             let end = start
-                + reliable[start..]
+                + messages[start..]
                     .iter()
-                    .take_while(|&&i| apps[i] == *app)
+                    .zip(&apps[start..])
+                    .take_while(|(m, a)| reliable(m) && *a == app)
                     .count();
-            let group = &reliable[start..end];
-            let contiguous = group.windows(2).all(|w| w[1] == w[0] + 1);
-            let owned: Vec<pb::InboxMessage>;
-            let batch: &[pb::InboxMessage] = if contiguous {
-                &messages[group[0]..=group[group.len() - 1]]
-            } else {
-                owned = group.iter().map(|&i| messages[i].clone()).collect();
-                &owned
-            };
+            let run = &messages[start..end];
             let started = std::time::Instant::now();
             let assigned = tracing::Instrument::instrument(
-                self.store.append(app, batch),
-                tracing::info_span!("store.append", count = group.len()),
+                self.store.append(app, run),
+                tracing::info_span!("store.append", count = run.len()),
             )
             .await?;
             metrics::histogram!("switchboard_store_op_duration_seconds", "op" => "append")
                 .record(started.elapsed().as_secs_f64());
-            metrics::counter!("switchboard_inbox_appended_total").increment(group.len() as u64);
-            for (&i, seq) in group.iter().zip(assigned) {
-                seqs[i] = seq;
+            metrics::counter!("switchboard_inbox_appended_total").increment(run.len() as u64);
+            for (slot, seq) in seqs[start..end].iter_mut().zip(assigned) {
+                *slot = seq;
             }
             start = end;
         }

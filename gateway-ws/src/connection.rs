@@ -336,7 +336,7 @@ impl Connection {
     }
 
     fn send_text(&self, kind: &'static str, text: String) -> bool {
-        self.gw.registry.counters.frame_out(kind).increment(1);
+        self.gw.registry.counters.frames_out(kind, 1);
         self.handle.send(Outbound {
             text: Utf8Bytes::from(text),
             stored: None,
@@ -388,10 +388,10 @@ impl Connection {
                     // Frames that already arrived behind this one are
                     // handled together: consecutive direct messages are
                     // routed as one unit (one store write when RELIABLE).
-                    let mut texts = vec![text];
-                    while texts.len() < READ_BATCH {
+                    let mut more = Vec::new();
+                    while more.len() + 1 < READ_BATCH {
                         match stream.next().now_or_never() {
-                            Some(Some(Ok(Message::Text(t)))) => texts.push(t),
+                            Some(Some(Ok(Message::Text(t)))) => more.push(t),
                             Some(other) => {
                                 held = Some(Box::new(other));
                                 break;
@@ -399,10 +399,12 @@ impl Connection {
                             None => break,
                         }
                     }
-                    if texts.len() == 1 {
-                        Box::pin(self.on_text(texts[0].as_str())).await
+                    if more.is_empty() {
+                        // The usual case at low rates: nothing to gather.
+                        Box::pin(self.on_text(text.as_str())).await
                     } else {
-                        Box::pin(self.on_texts(texts)).await
+                        more.insert(0, text);
+                        Box::pin(self.on_texts(more)).await
                     }
                 }
                 Message::Text(text) => Box::pin(self.on_text(text.as_str())).await,
@@ -462,8 +464,7 @@ impl Connection {
         self.gw
             .registry
             .counters
-            .frame_in(frames::known_type(&frame.kind))
-            .increment(1);
+            .frames_in(frames::known_type(&frame.kind), 1);
         Ok(frame)
     }
 
@@ -481,22 +482,21 @@ impl Connection {
         let mut batch: Vec<(pb::Envelope, ClientFrame)> = Vec::new();
         for text in &texts {
             let step = match self.parse_text(text.as_str()) {
-                Ok(frame) => self.direct_message(frame),
-                Err(e) => Err(e),
+                Ok(frame) => self.step(frame),
+                Err(e) => Step::Refused(e),
             };
+            if let Step::Direct(envelope, frame) = step {
+                batch.push((envelope, frame));
+                continue;
+            }
+            // Anything else waits for the messages before it.
+            if let Flow::Stop = self.route_all(std::mem::take(&mut batch)).await {
+                return Flow::Stop;
+            }
             let flow = match step {
-                Ok(Ok(item)) => {
-                    batch.push(item);
-                    continue;
-                }
-                Ok(Err(frame)) => match self.route_all(std::mem::take(&mut batch)).await {
-                    Flow::Continue => self.on_frame(frame).await,
-                    Flow::Stop => Flow::Stop,
-                },
-                Err(e) => match self.route_all(std::mem::take(&mut batch)).await {
-                    Flow::Continue => self.refuse(e),
-                    Flow::Stop => Flow::Stop,
-                },
+                Step::Other(frame) => self.on_frame(frame).await,
+                Step::Refused(e) => self.refuse(e),
+                Step::Direct(..) => Flow::Continue,
             };
             if let Flow::Stop = flow {
                 return Flow::Stop;
@@ -505,19 +505,19 @@ impl Connection {
         self.route_all(batch).await
     }
 
-    /// A direct MESSAGE frame made into its envelope (`Ok(Ok)`), a refusal
-    /// (`Err`), or any other frame handed back (`Ok(Err)`).
-    #[allow(clippy::type_complexity)]
-    fn direct_message(
-        &mut self,
-        mut frame: ClientFrame,
-    ) -> Result<Result<(pb::Envelope, ClientFrame), ClientFrame>, FrameError> {
+    /// What a frame of a gathered run is: a valid direct message (batched),
+    /// a refusal, or any other frame (handled on its own).
+    fn step(&mut self, mut frame: ClientFrame) -> Step {
         if frame.kind != "MESSAGE" || self.identity.get().is_none() {
-            return Ok(Err(frame));
+            return Step::Other(frame);
         }
-        self.check_rate(&frame)?;
-        let envelope = self.direct_envelope(&mut frame)?;
-        Ok(Ok((envelope, frame)))
+        let envelope = self
+            .check_rate(&frame)
+            .and_then(|()| self.direct_envelope(&mut frame));
+        match envelope {
+            Ok(envelope) => Step::Direct(envelope, frame),
+            Err(e) => Step::Refused(e),
+        }
     }
 
     /// Routes direct messages that arrived together: one router call for the
@@ -532,27 +532,7 @@ impl Connection {
                 Err(e) => self.refuse(e),
             };
         }
-        let reliable = batch
-            .iter()
-            .filter(|(e, _)| e.feature() == pb::Feature::Reliable)
-            .count();
-        let counters = &self.gw.registry.counters;
-        counters.message(false, true).increment(reliable as u64);
-        counters
-            .message(false, false)
-            .increment((batch.len() - reliable) as u64);
-        let span = tracing::info_span!(
-            "gateway.receive",
-            message.id = %batch[0].0.id,
-            message.kind = "direct",
-            count = batch.len(),
-            app = %batch[0].0.app_id,
-            domain = switchboard_mesh::LOCAL_DOMAIN,
-            error = tracing::field::Empty,
-        );
-        if let Some(traceparent) = &batch[0].1.traceparent {
-            switchboard_telemetry::continue_traceparent(&span, traceparent);
-        }
+        let span = receive_span(&batch[0].0, &batch[0].1, batch.len());
         let mut envelopes = Vec::with_capacity(batch.len());
         let mut answers = Vec::with_capacity(batch.len());
         for (envelope, frame) in batch {
@@ -560,6 +540,12 @@ impl Connection {
             answers.push((envelope.id.clone(), reliable, frame));
             envelopes.push(envelope);
         }
+        let reliable = answers.iter().filter(|(_, r, _)| *r).count();
+        let counters = &self.gw.registry.counters;
+        counters.message(false, true).increment(reliable as u64);
+        counters
+            .message(false, false)
+            .increment((answers.len() - reliable) as u64);
         let routed = tracing::Instrument::instrument(
             call(
                 self.gw
@@ -572,14 +558,8 @@ impl Connection {
         .await;
         match routed {
             Ok(_) => {
-                let acks = self.identity.get().is_some_and(|i| i.acks);
                 for (id, reliable, frame) in answers {
-                    if reliable && acks {
-                        self.send_text(
-                            "MESSAGE_ACCEPTED",
-                            frames::accepted(frame.reference.as_deref(), &id),
-                        );
-                    }
+                    self.accepted(reliable, &id, &frame);
                 }
                 Flow::Continue
             }
@@ -815,28 +795,13 @@ impl Connection {
     async fn route(&self, envelope: pb::Envelope, frame: &ClientFrame) -> Result<Flow, FrameError> {
         let id = envelope.id.clone();
         let reliable = envelope.feature() == pb::Feature::Reliable;
-        let kind = match envelope.kind() {
-            pb::MessageKind::Group => "group",
-            _ => "direct",
-        };
-        let feature = if reliable { "reliable" } else { "fast" };
+        let group = envelope.kind() == pb::MessageKind::Group;
         self.gw
             .registry
             .counters
-            .message(kind == "group", reliable)
+            .message(group, reliable)
             .increment(1);
-        let span = tracing::info_span!(
-            "gateway.receive",
-            message.id = %id,
-            message.kind = kind,
-            message.feature = feature,
-            app = %envelope.app_id,
-            domain = switchboard_mesh::LOCAL_DOMAIN,
-            error = tracing::field::Empty,
-        );
-        if let Some(traceparent) = &frame.traceparent {
-            switchboard_telemetry::continue_traceparent(&span, traceparent);
-        }
+        let span = receive_span(&envelope, frame, 1);
         let routed = tracing::Instrument::instrument(
             call(self.gw.deps.router.route(pb::RouteRequest {
                 envelope: Some(envelope),
@@ -848,13 +813,18 @@ impl Connection {
             span.record("error", tracing::field::display(e));
         }
         routed.map_err(|e| service_error(e, frame))?;
-        if reliable && self.identity()?.acks {
+        self.accepted(reliable, &id, frame);
+        Ok(Flow::Continue)
+    }
+
+    /// MESSAGE_ACCEPTED for a routed RELIABLE message, in ack mode.
+    fn accepted(&self, reliable: bool, id: &str, frame: &ClientFrame) {
+        if reliable && self.identity.get().is_some_and(|i| i.acks) {
             self.send_text(
                 "MESSAGE_ACCEPTED",
-                frames::accepted(frame.reference.as_deref(), &id),
+                frames::accepted(frame.reference.as_deref(), id),
             );
         }
-        Ok(Flow::Continue)
     }
 
     async fn on_message(&mut self, mut frame: ClientFrame) -> Result<Flow, FrameError> {
@@ -960,6 +930,44 @@ impl Connection {
         }
         Ok(Flow::Continue)
     }
+}
+
+/// What one frame among several read together turned out to be. Lives for
+/// one loop turn, on the stack: boxing the envelope would cost an allocation
+/// per message for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Direct(pb::Envelope, ClientFrame),
+    Other(ClientFrame),
+    Refused(FrameError),
+}
+
+/// The `gateway.receive` span of `count` messages routed together, named
+/// after the first (its id, kind and feature); a client's `traceparent` on
+/// that frame joins the client's trace.
+fn receive_span(first: &pb::Envelope, frame: &ClientFrame, count: usize) -> tracing::Span {
+    let kind = match first.kind() {
+        pb::MessageKind::Group => "group",
+        _ => "direct",
+    };
+    let feature = match first.feature() {
+        pb::Feature::Reliable => "reliable",
+        _ => "fast",
+    };
+    let span = tracing::info_span!(
+        "gateway.receive",
+        message.id = %first.id,
+        message.kind = kind,
+        message.feature = feature,
+        count,
+        app = %first.app_id,
+        domain = switchboard_mesh::LOCAL_DOMAIN,
+        error = tracing::field::Empty,
+    );
+    if let Some(traceparent) = &frame.traceparent {
+        switchboard_telemetry::continue_traceparent(&span, traceparent);
+    }
+    span
 }
 
 async fn call<T>(

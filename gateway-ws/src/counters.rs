@@ -57,17 +57,19 @@ impl Counters {
         }
     }
 
-    pub(crate) fn frame_in(&self, kind: &'static str) -> Counter {
+    /// Counts `n` client frames of a type.
+    pub(crate) fn frames_in(&self, kind: &'static str, n: u64) {
         match self.frames_in.iter().find(|(t, _)| *t == kind) {
-            Some((_, c)) => c.clone(),
-            None => metrics::counter!("switchboard_frames_in_total", "type" => kind),
+            Some((_, c)) => c.increment(n),
+            None => metrics::counter!("switchboard_frames_in_total", "type" => kind).increment(n),
         }
     }
 
-    pub(crate) fn frame_out(&self, kind: &'static str) -> Counter {
+    /// Counts `n` frames of a type queued to clients.
+    pub(crate) fn frames_out(&self, kind: &'static str, n: u64) {
         match self.frames_out.iter().find(|(t, _)| *t == kind) {
-            Some((_, c)) => c.clone(),
-            None => metrics::counter!("switchboard_frames_out_total", "type" => kind),
+            Some((_, c)) => c.increment(n),
+            None => metrics::counter!("switchboard_frames_out_total", "type" => kind).increment(n),
         }
     }
 

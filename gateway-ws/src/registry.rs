@@ -220,7 +220,7 @@ impl Registry {
                 queued += 1;
             }
         }
-        self.counters.frame_out(kind).increment(u64::from(queued));
+        self.counters.frames_out(kind, u64::from(queued));
         queued
     }
 }

@@ -55,6 +55,15 @@ macro_rules! client_handle {
     };
 }
 
+/// A generated gRPC client on `channel`, with the mesh's message size cap.
+macro_rules! grpc_client {
+    ($grpc:ident, $channel:expr) => {
+        $grpc::new($channel)
+            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::MAX_MESSAGE_BYTES)
+    };
+}
+
 /// One call through the pool: `$grpc::new(channel).$method(req.clone())`,
 /// retried on other instances when one cannot be reached.
 macro_rules! pooled {
@@ -63,9 +72,7 @@ macro_rules! pooled {
             .0
             .call($key, |channel| {
                 let req = $req.clone();
-                let mut client = $grpc::new(channel)
-                    .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
+                let mut client = grpc_client!($grpc, channel);
                 async move { client.$method(req).await }
             })
             .await
@@ -129,9 +136,7 @@ impl Router for RemoteRouter {
         self.0
             .call(None, |channel| {
                 let req = req.clone();
-                let mut client = RouterGrpc::new(channel)
-                    .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
+                let mut client = grpc_client!(RouterGrpc, channel);
                 async move {
                     match client.route_batch(req.clone()).await {
                         // A router from before RouteBatch (a cluster being

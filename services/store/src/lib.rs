@@ -134,15 +134,16 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     pub(crate) fn new(msg: &InboxMessage) -> Self {
-        let mut value = msg.encode_to_vec();
-        if msg.seq != 0 {
-            // The seq lives in the key only.
-            value = InboxMessage {
+        // The seq lives in the key only.
+        let value = if msg.seq == 0 {
+            msg.encode_to_vec()
+        } else {
+            InboxMessage {
                 seq: 0,
                 ..msg.clone()
             }
-            .encode_to_vec();
-        }
+            .encode_to_vec()
+        };
         Prepared {
             to: msg.to.clone(),
             value,
