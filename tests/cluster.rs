@@ -380,11 +380,13 @@ async fn traffic_survives_an_etcd_outage_and_registrations_return() {
     let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
 
     etcd.stop();
-    // Ten seconds without etcd: messages keep flowing between the known
-    // instances, both ways.
+    // At least ten seconds and ten round trips without etcd: messages keep
+    // flowing between the known instances, both ways (each one must arrive
+    // within the client's receive timeout; how many fit in the time depends
+    // on the machine's load, so that is not asserted).
     let outage = Instant::now();
     let mut i = 0;
-    while outage.elapsed() < Duration::from_secs(10) {
+    while i < 10 || outage.elapsed() < Duration::from_secs(10) {
         ann.message("demo-bob", &format!("m{i}"), "RELIABLE", &format!("r{i}"))
             .await;
         assert_eq!(index_of(&bob.recv_type("MESSAGE").await), i);
@@ -393,7 +395,6 @@ async fn traffic_survives_an_etcd_outage_and_registrations_return() {
         i += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(i >= 10, "only {i} round trips in 10 s");
 
     etcd.spawn();
     etcd.wait_ready().await;
