@@ -7,10 +7,11 @@
 //! its tombstone together. One writer thread commits everything queued in one
 //! batch and syncs the journal once per batch (group commit).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp, needs_sync};
+use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp};
+use crate::hot::{self, HotLog, HotOptions, SharedIndex};
 use crate::{
     FollowUp, InboxKey, InboxMessage, InboxPage, Prepared, Removal, Store, StoreError,
     decode_stored,
@@ -55,14 +56,15 @@ pub struct FjallStoreOptions {
     pub max_batch: usize,
     pub queue_capacity: usize,
     pub cache_bytes: u64,
-    /// Size of the in-memory table before it is written out. Inbox messages
-    /// live moments, so a small table suffices, and every insert searches a
-    /// shallower skip list (8 MiB: ~10 % less store-writer CPU than fjall's
-    /// default 64 MiB here, docs/benchmarks.md).
+    /// Size of the in-memory table before it is written out. Only messages
+    /// that stay undelivered reach the tree, in bulk (8 MiB: ~10 % less
+    /// store-writer CPU than fjall's default 64 MiB, docs/benchmarks.md).
     pub memtable_bytes: u64,
-    /// Bytes of recently appended messages kept in memory until removed, so
-    /// a removal needs no read of the tree.
-    pub recent_bytes: usize,
+    /// Bytes of undelivered messages kept in memory by the hot tier (the
+    /// inbox log) before the oldest are moved into the tree.
+    pub hot_bytes: usize,
+    /// Size of one inbox log segment file.
+    pub segment_bytes: u64,
 }
 
 impl Default for FjallStoreOptions {
@@ -72,13 +74,15 @@ impl Default for FjallStoreOptions {
             queue_capacity: 65_536,
             cache_bytes: 64 * 1024 * 1024,
             memtable_bytes: 8 * 1024 * 1024,
-            recent_bytes: 32 * 1024 * 1024,
+            hot_bytes: 64 * 1024 * 1024,
+            segment_bytes: 8 * 1024 * 1024,
         }
     }
 }
 
 pub struct FjallStore {
     inbox: Keyspace,
+    hot: SharedIndex,
     writer: GroupCommit,
 }
 
@@ -86,61 +90,11 @@ struct Writer {
     db: Database,
     inbox: Keyspace,
     last_seq: Keyspace,
-    /// Last assigned sequence number per inbox prefix (loaded on first use).
+    /// Last assigned sequence number per inbox prefix (loaded on first use,
+    /// or from the log at start). Never rolled back: a failed batch leaves a
+    /// gap, which is harmless, where reloading could reuse a number.
     seq_cache: HashMap<Vec<u8>, u64>,
-    recent: Recent,
-}
-
-/// Messages this process appended and has not removed yet, oldest first out
-/// past a byte budget. A delivered message is removed moments after its
-/// append; the removal finds it here instead of searching the tree.
-struct Recent {
-    values: HashMap<Slice, Slice>,
-    order: VecDeque<Slice>,
-    bytes: usize,
-    budget: usize,
-}
-
-impl Recent {
-    fn new(budget: usize) -> Self {
-        Recent {
-            values: HashMap::new(),
-            order: VecDeque::new(),
-            bytes: 0,
-            budget,
-        }
-    }
-
-    fn insert(&mut self, key: Slice, value: Slice) {
-        if value.len() > self.budget {
-            return;
-        }
-        self.bytes += value.len();
-        self.order.push_back(key.clone());
-        if let Some(old) = self.values.insert(key, value) {
-            self.bytes -= old.len();
-        }
-        while self.bytes > self.budget || self.order.len() > 4 * self.values.len().max(1024) {
-            let Some(oldest) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(v) = self.values.remove(&oldest) {
-                self.bytes -= v.len();
-            }
-        }
-    }
-
-    fn take(&mut self, key: &[u8]) -> Option<Slice> {
-        let v = self.values.remove(key)?;
-        self.bytes -= v.len();
-        Some(v)
-    }
-
-    fn clear(&mut self) {
-        self.values.clear();
-        self.order.clear();
-        self.bytes = 0;
-    }
+    hot: HotLog,
 }
 
 impl FjallStore {
@@ -160,44 +114,79 @@ impl FjallStore {
         let last_seq = db
             .keyspace("inbox_last_seq", KeyspaceCreateOptions::default)
             .map_err(backend)?;
-        let writer = Writer {
+        let segment_bytes = options.segment_bytes.max(4096);
+        let segments = (options.hot_bytes as u64 / segment_bytes).clamp(1, 32);
+        let hot_options = HotOptions {
+            budget: options.hot_bytes,
+            segment_bytes,
+            // Room for segments that hold a few undelivered messages each.
+            max_segments: usize::try_from(segments * 2).unwrap_or(64),
+        };
+        let tree = inbox.clone();
+        let recovered = HotLog::open(&data_dir.join("inbox.log"), hot_options, |prefix, seq| {
+            tree.contains_key(message_key(prefix, seq)).map_err(backend)
+        })?;
+        let mut writer = Writer {
             db,
             inbox: inbox.clone(),
             last_seq,
             seq_cache: HashMap::new(),
-            recent: Recent::new(options.recent_bytes),
+            hot: recovered.log,
         };
+        for (prefix, seq) in recovered.last_seqs {
+            let stored = writer.stored_last_seq(&prefix)?;
+            writer.seq_cache.insert(prefix, seq.max(stored));
+        }
+        let hot = writer.hot.index();
         let writer = GroupCommit::start(writer, options.max_batch, options.queue_capacity)?;
-        Ok(FjallStore { inbox, writer })
+        Ok(FjallStore { inbox, hot, writer })
     }
 }
 
-/// The writes of one batch, last write per key wins (an append and a removal
-/// of the same message in one batch cancel out).
+/// The tree writes of one batch, last write per key wins (an append and a
+/// removal of the same message in one batch cancel out).
 #[derive(Default)]
 struct Pending {
     inbox: BTreeMap<Slice, Option<Slice>>,
     last_seq: BTreeMap<Vec<u8>, u64>,
 }
 
+impl Pending {
+    fn appends(&self) -> bool {
+        self.inbox.values().any(Option::is_some)
+    }
+}
+
+/// Where a removed message was: the hot tier or the tree. Its sender's
+/// confirmation goes to the same place, so that removal and confirmation
+/// are one atomic write.
+#[derive(Clone, Copy, PartialEq)]
+enum Tier {
+    Hot,
+    Tree,
+}
+
 impl Writer {
-    fn next_seq(&mut self, prefix: &[u8], pending: &mut Pending) -> Result<u64, StoreError> {
+    fn stored_last_seq(&self, prefix: &[u8]) -> Result<u64, StoreError> {
+        match self.last_seq.get(prefix).map_err(backend)? {
+            Some(bytes) => {
+                let arr: [u8; 8] = bytes
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Backend("corrupt sequence counter".into()))?;
+                Ok(u64::from_be_bytes(arr))
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn next_seq(&mut self, prefix: &[u8]) -> Result<u64, StoreError> {
         let last = match self.seq_cache.get(prefix) {
             Some(&seq) => seq,
-            None => match self.last_seq.get(prefix).map_err(backend)? {
-                Some(bytes) => {
-                    let arr: [u8; 8] = bytes
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| StoreError::Backend("corrupt sequence counter".into()))?;
-                    u64::from_be_bytes(arr)
-                }
-                None => 0,
-            },
+            None => self.stored_last_seq(prefix)?,
         };
         let seq = last + 1;
         self.seq_cache.insert(prefix.to_vec(), seq);
-        pending.last_seq.insert(prefix.to_vec(), seq);
         Ok(seq)
     }
 
@@ -205,26 +194,38 @@ impl Writer {
         &mut self,
         app_id: &str,
         msg: Prepared,
+        tier: Tier,
         pending: &mut Pending,
     ) -> Result<u64, StoreError> {
         let prefix = inbox_prefix(app_id, &msg.to);
-        let seq = self.next_seq(&prefix, pending)?;
-        let key = Slice::from(message_key(&prefix, seq));
+        let seq = self.next_seq(&prefix)?;
         let value = Slice::from(msg.value);
-        self.recent.insert(key.clone(), value.clone());
-        pending.inbox.insert(key, Some(value));
+        match tier {
+            Tier::Hot => self.hot.stage_append(&prefix, seq, value),
+            Tier::Tree => {
+                pending
+                    .inbox
+                    .insert(Slice::from(message_key(&prefix, seq)), Some(value));
+                pending.last_seq.insert(prefix, seq);
+            }
+        }
         Ok(seq)
     }
 
-    /// The stored value of a message, if it is still there.
-    fn current(&mut self, key: &[u8], pending: &Pending) -> Result<Option<Slice>, StoreError> {
-        if let Some(v) = self.recent.take(key) {
-            return Ok(Some(v));
+    /// Takes a message out of the tree, if it is still there.
+    fn take_from_tree(
+        &mut self,
+        key: Vec<u8>,
+        pending: &mut Pending,
+    ) -> Result<Option<Slice>, StoreError> {
+        let value = match pending.inbox.get(key.as_slice()) {
+            Some(v) => v.clone(),
+            None => self.inbox.get(&key).map_err(backend)?,
+        };
+        if value.is_some() {
+            pending.inbox.insert(Slice::from(key), None);
         }
-        if let Some(v) = pending.inbox.get(key) {
-            return Ok(v.clone());
-        }
-        self.inbox.get(key).map_err(backend)
+        Ok(value)
     }
 
     fn remove_from(
@@ -236,17 +237,25 @@ impl Writer {
     ) -> Result<Removal, StoreError> {
         let prefix = inbox_prefix(&inbox.app_id, &inbox.user_id);
         let mut removal = Removal::default();
+        let mut tiers = Vec::new();
         for &seq in seqs {
-            let key = message_key(&prefix, seq);
-            if let Some(bytes) = self.current(&key, pending)? {
+            let (value, tier) = match self.hot.stage_remove(&prefix, seq) {
+                Some(value) => (Some(value), Tier::Hot),
+                None => (
+                    self.take_from_tree(message_key(&prefix, seq), pending)?,
+                    Tier::Tree,
+                ),
+            };
+            if let Some(bytes) = value {
                 removal.removed.push(decode_stored(&bytes, seq)?);
-                pending.inbox.insert(Slice::from(key), None);
+                tiers.push(tier);
             }
         }
         if let Some(follow_up) = follow_up {
-            for i in 0..removal.removed.len() {
+            for (i, tier) in tiers.into_iter().enumerate() {
                 if let Some(mut next) = follow_up(&removal.removed[i]) {
-                    next.seq = self.append_one(&inbox.app_id, Prepared::new(&next), pending)?;
+                    next.seq =
+                        self.append_one(&inbox.app_id, Prepared::new(&next), tier, pending)?;
                     removal.appended.push(next);
                 }
             }
@@ -261,7 +270,7 @@ impl Writer {
             } => {
                 let mut seqs = Vec::with_capacity(messages.len());
                 for msg in std::mem::take(messages) {
-                    seqs.push(self.append_one(app_id, msg, pending)?);
+                    seqs.push(self.append_one(app_id, msg, Tier::Hot, pending)?);
                 }
                 Ok(Outcome::Appended(seqs))
             }
@@ -278,6 +287,59 @@ impl Writer {
             }
         }
     }
+
+    /// Writes the tree's part of a batch, synced when it appends.
+    fn commit_tree(&mut self, pending: Pending) -> Result<(), StoreError> {
+        if pending.inbox.is_empty() && pending.last_seq.is_empty() {
+            return Ok(());
+        }
+        let mode = if pending.appends() {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        let mut wb = self.db.batch();
+        for (key, value) in pending.inbox {
+            match value {
+                Some(v) => wb.insert(&self.inbox, key, v),
+                // Each message is written once: a single delete lets
+                // compaction drop it with its value.
+                None => wb.remove_weak(&self.inbox, key),
+            }
+        }
+        for (key, seq) in pending.last_seq {
+            wb.insert(&self.last_seq, key, seq.to_be_bytes().to_vec());
+        }
+        wb.commit().map_err(backend)?;
+        self.db.persist(mode).map_err(backend)
+    }
+
+    /// Deletes log segments whose messages are all delivered, and spills
+    /// the oldest segment's undelivered messages into the tree when the hot
+    /// tier is over budget. The tree is synced before a segment goes.
+    fn maintain(&mut self) -> Result<(), StoreError> {
+        while let Some(retirement) = self.hot.next_retirement()? {
+            let mut wb = self.db.batch();
+            for (prefix, seq, value) in &retirement.entries {
+                wb.insert(&self.inbox, message_key(prefix, *seq), value.clone());
+            }
+            for prefix in &retirement.inboxes {
+                if let Some(seq) = self.seq_cache.get(prefix) {
+                    wb.insert(&self.last_seq, prefix.clone(), seq.to_be_bytes().to_vec());
+                }
+            }
+            wb.commit().map_err(backend)?;
+            self.db.persist(PersistMode::SyncData).map_err(backend)?;
+            if !retirement.entries.is_empty() {
+                tracing::debug!(
+                    messages = retirement.entries.len(),
+                    "store: undelivered messages moved from the inbox log into the tree"
+                );
+            }
+            self.hot.retired(retirement)?;
+        }
+        Ok(())
+    }
 }
 
 impl Engine for Writer {
@@ -287,39 +349,22 @@ impl Engine for Writer {
             .iter_mut()
             .map(|op| self.apply(op, &mut pending))
             .collect();
-        let touched: Vec<Vec<u8>> = pending.last_seq.keys().cloned().collect();
-        let result = outcomes.and_then(|outcomes| {
-            let mut wb = self.db.batch();
-            for (key, value) in pending.inbox {
-                match value {
-                    Some(v) => wb.insert(&self.inbox, key, v),
-                    // Each message is written once: a single delete lets
-                    // compaction drop it with its value.
-                    None => wb.remove_weak(&self.inbox, key),
-                }
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                self.hot.abort();
+                return Err(e);
             }
-            for (key, seq) in pending.last_seq {
-                wb.insert(&self.last_seq, key, seq.to_be_bytes().to_vec());
-            }
-            wb.commit().map_err(backend)?;
-            let mode = if needs_sync(&outcomes) {
-                PersistMode::SyncData
-            } else {
-                PersistMode::Buffer
-            };
-            self.db.persist(mode).map_err(backend)?;
-            Ok(outcomes)
-        });
-        if result.is_err() {
-            // Nothing of this batch was written: forget its sequence numbers
-            // (the next use reloads them from disk) and what it put in or
-            // took out of memory.
-            for prefix in &touched {
-                self.seq_cache.remove(prefix);
-            }
-            self.recent.clear();
+        };
+        // Each removal and its confirmation are in the same part (log or
+        // tree), so the two writes need no order between them.
+        let sync = self.hot.appends_staged();
+        self.hot.commit(sync)?;
+        self.commit_tree(pending)?;
+        if let Err(e) = self.maintain() {
+            tracing::error!(error = %e, "store: inbox log maintenance failed; retried after the next batch");
         }
-        result
+        Ok(outcomes)
     }
 
     fn finish(&mut self) {
@@ -349,20 +394,47 @@ impl Store for FjallStore {
             return Err(StoreError::Closed);
         }
         let prefix = inbox_prefix(&inbox.app_id, &inbox.user_id);
+        // The log first, then the tree: a message moved from one to the
+        // other meanwhile is seen twice (and taken once), never missed.
+        let hot = hot::lock(&self.hot).after(&prefix, after_seq);
         let keyspace = self.inbox.clone();
         tokio::task::spawn_blocking(move || {
             let from = message_key(&prefix, after_seq.saturating_add(1));
             let to = message_key(&prefix, u64::MAX);
             let mut page = InboxPage::default();
+            let put = |page: &mut InboxPage, seq: u64, value: &[u8]| {
+                if page.messages.len() < limit {
+                    page.messages.push(decode_stored(value, seq)?);
+                } else {
+                    page.left += 1;
+                }
+                Ok::<(), StoreError>(())
+            };
+            let mut hot = hot.into_iter().peekable();
             for guard in keyspace.range(from..=to) {
                 if page.messages.len() < limit {
                     let (key, value) = guard.into_inner().map_err(backend)?;
-                    page.messages.push(decode_stored(&value, seq_of(&key)?)?);
+                    let seq = seq_of(&key)?;
+                    let mut twice = false;
+                    while let Some((hot_seq, hot_value)) = hot.next_if(|(s, _)| *s <= seq) {
+                        twice |= hot_seq == seq;
+                        put(&mut page, hot_seq, &hot_value)?;
+                    }
+                    if !twice {
+                        put(&mut page, seq, &value)?;
+                    }
                 } else {
                     // Counting the rest needs only the keys.
-                    guard.key().map_err(backend)?;
+                    let seq = seq_of(&guard.key().map_err(backend)?)?;
+                    while hot.next_if(|(s, _)| *s < seq).is_some() {
+                        page.left += 1;
+                    }
+                    hot.next_if(|(s, _)| *s == seq);
                     page.left += 1;
                 }
+            }
+            for (seq, value) in hot {
+                put(&mut page, seq, &value)?;
             }
             Ok(page)
         })
@@ -439,7 +511,8 @@ mod tests {
         // reads the tree, and must still remove each message exactly once.
         let dir = tempfile::tempdir().expect("tempdir");
         let options = FjallStoreOptions {
-            recent_bytes: 64,
+            hot_bytes: 64,
+            segment_bytes: 4096,
             ..FjallStoreOptions::default()
         };
         let store = FjallStore::open(dir.path(), options).expect("open");
@@ -486,6 +559,183 @@ mod tests {
                 .expect("remove")
                 .removed
                 .is_empty()
+        );
+        store.close().await.expect("close");
+    }
+
+    fn log_segments(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("inbox.log"))
+            .expect("log dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn small_hot_tier() -> FjallStoreOptions {
+        FjallStoreOptions {
+            hot_bytes: 8 * 1024,
+            segment_bytes: 4096,
+            ..FjallStoreOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn undelivered_messages_move_into_the_tree_and_survive_restarts() {
+        // An offline user's inbox grows past the hot tier's budget while an
+        // online user's messages come and go: the log stays small, the
+        // offline inbox stays whole and in order, also after a restart.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let offline = InboxKey::new("a", "a-off");
+        let online = InboxKey::new("a", "a-on");
+        let body = "x".repeat(200);
+        {
+            let store = FjallStore::open(dir.path(), small_hot_tier()).expect("open");
+            for i in 0..300 {
+                let msgs = [
+                    crate::contract::message("a-off", &format!("{i:03}{body}")),
+                    crate::contract::message("a-on", &format!("{i:03}")),
+                ];
+                let seqs = store.append("a", &msgs).await.expect("append");
+                assert_eq!(seqs, vec![i + 1, i + 1]);
+                let removed = store
+                    .remove(&online, &seqs[1..], None)
+                    .await
+                    .expect("remove");
+                assert_eq!(removed.removed.len(), 1);
+            }
+            // 300 × ~230 bytes went through a 8 KiB hot tier.
+            let files = log_segments(dir.path());
+            assert!(files.len() <= 8, "log kept small: {files:?}");
+            let page = store.fetch(&offline, 0, 1000).await.expect("fetch");
+            assert_eq!(page.messages.len(), 300);
+            assert!(page.messages.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+            assert_eq!(page.messages[299].content, format!("299{body}"));
+            store.close().await.expect("close");
+        }
+        let store = FjallStore::open(dir.path(), small_hot_tier()).expect("reopen");
+        let page = store.fetch(&offline, 0, 100).await.expect("fetch");
+        assert_eq!((page.messages.len(), page.left), (100, 200));
+        assert_eq!(page.messages[0].content, format!("000{body}"));
+        let page = store.fetch(&offline, 250, 100).await.expect("fetch");
+        assert_eq!(page.messages.len(), 50);
+        assert_eq!(store.count(&online).await.expect("count"), 0);
+        // Numbers go on after the restart, in both inboxes.
+        let seqs = store
+            .append(
+                "a",
+                &[
+                    crate::contract::message("a-off", "next"),
+                    crate::contract::message("a-on", "next"),
+                ],
+            )
+            .await
+            .expect("append");
+        assert_eq!(seqs, vec![301, 301]);
+        let all: Vec<u64> = (1..=301).collect();
+        let removal = store.remove(&offline, &all, None).await.expect("remove");
+        assert_eq!(removal.removed.len(), 301);
+        assert_eq!(store.count(&offline).await.expect("count"), 0);
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_torn_log_tail_loses_only_the_unacknowledged_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inbox = InboxKey::new("a", "a-1");
+        {
+            let store = open(dir.path());
+            for i in 0..10 {
+                store
+                    .append("a", &[crate::contract::message("a-1", &format!("m{i}"))])
+                    .await
+                    .expect("append");
+            }
+            store.close().await.expect("close");
+        }
+        // A batch whose write was cut short by a crash: a frame header that
+        // promises more than follows.
+        let last = log_segments(dir.path())
+            .into_iter()
+            .rfind(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
+            .expect("a written segment");
+        let mut torn = 500u32.to_le_bytes().to_vec();
+        torn.extend_from_slice(&[7; 30]);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&last)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &torn))
+            .expect("tear the tail");
+        let store = open(dir.path());
+        let page = store.fetch(&inbox, 0, 100).await.expect("fetch");
+        assert_eq!(page.messages.len(), 10);
+        assert_eq!(page.messages[9].content, "m9");
+        let seqs = store
+            .append("a", &[crate::contract::message("a-1", "after")])
+            .await
+            .expect("append");
+        assert_eq!(seqs, vec![11]);
+        store.close().await.expect("close");
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.count(&inbox).await.expect("count"), 11);
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_segment_left_behind_by_a_crash_after_its_spill_is_not_read_twice() {
+        // A crash between syncing spilled messages into the tree and
+        // deleting their segment leaves both: the restart must not show or
+        // keep the messages twice.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inbox = InboxKey::new("a", "a-1");
+        {
+            let store = open(dir.path());
+            let msgs: Vec<_> = (0..20)
+                .map(|i| crate::contract::message("a-1", &format!("m{i}")))
+                .collect();
+            store.append("a", &msgs).await.expect("append");
+            store.close().await.expect("close");
+        }
+        let saved: Vec<(std::path::PathBuf, Vec<u8>)> = log_segments(dir.path())
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).expect("read segment");
+                (p, bytes)
+            })
+            .collect();
+        {
+            // A tiny budget: the next batch spills everything into the tree.
+            let options = FjallStoreOptions {
+                hot_bytes: 16,
+                segment_bytes: 4096,
+                ..FjallStoreOptions::default()
+            };
+            let store = FjallStore::open(dir.path(), options).expect("open");
+            store
+                .append("a", &[crate::contract::message("a-1", "m20")])
+                .await
+                .expect("append");
+            store.close().await.expect("close");
+        }
+        for (path, bytes) in &saved {
+            std::fs::write(path, bytes).expect("restore segment");
+        }
+        let store = open(dir.path());
+        let page = store.fetch(&inbox, 0, 100).await.expect("fetch");
+        let contents: Vec<_> = page.messages.iter().map(|m| m.content.clone()).collect();
+        let expected: Vec<_> = (0..=20).map(|i| format!("m{i}")).collect();
+        assert_eq!(contents, expected);
+        let all: Vec<u64> = (1..=21).collect();
+        let removal = store.remove(&inbox, &all, None).await.expect("remove");
+        assert_eq!(removal.removed.len(), 21);
+        store.close().await.expect("close");
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(
+            store.count(&inbox).await.expect("count"),
+            0,
+            "no message comes back"
         );
         store.close().await.expect("close");
     }

@@ -9,6 +9,7 @@
 pub mod contract;
 mod fjall_store;
 mod group_commit;
+mod hot;
 mod redb_store;
 
 use async_trait::async_trait;

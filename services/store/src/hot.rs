@@ -1,0 +1,611 @@
+//! The hot tier of the LSM store: a log of segment files and an in-memory
+//! index of the messages in them that are still undelivered.
+//!
+//! Nearly every inbox message is deleted moments after it is written: its
+//! recipient is online and gets it pushed. Writing such a message into the
+//! LSM tree costs two memtable inserts (value and tombstone), a flush and a
+//! compaction, for nothing. Here it costs one record appended to a log
+//! (synced with its batch, so an accepted message survives a crash) and one
+//! entry in memory, and its delivery one short removal record. A segment
+//! whose messages are all gone is deleted. What stays undelivered — the
+//! inboxes of users who are offline — is moved into the tree in bulk when
+//! the index passes its memory budget or the log its segment count (a
+//! *spill*), and the segment deleted after the tree is synced.
+//!
+//! A segment is a sequence of frames, one per committed batch:
+//! `len: u32 | xxh3(payload): u64 | payload`, all little-endian; a payload is
+//! records `APPEND prefix seq value` and `REMOVE prefix seq`. A frame is
+//! applied whole or not at all: a torn or corrupt frame ends the replay of
+//! its segment (it was never acknowledged, its sync did not return).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use fjall::Slice;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::StoreError;
+
+const APPEND: u8 = 1;
+const REMOVE: u8 = 2;
+const HEADER: usize = 12;
+const EXTENSION: &str = "log";
+
+fn io(e: std::io::Error) -> StoreError {
+    StoreError::Backend(format!("inbox log: {e}"))
+}
+
+/// One undelivered message of the hot tier.
+#[derive(Clone)]
+struct Entry {
+    value: Slice,
+    segment: u64,
+}
+
+/// Undelivered messages of the log, by inbox prefix and sequence number.
+/// Shared between the writer thread (which changes it once per batch) and
+/// readers (fetch).
+#[derive(Default)]
+pub(crate) struct HotIndex {
+    inboxes: HashMap<Vec<u8>, BTreeMap<u64, Entry>>,
+    bytes: usize,
+}
+
+impl HotIndex {
+    /// The messages of an inbox after `after_seq`, oldest first.
+    pub(crate) fn after(&self, prefix: &[u8], after_seq: u64) -> Vec<(u64, Slice)> {
+        self.inboxes
+            .get(prefix)
+            .map(|m| {
+                m.range(after_seq.saturating_add(1)..)
+                    .map(|(&seq, e)| (seq, e.value.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn get(&self, prefix: &[u8], seq: u64) -> Option<&Entry> {
+        self.inboxes.get(prefix)?.get(&seq)
+    }
+
+    fn insert(&mut self, prefix: &[u8], seq: u64, entry: Entry) -> Option<Entry> {
+        self.bytes += entry.value.len();
+        let old = match self.inboxes.get_mut(prefix) {
+            Some(m) => m.insert(seq, entry),
+            None => {
+                self.inboxes
+                    .insert(prefix.to_vec(), BTreeMap::from([(seq, entry)]));
+                None
+            }
+        };
+        if let Some(old) = &old {
+            self.bytes -= old.value.len();
+        }
+        old
+    }
+
+    fn remove(&mut self, prefix: &[u8], seq: u64) -> Option<Entry> {
+        let m = self.inboxes.get_mut(prefix)?;
+        let entry = m.remove(&seq)?;
+        if m.is_empty() {
+            self.inboxes.remove(prefix);
+        }
+        self.bytes -= entry.value.len();
+        Some(entry)
+    }
+}
+
+pub(crate) type SharedIndex = Arc<Mutex<HotIndex>>;
+
+pub(crate) fn lock(index: &SharedIndex) -> MutexGuard<'_, HotIndex> {
+    index.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One segment file.
+struct Segment {
+    id: u64,
+    /// Messages appended in it and still in the index.
+    live: usize,
+    bytes: u64,
+    /// Inboxes with a message in it: their sequence counters are written to
+    /// the tree before the segment is deleted, so numbers are never reused.
+    inboxes: HashSet<Vec<u8>>,
+}
+
+impl Segment {
+    fn new(id: u64) -> Self {
+        Segment {
+            id,
+            live: 0,
+            bytes: 0,
+            inboxes: HashSet::new(),
+        }
+    }
+}
+
+/// A segment to retire: its live messages go into the tree, its inboxes'
+/// counters too, then [`HotLog::retired`] deletes it.
+pub(crate) struct Retirement {
+    pub(crate) id: u64,
+    /// `(prefix, seq, value)` of the messages still undelivered.
+    pub(crate) entries: Vec<(Vec<u8>, u64, Slice)>,
+    pub(crate) inboxes: Vec<Vec<u8>>,
+}
+
+/// Tuning of the hot tier.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HotOptions {
+    /// Bytes of undelivered message values kept in memory before the oldest
+    /// segment is spilled into the tree.
+    pub(crate) budget: usize,
+    /// A segment file is closed and a new one begun past this size.
+    pub(crate) segment_bytes: u64,
+    /// Most segment files kept (each may hold a few undelivered messages).
+    pub(crate) max_segments: usize,
+}
+
+/// The writer thread's side: the open segment, the batch being built, and
+/// the list of segments.
+pub(crate) struct HotLog {
+    dir: PathBuf,
+    options: HotOptions,
+    index: SharedIndex,
+    segments: VecDeque<Segment>,
+    file: File,
+    frame: Vec<u8>,
+    staged: Staged,
+}
+
+/// What the batch being built does to the index, applied once its frame is
+/// written.
+#[derive(Default)]
+struct Staged {
+    added: HashMap<(Vec<u8>, u64), Slice>,
+    removed: HashSet<(Vec<u8>, u64)>,
+    appends: usize,
+}
+
+/// What the replay of the log found.
+pub(crate) struct Recovered {
+    pub(crate) log: HotLog,
+    /// The highest sequence number in the log per inbox prefix.
+    pub(crate) last_seqs: HashMap<Vec<u8>, u64>,
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016}.{EXTENSION}"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+}
+
+fn put_prefix(buf: &mut Vec<u8>, tag: u8, prefix: &[u8], seq: u64) {
+    buf.push(tag);
+    let len = u16::try_from(prefix.len()).unwrap_or(u16::MAX);
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&prefix[..usize::from(len)]);
+    buf.extend_from_slice(&seq.to_le_bytes());
+}
+
+/// Reads little-endian fields from a frame payload.
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.buf.len() < n {
+            return None;
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Some(head)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// One record of a frame.
+enum Record<'a> {
+    Append(&'a [u8], u64, &'a [u8]),
+    Remove(&'a [u8], u64),
+}
+
+/// The records of a payload, or `None` when it does not parse (then none is
+/// applied).
+fn records(payload: &[u8]) -> Option<Vec<Record<'_>>> {
+    let mut c = Cursor { buf: payload };
+    let mut out = Vec::new();
+    while !c.buf.is_empty() {
+        let tag = c.take(1)?[0];
+        let len = usize::from(c.u16()?);
+        let prefix = c.take(len)?;
+        let seq = c.u64()?;
+        out.push(match tag {
+            APPEND => {
+                let len = usize::try_from(c.u32()?).ok()?;
+                Record::Append(prefix, seq, c.take(len)?)
+            }
+            REMOVE => Record::Remove(prefix, seq),
+            _ => return None,
+        });
+    }
+    Some(out)
+}
+
+/// The valid frames' payloads at the start of a segment's bytes.
+fn frames(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while bytes.len() - at >= HEADER {
+        let mut c = Cursor {
+            buf: &bytes[at..at + HEADER],
+        };
+        let (Some(len), Some(sum)) = (c.u32(), c.u64()) else {
+            break;
+        };
+        let Ok(len) = usize::try_from(len) else { break };
+        let Some(payload) = bytes.get(at + HEADER..at + HEADER + len) else {
+            break;
+        };
+        if xxh3_64(payload) != sum {
+            break;
+        }
+        out.push(payload);
+        at += HEADER + len;
+    }
+    (out, at)
+}
+
+impl HotLog {
+    /// Opens the log in `dir`, replaying every segment into a new index.
+    /// `in_tree` says whether a message is already in the tree (spilled just
+    /// before a crash, before its segment was deleted): such a message is
+    /// not taken into the index twice.
+    pub(crate) fn open(
+        dir: &Path,
+        options: HotOptions,
+        in_tree: impl Fn(&[u8], u64) -> Result<bool, StoreError>,
+    ) -> Result<Recovered, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some(EXTENSION) {
+                continue;
+            }
+            if let Some(id) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let mut index = HotIndex::default();
+        let mut segments = VecDeque::new();
+        let mut last_seqs: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut bytes = Vec::new();
+        for &id in &ids {
+            bytes.clear();
+            File::open(segment_path(dir, id))
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .map_err(io)?;
+            let (payloads, valid) = frames(&bytes);
+            if valid < bytes.len() {
+                tracing::warn!(
+                    segment = id,
+                    ignored_bytes = bytes.len() - valid,
+                    "inbox log: ignoring a torn or corrupt tail (a batch that was never acknowledged)"
+                );
+            }
+            segments.push_back(Segment::new(id));
+            for payload in payloads {
+                let Some(records) = records(payload) else {
+                    tracing::warn!(segment = id, "inbox log: ignoring an unreadable frame");
+                    continue;
+                };
+                for record in records {
+                    match record {
+                        Record::Append(prefix, seq, value) => {
+                            let last = last_seqs.entry(prefix.to_vec()).or_default();
+                            *last = (*last).max(seq);
+                            let entry = Entry {
+                                value: Slice::from(value),
+                                segment: id,
+                            };
+                            if let Some(old) = index.insert(prefix, seq, entry) {
+                                release(&mut segments, old.segment);
+                            }
+                            if let Some(seg) = segments.back_mut() {
+                                seg.live += 1;
+                                seg.inboxes.insert(prefix.to_vec());
+                            }
+                        }
+                        Record::Remove(prefix, seq) => {
+                            if let Some(old) = index.remove(prefix, seq) {
+                                release(&mut segments, old.segment);
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(seg) = segments.back_mut() {
+                seg.bytes = bytes.len() as u64;
+            }
+        }
+        // Messages spilled into the tree just before a crash.
+        let mut spilled = Vec::new();
+        for (prefix, messages) in &index.inboxes {
+            for &seq in messages.keys() {
+                if in_tree(prefix, seq)? {
+                    spilled.push((prefix.clone(), seq));
+                }
+            }
+        }
+        for (prefix, seq) in spilled {
+            if let Some(old) = index.remove(&prefix, seq) {
+                release(&mut segments, old.segment);
+            }
+        }
+        let id = ids.last().map_or(1, |last| last + 1);
+        let file = create_segment(dir, id)?;
+        segments.push_back(Segment::new(id));
+        Ok(Recovered {
+            log: HotLog {
+                dir: dir.to_path_buf(),
+                options,
+                index: Arc::new(Mutex::new(index)),
+                segments,
+                file,
+                frame: Vec::new(),
+                staged: Staged::default(),
+            },
+            last_seqs,
+        })
+    }
+
+    pub(crate) fn index(&self) -> SharedIndex {
+        Arc::clone(&self.index)
+    }
+
+    fn current_id(&self) -> u64 {
+        self.segments.back().map_or(0, |s| s.id)
+    }
+
+    fn record(&mut self, tag: u8, prefix: &[u8], seq: u64) {
+        if self.frame.is_empty() {
+            self.frame.resize(HEADER, 0);
+        }
+        put_prefix(&mut self.frame, tag, prefix, seq);
+    }
+
+    /// Adds a message to the batch being built.
+    pub(crate) fn stage_append(&mut self, prefix: &[u8], seq: u64, value: Slice) {
+        self.record(APPEND, prefix, seq);
+        let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+        self.frame.extend_from_slice(&len.to_le_bytes());
+        self.frame.extend_from_slice(&value);
+        self.staged.appends += 1;
+        self.staged.added.insert((prefix.to_vec(), seq), value);
+    }
+
+    /// Takes a message out, in the batch being built, if the hot tier has
+    /// it; `None` if it does not (it is in the tree, or gone).
+    pub(crate) fn stage_remove(&mut self, prefix: &[u8], seq: u64) -> Option<Slice> {
+        let key = (prefix.to_vec(), seq);
+        let value = match self.staged.added.remove(&key) {
+            Some(value) => value,
+            None => {
+                if self.staged.removed.contains(&key) {
+                    return None;
+                }
+                let value = lock(&self.index).get(prefix, seq)?.value.clone();
+                self.staged.removed.insert(key);
+                value
+            }
+        };
+        self.record(REMOVE, prefix, seq);
+        Some(value)
+    }
+
+    /// Whether the batch being built appends anything (then it is synced).
+    pub(crate) fn appends_staged(&self) -> bool {
+        self.staged.appends > 0
+    }
+
+    /// Writes the batch's frame — synced if asked — and applies it to the
+    /// index. On an error nothing of it is applied.
+    pub(crate) fn commit(&mut self, sync: bool) -> Result<(), StoreError> {
+        if self.frame.is_empty() {
+            return Ok(());
+        }
+        let payload_len = u32::try_from(self.frame.len() - HEADER)
+            .map_err(|_| StoreError::Backend("inbox log: batch too large".into()))?;
+        let sum = xxh3_64(&self.frame[HEADER..]);
+        self.frame[..4].copy_from_slice(&payload_len.to_le_bytes());
+        self.frame[4..HEADER].copy_from_slice(&sum.to_le_bytes());
+        let written = self
+            .file
+            .write_all(&self.frame)
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        let frame_len = self.frame.len() as u64;
+        self.frame.clear();
+        let staged = std::mem::take(&mut self.staged);
+        if let Err(e) = written {
+            // The file may now end in a partial frame; a new segment keeps
+            // later frames readable.
+            self.rotate()?;
+            return Err(io(e));
+        }
+        let current = self.current_id();
+        let mut index = lock(&self.index);
+        let mut released = Vec::new();
+        for (prefix, seq) in staged.removed {
+            if let Some(old) = index.remove(&prefix, seq) {
+                released.push(old.segment);
+            }
+        }
+        let mut added = 0;
+        let mut inboxes = Vec::new();
+        for ((prefix, seq), value) in staged.added {
+            let entry = Entry {
+                value,
+                segment: current,
+            };
+            if let Some(old) = index.insert(&prefix, seq, entry) {
+                released.push(old.segment);
+            }
+            added += 1;
+            inboxes.push(prefix);
+        }
+        drop(index);
+        for id in released {
+            release(&mut self.segments, id);
+        }
+        if let Some(seg) = self.segments.back_mut() {
+            seg.live += added;
+            seg.bytes += frame_len;
+            seg.inboxes.extend(inboxes);
+        }
+        Ok(())
+    }
+
+    /// Forgets the batch being built.
+    pub(crate) fn abort(&mut self) {
+        self.frame.clear();
+        self.staged = Staged::default();
+    }
+
+    /// Closes the current segment and begins a new one.
+    fn rotate(&mut self) -> Result<(), StoreError> {
+        let id = self.current_id() + 1;
+        self.file = create_segment(&self.dir, id)?;
+        self.segments.push_back(Segment::new(id));
+        Ok(())
+    }
+
+    /// The next segment to retire, if any: the oldest one when it has no
+    /// undelivered message left, or when memory or the segment count is
+    /// over budget. Begins a new segment first when the current one is full
+    /// or is the one to retire.
+    pub(crate) fn next_retirement(&mut self) -> Result<Option<Retirement>, StoreError> {
+        let full = self
+            .segments
+            .back()
+            .is_some_and(|s| s.bytes >= self.options.segment_bytes);
+        let over = lock(&self.index).bytes > self.options.budget
+            || self.segments.len() > self.options.max_segments;
+        if full || (over && self.segments.len() == 1) {
+            self.rotate()?;
+        }
+        let Some(oldest) = self.segments.front() else {
+            return Ok(None);
+        };
+        if self.segments.len() == 1 || (oldest.live > 0 && !over) {
+            return Ok(None);
+        }
+        let mut entries = Vec::with_capacity(oldest.live);
+        if oldest.live > 0 {
+            let index = lock(&self.index);
+            for prefix in &oldest.inboxes {
+                if let Some(messages) = index.inboxes.get(prefix) {
+                    for (&seq, e) in messages {
+                        if e.segment == oldest.id {
+                            entries.push((prefix.clone(), seq, e.value.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Some(Retirement {
+            id: oldest.id,
+            entries,
+            inboxes: oldest.inboxes.iter().cloned().collect(),
+        }))
+    }
+
+    /// Deletes a retired segment once its messages and counters are synced
+    /// into the tree, and drops its messages from memory.
+    pub(crate) fn retired(&mut self, retirement: Retirement) -> Result<(), StoreError> {
+        {
+            let mut index = lock(&self.index);
+            for (prefix, seq, _) in &retirement.entries {
+                index.remove(prefix, *seq);
+            }
+        }
+        if self.segments.front().is_some_and(|s| s.id == retirement.id) {
+            self.segments.pop_front();
+        }
+        std::fs::remove_file(segment_path(&self.dir, retirement.id)).map_err(io)?;
+        sync_dir(&self.dir)
+    }
+}
+
+fn release(segments: &mut VecDeque<Segment>, id: u64) {
+    if let Some(seg) = segments.iter_mut().find(|s| s.id == id) {
+        seg.live = seg.live.saturating_sub(1);
+    }
+}
+
+fn create_segment(dir: &Path, id: u64) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(segment_path(dir, id))
+        .map_err(io)?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_stop_at_a_torn_or_corrupt_frame() {
+        let mut bytes = Vec::new();
+        for payload in [&b"one"[..], b"two", b"three"] {
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&xxh3_64(payload).to_le_bytes());
+            bytes.extend_from_slice(payload);
+        }
+        let (all, valid) = frames(&bytes);
+        assert_eq!(all, vec![&b"one"[..], b"two", b"three"]);
+        assert_eq!(valid, bytes.len());
+        let (torn, _) = frames(&bytes[..bytes.len() - 1]);
+        assert_eq!(torn, vec![&b"one"[..], b"two"]);
+        let mut corrupt = bytes.clone();
+        corrupt[HEADER + 3 + HEADER] ^= 1; // first byte of "two"
+        assert_eq!(frames(&corrupt).0, vec![&b"one"[..]]);
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_garbage() {
+        let mut buf = Vec::new();
+        put_prefix(&mut buf, APPEND, b"inbox", 7);
+        buf.extend_from_slice(&3u32.to_le_bytes());
+        buf.extend_from_slice(b"abc");
+        put_prefix(&mut buf, REMOVE, b"inbox", 7);
+        let records = records(&buf).expect("parses");
+        assert!(matches!(records[0], Record::Append(b"inbox", 7, b"abc")));
+        assert!(matches!(records[1], Record::Remove(b"inbox", 7)));
+        assert!(super::records(&buf[..buf.len() - 1]).is_none());
+        assert!(super::records(&[9, 0, 0]).is_none());
+    }
+}
