@@ -8,7 +8,7 @@
 #   scripts/bench-ab.sh /tmp/sb-before-target/release/switchboard target/release/switchboard
 #
 # Rate steps per connection: FAST_STEPS (default 300,400,500) and
-# RELIABLE_STEPS (default 50,75,100).
+# RELIABLE_STEPS (default 50,75,100); `none` skips that feature.
 set -euo pipefail
 before=${1:?usage: $0 BEFORE_BIN AFTER_BIN}
 after=${2:?usage: $0 BEFORE_BIN AFTER_BIN}
@@ -28,8 +28,12 @@ run_one() { # label server-binary bench-args...
 fast_steps=${FAST_STEPS:-300,400,500}
 reliable_steps=${RELIABLE_STEPS:-50,75,100}
 for _ in 1 2; do
-  run_one "before FAST" "$before" --feature fast --rate-steps "$fast_steps"
-  run_one "after FAST" "$after" --feature fast --rate-steps "$fast_steps"
-  run_one "before RELIABLE" "$before" --feature reliable --rate-steps "$reliable_steps"
-  run_one "after RELIABLE" "$after" --feature reliable --rate-steps "$reliable_steps"
+  if [[ $fast_steps != none ]]; then
+    run_one "before FAST" "$before" --feature fast --rate-steps "$fast_steps"
+    run_one "after FAST" "$after" --feature fast --rate-steps "$fast_steps"
+  fi
+  if [[ $reliable_steps != none ]]; then
+    run_one "before RELIABLE" "$before" --feature reliable --rate-steps "$reliable_steps"
+    run_one "after RELIABLE" "$after" --feature reliable --rate-steps "$reliable_steps"
+  fi
 done

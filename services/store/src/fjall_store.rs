@@ -659,13 +659,14 @@ mod tests {
             .into_iter()
             .rfind(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
             .expect("a written segment");
+        // Segment files are preallocated: the frames end where the zeros
+        // begin.
+        let mut bytes = std::fs::read(&last).expect("read segment");
+        let end = bytes.iter().rposition(|&b| b != 0).expect("frames") + 1;
         let mut torn = 500u32.to_le_bytes().to_vec();
         torn.extend_from_slice(&[7; 30]);
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&last)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, &torn))
-            .expect("tear the tail");
+        bytes.splice(end..end + torn.len(), torn);
+        std::fs::write(&last, bytes).expect("tear the tail");
         let store = open(dir.path());
         let page = store.fetch(&inbox, 0, 100).await.expect("fetch");
         assert_eq!(page.messages.len(), 10);

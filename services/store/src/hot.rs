@@ -20,12 +20,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use fjall::Slice;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::StoreError;
 
@@ -33,6 +33,10 @@ const APPEND: u8 = 1;
 const REMOVE: u8 = 2;
 const HEADER: usize = 12;
 const EXTENSION: &str = "log";
+/// A retired segment file kept for reuse.
+const SPARE: &str = "spare";
+/// Retired segment files kept for reuse.
+const SPARES: usize = 2;
 
 fn io(e: std::io::Error) -> StoreError {
     StoreError::Backend(format!("inbox log: {e}"))
@@ -248,7 +252,13 @@ fn records(payload: &[u8]) -> Option<Vec<Record<'_>>> {
 }
 
 /// The valid frames' payloads at the start of a segment's bytes.
-fn frames(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
+/// The checksum of a frame of segment `id`: seeded with the id, so the
+/// frames a reused file held in an earlier life never pass for its own.
+fn checksum(payload: &[u8], id: u64) -> u64 {
+    xxh3_64_with_seed(payload, id)
+}
+
+fn frames(bytes: &[u8], id: u64) -> (Vec<&[u8]>, usize) {
     let mut out = Vec::new();
     let mut at = 0;
     while bytes.len() - at >= HEADER {
@@ -262,7 +272,7 @@ fn frames(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
         let Some(payload) = bytes.get(at + HEADER..at + HEADER + len) else {
             break;
         };
-        if xxh3_64(payload) != sum {
+        if len == 0 || checksum(payload, id) != sum {
             break;
         }
         out.push(payload);
@@ -306,14 +316,11 @@ impl HotLog {
             File::open(segment_path(dir, id))
                 .and_then(|mut f| f.read_to_end(&mut bytes))
                 .map_err(io)?;
-            let (payloads, valid) = frames(&bytes);
-            if valid < bytes.len() {
-                tracing::warn!(
-                    segment = id,
-                    ignored_bytes = bytes.len() - valid,
-                    "inbox log: ignoring a torn or corrupt tail (a batch that was never acknowledged)"
-                );
-            }
+            // Past the last valid frame: zeros of a preallocated file, the
+            // frames of a reused file's earlier life, or a batch torn by a
+            // crash (never acknowledged: its sync did not return).
+            let (payloads, valid) = frames(&bytes, id);
+            tracing::debug!(segment = id, valid, "inbox log: segment replayed");
             segments.push_back(Segment::new(id));
             for payload in payloads {
                 let Some(records) = records(payload) else {
@@ -346,7 +353,7 @@ impl HotLog {
                 }
             }
             if let Some(seg) = segments.back_mut() {
-                seg.bytes = bytes.len() as u64;
+                seg.bytes = valid as u64;
             }
         }
         // Messages spilled into the tree just before a crash.
@@ -364,7 +371,7 @@ impl HotLog {
             }
         }
         let id = ids.last().map_or(1, |last| last + 1);
-        let file = create_segment(dir, id)?;
+        let file = open_segment(dir, id, options.segment_bytes)?;
         segments.push_back(Segment::new(id));
         Ok(Recovered {
             log: HotLog {
@@ -437,7 +444,7 @@ impl HotLog {
         }
         let payload_len = u32::try_from(self.frame.len() - HEADER)
             .map_err(|_| StoreError::Backend("inbox log: batch too large".into()))?;
-        let sum = xxh3_64(&self.frame[HEADER..]);
+        let sum = checksum(&self.frame[HEADER..], self.current_id());
         self.frame[..4].copy_from_slice(&payload_len.to_le_bytes());
         self.frame[4..HEADER].copy_from_slice(&sum.to_le_bytes());
         let written = self
@@ -495,7 +502,7 @@ impl HotLog {
     /// Closes the current segment and begins a new one.
     fn rotate(&mut self) -> Result<(), StoreError> {
         let id = self.current_id() + 1;
-        self.file = create_segment(&self.dir, id)?;
+        self.file = open_segment(&self.dir, id, self.options.segment_bytes)?;
         self.segments.push_back(Segment::new(id));
         Ok(())
     }
@@ -552,7 +559,12 @@ impl HotLog {
         if self.segments.front().is_some_and(|s| s.id == retirement.id) {
             self.segments.pop_front();
         }
-        std::fs::remove_file(segment_path(&self.dir, retirement.id)).map_err(io)?;
+        let path = segment_path(&self.dir, retirement.id);
+        if spares(&self.dir)?.len() < SPARES {
+            std::fs::rename(&path, path.with_extension(SPARE)).map_err(io)?;
+        } else {
+            std::fs::remove_file(&path).map_err(io)?;
+        }
         sync_dir(&self.dir)
     }
 }
@@ -563,12 +575,48 @@ fn release(segments: &mut VecDeque<Segment>, id: u64) {
     }
 }
 
-fn create_segment(dir: &Path, id: u64) -> Result<File, StoreError> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(segment_path(dir, id))
-        .map_err(io)?;
+/// Retired segment files in `dir`.
+fn spares(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        if path.extension().and_then(|e| e.to_str()) == Some(SPARE) {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// Opens segment `id` for writing from its start: a retired file renamed,
+/// or a new one written full of zeros first. A sync of data written into
+/// space the file already has needs no update of its size or extents, which
+/// makes the sync of every batch cheaper (~35 % less wall time, ~25 % less
+/// CPU on this machine's ext4; docs/benchmarks.md).
+fn open_segment(dir: &Path, id: u64, bytes: u64) -> Result<File, StoreError> {
+    let path = segment_path(dir, id);
+    let file = match spares(dir)?.pop() {
+        Some(spare) => {
+            std::fs::rename(spare, &path).map_err(io)?;
+            OpenOptions::new().write(true).open(&path).map_err(io)?
+        }
+        None => {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io)?;
+            let zeros = vec![0u8; 1 << 20];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                file.write_all(&zeros[..n]).map_err(io)?;
+                left -= n as u64;
+            }
+            file.sync_all().map_err(io)?;
+            file.seek(SeekFrom::Start(0)).map_err(io)?;
+            file
+        }
+    };
     sync_dir(dir)?;
     Ok(file)
 }
@@ -582,17 +630,23 @@ mod tests {
         let mut bytes = Vec::new();
         for payload in [&b"one"[..], b"two", b"three"] {
             bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&xxh3_64(payload).to_le_bytes());
+            bytes.extend_from_slice(&checksum(payload, 5).to_le_bytes());
             bytes.extend_from_slice(payload);
         }
-        let (all, valid) = frames(&bytes);
+        let (all, valid) = frames(&bytes, 5);
         assert_eq!(all, vec![&b"one"[..], b"two", b"three"]);
         assert_eq!(valid, bytes.len());
-        let (torn, _) = frames(&bytes[..bytes.len() - 1]);
+        let (torn, _) = frames(&bytes[..bytes.len() - 1], 5);
         assert_eq!(torn, vec![&b"one"[..], b"two"]);
         let mut corrupt = bytes.clone();
         corrupt[HEADER + 3 + HEADER] ^= 1; // first byte of "two"
-        assert_eq!(frames(&corrupt).0, vec![&b"one"[..]]);
+        assert_eq!(frames(&corrupt, 5).0, vec![&b"one"[..]]);
+        // The same bytes in a reused file (another segment id) are stale.
+        assert!(frames(&bytes, 6).0.is_empty());
+        // Zeros of a preallocated file end the frames.
+        let mut padded = bytes.clone();
+        padded.extend_from_slice(&[0; 64]);
+        assert_eq!(frames(&padded, 5), (all, valid));
     }
 
     #[test]
