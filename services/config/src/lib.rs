@@ -304,6 +304,9 @@ pub struct StoreConfig {
     pub max_batch: usize,
     /// Page cache, MiB.
     pub cache_mib: usize,
+    /// fjall only: undelivered messages kept in memory (and in the inbox
+    /// log) before the oldest are moved into the LSM tree, MiB.
+    pub hot_mib: usize,
 }
 
 impl Default for StoreConfig {
@@ -312,6 +315,7 @@ impl Default for StoreConfig {
             engine: StoreEngine::Fjall,
             max_batch: 8192,
             cache_mib: 64,
+            hot_mib: 64,
         }
     }
 }

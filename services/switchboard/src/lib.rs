@@ -514,6 +514,7 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, switchboard_store::Stor
             FjallStoreOptions {
                 max_batch: config.store.max_batch,
                 cache_bytes: u64::try_from(cache_bytes).unwrap_or(u64::MAX),
+                hot_bytes: config.store.hot_mib.saturating_mul(1024 * 1024),
                 ..FjallStoreOptions::default()
             },
         )?),
