@@ -71,7 +71,7 @@ ramp() {
   start switchboard
   run "switchboard FAST 200 conns" -n 200 --feature fast --rate-steps $fast_steps --warmup 2s --duration 5s
   start switchboard
-  run "switchboard RELIABLE 200 conns" -n 200 --feature reliable --rate-steps 50,75,100,125,150,200 --warmup 2s --duration 5s
+  run "switchboard RELIABLE 200 conns" -n 200 --feature reliable --rate-steps 100,200,300,350,400,450,500,600 --warmup 2s --duration 5s
 }
 
 connections() {

@@ -640,6 +640,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dormant_inbox_keeps_its_numbers_after_its_segments_are_gone() {
+        // An inbox's last messages are delivered, then it falls silent while
+        // others fill and retire many segments: after a restart its numbers
+        // go on (the counter came from the tree, not the log).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let quiet = InboxKey::new("a", "a-quiet");
+        let busy = InboxKey::new("a", "a-busy");
+        let body = "y".repeat(300);
+        {
+            let store = FjallStore::open(dir.path(), small_hot_tier()).expect("open");
+            for i in 0..5 {
+                let seqs = store
+                    .append(
+                        "a",
+                        &[crate::contract::message("a-quiet", &format!("q{i}"))],
+                    )
+                    .await
+                    .expect("append");
+                store.remove(&quiet, &seqs, None).await.expect("remove");
+            }
+            for i in 0..100 {
+                let seqs = store
+                    .append(
+                        "a",
+                        &[crate::contract::message("a-busy", &format!("{i}{body}"))],
+                    )
+                    .await
+                    .expect("append");
+                store.remove(&busy, &seqs, None).await.expect("remove");
+            }
+            store.close().await.expect("close");
+        }
+        let store = FjallStore::open(dir.path(), small_hot_tier()).expect("reopen");
+        let seqs = store
+            .append("a", &[crate::contract::message("a-quiet", "after")])
+            .await
+            .expect("append");
+        assert_eq!(seqs, vec![6], "numbers are never reused");
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
     async fn a_torn_log_tail_loses_only_the_unacknowledged_batch() {
         let dir = tempfile::tempdir().expect("tempdir");
         let inbox = InboxKey::new("a", "a-1");

@@ -543,7 +543,16 @@ impl HotLog {
         Ok(Some(Retirement {
             id: oldest.id,
             entries,
-            inboxes: oldest.inboxes.iter().cloned().collect(),
+            // A later segment with an append to the inbox holds a higher
+            // number, which replay finds: only the others need their
+            // counter written (with many inboxes each sending rarely, most
+            // are in the next segment too).
+            inboxes: oldest
+                .inboxes
+                .iter()
+                .filter(|p| !self.segments.iter().skip(1).any(|s| s.inboxes.contains(*p)))
+                .cloned()
+                .collect(),
         }))
     }
 
@@ -556,16 +565,20 @@ impl HotLog {
                 index.remove(prefix, *seq);
             }
         }
-        if self.segments.front().is_some_and(|s| s.id == retirement.id) {
-            self.segments.pop_front();
-        }
+        // The file goes before the segment leaves the list: later segments
+        // hold the removal records of its messages, so they must never be
+        // deleted while it remains (a failure here is retried, in order).
         let path = segment_path(&self.dir, retirement.id);
         if spares(&self.dir)?.len() < SPARES {
             std::fs::rename(&path, path.with_extension(SPARE)).map_err(io)?;
         } else {
             std::fs::remove_file(&path).map_err(io)?;
         }
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        if self.segments.front().is_some_and(|s| s.id == retirement.id) {
+            self.segments.pop_front();
+        }
+        Ok(())
     }
 }
 
