@@ -72,6 +72,16 @@ protocol_tests! {
         c.limits.max_content_bytes = 64 * 1024;
         c.limits.max_frame_bytes = 80 * 1024;
     };
+    a_small_outbound_backlog_slows_senders_but_loses_and_reorders_nothing => |c: &mut Config| {
+        c.limits.messages_per_second = 10_000;
+        c.limits.backlog_frames = 4;
+    };
+    a_reader_that_stops_does_not_hold_up_others_behind_a_small_backlog => |c: &mut Config| {
+        c.limits.messages_per_second = 10_000;
+        c.limits.backlog_frames = 64;
+        c.limits.max_content_bytes = 64 * 1024;
+        c.limits.max_frame_bytes = 80 * 1024;
+    };
     idle_connection_is_pinged_and_dropped_when_silent => |c: &mut Config| {
         c.limits.ping_interval_secs = 1;
         c.limits.idle_timeout_secs = 2;
@@ -659,6 +669,66 @@ async fn slow_consumer_is_disconnected_and_others_are_not_held_up(node: Deployme
     if let Closed::Frame(Some(f)) = &end {
         assert_eq!(u16::from(f.code), 1008);
     }
+    node.shutdown().await;
+}
+
+async fn a_small_outbound_backlog_slows_senders_but_loses_and_reorders_nothing(node: Deployment) {
+    // Four frames not yet written stop every reader of the gateway: two
+    // senders flood each other, each in one burst, and everything arrives.
+    let mut ann = Client::login(&node.url(), "demo-ann").await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let burst = |to: &str, feature: &str| -> Vec<Value> {
+        (0..300)
+            .map(|i| json!({"type":"MESSAGE","data":{"to":to,"content":format!("{i}")},"feature":feature}))
+            .collect()
+    };
+    ann.send_burst(&burst("demo-bob", "RELIABLE")).await;
+    bob.send_burst(&burst("demo-ann", "FAST")).await;
+    for (client, feature) in [(&mut bob, "RELIABLE"), (&mut ann, "FAST")] {
+        let mut seqs = Vec::new();
+        for i in 0..300 {
+            let m = client.recv_type("MESSAGE").await;
+            assert_eq!(m["data"]["content"], format!("{i}"), "{feature} in order");
+            seqs.push(m["data"]["seq"].as_u64());
+        }
+        if feature == "RELIABLE" {
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "rising seqs");
+        }
+    }
+    ann.expect_silence(QUIET).await;
+    bob.expect_silence(QUIET).await;
+    node.shutdown().await;
+}
+
+async fn a_reader_that_stops_does_not_hold_up_others_behind_a_small_backlog(node: Deployment) {
+    // A client that does not read has hundreds of frames queued for it
+    // (more than its socket buffers hold; its 4096-frame queue does not
+    // fill, so it is not closed). They must not count against the 64-frame
+    // backlog beyond its share (64 / 64 = one), or every reader would wait.
+    let stuck = Client::login(&node.url(), "demo-stuck").await;
+    let mut ann = Client::login(&node.url(), "demo-ann").await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let payload = "p".repeat(60_000);
+    // Bounded below the 10 s after which a client whose socket write stalls
+    // is closed (which would release its frames anyway): being held up
+    // until then is the failure.
+    let flow = async {
+        for _ in 0..400 {
+            ann.message("demo-stuck", &payload, "FAST", "").await;
+        }
+        for i in 0..20 {
+            ann.message("demo-bob", &format!("after {i}"), "FAST", "")
+                .await;
+        }
+        for i in 0..20 {
+            let m = bob.recv_type("MESSAGE").await;
+            assert_eq!(m["data"]["content"], format!("after {i}"));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), flow)
+        .await
+        .expect("others are not held up by a client that does not read");
+    stuck.close().await;
     node.shutdown().await;
 }
 

@@ -32,6 +32,10 @@ const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
 const READ_BATCH: usize = 64;
 /// Frames written per flush.
 const WRITE_BATCH: usize = 64;
+/// Longest a socket write may block (the client does not read) before the
+/// connection is closed as a slow consumer: what is queued for it must not
+/// be held forever.
+const WRITE_STALL: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to flush what is queued.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -164,7 +168,14 @@ async fn write_loop<W>(
                 let written = tokio::select! {
                     // Boxed, like frame handling: only a writing connection
                     // holds this state.
-                    r = Box::pin(write_batch(&mut sink, &mut batch)) => r.is_ok(),
+                    r = timeout(WRITE_STALL, Box::pin(write_batch(&mut sink, &mut batch))) => match r {
+                        Ok(r) => r.is_ok(),
+                        Err(_) => {
+                            metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
+                            shared.close(CloseReason::Server(1008, "slow consumer: write stalled".into()));
+                            break;
+                        }
+                    },
                     _ = shared.cancel.cancelled() => break,
                 };
                 if !written {
@@ -220,8 +231,12 @@ where
     sink.flush().await?;
     // End-to-end latency: accepted by the sender's gateway → written here.
     let now = switchboard_mesh::now_ms();
-    for out in batch.iter().filter(|o| o.accepted_ms > 0) {
-        let ms = u32::try_from(now.saturating_sub(out.accepted_ms)).unwrap_or(u32::MAX);
+    for accepted_ms in batch
+        .iter()
+        .filter_map(|o| o.push.as_ref().map(|p| p.accepted_ms))
+        .filter(|&ms| ms > 0)
+    {
+        let ms = u32::try_from(now.saturating_sub(accepted_ms)).unwrap_or(u32::MAX);
         metrics::histogram!("switchboard_delivery_latency_seconds").record(f64::from(ms) / 1000.0);
     }
     Ok(())
@@ -241,7 +256,7 @@ const SENT_SEQS_REMEMBERED: usize = 8192;
 
 impl SentSeqs {
     fn drop_repeats(&mut self, batch: &mut Vec<Outbound>) {
-        batch.retain(|out| match &out.stored {
+        batch.retain(|out| match out.stored() {
             None => true,
             Some(stored) => {
                 if !self.seen.insert(stored.seq) {
@@ -272,7 +287,7 @@ fn track_unacked(
     let mut map = unacked
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for stored in batch.iter().filter_map(|out| out.stored.as_ref()) {
+    for stored in batch.iter().filter_map(Outbound::stored) {
         // Past the cap a message is not tracked: it stays stored and comes
         // again on the next connection.
         if map.len() >= gw.limits.max_unacked {
@@ -294,7 +309,9 @@ async fn report_delivered(
         return;
     };
     for out in batch.drain(..) {
-        let Some(stored) = out.stored else { continue };
+        let Some(stored) = out.push.and_then(|p| p.stored) else {
+            continue;
+        };
         let item = pb::DeliveredItem {
             app_id: id.app_id.clone(),
             user_id: id.user_id.clone(),
@@ -337,11 +354,7 @@ impl Connection {
 
     fn send_text(&self, kind: &'static str, text: String) -> bool {
         self.gw.registry.counters.frames_out(kind, 1);
-        self.handle.send(Outbound {
-            text: Utf8Bytes::from(text),
-            stored: None,
-            accepted_ms: 0,
-        })
+        self.handle.send(Outbound::reply(Utf8Bytes::from(text)))
     }
 
     async fn read_loop<R>(&mut self, stream: &mut R)
@@ -360,6 +373,17 @@ impl Connection {
             } else {
                 auth_deadline.saturating_duration_since(Instant::now())
             };
+            if authenticated && held.is_none() {
+                // Past the gateway's backlog of frames not yet written,
+                // take no more until the sockets drain it.
+                let waited = tokio::select! {
+                    _ = self.shared().cancel.cancelled() => return,
+                    waited = self.gw.registry.backlog.room() => waited,
+                };
+                if waited {
+                    self.gw.registry.counters.backlog_wait();
+                }
+            }
             let next = match held.take() {
                 Some(item) => Ok(*item),
                 None => tokio::select! {
@@ -719,11 +743,14 @@ impl Connection {
                 .increment(1);
             let sent = self.handle.send(Outbound {
                 text: Utf8Bytes::from(text),
-                stored: Some(Box::new(crate::registry::Stored {
-                    seq: msg.seq,
-                    id: msg.id.clone(),
+                push: Some(Box::new(crate::registry::Push {
+                    stored: Some(crate::registry::Stored {
+                        seq: msg.seq,
+                        id: msg.id.clone(),
+                    }),
+                    accepted_ms: 0,
+                    _backlog: None,
                 })),
-                accepted_ms: 0,
             });
             if !sent {
                 break;

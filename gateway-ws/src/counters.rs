@@ -12,6 +12,7 @@ pub(crate) struct Counters {
     frames_out: Vec<(&'static str, Counter)>,
     /// direct/fast, direct/reliable, group/fast, group/reliable.
     messages: [Counter; 4],
+    backlog_waits: Counter,
 }
 
 /// Frame types sent per message (the rest are rare).
@@ -54,6 +55,7 @@ impl Counters {
                 message("group", "fast"),
                 message("group", "reliable"),
             ],
+            backlog_waits: metrics::counter!("switchboard_backlog_waits_total"),
         }
     }
 
@@ -71,6 +73,11 @@ impl Counters {
             Some((_, c)) => c.increment(n),
             None => metrics::counter!("switchboard_frames_out_total", "type" => kind).increment(n),
         }
+    }
+
+    /// A connection's reader waited for the gateway's backlog to drain.
+    pub(crate) fn backlog_wait(&self) {
+        self.backlog_waits.increment(1);
     }
 
     pub(crate) fn message(&self, group: bool, reliable: bool) -> &Counter {

@@ -78,13 +78,14 @@ pub struct GatewayRole {
 impl GatewayRole {
     pub fn new(id: impl Into<String>, limits: Limits, deps: GatewayDeps) -> Self {
         let (delivered_tx, delivered_rx) = mpsc::channel(DELIVERED_QUEUE);
+        let registry = Registry::new(limits.backlog_frames);
         tokio::spawn(report_delivered(deps.delivery.clone(), delivered_rx));
         GatewayRole {
             inner: Arc::new(GatewayInner {
                 id: id.into(),
                 limits,
                 deps,
-                registry: Registry::default(),
+                registry,
                 delivered_tx,
                 shutdown: CancellationToken::new(),
                 next_conn_id: std::sync::atomic::AtomicU64::new(1),

@@ -2,10 +2,12 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use switchboard_mesh::pb;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -14,19 +16,109 @@ use crate::frames;
 /// A frame on its way to one connection.
 pub struct Outbound {
     pub text: Utf8Bytes,
+    /// Set for messages pushed to the connection; `None` for replies.
+    /// Boxed: a small `Outbound` keeps each connection's queue blocks small.
+    pub push: Option<Box<Push>>,
+}
+
+impl Outbound {
+    pub fn reply(text: Utf8Bytes) -> Self {
+        Outbound { text, push: None }
+    }
+
+    pub fn stored(&self) -> Option<&Stored> {
+        self.push.as_ref()?.stored.as_ref()
+    }
+}
+
+/// What a pushed message carries besides its text.
+pub struct Push {
     /// A stored message: reported delivered once written (or tracked for
     /// acknowledgement in ack mode).
-    /// Boxed: most frames carry none, and a small `Outbound` keeps each
-    /// connection's queue blocks small.
-    pub stored: Option<Box<Stored>>,
+    pub stored: Option<Stored>,
     /// When the message was accepted (ms since the epoch), for the delivery
-    /// latency metric; 0 for replies.
+    /// latency metric; 0 when unknown.
     pub accepted_ms: i64,
+    /// Counts the frame in the gateway's backlog until it is dropped
+    /// (written, or discarded with a closed connection's queue).
+    pub _backlog: Option<BacklogToken>,
 }
 
 pub struct Stored {
     pub seq: u64,
     pub id: String,
+}
+
+/// Frames pushed to this gateway's connections and not written yet. Past
+/// the limit, connection readers wait before taking more messages: under
+/// overload, ingestion slows to what the sockets drain (senders feel TCP
+/// backpressure) instead of queueing without bound while deliveries starve.
+pub struct Backlog {
+    queued: AtomicUsize,
+    limit: usize,
+    per_connection: usize,
+    drained: Notify,
+}
+
+/// Frames one connection's queue counts in the backlog at most: a 64th of
+/// the limit, at most 256. A client that stops reading holds only this many
+/// (until it is closed as a slow consumer: its queue fills, or a write
+/// stalls for 10 s), so filling the backlog takes 64 such clients.
+const BACKLOG_PER_CONNECTION: usize = 256;
+
+/// How long a reader waits before looking at the backlog again, should a
+/// wake-up be missed.
+const BACKLOG_RECHECK: Duration = Duration::from_millis(50);
+
+impl Backlog {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Backlog {
+            queued: AtomicUsize::new(0),
+            limit,
+            per_connection: (limit / 64).clamp(1, BACKLOG_PER_CONNECTION),
+            drained: Notify::new(),
+        })
+    }
+
+    /// A token for a frame queued behind `waiting` others on its
+    /// connection; none past the connection's share (or without a limit).
+    pub fn token(self: &Arc<Self>, waiting: usize) -> Option<BacklogToken> {
+        if self.limit == 0 || waiting >= self.per_connection {
+            return None;
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        Some(BacklogToken(Arc::clone(self)))
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Returns once the backlog is under its limit; whether it had to wait.
+    pub async fn room(&self) -> bool {
+        if self.limit == 0 || self.queued() < self.limit {
+            return false;
+        }
+        loop {
+            let drained = self.drained.notified();
+            if self.queued() < self.limit {
+                return true;
+            }
+            let _ = tokio::time::timeout(BACKLOG_RECHECK, drained).await;
+        }
+    }
+}
+
+/// One frame in the backlog; dropping it takes the frame out.
+pub struct BacklogToken(Arc<Backlog>);
+
+impl Drop for BacklogToken {
+    fn drop(&mut self) {
+        let before = self.0.queued.fetch_sub(1, Ordering::AcqRel);
+        if before == self.0.limit {
+            self.0.drained.notify_waiters();
+        }
+    }
 }
 
 /// Why the server closes a connection.
@@ -108,20 +200,22 @@ pub struct Registry {
     hasher: std::collections::hash_map::RandomState,
     count: std::sync::atomic::AtomicUsize,
     pub(crate) counters: crate::counters::Counters,
+    pub(crate) backlog: Arc<Backlog>,
 }
 
-impl Default for Registry {
-    fn default() -> Self {
+impl Registry {
+    /// A registry whose pushes count in a backlog of `backlog_frames` (0:
+    /// no limit).
+    pub fn new(backlog_frames: usize) -> Self {
         Registry {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             count: std::sync::atomic::AtomicUsize::new(0),
             counters: crate::counters::Counters::new(),
+            backlog: Backlog::new(backlog_frames),
         }
     }
-}
 
-impl Registry {
     fn shard(&self, app_id: &str, user_id: &str) -> &Shard {
         let mut h = self.hasher.build_hasher();
         app_id.hash(&mut h);
@@ -206,21 +300,89 @@ impl Registry {
         };
         let mut queued = 0;
         for conn in conns {
-            let stored = tracked.then(|| {
-                Box::new(Stored {
-                    seq: msg.seq,
-                    id: msg.id.clone(),
-                })
+            let stored = tracked.then(|| Stored {
+                seq: msg.seq,
+                id: msg.id.clone(),
             });
-            if conn.send(Outbound {
-                text: text.clone(),
+            // A queue already long (a client not reading) stops adding to
+            // the gateway's backlog.
+            let waiting = conn.tx.max_capacity() - conn.tx.capacity();
+            let backlog = self.backlog.token(waiting);
+            let push = Push {
                 stored,
                 accepted_ms: msg.ts,
+                _backlog: backlog,
+            };
+            if conn.send(Outbound {
+                text: text.clone(),
+                push: Some(Box::new(push)),
             }) {
                 queued += 1;
             }
         }
         self.counters.frames_out(kind, u64::from(queued));
         queued
+    }
+}
+
+#[cfg(test)]
+mod backlog_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readers_wait_past_the_limit_and_go_on_when_frames_are_written() {
+        let backlog = Backlog::new(128); // two frames per connection
+        let a = backlog.token(0).expect("counted");
+        assert!(!backlog.room().await, "under the limit: no wait");
+        let mut held = vec![a];
+        for _ in 1..128 {
+            held.push(backlog.token(0).expect("counted"));
+        }
+        assert_eq!(backlog.queued(), 128);
+        let waiter = {
+            let backlog = Arc::clone(&backlog);
+            tokio::spawn(async move { backlog.room().await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "at the limit a reader waits");
+        // One frame written (its token dropped): the reader goes on.
+        held.pop();
+        let waited = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert!(waited);
+        drop(held);
+        assert_eq!(backlog.queued(), 0, "every frame leaves the count");
+    }
+
+    #[test]
+    fn a_connection_counts_only_its_share() {
+        let backlog = Backlog::new(128);
+        assert!(backlog.token(1).is_some());
+        assert!(backlog.token(2).is_none(), "past 128 / 64 queued frames");
+        assert!(Backlog::new(0).token(0).is_none(), "0: no gate");
+        assert_eq!(backlog.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn frames_dropped_with_a_closed_queue_leave_the_backlog() {
+        let backlog = Backlog::new(1024);
+        let (tx, rx) = mpsc::channel::<Outbound>(8);
+        for _ in 0..3 {
+            let push = Push {
+                stored: None,
+                accepted_ms: 0,
+                _backlog: backlog.token(0),
+            };
+            tx.try_send(Outbound {
+                text: Utf8Bytes::from_static("x"),
+                push: Some(Box::new(push)),
+            })
+            .expect("queued");
+        }
+        assert_eq!(backlog.queued(), 3);
+        drop(rx); // the connection is gone with frames still queued
+        assert_eq!(backlog.queued(), 0);
     }
 }

@@ -240,6 +240,11 @@ pub struct Limits {
     /// once. A connection that was sent a batch keeps a buffer of about this
     /// size; idle ones do not.
     pub write_buffer_bytes: usize,
+    /// Frames pushed to this gateway's connections and not yet written,
+    /// past which connections' readers wait before taking more messages
+    /// (ingestion slows to what the sockets drain; senders feel TCP
+    /// backpressure). 0 turns the gate off.
+    pub backlog_frames: usize,
 }
 
 impl Default for Limits {
@@ -258,6 +263,7 @@ impl Default for Limits {
             max_unacked: 10_000,
             read_buffer_bytes: 2048,
             write_buffer_bytes: 16 * 1024,
+            backlog_frames: 16_384,
         }
     }
 }
