@@ -327,4 +327,7 @@ async fn metrics_count_exactly_the_messages_sent() {
             &[("op", "append")]
         ) >= 3.0
     );
+    // The inbox log: one segment at least, and nothing spilled at this size.
+    assert!(sample(&after, "switchboard_store_log_segments", &[]) >= 1.0);
+    assert_eq!(delta("switchboard_store_spilled_total", &[]), 0.0);
 }

@@ -35,6 +35,32 @@ pub struct DeliveryRole {
     presence: Arc<dyn Presence>,
     gateways: Arc<dyn GatewayDirectory>,
     auth: AuthClient,
+    metrics: Metrics,
+}
+
+/// Handles of the metrics recorded per store call, registered once (the
+/// labelled macros build and hash their key on every call).
+struct Metrics {
+    append_seconds: metrics::Histogram,
+    fetch_seconds: metrics::Histogram,
+    remove_seconds: metrics::Histogram,
+    appended: metrics::Counter,
+    removed: metrics::Counter,
+    fast_dropped_offline: metrics::Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let op = |op: &'static str| metrics::histogram!("switchboard_store_op_duration_seconds", "op" => op);
+        Metrics {
+            append_seconds: op("append"),
+            fetch_seconds: op("fetch"),
+            remove_seconds: op("remove"),
+            appended: metrics::counter!("switchboard_inbox_appended_total"),
+            removed: metrics::counter!("switchboard_inbox_removed_total"),
+            fast_dropped_offline: metrics::counter!("switchboard_fast_dropped_total", "reason" => "offline"),
+        }
+    }
 }
 
 /// Deliveries recently done, by (app, message id, recipient), with the seq
@@ -173,6 +199,7 @@ impl DeliveryRole {
             presence,
             gateways,
             auth,
+            metrics: Metrics::new(),
         }
     }
 
@@ -238,9 +265,10 @@ impl DeliveryRole {
                 tracing::info_span!("store.append", count = run.len()),
             )
             .await?;
-            metrics::histogram!("switchboard_store_op_duration_seconds", "op" => "append")
+            self.metrics
+                .append_seconds
                 .record(started.elapsed().as_secs_f64());
-            metrics::counter!("switchboard_inbox_appended_total").increment(run.len() as u64);
+            self.metrics.appended.increment(run.len() as u64);
             for (slot, seq) in seqs[start..end].iter_mut().zip(assigned) {
                 *slot = seq;
             }
@@ -289,8 +317,7 @@ impl DeliveryRole {
                         .is_some_and(|m| m.feature() == pb::Feature::Fast);
                     if fast && !item.sent_copy {
                         // Nobody to hand it to: a FAST message is gone.
-                        metrics::counter!("switchboard_fast_dropped_total", "reason" => "offline")
-                            .increment(1);
+                        self.metrics.fast_dropped_offline.increment(1);
                     }
                 }
                 [(only, _)] => by_gateway.entry(only.clone()).or_default().push(item),
@@ -340,7 +367,8 @@ impl switchboard_mesh::Delivery for DeliveryRole {
             .fetch(&inbox, req.after_seq, req.count as usize)
             .await
             .map_err(DeliveryError::from)?;
-        metrics::histogram!("switchboard_store_op_duration_seconds", "op" => "fetch")
+        self.metrics
+            .fetch_seconds
             .record(started.elapsed().as_secs_f64());
         Ok(pb::FetchReply {
             messages: page.messages,
@@ -371,7 +399,8 @@ impl switchboard_mesh::Delivery for DeliveryRole {
             .remove_many(by_inbox, Some(confirmation_of))
             .await
             .map_err(DeliveryError::from)?;
-        metrics::histogram!("switchboard_store_op_duration_seconds", "op" => "remove")
+        self.metrics
+            .remove_seconds
             .record(started.elapsed().as_secs_f64());
         let mut removed_total = 0u64;
         for (app_id, removal) in apps.into_iter().zip(removals) {
@@ -380,9 +409,9 @@ impl switchboard_mesh::Delivery for DeliveryRole {
                 pushes.push(push_to_recipient(app_id.clone(), msg));
             }
         }
-        metrics::counter!("switchboard_inbox_removed_total").increment(removed_total);
+        self.metrics.removed.increment(removed_total);
         // Sender confirmations, stored in the same write.
-        metrics::counter!("switchboard_inbox_appended_total").increment(pushes.len() as u64);
+        self.metrics.appended.increment(pushes.len() as u64);
         let removed = u32::try_from(removed_total).unwrap_or(u32::MAX);
         if !pushes.is_empty() {
             self.push(pushes).await?;

@@ -59,8 +59,11 @@ pub trait Presence: Send + Sync + 'static {
     ) -> Result<Vec<(String, u32)>, PresenceError>;
 }
 
-type UserKey = (String, String);
-type Shard = RwLock<HashMap<UserKey, HashMap<String, u32>>>;
+/// Connections per gateway of one user.
+type Gateways = HashMap<String, u32>;
+/// app → user → gateways: looked up by `&str` at each level, so a lookup on
+/// the delivery hot path allocates nothing.
+type Shard = RwLock<HashMap<String, HashMap<String, Gateways>>>;
 
 /// Presence of a single process. Sharded so that lookups on the delivery hot
 /// path rarely contend.
@@ -102,9 +105,14 @@ impl Presence for InMemoryPresence {
             .shard(app_id, user_id)
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let gateways = map
-            .entry((app_id.to_owned(), user_id.to_owned()))
-            .or_default();
+        let users = match map.get_mut(app_id) {
+            Some(users) => users,
+            None => map.entry(app_id.to_owned()).or_default(),
+        };
+        let gateways = match users.get_mut(user_id) {
+            Some(gateways) => gateways,
+            None => users.entry(user_id.to_owned()).or_default(),
+        };
         let first = gateways.is_empty();
         *gateways.entry(gateway_id.to_owned()).or_insert(0) += 1;
         Ok(Transition {
@@ -122,8 +130,12 @@ impl Presence for InMemoryPresence {
             .shard(app_id, user_id)
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (app_id.to_owned(), user_id.to_owned());
-        let Some(gateways) = map.get_mut(&key) else {
+        let Some(users) = map.get_mut(app_id) else {
+            return Ok(Transition {
+                user_changed: false,
+            });
+        };
+        let Some(gateways) = users.get_mut(user_id) else {
             return Ok(Transition {
                 user_changed: false,
             });
@@ -136,7 +148,10 @@ impl Presence for InMemoryPresence {
         }
         let last = gateways.is_empty();
         if last {
-            map.remove(&key);
+            users.remove(user_id);
+            if users.is_empty() {
+                map.remove(app_id);
+            }
         }
         Ok(Transition { user_changed: last })
     }
@@ -151,7 +166,8 @@ impl Presence for InMemoryPresence {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(map
-            .get(&(app_id.to_owned(), user_id.to_owned()))
+            .get(app_id)
+            .and_then(|users| users.get(user_id))
             .map(|g| g.iter().map(|(gw, n)| (gw.clone(), *n)).collect())
             .unwrap_or_default())
     }

@@ -95,6 +95,24 @@ struct Writer {
     /// gap, which is harmless, where reloading could reuse a number.
     seq_cache: HashMap<Vec<u8>, u64>,
     hot: HotLog,
+    metrics: LogMetrics,
+}
+
+/// What operators watch of the inbox log.
+struct LogMetrics {
+    bytes: metrics::Gauge,
+    segments: metrics::Gauge,
+    spilled: metrics::Counter,
+}
+
+impl LogMetrics {
+    fn new() -> Self {
+        LogMetrics {
+            bytes: metrics::gauge!("switchboard_store_log_bytes"),
+            segments: metrics::gauge!("switchboard_store_log_segments"),
+            spilled: metrics::counter!("switchboard_store_spilled_total"),
+        }
+    }
 }
 
 impl FjallStore {
@@ -132,6 +150,7 @@ impl FjallStore {
             last_seq,
             seq_cache: HashMap::new(),
             hot: recovered.log,
+            metrics: LogMetrics::new(),
         };
         for (prefix, seq) in recovered.last_seqs {
             let stored = writer.stored_last_seq(&prefix)?;
@@ -331,6 +350,9 @@ impl Writer {
             wb.commit().map_err(backend)?;
             self.db.persist(PersistMode::SyncData).map_err(backend)?;
             if !retirement.entries.is_empty() {
+                self.metrics
+                    .spilled
+                    .increment(retirement.entries.len() as u64);
                 tracing::debug!(
                     messages = retirement.entries.len(),
                     "store: undelivered messages moved from the inbox log into the tree"
@@ -364,6 +386,9 @@ impl Engine for Writer {
         if let Err(e) = self.maintain() {
             tracing::error!(error = %e, "store: inbox log maintenance failed; retried after the next batch");
         }
+        let (bytes, segments) = self.hot.footprint();
+        self.metrics.bytes.set(bytes as f64);
+        self.metrics.segments.set(segments as f64);
         Ok(outcomes)
     }
 

@@ -387,6 +387,11 @@ impl HotLog {
         })
     }
 
+    /// Undelivered bytes in memory and segment files, for the metrics.
+    pub(crate) fn footprint(&self) -> (usize, usize) {
+        (lock(&self.index).bytes, self.segments.len())
+    }
+
     pub(crate) fn index(&self) -> SharedIndex {
         Arc::clone(&self.index)
     }
