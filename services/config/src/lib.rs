@@ -498,6 +498,12 @@ impl Config {
                 "discovery.lease_ttl_secs must be > 0 and discovery.key_prefix non-empty".into(),
             ));
         }
+        if self.store.hot_mib == 0 {
+            return Err(ConfigError::Invalid(
+                "store.hot_mib must be at least 1 (MiB of undelivered messages kept in the inbox log)"
+                    .into(),
+            ));
+        }
         let l = &self.limits;
         if l.max_frame_bytes < 256 || l.max_content_bytes == 0 {
             return Err(ConfigError::Invalid(
@@ -694,6 +700,15 @@ mod tests {
             Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__ENGINE", "sqlite")]))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_hot_tier_without_memory_is_refused() {
+        let err = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__HOT_MIB", "0")]))
+            .expect_err("0 is refused");
+        assert!(err.to_string().contains("store.hot_mib"), "{err}");
+        let c = Config::from_toml_and_env("[store]\nhot_mib = 256\n", &env(&[])).expect("load");
+        assert_eq!(c.store.hot_mib, 256);
     }
 
     #[test]
