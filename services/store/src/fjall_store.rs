@@ -156,6 +156,7 @@ impl FjallStore {
             let stored = writer.stored_last_seq(&prefix)?;
             writer.seq_cache.insert(prefix, seq.max(stored));
         }
+        writer.publish_footprint();
         let hot = writer.hot.index();
         let writer = GroupCommit::start(writer, options.max_batch, options.queue_capacity)?;
         Ok(FjallStore { inbox, hot, writer })
@@ -333,6 +334,12 @@ impl Writer {
         self.db.persist(mode).map_err(backend)
     }
 
+    fn publish_footprint(&self) {
+        let (bytes, segments) = self.hot.footprint();
+        self.metrics.bytes.set(bytes as f64);
+        self.metrics.segments.set(segments as f64);
+    }
+
     /// Deletes log segments whose messages are all delivered, and spills
     /// the oldest segment's undelivered messages into the tree when the hot
     /// tier is over budget. The tree is synced before a segment goes.
@@ -386,9 +393,7 @@ impl Engine for Writer {
         if let Err(e) = self.maintain() {
             tracing::error!(error = %e, "store: inbox log maintenance failed; retried after the next batch");
         }
-        let (bytes, segments) = self.hot.footprint();
-        self.metrics.bytes.set(bytes as f64);
-        self.metrics.segments.set(segments as f64);
+        self.publish_footprint();
         Ok(outcomes)
     }
 
