@@ -404,6 +404,69 @@ impl Engine for Writer {
     }
 }
 
+/// An entry of the tree's range in a fetch: its seq alone (to count it) or
+/// with its value (to return it).
+trait TreeEntry {
+    fn seq(self) -> Result<u64, StoreError>;
+    fn seq_and_value(self) -> Result<(u64, Slice), StoreError>;
+}
+
+impl TreeEntry for fjall::Guard {
+    fn seq(self) -> Result<u64, StoreError> {
+        seq_of(&self.key().map_err(backend)?)
+    }
+
+    fn seq_and_value(self) -> Result<(u64, Slice), StoreError> {
+        let (key, value) = self.into_inner().map_err(backend)?;
+        Ok((seq_of(&key)?, value))
+    }
+}
+
+/// One page of an inbox from its two tiers, both oldest first: the log's
+/// messages (read first) and the tree's. A message in both — moved from the
+/// log into the tree while the fetch ran — is returned and counted once.
+fn merge_page<T: TreeEntry>(
+    hot: Vec<(u64, Slice)>,
+    tree: impl Iterator<Item = T>,
+    limit: usize,
+) -> Result<InboxPage, StoreError> {
+    let mut page = InboxPage::default();
+    let put = |page: &mut InboxPage, seq: u64, value: &[u8]| {
+        if page.messages.len() < limit {
+            page.messages.push(decode_stored(value, seq)?);
+        } else {
+            page.left += 1;
+        }
+        Ok::<(), StoreError>(())
+    };
+    let mut hot = hot.into_iter().peekable();
+    for entry in tree {
+        if page.messages.len() < limit {
+            let (seq, value) = entry.seq_and_value()?;
+            let mut twice = false;
+            while let Some((hot_seq, hot_value)) = hot.next_if(|(s, _)| *s <= seq) {
+                twice |= hot_seq == seq;
+                put(&mut page, hot_seq, &hot_value)?;
+            }
+            if !twice {
+                put(&mut page, seq, &value)?;
+            }
+        } else {
+            // Counting the rest needs only the keys.
+            let seq = entry.seq()?;
+            while hot.next_if(|(s, _)| *s < seq).is_some() {
+                page.left += 1;
+            }
+            hot.next_if(|(s, _)| *s == seq);
+            page.left += 1;
+        }
+    }
+    for (seq, value) in hot {
+        put(&mut page, seq, &value)?;
+    }
+    Ok(page)
+}
+
 #[async_trait]
 impl Store for FjallStore {
     async fn append(
@@ -431,42 +494,7 @@ impl Store for FjallStore {
         tokio::task::spawn_blocking(move || {
             let from = message_key(&prefix, after_seq.saturating_add(1));
             let to = message_key(&prefix, u64::MAX);
-            let mut page = InboxPage::default();
-            let put = |page: &mut InboxPage, seq: u64, value: &[u8]| {
-                if page.messages.len() < limit {
-                    page.messages.push(decode_stored(value, seq)?);
-                } else {
-                    page.left += 1;
-                }
-                Ok::<(), StoreError>(())
-            };
-            let mut hot = hot.into_iter().peekable();
-            for guard in keyspace.range(from..=to) {
-                if page.messages.len() < limit {
-                    let (key, value) = guard.into_inner().map_err(backend)?;
-                    let seq = seq_of(&key)?;
-                    let mut twice = false;
-                    while let Some((hot_seq, hot_value)) = hot.next_if(|(s, _)| *s <= seq) {
-                        twice |= hot_seq == seq;
-                        put(&mut page, hot_seq, &hot_value)?;
-                    }
-                    if !twice {
-                        put(&mut page, seq, &value)?;
-                    }
-                } else {
-                    // Counting the rest needs only the keys.
-                    let seq = seq_of(&guard.key().map_err(backend)?)?;
-                    while hot.next_if(|(s, _)| *s < seq).is_some() {
-                        page.left += 1;
-                    }
-                    hot.next_if(|(s, _)| *s == seq);
-                    page.left += 1;
-                }
-            }
-            for (seq, value) in hot {
-                put(&mut page, seq, &value)?;
-            }
-            Ok(page)
+            merge_page(hot, keyspace.range(from..=to), limit)
         })
         .await
         .map_err(backend)?
@@ -811,6 +839,55 @@ mod tests {
             "no message comes back"
         );
         store.close().await.expect("close");
+    }
+
+    impl TreeEntry for (u64, Slice) {
+        fn seq(self) -> Result<u64, StoreError> {
+            Ok(self.0)
+        }
+
+        fn seq_and_value(self) -> Result<(u64, Slice), StoreError> {
+            Ok(self)
+        }
+    }
+
+    #[test]
+    fn a_page_merges_both_tiers_and_takes_a_message_in_both_once() {
+        let value = |tier: &str, seq: u64| {
+            let msg = crate::contract::message("a-1", &format!("{tier}{seq}"));
+            Slice::from(Prepared::new(&msg).value)
+        };
+        let hot = |seqs: &[u64]| {
+            seqs.iter()
+                .map(|&s| (s, value("log", s)))
+                .collect::<Vec<_>>()
+        };
+        let tree = |seqs: &[u64]| {
+            seqs.iter()
+                .map(|&s| (s, value("tree", s)))
+                .collect::<Vec<_>>()
+        };
+        // 3 is in both (moved into the tree while the fetch ran); so is 6,
+        // past the page.
+        let page = |limit| {
+            merge_page(
+                hot(&[2, 3, 5, 6]),
+                tree(&[1, 3, 4, 6, 7]).into_iter(),
+                limit,
+            )
+            .expect("merge")
+        };
+        let all = page(100);
+        let seqs: Vec<u64> = all.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(all.messages[2].content, "log3", "the log's copy is taken");
+        assert_eq!(all.left, 0);
+        let first = page(3);
+        let seqs: Vec<u64> = first.messages.iter().map(|m| m.seq).collect();
+        assert_eq!((seqs, first.left), (vec![1, 2, 3], 4));
+        assert_eq!(page(0).left, 7, "a count counts each message once");
+        let only_log = merge_page(hot(&[4, 9]), tree(&[]).into_iter(), 1).expect("merge");
+        assert_eq!((only_log.messages[0].seq, only_log.left), (4, 1));
     }
 
     #[test]
