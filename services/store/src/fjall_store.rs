@@ -740,6 +740,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_next_segment_file_is_prepared_in_the_background() {
+        // Undelivered messages keep every segment alive, so no retired file
+        // can be reused: after a rotation a new spare is written aside.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = FjallStoreOptions {
+            hot_bytes: 1 << 20,
+            segment_bytes: 4096,
+            ..FjallStoreOptions::default()
+        };
+        let store = FjallStore::open(dir.path(), options).expect("open");
+        let body = "z".repeat(500);
+        for i in 0..20 {
+            store
+                .append(
+                    "a",
+                    &[crate::contract::message("a-off", &format!("{i}{body}"))],
+                )
+                .await
+                .expect("append");
+        }
+        let spare = dir.path().join("inbox.log").join("fresh.spare");
+        let mut waited = 0;
+        while !spare.exists() && waited < 100 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            waited += 1;
+        }
+        assert!(
+            spare.exists(),
+            "a spare was prepared: {:?}",
+            log_segments(dir.path())
+        );
+        assert_eq!(std::fs::metadata(&spare).expect("spare").len(), 4096);
+        let page = store
+            .fetch(&InboxKey::new("a", "a-off"), 0, 100)
+            .await
+            .expect("fetch");
+        assert_eq!(page.messages.len(), 20);
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
     async fn a_torn_log_tail_loses_only_the_unacknowledged_batch() {
         let dir = tempfile::tempdir().expect("tempdir");
         let inbox = InboxKey::new("a", "a-1");

@@ -37,6 +37,10 @@ const EXTENSION: &str = "log";
 const SPARE: &str = "spare";
 /// Retired segment files kept for reuse.
 const SPARES: usize = 2;
+/// A spare being written full of zeros in the background, and its name
+/// once done.
+const PREPARING: &str = "fresh.tmp";
+const PREPARED: &str = "fresh.spare";
 
 fn io(e: std::io::Error) -> StoreError {
     StoreError::Backend(format!("inbox log: {e}"))
@@ -161,6 +165,8 @@ pub(crate) struct HotLog {
     file: File,
     frame: Vec<u8>,
     staged: Staged,
+    /// Whether a spare is being prepared in the background.
+    preparing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the batch being built does to the index, applied once its frame is
@@ -292,6 +298,8 @@ impl HotLog {
         in_tree: impl Fn(&[u8], u64) -> Result<bool, StoreError>,
     ) -> Result<Recovered, StoreError> {
         std::fs::create_dir_all(dir).map_err(io)?;
+        // A spare whose preparation a stop interrupted.
+        let _ = std::fs::remove_file(dir.join(PREPARING));
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
@@ -382,6 +390,7 @@ impl HotLog {
                 file,
                 frame: Vec::new(),
                 staged: Staged::default(),
+                preparing: Arc::default(),
             },
             last_seqs,
         })
@@ -509,7 +518,41 @@ impl HotLog {
         let id = self.current_id() + 1;
         self.file = open_segment(&self.dir, id, self.options.segment_bytes)?;
         self.segments.push_back(Segment::new(id));
+        self.prepare_spare();
         Ok(())
+    }
+
+    /// Without a spare left, writes the next one in the background, so that
+    /// the next rotation does not write a segment's worth of zeros on the
+    /// writer thread (~10 ms here) while every caller waits.
+    fn prepare_spare(&self) {
+        use std::sync::atomic::Ordering;
+        if !spares(&self.dir).is_ok_and(|s| s.is_empty())
+            || self.preparing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let dir = self.dir.clone();
+        let bytes = self.options.segment_bytes;
+        let preparing = Arc::clone(&self.preparing);
+        let spawned = std::thread::Builder::new()
+            .name("store-log-spare".into())
+            .spawn(move || {
+                let tmp = dir.join(PREPARING);
+                let done = File::create(&tmp)
+                    .map_err(io)
+                    .and_then(|mut f| fill_zeros(&mut f, bytes))
+                    .and_then(|()| std::fs::rename(&tmp, dir.join(PREPARED)).map_err(io))
+                    .and_then(|()| sync_dir(&dir));
+                if let Err(e) = done {
+                    tracing::debug!(error = %e, "inbox log: no spare segment prepared");
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                preparing.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.preparing.store(false, Ordering::Release);
+        }
     }
 
     /// The next segment to retire, if any: the oldest one when it has no
@@ -623,20 +666,25 @@ fn open_segment(dir: &Path, id: u64, bytes: u64) -> Result<File, StoreError> {
                 .create_new(true)
                 .open(&path)
                 .map_err(io)?;
-            let zeros = vec![0u8; 1 << 20];
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(zeros.len() as u64) as usize;
-                file.write_all(&zeros[..n]).map_err(io)?;
-                left -= n as u64;
-            }
-            file.sync_all().map_err(io)?;
+            fill_zeros(&mut file, bytes)?;
             file.seek(SeekFrom::Start(0)).map_err(io)?;
             file
         }
     };
     sync_dir(dir)?;
     Ok(file)
+}
+
+/// Writes `bytes` zeros from the file's position and syncs them.
+fn fill_zeros(file: &mut File, bytes: u64) -> Result<(), StoreError> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..n]).map_err(io)?;
+        left -= n as u64;
+    }
+    file.sync_all().map_err(io)
 }
 
 #[cfg(test)]
