@@ -23,6 +23,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use fjall::Slice;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -75,6 +76,11 @@ impl HotIndex {
             .unwrap_or_default()
     }
 
+    /// Bytes of undelivered message values held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     fn get(&self, prefix: &[u8], seq: u64) -> Option<&Entry> {
         self.inboxes.get(prefix)?.get(&seq)
     }
@@ -121,6 +127,9 @@ struct Segment {
     /// Inboxes with a message in it: their sequence counters are written to
     /// the tree before the segment is deleted, so numbers are never reused.
     inboxes: HashSet<Vec<u8>>,
+    /// When it stopped taking appends (its newest message is this old);
+    /// `None` while it is the current segment.
+    sealed: Option<Instant>,
 }
 
 impl Segment {
@@ -130,7 +139,13 @@ impl Segment {
             live: 0,
             bytes: 0,
             inboxes: HashSet::new(),
+            sealed: None,
         }
+    }
+
+    /// Whether every message in it is at least `age` old.
+    fn older_than(&self, age: Duration) -> bool {
+        self.sealed.is_some_and(|t| t.elapsed() >= age)
     }
 }
 
@@ -147,11 +162,19 @@ pub(crate) struct Retirement {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HotOptions {
     /// Bytes of undelivered message values kept in memory before the oldest
-    /// segment is spilled into the tree.
+    /// segment is spilled into the tree — once its messages are older than
+    /// `spill_after`.
     pub(crate) budget: usize,
+    /// Younger messages are in flight (about to be delivered): spilling them
+    /// would cost a tree insert and a tombstone each, moments before their
+    /// removal. Under overload that made deliveries collapse (docs/
+    /// benchmarks.md), so they stay in memory past the budget, up to
+    /// `max_segments`.
+    pub(crate) spill_after: Duration,
     /// A segment file is closed and a new one begun past this size.
     pub(crate) segment_bytes: u64,
-    /// Most segment files kept (each may hold a few undelivered messages).
+    /// Most segment files kept: past it the oldest is spilled whatever its
+    /// age (bounds the log on disk and the index in memory).
     pub(crate) max_segments: usize,
 }
 
@@ -362,6 +385,7 @@ impl HotLog {
             }
             if let Some(seg) = segments.back_mut() {
                 seg.bytes = valid as u64;
+                seg.sealed = Some(Instant::now());
             }
         }
         // Messages spilled into the tree just before a crash.
@@ -398,7 +422,7 @@ impl HotLog {
 
     /// Undelivered bytes in memory and segment files, for the metrics.
     pub(crate) fn footprint(&self) -> (usize, usize) {
-        (lock(&self.index).bytes, self.segments.len())
+        (lock(&self.index).bytes(), self.segments.len())
     }
 
     pub(crate) fn index(&self) -> SharedIndex {
@@ -515,6 +539,9 @@ impl HotLog {
 
     /// Closes the current segment and begins a new one.
     fn rotate(&mut self) -> Result<(), StoreError> {
+        if let Some(current) = self.segments.back_mut() {
+            current.sealed = Some(Instant::now());
+        }
         let id = self.current_id() + 1;
         self.file = open_segment(&self.dir, id, self.options.segment_bytes)?;
         self.segments.push_back(Segment::new(id));
@@ -564,15 +591,16 @@ impl HotLog {
             .segments
             .back()
             .is_some_and(|s| s.bytes >= self.options.segment_bytes);
-        let over = lock(&self.index).bytes > self.options.budget
-            || self.segments.len() > self.options.max_segments;
-        if full || (over && self.segments.len() == 1) {
+        let over_budget = lock(&self.index).bytes > self.options.budget;
+        let too_many = self.segments.len() > self.options.max_segments;
+        if full || (over_budget && self.segments.len() == 1) {
             self.rotate()?;
         }
         let Some(oldest) = self.segments.front() else {
             return Ok(None);
         };
-        if self.segments.len() == 1 || (oldest.live > 0 && !over) {
+        let spill = too_many || (over_budget && oldest.older_than(self.options.spill_after));
+        if self.segments.len() == 1 || (oldest.live > 0 && !spill) {
             return Ok(None);
         }
         let mut entries = Vec::with_capacity(oldest.live);
