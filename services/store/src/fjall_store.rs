@@ -431,10 +431,12 @@ impl TreeEntry for fjall::Guard {
 }
 
 /// One page of an inbox from its two tiers, both oldest first: the log's
-/// messages (read first) and the tree's. A message in both — moved from the
-/// log into the tree while the fetch ran — is returned and counted once.
+/// first messages (read first; `hot_rest` more after them) and the tree's.
+/// A message in both — moved from the log into the tree while the fetch ran
+/// — is returned once, and counted once unless it is past the log's part.
 fn merge_page<T: TreeEntry>(
     hot: Vec<(u64, Slice)>,
+    hot_rest: u64,
     tree: impl Iterator<Item = T>,
     limit: usize,
 ) -> Result<InboxPage, StoreError> {
@@ -472,6 +474,7 @@ fn merge_page<T: TreeEntry>(
     for (seq, value) in hot {
         put(&mut page, seq, &value)?;
     }
+    page.left += hot_rest;
     Ok(page)
 }
 
@@ -497,12 +500,14 @@ impl Store for FjallStore {
         let prefix = inbox_prefix(&inbox.app_id, &inbox.user_id);
         // The log first, then the tree: a message moved from one to the
         // other meanwhile is seen twice (and taken once), never missed.
-        let hot = hot::lock(&self.hot).after(&prefix, after_seq);
+        // Only the log's first `limit` can be on the page: any later one is
+        // larger than all of them.
+        let (hot, hot_rest) = hot::lock(&self.hot).after(&prefix, after_seq, limit);
         let keyspace = self.inbox.clone();
         tokio::task::spawn_blocking(move || {
             let from = message_key(&prefix, after_seq.saturating_add(1));
             let to = message_key(&prefix, u64::MAX);
-            merge_page(hot, keyspace.range(from..=to), limit)
+            merge_page(hot, hot_rest, keyspace.range(from..=to), limit)
         })
         .await
         .map_err(backend)?
@@ -971,6 +976,7 @@ mod tests {
         let page = |limit| {
             merge_page(
                 hot(&[2, 3, 5, 6]),
+                0,
                 tree(&[1, 3, 4, 6, 7]).into_iter(),
                 limit,
             )
@@ -985,8 +991,12 @@ mod tests {
         let seqs: Vec<u64> = first.messages.iter().map(|m| m.seq).collect();
         assert_eq!((seqs, first.left), (vec![1, 2, 3], 4));
         assert_eq!(page(0).left, 7, "a count counts each message once");
-        let only_log = merge_page(hot(&[4, 9]), tree(&[]).into_iter(), 1).expect("merge");
+        let only_log = merge_page(hot(&[4, 9]), 0, tree(&[]).into_iter(), 1).expect("merge");
         assert_eq!((only_log.messages[0].seq, only_log.left), (4, 1));
+        // The log's part cut at the page size, 3 more behind it.
+        let cut = merge_page(hot(&[2, 5]), 3, tree(&[1, 4]).into_iter(), 2).expect("merge");
+        let seqs: Vec<u64> = cut.messages.iter().map(|m| m.seq).collect();
+        assert_eq!((seqs, cut.left), (vec![1, 2], 2 + 3));
     }
 
     #[test]

@@ -64,16 +64,24 @@ pub(crate) struct HotIndex {
 }
 
 impl HotIndex {
-    /// The messages of an inbox after `after_seq`, oldest first.
-    pub(crate) fn after(&self, prefix: &[u8], after_seq: u64) -> Vec<(u64, Slice)> {
-        self.inboxes
-            .get(prefix)
-            .map(|m| {
-                m.range(after_seq.saturating_add(1)..)
-                    .map(|(&seq, e)| (seq, e.value.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// The first `limit` messages of an inbox after `after_seq`, oldest
+    /// first, and how many more there are.
+    pub(crate) fn after(
+        &self,
+        prefix: &[u8],
+        after_seq: u64,
+        limit: usize,
+    ) -> (Vec<(u64, Slice)>, u64) {
+        let Some(messages) = self.inboxes.get(prefix) else {
+            return (Vec::new(), 0);
+        };
+        let mut range = messages.range(after_seq.saturating_add(1)..);
+        let page = range
+            .by_ref()
+            .take(limit)
+            .map(|(&seq, e)| (seq, e.value.clone()))
+            .collect();
+        (page, range.count() as u64)
     }
 
     /// Bytes of undelivered message values held.
