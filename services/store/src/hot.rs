@@ -198,6 +198,10 @@ pub(crate) struct HotLog {
     staged: Staged,
     /// Whether a spare is being prepared in the background.
     preparing: Arc<std::sync::atomic::AtomicBool>,
+    /// The newest segment with an append to each inbox: a retiring segment
+    /// writes the counters of the inboxes whose newest it is (replay finds
+    /// the others' higher numbers in later segments).
+    newest_append: HashMap<Vec<u8>, u64>,
 }
 
 /// What the batch being built does to the index, applied once its frame is
@@ -349,6 +353,7 @@ impl HotLog {
         let mut index = HotIndex::default();
         let mut segments = VecDeque::new();
         let mut last_seqs: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut newest_append: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut bytes = Vec::new();
         for &id in &ids {
             bytes.clear();
@@ -371,6 +376,7 @@ impl HotLog {
                         Record::Append(prefix, seq, value) => {
                             let last = last_seqs.entry(prefix.to_vec()).or_default();
                             *last = (*last).max(seq);
+                            newest_append.insert(prefix.to_vec(), id);
                             let entry = Entry {
                                 value: Slice::from(value),
                                 segment: id,
@@ -423,6 +429,7 @@ impl HotLog {
                 frame: Vec::new(),
                 staged: Staged::default(),
                 preparing: Arc::default(),
+                newest_append,
             },
             last_seqs,
         })
@@ -525,6 +532,12 @@ impl HotLog {
                 released.push(old.segment);
             }
             added += 1;
+            match self.newest_append.get_mut(&prefix) {
+                Some(newest) => *newest = current,
+                None => {
+                    self.newest_append.insert(prefix.clone(), current);
+                }
+            }
             inboxes.push(prefix);
         }
         drop(index);
@@ -628,13 +641,13 @@ impl HotLog {
             id: oldest.id,
             entries,
             // A later segment with an append to the inbox holds a higher
-            // number, which replay finds: only the others need their
-            // counter written (with many inboxes each sending rarely, most
-            // are in the next segment too).
+            // number, which replay finds: only the inboxes whose newest
+            // append is here need their counter written (with many inboxes
+            // each sending rarely, most are in the next segment too).
             inboxes: oldest
                 .inboxes
                 .iter()
-                .filter(|p| !self.segments.iter().skip(1).any(|s| s.inboxes.contains(*p)))
+                .filter(|p| self.newest_append.get(*p) == Some(&oldest.id))
                 .cloned()
                 .collect(),
         }))
@@ -662,12 +675,26 @@ impl HotLog {
         if self.segments.front().is_some_and(|s| s.id == retirement.id) {
             self.segments.pop_front();
         }
+        // Their counters are in the tree now; no live segment appends to them.
+        for prefix in &retirement.inboxes {
+            self.newest_append.remove(prefix);
+        }
         Ok(())
     }
 }
 
+/// One message of segment `id` left the index. Live segments have
+/// consecutive ids (a new one is the current one's + 1, and only the oldest
+/// is retired), so the segment is found by its offset from the oldest.
 fn release(segments: &mut VecDeque<Segment>, id: u64) {
-    if let Some(seg) = segments.iter_mut().find(|s| s.id == id) {
+    let Some(oldest) = segments.front().map(|s| s.id) else {
+        return;
+    };
+    let at = id.checked_sub(oldest).and_then(|d| usize::try_from(d).ok());
+    if let Some(seg) = at
+        .and_then(|at| segments.get_mut(at))
+        .filter(|s| s.id == id)
+    {
         seg.live = seg.live.saturating_sub(1);
     }
 }
@@ -702,8 +729,13 @@ fn open_segment(dir: &Path, id: u64, bytes: u64) -> Result<File, StoreError> {
                 .create_new(true)
                 .open(&path)
                 .map_err(io)?;
-            fill_zeros(&mut file, bytes)?;
-            file.seek(SeekFrom::Start(0)).map_err(io)?;
+            // A partial file would make every later rotation to this id fail.
+            let filled = fill_zeros(&mut file, bytes)
+                .and_then(|()| file.seek(SeekFrom::Start(0)).map_err(io));
+            if let Err(e) = filled {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
             file
         }
     };
