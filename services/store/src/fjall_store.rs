@@ -209,11 +209,12 @@ impl Writer {
     }
 
     fn next_seq(&mut self, prefix: &[u8]) -> Result<u64, StoreError> {
-        let last = match self.seq_cache.get(prefix) {
-            Some(&seq) => seq,
-            None => self.stored_last_seq(prefix)?,
-        };
-        let seq = last + 1;
+        // The usual case: a known inbox, counted up in place.
+        if let Some(last) = self.seq_cache.get_mut(prefix) {
+            *last += 1;
+            return Ok(*last);
+        }
+        let seq = self.stored_last_seq(prefix)? + 1;
         self.seq_cache.insert(prefix.to_vec(), seq);
         Ok(seq)
     }
