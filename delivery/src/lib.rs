@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use switchboard_mesh::{AuthClient, GatewayDirectory, ServiceError, pb};
 use switchboard_presence::Presence;
-use switchboard_store::{InboxKey, Store, StoreError};
+use switchboard_store::{InboxKey, MessageHeader, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -171,7 +171,7 @@ fn into_inbox_message(envelope: pb::Envelope) -> Option<(String, pb::InboxMessag
 
 /// The sender confirmation of a delivered message: RELIABLE, for direct
 /// messages that carry a reference. Its id is the original message's id.
-fn confirmation_of(msg: &pb::InboxMessage) -> Option<pb::InboxMessage> {
+fn confirmation_of(msg: &MessageHeader) -> Option<pb::InboxMessage> {
     if msg.kind() != pb::MessageKind::Direct || msg.reference.is_empty() {
         return None;
     }

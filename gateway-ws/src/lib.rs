@@ -4,6 +4,7 @@
 mod connection;
 mod counters;
 pub mod frames;
+mod json;
 mod ratelimit;
 mod registry;
 mod server;

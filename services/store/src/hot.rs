@@ -18,7 +18,8 @@
 //! applied whole or not at all: a torn or corrupt frame ends the replay of
 //! its segment (it was never acknowledged, its sync did not return).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

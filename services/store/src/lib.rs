@@ -34,14 +34,31 @@ impl InboxKey {
     }
 }
 
+/// The fields of a stored message that a follow-up is built from: all but
+/// its content, group and timestamps, so that a removal never copies (or
+/// validates) a message body. Same field numbers as [`InboxMessage`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MessageHeader {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(enumeration = "switchboard_proto::mesh::MessageKind", tag = "2")]
+    pub kind: i32,
+    #[prost(string, tag = "3")]
+    pub from: String,
+    #[prost(string, tag = "4")]
+    pub to: String,
+    #[prost(string, tag = "7")]
+    pub reference: String,
+}
+
 /// Builds the message that follows the removal of a delivered one.
-pub type FollowUp = fn(&InboxMessage) -> Option<InboxMessage>;
+pub type FollowUp = fn(&MessageHeader) -> Option<InboxMessage>;
 
 /// What a removal did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Removal {
-    /// The messages that were still there.
-    pub removed: Vec<InboxMessage>,
+    /// Sequence numbers of the messages that were still there.
+    pub removed: Vec<u64>,
     /// Follow-up messages appended, with their sequence numbers.
     pub appended: Vec<InboxMessage>,
 }
@@ -130,26 +147,51 @@ pub trait Store: Send + Sync + 'static {
 /// assigns its sequence number (kept in the key, not in the value).
 pub(crate) struct Prepared {
     pub(crate) to: String,
-    pub(crate) value: Vec<u8>,
+    /// Encoded straight into the buffer the engines keep (no copy on the
+    /// writer thread).
+    pub(crate) value: fjall::Slice,
 }
 
 impl Prepared {
     pub(crate) fn new(msg: &InboxMessage) -> Self {
         // The seq lives in the key only.
         let value = if msg.seq == 0 {
-            msg.encode_to_vec()
+            encode_value(msg)
         } else {
-            InboxMessage {
+            encode_value(&InboxMessage {
                 seq: 0,
                 ..msg.clone()
-            }
-            .encode_to_vec()
+            })
         };
         Prepared {
             to: msg.to.clone(),
             value,
         }
     }
+}
+
+fn encode_value(msg: &InboxMessage) -> fjall::Slice {
+    let mut value = byteview::ByteView::with_size(msg.encoded_len());
+    let encoded = match value.get_mut() {
+        Some(mut buf) => {
+            let mut out: &mut [u8] = &mut buf;
+            // The buffer has exactly the encoded length.
+            msg.encode(&mut out).is_ok() && out.is_empty()
+        }
+        None => false,
+    };
+    if encoded {
+        fjall::Slice::from(value)
+    } else {
+        // Unreachable in practice (a fresh buffer has one owner, and the
+        // length is prost's own); the plain way.
+        fjall::Slice::from(msg.encode_to_vec())
+    }
+}
+
+/// Decodes what a follow-up needs of a stored message, skipping its body.
+pub(crate) fn decode_header(value: &[u8]) -> Result<MessageHeader, StoreError> {
+    Ok(MessageHeader::decode(value)?)
 }
 
 /// Decodes a stored message; its sequence number comes from the key.

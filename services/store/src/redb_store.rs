@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp, needs_sync};
 use crate::{
     FollowUp, InboxKey, InboxMessage, InboxPage, Prepared, Removal, Store, StoreError,
-    decode_stored,
+    decode_header, decode_stored,
 };
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -114,7 +114,7 @@ fn insert_next(
         + 1;
     last_seq.insert(key, seq).map_err(backend)?;
     inbox
-        .insert((key.0, key.1, seq), msg.value.as_slice())
+        .insert((key.0, key.1, seq), &*msg.value)
         .map_err(backend)?;
     Ok(seq)
 }
@@ -147,29 +147,34 @@ impl Engine for RedbEngine {
                         follow_up,
                         ..
                     } => {
+                        let follow_up = *follow_up;
                         let mut out = Vec::with_capacity(removals.len());
                         for (key, seqs) in removals.iter() {
                             let mut removal = Removal::default();
                             for &seq in seqs {
-                                let old = inbox
+                                // Only a follow-up needs the message, and
+                                // only its header.
+                                let header = match inbox
                                     .remove((key.app_id.as_str(), key.user_id.as_str(), seq))
                                     .map_err(backend)?
-                                    .map(|bytes| decode_stored(bytes.value(), seq));
-                                if let Some(msg) = old {
-                                    removal.removed.push(msg?);
-                                }
-                            }
-                            if let Some(follow_up) = follow_up {
-                                for msg in &removal.removed {
-                                    if let Some(mut next) = follow_up(msg) {
-                                        next.seq = insert_next(
-                                            &mut inbox,
-                                            &mut last_seq,
-                                            &key.app_id,
-                                            &Prepared::new(&next),
-                                        )?;
-                                        removal.appended.push(next);
+                                {
+                                    None => continue,
+                                    Some(old) if follow_up.is_some() => {
+                                        Some(decode_header(old.value())?)
                                     }
+                                    Some(_) => None,
+                                };
+                                removal.removed.push(seq);
+                                if let (Some(follow_up), Some(header)) = (follow_up, header)
+                                    && let Some(mut next) = follow_up(&header)
+                                {
+                                    next.seq = insert_next(
+                                        &mut inbox,
+                                        &mut last_seq,
+                                        &key.app_id,
+                                        &Prepared::new(&next),
+                                    )?;
+                                    removal.appended.push(next);
                                 }
                             }
                             out.push(removal);
