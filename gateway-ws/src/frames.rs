@@ -1,21 +1,179 @@
 //! Client protocol v1 frames: parsing what clients send and rendering what
 //! they receive. JSON lives here and nowhere else.
 
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use switchboard_mesh::{ErrorCode, pb};
 
 use crate::json;
 
-/// A parsed client frame: its type, `data` object and top-level fields.
+/// A parsed client frame: its type, `data` fields and top-level fields.
 #[derive(Debug)]
 pub struct ClientFrame {
     pub kind: String,
-    pub data: Map<String, Value>,
+    data: Data,
     pub feature: Option<String>,
     pub reference: Option<String>,
     /// A client's own W3C `traceparent`: the message joins that trace.
     pub traceparent: Option<String>,
+}
+
+/// The `data` fields any frame type of protocol v1 reads. Others are
+/// skipped while parsing, without being kept.
+const DATA_FIELDS: [&str; 10] = [
+    "to", "content", "group", "appId", "userId", "token", "acks", "device", "count", "ids",
+];
+
+/// The known fields of `data`, in the order they came (a repeated field:
+/// the last one counts, as with any JSON object reader).
+#[derive(Debug, Default)]
+struct Data(Vec<(&'static str, Value)>);
+
+impl Data {
+    fn take(&mut self, field: &str) -> Option<Value> {
+        debug_assert!(DATA_FIELDS.contains(&field), "data.{field} is not parsed");
+        let at = self.0.iter().rposition(|(k, _)| *k == field)?;
+        Some(self.0.swap_remove(at).1)
+    }
+}
+
+/// What `data` was: read field by field (no map of every key is built).
+enum DataSlot {
+    Absent,
+    Null,
+    Object(Data),
+    Other,
+}
+
+/// The top-level fields a frame has; everything else is skipped.
+struct Top {
+    kind: Option<Value>,
+    data: DataSlot,
+    feature: Option<Value>,
+    reference: Option<Value>,
+    traceparent: Option<Value>,
+}
+
+struct TopVisitor;
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = Top;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a frame is a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        let mut top = Top {
+            kind: None,
+            data: DataSlot::Absent,
+            feature: None,
+            reference: None,
+            traceparent: None,
+        };
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match key.as_str() {
+                "type" => top.kind = Some(map.next_value()?),
+                "data" => top.data = map.next_value_seed(DataSeed)?,
+                "feature" => top.feature = Some(map.next_value()?),
+                "reference" => top.reference = Some(map.next_value()?),
+                "traceparent" => top.traceparent = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(top)
+    }
+}
+
+/// A key, borrowed from the frame unless it has escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct DataSeed;
+
+impl<'de> DeserializeSeed<'de> for DataSeed {
+    type Value = DataSlot;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<DataSlot, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DataSeed {
+    type Value = DataSlot;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<DataSlot, A::Error> {
+        let mut data = Data::default();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match DATA_FIELDS.iter().find(|&&f| f == key.as_str()) {
+                Some(&field) => data.0.push((field, map.next_value()?)),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(DataSlot::Object(data))
+    }
+
+    fn visit_unit<E>(self) -> Result<DataSlot, E> {
+        Ok(DataSlot::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<DataSlot, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(DataSlot::Other)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<DataSlot, E> {
+        Ok(DataSlot::Other)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<DataSlot, E> {
+        Ok(DataSlot::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<DataSlot, E> {
+        Ok(DataSlot::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<DataSlot, E> {
+        Ok(DataSlot::Other)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<DataSlot, E> {
+        Ok(DataSlot::Other)
+    }
 }
 
 /// Why a frame was refused, with the reference when it could be read.
@@ -42,15 +200,18 @@ impl FrameError {
 }
 
 pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
-    let Value::Object(mut obj) = value else {
-        return Err(FrameError::new(
-            ErrorCode::InvalidFrame,
-            "a frame is a JSON object",
-        ));
-    };
-    let reference = match obj.remove("reference") {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let top = de
+        .deserialize_map(TopVisitor)
+        .and_then(|top| de.end().map(|()| top))
+        .map_err(|e| match e.classify() {
+            // Well-formed JSON of the wrong shape: not an object.
+            serde_json::error::Category::Data => {
+                FrameError::new(ErrorCode::InvalidFrame, "a frame is a JSON object")
+            }
+            _ => FrameError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}")),
+        })?;
+    let reference = match top.reference {
         Some(Value::String(s)) => Some(s),
         Some(Value::Null) | None => None,
         Some(_) => {
@@ -60,7 +221,7 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             ));
         }
     };
-    let kind = match obj.remove("type") {
+    let kind = match top.kind {
         Some(Value::String(s)) => s,
         _ => {
             return Err(
@@ -69,18 +230,18 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             );
         }
     };
-    let data = match obj.remove("data") {
-        Some(Value::Object(m)) => m,
-        None | Some(Value::Null) => Map::new(),
-        Some(_) => {
+    let data = match top.data {
+        DataSlot::Object(data) => data,
+        DataSlot::Absent | DataSlot::Null => Data::default(),
+        DataSlot::Other => {
             return Err(
                 FrameError::new(ErrorCode::InvalidFrame, "data must be an object")
                     .with_reference(reference),
             );
         }
     };
-    let feature = optional_string(&mut obj, "feature", &reference)?;
-    let traceparent = optional_string(&mut obj, "traceparent", &reference)?;
+    let feature = optional_string(top.feature, "feature", &reference)?;
+    let traceparent = optional_string(top.traceparent, "traceparent", &reference)?;
     Ok(ClientFrame {
         kind,
         data,
@@ -92,11 +253,11 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
 
 /// An optional top-level string field (absent or null: `None`).
 fn optional_string(
-    obj: &mut Map<String, Value>,
+    value: Option<Value>,
     name: &str,
     reference: &Option<String>,
 ) -> Result<Option<String>, FrameError> {
-    match obj.remove(name) {
+    match value {
         Some(Value::String(s)) => Ok(Some(s)),
         None | Some(Value::Null) => Ok(None),
         Some(_) => Err(FrameError::new(
@@ -143,7 +304,7 @@ impl ClientFrame {
 
     /// A required string field of `data`, moved out.
     pub fn take_string(&mut self, field: &str) -> Result<String, FrameError> {
-        match self.data.remove(field) {
+        match self.data.take(field) {
             Some(Value::String(s)) => Ok(s),
             Some(_) => Err(self.err(
                 ErrorCode::InvalidFrame,
@@ -157,7 +318,7 @@ impl ClientFrame {
     }
 
     pub fn take_optional_string(&mut self, field: &str) -> Result<Option<String>, FrameError> {
-        match self.data.remove(field) {
+        match self.data.take(field) {
             Some(Value::String(s)) => Ok(Some(s)),
             None | Some(Value::Null) => Ok(None),
             Some(_) => Err(self.err(
@@ -168,7 +329,7 @@ impl ClientFrame {
     }
 
     pub fn take_bool(&mut self, field: &str) -> Result<bool, FrameError> {
-        match self.data.remove(field) {
+        match self.data.take(field) {
             Some(Value::Bool(b)) => Ok(b),
             None | Some(Value::Null) => Ok(false),
             Some(_) => Err(self.err(
@@ -179,7 +340,7 @@ impl ClientFrame {
     }
 
     pub fn take_string_list(&mut self, field: &str) -> Result<Option<Vec<String>>, FrameError> {
-        match self.data.remove(field) {
+        match self.data.take(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(items)) => items
                 .into_iter()
@@ -200,7 +361,7 @@ impl ClientFrame {
     }
 
     pub fn take_count(&mut self, field: &str, default: u32) -> Result<u32, FrameError> {
-        match self.data.remove(field) {
+        match self.data.take(field) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::Number(n)) => n
                 .as_u64()
@@ -446,6 +607,100 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"type":"X","data":3}"#).expect_err("bad").code,
+            ErrorCode::InvalidFrame
+        );
+    }
+
+    #[test]
+    fn parse_reads_objects_as_any_json_reader_would() {
+        // Escaped keys, unknown fields (any shape) skipped, a repeated field's
+        // last value, whitespace around.
+        let mut f = parse(
+            r#" {"t\u0079pe":"MESSAGE","x":{"deep":[1,{"a":null}]},"data":{"to":"a-1","to":"a-2","extra":[true],"content":"c\n"},"feature":null} "#,
+        )
+        .expect("parse");
+        assert_eq!(f.kind, "MESSAGE");
+        assert_eq!(f.feature, None);
+        assert_eq!(f.take_string("to").expect("to"), "a-2");
+        assert_eq!(f.take_string("content").expect("content"), "c\n");
+        assert!(f.take_optional_string("group").expect("group").is_none());
+        // A frame without data, or with null data, has no fields.
+        let mut f = parse(r#"{"type":"ACK","data":null}"#).expect("parse");
+        assert!(f.take_string_list("ids").expect("ids").is_none());
+    }
+
+    #[test]
+    fn each_malformed_frame_gets_its_own_error() {
+        for (text, code, message, reference) in [
+            ("", ErrorCode::InvalidJson, "invalid JSON", None),
+            ("{} x", ErrorCode::InvalidJson, "invalid JSON", None),
+            (
+                r#"{"type":"A""#,
+                ErrorCode::InvalidJson,
+                "invalid JSON",
+                None,
+            ),
+            (
+                "null",
+                ErrorCode::InvalidFrame,
+                "a frame is a JSON object",
+                None,
+            ),
+            (
+                r#""MESSAGE""#,
+                ErrorCode::InvalidFrame,
+                "a frame is a JSON object",
+                None,
+            ),
+            (
+                r#"{"type":"A","reference":3}"#,
+                ErrorCode::InvalidFrame,
+                "reference must be a string",
+                None,
+            ),
+            (
+                r#"{"reference":"r","type":7}"#,
+                ErrorCode::InvalidFrame,
+                "missing string field type",
+                Some("r"),
+            ),
+            (
+                r#"{"type":"A","data":[1],"reference":"r"}"#,
+                ErrorCode::InvalidFrame,
+                "data must be an object",
+                Some("r"),
+            ),
+            (
+                r#"{"type":"A","data":"x"}"#,
+                ErrorCode::InvalidFrame,
+                "data must be an object",
+                None,
+            ),
+            (
+                r#"{"type":"A","feature":1,"reference":"r"}"#,
+                ErrorCode::InvalidFrame,
+                "feature must be a string",
+                Some("r"),
+            ),
+            (
+                r#"{"type":"A","traceparent":{}}"#,
+                ErrorCode::InvalidFrame,
+                "traceparent must be a string",
+                None,
+            ),
+        ] {
+            let e = parse(text).expect_err(text);
+            assert_eq!(e.code, code, "{text}");
+            assert!(e.message.starts_with(message), "{text}: {}", e.message);
+            assert_eq!(e.reference.as_deref(), reference, "{text}");
+        }
+        let mut f = parse(r#"{"type":"MESSAGE","data":{"to":5,"count":-1}}"#).expect("parse");
+        assert_eq!(
+            f.take_string("to").expect_err("number").code,
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            f.take_count("count", 1).expect_err("negative").code,
             ErrorCode::InvalidFrame
         );
     }
