@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -17,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
 
 use crate::GatewayInner;
+use crate::counters::Counters;
 use crate::frames::{self, ClientFrame, FrameError};
 use crate::ratelimit::RateLimiter;
 use crate::registry::{CloseReason, ConnHandle, ConnShared, Outbound};
@@ -165,18 +167,27 @@ async fn write_loop<W>(
                 track_unacked(&gw, &identity, &unacked, &batch);
                 // A client that stops reading blocks the write; a close
                 // request (slow consumer, shutdown) must still get through.
-                let written = tokio::select! {
+                let written = {
                     // Boxed, like frame handling: only a writing connection
                     // holds this state.
-                    r = timeout(WRITE_STALL, Box::pin(write_batch(&mut sink, &mut batch))) => match r {
-                        Ok(r) => r.is_ok(),
-                        Err(_) => {
-                            metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
-                            shared.close(CloseReason::Server(1008, "slow consumer: write stalled".into()));
-                            break;
-                        }
-                    },
-                    _ = shared.cancel.cancelled() => break,
+                    let mut write = Box::pin(write_batch(&mut sink, &mut batch, &gw.registry.counters));
+                    // Nearly every write completes at once (the socket has
+                    // room): the stall timer is armed only for one that waits.
+                    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+                    match first {
+                        Poll::Ready(r) => r.is_ok(),
+                        Poll::Pending => tokio::select! {
+                            r = timeout(WRITE_STALL, write) => match r {
+                                Ok(r) => r.is_ok(),
+                                Err(_) => {
+                                    metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
+                                    shared.close(CloseReason::Server(1008, "slow consumer: write stalled".into()));
+                                    break;
+                                }
+                            },
+                            _ = shared.cancel.cancelled() => break,
+                        },
+                    }
                 };
                 if !written {
                     shared.close(CloseReason::Client);
@@ -208,7 +219,10 @@ async fn write_loop<W>(
         }
         sent.drop_repeats(&mut batch);
         track_unacked(&gw, &identity, &unacked, &batch);
-        if write_batch(&mut sink, &mut batch).await.is_ok() {
+        if write_batch(&mut sink, &mut batch, &gw.registry.counters)
+            .await
+            .is_ok()
+        {
             report_delivered(&gw, &identity, &mut batch).await;
         }
         let frame = CloseFrame {
@@ -221,7 +235,11 @@ async fn write_loop<W>(
     .await;
 }
 
-async fn write_batch<W>(sink: &mut W, batch: &mut [Outbound]) -> Result<(), WsError>
+async fn write_batch<W>(
+    sink: &mut W,
+    batch: &mut [Outbound],
+    counters: &Counters,
+) -> Result<(), WsError>
 where
     W: futures_util::Sink<Message, Error = WsError> + Unpin,
 {
@@ -237,7 +255,7 @@ where
         .filter(|&ms| ms > 0)
     {
         let ms = u32::try_from(now.saturating_sub(accepted_ms)).unwrap_or(u32::MAX);
-        metrics::histogram!("switchboard_delivery_latency_seconds").record(f64::from(ms) / 1000.0);
+        counters.delivery_latency(f64::from(ms) / 1000.0);
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! call (~4 % of the server's CPU at 100,000 msgs/s, docs/benchmarks.md).
 //! Labels outside the known sets fall back to the macro.
 
-use metrics::Counter;
+use metrics::{Counter, Histogram};
 
 use crate::frames;
 
@@ -13,6 +13,7 @@ pub(crate) struct Counters {
     /// direct/fast, direct/reliable, group/fast, group/reliable.
     messages: [Counter; 4],
     backlog_waits: Counter,
+    delivery_latency: Histogram,
 }
 
 /// Frame types sent per message (the rest are rare).
@@ -56,6 +57,7 @@ impl Counters {
                 message("group", "reliable"),
             ],
             backlog_waits: metrics::counter!("switchboard_backlog_waits_total"),
+            delivery_latency: metrics::histogram!("switchboard_delivery_latency_seconds"),
         }
     }
 
@@ -73,6 +75,11 @@ impl Counters {
             Some((_, c)) => c.increment(n),
             None => metrics::counter!("switchboard_frames_out_total", "type" => kind).increment(n),
         }
+    }
+
+    /// A message's time from its sender's gateway to this socket.
+    pub(crate) fn delivery_latency(&self, seconds: f64) {
+        self.delivery_latency.record(seconds);
     }
 
     /// A connection's reader waited for the gateway's backlog to drain.
