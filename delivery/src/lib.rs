@@ -7,7 +7,7 @@
 //! sender gave a reference, a MESSAGE_CONFIRMATION (itself RELIABLE) goes back.
 //! FAST: pushed to whoever is connected, never stored.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use async_trait::async_trait;

@@ -1,6 +1,6 @@
 //! The live, authenticated connections of this gateway, by user.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -197,7 +197,7 @@ const SHARDS: usize = 32;
 
 pub struct Registry {
     shards: Vec<Shard>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     count: std::sync::atomic::AtomicUsize,
     pub(crate) counters: crate::counters::Counters,
     pub(crate) backlog: Arc<Backlog>,
@@ -209,7 +209,7 @@ impl Registry {
     pub fn new(backlog_frames: usize) -> Self {
         Registry {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             count: std::sync::atomic::AtomicUsize::new(0),
             counters: crate::counters::Counters::new(),
             backlog: Backlog::new(backlog_frames),

@@ -2,7 +2,7 @@
 //! process, a direct call) or the role's instances on the mesh (a [`Pool`]
 //! with failover). The caller's code is the same either way.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::ops::Deref;
 use std::sync::{Arc, RwLock};
 

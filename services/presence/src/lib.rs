@@ -4,7 +4,7 @@
 //! user is connected. The in-memory implementation serves one process; a
 //! Redis implementation (multi-process) sits behind the same trait.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::RwLock;
 
@@ -69,7 +69,7 @@ type Shard = RwLock<HashMap<String, HashMap<String, Gateways>>>;
 /// path rarely contend.
 pub struct InMemoryPresence {
     shards: Vec<Shard>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 const SHARDS: usize = 32;
@@ -78,7 +78,7 @@ impl Default for InMemoryPresence {
     fn default() -> Self {
         InMemoryPresence {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
