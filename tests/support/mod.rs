@@ -179,12 +179,41 @@ pub fn test_redis() -> Option<String> {
     }
 }
 
-/// A free loopback port (bound and released; good enough for tests).
+/// A loopback port that is free now, for a process a test starts (which
+/// binds it itself).
+///
+/// Taken from just below the kernel's ephemeral range, never twice in one
+/// test binary: nothing the kernel hands out (a bind to port 0, the local
+/// end of an outgoing connection) is ever one of these, so a port a test
+/// frees for a while — an etcd it stops and starts again on the same
+/// address — stays its own. (Probing with a bind to port 0 handed such a
+/// port to a process of a test running alongside, once in six suite runs.)
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static RANGE: OnceLock<(u32, u32)> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let &(start, len) = RANGE.get_or_init(|| {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32768);
+        let start = ephemeral_low.saturating_sub(20_000).max(1024);
+        // Test binaries run one after another; the process id spreads
+        // them over the range anyway.
+        NEXT.store(std::process::id() % 4096, Ordering::Relaxed);
+        (start, ephemeral_low.saturating_sub(start).max(1))
+    });
+    for _ in 0..len {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % len;
+        let Ok(port) = u16::try_from(start + offset) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {start}..{}", start + len);
 }
 
 /// The real `switchboard` binary as a child process.
