@@ -308,6 +308,10 @@ pub struct StoreConfig {
     pub engine: StoreEngine,
     /// Most messages (appended or removed) committed, and fsync'd, together.
     pub max_batch: usize,
+    /// Shortest time from one sync to the next, microseconds: appends that
+    /// arrive sooner wait (at most this long) and share the next sync. 0:
+    /// sync as often as the disk allows.
+    pub sync_interval_us: u64,
     /// Page cache, MiB.
     pub cache_mib: usize,
     /// fjall only: undelivered messages kept in memory (and in the inbox
@@ -320,6 +324,7 @@ impl Default for StoreConfig {
         StoreConfig {
             engine: StoreEngine::Fjall,
             max_batch: 8192,
+            sync_interval_us: 1000,
             cache_mib: 64,
             hot_mib: 64,
         }
@@ -501,6 +506,12 @@ impl Config {
         if self.store.hot_mib == 0 {
             return Err(ConfigError::Invalid(
                 "store.hot_mib must be at least 1 (MiB of undelivered messages kept in the inbox log)"
+                    .into(),
+            ));
+        }
+        if self.store.sync_interval_us > 100_000 {
+            return Err(ConfigError::Invalid(
+                "store.sync_interval_us must be at most 100000 (every durable write may wait that long)"
                     .into(),
             ));
         }
@@ -709,6 +720,20 @@ mod tests {
         assert!(err.to_string().contains("store.hot_mib"), "{err}");
         let c = Config::from_toml_and_env("[store]\nhot_mib = 256\n", &env(&[])).expect("load");
         assert_eq!(c.store.hot_mib, 256);
+    }
+
+    #[test]
+    fn the_sync_interval_is_bounded() {
+        let err = Config::from_toml_and_env(
+            "",
+            &env(&[("SWITCHBOARD_STORE__SYNC_INTERVAL_US", "1000000")]),
+        )
+        .expect_err("a second is refused");
+        assert!(err.to_string().contains("store.sync_interval_us"), "{err}");
+        let c = Config::from_toml_and_env("[store]\nsync_interval_us = 0\n", &env(&[]))
+            .expect("0 turns it off");
+        assert_eq!(c.store.sync_interval_us, 0);
+        assert_eq!(Config::default().store.sync_interval_us, 1000);
     }
 
     #[test]

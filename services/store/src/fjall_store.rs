@@ -69,6 +69,9 @@ pub struct FjallStoreOptions {
     /// Past `hot_bytes`, only messages at least this old are spilled into
     /// the tree: younger ones are in flight and about to be removed.
     pub spill_after: std::time::Duration,
+    /// Shortest time from one sync to the next: appends arriving sooner
+    /// wait for it and share one sync.
+    pub sync_interval: std::time::Duration,
 }
 
 impl Default for FjallStoreOptions {
@@ -81,6 +84,7 @@ impl Default for FjallStoreOptions {
             hot_bytes: 64 * 1024 * 1024,
             segment_bytes: 8 * 1024 * 1024,
             spill_after: std::time::Duration::from_secs(5),
+            sync_interval: std::time::Duration::from_micros(1000),
         }
     }
 }
@@ -167,7 +171,12 @@ impl FjallStore {
         }
         writer.publish_footprint();
         let hot = writer.hot.index();
-        let writer = GroupCommit::start(writer, options.max_batch, options.queue_capacity)?;
+        let writer = GroupCommit::start(
+            writer,
+            options.max_batch,
+            options.queue_capacity,
+            options.sync_interval,
+        )?;
         Ok(FjallStore { inbox, hot, writer })
     }
 }

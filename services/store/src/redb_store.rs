@@ -33,6 +33,8 @@ pub struct RedbStoreOptions {
     pub queue_capacity: usize,
     /// redb page cache, bytes.
     pub cache_bytes: usize,
+    /// Shortest time from one sync to the next (see [`crate::FjallStoreOptions`]).
+    pub sync_interval: std::time::Duration,
 }
 
 impl Default for RedbStoreOptions {
@@ -41,6 +43,7 @@ impl Default for RedbStoreOptions {
             max_batch: 8192,
             queue_capacity: 65_536,
             cache_bytes: 64 * 1024 * 1024,
+            sync_interval: std::time::Duration::from_micros(1000),
         }
     }
 }
@@ -76,6 +79,7 @@ impl RedbStore {
             RedbEngine { db: db.clone() },
             options.max_batch,
             options.queue_capacity,
+            options.sync_interval,
         )?;
         Ok(RedbStore { db, writer, path })
     }

@@ -513,6 +513,7 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, switchboard_store::Stor
             &config.data_dir,
             FjallStoreOptions {
                 max_batch: config.store.max_batch,
+                sync_interval: Duration::from_micros(config.store.sync_interval_us),
                 cache_bytes: u64::try_from(cache_bytes).unwrap_or(u64::MAX),
                 hot_bytes: config.store.hot_mib.saturating_mul(1024 * 1024),
                 ..FjallStoreOptions::default()
@@ -522,6 +523,7 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, switchboard_store::Stor
             &config.data_dir,
             RedbStoreOptions {
                 max_batch: config.store.max_batch,
+                sync_interval: Duration::from_micros(config.store.sync_interval_us),
                 cache_bytes,
                 ..RedbStoreOptions::default()
             },
