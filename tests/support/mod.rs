@@ -186,8 +186,9 @@ pub fn test_redis() -> Option<String> {
 /// test binary: nothing the kernel hands out (a bind to port 0, the local
 /// end of an outgoing connection) is ever one of these, so a port a test
 /// frees for a while — an etcd it stops and starts again on the same
-/// address — stays its own. (Probing with a bind to port 0 handed such a
-/// port to a process of a test running alongside, once in six suite runs.)
+/// address — stays its own. (Probing with a bind to port 0 could hand such
+/// a port to a process of a test running alongside: the likely cause of a
+/// rare failure of two cluster tests at once.)
 pub fn free_port() -> u16 {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU32, Ordering};
