@@ -16,6 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
+use tokio_util::sync::CancellationToken;
 
 use crate::GatewayInner;
 use crate::counters::Counters;
@@ -165,33 +166,18 @@ async fn write_loop<W>(
                 // Tracked before the write: an ACK may come back before the
                 // write call returns.
                 track_unacked(&gw, &identity, &unacked, &batch);
-                // A client that stops reading blocks the write; a close
-                // request (slow consumer, shutdown) must still get through.
-                let written = {
-                    // Boxed, like frame handling: only a writing connection
-                    // holds this state.
-                    let mut write = Box::pin(write_batch(&mut sink, &mut batch, &gw.registry.counters));
-                    // Nearly every write completes at once (the socket has
-                    // room): the stall timer is armed only for one that waits.
-                    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-                    match first {
-                        Poll::Ready(r) => r.is_ok(),
-                        Poll::Pending => tokio::select! {
-                            r = timeout(WRITE_STALL, write) => match r {
-                                Ok(r) => r.is_ok(),
-                                Err(_) => {
-                                    metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
-                                    shared.close(CloseReason::Server(1008, "slow consumer: write stalled".into()));
-                                    break;
-                                }
-                            },
-                            _ = shared.cancel.cancelled() => break,
-                        },
+                match write_or_stall(&mut sink, &mut batch, &gw.registry.counters, &shared.cancel).await {
+                    Written::Done => {}
+                    Written::Failed => {
+                        shared.close(CloseReason::Client);
+                        return;
                     }
-                };
-                if !written {
-                    shared.close(CloseReason::Client);
-                    return;
+                    Written::Stalled => {
+                        metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
+                        shared.close(CloseReason::Server(1008, "slow consumer: write stalled".into()));
+                        break;
+                    }
+                    Written::Cancelled => break,
                 }
                 report_delivered(&gw, &identity, &mut batch).await;
             }
@@ -233,6 +219,48 @@ async fn write_loop<W>(
         let _ = sink.close().await;
     })
     .await;
+}
+
+/// How a batch's write ended.
+enum Written {
+    Done,
+    /// The socket failed: the client is gone.
+    Failed,
+    /// A write blocked for `WRITE_STALL` (the client does not read).
+    Stalled,
+    /// The connection is closing (slow consumer, shutdown).
+    Cancelled,
+}
+
+/// Writes a batch; a client that stops reading blocks the write, and a close
+/// request must still get through.
+async fn write_or_stall<W>(
+    sink: &mut W,
+    batch: &mut [Outbound],
+    counters: &Counters,
+    cancel: &CancellationToken,
+) -> Written
+where
+    W: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    let done = |r: Result<(), WsError>| {
+        if r.is_ok() {
+            Written::Done
+        } else {
+            Written::Failed
+        }
+    };
+    // Boxed, like frame handling: only a writing connection holds this state.
+    let mut write = Box::pin(write_batch(sink, batch, counters));
+    // Nearly every write completes at once (the socket has room): the stall
+    // timer is armed only for one that waits.
+    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return done(r);
+    }
+    tokio::select! {
+        r = timeout(WRITE_STALL, write) => r.map_or(Written::Stalled, done),
+        _ = cancel.cancelled() => Written::Cancelled,
+    }
 }
 
 async fn write_batch<W>(
@@ -391,7 +419,9 @@ impl Connection {
             } else {
                 auth_deadline.saturating_duration_since(Instant::now())
             };
-            if authenticated && held.is_none() {
+            // Checked before building the wait (a cancellation future per
+            // frame otherwise): the backlog is rarely full.
+            if authenticated && held.is_none() && self.gw.registry.backlog.is_full() {
                 // Past the gateway's backlog of frames not yet written,
                 // take no more until the sockets drain it.
                 let waited = tokio::select! {

@@ -25,15 +25,22 @@ const DATA_FIELDS: [&str; 10] = [
     "to", "content", "group", "appId", "userId", "token", "acks", "device", "count", "ids",
 ];
 
-/// The known fields of `data`, in the order they came (a repeated field:
-/// the last one counts, as with any JSON object reader).
+/// The known fields of `data`, each once (a repeated field: the last value
+/// counts, as with any JSON object reader).
 #[derive(Debug, Default)]
 struct Data(Vec<(&'static str, Value)>);
 
 impl Data {
+    fn set(&mut self, field: &'static str, value: Value) {
+        match self.0.iter_mut().find(|(k, _)| *k == field) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((field, value)),
+        }
+    }
+
     fn take(&mut self, field: &str) -> Option<Value> {
         debug_assert!(DATA_FIELDS.contains(&field), "data.{field} is not parsed");
-        let at = self.0.iter().rposition(|(k, _)| *k == field)?;
+        let at = self.0.iter().position(|(k, _)| *k == field)?;
         Some(self.0.swap_remove(at).1)
     }
 }
@@ -137,7 +144,7 @@ impl<'de> Visitor<'de> for DataSeed {
         let mut data = Data::default();
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match DATA_FIELDS.iter().find(|&&f| f == key.as_str()) {
-                Some(&field) => data.0.push((field, map.next_value()?)),
+                Some(&field) => data.set(field, map.next_value()?),
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }

@@ -94,9 +94,14 @@ impl Backlog {
         self.queued.load(Ordering::Acquire)
     }
 
+    /// Whether readers must wait (the limit is reached).
+    pub fn is_full(&self) -> bool {
+        self.limit != 0 && self.queued() >= self.limit
+    }
+
     /// Returns once the backlog is under its limit; whether it had to wait.
     pub async fn room(&self) -> bool {
-        if self.limit == 0 || self.queued() < self.limit {
+        if !self.is_full() {
             return false;
         }
         loop {
