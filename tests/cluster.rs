@@ -378,6 +378,15 @@ async fn traffic_survives_an_etcd_outage_and_registrations_return() {
     .await;
     let mut ann = Client::login(&cluster.proc("gw1").url(), "demo-ann").await;
     let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+    // Both gateways are known to delivery before etcd goes: one message
+    // each way. (A gateway that registered moments before the outage can
+    // be unknown to delivery until etcd is back; on a loaded machine the
+    // watch event naming gw2 could arrive after the stop, and the test then
+    // failed: "push to an unknown gateway skipped", a message left stored.)
+    ann.message("demo-bob", "m1000", "RELIABLE", "r1000").await;
+    assert_eq!(index_of(&bob.recv_type("MESSAGE").await), 1000);
+    bob.message("demo-ann", "m1001", "RELIABLE", "r1001").await;
+    assert_eq!(index_of(&ann.recv_type("MESSAGE").await), 1001);
 
     etcd.stop();
     // At least ten seconds and ten round trips without etcd: messages keep
