@@ -6,6 +6,7 @@ mod counters;
 pub mod frames;
 mod json;
 mod ratelimit;
+mod read_ahead;
 mod registry;
 mod server;
 
@@ -19,6 +20,7 @@ use switchboard_presence::Presence;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use read_ahead::ReadAhead;
 pub use server::{serve, serve_metrics};
 
 use registry::Registry;

@@ -14,6 +14,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use crate::read_ahead::ReadAhead;
 use crate::{GatewayError, GatewayRole, connection};
 
 /// Serves the client port on an already-bound listener until `shutdown`
@@ -147,7 +148,7 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
                     .max_message_size(Some(hard_limit))
                     .max_frame_size(Some(hard_limit));
                 let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    ReadAhead::new(TokioIo::new(upgraded), limits.read_ahead_bytes),
                     Role::Server,
                     Some(config),
                 )

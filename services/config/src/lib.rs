@@ -234,6 +234,11 @@ pub struct Limits {
     /// WebSocket read buffer per connection, bytes: the largest fixed cost of
     /// an idle connection (see docs/benchmarks.md).
     pub read_buffer_bytes: usize,
+    /// Socket reads smaller than this are made this large and served from
+    /// memory (one `recv` for many frames under load). The chunk is held only
+    /// while it has unread bytes: idle connections keep none. 0 reads
+    /// straight into the read buffer.
+    pub read_ahead_bytes: usize,
     /// Frames written to a connection are gathered up to this many bytes
     /// before a socket write (a batch is always flushed at its end): fewer
     /// write calls under load, no added latency. 0 writes every frame at
@@ -262,6 +267,7 @@ impl Default for Limits {
             max_fetch_count: 1000,
             max_unacked: 10_000,
             read_buffer_bytes: 2048,
+            read_ahead_bytes: 16 * 1024,
             write_buffer_bytes: 16 * 1024,
             backlog_frames: 16_384,
         }
@@ -524,6 +530,12 @@ impl Config {
         if l.read_buffer_bytes < 256 {
             return Err(ConfigError::Invalid(
                 "limits.read_buffer_bytes must be >= 256".into(),
+            ));
+        }
+        if l.read_ahead_bytes > 1024 * 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.read_ahead_bytes must be at most 1048576 (held by every connection that is reading)"
+                    .into(),
             ));
         }
         if l.messages_per_second == 0 || l.send_queue_frames == 0 || l.max_group_recipients == 0 {
