@@ -200,11 +200,16 @@ async fn write_loop<W>(
     };
     // Flush what is already queued (an auth reply, an error), then close.
     let _ = timeout(CLOSE_GRACE, async {
+        // `batch` holds what an interrupted write had not yet handed to the
+        // socket (already checked for repeats and tracked); frames queued
+        // since are checked now.
+        let mut queued = Vec::new();
         while let Ok(out) = rx.try_recv() {
-            batch.push(out);
+            queued.push(out);
         }
-        sent.drop_repeats(&mut batch);
-        track_unacked(&gw, &identity, &unacked, &batch);
+        sent.drop_repeats(&mut queued);
+        track_unacked(&gw, &identity, &unacked, &queued);
+        batch.append(&mut queued);
         if write_batch(&mut sink, &mut batch, &gw.registry.counters)
             .await
             .is_ok()
@@ -233,10 +238,12 @@ enum Written {
 }
 
 /// Writes a batch; a client that stops reading blocks the write, and a close
-/// request must still get through.
+/// request must still get through. When the write is interrupted (stalled,
+/// cancelled) the frames already handed to the socket leave `batch`: what
+/// is left was never written, and the close path may still write it once.
 async fn write_or_stall<W>(
     sink: &mut W,
-    batch: &mut [Outbound],
+    batch: &mut Vec<Outbound>,
     counters: &Counters,
     cancel: &CancellationToken,
 ) -> Written
@@ -250,17 +257,27 @@ where
             Written::Failed
         }
     };
-    // Boxed, like frame handling: only a writing connection holds this state.
-    let mut write = Box::pin(write_batch(sink, batch, counters));
-    // Nearly every write completes at once (the socket has room): the stall
-    // timer is armed only for one that waits.
-    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-        return done(r);
+    let mut fed = 0;
+    let written = {
+        // Boxed, like frame handling: only a writing connection holds this
+        // state.
+        let mut write = Box::pin(write_batch_counted(sink, batch, counters, &mut fed));
+        // Nearly every write completes at once (the socket has room): the
+        // stall timer is armed only for one that waits.
+        if let Poll::Ready(r) =
+            std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
+        {
+            return done(r);
+        }
+        tokio::select! {
+            r = timeout(WRITE_STALL, write) => r.map_or(Written::Stalled, done),
+            _ = cancel.cancelled() => Written::Cancelled,
+        }
+    };
+    if matches!(written, Written::Stalled | Written::Cancelled) {
+        batch.drain(..fed);
     }
-    tokio::select! {
-        r = timeout(WRITE_STALL, write) => r.map_or(Written::Stalled, done),
-        _ = cancel.cancelled() => Written::Cancelled,
-    }
+    written
 }
 
 async fn write_batch<W>(
@@ -271,8 +288,24 @@ async fn write_batch<W>(
 where
     W: futures_util::Sink<Message, Error = WsError> + Unpin,
 {
-    for out in batch.iter() {
+    let mut fed = 0;
+    write_batch_counted(sink, batch, counters, &mut fed).await
+}
+
+/// Writes a batch, counting in `fed` the frames the sink has taken (a feed
+/// that is interrupted has not taken its frame).
+async fn write_batch_counted<W>(
+    sink: &mut W,
+    batch: &[Outbound],
+    counters: &Counters,
+    fed: &mut usize,
+) -> Result<(), WsError>
+where
+    W: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    for out in batch {
         sink.feed(Message::Text(out.text.clone())).await?;
+        *fed += 1;
     }
     sink.flush().await?;
     // End-to-end latency: accepted by the sender's gateway → written here.
@@ -1055,4 +1088,112 @@ async fn call<T>(
 
 fn service_error(err: ServiceError, frame: &ClientFrame) -> FrameError {
     FrameError::new(err.code, err.message).with_reference(frame.reference.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::Context;
+
+    /// A socket that takes `room` frames and then blocks, as a client that
+    /// stopped reading does.
+    struct Blocking {
+        room: usize,
+        taken: Vec<String>,
+        flushes: bool,
+    }
+
+    impl futures_util::Sink<Message> for Blocking {
+        type Error = WsError;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+            if self.taken.len() < self.room {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+            let text = item
+                .into_text()
+                .map_or_else(|_| String::new(), |t| t.to_string());
+            self.get_mut().taken.push(text);
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+            if self.flushes {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+            Poll::Pending
+        }
+    }
+
+    fn frames(n: usize) -> Vec<Outbound> {
+        (0..n)
+            .map(|i| Outbound::reply(Utf8Bytes::from(format!("frame {i}"))))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_write_keeps_only_the_frames_the_socket_did_not_take() {
+        let counters = Counters::new();
+        let cancel = CancellationToken::new();
+        let mut sink = Blocking {
+            room: 3,
+            taken: Vec::new(),
+            flushes: true,
+        };
+        let mut batch = frames(5);
+        let stopper = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stopper.cancel();
+        });
+        let written = write_or_stall(&mut sink, &mut batch, &counters, &cancel).await;
+        assert!(matches!(written, Written::Cancelled));
+        assert_eq!(sink.taken, ["frame 0", "frame 1", "frame 2"]);
+        // The close path writes what is left: each frame reaches the socket
+        // once (it wrote the whole batch again before: duplicates).
+        let left: Vec<&str> = batch.iter().map(|o| o.text.as_str()).collect();
+        assert_eq!(left, ["frame 3", "frame 4"]);
+    }
+
+    #[tokio::test]
+    async fn a_completed_write_keeps_its_batch_for_the_delivered_report() {
+        let counters = Counters::new();
+        let cancel = CancellationToken::new();
+        let mut sink = Blocking {
+            room: 10,
+            taken: Vec::new(),
+            flushes: true,
+        };
+        let mut batch = frames(2);
+        let written = write_or_stall(&mut sink, &mut batch, &counters, &cancel).await;
+        assert!(matches!(written, Written::Done));
+        assert_eq!(sink.taken.len(), 2);
+        assert_eq!(batch.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_write_cancelled_in_its_flush_leaves_nothing_to_write_again() {
+        let counters = Counters::new();
+        let cancel = CancellationToken::new();
+        let mut sink = Blocking {
+            room: 10,
+            taken: Vec::new(),
+            flushes: false,
+        };
+        let mut batch = frames(2);
+        // The flush blocks (the mock never flushes): the write is cancelled
+        // after every frame was taken, and nothing is left to write again.
+        cancel.cancel();
+        let written = write_or_stall(&mut sink, &mut batch, &counters, &cancel).await;
+        assert!(matches!(written, Written::Cancelled));
+        assert_eq!(sink.taken.len(), 2);
+        assert!(batch.is_empty());
+    }
 }

@@ -6,17 +6,20 @@
 //!     cargo run --release -p switchboard-bench --example bare_relay -- 127.0.0.1:8090
 //!     switchboard bench --url ws://127.0.0.1:8090/ws
 //!
-//! It uses what the switchboard binary uses below the protocol — mimalloc and
-//! a 16 KiB write buffer (frames of one batch gathered per socket write) — so
-//! that the ratio between the two measures Switchboard's own work.
-//! `RELAY_WRITE_BUFFER=0` gives one write call per frame (the relay of the
-//! first measurements).
+//! It uses what the switchboard binary uses below the protocol — mimalloc, a
+//! 16 KiB write buffer (frames of one batch gathered per socket write) and
+//! 16 KiB read-ahead under the codec's read buffer (one `recv` for many
+//! frames) — so that the ratio between the two measures Switchboard's own
+//! work. `RELAY_WRITE_BUFFER=0` gives one write call per frame (the relay of
+//! the first measurements), `RELAY_READ_AHEAD=0` reads straight into the
+//! codec's buffer (the relay before session 6).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use switchboard_gateway::ReadAhead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -74,19 +77,24 @@ async fn main() -> std::io::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let listener = TcpListener::bind(&addr).await?;
     println!("bare relay on ws://{}/ws", listener.local_addr()?);
-    let write_buffer = std::env::var("RELAY_WRITE_BUFFER")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16 * 1024);
+    let setting = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16 * 1024)
+    };
+    let write_buffer = setting("RELAY_WRITE_BUFFER");
+    let read_ahead = setting("RELAY_READ_AHEAD");
     let peers: Peers = Arc::default();
     loop {
         let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve(stream, peers.clone(), write_buffer));
+        tokio::spawn(serve(stream, peers.clone(), write_buffer, read_ahead));
     }
 }
 
-async fn serve(stream: TcpStream, peers: Peers, write_buffer: usize) {
+async fn serve(stream: TcpStream, peers: Peers, write_buffer: usize, read_ahead: usize) {
     let _ = stream.set_nodelay(true);
+    let stream = ReadAhead::new(stream, read_ahead);
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(write_buffer)
