@@ -173,8 +173,9 @@ async fn write_loop<W>(
                         return;
                     }
                     Written::Stalled => {
-                        metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
-                        shared.close(CloseReason::Server(1008, "slow consumer: write stalled".into()));
+                        if shared.close(CloseReason::Server(1008, "slow consumer: write stalled".into())) {
+                            metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
+                        }
                         break;
                     }
                     Written::Cancelled => break,

@@ -150,17 +150,20 @@ impl ConnShared {
         }
     }
 
-    /// Asks the connection to close; the first reason wins.
-    pub fn close(&self, reason: CloseReason) {
+    /// Closes the connection for `reason`; true for the call that closed
+    /// it (later reasons are ignored), so a close is counted once.
+    pub fn close(&self, reason: CloseReason) -> bool {
         let mut slot = self
             .close
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first = slot.is_none() && !self.cancel.is_cancelled();
         if slot.is_none() {
             *slot = Some(reason);
         }
         drop(slot);
         self.cancel.cancel();
+        first
     }
 
     /// The reason, or `None` when cancelled from outside (server shutdown).
@@ -184,11 +187,14 @@ impl ConnHandle {
         match self.tx.try_send(frame) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
-                self.shared.close(CloseReason::Server(
+                // Pushes keep coming until the connection leaves the
+                // registry: the disconnect is counted once.
+                if self.shared.close(CloseReason::Server(
                     1008,
                     "slow consumer: send queue full".into(),
-                ));
+                )) {
+                    metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
+                }
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -333,6 +339,28 @@ impl Registry {
 #[cfg(test)]
 mod backlog_tests {
     use super::*;
+
+    #[test]
+    fn a_close_is_reported_once_and_the_first_reason_wins() {
+        let shared = ConnShared::new(1, CancellationToken::new());
+        let full = || CloseReason::Server(1008, "slow consumer: send queue full".into());
+        assert!(shared.close(full()), "the first close closes");
+        assert!(
+            !shared.close(full()),
+            "a push to a closing connection is not a second close"
+        );
+        assert!(!shared.close(CloseReason::Client));
+        assert!(matches!(
+            shared.reason(),
+            Some(CloseReason::Server(1008, _))
+        ));
+        let stopped = ConnShared::new(2, CancellationToken::new());
+        stopped.cancel.cancel(); // server shutdown
+        assert!(
+            !stopped.close(full()),
+            "a connection already stopping is not counted"
+        );
+    }
 
     #[tokio::test]
     async fn readers_wait_past_the_limit_and_go_on_when_frames_are_written() {
