@@ -202,8 +202,9 @@ impl ConnHandle {
     }
 }
 
-type UserKey = (String, String);
-type Shard = RwLock<HashMap<UserKey, Vec<ConnHandle>>>;
+/// A shard's connections: app → user → that user's connections here. Two
+/// levels, so that a lookup by `&str` allocates no key.
+type Shard = RwLock<HashMap<String, HashMap<String, Vec<ConnHandle>>>>;
 const SHARDS: usize = 32;
 
 pub struct Registry {
@@ -243,7 +244,9 @@ impl Registry {
             .shard(app_id, user_id)
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.entry((app_id.to_owned(), user_id.to_owned()))
+        map.entry(app_id.to_owned())
+            .or_default()
+            .entry(user_id.to_owned())
             .or_default()
             .push(handle);
         let now = self
@@ -258,8 +261,10 @@ impl Registry {
             .shard(app_id, user_id)
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (app_id.to_owned(), user_id.to_owned());
-        if let Some(conns) = map.get_mut(&key) {
+        let Some(users) = map.get_mut(app_id) else {
+            return;
+        };
+        if let Some(conns) = users.get_mut(user_id) {
             let before = conns.len();
             conns.retain(|c| c.shared.id != conn_id);
             if conns.len() < before {
@@ -270,19 +275,12 @@ impl Registry {
                 metrics::gauge!("switchboard_connections").set(now as f64);
             }
             if conns.is_empty() {
-                map.remove(&key);
+                users.remove(user_id);
             }
         }
-    }
-
-    fn connections(&self, app_id: &str, user_id: &str) -> Vec<ConnHandle> {
-        let map = self
-            .shard(app_id, user_id)
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(&(app_id.to_owned(), user_id.to_owned()))
-            .cloned()
-            .unwrap_or_default()
+        if users.is_empty() {
+            map.remove(app_id);
+        }
     }
 
     /// Queues a pushed message on each of the user's connections here; returns
@@ -296,13 +294,27 @@ impl Registry {
             .as_ref()
             .filter(|c| c.gateway_id == gateway_id)
             .map(|c| c.conn_id);
-        let mut conns = self.connections(&item.app_id, &item.user_id);
-        conns.retain(|c| Some(c.shared.id) != excluded);
-        if conns.is_empty() {
+        // Queued under the shard's read lock (a queue never blocks): the
+        // handles are not cloned per message.
+        let map = self
+            .shard(&item.app_id, &item.user_id)
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(all) = map
+            .get(item.app_id.as_str())
+            .and_then(|users| users.get(item.user_id.as_str()))
+        else {
+            return 0;
+        };
+        let mut conns = all
+            .iter()
+            .filter(|c| Some(c.shared.id) != excluded)
+            .peekable();
+        if conns.peek().is_none() {
             return 0;
         }
         // Rendered once, shared by every connection of the user.
-        let text = Utf8Bytes::from(frames::render_push(item, msg));
+        let mut text = Utf8Bytes::from(frames::render_push(item, msg));
         let tracked = !item.sent_copy && msg.seq > 0;
         let kind = if item.sent_copy {
             "MESSAGE_SENT"
@@ -310,7 +322,7 @@ impl Registry {
             frames::push_type(msg)
         };
         let mut queued = 0;
-        for conn in conns {
+        while let Some(conn) = conns.next() {
             let stored = tracked.then(|| Stored {
                 seq: msg.seq,
                 id: msg.id.clone(),
@@ -324,13 +336,21 @@ impl Registry {
                 accepted_ms: msg.ts,
                 _backlog: backlog,
             };
+            // The last connection takes the text itself: a clone makes the
+            // buffer shared (an allocation), needed only for several.
+            let text = if conns.peek().is_some() {
+                text.clone()
+            } else {
+                std::mem::take(&mut text)
+            };
             if conn.send(Outbound {
-                text: text.clone(),
+                text,
                 push: Some(Box::new(push)),
             }) {
                 queued += 1;
             }
         }
+        drop(map);
         self.counters.frames_out(kind, u64::from(queued));
         queued
     }
