@@ -42,6 +42,7 @@ start() { # relay | switchboard
   case $1 in
     relay) "$relay" "127.0.0.1:$port" >"$tmp/server.log" 2>&1 & ;;
     relay-unbuffered) RELAY_WRITE_BUFFER=0 "$relay" "127.0.0.1:$port" >"$tmp/server.log" 2>&1 & ;;
+    relay-no-read-ahead) RELAY_READ_AHEAD=0 "$relay" "127.0.0.1:$port" >"$tmp/server.log" 2>&1 & ;;
     switchboard)
       rm -rf "$tmp/data"
       # The generator sends faster than the default per-connection limit in the ramps.
@@ -63,11 +64,15 @@ run() { # label, bench args...
 }
 
 ramp() {
-  # Up to 480,000 msgs/s: with its 16 KiB read buffer the generator reaches
+  # Up to 560,000 msgs/s: with its 16 KiB read buffer the generator reaches
   # the relay's ceiling (at 200,000 it was the generator's own, session 4).
-  local fast_steps=400,600,800,1000,1200,1400,1600,2000,2400
+  local fast_steps=400,600,800,1000,1200,1400,1600,1800,2000,2400,2800
   start relay
   run "relay FAST 200 conns" -n 200 --feature fast --rate-steps $fast_steps --warmup 2s --duration 5s
+  # The relay as it was measured up to session 5 (reads straight into the
+  # codec's 4 KiB buffer).
+  start relay-no-read-ahead
+  run "relay (no read-ahead) FAST 200 conns" -n 200 --feature fast --rate-steps $fast_steps --warmup 2s --duration 5s
   start relay-unbuffered
   run "relay (one write per frame) FAST 200 conns" -n 200 --feature fast --rate-steps $fast_steps --warmup 2s --duration 5s
   start switchboard
