@@ -171,16 +171,16 @@ fn into_inbox_message(envelope: pb::Envelope) -> Option<(String, pb::InboxMessag
 
 /// The sender confirmation of a delivered message: RELIABLE, for direct
 /// messages that carry a reference. Its id is the original message's id.
-fn confirmation_of(msg: &MessageHeader) -> Option<pb::InboxMessage> {
+fn confirmation_of(msg: &MessageHeader<'_>) -> Option<pb::InboxMessage> {
     if msg.kind() != pb::MessageKind::Direct || msg.reference.is_empty() {
         return None;
     }
     Some(pb::InboxMessage {
-        id: msg.id.clone(),
+        id: msg.id.to_owned(),
         kind: pb::MessageKind::Confirmation.into(),
-        from: msg.to.clone(),
-        to: msg.from.clone(),
-        reference: msg.reference.clone(),
+        from: msg.to.to_owned(),
+        to: msg.from.to_owned(),
+        reference: msg.reference.to_owned(),
         ts: switchboard_mesh::now_ms(),
         feature: pb::Feature::Reliable.into(),
         ..Default::default()

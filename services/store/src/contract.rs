@@ -107,12 +107,12 @@ pub async fn seqs_are_not_reused_after_emptying(store: &impl Store) {
     assert!(next[0] > seqs[0]);
 }
 
-fn confirm(msg: &MessageHeader) -> Option<InboxMessage> {
+fn confirm(msg: &MessageHeader<'_>) -> Option<InboxMessage> {
     (!msg.reference.is_empty()).then(|| InboxMessage {
-        id: msg.id.clone(),
-        from: msg.to.clone(),
-        to: msg.from.clone(),
-        reference: msg.reference.clone(),
+        id: msg.id.to_owned(),
+        from: msg.to.to_owned(),
+        to: msg.from.to_owned(),
+        reference: msg.reference.to_owned(),
         ..Default::default()
     })
 }

@@ -35,24 +35,28 @@ impl InboxKey {
 }
 
 /// The fields of a stored message that a follow-up is built from: all but
-/// its content, group and timestamps, so that a removal never copies (or
-/// validates) a message body. Same field numbers as [`InboxMessage`].
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct MessageHeader {
-    #[prost(string, tag = "1")]
-    pub id: String,
-    #[prost(enumeration = "switchboard_proto::mesh::MessageKind", tag = "2")]
+/// its content, group and timestamps, borrowed from the stored bytes, so
+/// that a removal never copies (or validates) a message body and allocates
+/// nothing for a message that needs no follow-up. Same field numbers as
+/// [`InboxMessage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MessageHeader<'a> {
+    pub id: &'a str,
     pub kind: i32,
-    #[prost(string, tag = "3")]
-    pub from: String,
-    #[prost(string, tag = "4")]
-    pub to: String,
-    #[prost(string, tag = "7")]
-    pub reference: String,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub reference: &'a str,
+}
+
+impl MessageHeader<'_> {
+    /// The kind; an unknown value reads as the default, as prost's accessor.
+    pub fn kind(&self) -> switchboard_proto::mesh::MessageKind {
+        switchboard_proto::mesh::MessageKind::try_from(self.kind).unwrap_or_default()
+    }
 }
 
 /// Builds the message that follows the removal of a delivered one.
-pub type FollowUp = fn(&MessageHeader) -> Option<InboxMessage>;
+pub type FollowUp = fn(&MessageHeader<'_>) -> Option<InboxMessage>;
 
 /// What a removal did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -77,6 +81,8 @@ pub enum StoreError {
     Backend(String),
     #[error("stored message could not be decoded: {0}")]
     Corrupt(#[from] prost::DecodeError),
+    #[error("stored message could not be decoded: {0}")]
+    Malformed(&'static str),
     #[error("store is closed")]
     Closed,
 }
@@ -189,9 +195,38 @@ fn encode_value(msg: &InboxMessage) -> fjall::Slice {
     }
 }
 
-/// Decodes what a follow-up needs of a stored message, skipping its body.
-pub(crate) fn decode_header(value: &[u8]) -> Result<MessageHeader, StoreError> {
-    Ok(MessageHeader::decode(value)?)
+/// Reads what a follow-up needs of a stored message (protobuf wire format,
+/// the last occurrence of a field winning as in any protobuf reader),
+/// skipping its body and allocating nothing.
+pub fn decode_header(value: &[u8]) -> Result<MessageHeader<'_>, StoreError> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    let mut buf = value;
+    let mut header = MessageHeader::default();
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf)?;
+        match (tag, wire) {
+            (1 | 3 | 4 | 7, WireType::LengthDelimited) => {
+                let len = usize::try_from(decode_varint(&mut buf)?)
+                    .ok()
+                    .filter(|&len| len <= buf.len())
+                    .ok_or(StoreError::Malformed("a field runs past the end"))?;
+                let (field, rest) = buf.split_at(len);
+                let field = std::str::from_utf8(field)
+                    .map_err(|_| StoreError::Malformed("a string field is not UTF-8"))?;
+                match tag {
+                    1 => header.id = field,
+                    3 => header.from = field,
+                    4 => header.to = field,
+                    _ => header.reference = field,
+                }
+                buf = rest;
+            }
+            // An enum field is an int32 varint (sign-extended when negative).
+            (2, WireType::Varint) => header.kind = decode_varint(&mut buf)? as i32,
+            _ => skip_field(wire, tag, &mut buf, DecodeContext::default())?,
+        }
+    }
+    Ok(header)
 }
 
 /// Decodes a stored message; its sequence number comes from the key.
@@ -199,4 +234,86 @@ pub(crate) fn decode_stored(value: &[u8], seq: u64) -> Result<InboxMessage, Stor
     let mut msg = InboxMessage::decode(value)?;
     msg.seq = seq;
     Ok(msg)
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+    use prost::Message;
+
+    fn message(i: usize) -> InboxMessage {
+        InboxMessage {
+            id: format!("0190-{i}"),
+            kind: (i % 3) as i32,
+            from: format!("demo-ann-{i}"),
+            to: if i.is_multiple_of(4) {
+                String::new()
+            } else {
+                "demo-bøb".into()
+            },
+            group: if i.is_multiple_of(2) {
+                "g-42".into()
+            } else {
+                String::new()
+            },
+            content: "x".repeat(i * 97),
+            reference: if i.is_multiple_of(3) {
+                String::new()
+            } else {
+                format!("r{i}")
+            },
+            ts: 1_764_000_000_000 + i as i64,
+            seq: i as u64,
+            feature: (i % 2) as i32,
+        }
+    }
+
+    #[test]
+    fn the_header_is_what_a_full_decode_reads_without_the_body() {
+        for i in 0..20 {
+            let msg = message(i);
+            let bytes = msg.encode_to_vec();
+            let header = decode_header(&bytes).expect("decodes");
+            let full = InboxMessage::decode(bytes.as_slice()).expect("full decode");
+            assert_eq!(header.id, full.id);
+            assert_eq!(header.kind, full.kind);
+            assert_eq!(header.kind(), full.kind());
+            assert_eq!(header.from, full.from);
+            assert_eq!(header.to, full.to);
+            assert_eq!(header.reference, full.reference);
+        }
+    }
+
+    #[test]
+    fn a_repeated_field_reads_as_its_last_value_like_prost() {
+        let mut bytes = message(1).encode_to_vec();
+        bytes.extend(
+            InboxMessage {
+                from: "later".into(),
+                kind: 2,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let header = decode_header(&bytes).expect("decodes");
+        let full = InboxMessage::decode(bytes.as_slice()).expect("full decode");
+        assert_eq!((header.from, header.kind), ("later", 2));
+        assert_eq!((full.from.as_str(), full.kind), ("later", 2));
+        assert_eq!(header.id, full.id);
+    }
+
+    #[test]
+    fn damaged_bytes_are_an_error_not_a_panic() {
+        let bytes = message(5).encode_to_vec();
+        for cut in 1..bytes.len() {
+            // Every prefix either decodes (it ends between fields) or fails.
+            let _ = decode_header(&bytes[..cut]);
+        }
+        // A field length past the end.
+        assert!(decode_header(&[0x0a, 0x05, b'a']).is_err());
+        // `from` that is not UTF-8.
+        assert!(decode_header(&[0x1a, 0x02, 0xff, 0xfe]).is_err());
+        // A truncated key.
+        assert!(decode_header(&[0x80]).is_err());
+    }
 }

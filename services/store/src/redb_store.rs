@@ -158,20 +158,18 @@ impl Engine for RedbEngine {
                             for &seq in seqs {
                                 // Only a follow-up needs the message, and
                                 // only its header.
-                                let header = match inbox
+                                let next = match inbox
                                     .remove((key.app_id.as_str(), key.user_id.as_str(), seq))
                                     .map_err(backend)?
                                 {
                                     None => continue,
-                                    Some(old) if follow_up.is_some() => {
-                                        Some(decode_header(old.value())?)
-                                    }
-                                    Some(_) => None,
+                                    Some(old) => match follow_up {
+                                        Some(follow_up) => follow_up(&decode_header(old.value())?),
+                                        None => None,
+                                    },
                                 };
                                 removal.removed.push(seq);
-                                if let (Some(follow_up), Some(header)) = (follow_up, header)
-                                    && let Some(mut next) = follow_up(&header)
-                                {
+                                if let Some(mut next) = next {
                                     next.seq = insert_next(
                                         &mut inbox,
                                         &mut last_seq,
