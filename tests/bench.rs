@@ -54,7 +54,31 @@ async fn pair_mode_reliable_loses_nothing() {
         assert!(step.p50_ms > 0.0 && step.p50_ms <= step.p99_ms && step.p99_ms <= step.max_ms);
     }
     assert_eq!(report.server_errors, 0);
+    assert!(
+        report.server_closes.is_empty(),
+        "the run's own closing is not a server close: {:?}",
+        report.server_closes
+    );
     node.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_the_server_closes_are_reported_with_their_reason() {
+    let node = TestNode::start().await;
+    let mut bench = args(&node.url(), &["--mode", "pair", "--feature", "fast"]);
+    bench.drain = Duration::from_secs(1);
+    let running = tokio::spawn(run(bench, false));
+    // Stop the server while the steps run (connecting 20 takes milliseconds;
+    // the two steps take ~2.6 s).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    node.shutdown().await;
+    let report = running.await.expect("bench task").expect("bench run");
+    assert_eq!(
+        report.server_closes.get("1001 server shutting down"),
+        Some(&20),
+        "{:?}",
+        report.server_closes
+    );
 }
 
 #[tokio::test]

@@ -148,6 +148,10 @@ pub struct BenchReport {
     pub connect_seconds: f64,
     /// ERROR frames the server sent (rate limits, refusals).
     pub server_errors: u64,
+    /// Connections the server closed during the run, by close code and
+    /// reason (e.g. `1008 slow consumer: send queue full` past capacity):
+    /// what their peers did not receive afterwards counts as lost.
+    pub server_closes: std::collections::BTreeMap<String, u64>,
     pub steps: Vec<StepReport>,
 }
 
@@ -166,6 +170,7 @@ struct Shared {
     base: Instant,
     sent: AtomicU64,
     server_errors: AtomicU64,
+    server_closes: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 struct Conn {
@@ -199,6 +204,7 @@ pub async fn run(args: BenchArgs, progress: bool) -> Result<BenchReport, BenchEr
         base: Instant::now(),
         sent: AtomicU64::new(0),
         server_errors: AtomicU64::new(0),
+        server_closes: Mutex::default(),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Idle);
     let run_id = format!("{:x}", std::process::id() ^ shared_seed());
@@ -265,6 +271,7 @@ pub async fn run(args: BenchArgs, progress: bool) -> Result<BenchReport, BenchEr
             open_files_limit: limit,
             connect_seconds,
             server_errors: 0,
+            server_closes: Default::default(),
             steps: Vec::new(),
         });
     }
@@ -373,6 +380,7 @@ pub async fn run(args: BenchArgs, progress: bool) -> Result<BenchReport, BenchEr
         open_files_limit: limit,
         connect_seconds,
         server_errors: shared.server_errors.load(Ordering::Relaxed),
+        server_closes: lock(&shared.server_closes).clone(),
         steps,
     })
 }
@@ -560,7 +568,17 @@ async fn read_loop(
     shared: Arc<Shared>,
 ) {
     while let Some(Ok(msg)) = stream.next().await {
-        let Message::Text(text) = msg else { continue };
+        let text = match msg {
+            Message::Text(text) => text,
+            // A close the server started carries its code; the answer to
+            // the generator's own close at the end has none (or 1000).
+            Message::Close(Some(frame)) if u16::from(frame.code) != 1000 => {
+                let key = format!("{} {}", u16::from(frame.code), frame.reason);
+                *lock(&shared.server_closes).entry(key).or_default() += 1;
+                continue;
+            }
+            _ => continue,
+        };
         let text = text.as_str();
         match parse_bench_frame(text) {
             Some((step, true, seq, send_us)) => {

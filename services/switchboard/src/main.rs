@@ -117,6 +117,9 @@ fn main() -> anyhow::Result<()> {
                 if report.server_errors > 0 {
                     println!("server sent {} ERROR frames", report.server_errors);
                 }
+                for (why, n) in &report.server_closes {
+                    println!("server closed {n} connections: {why}");
+                }
             }
             Ok(())
         }
