@@ -1112,6 +1112,16 @@ mod tests {
         flushes: bool,
     }
 
+    impl Blocking {
+        fn new(room: usize, flushes: bool) -> Self {
+            Blocking {
+                room,
+                taken: Vec::new(),
+                flushes,
+            }
+        }
+    }
+
     impl futures_util::Sink<Message> for Blocking {
         type Error = WsError;
         fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
@@ -1150,11 +1160,7 @@ mod tests {
     async fn an_interrupted_write_keeps_only_the_frames_the_socket_did_not_take() {
         let counters = Counters::new();
         let cancel = CancellationToken::new();
-        let mut sink = Blocking {
-            room: 3,
-            taken: Vec::new(),
-            flushes: true,
-        };
+        let mut sink = Blocking::new(3, true);
         let mut batch = frames(5);
         let stopper = cancel.clone();
         tokio::spawn(async move {
@@ -1174,11 +1180,7 @@ mod tests {
     async fn a_completed_write_keeps_its_batch_for_the_delivered_report() {
         let counters = Counters::new();
         let cancel = CancellationToken::new();
-        let mut sink = Blocking {
-            room: 10,
-            taken: Vec::new(),
-            flushes: true,
-        };
+        let mut sink = Blocking::new(10, true);
         let mut batch = frames(2);
         let written = write_or_stall(&mut sink, &mut batch, &counters, &cancel).await;
         assert!(matches!(written, Written::Done));
@@ -1190,11 +1192,7 @@ mod tests {
     async fn a_write_cancelled_in_its_flush_leaves_nothing_to_write_again() {
         let counters = Counters::new();
         let cancel = CancellationToken::new();
-        let mut sink = Blocking {
-            room: 10,
-            taken: Vec::new(),
-            flushes: false,
-        };
+        let mut sink = Blocking::new(10, false);
         let mut batch = frames(2);
         // The flush blocks (the mock never flushes): the write is cancelled
         // after every frame was taken, and nothing is left to write again.

@@ -78,12 +78,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut buf) {
             Poll::Ready(Ok(_)) => {
                 // 0 bytes read is end of stream: hand out nothing, as the
-                // socket did.
-                this.buf = buf;
-                if !this.buf.is_empty() {
+                // socket did, and keep no chunk.
+                if !buf.is_empty() {
+                    this.buf = buf;
                     this.hand_out(dst);
-                } else {
-                    this.buf = BytesMut::new();
                 }
                 Poll::Ready(Ok(()))
             }

@@ -735,6 +735,20 @@ mod tests {
     }
 
     #[test]
+    fn read_ahead_is_bounded_and_can_be_turned_off() {
+        let err = Config::from_toml_and_env(
+            "",
+            &env(&[("SWITCHBOARD_LIMITS__READ_AHEAD_BYTES", "2000000")]),
+        )
+        .expect_err("2 MB per reading connection is refused");
+        assert!(err.to_string().contains("limits.read_ahead_bytes"), "{err}");
+        let c = Config::from_toml_and_env("[limits]\nread_ahead_bytes = 0\n", &env(&[]))
+            .expect("0 turns it off");
+        assert_eq!(c.limits.read_ahead_bytes, 0);
+        assert_eq!(Config::default().limits.read_ahead_bytes, 16 * 1024);
+    }
+
+    #[test]
     fn the_sync_interval_is_bounded() {
         let err = Config::from_toml_and_env(
             "",
