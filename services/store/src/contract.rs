@@ -160,6 +160,46 @@ pub async fn removal_appends_follow_ups_once(store: &impl Store) {
     assert_eq!(sender.messages[0].seq, removal.appended[0].seq);
 }
 
+/// Would confirm any message: the store must not ask it about one without
+/// a reference.
+pub fn confirm_any(msg: &MessageHeader<'_>) -> Option<InboxMessage> {
+    Some(InboxMessage {
+        id: msg.id.to_owned(),
+        from: msg.to.to_owned(),
+        to: msg.from.to_owned(),
+        ..Default::default()
+    })
+}
+
+pub async fn follow_ups_are_asked_only_about_referenced_messages(store: &impl Store) {
+    let inbox = InboxKey::new("app", "app-1");
+    let mut with_ref = message("app-1", "a");
+    with_ref.reference = "r1".into();
+    with_ref.from = "app-2".into();
+    let mut plain = message("app-1", "b");
+    plain.from = "app-3".into();
+    let seqs = store
+        .append("app", &[plain, with_ref])
+        .await
+        .expect("append");
+    let removal = store
+        .remove(&inbox, &seqs, Some(confirm_any))
+        .await
+        .expect("remove");
+    assert_eq!(removal.removed, seqs);
+    let to: Vec<&str> = removal.appended.iter().map(|m| m.to.as_str()).collect();
+    assert_eq!(
+        to,
+        ["app-2"],
+        "only the message with a reference is followed up"
+    );
+    let plain_sender = store
+        .fetch(&InboxKey::new("app", "app-3"), 0, 10)
+        .await
+        .expect("fetch");
+    assert!(plain_sender.messages.is_empty());
+}
+
 pub async fn content_round_trips_exactly(store: &impl Store) {
     let inbox = InboxKey::new("app", "app-1");
     let content = "héllo \"quoted\" \\ \u{0} \u{1f} 👋 \n\t end";
@@ -250,6 +290,7 @@ macro_rules! store_contract_tests {
             inboxes_are_isolated,
             remove_returns_each_message_once,
             removal_appends_follow_ups_once,
+            follow_ups_are_asked_only_about_referenced_messages,
             seqs_are_not_reused_after_emptying,
             content_round_trips_exactly,
             concurrent_appends_all_land,

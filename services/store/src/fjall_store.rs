@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp};
-use crate::hot::{self, HotLog, HotOptions, SharedIndex};
+use crate::hot::{self, HotLog, HotOptions, SharedIndex, Taken};
 use crate::{
     FollowUp, InboxKey, InboxMessage, InboxPage, Prepared, Removal, Store, StoreError,
-    decode_header, decode_stored,
+    decode_stored, follow_up_of,
 };
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
@@ -240,7 +240,7 @@ impl Writer {
         let seq = self.next_seq(&prefix)?;
         let value = msg.value;
         match tier {
-            Tier::Hot => self.hot.stage_append(&prefix, seq, value),
+            Tier::Hot => self.hot.stage_append(&prefix, seq, value, msg.referenced),
             Tier::Tree => {
                 pending
                     .inbox
@@ -277,19 +277,22 @@ impl Writer {
         let prefix = inbox_prefix(&inbox.app_id, &inbox.user_id);
         let mut removal = Removal::default();
         for &seq in seqs {
+            // Only a follow-up needs anything of the message, only of one
+            // with a reference, and only its header: a message without one
+            // (the hot tier knows) is not read, a body never decoded.
             let (value, tier) = match self.hot.stage_remove(&prefix, seq) {
-                Some(value) => (Some(value), Tier::Hot),
+                Some(Taken::Plain) => (Some(None), Tier::Hot),
+                Some(Taken::Referenced(value)) => (Some(Some(value)), Tier::Hot),
                 None => (
-                    self.take_from_tree(message_key(&prefix, seq), pending)?,
+                    self.take_from_tree(message_key(&prefix, seq), pending)?
+                        .map(Some),
                     Tier::Tree,
                 ),
             };
-            let Some(bytes) = value else { continue };
+            let Some(stored) = value else { continue };
             removal.removed.push(seq);
-            // Only a follow-up needs anything of the message, and only its
-            // header: the body is never decoded here.
-            if let Some(follow_up) = follow_up
-                && let Some(mut next) = follow_up(&decode_header(&bytes)?)
+            if let (Some(follow_up), Some(stored)) = (follow_up, stored)
+                && let Some(mut next) = follow_up_of(follow_up, &stored)?
             {
                 next.seq = self.append_one(&inbox.app_id, Prepared::new(&next), tier, pending)?;
                 removal.appended.push(next);
@@ -639,6 +642,33 @@ mod tests {
                 .removed
                 .is_empty()
         );
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn follow_ups_after_a_restart_see_only_referenced_messages() {
+        // Replayed from the log, the hot tier does not know which messages
+        // carry a reference: it reads them at removal.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inbox = InboxKey::new("a", "a-1");
+        let seqs = {
+            let store = open(dir.path());
+            let mut with_ref = crate::contract::message("a-1", "r");
+            with_ref.reference = "ref".into();
+            with_ref.from = "a-2".into();
+            let msgs = [crate::contract::message("a-1", "plain"), with_ref];
+            let seqs = store.append("a", &msgs).await.expect("append");
+            store.close().await.expect("close");
+            seqs
+        };
+        let store = open(dir.path());
+        let removal = store
+            .remove(&inbox, &seqs, Some(crate::contract::confirm_any))
+            .await
+            .expect("remove");
+        assert_eq!(removal.removed, seqs);
+        let to: Vec<&str> = removal.appended.iter().map(|m| m.to.as_str()).collect();
+        assert_eq!(to, ["a-2"]);
         store.close().await.expect("close");
     }
 

@@ -19,7 +19,7 @@
 //! its segment (it was never acknowledged, its sync did not return).
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -53,6 +53,9 @@ fn io(e: std::io::Error) -> StoreError {
 struct Entry {
     value: Slice,
     segment: u64,
+    /// Whether the message carries a reference: a removal reads (and its
+    /// follow-up decodes) only such a message's value.
+    referenced: bool,
 }
 
 /// Undelivered messages of the log, by inbox prefix and sequence number.
@@ -108,6 +111,37 @@ impl HotIndex {
             self.bytes -= old.value.len();
         }
         old
+    }
+
+    /// Applies one inbox's part of a committed batch with one lookup of the
+    /// inbox; the segments of the entries it drops go into `released`.
+    fn apply(&mut self, prefix: &[u8], staged: StagedInbox, segment: u64, released: &mut Vec<u64>) {
+        let messages = match self.inboxes.get_mut(prefix) {
+            Some(m) => m,
+            None if staged.added.is_empty() => return,
+            None => self.inboxes.entry(prefix.to_vec()).or_default(),
+        };
+        for seq in staged.removed {
+            if let Some(old) = messages.remove(&seq) {
+                self.bytes -= old.value.len();
+                released.push(old.segment);
+            }
+        }
+        for (seq, (value, referenced)) in staged.added {
+            self.bytes += value.len();
+            let entry = Entry {
+                value,
+                segment,
+                referenced,
+            };
+            if let Some(old) = messages.insert(seq, entry) {
+                self.bytes -= old.value.len();
+                released.push(old.segment);
+            }
+        }
+        if messages.is_empty() {
+            self.inboxes.remove(prefix);
+        }
     }
 
     fn remove(&mut self, prefix: &[u8], seq: u64) -> Option<Entry> {
@@ -206,12 +240,40 @@ pub(crate) struct HotLog {
 }
 
 /// What the batch being built does to the index, applied once its frame is
-/// written.
+/// written: by inbox, so that the index and the writer's maps are looked up
+/// once per inbox and batch, not once per message.
 #[derive(Default)]
 struct Staged {
-    added: HashMap<(Vec<u8>, u64), Slice>,
-    removed: HashSet<(Vec<u8>, u64)>,
+    inboxes: HashMap<Vec<u8>, StagedInbox>,
     appends: usize,
+}
+
+/// One inbox's part of the batch being built.
+#[derive(Default)]
+struct StagedInbox {
+    /// Appended: value, and whether the message carries a reference.
+    added: BTreeMap<u64, (Slice, bool)>,
+    /// Removed from the index (not those appended in this batch).
+    removed: BTreeSet<u64>,
+}
+
+/// A message taken out of the hot tier by [`HotLog::stage_remove`].
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// Without a reference: nothing can follow it, its value is not read.
+    Plain,
+    /// With a reference: its value, for a follow-up.
+    Referenced(Slice),
+}
+
+impl Taken {
+    fn of(value: &Slice, referenced: bool) -> Self {
+        if referenced {
+            Taken::Referenced(value.clone())
+        } else {
+            Taken::Plain
+        }
+    }
 }
 
 /// What the replay of the log found.
@@ -378,9 +440,11 @@ impl HotLog {
                             let last = last_seqs.entry(prefix.to_vec()).or_default();
                             *last = (*last).max(seq);
                             newest_append.insert(prefix.to_vec(), id);
+                            // Not known without decoding: read at removal.
                             let entry = Entry {
                                 value: Slice::from(value),
                                 segment: id,
+                                referenced: true,
                             };
                             if let Some(old) = index.insert(prefix, seq, entry) {
                                 release(&mut segments, old.segment);
@@ -456,33 +520,51 @@ impl HotLog {
         put_prefix(&mut self.frame, tag, prefix, seq);
     }
 
-    /// Adds a message to the batch being built.
-    pub(crate) fn stage_append(&mut self, prefix: &[u8], seq: u64, value: Slice) {
+    /// The batch's part for an inbox.
+    fn staged_inbox(&mut self, prefix: &[u8]) -> &mut StagedInbox {
+        if !self.staged.inboxes.contains_key(prefix) {
+            self.staged
+                .inboxes
+                .insert(prefix.to_vec(), StagedInbox::default());
+        }
+        self.staged.inboxes.get_mut(prefix).expect("inserted above")
+    }
+
+    /// Adds a message to the batch being built; `referenced`: whether it
+    /// carries a reference.
+    pub(crate) fn stage_append(&mut self, prefix: &[u8], seq: u64, value: Slice, referenced: bool) {
         self.record(APPEND, prefix, seq);
         let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
         self.frame.extend_from_slice(&len.to_le_bytes());
         self.frame.extend_from_slice(&value);
         self.staged.appends += 1;
-        self.staged.added.insert((prefix.to_vec(), seq), value);
+        self.staged_inbox(prefix)
+            .added
+            .insert(seq, (value, referenced));
     }
 
     /// Takes a message out, in the batch being built, if the hot tier has
     /// it; `None` if it does not (it is in the tree, or gone).
-    pub(crate) fn stage_remove(&mut self, prefix: &[u8], seq: u64) -> Option<Slice> {
-        let key = (prefix.to_vec(), seq);
-        let value = match self.staged.added.remove(&key) {
-            Some(value) => value,
+    pub(crate) fn stage_remove(&mut self, prefix: &[u8], seq: u64) -> Option<Taken> {
+        let index = Arc::clone(&self.index);
+        let staged = self.staged_inbox(prefix);
+        let taken = match staged.added.remove(&seq) {
+            Some((value, referenced)) => Taken::of(&value, referenced),
             None => {
-                if self.staged.removed.contains(&key) {
+                if staged.removed.contains(&seq) {
                     return None;
                 }
-                let value = lock(&self.index).get(prefix, seq)?.value.clone();
-                self.staged.removed.insert(key);
-                value
+                let taken = {
+                    let index = lock(&index);
+                    let entry = index.get(prefix, seq)?;
+                    Taken::of(&entry.value, entry.referenced)
+                };
+                staged.removed.insert(seq);
+                taken
             }
         };
         self.record(REMOVE, prefix, seq);
-        Some(value)
+        Some(taken)
     }
 
     /// Whether the batch being built appends anything (then it is synced).
@@ -517,22 +599,15 @@ impl HotLog {
         let current = self.current_id();
         let mut index = lock(&self.index);
         let mut released = Vec::new();
-        for (prefix, seq) in staged.removed {
-            if let Some(old) = index.remove(&prefix, seq) {
-                released.push(old.segment);
-            }
-        }
         let mut added = 0;
         let mut inboxes = Vec::new();
-        for ((prefix, seq), value) in staged.added {
-            let entry = Entry {
-                value,
-                segment: current,
-            };
-            if let Some(old) = index.insert(&prefix, seq, entry) {
-                released.push(old.segment);
+        for (prefix, inbox) in staged.inboxes {
+            let appended = inbox.added.len();
+            index.apply(&prefix, inbox, current, &mut released);
+            if appended == 0 {
+                continue;
             }
-            added += 1;
+            added += appended;
             match self.newest_append.get_mut(&prefix) {
                 Some(newest) => *newest = current,
                 None => {

@@ -55,7 +55,10 @@ impl MessageHeader<'_> {
     }
 }
 
-/// Builds the message that follows the removal of a delivered one.
+/// Builds the message that follows the removal of a delivered one (a
+/// sender confirmation answers the sender's reference). Called only for
+/// removed messages that carry a non-empty `reference`: a store need not
+/// read the others.
 pub type FollowUp = fn(&MessageHeader<'_>) -> Option<InboxMessage>;
 
 /// What a removal did.
@@ -110,7 +113,7 @@ pub trait Store: Send + Sync + 'static {
     /// Removes messages by sequence number and returns those that were still
     /// there (a second removal of the same message returns nothing, which is
     /// what makes sender confirmations happen once). For each removed
-    /// message, `follow_up` may build a message (a sender confirmation) that
+    /// message with a reference, `follow_up` may build a message (a sender confirmation) that
     /// is appended — to the inbox its `to` names, same app — atomically with
     /// the removal, so that a crash loses neither or both.
     ///
@@ -153,6 +156,9 @@ pub trait Store: Send + Sync + 'static {
 /// assigns its sequence number (kept in the key, not in the value).
 pub(crate) struct Prepared {
     pub(crate) to: String,
+    /// Whether it carries a reference: only such a message can have a
+    /// follow-up (see [`FollowUp`]), so a removal reads no other.
+    pub(crate) referenced: bool,
     /// Encoded straight into the buffer the engines keep (no copy on the
     /// writer thread).
     pub(crate) value: fjall::Slice,
@@ -171,6 +177,7 @@ impl Prepared {
         };
         Prepared {
             to: msg.to.clone(),
+            referenced: !msg.reference.is_empty(),
             value,
         }
     }
@@ -193,6 +200,20 @@ fn encode_value(msg: &InboxMessage) -> fjall::Slice {
         // length is prost's own); the plain way.
         fjall::Slice::from(msg.encode_to_vec())
     }
+}
+
+/// The follow-up of a removed message's stored bytes: `None` without a
+/// reference (the message is then not decoded at all beyond its header).
+pub(crate) fn follow_up_of(
+    follow_up: FollowUp,
+    stored: &[u8],
+) -> Result<Option<InboxMessage>, StoreError> {
+    let header = decode_header(stored)?;
+    Ok(if header.reference.is_empty() {
+        None
+    } else {
+        follow_up(&header)
+    })
 }
 
 /// Reads what a follow-up needs of a stored message (protobuf wire format,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp, needs_sync};
 use crate::{
     FollowUp, InboxKey, InboxMessage, InboxPage, Prepared, Removal, Store, StoreError,
-    decode_header, decode_stored,
+    decode_stored, follow_up_of,
 };
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -164,7 +164,7 @@ impl Engine for RedbEngine {
                                 {
                                     None => continue,
                                     Some(old) => match follow_up {
-                                        Some(follow_up) => follow_up(&decode_header(old.value())?),
+                                        Some(follow_up) => follow_up_of(follow_up, old.value())?,
                                         None => None,
                                     },
                                 };
