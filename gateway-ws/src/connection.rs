@@ -23,6 +23,7 @@ use crate::counters::Counters;
 use crate::frames::{self, ClientFrame, FrameError};
 use crate::ratelimit::RateLimiter;
 use crate::registry::{CloseReason, ConnHandle, ConnShared, Outbound};
+use crate::seen::SeqWindow;
 
 /// Longest wait for another role before a frame is answered with UNAVAILABLE.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -332,31 +333,18 @@ where
 /// Stored messages already written on this connection, by sequence number.
 /// A message can reach a connection twice — pushed live while the same
 /// connection fetches it, or replayed in ack mode as it is pushed — and is
-/// written once. Bounded: the oldest entries are forgotten first.
+/// written once (within the last [`crate::seen::WINDOW`] numbers of the
+/// user's inbox; see [`SeqWindow`]).
 #[derive(Default)]
 struct SentSeqs {
-    seen: std::collections::HashSet<u64>,
-    order: std::collections::VecDeque<u64>,
+    seen: SeqWindow,
 }
-
-const SENT_SEQS_REMEMBERED: usize = 8192;
 
 impl SentSeqs {
     fn drop_repeats(&mut self, batch: &mut Vec<Outbound>) {
         batch.retain(|out| match out.stored() {
             None => true,
-            Some(stored) => {
-                if !self.seen.insert(stored.seq) {
-                    return false;
-                }
-                self.order.push_back(stored.seq);
-                if self.order.len() > SENT_SEQS_REMEMBERED
-                    && let Some(old) = self.order.pop_front()
-                {
-                    self.seen.remove(&old);
-                }
-                true
-            }
+            Some(stored) => self.seen.insert(stored.seq),
         });
     }
 }

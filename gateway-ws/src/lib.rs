@@ -8,6 +8,7 @@ mod json;
 mod ratelimit;
 mod read_ahead;
 mod registry;
+mod seen;
 mod server;
 
 use std::sync::Arc;
