@@ -10,6 +10,8 @@
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp};
 use crate::hot::{self, HotLog, HotOptions, SharedIndex, Taken};
@@ -72,6 +74,10 @@ pub struct FjallStoreOptions {
     /// Shortest time from one sync to the next: appends arriving sooner
     /// wait for it and share one sync.
     pub sync_interval: std::time::Duration,
+    /// Inbox sequence counters kept in memory before those of inboxes gone
+    /// quiet (counter in the tree, no append in the live log) are dropped
+    /// and read back from the tree on their next append. ~100 bytes each.
+    pub counters_kept: usize,
 }
 
 impl Default for FjallStoreOptions {
@@ -85,6 +91,7 @@ impl Default for FjallStoreOptions {
             segment_bytes: 8 * 1024 * 1024,
             spill_after: std::time::Duration::from_secs(5),
             sync_interval: std::time::Duration::from_micros(1000),
+            counters_kept: 65_536,
         }
     }
 }
@@ -93,6 +100,8 @@ pub struct FjallStore {
     inbox: Keyspace,
     hot: SharedIndex,
     writer: GroupCommit,
+    /// Sequence counters held in memory by the writer (after each batch).
+    counters: Arc<AtomicUsize>,
 }
 
 struct Writer {
@@ -101,8 +110,13 @@ struct Writer {
     last_seq: Keyspace,
     /// Last assigned sequence number per inbox prefix (loaded on first use,
     /// or from the log at start). Never rolled back: a failed batch leaves a
-    /// gap, which is harmless, where reloading could reuse a number.
+    /// gap, which is harmless, where reloading could reuse a number. An
+    /// inbox's entry goes once its counter is in the tree and no live log
+    /// segment appends to it (see `maintain`): the map holds the inboxes
+    /// written recently, not every inbox since start.
     seq_cache: HashMap<Vec<u8>, u64>,
+    counters: Arc<AtomicUsize>,
+    counters_kept: usize,
     hot: HotLog,
     metrics: LogMetrics,
 }
@@ -112,6 +126,7 @@ struct LogMetrics {
     bytes: metrics::Gauge,
     segments: metrics::Gauge,
     spilled: metrics::Counter,
+    counters: metrics::Gauge,
 }
 
 impl LogMetrics {
@@ -120,11 +135,18 @@ impl LogMetrics {
             bytes: metrics::gauge!("switchboard_store_log_bytes"),
             segments: metrics::gauge!("switchboard_store_log_segments"),
             spilled: metrics::counter!("switchboard_store_spilled_total"),
+            counters: metrics::gauge!("switchboard_store_counters_cached"),
         }
     }
 }
 
 impl FjallStore {
+    /// Inbox sequence counters the writer holds in memory, as of its last
+    /// batch (also the `switchboard_store_counters_cached` gauge).
+    pub fn counters_cached(&self) -> usize {
+        self.counters.load(Ordering::Relaxed)
+    }
+
     pub fn open(data_dir: &Path, options: FjallStoreOptions) -> Result<Self, StoreError> {
         let path = data_dir.join("inbox.lsm");
         std::fs::create_dir_all(&path).map_err(backend)?;
@@ -162,6 +184,8 @@ impl FjallStore {
             inbox: inbox.clone(),
             last_seq,
             seq_cache: HashMap::new(),
+            counters: Arc::default(),
+            counters_kept: options.counters_kept,
             hot: recovered.log,
             metrics: LogMetrics::new(),
         };
@@ -171,13 +195,19 @@ impl FjallStore {
         }
         writer.publish_footprint();
         let hot = writer.hot.index();
+        let counters = Arc::clone(&writer.counters);
         let writer = GroupCommit::start(
             writer,
             options.max_batch,
             options.queue_capacity,
             options.sync_interval,
         )?;
-        Ok(FjallStore { inbox, hot, writer })
+        Ok(FjallStore {
+            inbox,
+            hot,
+            writer,
+            counters,
+        })
     }
 }
 
@@ -356,6 +386,9 @@ impl Writer {
         let (bytes, segments) = self.hot.footprint();
         self.metrics.bytes.set(bytes as f64);
         self.metrics.segments.set(segments as f64);
+        let counters = self.seq_cache.len();
+        self.counters.store(counters, Ordering::Relaxed);
+        self.metrics.counters.set(counters as f64);
     }
 
     /// Deletes log segments whose messages are all delivered, and spills
@@ -383,7 +416,15 @@ impl Writer {
                     "store: undelivered messages moved from the inbox log into the tree"
                 );
             }
-            self.hot.retired(retirement)?;
+            // Their counters are in the tree (just synced) and no live
+            // segment appends to them: past `counters_kept`, they leave
+            // memory, and a later append reads the counter back.
+            let quiet = self.hot.retired(retirement)?;
+            if self.seq_cache.len() > self.counters_kept {
+                for prefix in quiet {
+                    self.seq_cache.remove(&prefix);
+                }
+            }
         }
         Ok(())
     }
@@ -669,6 +710,51 @@ mod tests {
         assert_eq!(removal.removed, seqs);
         let to: Vec<&str> = removal.appended.iter().map(|m| m.to.as_str()).collect();
         assert_eq!(to, ["a-2"]);
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn counters_of_inboxes_gone_quiet_leave_memory_and_are_not_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body = "q".repeat(300);
+        let quiet: Vec<InboxKey> = (0..50)
+            .map(|i| InboxKey::new("a", format!("a-q{i}")))
+            .collect();
+        {
+            let options = FjallStoreOptions {
+                counters_kept: 0,
+                ..small_hot_tier()
+            };
+            let store = FjallStore::open(dir.path(), options).expect("open");
+            for inbox in &quiet {
+                let msg = crate::contract::message(&inbox.user_id, &body);
+                let seqs = store.append("a", &[msg]).await.expect("append");
+                assert_eq!(seqs, vec![1]);
+                store.remove(inbox, &seqs, None).await.expect("remove");
+            }
+            // One busy inbox: its segments fill and retire, and with them
+            // the quiet inboxes' counters leave memory for the tree.
+            let busy = InboxKey::new("a", "a-busy");
+            for _ in 0..100 {
+                let msg = crate::contract::message("a-busy", &body);
+                let seqs = store.append("a", &[msg]).await.expect("append");
+                store.remove(&busy, &seqs, None).await.expect("remove");
+            }
+            let cached = store.counters_cached();
+            assert!(cached <= 5, "{cached} counters still in memory");
+            // A quiet inbox written again continues its numbers.
+            let msg = crate::contract::message("a-q0", "again");
+            let seqs = store.append("a", &[msg]).await.expect("append");
+            assert_eq!(seqs, vec![2]);
+            store.close().await.expect("close");
+        }
+        // And after a restart.
+        let store = FjallStore::open(dir.path(), small_hot_tier()).expect("open");
+        for (i, want) in [(0, 3), (1, 2), (49, 2)] {
+            let msg = crate::contract::message(&quiet[i].user_id, "later");
+            let seqs = store.append("a", &[msg]).await.expect("append");
+            assert_eq!(seqs, vec![want], "inbox {i}");
+        }
         store.close().await.expect("close");
     }
 

@@ -730,8 +730,10 @@ impl HotLog {
     }
 
     /// Deletes a retired segment once its messages and counters are synced
-    /// into the tree, and drops its messages from memory.
-    pub(crate) fn retired(&mut self, retirement: Retirement) -> Result<(), StoreError> {
+    /// into the tree, and drops its messages from memory. Returns the
+    /// inboxes whose counters were written for it: no live segment appends
+    /// to them any more.
+    pub(crate) fn retired(&mut self, retirement: Retirement) -> Result<Vec<Vec<u8>>, StoreError> {
         {
             let mut index = lock(&self.index);
             for (prefix, seq, _) in &retirement.entries {
@@ -755,7 +757,7 @@ impl HotLog {
         for prefix in &retirement.inboxes {
             self.newest_append.remove(prefix);
         }
-        Ok(())
+        Ok(retirement.inboxes)
     }
 }
 
