@@ -248,6 +248,16 @@ struct Staged {
     appends: usize,
 }
 
+impl Staged {
+    /// The batch's part for an inbox.
+    fn inbox(&mut self, prefix: &[u8]) -> &mut StagedInbox {
+        if !self.inboxes.contains_key(prefix) {
+            self.inboxes.insert(prefix.to_vec(), StagedInbox::default());
+        }
+        self.inboxes.get_mut(prefix).expect("inserted above")
+    }
+}
+
 /// One inbox's part of the batch being built.
 #[derive(Default)]
 struct StagedInbox {
@@ -520,16 +530,6 @@ impl HotLog {
         put_prefix(&mut self.frame, tag, prefix, seq);
     }
 
-    /// The batch's part for an inbox.
-    fn staged_inbox(&mut self, prefix: &[u8]) -> &mut StagedInbox {
-        if !self.staged.inboxes.contains_key(prefix) {
-            self.staged
-                .inboxes
-                .insert(prefix.to_vec(), StagedInbox::default());
-        }
-        self.staged.inboxes.get_mut(prefix).expect("inserted above")
-    }
-
     /// Adds a message to the batch being built; `referenced`: whether it
     /// carries a reference.
     pub(crate) fn stage_append(&mut self, prefix: &[u8], seq: u64, value: Slice, referenced: bool) {
@@ -538,7 +538,8 @@ impl HotLog {
         self.frame.extend_from_slice(&len.to_le_bytes());
         self.frame.extend_from_slice(&value);
         self.staged.appends += 1;
-        self.staged_inbox(prefix)
+        self.staged
+            .inbox(prefix)
             .added
             .insert(seq, (value, referenced));
     }
@@ -546,8 +547,7 @@ impl HotLog {
     /// Takes a message out, in the batch being built, if the hot tier has
     /// it; `None` if it does not (it is in the tree, or gone).
     pub(crate) fn stage_remove(&mut self, prefix: &[u8], seq: u64) -> Option<Taken> {
-        let index = Arc::clone(&self.index);
-        let staged = self.staged_inbox(prefix);
+        let staged = self.staged.inbox(prefix);
         let taken = match staged.added.remove(&seq) {
             Some((value, referenced)) => Taken::of(&value, referenced),
             None => {
@@ -555,7 +555,7 @@ impl HotLog {
                     return None;
                 }
                 let taken = {
-                    let index = lock(&index);
+                    let index = lock(&self.index);
                     let entry = index.get(prefix, seq)?;
                     Taken::of(&entry.value, entry.referenced)
                 };
