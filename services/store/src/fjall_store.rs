@@ -74,9 +74,10 @@ pub struct FjallStoreOptions {
     /// Shortest time from one sync to the next: appends arriving sooner
     /// wait for it and share one sync.
     pub sync_interval: std::time::Duration,
-    /// Inbox sequence counters kept in memory before those of inboxes gone
-    /// quiet (counter in the tree, no append in the live log) are dropped
-    /// and read back from the tree on their next append. ~100 bytes each.
+    /// Inbox sequence counters kept in memory; past it, those of inboxes
+    /// that no live log segment appends to are written to the tree and
+    /// dropped (down to half), and read back on their next append. ~100
+    /// bytes each.
     pub counters_kept: usize,
 }
 
@@ -110,10 +111,10 @@ struct Writer {
     last_seq: Keyspace,
     /// Last assigned sequence number per inbox prefix (loaded on first use,
     /// or from the log at start). Never rolled back: a failed batch leaves a
-    /// gap, which is harmless, where reloading could reuse a number. An
-    /// inbox's entry goes once its counter is in the tree and no live log
-    /// segment appends to it (see `maintain`): the map holds the inboxes
-    /// written recently, not every inbox since start.
+    /// gap, which is harmless, where reloading could reuse a number. Past
+    /// `counters_kept`, entries of inboxes that no live log segment appends
+    /// to are written to the tree and dropped (`trim_counters`): the map
+    /// holds the inboxes written recently, not every inbox since start.
     seq_cache: HashMap<Vec<u8>, u64>,
     counters: Arc<AtomicUsize>,
     counters_kept: usize,
@@ -393,7 +394,8 @@ impl Writer {
 
     /// Deletes log segments whose messages are all delivered, and spills
     /// the oldest segment's undelivered messages into the tree when the hot
-    /// tier is over budget. The tree is synced before a segment goes.
+    /// tier is over budget, and trims the counters held in memory. The tree
+    /// is synced before a segment goes.
     fn maintain(&mut self) -> Result<(), StoreError> {
         while let Some(retirement) = self.hot.next_retirement()? {
             let mut wb = self.db.batch();
@@ -416,15 +418,40 @@ impl Writer {
                     "store: undelivered messages moved from the inbox log into the tree"
                 );
             }
-            // Their counters are in the tree (just synced) and no live
-            // segment appends to them: past `counters_kept`, they leave
-            // memory, and a later append reads the counter back.
-            let quiet = self.hot.retired(retirement)?;
-            if self.seq_cache.len() > self.counters_kept {
-                for prefix in quiet {
-                    self.seq_cache.remove(&prefix);
-                }
-            }
+            self.hot.retired(retirement)?;
+        }
+        self.trim_counters()
+    }
+
+    /// Past `counters_kept` counters in memory, drops those of inboxes that
+    /// no live log segment appends to (down to half the limit, so that the
+    /// scan is rare), after writing them to the tree: a later append reads
+    /// the same number back, whatever wrote the inbox last (the log, a
+    /// confirmation stored in the tree, a batch that failed after taking
+    /// numbers).
+    fn trim_counters(&mut self) -> Result<(), StoreError> {
+        let len = self.seq_cache.len();
+        if len <= self.counters_kept {
+            return Ok(());
+        }
+        let quiet: Vec<(Vec<u8>, u64)> = self
+            .seq_cache
+            .iter()
+            .filter(|(prefix, _)| !self.hot.appends_to(prefix))
+            .take(len - self.counters_kept / 2)
+            .map(|(prefix, &seq)| (prefix.clone(), seq))
+            .collect();
+        if quiet.is_empty() {
+            return Ok(());
+        }
+        let mut wb = self.db.batch();
+        for (prefix, seq) in &quiet {
+            wb.insert(&self.last_seq, prefix.clone(), seq.to_be_bytes().to_vec());
+        }
+        wb.commit().map_err(backend)?;
+        self.db.persist(PersistMode::SyncData).map_err(backend)?;
+        for (prefix, _) in quiet {
+            self.seq_cache.remove(&prefix);
         }
         Ok(())
     }
@@ -754,6 +781,57 @@ mod tests {
             let msg = crate::contract::message(&quiet[i].user_id, "later");
             let seqs = store.append("a", &[msg]).await.expect("append");
             assert_eq!(seqs, vec![want], "inbox {i}");
+        }
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn counters_of_senders_confirmed_from_the_tree_leave_memory_too() {
+        // Messages spilled into the tree before their delivery get their
+        // confirmations stored in the tree: those senders' inboxes never
+        // appear in the log, and their counters must leave memory as well.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = FjallStoreOptions {
+            hot_bytes: 64,
+            segment_bytes: 4096,
+            spill_after: std::time::Duration::ZERO,
+            counters_kept: 0,
+            ..FjallStoreOptions::default()
+        };
+        let store = FjallStore::open(dir.path(), options).expect("open");
+        let inbox = InboxKey::new("a", "a-1");
+        let body = "s".repeat(300);
+        let msgs: Vec<_> = (0..30)
+            .map(|i| {
+                let mut m = crate::contract::message("a-1", &body);
+                m.from = format!("a-s{i}");
+                m.reference = format!("r{i}");
+                m
+            })
+            .collect();
+        let seqs = store.append("a", &msgs).await.expect("append");
+        let removal = store
+            .remove(&inbox, &seqs, Some(crate::contract::confirm_any))
+            .await
+            .expect("remove");
+        assert_eq!(removal.appended.len(), 30);
+        // Later batches retire what is left and trim.
+        for _ in 0..20 {
+            let msg = crate::contract::message("a-busy", &body);
+            let seqs = store.append("a", &[msg]).await.expect("append");
+            store
+                .remove(&InboxKey::new("a", "a-busy"), &seqs, None)
+                .await
+                .expect("remove");
+        }
+        let cached = store.counters_cached();
+        assert!(cached <= 5, "{cached} counters still in memory");
+        // Each sender's inbox holds its confirmation (seq 1): the next
+        // number is 2, read back from the tree.
+        for i in [0, 29] {
+            let msg = crate::contract::message(&format!("a-s{i}"), "next");
+            let seqs = store.append("a", &[msg]).await.expect("append");
+            assert_eq!(seqs, vec![2], "sender {i}");
         }
         store.close().await.expect("close");
     }

@@ -729,11 +729,15 @@ impl HotLog {
         }))
     }
 
+    /// Whether a live segment holds an append to the inbox: its counter in
+    /// the tree may be behind, replay would find the higher one.
+    pub(crate) fn appends_to(&self, prefix: &[u8]) -> bool {
+        self.newest_append.contains_key(prefix)
+    }
+
     /// Deletes a retired segment once its messages and counters are synced
-    /// into the tree, and drops its messages from memory. Returns the
-    /// inboxes whose counters were written for it: no live segment appends
-    /// to them any more.
-    pub(crate) fn retired(&mut self, retirement: Retirement) -> Result<Vec<Vec<u8>>, StoreError> {
+    /// into the tree, and drops its messages from memory.
+    pub(crate) fn retired(&mut self, retirement: Retirement) -> Result<(), StoreError> {
         {
             let mut index = lock(&self.index);
             for (prefix, seq, _) in &retirement.entries {
@@ -757,7 +761,7 @@ impl HotLog {
         for prefix in &retirement.inboxes {
             self.newest_append.remove(prefix);
         }
-        Ok(retirement.inboxes)
+        Ok(())
     }
 }
 
