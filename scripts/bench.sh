@@ -7,7 +7,9 @@
 #   scripts/bench.sh            # everything (about 20 minutes)
 #   scripts/bench.sh ramp       # only the max-throughput ramps
 #
-# Output: one line per measured step, prefixed with the scenario.
+# Output: one line per measured step, prefixed with the scenario; after the
+# ramps, "summary:" lines with each one's maximum at p99 < 50 ms and the
+# ratios of the targets (FAST / relay, RELIABLE / FAST).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -60,13 +62,36 @@ run() { # label, bench args...
   local label=$1; shift
   "$bin" bench --url "$url" "$@" 2>/dev/null | grep '^step' | while IFS= read -r line; do
     echo "$label: $line"
-  done
+  done | tee -a "$tmp/steps.txt"
+}
+
+# For each ramp: the highest offered rate at which that step and every
+# lower one had p99 < 50 ms and lost nothing; then the ratios the targets
+# are stated in.
+summarize() { # steps file
+  sed -nE 's/^(.*): step [0-9]+: ([0-9]+) conns @ ([0-9]+)\/s each: .* lost ([0-9]+) dup [0-9]+, latency ms .* p99 ([0-9.]+) p99\.9 .*/\1|\2|\3|\4|\5/p' "$1" \
+    | awk -F'|' '
+      !($1 in best) { order[++n] = $1; best[$1] = 0; broken[$1] = 0 }
+      {
+        if (!broken[$1] && $5 + 0 < 50 && $4 == 0) { best[$1] = $2 * $3; p99[$1] = $5 } else { broken[$1] = 1 }
+      }
+      END {
+        for (i = 1; i <= n; i++) {
+          k = order[i]
+          if (best[k] > 0) printf "summary: %s: %d msgs/s at p99 < 50 ms (p99 %s ms), every lower step too, nothing lost\n", k, best[k], p99[k]
+          else printf "summary: %s: no step at p99 < 50 ms\n", k
+        }
+        relay = best["relay FAST 200 conns"]; fast = best["switchboard FAST 200 conns"]; rel = best["switchboard RELIABLE 200 conns"]
+        if (relay > 0 && fast > 0) printf "summary: switchboard FAST / relay = %d %%\n", 100 * fast / relay
+        if (fast > 0 && rel > 0) printf "summary: switchboard RELIABLE / FAST = %d %%\n", 100 * rel / fast
+      }'
 }
 
 ramp() {
   # Up to 560,000 msgs/s: with its 16 KiB read buffer the generator reaches
   # the relay's ceiling (at 200,000 it was the generator's own, session 4).
   local fast_steps=400,600,800,1000,1200,1400,1600,1800,2000,2400,2800
+  : >"$tmp/steps.txt"
   start relay
   run "relay FAST 200 conns" -n 200 --feature fast --rate-steps $fast_steps --warmup 2s --duration 5s
   # The relay as it was measured up to session 5 (reads straight into the
@@ -79,6 +104,8 @@ ramp() {
   run "switchboard FAST 200 conns" -n 200 --feature fast --rate-steps $fast_steps --warmup 2s --duration 5s
   start switchboard
   run "switchboard RELIABLE 200 conns" -n 200 --feature reliable --rate-steps 200,400,500,600,700,800,900,1000,1200 --warmup 2s --duration 5s
+  stop_server
+  summarize "$tmp/steps.txt"
 }
 
 connections() {
