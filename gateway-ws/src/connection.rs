@@ -155,7 +155,7 @@ async fn write_loop<W>(
     // Grown on demand (up to WRITE_BATCH): an idle connection keeps a few
     // slots, not 64 (3 KiB).
     let mut batch = Vec::new();
-    let mut sent = SentSeqs::default();
+    let mut sent = SeqWindow::default();
     loop {
         tokio::select! {
             biased;
@@ -163,7 +163,7 @@ async fn write_loop<W>(
                 if n == 0 {
                     break;
                 }
-                sent.drop_repeats(&mut batch);
+                drop_repeats(&mut sent, &mut batch);
                 // Tracked before the write: an ACK may come back before the
                 // write call returns.
                 track_unacked(&gw, &identity, &unacked, &batch);
@@ -209,7 +209,7 @@ async fn write_loop<W>(
         while let Ok(out) = rx.try_recv() {
             queued.push(out);
         }
-        sent.drop_repeats(&mut queued);
+        drop_repeats(&mut sent, &mut queued);
         track_unacked(&gw, &identity, &unacked, &queued);
         batch.append(&mut queued);
         if write_batch(&mut sink, &mut batch, &gw.registry.counters)
@@ -330,23 +330,13 @@ where
     Ok(())
 }
 
-/// Stored messages already written on this connection, by sequence number.
-/// A message can reach a connection twice — pushed live while the same
-/// connection fetches it, or replayed in ack mode as it is pushed — and is
-/// written once (within the last [`crate::seen::WINDOW`] numbers of the
-/// user's inbox; see [`SeqWindow`]).
-#[derive(Default)]
-struct SentSeqs {
-    seen: SeqWindow,
-}
-
-impl SentSeqs {
-    fn drop_repeats(&mut self, batch: &mut Vec<Outbound>) {
-        batch.retain(|out| match out.stored() {
-            None => true,
-            Some(stored) => self.seen.insert(stored.seq),
-        });
-    }
+/// Drops the stored messages already written on this connection: a message
+/// can reach a connection twice — pushed live while the same connection
+/// fetches it, or replayed in ack mode as it is pushed — and is written once
+/// (within the last [`crate::seen::WINDOW`] numbers of the user's inbox; see
+/// [`SeqWindow`]).
+fn drop_repeats(sent: &mut SeqWindow, batch: &mut Vec<Outbound>) {
+    batch.retain(|out| out.stored().is_none_or(|stored| sent.insert(stored.seq)));
 }
 
 /// Ack mode: stored messages about to be written wait for the client's ACK.

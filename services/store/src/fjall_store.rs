@@ -311,19 +311,19 @@ impl Writer {
             // Only a follow-up needs anything of the message, only of one
             // with a reference, and only its header: a message without one
             // (the hot tier knows) is not read, a body never decoded.
-            let (value, tier) = match self.hot.stage_remove(&prefix, seq) {
-                Some(Taken::Plain) => (Some(None), Tier::Hot),
-                Some(Taken::Referenced(value)) => (Some(Some(value)), Tier::Hot),
+            // The tree does not know about references: its value is read.
+            let (taken, tier) = match self.hot.stage_remove(&prefix, seq) {
+                Some(taken) => (Some(taken), Tier::Hot),
                 None => (
                     self.take_from_tree(message_key(&prefix, seq), pending)?
-                        .map(Some),
+                        .map(Taken::Referenced),
                     Tier::Tree,
                 ),
             };
-            let Some(stored) = value else { continue };
+            let Some(taken) = taken else { continue };
             removal.removed.push(seq);
-            if let (Some(follow_up), Some(stored)) = (follow_up, stored)
-                && let Some(mut next) = follow_up_of(follow_up, &stored)?
+            if let (Some(follow_up), Taken::Referenced(stored)) = (follow_up, &taken)
+                && let Some(mut next) = follow_up_of(follow_up, stored)?
             {
                 next.seq = self.append_one(&inbox.app_id, Prepared::new(&next), tier, pending)?;
                 removal.appended.push(next);

@@ -272,7 +272,8 @@ struct StagedInbox {
 pub(crate) enum Taken {
     /// Without a reference: nothing can follow it, its value is not read.
     Plain,
-    /// With a reference: its value, for a follow-up.
+    /// With a reference (or not known to have none): its value, for a
+    /// follow-up.
     Referenced(Slice),
 }
 
