@@ -355,7 +355,10 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         let seqs = self
             .deliver_envelopes(req.envelopes, req.sent_copies, req.copy_to_sender)
             .await?;
-        Ok(pb::DeliverReply { seqs })
+        Ok(pb::DeliverReply {
+            seqs,
+            ..Default::default()
+        })
     }
 
     #[tracing::instrument(name = "store.fetch", skip_all)]
@@ -505,7 +508,10 @@ impl switchboard_mesh::Delivery for MeshDelivery {
         }
         let mut seqs: Vec<u64> = known.iter().map(|k| k.unwrap_or(0)).collect();
         if fresh.is_empty() && repeated > 0 {
-            return Ok(pb::DeliverReply { seqs });
+            return Ok(pb::DeliverReply {
+                seqs,
+                ..Default::default()
+            });
         }
         let (sent_copies, copy_to_sender) = if repeated == 0 {
             (req.sent_copies, req.copy_to_sender)
@@ -527,7 +533,10 @@ impl switchboard_mesh::Delivery for MeshDelivery {
                 recent.insert(key, seq);
             }
         }
-        Ok(pb::DeliverReply { seqs })
+        Ok(pb::DeliverReply {
+            seqs,
+            ..Default::default()
+        })
     }
 
     async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {

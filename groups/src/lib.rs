@@ -60,6 +60,9 @@ impl switchboard_mesh::Groups for GroupsRole {
                 copy_to_sender: false,
             })
             .await?;
-        Ok(pb::FanoutReply { recipients: count })
+        Ok(pb::FanoutReply {
+            recipients: count,
+            ..Default::default()
+        })
     }
 }

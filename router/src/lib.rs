@@ -69,7 +69,10 @@ impl switchboard_mesh::Router for RouterRole {
             .envelope
             .ok_or_else(|| ServiceError::invalid("route request without an envelope"))?;
         let recipients = self.route_local(envelope).await?;
-        Ok(pb::RouteReply { recipients })
+        Ok(pb::RouteReply {
+            recipients,
+            ..Default::default()
+        })
     }
 
     #[tracing::instrument(
@@ -96,7 +99,10 @@ impl switchboard_mesh::Router for RouterRole {
             )));
         }
         let Some(first) = envelopes.first() else {
-            return Ok(pb::RouteReply { recipients: 0 });
+            return Ok(pb::RouteReply {
+                recipients: 0,
+                ..Default::default()
+            });
         };
         let copy_to_sender = first.origin.is_some();
         let recipients = u32::try_from(envelopes.len()).unwrap_or(u32::MAX);
@@ -109,7 +115,10 @@ impl switchboard_mesh::Router for RouterRole {
                 copy_to_sender,
             })
             .await?;
-        Ok(pb::RouteReply { recipients })
+        Ok(pb::RouteReply {
+            recipients,
+            ..Default::default()
+        })
     }
 
     #[tracing::instrument(name = "federation.receive", skip_all)]

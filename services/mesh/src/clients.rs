@@ -152,7 +152,10 @@ impl Router for RemoteRouter {
                                 recipients =
                                     recipients.saturating_add(reply.into_inner().recipients);
                             }
-                            Ok(tonic::Response::new(pb::RouteReply { recipients }))
+                            Ok(tonic::Response::new(pb::RouteReply {
+                                recipients,
+                                ..Default::default()
+                            }))
                         }
                         other => other,
                     }
@@ -427,7 +430,10 @@ mod tests {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(id);
-            Ok(tonic::Response::new(pb::RouteReply { recipients: 1 }))
+            Ok(tonic::Response::new(pb::RouteReply {
+                recipients: 1,
+                ..Default::default()
+            }))
         }
 
         /// What the server of an older proto answers for a method it does
