@@ -571,3 +571,6 @@ async fn call<T>(
         .await
         .map_err(|_| ServiceError::unavailable("timed out; try again"))?
 }
+
+#[cfg(test)]
+mod tests;
