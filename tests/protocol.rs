@@ -383,13 +383,22 @@ async fn a_client_message_id_is_checked_and_becomes_the_message_id(node: Deploym
         (&json!(id), &json!("d1"))
     );
     let m = bob.recv_type("MESSAGE").await;
-    assert_eq!((&m["data"]["id"], &m["data"]["content"]), (&json!(id), &json!("mine")));
+    assert_eq!(
+        (&m["data"]["id"], &m["data"]["content"]),
+        (&json!(id), &json!("mine"))
+    );
     ann.send(json!({"type":"GROUP_MESSAGE","data":{"to":["demo-bob","demo-cy"],"content":"ours","id":"grp-1"},"reference":"g1"}))
         .await;
-    assert_eq!(ann.recv_type("MESSAGE_ACCEPTED").await["data"]["id"], "grp-1");
+    assert_eq!(
+        ann.recv_type("MESSAGE_ACCEPTED").await["data"]["id"],
+        "grp-1"
+    );
     for c in [&mut bob, &mut cy] {
         let m = c.recv_type("MESSAGE").await;
-        assert_eq!((&m["data"]["id"], &m["data"]["content"]), (&json!("grp-1"), &json!("ours")));
+        assert_eq!(
+            (&m["data"]["id"], &m["data"]["content"]),
+            (&json!("grp-1"), &json!("ours"))
+        );
     }
     // Without one, the server assigns a UUIDv7 as before.
     ann.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"theirs","id":null},"reference":"d2"}))
@@ -415,10 +424,16 @@ async fn a_client_message_id_is_checked_and_becomes_the_message_id(node: Deploym
     .enumerate()
     {
         for kind in ["MESSAGE", "GROUP_MESSAGE"] {
-            let to = if kind == "MESSAGE" { json!("demo-bob") } else { json!(["demo-bob"]) };
+            let to = if kind == "MESSAGE" {
+                json!("demo-bob")
+            } else {
+                json!(["demo-bob"])
+            };
             let reference = format!("{kind}-{i}");
-            ann.send(json!({"type":kind,"data":{"to":to,"content":"no","id":bad},"reference":reference}))
-                .await;
+            ann.send(
+                json!({"type":kind,"data":{"to":to,"content":"no","id":bad},"reference":reference}),
+            )
+            .await;
             let e = expect_error(&mut ann, "INVALID_FRAME").await;
             assert_eq!(e["reference"], reference.as_str(), "{e}");
             let message = e["data"]["message"].as_str().expect("message");

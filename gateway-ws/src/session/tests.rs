@@ -309,10 +309,7 @@ async fn a_session_authenticates_sends_and_fetches_without_a_socket() {
 
     // Bob fetches in pages, each after the last.
     let mut bob = signed_in(&gateway, "demo-bob", false).await;
-    let first = bob
-        .fetch(Fetch { count: Some(1) })
-        .await
-        .expect("fetched");
+    let first = bob.fetch(Fetch { count: Some(1) }).await.expect("fetched");
     assert_eq!(first.messages.len(), 1);
     assert_eq!(
         (first.messages[0].content.as_str(), first.left),
@@ -418,10 +415,7 @@ async fn bad_sends_are_refused_with_the_protocol_codes() {
             "content of 11 bytes exceeds the limit of 10",
         ),
     ] {
-        let err = ann
-            .send_direct(msg, &meta("r"))
-            .await
-            .expect_err("refused");
+        let err = ann.send_direct(msg, &meta("r")).await.expect_err("refused");
         assert_eq!(err.code, code, "{err}");
         assert!(err.message.ends_with(text), "{err}");
     }
@@ -454,10 +448,7 @@ async fn bad_sends_are_refused_with_the_protocol_codes() {
             "it has 65 characters",
         ),
     ] {
-        let err = ann
-            .send_group(msg, &meta("r"))
-            .await
-            .expect_err("refused");
+        let err = ann.send_group(msg, &meta("r")).await.expect_err("refused");
         assert_eq!(err.code, code, "{err}");
         assert!(err.message.ends_with(text), "{err}");
     }
@@ -473,7 +464,8 @@ async fn ack_mode_replays_until_acknowledged_and_the_rate_limit_spares_acks() {
     let (gateway, inboxes) = gateway(limits);
     let mut ann = signed_in(&gateway, "demo-ann", false).await;
     for content in ["one", "two"] {
-        ann.admit(Some(CommandKind::Message)).expect("under the limit");
+        ann.admit(Some(CommandKind::Message))
+            .expect("under the limit");
         ann.send_direct(
             message("demo-bob", content, None, pb::Feature::Reliable),
             &meta("r"),
