@@ -414,6 +414,16 @@ pub const KNOWN_TYPES: [&str; 5] = [
 ];
 
 impl ClientFrame {
+    /// A MESSAGE frame's command (the hot path reads it without the enum).
+    pub fn message(&mut self) -> Result<Message, FrameError> {
+        Ok(Message {
+            to: self.take_string("to")?,
+            content: self.take_string("content")?,
+            id: self.take_optional_string("id")?,
+            feature: self.feature()?,
+        })
+    }
+
     fn err(&self, code: ErrorCode, message: impl Into<String>) -> FrameError {
         FrameError::new(code, message).with_reference(self.meta.reference.clone())
     }
@@ -438,12 +448,7 @@ impl ClientFrame {
                 acks: self.take_bool("acks")?,
                 device: self.take_optional_string("device")?,
             }),
-            CommandKind::Message => ClientCommand::Message(Message {
-                to: self.take_string("to")?,
-                content: self.take_string("content")?,
-                id: self.take_optional_string("id")?,
-                feature: self.feature()?,
-            }),
+            CommandKind::Message => ClientCommand::Message(self.message()?),
             CommandKind::GroupMessage => ClientCommand::GroupMessage(GroupMessage {
                 to: self.take_string_list("to")?,
                 group: self.take_optional_string("group")?,

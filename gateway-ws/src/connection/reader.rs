@@ -11,7 +11,7 @@ use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
 
 use super::{Connection, Flow};
-use crate::commands::{ClientCommand, CommandKind, RequestMeta};
+use crate::commands::{CommandKind, RequestMeta};
 use crate::frames::{self, ClientFrame, FrameError, FrameKind};
 
 /// A pause without refused frames this long forgives earlier refusals.
@@ -213,15 +213,11 @@ impl Connection {
             .session
             .admit(Some(CommandKind::Message))
             .map_err(|e| FrameError::refused(e, &frame.meta))
-            .and_then(|()| frame.command())
-            .and_then(|command| match command {
-                ClientCommand::Message(msg) => self
-                    .session
+            .and_then(|()| frame.message())
+            .and_then(|msg| {
+                self.session
                     .direct_envelope(msg, &frame.meta)
-                    .map_err(|e| FrameError::refused(e, &frame.meta)),
-                // A MESSAGE frame reads as a Message command.
-                _ => Err(FrameError::new(ErrorCode::Internal, "not a direct message")
-                    .with_reference(frame.meta.reference.clone())),
+                    .map_err(|e| FrameError::refused(e, &frame.meta))
             });
         match envelope {
             Ok(envelope) => Step::Direct(envelope, frame.meta),
