@@ -12,6 +12,8 @@ mod registry;
 mod seen;
 mod server;
 pub mod session;
+#[cfg(test)]
+mod test_doubles;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -258,3 +258,6 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
