@@ -23,7 +23,7 @@ use crate::GatewayInner;
 use crate::commands::{ClientCommand, RequestMeta};
 use crate::frames::{self, ClientFrame, FrameError};
 use crate::registry::{CloseReason, ConnHandle, ConnShared, Outbound, Push, Stored};
-use crate::session::{Accepted, AuthOutcome, Fetched, Session};
+use crate::session::{Accepted, AuthOutcome, Fetched, Outcome, Session};
 
 /// How long a connection closed by a server shutdown waits for the client's
 /// close frame.
@@ -141,26 +141,24 @@ impl Connection {
         }
     }
 
+    /// Runs an admitted command in the session and renders its outcome.
     async fn on_command(
         &mut self,
         command: ClientCommand,
         meta: &RequestMeta,
     ) -> Result<Flow, FrameError> {
-        let refused = |e| FrameError::refused(e, meta);
-        match command {
-            ClientCommand::Auth(auth) => self.on_auth(auth, meta).await,
-            ClientCommand::Message(msg) => {
-                let accepted = self.session.send_direct(msg, meta).await.map_err(refused)?;
+        let outcome = self
+            .session
+            .run(command, meta)
+            .await
+            .map_err(|e| FrameError::refused(e, meta))?;
+        match outcome {
+            Outcome::Auth(auth) => self.on_auth(auth, meta).await,
+            Outcome::Accepted(accepted) => {
                 self.answer_accepted(&accepted, meta);
                 Ok(Flow::Continue)
             }
-            ClientCommand::GroupMessage(msg) => {
-                let accepted = self.session.send_group(msg, meta).await.map_err(refused)?;
-                self.answer_accepted(&accepted, meta);
-                Ok(Flow::Continue)
-            }
-            ClientCommand::Fetch(fetch) => {
-                let page = self.session.fetch(fetch).await.map_err(refused)?;
+            Outcome::Fetched(page) => {
                 let left = page.left;
                 self.send_page(page);
                 self.send_text(
@@ -169,23 +167,17 @@ impl Connection {
                 );
                 Ok(Flow::Continue)
             }
-            ClientCommand::Ack(ack) => {
-                self.session.ack(ack).await.map_err(refused)?;
-                Ok(Flow::Continue)
-            }
+            Outcome::Acked => Ok(Flow::Continue),
         }
     }
 
+    /// After AUTH_CLIENT: the reply, and on success the connection joins
+    /// the registry and presence, and ack mode's replay follows.
     async fn on_auth(
         &mut self,
-        auth: crate::commands::Auth,
+        outcome: AuthOutcome,
         meta: &RequestMeta,
     ) -> Result<Flow, FrameError> {
-        let outcome = self
-            .session
-            .authenticate(auth)
-            .await
-            .map_err(|e| FrameError::refused(e, meta))?;
         if let AuthOutcome::Refused {
             app_id,
             user_id,

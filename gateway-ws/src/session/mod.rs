@@ -15,7 +15,8 @@ use tokio::time::timeout;
 
 use crate::GatewayInner;
 use crate::commands::{
-    Ack, Auth, CommandKind, Fetch, GroupMessage, Message, RequestMeta, check_message_id,
+    Ack, Auth, ClientCommand, CommandKind, Fetch, GroupMessage, Message, RequestMeta,
+    check_message_id,
 };
 use crate::ratelimit::RateLimiter;
 use crate::registry::Stored;
@@ -117,6 +118,15 @@ pub struct Fetched {
     pub left: u64,
 }
 
+/// What a command came to (see [`Session::execute`]).
+#[derive(Debug)]
+pub enum Outcome {
+    Auth(AuthOutcome),
+    Accepted(Accepted),
+    Fetched(Fetched),
+    Acked,
+}
+
 /// One client's session; see the module documentation.
 pub struct Session {
     gw: Arc<GatewayInner>,
@@ -193,6 +203,38 @@ impl Session {
             return Err(ServiceError::invalid("already authenticated"));
         }
         Ok(())
+    }
+
+    /// Admits and runs a command: the whole rule set for a transport whose
+    /// requests are typed from the start.
+    pub async fn execute(
+        &mut self,
+        command: ClientCommand,
+        meta: &RequestMeta,
+    ) -> Result<Outcome, ServiceError> {
+        self.admit(Some(command.kind()))?;
+        self.run(command, meta).await
+    }
+
+    /// Runs an admitted command ([`Session::admit`]; a transport that reads
+    /// a request's fields only once it is admitted calls the two apart).
+    pub async fn run(
+        &mut self,
+        command: ClientCommand,
+        meta: &RequestMeta,
+    ) -> Result<Outcome, ServiceError> {
+        Ok(match command {
+            ClientCommand::Auth(auth) => Outcome::Auth(self.authenticate(auth).await?),
+            ClientCommand::Message(msg) => Outcome::Accepted(self.send_direct(msg, meta).await?),
+            ClientCommand::GroupMessage(msg) => {
+                Outcome::Accepted(self.send_group(msg, meta).await?)
+            }
+            ClientCommand::Fetch(fetch) => Outcome::Fetched(self.fetch(fetch).await?),
+            ClientCommand::Ack(ack) => {
+                self.ack(ack).await?;
+                Outcome::Acked
+            }
+        })
     }
 
     /// Checks the credential; on success the session acts as that user.

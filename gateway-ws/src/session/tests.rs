@@ -72,6 +72,52 @@ async fn a_session_authenticates_sends_and_fetches_without_a_socket() {
     );
     assert!(!stranger.is_authenticated());
 
+    // The whole rule set in one call, as a transport with typed requests
+    // uses it.
+    let mut early = gateway.session();
+    let refused = early
+        .execute(
+            ClientCommand::Fetch(Fetch { count: None }),
+            &RequestMeta::default(),
+        )
+        .await
+        .expect_err("not authenticated");
+    assert_eq!(refused.code, ErrorCode::NotAuthenticated);
+    let outcome = early
+        .execute(
+            ClientCommand::Auth(Auth {
+                app_id: "demo".into(),
+                user_id: "demo-dan".into(),
+                token: String::new(),
+                acks: false,
+                device: None,
+            }),
+            &RequestMeta::default(),
+        )
+        .await
+        .expect("auth role answers");
+    assert!(matches!(outcome, Outcome::Auth(AuthOutcome::Accepted)));
+    assert_eq!(
+        early.identity().map(|i| i.user_id.as_str()),
+        Some("demo-dan")
+    );
+    let sent = early
+        .execute(
+            ClientCommand::Message(message(
+                "demo-bob",
+                "via execute",
+                Some("dan-1"),
+                pb::Feature::Fast,
+            )),
+            &meta("e1"),
+        )
+        .await
+        .expect("accepted");
+    assert!(
+        matches!(&sent, Outcome::Accepted(a) if a.id == "dan-1" && !a.reliable),
+        "{sent:?}"
+    );
+
     let mut ann = signed_in(&gateway, "demo-ann", false).await;
     assert_eq!(
         ann.admit(Some(CommandKind::Auth))
@@ -110,8 +156,15 @@ async fn a_session_authenticates_sends_and_fetches_without_a_socket() {
 
     // The envelopes carry who, what, the reference and this session's
     // connection as origin.
-    let routed = inboxes.routed();
-    assert_eq!(routed.len(), 2);
+    let all = inboxes.routed();
+    assert_eq!(all.len(), 3);
+    assert_eq!(
+        (all[0].id.as_str(), all[0].from.as_str()),
+        ("dan-1", "demo-dan")
+    );
+    // Each session is its own connection (MESSAGE_SENT copies skip it).
+    assert_ne!(all[0].origin, all[1].origin);
+    let routed = &all[1..];
     assert_eq!(
         (
             routed[0].from.as_str(),
