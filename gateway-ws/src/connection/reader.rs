@@ -6,13 +6,14 @@
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use switchboard_mesh::{ErrorCode, pb};
+use switchboard_mesh::ErrorCode;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
 
 use super::{Connection, Flow};
 use crate::commands::{CommandKind, RequestMeta};
 use crate::frames::{self, ClientFrame, FrameError, FrameKind};
+use crate::session::{Accepted, CheckedDirect};
 
 /// A pause without refused frames this long forgives earlier refusals.
 const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
@@ -24,7 +25,7 @@ const READ_BATCH: usize = 64;
 /// per message for nothing.
 #[allow(clippy::large_enum_variant)]
 enum Step {
-    Direct(pb::Envelope, RequestMeta),
+    Direct(CheckedDirect, RequestMeta),
     Other(ClientFrame),
     Refused(FrameError),
 }
@@ -175,7 +176,7 @@ impl Connection {
     /// go to the router as one batch; anything else is handled on its own,
     /// after the messages before it were routed.
     async fn on_texts(&mut self, texts: Vec<Utf8Bytes>) -> Flow {
-        let mut batch: Vec<(pb::Envelope, RequestMeta)> = Vec::new();
+        let mut batch: Vec<(CheckedDirect, RequestMeta)> = Vec::new();
         for text in &texts {
             let step = match self.parse_text(text.as_str()) {
                 Ok(frame) => self.step(frame),
@@ -216,7 +217,7 @@ impl Connection {
             .and_then(|()| frame.message())
             .and_then(|msg| {
                 self.session
-                    .direct_envelope(msg, &frame.meta)
+                    .check_direct(msg, &frame.meta)
                     .map_err(|e| FrameError::refused(e, &frame.meta))
             });
         match envelope {
@@ -227,12 +228,12 @@ impl Connection {
 
     /// Routes direct messages that arrived together: one router call for the
     /// lot; each frame gets its own answer.
-    async fn route_all(&mut self, mut batch: Vec<(pb::Envelope, RequestMeta)>) -> Flow {
+    async fn route_all(&mut self, mut batch: Vec<(CheckedDirect, RequestMeta)>) -> Flow {
         if batch.len() <= 1 {
             let Some((envelope, meta)) = batch.pop() else {
                 return Flow::Continue;
             };
-            return match self.session.route(envelope, &meta).await {
+            return match self.session.route_direct(envelope, &meta).await {
                 Ok(accepted) => {
                     self.answer_accepted(&accepted, &meta);
                     Flow::Continue
@@ -243,14 +244,13 @@ impl Connection {
         let mut envelopes = Vec::with_capacity(batch.len());
         let mut answers = Vec::with_capacity(batch.len());
         for (envelope, meta) in batch {
-            let reliable = envelope.feature() == pb::Feature::Reliable;
-            answers.push((envelope.id.clone(), reliable, meta));
+            answers.push((envelope.id().to_owned(), envelope.reliable(), meta));
             envelopes.push(envelope);
         }
         match self.session.route_batch(envelopes, &answers[0].2).await {
             Ok(routed) => {
                 for (position, (id, reliable, meta)) in answers.into_iter().enumerate() {
-                    let accepted = crate::session::Accepted {
+                    let accepted = Accepted {
                         id,
                         reliable,
                         repeated: routed.is_repeated(position),

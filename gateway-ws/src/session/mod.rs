@@ -109,6 +109,22 @@ impl Routed {
     }
 }
 
+/// A direct message this session checked and built, ready to route. Only
+/// a session makes one: nothing unchecked reaches the router.
+#[derive(Debug)]
+pub struct CheckedDirect(pb::Envelope);
+
+impl CheckedDirect {
+    /// The message's id (the client's own, or assigned).
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+
+    pub fn reliable(&self) -> bool {
+        self.0.feature() == pb::Feature::Reliable
+    }
+}
+
 /// A page of stored messages.
 #[derive(Debug)]
 pub struct Fetched {
@@ -315,17 +331,18 @@ impl Session {
         msg: Message,
         meta: &RequestMeta,
     ) -> Result<Accepted, ServiceError> {
-        let envelope = self.direct_envelope(msg, meta)?;
-        self.route(envelope, meta).await
+        let checked = self.check_direct(msg, meta)?;
+        self.route(checked.0, meta).await
     }
 
-    /// The envelope of a valid direct message, not routed yet (a transport
-    /// that reads several at once routes them together: [`Session::route_batch`]).
-    pub fn direct_envelope(
+    /// A direct message checked and built, not routed yet: a transport that
+    /// reads several at once routes them together ([`Session::route_batch`]),
+    /// or one alone ([`Session::route_direct`]).
+    pub fn check_direct(
         &self,
         msg: Message,
         meta: &RequestMeta,
-    ) -> Result<pb::Envelope, ServiceError> {
+    ) -> Result<CheckedDirect, ServiceError> {
         let id = self.user()?;
         if let Some(client_id) = &msg.id {
             check_message_id(client_id)?;
@@ -336,7 +353,7 @@ impl Session {
         envelope.to = vec![msg.to];
         envelope.content = msg.content;
         envelope.kind = pb::MessageKind::Direct.into();
-        Ok(envelope)
+        Ok(CheckedDirect(envelope))
     }
 
     /// A message to an ad-hoc list of users or a persistent group.
@@ -422,8 +439,17 @@ impl Session {
         }
     }
 
+    /// Routes one checked direct message.
+    pub async fn route_direct(
+        &self,
+        msg: CheckedDirect,
+        meta: &RequestMeta,
+    ) -> Result<Accepted, ServiceError> {
+        self.route(msg.0, meta).await
+    }
+
     /// Routes one envelope built by this session.
-    pub async fn route(
+    async fn route(
         &self,
         envelope: pb::Envelope,
         meta: &RequestMeta,
@@ -454,14 +480,16 @@ impl Session {
         })
     }
 
-    /// Routes direct messages built by [`Session::direct_envelope`] as one
-    /// unit (one store write for the RELIABLE ones): all are accepted or
-    /// none. `meta` is the first message's (the batch joins its trace).
+    /// Routes checked direct messages as one unit (one store write for the
+    /// RELIABLE ones): all are accepted or none. `meta` is the first
+    /// message's (the batch joins its trace).
     pub async fn route_batch(
         &self,
-        envelopes: Vec<pb::Envelope>,
+        messages: Vec<CheckedDirect>,
         meta: &RequestMeta,
     ) -> Result<Routed, ServiceError> {
+        // Same layout: the vector is reused in place, not reallocated.
+        let envelopes: Vec<pb::Envelope> = messages.into_iter().map(|m| m.0).collect();
         let Some(first) = envelopes.first() else {
             return Ok(Routed {
                 repeated: Vec::new(),

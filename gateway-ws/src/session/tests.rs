@@ -229,7 +229,7 @@ async fn a_client_id_is_the_message_id_and_a_resend_is_answered_not_stored() {
     let envelopes = ["ann-0002", "ann-0001", "ann-0003"]
         .into_iter()
         .map(|id| {
-            ann.direct_envelope(
+            ann.check_direct(
                 message("demo-bob", id, Some(id), pb::Feature::Fast),
                 &meta(id),
             )
