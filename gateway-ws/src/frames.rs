@@ -972,6 +972,61 @@ mod tests {
         assert_eq!(FrameKind::Unknown("X".into()).label(), "unknown");
     }
 
+    #[test]
+    fn any_frame_serde_writes_reads_back_as_the_same_command() {
+        let ids = [None, Some("a"), Some("x-1_Y"), Some("")];
+        let texts = [
+            "",
+            "plain",
+            "quote \" back \\ slash",
+            "ünï👋\u{0}\n",
+            "{\"type\":\"ACK\"}",
+        ];
+        for id in ids {
+            for to in texts {
+                for content in texts {
+                    for feature in [None, Some("FAST"), Some("RELIABLE")] {
+                        let mut frame = serde_json::json!({
+                            "type": "MESSAGE",
+                            "data": {"to": to, "content": content, "extra": {"type": "ACK"}},
+                            "reference": content,
+                        });
+                        if let Some(id) = id {
+                            frame["data"]["id"] = id.into();
+                        }
+                        if let Some(feature) = feature {
+                            frame["feature"] = feature.into();
+                        }
+                        let text = frame.to_string();
+                        let mut f = parse(&text).expect(&text);
+                        assert_eq!(f.meta.reference.as_deref(), Some(content));
+                        let Ok(ClientCommand::Message(m)) = f.command() else {
+                            panic!("{text}");
+                        };
+                        assert_eq!((m.to.as_str(), m.content.as_str()), (to, content));
+                        assert_eq!(m.id.as_deref(), id);
+                        let expected = match feature {
+                            Some("FAST") => pb::Feature::Fast,
+                            _ => pb::Feature::Reliable,
+                        };
+                        assert_eq!(m.feature, expected);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_cut_of_a_frame_is_refused_without_a_panic() {
+        let text = r#"{"type":"GROUP_MESSAGE","data":{"to":["a-1","a-2"],"content":"h\u00e9 \"x\"","id":"i-1","n":[1,2.5,-3,true,null,{}]},"feature":"FAST","reference":"r","traceparent":"t"}"#;
+        let mut f = parse(text).expect("whole frame");
+        assert!(matches!(f.command(), Ok(ClientCommand::GroupMessage(_))));
+        for cut in (0..text.len()).filter(|&i| text.is_char_boundary(i)) {
+            let e = parse(&text[..cut]).expect_err(&text[..cut]);
+            assert_eq!(e.code, ErrorCode::InvalidJson, "{}", &text[..cut]);
+        }
+    }
+
     /// The MESSAGE frame as serde renders it: what the hand-written one
     /// must equal.
     #[derive(Serialize)]
