@@ -54,6 +54,7 @@ protocol_tests! {
     content_round_trips_byte_exactly;
     fetched_messages_have_distinct_ids;
     a_client_message_id_is_checked_and_becomes_the_message_id;
+    a_client_message_id_belongs_to_its_sender;
     pipelined_messages_keep_their_order_and_each_gets_its_answer => |c: &mut Config| {
         c.limits.messages_per_second = 10_000;
     };
@@ -442,6 +443,37 @@ async fn a_client_message_id_is_checked_and_becomes_the_message_id(node: Deploym
     }
     bob.expect_silence(QUIET).await;
     cy.expect_silence(QUIET).await;
+    node.shutdown().await;
+}
+
+async fn a_client_message_id_belongs_to_its_sender(node: Deployment) {
+    // Two senders that happen to pick the same id send two messages.
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    let mut cy = Client::login_with(&node.url(), "demo-cy", true).await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    for (sender, content) in [(&mut ann, "from ann"), (&mut cy, "from cy")] {
+        sender
+            .send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":content,"id":"same-1"},"reference":content}))
+            .await;
+        assert_eq!(
+            sender.recv_type("MESSAGE_ACCEPTED").await["data"]["id"],
+            "same-1"
+        );
+    }
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = bob.recv_type("MESSAGE").await;
+        assert_eq!(m["data"]["id"], "same-1", "{m}");
+        got.push((m["data"]["from"].clone(), m["data"]["content"].clone()));
+    }
+    assert_eq!(
+        got,
+        [
+            (json!("demo-ann"), json!("from ann")),
+            (json!("demo-cy"), json!("from cy"))
+        ]
+    );
+    bob.expect_silence(QUIET).await;
     node.shutdown().await;
 }
 
