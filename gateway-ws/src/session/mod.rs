@@ -38,10 +38,20 @@ pub struct Identity {
 }
 
 /// Stored messages handed to the client in ack mode and not acknowledged
-/// yet: id → seq. Filled by whatever writes them to the client, emptied by
+/// yet. Filled by whatever writes them to the client, emptied by
 /// [`Session::ack`].
 #[derive(Default)]
-pub struct Unacked(Mutex<HashMap<String, u64>>);
+pub struct Unacked(Mutex<UnackedMap>);
+
+#[derive(Default)]
+struct UnackedMap {
+    /// id → seq.
+    by_id: HashMap<String, u64>,
+    /// Further messages whose id is already tracked: client ids are unique
+    /// per sender only, so two senders may pick the same one (rare). An ACK
+    /// of that id acknowledges all of them.
+    shared_ids: Vec<(String, u64)>,
+}
 
 impl Unacked {
     /// Tracks messages about to be written; past `limit` tracked ones a
@@ -53,10 +63,24 @@ impl Unacked {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for stored in stored {
-            if map.len() >= limit {
+            if map.by_id.len() + map.shared_ids.len() >= limit {
                 break;
             }
-            map.insert(stored.id.clone(), stored.seq);
+            match map.by_id.get(&stored.id) {
+                None => {
+                    map.by_id.insert(stored.id.clone(), stored.seq);
+                }
+                Some(&seq)
+                    if seq != stored.seq
+                        && !map
+                            .shared_ids
+                            .iter()
+                            .any(|(id, seq)| *seq == stored.seq && *id == stored.id) =>
+                {
+                    map.shared_ids.push((stored.id.clone(), stored.seq));
+                }
+                Some(_) => {}
+            }
         }
     }
 
@@ -67,7 +91,17 @@ impl Unacked {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        ids.iter().filter_map(|i| map.remove(i)).collect()
+        let mut seqs: Vec<u64> = ids.iter().filter_map(|i| map.by_id.remove(i)).collect();
+        if !map.shared_ids.is_empty() {
+            map.shared_ids.retain(|(id, seq)| {
+                let acked = ids.contains(id);
+                if acked {
+                    seqs.push(*seq);
+                }
+                !acked
+            });
+        }
+        seqs
     }
 }
 

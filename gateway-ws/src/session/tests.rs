@@ -388,3 +388,26 @@ async fn ack_mode_replays_until_acknowledged_and_the_rate_limit_spares_acks() {
     let mut plain = signed_in(&gateway, "demo-bob", false).await;
     assert!(plain.replay().await.expect("replay").messages.is_empty());
 }
+
+#[test]
+fn an_ack_of_an_id_two_senders_chose_acknowledges_both_messages() {
+    let unacked = Unacked::default();
+    let stored = |seq: u64, id: &str| Stored {
+        seq,
+        id: id.to_owned(),
+    };
+    let written = [stored(1, "same"), stored(2, "other"), stored(3, "same")];
+    unacked.track(10, written.iter());
+    // Written again (a replay): still tracked once.
+    unacked.track(10, written.iter());
+    let mut seqs = unacked.take(&["same".to_owned()]);
+    seqs.sort_unstable();
+    assert_eq!(seqs, [1, 3]);
+    assert!(unacked.take(&["same".to_owned()]).is_empty());
+    assert_eq!(unacked.take(&["other".to_owned()]), [2]);
+    // The limit counts every tracked message.
+    unacked.track(2, written.iter());
+    let mut seqs = unacked.take(&["same".to_owned(), "other".to_owned()]);
+    seqs.sort_unstable();
+    assert_eq!(seqs, [1, 2]);
+}
