@@ -53,6 +53,8 @@ protocol_tests! {
     master_user_sees_one_connect_and_one_disconnect_per_user;
     content_round_trips_byte_exactly;
     fetched_messages_have_distinct_ids;
+    a_client_message_id_is_checked_and_becomes_the_message_id;
+    a_client_message_id_belongs_to_its_sender;
     pipelined_messages_keep_their_order_and_each_gets_its_answer => |c: &mut Config| {
         c.limits.messages_per_second = 10_000;
     };
@@ -361,6 +363,116 @@ async fn pipelined_messages_keep_their_order_and_each_gets_its_answer(node: Depl
         .map(|i| format!("m{i}"))
         .collect();
     assert_eq!(got, sent);
+    bob.expect_silence(QUIET).await;
+    node.shutdown().await;
+}
+
+async fn a_client_message_id_is_checked_and_becomes_the_message_id(node: Deployment) {
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let mut cy = Client::login(&node.url(), "demo-cy").await;
+
+    // A well-formed id is the message's id, for a direct and a group
+    // message alike.
+    let id = format!("ann_{}-Z9", "x".repeat(57));
+    assert_eq!(id.len(), 64);
+    ann.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"mine","id":id},"reference":"d1"}))
+        .await;
+    let accepted = ann.recv_type("MESSAGE_ACCEPTED").await;
+    assert_eq!(
+        (&accepted["data"]["id"], &accepted["reference"]),
+        (&json!(id), &json!("d1"))
+    );
+    let m = bob.recv_type("MESSAGE").await;
+    assert_eq!(
+        (&m["data"]["id"], &m["data"]["content"]),
+        (&json!(id), &json!("mine"))
+    );
+    ann.send(json!({"type":"GROUP_MESSAGE","data":{"to":["demo-bob","demo-cy"],"content":"ours","id":"grp-1"},"reference":"g1"}))
+        .await;
+    assert_eq!(
+        ann.recv_type("MESSAGE_ACCEPTED").await["data"]["id"],
+        "grp-1"
+    );
+    for c in [&mut bob, &mut cy] {
+        let m = c.recv_type("MESSAGE").await;
+        assert_eq!(
+            (&m["data"]["id"], &m["data"]["content"]),
+            (&json!("grp-1"), &json!("ours"))
+        );
+    }
+    // Without one, the server assigns a UUIDv7 as before.
+    ann.send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"theirs","id":null},"reference":"d2"}))
+        .await;
+    let assigned = ann.recv_type("MESSAGE_ACCEPTED").await;
+    let assigned = assigned["data"]["id"].as_str().expect("id");
+    assert_eq!(assigned.len(), 36, "{assigned}");
+    assert_eq!(&assigned[14..15], "7", "a UUIDv7: {assigned}");
+    assert_eq!(bob.recv_type("MESSAGE").await["data"]["id"], assigned);
+
+    // Anything else is refused with the frame's reference and a message
+    // that says what an id may be; nothing reaches the recipients.
+    for (i, bad) in [
+        json!(""),
+        json!("y".repeat(65)),
+        json!("has space"),
+        json!("dot.ted"),
+        json!("ünï"),
+        json!(42),
+        json!(["a"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for kind in ["MESSAGE", "GROUP_MESSAGE"] {
+            let to = if kind == "MESSAGE" {
+                json!("demo-bob")
+            } else {
+                json!(["demo-bob"])
+            };
+            let reference = format!("{kind}-{i}");
+            ann.send(
+                json!({"type":kind,"data":{"to":to,"content":"no","id":bad},"reference":reference}),
+            )
+            .await;
+            let e = expect_error(&mut ann, "INVALID_FRAME").await;
+            assert_eq!(e["reference"], reference.as_str(), "{e}");
+            let message = e["data"]["message"].as_str().expect("message");
+            assert!(message.starts_with("data.id must be"), "{bad}: {message}");
+        }
+    }
+    bob.expect_silence(QUIET).await;
+    cy.expect_silence(QUIET).await;
+    node.shutdown().await;
+}
+
+async fn a_client_message_id_belongs_to_its_sender(node: Deployment) {
+    // Two senders that happen to pick the same id send two messages.
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    let mut cy = Client::login_with(&node.url(), "demo-cy", true).await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    for (sender, content) in [(&mut ann, "from ann"), (&mut cy, "from cy")] {
+        sender
+            .send(json!({"type":"MESSAGE","data":{"to":"demo-bob","content":content,"id":"same-1"},"reference":content}))
+            .await;
+        assert_eq!(
+            sender.recv_type("MESSAGE_ACCEPTED").await["data"]["id"],
+            "same-1"
+        );
+    }
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = bob.recv_type("MESSAGE").await;
+        assert_eq!(m["data"]["id"], "same-1", "{m}");
+        got.push((m["data"]["from"].clone(), m["data"]["content"].clone()));
+    }
+    assert_eq!(
+        got,
+        [
+            (json!("demo-ann"), json!("from ann")),
+            (json!("demo-cy"), json!("from cy"))
+        ]
+    );
     bob.expect_silence(QUIET).await;
     node.shutdown().await;
 }

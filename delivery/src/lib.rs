@@ -63,7 +63,7 @@ impl Metrics {
     }
 }
 
-/// Deliveries recently done, by (app, message id, recipient), with the seq
+/// Deliveries recently done, by (app, sender, message id, recipient), with the seq
 /// each got: a Deliver call repeated after a caller's failover (the first
 /// one did the work, its answer was lost) is answered from here instead of
 /// storing and pushing the message a second time. Bounded, oldest first
@@ -73,14 +73,16 @@ struct RecentDeliveries {
     order: std::collections::VecDeque<DeliveryKey>,
 }
 
-/// A 64-bit digest of (app, message id, recipient): nothing to allocate per
+/// A 64-bit digest of (app, sender, message id, recipient): nothing to allocate per
 /// delivery on the hot path, and a collision among the remembered 65,536 is
 /// out of reach (~10⁻¹⁰).
 type DeliveryKey = u64;
 
-fn digest(app_id: &str, id: &str, to: &str) -> DeliveryKey {
+fn digest(app_id: &str, from: &str, id: &str, to: &str) -> DeliveryKey {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for part in [app_id, id, to] {
+    // The sender too: a client-given id (`data.id`) is unique only per
+    // sender, and two senders' messages with one id are two messages.
+    for part in [app_id, from, id, to] {
         h.update(part.as_bytes());
         h.update(&[0]);
     }
@@ -119,7 +121,7 @@ fn delivery_key(envelope: &pb::Envelope) -> Option<DeliveryKey> {
     if envelope.id.is_empty() {
         return None;
     }
-    Some(digest(&envelope.app_id, &envelope.id, to))
+    Some(digest(&envelope.app_id, &envelope.from, &envelope.id, to))
 }
 
 /// A push of a stored or fresh message to its recipient's connections.
@@ -565,7 +567,7 @@ mod tests {
     #[test]
     fn recent_deliveries_are_bounded_oldest_first() {
         let mut recent = RecentDeliveries::new();
-        let key = |i: usize| digest("app", &format!("id{i}"), "bob");
+        let key = |i: usize| digest("app", "ann", &format!("id{i}"), "bob");
         for i in 0..RECENT_DELIVERIES + 10 {
             recent.insert(key(i), i as u64);
         }

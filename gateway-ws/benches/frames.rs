@@ -24,9 +24,7 @@ fn parse(c: &mut Criterion) {
         group.bench_function(format!("message_{payload}"), |b| {
             b.iter(|| {
                 let mut f = frames::parse(black_box(&text)).expect("valid frame");
-                let to = f.take_string("to").expect("to");
-                let content = f.take_string("content").expect("content");
-                black_box((to, content, f.feature().expect("feature")))
+                black_box(f.command().expect("valid command"))
             })
         });
     }

@@ -1,28 +1,80 @@
-//! Client protocol v1 frames: parsing what clients send and rendering what
-//! they receive. JSON lives here and nowhere else.
+//! Client protocol v1 frames: parsing what clients send into typed
+//! commands ([`crate::commands`]) and rendering what they receive. JSON
+//! lives here and nowhere else.
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use switchboard_mesh::{ErrorCode, pb};
+use switchboard_mesh::{ErrorCode, ServiceError, pb};
 
+use crate::commands::{
+    Ack, Auth, ClientCommand, CommandKind, Fetch, GroupMessage, Message, RequestMeta,
+};
 use crate::json;
 
-/// A parsed client frame: its type, `data` fields and top-level fields.
+/// A parsed client frame: its type, top-level fields and the `data` fields
+/// its command reads (moved out by [`ClientFrame::command`]).
 #[derive(Debug)]
 pub struct ClientFrame {
-    pub kind: String,
+    pub kind: FrameKind,
+    pub meta: RequestMeta,
     data: Data,
-    pub feature: Option<String>,
-    pub reference: Option<String>,
-    /// A client's own W3C `traceparent`: the message joins that trace.
-    pub traceparent: Option<String>,
+    feature: Option<String>,
+}
+
+/// What a frame's `type` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameKind {
+    Command(CommandKind),
+    /// A type this server does not handle (kept for the error message).
+    Unknown(String),
+}
+
+impl FrameKind {
+    fn from_name(name: &str) -> FrameKind {
+        match name {
+            "AUTH_CLIENT" => FrameKind::Command(CommandKind::Auth),
+            "MESSAGE" => FrameKind::Command(CommandKind::Message),
+            "GROUP_MESSAGE" => FrameKind::Command(CommandKind::GroupMessage),
+            "FETCH_MISSING_MESSAGES_REQUEST" => FrameKind::Command(CommandKind::Fetch),
+            "ACK" => FrameKind::Command(CommandKind::Ack),
+            other => FrameKind::Unknown(other.to_owned()),
+        }
+    }
+
+    /// The command this frame asks for; `None` for an unknown type.
+    pub fn command(&self) -> Option<CommandKind> {
+        match self {
+            FrameKind::Command(kind) => Some(*kind),
+            FrameKind::Unknown(_) => None,
+        }
+    }
+
+    /// The type as a metrics label: a known type's name, or `unknown` (the
+    /// type is client input; labels must stay a small set).
+    pub fn label(&self) -> &'static str {
+        match self {
+            FrameKind::Command(kind) => type_name(*kind),
+            FrameKind::Unknown(_) => "unknown",
+        }
+    }
+}
+
+/// A command's frame type on the wire.
+pub fn type_name(kind: CommandKind) -> &'static str {
+    match kind {
+        CommandKind::Auth => "AUTH_CLIENT",
+        CommandKind::Message => "MESSAGE",
+        CommandKind::GroupMessage => "GROUP_MESSAGE",
+        CommandKind::Fetch => "FETCH_MISSING_MESSAGES_REQUEST",
+        CommandKind::Ack => "ACK",
+    }
 }
 
 /// The `data` fields any frame type of protocol v1 reads. Others are
 /// skipped while parsing, without being kept.
-const DATA_FIELDS: [&str; 10] = [
-    "to", "content", "group", "appId", "userId", "token", "acks", "device", "count", "ids",
+const DATA_FIELDS: [&str; 11] = [
+    "to", "content", "group", "id", "appId", "userId", "token", "acks", "device", "count", "ids",
 ];
 
 /// The known fields of `data`, each once (a repeated field: the last value
@@ -55,7 +107,7 @@ enum DataSlot {
 
 /// The top-level fields a frame has; everything else is skipped.
 struct Top {
-    kind: Option<Value>,
+    kind: KindSlot,
     data: DataSlot,
     feature: Option<Value>,
     reference: Option<Value>,
@@ -73,7 +125,7 @@ impl<'de> Visitor<'de> for TopVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
         let mut top = Top {
-            kind: None,
+            kind: KindSlot::Absent,
             data: DataSlot::Absent,
             feature: None,
             reference: None,
@@ -81,7 +133,7 @@ impl<'de> Visitor<'de> for TopVisitor {
         };
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.as_str() {
-                "type" => top.kind = Some(map.next_value()?),
+                "type" => top.kind = map.next_value_seed(KindSeed)?,
                 "data" => top.data = map.next_value_seed(DataSeed)?,
                 "feature" => top.feature = Some(map.next_value()?),
                 "reference" => top.reference = Some(map.next_value()?),
@@ -120,6 +172,66 @@ impl<'de> Deserialize<'de> for Key<'de> {
             }
         }
         d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// What `type` was: a string is mapped to its kind as it is read (no
+/// string is kept for a known type).
+enum KindSlot {
+    Absent,
+    Kind(FrameKind),
+    NotString,
+}
+
+struct KindSeed;
+
+impl<'de> DeserializeSeed<'de> for KindSeed {
+    type Value = KindSlot;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<KindSlot, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KindSeed {
+    type Value = KindSlot;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<KindSlot, E> {
+        Ok(KindSlot::Kind(FrameKind::from_name(v)))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<KindSlot, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(KindSlot::NotString)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<KindSlot, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(KindSlot::NotString)
+    }
+
+    fn visit_unit<E>(self) -> Result<KindSlot, E> {
+        Ok(KindSlot::NotString)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<KindSlot, E> {
+        Ok(KindSlot::NotString)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<KindSlot, E> {
+        Ok(KindSlot::NotString)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<KindSlot, E> {
+        Ok(KindSlot::NotString)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<KindSlot, E> {
+        Ok(KindSlot::NotString)
     }
 }
 
@@ -204,6 +316,11 @@ impl FrameError {
         self.reference = reference;
         self
     }
+
+    /// A session's refusal of a request, answered with its reference.
+    pub fn refused(err: ServiceError, meta: &RequestMeta) -> Self {
+        FrameError::new(err.code, err.message).with_reference(meta.reference.clone())
+    }
 }
 
 pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
@@ -229,8 +346,8 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         }
     };
     let kind = match top.kind {
-        Some(Value::String(s)) => s,
-        _ => {
+        KindSlot::Kind(kind) => kind,
+        KindSlot::Absent | KindSlot::NotString => {
             return Err(
                 FrameError::new(ErrorCode::InvalidFrame, "missing string field type")
                     .with_reference(reference),
@@ -251,10 +368,12 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     let traceparent = optional_string(top.traceparent, "traceparent", &reference)?;
     Ok(ClientFrame {
         kind,
+        meta: RequestMeta {
+            reference,
+            traceparent,
+        },
         data,
         feature,
-        reference,
-        traceparent,
     })
 }
 
@@ -285,16 +404,6 @@ pub fn push_type(msg: &pb::InboxMessage) -> &'static str {
     }
 }
 
-/// A frame type as a metrics label: the known ones, or `unknown` (the type
-/// is client input; labels must stay a small set).
-pub fn known_type(kind: &str) -> &'static str {
-    KNOWN_TYPES
-        .iter()
-        .find(|&&t| t == kind)
-        .copied()
-        .unwrap_or("unknown")
-}
-
 /// The client frame types this server handles.
 pub const KNOWN_TYPES: [&str; 5] = [
     "MESSAGE",
@@ -305,12 +414,61 @@ pub const KNOWN_TYPES: [&str; 5] = [
 ];
 
 impl ClientFrame {
+    /// A MESSAGE frame's command (the hot path reads it without the enum).
+    pub fn message(&mut self) -> Result<Message, FrameError> {
+        Ok(Message {
+            to: self.take_string("to")?,
+            content: self.take_string("content")?,
+            id: self.take_optional_string("id")?,
+            feature: self.feature()?,
+        })
+    }
+
     fn err(&self, code: ErrorCode, message: impl Into<String>) -> FrameError {
-        FrameError::new(code, message).with_reference(self.reference.clone())
+        FrameError::new(code, message).with_reference(self.meta.reference.clone())
+    }
+
+    /// The frame's typed command, its `data` fields moved out (no copy).
+    /// Fields are read in a fixed order: the first bad one is reported.
+    pub fn command(&mut self) -> Result<ClientCommand, FrameError> {
+        let kind = match &self.kind {
+            FrameKind::Command(kind) => *kind,
+            FrameKind::Unknown(name) => {
+                return Err(self.err(
+                    ErrorCode::UnknownType,
+                    format!("unknown frame type {name:?}"),
+                ));
+            }
+        };
+        Ok(match kind {
+            CommandKind::Auth => ClientCommand::Auth(Auth {
+                app_id: self.take_string("appId")?,
+                user_id: self.take_string("userId")?,
+                token: self.take_optional_string("token")?.unwrap_or_default(),
+                acks: self.take_bool("acks")?,
+                device: self.take_optional_string("device")?,
+            }),
+            CommandKind::Message => ClientCommand::Message(self.message()?),
+            CommandKind::GroupMessage => ClientCommand::GroupMessage(GroupMessage {
+                to: self.take_string_list("to")?,
+                group: self.take_optional_string("group")?,
+                content: self.take_string("content")?,
+                id: self.take_optional_string("id")?,
+                feature: self.feature()?,
+            }),
+            CommandKind::Fetch => ClientCommand::Fetch(Fetch {
+                count: self.take_optional_count("count")?,
+            }),
+            CommandKind::Ack => ClientCommand::Ack(Ack {
+                ids: self
+                    .take_string_list("ids")?
+                    .ok_or_else(|| self.err(ErrorCode::InvalidFrame, "missing field data.ids"))?,
+            }),
+        })
     }
 
     /// A required string field of `data`, moved out.
-    pub fn take_string(&mut self, field: &str) -> Result<String, FrameError> {
+    fn take_string(&mut self, field: &str) -> Result<String, FrameError> {
         match self.data.take(field) {
             Some(Value::String(s)) => Ok(s),
             Some(_) => Err(self.err(
@@ -324,7 +482,7 @@ impl ClientFrame {
         }
     }
 
-    pub fn take_optional_string(&mut self, field: &str) -> Result<Option<String>, FrameError> {
+    fn take_optional_string(&mut self, field: &str) -> Result<Option<String>, FrameError> {
         match self.data.take(field) {
             Some(Value::String(s)) => Ok(Some(s)),
             None | Some(Value::Null) => Ok(None),
@@ -335,7 +493,7 @@ impl ClientFrame {
         }
     }
 
-    pub fn take_bool(&mut self, field: &str) -> Result<bool, FrameError> {
+    fn take_bool(&mut self, field: &str) -> Result<bool, FrameError> {
         match self.data.take(field) {
             Some(Value::Bool(b)) => Ok(b),
             None | Some(Value::Null) => Ok(false),
@@ -346,7 +504,7 @@ impl ClientFrame {
         }
     }
 
-    pub fn take_string_list(&mut self, field: &str) -> Result<Option<Vec<String>>, FrameError> {
+    fn take_string_list(&mut self, field: &str) -> Result<Option<Vec<String>>, FrameError> {
         match self.data.take(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(items)) => items
@@ -367,12 +525,12 @@ impl ClientFrame {
         }
     }
 
-    pub fn take_count(&mut self, field: &str, default: u32) -> Result<u32, FrameError> {
+    fn take_optional_count(&mut self, field: &str) -> Result<Option<u32>, FrameError> {
         match self.data.take(field) {
-            None | Some(Value::Null) => Ok(default),
+            None | Some(Value::Null) => Ok(None),
             Some(Value::Number(n)) => n
                 .as_u64()
-                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+                .map(|n| Some(u32::try_from(n).unwrap_or(u32::MAX)))
                 .ok_or_else(|| {
                     self.err(
                         ErrorCode::InvalidFrame,
@@ -387,7 +545,7 @@ impl ClientFrame {
     }
 
     /// `feature`: RELIABLE (default) or FAST.
-    pub fn feature(&self) -> Result<pb::Feature, FrameError> {
+    fn feature(&self) -> Result<pb::Feature, FrameError> {
         match self.feature.as_deref() {
             None | Some("RELIABLE") => Ok(pb::Feature::Reliable),
             Some("FAST") => Ok(pb::Feature::Fast),
@@ -592,8 +750,8 @@ mod tests {
     fn parse_moves_fields_out() {
         let mut f = parse(r#"{"type":"MESSAGE","data":{"to":"a-1","content":"x"},"feature":"FAST","reference":"r"}"#)
             .expect("parse");
-        assert_eq!(f.kind, "MESSAGE");
-        assert_eq!(f.reference.as_deref(), Some("r"));
+        assert_eq!(f.kind, FrameKind::Command(CommandKind::Message));
+        assert_eq!(f.meta.reference.as_deref(), Some("r"));
         assert_eq!(f.feature().expect("feature"), pb::Feature::Fast);
         assert_eq!(f.take_string("to").expect("to"), "a-1");
         let e = f.take_string("to").expect_err("moved");
@@ -626,7 +784,7 @@ mod tests {
             r#" {"t\u0079pe":"MESSAGE","x":{"deep":[1,{"a":null}]},"data":{"to":"a-1","to":"a-2","extra":[true],"content":"c\n"},"feature":null} "#,
         )
         .expect("parse");
-        assert_eq!(f.kind, "MESSAGE");
+        assert_eq!(f.kind, FrameKind::Command(CommandKind::Message));
         assert_eq!(f.feature, None);
         assert_eq!(f.take_string("to").expect("to"), "a-2");
         assert_eq!(f.take_string("content").expect("content"), "c\n");
@@ -707,9 +865,166 @@ mod tests {
             ErrorCode::InvalidFrame
         );
         assert_eq!(
-            f.take_count("count", 1).expect_err("negative").code,
+            f.take_optional_count("count").expect_err("negative").code,
             ErrorCode::InvalidFrame
         );
+    }
+
+    #[test]
+    fn frames_become_typed_commands() {
+        let mut f = parse(r#"{"type":"MESSAGE","data":{"to":"a-1","content":"x","id":"c-1"},"feature":"FAST","reference":"r"}"#)
+            .expect("parse");
+        let ClientCommand::Message(m) = f.command().expect("command") else {
+            panic!("not a message");
+        };
+        assert_eq!((m.to.as_str(), m.content.as_str()), ("a-1", "x"));
+        assert_eq!(m.id.as_deref(), Some("c-1"));
+        assert_eq!(m.feature, pb::Feature::Fast);
+
+        let mut f = parse(r#"{"type":"GROUP_MESSAGE","data":{"to":["a-1","a-2"],"content":"x"}}"#)
+            .expect("parse");
+        let ClientCommand::GroupMessage(g) = f.command().expect("command") else {
+            panic!("not a group message");
+        };
+        assert_eq!(g.to, Some(vec!["a-1".to_owned(), "a-2".to_owned()]));
+        assert_eq!(
+            (g.group, g.id, g.feature),
+            (None, None, pb::Feature::Reliable)
+        );
+
+        let mut f = parse(
+            r#"{"type":"AUTH_CLIENT","data":{"appId":"demo","userId":"demo-1","acks":true}}"#,
+        )
+        .expect("parse");
+        let ClientCommand::Auth(a) = f.command().expect("command") else {
+            panic!("not auth");
+        };
+        assert_eq!(
+            (
+                a.app_id.as_str(),
+                a.user_id.as_str(),
+                a.token.as_str(),
+                a.acks
+            ),
+            ("demo", "demo-1", "", true)
+        );
+
+        let mut f = parse(r#"{"type":"FETCH_MISSING_MESSAGES_REQUEST"}"#).expect("parse");
+        assert!(matches!(
+            f.command(),
+            Ok(ClientCommand::Fetch(Fetch { count: None }))
+        ));
+        let mut f = parse(r#"{"type":"ACK","data":{"ids":["x"]}}"#).expect("parse");
+        assert!(matches!(f.command(), Ok(ClientCommand::Ack(Ack { ids })) if ids == ["x"]));
+    }
+
+    #[test]
+    fn command_errors_keep_the_wording_and_reference() {
+        for (text, code, message) in [
+            (
+                r#"{"type":"TELEPORT","reference":"r"}"#,
+                ErrorCode::UnknownType,
+                "unknown frame type \"TELEPORT\"",
+            ),
+            (
+                r#"{"type":"MESSAGE","data":{"content":"x"},"reference":"r"}"#,
+                ErrorCode::InvalidFrame,
+                "missing field data.to",
+            ),
+            (
+                r#"{"type":"MESSAGE","data":{"to":"a-1","content":"x","id":7},"reference":"r"}"#,
+                ErrorCode::InvalidFrame,
+                "data.id must be a string",
+            ),
+            (
+                r#"{"type":"GROUP_MESSAGE","data":{"to":["a-1"],"content":"x","id":["i"]},"reference":"r"}"#,
+                ErrorCode::InvalidFrame,
+                "data.id must be a string",
+            ),
+            (
+                r#"{"type":"MESSAGE","data":{"to":"a-1","content":"x"},"feature":"SLOW","reference":"r"}"#,
+                ErrorCode::InvalidFrame,
+                "feature must be RELIABLE or FAST, not \"SLOW\"",
+            ),
+            (
+                r#"{"type":"ACK","data":{},"reference":"r"}"#,
+                ErrorCode::InvalidFrame,
+                "missing field data.ids",
+            ),
+            (
+                r#"{"type":"AUTH_CLIENT","data":{"appId":"a","userId":"u","acks":"yes"},"reference":"r"}"#,
+                ErrorCode::InvalidFrame,
+                "data.acks must be true or false",
+            ),
+        ] {
+            let mut f = parse(text).expect(text);
+            let e = f.command().expect_err(text);
+            assert_eq!((e.code, e.message.as_str()), (code, message), "{text}");
+            assert_eq!(e.reference.as_deref(), Some("r"), "{text}");
+        }
+        // A type that is not a string is not a type.
+        let e = parse(r#"{"type":{"a":[1]},"reference":"r"}"#).expect_err("object type");
+        assert_eq!(e.message, "missing string field type");
+        // Escapes in a type name are read as any JSON reader would.
+        let f = parse(r#"{"type":"M\u0045SSAGE"}"#).expect("parse");
+        assert_eq!(f.kind, FrameKind::Command(CommandKind::Message));
+        assert_eq!(f.kind.label(), "MESSAGE");
+        assert_eq!(FrameKind::Unknown("X".into()).label(), "unknown");
+    }
+
+    #[test]
+    fn any_frame_serde_writes_reads_back_as_the_same_command() {
+        let ids = [None, Some("a"), Some("x-1_Y"), Some("")];
+        let texts = [
+            "",
+            "plain",
+            "quote \" back \\ slash",
+            "ünï👋\u{0}\n",
+            "{\"type\":\"ACK\"}",
+        ];
+        for id in ids {
+            for to in texts {
+                for content in texts {
+                    for feature in [None, Some("FAST"), Some("RELIABLE")] {
+                        let mut frame = serde_json::json!({
+                            "type": "MESSAGE",
+                            "data": {"to": to, "content": content, "extra": {"type": "ACK"}},
+                            "reference": content,
+                        });
+                        if let Some(id) = id {
+                            frame["data"]["id"] = id.into();
+                        }
+                        if let Some(feature) = feature {
+                            frame["feature"] = feature.into();
+                        }
+                        let text = frame.to_string();
+                        let mut f = parse(&text).expect(&text);
+                        assert_eq!(f.meta.reference.as_deref(), Some(content));
+                        let Ok(ClientCommand::Message(m)) = f.command() else {
+                            panic!("{text}");
+                        };
+                        assert_eq!((m.to.as_str(), m.content.as_str()), (to, content));
+                        assert_eq!(m.id.as_deref(), id);
+                        let expected = match feature {
+                            Some("FAST") => pb::Feature::Fast,
+                            _ => pb::Feature::Reliable,
+                        };
+                        assert_eq!(m.feature, expected);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_cut_of_a_frame_is_refused_without_a_panic() {
+        let text = r#"{"type":"GROUP_MESSAGE","data":{"to":["a-1","a-2"],"content":"h\u00e9 \"x\"","id":"i-1","n":[1,2.5,-3,true,null,{}]},"feature":"FAST","reference":"r","traceparent":"t"}"#;
+        let mut f = parse(text).expect("whole frame");
+        assert!(matches!(f.command(), Ok(ClientCommand::GroupMessage(_))));
+        for cut in (0..text.len()).filter(|&i| text.is_char_boundary(i)) {
+            let e = parse(&text[..cut]).expect_err(&text[..cut]);
+            assert_eq!(e.code, ErrorCode::InvalidJson, "{}", &text[..cut]);
+        }
     }
 
     /// The MESSAGE frame as serde renders it: what the hand-written one

@@ -1,6 +1,7 @@
 //! The gateway role: the client port. It speaks client protocol v1 over
 //! WebSocket, holds the live connections and writes pushed messages to them.
 
+pub mod commands;
 mod connection;
 mod counters;
 pub mod frames;
@@ -10,6 +11,9 @@ mod read_ahead;
 mod registry;
 mod seen;
 mod server;
+pub mod session;
+#[cfg(test)]
+mod test_doubles;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +25,10 @@ use switchboard_presence::Presence;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use commands::ClientCommand;
 pub use read_ahead::ReadAhead;
 pub use server::{serve, serve_metrics};
+pub use session::Session;
 
 use registry::Registry;
 
@@ -99,6 +105,17 @@ impl GatewayRole {
 
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// A new client session on this gateway, for a transport other than
+    /// its WebSocket port (the session's pushes reach no connection: stored
+    /// messages wait for a fetch).
+    pub fn session(&self) -> Session {
+        let conn_id = self
+            .inner
+            .next_conn_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Session::new(self.inner.clone(), conn_id)
     }
 
     /// Number of authenticated connections.

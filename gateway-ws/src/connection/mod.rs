@@ -1,0 +1,255 @@
+//! One client's WebSocket connection: a thin adapter over its [`Session`].
+//! The reader (`reader`) turns frames into typed commands and gathers
+//! direct messages into route batches; this module hands each command to
+//! the session and renders its outcome as frames; the writer (`writer`)
+//! drains the connection's send queue to the socket.
+
+mod reader;
+mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use switchboard_mesh::pb;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::GatewayInner;
+use crate::commands::{ClientCommand, RequestMeta};
+use crate::frames::{self, ClientFrame, FrameError};
+use crate::registry::{CloseReason, ConnHandle, ConnShared, Outbound, Push, Stored};
+use crate::session::{Accepted, AuthOutcome, Fetched, Outcome, Session};
+
+/// How long a connection closed by a server shutdown waits for the client's
+/// close frame.
+const SHUTDOWN_CLOSE_GRACE: Duration = Duration::from_millis(200);
+/// How long a closing connection may take to flush what is queued.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+pub(crate) async fn run<S>(gw: Arc<GatewayInner>, ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_id = gw.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let shared = Arc::new(ConnShared::new(conn_id, gw.shutdown.child_token()));
+    let (tx, rx) = mpsc::channel(gw.limits.send_queue_frames);
+    let handle = ConnHandle {
+        shared: shared.clone(),
+        tx,
+    };
+    let (sink, mut stream) = ws.split();
+    let session = Session::new(gw.clone(), conn_id);
+    let identity = session.identity_cell();
+
+    let writer = tokio::spawn(writer::write_loop(
+        gw.clone(),
+        sink,
+        rx,
+        shared.clone(),
+        identity.clone(),
+        session.unacked(),
+    ));
+    let mut conn = Connection {
+        gw: gw.clone(),
+        handle,
+        session,
+        refusals: 0,
+        last_refusal: Instant::now(),
+    };
+    conn.read_loop(&mut stream).await;
+    // The reader stopped on its own (client closed, socket failed): nothing
+    // more to send. When it stopped because of a close request, the writer
+    // sends that close frame.
+    if !shared.cancel.is_cancelled() {
+        shared.close(CloseReason::Client);
+    }
+    let _ = writer.await;
+    // Nothing can be written any more: stop routing pushes here.
+    if let Some(id) = identity.get() {
+        gw.registry.remove(&id.app_id, &id.user_id, conn_id);
+        conn.session.offline().await;
+    }
+    let handshake = match shared.reason() {
+        Some(CloseReason::Server(..)) => Some(CLOSE_GRACE),
+        // Server shutdown: every connection closes at once; keep it short.
+        None => Some(SHUTDOWN_CLOSE_GRACE),
+        Some(CloseReason::Client) => None,
+    };
+    if let Some(grace) = handshake {
+        // Closing handshake: read (and drop) what the client still sends
+        // until it answers the close frame. Dropping a socket with unread
+        // input makes the kernel send a reset, which can destroy the close
+        // frame (and its reason) before the client reads it.
+        let _ = timeout(grace, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Connection {
+    gw: Arc<GatewayInner>,
+    handle: ConnHandle,
+    session: Session,
+    /// Refused frames since the last pause of a second without refusals.
+    refusals: u32,
+    last_refusal: Instant,
+}
+
+impl Connection {
+    fn shared(&self) -> &ConnShared {
+        &self.handle.shared
+    }
+
+    fn close(&self, code: u16, reason: &str) {
+        self.shared()
+            .close(CloseReason::Server(code, reason.to_owned()));
+    }
+
+    fn send_text(&self, kind: &'static str, text: String) -> bool {
+        self.gw.registry.counters.frames_out(kind, 1);
+        self.handle.send(Outbound::reply(Utf8Bytes::from(text)))
+    }
+
+    /// One frame, handled on its own: admitted by the session, read as its
+    /// typed command, done, answered.
+    async fn on_frame(&mut self, mut frame: ClientFrame) -> Flow {
+        let result = match self.session.admit(frame.kind.command()) {
+            Ok(()) => match frame.command() {
+                Ok(command) => self.on_command(command, &frame.meta).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(FrameError::refused(e, &frame.meta)),
+        };
+        match result {
+            Ok(flow) => flow,
+            Err(e) => self.refuse(e),
+        }
+    }
+
+    /// Runs an admitted command in the session and renders its outcome.
+    async fn on_command(
+        &mut self,
+        command: ClientCommand,
+        meta: &RequestMeta,
+    ) -> Result<Flow, FrameError> {
+        let outcome = self
+            .session
+            .run(command, meta)
+            .await
+            .map_err(|e| FrameError::refused(e, meta))?;
+        match outcome {
+            Outcome::Auth(auth) => self.on_auth(auth, meta).await,
+            Outcome::Accepted(accepted) => {
+                self.answer_accepted(&accepted, meta);
+                Ok(Flow::Continue)
+            }
+            Outcome::Fetched(page) => {
+                let left = page.left;
+                self.send_page(page);
+                self.send_text(
+                    "FETCH_MISSING_MESSAGES_COMPLETE",
+                    frames::fetch_complete(left),
+                );
+                Ok(Flow::Continue)
+            }
+            Outcome::Acked => Ok(Flow::Continue),
+        }
+    }
+
+    /// After AUTH_CLIENT: the reply, and on success the connection joins
+    /// the registry and presence, and ack mode's replay follows.
+    async fn on_auth(
+        &mut self,
+        outcome: AuthOutcome,
+        meta: &RequestMeta,
+    ) -> Result<Flow, FrameError> {
+        if let AuthOutcome::Refused {
+            app_id,
+            user_id,
+            reason,
+        } = outcome
+        {
+            self.send_text(
+                "AUTH_CLIENT_REPLY",
+                frames::auth_reply(&app_id, &user_id, false, Some(&reason)),
+            );
+            self.close(1008, "authentication failed");
+            return Ok(Flow::Stop);
+        }
+        let Some(id) = self.session.identity() else {
+            return Ok(Flow::Continue);
+        };
+        // The reply is queued before the connection is registered, so it is
+        // the first frame the client reads.
+        self.send_text(
+            "AUTH_CLIENT_REPLY",
+            frames::auth_reply(&id.app_id, &id.user_id, true, None),
+        );
+        self.gw
+            .registry
+            .add(&id.app_id, &id.user_id, self.handle.clone());
+        self.session.online().await;
+        // Ack mode: unacknowledged messages come again on a new connection.
+        let page = self
+            .session
+            .replay()
+            .await
+            .map_err(|e| FrameError::refused(e, meta))?;
+        self.send_page(page);
+        Ok(Flow::Continue)
+    }
+
+    /// Queues stored messages as pushes (tracked by the writer like live
+    /// ones: written once, reported delivered or awaiting ACK).
+    fn send_page(&self, page: Fetched) {
+        let item = pb::PushItem::default();
+        for msg in page.messages {
+            let text = frames::render_push(&item, &msg);
+            metrics::counter!("switchboard_frames_out_total", "type" => frames::push_type(&msg))
+                .increment(1);
+            let sent = self.handle.send(Outbound {
+                text: Utf8Bytes::from(text),
+                push: Some(Box::new(Push {
+                    stored: Some(Stored {
+                        seq: msg.seq,
+                        id: msg.id,
+                    }),
+                    accepted_ms: 0,
+                    _backlog: None,
+                })),
+            });
+            if !sent {
+                // The queue is full or gone: the connection is closing.
+                break;
+            }
+        }
+    }
+
+    /// MESSAGE_ACCEPTED, when the session says the client is told.
+    fn answer_accepted(&self, accepted: &Accepted, meta: &RequestMeta) {
+        if self.session.answers_accepted(accepted) {
+            self.send_text(
+                "MESSAGE_ACCEPTED",
+                frames::accepted(meta.reference.as_deref(), &accepted.id),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,680 @@
+//! What a client may do, whatever carries its requests: authenticate, send
+//! direct and group messages, fetch and acknowledge stored ones. A session
+//! holds the client's identity and rate limit, applies the protocol's rules
+//! (recipients, sizes, message ids), builds the envelopes and calls the
+//! other roles; it returns typed outcomes that a transport renders. It knows
+//! nothing of sockets or JSON: the WebSocket connection is one adapter over
+//! it, and a REST or gRPC one can drive it the same way (see the tests).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use switchboard_mesh::{ErrorCode, ServiceError, pb};
+use tokio::time::timeout;
+
+use crate::GatewayInner;
+use crate::commands::{
+    Ack, Auth, ClientCommand, CommandKind, Fetch, GroupMessage, Message, RequestMeta,
+    check_message_id,
+};
+use crate::ratelimit::RateLimiter;
+use crate::registry::Stored;
+
+/// Longest wait for another role before a request is answered with
+/// UNAVAILABLE.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Page size of a fetch that names none.
+const DEFAULT_FETCH_COUNT: u32 = 100;
+
+/// The authenticated user of a session.
+#[derive(Debug)]
+pub struct Identity {
+    pub app_id: String,
+    pub app_name: String,
+    pub user_id: String,
+    /// Acknowledged mode: stored messages wait for the client's ACK.
+    pub acks: bool,
+}
+
+/// Stored messages handed to the client in ack mode and not acknowledged
+/// yet. Filled by whatever writes them to the client, emptied by
+/// [`Session::ack`].
+#[derive(Default)]
+pub struct Unacked(Mutex<UnackedMap>);
+
+#[derive(Default)]
+struct UnackedMap {
+    /// id → seq.
+    by_id: HashMap<String, u64>,
+    /// Further messages whose id is already tracked: client ids are unique
+    /// per sender only, so two senders may pick the same one (rare). An ACK
+    /// of that id acknowledges all of them.
+    shared_ids: Vec<(String, u64)>,
+}
+
+impl Unacked {
+    /// Tracks messages about to be written; past `limit` tracked ones a
+    /// message is not tracked (it stays stored and comes again on the next
+    /// connection).
+    pub(crate) fn track<'a>(&self, limit: usize, stored: impl Iterator<Item = &'a Stored>) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for stored in stored {
+            if map.by_id.len() + map.shared_ids.len() >= limit {
+                break;
+            }
+            match map.by_id.get(&stored.id) {
+                None => {
+                    map.by_id.insert(stored.id.clone(), stored.seq);
+                }
+                Some(&seq)
+                    if seq != stored.seq
+                        && !map
+                            .shared_ids
+                            .iter()
+                            .any(|(id, seq)| *seq == stored.seq && *id == stored.id) =>
+                {
+                    map.shared_ids.push((stored.id.clone(), stored.seq));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// The sequence numbers of the tracked messages among `ids`, no longer
+    /// tracked (ids not tracked are ignored).
+    fn take(&self, ids: &[String]) -> Vec<u64> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seqs: Vec<u64> = ids.iter().filter_map(|i| map.by_id.remove(i)).collect();
+        if !map.shared_ids.is_empty() {
+            map.shared_ids.retain(|(id, seq)| {
+                let acked = ids.contains(id);
+                if acked {
+                    seqs.push(*seq);
+                }
+                !acked
+            });
+        }
+        seqs
+    }
+}
+
+/// How an authentication ended (a refused credential is an outcome, not an
+/// error: the client is told why).
+#[derive(Debug)]
+pub enum AuthOutcome {
+    /// The session now acts as this user ([`Session::identity`]).
+    Accepted,
+    Refused {
+        app_id: String,
+        user_id: String,
+        reason: String,
+    },
+}
+
+/// A message the mesh accepted.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The message's id: the client's own (`Message::id`) or one assigned.
+    pub id: String,
+    pub reliable: bool,
+    /// A resend of a client id this sender already had accepted: nothing
+    /// was stored or shown again.
+    pub repeated: bool,
+}
+
+/// Messages routed together, all accepted.
+#[derive(Debug)]
+pub struct Routed {
+    /// Positions (in the batch) of the resends of an accepted client id.
+    repeated: Vec<u32>,
+}
+
+impl Routed {
+    /// Whether the message at `position` of the batch was a resend.
+    pub fn is_repeated(&self, position: usize) -> bool {
+        self.repeated.iter().any(|&p| p as usize == position)
+    }
+}
+
+/// A direct message this session checked and built, ready to route. Only
+/// a session makes one: nothing unchecked reaches the router.
+#[derive(Debug)]
+pub struct CheckedDirect(pb::Envelope);
+
+impl CheckedDirect {
+    /// The message's id (the client's own, or assigned).
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+
+    pub fn reliable(&self) -> bool {
+        self.0.feature() == pb::Feature::Reliable
+    }
+}
+
+/// A page of stored messages.
+#[derive(Debug)]
+pub struct Fetched {
+    /// Oldest first.
+    pub messages: Vec<pb::InboxMessage>,
+    /// Stored messages after this page.
+    pub left: u64,
+}
+
+/// What a command came to (see [`Session::execute`]).
+#[derive(Debug)]
+pub enum Outcome {
+    Auth(AuthOutcome),
+    Accepted(Accepted),
+    Fetched(Fetched),
+    Acked,
+}
+
+/// One client's session; see the module documentation.
+pub struct Session {
+    gw: Arc<GatewayInner>,
+    conn_id: u64,
+    identity: Arc<OnceLock<Identity>>,
+    unacked: Arc<Unacked>,
+    limiter: RateLimiter,
+    /// Highest sequence number a fetch (or the ack-mode replay) returned:
+    /// the next page starts after it.
+    fetch_cursor: u64,
+}
+
+impl Session {
+    pub(crate) fn new(gw: Arc<GatewayInner>, conn_id: u64) -> Self {
+        let limiter = RateLimiter::new(gw.limits.messages_per_second);
+        Session {
+            gw,
+            conn_id,
+            identity: Arc::default(),
+            unacked: Arc::default(),
+            limiter,
+            fetch_cursor: 0,
+        }
+    }
+
+    /// The identity, shared with what writes to the client (it needs the
+    /// user and the ack mode).
+    pub(crate) fn identity_cell(&self) -> Arc<OnceLock<Identity>> {
+        self.identity.clone()
+    }
+
+    pub(crate) fn unacked(&self) -> Arc<Unacked> {
+        self.unacked.clone()
+    }
+
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.get()
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.identity.get().is_some()
+    }
+
+    fn user(&self) -> Result<&Identity, ServiceError> {
+        self.identity
+            .get()
+            .ok_or_else(|| ServiceError::new(ErrorCode::NotAuthenticated, "send AUTH_CLIENT first"))
+    }
+
+    /// Whether a request of `kind` (`None`: one the server does not know)
+    /// may go on, checked before its fields are read: only AUTH_CLIENT
+    /// before authentication, and after it the rate limit (ACK is exempt)
+    /// and no second AUTH_CLIENT.
+    pub fn admit(&mut self, kind: Option<CommandKind>) -> Result<(), ServiceError> {
+        if !self.is_authenticated() {
+            return match kind {
+                Some(CommandKind::Auth) => Ok(()),
+                _ => Err(ServiceError::new(
+                    ErrorCode::NotAuthenticated,
+                    "send AUTH_CLIENT first",
+                )),
+            };
+        }
+        if kind != Some(CommandKind::Ack) && !self.limiter.allow() {
+            return Err(ServiceError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second",
+                    self.gw.limits.messages_per_second
+                ),
+            ));
+        }
+        if kind == Some(CommandKind::Auth) {
+            return Err(ServiceError::invalid("already authenticated"));
+        }
+        Ok(())
+    }
+
+    /// Admits and runs a command: the whole rule set for a transport whose
+    /// requests are typed from the start.
+    pub async fn execute(
+        &mut self,
+        command: ClientCommand,
+        meta: &RequestMeta,
+    ) -> Result<Outcome, ServiceError> {
+        self.admit(Some(command.kind()))?;
+        self.run(command, meta).await
+    }
+
+    /// Runs an admitted command ([`Session::admit`]; a transport that reads
+    /// a request's fields only once it is admitted calls the two apart).
+    pub async fn run(
+        &mut self,
+        command: ClientCommand,
+        meta: &RequestMeta,
+    ) -> Result<Outcome, ServiceError> {
+        Ok(match command {
+            ClientCommand::Auth(auth) => Outcome::Auth(self.authenticate(auth).await?),
+            ClientCommand::Message(msg) => Outcome::Accepted(self.send_direct(msg, meta).await?),
+            ClientCommand::GroupMessage(msg) => {
+                Outcome::Accepted(self.send_group(msg, meta).await?)
+            }
+            ClientCommand::Fetch(fetch) => Outcome::Fetched(self.fetch(fetch).await?),
+            ClientCommand::Ack(ack) => {
+                self.ack(ack).await?;
+                Outcome::Acked
+            }
+        })
+    }
+
+    /// Checks the credential; on success the session acts as that user.
+    pub async fn authenticate(&mut self, auth: Auth) -> Result<AuthOutcome, ServiceError> {
+        if self.is_authenticated() {
+            return Err(ServiceError::invalid("already authenticated"));
+        }
+        let reply = call(self.gw.deps.auth.verify_client(pb::VerifyClientRequest {
+            app_id: auth.app_id.clone(),
+            user_id: auth.user_id.clone(),
+            token: auth.token,
+        }))
+        .await?;
+        if !reply.authenticated {
+            return Ok(AuthOutcome::Refused {
+                app_id: auth.app_id,
+                user_id: auth.user_id,
+                reason: reply.reason,
+            });
+        }
+        // Set once: checked above, and only this method sets it.
+        let _ = self.identity.set(Identity {
+            app_id: auth.app_id,
+            app_name: reply.app_name,
+            user_id: auth.user_id,
+            acks: auth.acks,
+        });
+        Ok(AuthOutcome::Accepted)
+    }
+
+    /// The user is reachable through this session: presence is recorded and,
+    /// on the user's first connection, the app's master user is told.
+    /// For transports that hold a live connection.
+    pub async fn online(&self) {
+        self.presence(true).await;
+    }
+
+    /// The session's connection is gone (see [`Session::online`]).
+    pub async fn offline(&self) {
+        self.presence(false).await;
+    }
+
+    async fn presence(&self, online: bool) {
+        let Some(id) = self.identity.get() else {
+            return;
+        };
+        let gw = &self.gw;
+        let changed = if online {
+            gw.deps
+                .presence
+                .connect(&id.app_id, &id.user_id, &gw.id)
+                .await
+        } else {
+            gw.deps
+                .presence
+                .disconnect(&id.app_id, &id.user_id, &gw.id)
+                .await
+        };
+        match changed {
+            Ok(t) if t.user_changed => {
+                let change = pb::PresenceChangeRequest {
+                    app_id: id.app_id.clone(),
+                    user_id: id.user_id.clone(),
+                    online,
+                };
+                if let Err(e) = gw.deps.delivery.presence_changed(change).await {
+                    tracing::warn!(error = %e, online, "user presence event failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, online, "presence update failed"),
+        }
+    }
+
+    /// A direct message: checked, routed, accepted.
+    pub async fn send_direct(
+        &mut self,
+        msg: Message,
+        meta: &RequestMeta,
+    ) -> Result<Accepted, ServiceError> {
+        let checked = self.check_direct(msg, meta)?;
+        self.route(checked.0, meta).await
+    }
+
+    /// A direct message checked and built, not routed yet: a transport that
+    /// reads several at once routes them together ([`Session::route_batch`]),
+    /// or one alone ([`Session::route_direct`]).
+    pub fn check_direct(
+        &self,
+        msg: Message,
+        meta: &RequestMeta,
+    ) -> Result<CheckedDirect, ServiceError> {
+        let id = self.user()?;
+        if let Some(client_id) = &msg.id {
+            check_message_id(client_id)?;
+        }
+        check_recipient(id, &msg.to)?;
+        self.check_content(&msg.content)?;
+        let mut envelope = self.envelope(id, msg.id, meta, msg.feature);
+        envelope.to = vec![msg.to];
+        envelope.content = msg.content;
+        envelope.kind = pb::MessageKind::Direct.into();
+        Ok(CheckedDirect(envelope))
+    }
+
+    /// A message to an ad-hoc list of users or a persistent group.
+    pub async fn send_group(
+        &mut self,
+        msg: GroupMessage,
+        meta: &RequestMeta,
+    ) -> Result<Accepted, ServiceError> {
+        let id = self.user()?;
+        if let Some(client_id) = &msg.id {
+            check_message_id(client_id)?;
+        }
+        self.check_content(&msg.content)?;
+        let mut envelope = self.envelope(id, msg.id, meta, msg.feature);
+        match (msg.to, msg.group) {
+            (Some(to), None) => {
+                if to.is_empty() {
+                    return Err(ServiceError::invalid("data.to is empty"));
+                }
+                let max = self.gw.limits.max_group_recipients;
+                if to.len() > max {
+                    return Err(ServiceError::invalid(format!(
+                        "{} recipients exceed the limit of {max}",
+                        to.len()
+                    )));
+                }
+                for user in &to {
+                    check_recipient(id, user)?;
+                }
+                envelope.to = to;
+            }
+            (None, Some(group)) if !group.is_empty() => envelope.group = group,
+            _ => {
+                return Err(ServiceError::invalid(
+                    "GROUP_MESSAGE needs either data.to (a list of users) or data.group",
+                ));
+            }
+        }
+        envelope.content = msg.content;
+        envelope.kind = pb::MessageKind::Group.into();
+        self.route(envelope, meta).await
+    }
+
+    fn check_content(&self, content: &str) -> Result<(), ServiceError> {
+        let max = self.gw.limits.max_content_bytes;
+        if content.len() > max {
+            return Err(ServiceError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "content of {} bytes exceeds the limit of {max}",
+                    content.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn envelope(
+        &self,
+        id: &Identity,
+        client_id: Option<String>,
+        meta: &RequestMeta,
+        feature: pb::Feature,
+    ) -> pb::Envelope {
+        let (message_id, client_id) = match client_id {
+            Some(given) => (given, true),
+            None => (switchboard_mesh::new_message_id(), false),
+        };
+        pb::Envelope {
+            id: message_id,
+            client_id,
+            app_id: id.app_id.clone(),
+            from: id.user_id.clone(),
+            reference: meta.reference.clone().unwrap_or_default(),
+            feature: feature.into(),
+            ts: switchboard_mesh::now_ms(),
+            origin: Some(pb::ConnRef {
+                gateway_id: self.gw.id.clone(),
+                conn_id: self.conn_id,
+            }),
+            hop_limit: switchboard_mesh::DEFAULT_HOP_LIMIT,
+            ..Default::default()
+        }
+    }
+
+    /// Routes one checked direct message.
+    pub async fn route_direct(
+        &self,
+        msg: CheckedDirect,
+        meta: &RequestMeta,
+    ) -> Result<Accepted, ServiceError> {
+        self.route(msg.0, meta).await
+    }
+
+    /// Routes one envelope built by this session.
+    async fn route(
+        &self,
+        envelope: pb::Envelope,
+        meta: &RequestMeta,
+    ) -> Result<Accepted, ServiceError> {
+        let id = envelope.id.clone();
+        let reliable = envelope.feature() == pb::Feature::Reliable;
+        let group = envelope.kind() == pb::MessageKind::Group;
+        self.gw
+            .registry
+            .counters
+            .message(group, reliable)
+            .increment(1);
+        let span = receive_span(&envelope, meta.traceparent.as_deref(), 1);
+        let routed = tracing::Instrument::instrument(
+            call(self.gw.deps.router.route(pb::RouteRequest {
+                envelope: Some(envelope),
+            })),
+            span.clone(),
+        )
+        .await;
+        let reply = routed.inspect_err(|e| {
+            span.record("error", tracing::field::display(e));
+        })?;
+        Ok(Accepted {
+            id,
+            reliable,
+            repeated: reply.repeated.contains(&0),
+        })
+    }
+
+    /// Routes checked direct messages as one unit (one store write for the
+    /// RELIABLE ones): all are accepted or none. `meta` is the first
+    /// message's (the batch joins its trace).
+    pub async fn route_batch(
+        &self,
+        messages: Vec<CheckedDirect>,
+        meta: &RequestMeta,
+    ) -> Result<Routed, ServiceError> {
+        // Same layout: the vector is reused in place, not reallocated.
+        let envelopes: Vec<pb::Envelope> = messages.into_iter().map(|m| m.0).collect();
+        let Some(first) = envelopes.first() else {
+            return Ok(Routed {
+                repeated: Vec::new(),
+            });
+        };
+        let span = receive_span(first, meta.traceparent.as_deref(), envelopes.len());
+        let reliable = envelopes
+            .iter()
+            .filter(|e| e.feature() == pb::Feature::Reliable)
+            .count();
+        let counters = &self.gw.registry.counters;
+        counters.message(false, true).increment(reliable as u64);
+        counters
+            .message(false, false)
+            .increment((envelopes.len() - reliable) as u64);
+        let routed = tracing::Instrument::instrument(
+            call(
+                self.gw
+                    .deps
+                    .router
+                    .route_batch(pb::RouteBatchRequest { envelopes }),
+            ),
+            span.clone(),
+        )
+        .await;
+        let reply = routed.inspect_err(|e| {
+            span.record("error", tracing::field::display(e));
+        })?;
+        Ok(Routed {
+            repeated: reply.repeated,
+        })
+    }
+
+    /// Whether the client is told `MESSAGE_ACCEPTED` for a message: in ack
+    /// mode for every RELIABLE one, and always for a resend (it is the
+    /// answer the resend waits for).
+    pub fn answers_accepted(&self, accepted: &Accepted) -> bool {
+        accepted.repeated || (accepted.reliable && self.identity.get().is_some_and(|i| i.acks))
+    }
+
+    /// The next page of stored messages (after those this session already
+    /// returned), up to `count` (default 100, capped by `max_fetch_count`).
+    pub async fn fetch(&mut self, fetch: Fetch) -> Result<Fetched, ServiceError> {
+        let count = fetch
+            .count
+            .unwrap_or(DEFAULT_FETCH_COUNT)
+            .min(self.gw.limits.max_fetch_count);
+        self.fetch_page(count).await
+    }
+
+    /// Ack mode, right after authentication: the stored messages not
+    /// acknowledged yet come again (none without ack mode).
+    pub async fn replay(&mut self) -> Result<Fetched, ServiceError> {
+        if !self.identity.get().is_some_and(|i| i.acks) {
+            return Ok(Fetched {
+                messages: Vec::new(),
+                left: 0,
+            });
+        }
+        let count = u32::try_from(self.gw.limits.max_unacked)
+            .unwrap_or(u32::MAX)
+            .min(self.gw.limits.max_fetch_count);
+        self.fetch_page(count).await
+    }
+
+    async fn fetch_page(&mut self, count: u32) -> Result<Fetched, ServiceError> {
+        let id = self.user()?;
+        let page = call(self.gw.deps.delivery.fetch(pb::FetchRequest {
+            app_id: id.app_id.clone(),
+            user_id: id.user_id.clone(),
+            count,
+            after_seq: self.fetch_cursor,
+        }))
+        .await?;
+        if let Some(last) = page.messages.iter().map(|m| m.seq).max() {
+            self.fetch_cursor = self.fetch_cursor.max(last);
+        }
+        Ok(Fetched {
+            messages: page.messages,
+            left: page.left,
+        })
+    }
+
+    /// Acknowledges stored messages handed out in ack mode: they count as
+    /// delivered. Ids not handed out (or already acknowledged) are ignored.
+    pub async fn ack(&self, ack: Ack) -> Result<(), ServiceError> {
+        let id = self.user()?;
+        for seq in self.unacked.take(&ack.ids) {
+            let item = pb::DeliveredItem {
+                app_id: id.app_id.clone(),
+                user_id: id.user_id.clone(),
+                seq,
+            };
+            if self.gw.delivered_tx.send(item).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_recipient(id: &Identity, to: &str) -> Result<(), ServiceError> {
+    let ok = to
+        .strip_prefix(id.app_name.as_str())
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|rest| !rest.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::new(
+            ErrorCode::InvalidRecipient,
+            format!("recipient {to:?} is not a user of app {}", id.app_name),
+        ))
+    }
+}
+
+/// The `gateway.receive` span of `count` messages routed together, named
+/// after the first (its id, kind and feature); a client's `traceparent`
+/// joins the client's trace.
+fn receive_span(first: &pb::Envelope, traceparent: Option<&str>, count: usize) -> tracing::Span {
+    let kind = match first.kind() {
+        pb::MessageKind::Group => "group",
+        _ => "direct",
+    };
+    let feature = match first.feature() {
+        pb::Feature::Reliable => "reliable",
+        _ => "fast",
+    };
+    let span = tracing::info_span!(
+        "gateway.receive",
+        message.id = %first.id,
+        message.kind = kind,
+        message.feature = feature,
+        count,
+        app = %first.app_id,
+        domain = switchboard_mesh::LOCAL_DOMAIN,
+        error = tracing::field::Empty,
+    );
+    if let Some(traceparent) = traceparent {
+        switchboard_telemetry::continue_traceparent(&span, traceparent);
+    }
+    span
+}
+
+async fn call<T>(
+    fut: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, ServiceError> {
+    timeout(CALL_TIMEOUT, fut)
+        .await
+        .map_err(|_| ServiceError::unavailable("timed out; try again"))?
+}
+
+#[cfg(test)]
+mod tests;
