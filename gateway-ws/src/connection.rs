@@ -623,7 +623,7 @@ impl Connection {
                 Err(e) => self.refuse(e),
             };
         }
-        let span = receive_span(&batch[0].0, &batch[0].1, batch.len());
+        let span = receive_span(&self.gw.deps.domain, &batch[0].0, &batch[0].1, batch.len());
         let mut envelopes = Vec::with_capacity(batch.len());
         let mut answers = Vec::with_capacity(batch.len());
         for (envelope, frame) in batch {
@@ -895,7 +895,7 @@ impl Connection {
             .counters
             .message(group, reliable)
             .increment(1);
-        let span = receive_span(&envelope, frame, 1);
+        let span = receive_span(&self.gw.deps.domain, &envelope, frame, 1);
         let routed = tracing::Instrument::instrument(
             call(self.gw.deps.router.route(pb::RouteRequest {
                 envelope: Some(envelope),
@@ -1039,7 +1039,12 @@ enum Step {
 /// The `gateway.receive` span of `count` messages routed together, named
 /// after the first (its id, kind and feature); a client's `traceparent` on
 /// that frame joins the client's trace.
-fn receive_span(first: &pb::Envelope, frame: &ClientFrame, count: usize) -> tracing::Span {
+fn receive_span(
+    domain: &str,
+    first: &pb::Envelope,
+    frame: &ClientFrame,
+    count: usize,
+) -> tracing::Span {
     let kind = match first.kind() {
         pb::MessageKind::Group => "group",
         _ => "direct",
@@ -1055,7 +1060,7 @@ fn receive_span(first: &pb::Envelope, frame: &ClientFrame, count: usize) -> trac
         message.feature = feature,
         count,
         app = %first.app_id,
-        domain = switchboard_mesh::LOCAL_DOMAIN,
+        domain,
         error = tracing::field::Empty,
     );
     if let Some(traceparent) = &frame.traceparent {

@@ -27,8 +27,6 @@ use tokio_util::sync::CancellationToken;
 
 mod cluster;
 
-pub use switchboard_mesh::LOCAL_DOMAIN;
-
 /// Already-bound listeners (tests bind port 0).
 pub struct Listeners {
     /// The client port; only processes running the gateway role have one.
@@ -167,7 +165,7 @@ pub async fn serve(
     };
     let local_router = match config.runs(Role::Router) {
         true => Some(RouterClient::from_local(Arc::new(RouterRole::new(
-            LOCAL_DOMAIN,
+            config.domain.clone(),
             delivery.clone(),
             groups.clone(),
         )))),
@@ -184,6 +182,7 @@ pub async fn serve(
                 node_id.clone(),
                 config.limits.clone(),
                 GatewayDeps {
+                    domain: config.domain.clone(),
                     auth: auth.clone(),
                     router,
                     delivery: delivery.clone(),

@@ -95,6 +95,10 @@ struct RunArgs {
     /// client port [env: SWITCHBOARD_METRICS_ADDR]
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// This deployment's domain name, 1-63 characters of a-z 0-9 -
+    /// (default local) [env: SWITCHBOARD_DOMAIN]
+    #[arg(long)]
+    domain: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -148,7 +152,7 @@ fn init_telemetry(config: &Config) -> anyhow::Result<switchboard_telemetry::Tele
             sampling: config.trace_sampling,
             service_name,
             instance_id: config.node_id.clone(),
-            domain: switchboard::LOCAL_DOMAIN.to_owned(),
+            domain: config.domain.clone(),
         },
     )?;
     Ok(telemetry)
@@ -193,6 +197,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         config.metrics_addr = addr;
     }
+    if let Some(domain) = args.domain {
+        config.domain = domain;
+    }
     config.validate()?;
     if config.node_id.is_empty() {
         config.node_id = format!("node-{}", &switchboard_mesh::new_message_id()[24..]);
@@ -204,6 +211,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mesh = listeners.mesh_addr()?;
     println!("switchboard {}", env!("CARGO_PKG_VERSION"));
     let roles: Vec<&str> = config.roles.iter().map(|r| r.as_str()).collect();
+    println!("  domain       {}", config.domain);
     println!("  roles        {}", roles.join(","));
     if let Some(client) = client {
         println!("  client port  ws://{client}/ws   (health: http://{client}/healthz)");
