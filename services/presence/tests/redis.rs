@@ -5,19 +5,9 @@ use std::time::Duration;
 
 use switchboard_presence::{Presence, RedisPresence, contract};
 
-/// The Redis under test, or `None` (with the reason printed) when a developer
-/// runs plain `cargo test` without one. In CI a missing Redis is a failure.
+/// The Redis under test, or `None` (a recorded skip) outside CI.
 fn redis_url() -> Option<String> {
-    match std::env::var("SWITCHBOARD_TEST_REDIS") {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("SWITCHBOARD_TEST_REDIS is not set (CI=true): run scripts/test.sh")
-        }
-        Err(_) => {
-            eprintln!("skipped: SWITCHBOARD_TEST_REDIS is not set (scripts/test.sh sets it)");
-            None
-        }
-    }
+    switchboard_testenv::service(switchboard_testenv::REDIS)
 }
 
 /// A presence in its own key prefix, with g1 and g2 alive.
