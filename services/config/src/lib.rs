@@ -571,27 +571,41 @@ impl Config {
         }
         let mut ids = std::collections::BTreeSet::new();
         for app in &self.apps {
-            if app.name.is_empty() || app.app_id.is_empty() {
-                return Err(ConfigError::Invalid(
-                    "every app needs a name and an app_id".into(),
-                ));
-            }
+            app.validate()?;
             if !ids.insert(app.app_id.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "app_id {:?} is defined twice",
                     app.app_id
                 )));
             }
-            if app.auth == AuthMode::Jwt
-                && app.jwt_secret.is_none()
-                && app.jwt_public_key_pem.is_none()
-                && app.jwt_public_key_file.is_none()
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "app {:?} uses jwt auth but has no jwt_secret, jwt_public_key_pem or jwt_public_key_file",
-                    app.name
-                )));
-            }
+        }
+        Ok(())
+    }
+}
+
+impl AppConfig {
+    /// What every app needs, from the config file or from etcd.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() || self.app_id.is_empty() {
+            return Err(ConfigError::Invalid(
+                "every app needs a name and an app_id".into(),
+            ));
+        }
+        if self.app_id.contains('/') {
+            return Err(ConfigError::Invalid(format!(
+                "app_id {:?} must not contain '/'",
+                self.app_id
+            )));
+        }
+        if self.auth == AuthMode::Jwt
+            && self.jwt_secret.is_none()
+            && self.jwt_public_key_pem.is_none()
+            && self.jwt_public_key_file.is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "app {:?} uses jwt auth but has no jwt_secret, jwt_public_key_pem or jwt_public_key_file",
+                self.name
+            )));
         }
         Ok(())
     }
