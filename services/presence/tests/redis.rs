@@ -47,6 +47,14 @@ async fn stray_disconnect_changes_nothing() {
 }
 
 #[tokio::test]
+async fn batch_lookup_matches_single_lookups() {
+    let Some(p) = presence(Duration::from_secs(30)).await else {
+        return;
+    };
+    contract::batch_lookup_matches_single_lookups(&p).await;
+}
+
+#[tokio::test]
 async fn a_dead_gateway_disappears_after_its_ttl() {
     let Some(p) = presence(Duration::from_millis(400)).await else {
         return;
@@ -61,6 +69,11 @@ async fn a_dead_gateway_disappears_after_its_ttl() {
         p.gateways("a", "a-1").await.expect("g"),
         vec![("g1".to_owned(), 1)],
         "the dead gateway is no longer listed"
+    );
+    assert_eq!(
+        p.gateways_batch("a", &["a-1"]).await.expect("b"),
+        vec![vec![("g1".to_owned(), 1)]],
+        "nor by the batch lookup"
     );
     // The user's last live connection closing makes them offline, although
     // the dead gateway never said goodbye.
