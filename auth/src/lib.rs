@@ -47,6 +47,8 @@ pub struct AuthRole {
     /// Replaced whole when the apps change; a check holds the one it began
     /// with.
     apps: RwLock<Arc<Registry>>,
+    /// Dropped with the role: the task following the apps (if any) ends.
+    _followed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Pause between attempts to read the apps again after a change, while the
@@ -64,6 +66,7 @@ impl AuthRole {
     pub fn new(apps: Vec<AppConfig>) -> Result<Self, AuthError> {
         Ok(AuthRole {
             apps: RwLock::new(Arc::new(build(apps, true)?)),
+            _followed: None,
         })
     }
 
@@ -78,13 +81,19 @@ impl AuthRole {
         // Subscribed before the first read: no change falls in between.
         let mut changes = metadata.changes();
         let apps = metadata.list_records::<AppConfig>().await?;
+        let (followed, mut role_dropped) = tokio::sync::oneshot::channel::<()>();
         let role = Arc::new(AuthRole {
             apps: RwLock::new(Arc::new(build(or_demo(apps), strict)?)),
+            _followed: Some(followed),
         });
         let weak: Weak<AuthRole> = Arc::downgrade(&role);
         tokio::spawn(async move {
             loop {
-                match changes.recv().await {
+                let change = tokio::select! {
+                    _ = &mut role_dropped => return,
+                    change = changes.recv() => change,
+                };
+                match change {
                     Ok(change) if change.kind != Kind::Apps => continue,
                     Ok(_) | Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => return,
