@@ -5,15 +5,30 @@
 # apt-get), starts etcd and Redis on free loopback ports with temporary data
 # dirs, passes their addresses to the tests (SWITCHBOARD_TEST_ETCD,
 # SWITCHBOARD_TEST_REDIS), runs `cargo test --workspace`, and stops what it
-# started by PID, also when the tests fail. Extra arguments go to cargo test.
+# started by PID, also when the tests fail. Arguments go to cargo test in
+# place of the default selection (`--workspace --all-targets`), e.g.
+# `-p switchboard --test protocol`.
+#
+# `--no-services` (first argument) starts neither: outside CI the tests that
+# need them are skipped, each says why, and the closing line counts them
+# (under CI=true they fail). The closing line's "skipped" is cargo's ignored
+# tests plus those skips; a skipped test is not counted as passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '[test.sh] %s\n' "$*" >&2; }
 
+services=1
+if [[ ${1:-} == --no-services ]]; then
+  services=0
+  shift
+fi
+
 need=()
-command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if ((services)); then
+  command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+fi
 if ((${#need[@]})); then
   log "installing ${need[*]}"
   sudo=""
@@ -58,35 +73,53 @@ wait_port() { # port name
   log "$2 did not start on port $1"; exit 1
 }
 
-etcd_port=$(free_port)
-etcd_peer_port=$(free_port)
-etcd --name test --data-dir "$tmp/etcd" \
-  --listen-client-urls "http://127.0.0.1:$etcd_port" \
-  --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-  --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
-  --initial-cluster "test=http://127.0.0.1:$etcd_peer_port" \
-  --heartbeat-interval 10 --election-timeout 100 \
-  >"$tmp/etcd.log" 2>&1 &
-pids+=($!)
+if ((services)); then
+  etcd_port=$(free_port)
+  etcd_peer_port=$(free_port)
+  etcd --name test --data-dir "$tmp/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" \
+    --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+    --initial-cluster "test=http://127.0.0.1:$etcd_peer_port" \
+    --heartbeat-interval 10 --election-timeout 100 \
+    >"$tmp/etcd.log" 2>&1 &
+  pids+=($!)
 
-redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-  --dir "$tmp" >"$tmp/redis.log" 2>&1 &
-pids+=($!)
+  redis_port=$(free_port)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$tmp" >"$tmp/redis.log" 2>&1 &
+  pids+=($!)
 
-wait_port "$etcd_port" etcd
-wait_port "$redis_port" redis
-export SWITCHBOARD_TEST_ETCD="http://127.0.0.1:$etcd_port"
-export SWITCHBOARD_TEST_REDIS="redis://127.0.0.1:$redis_port"
-log "etcd at $SWITCHBOARD_TEST_ETCD, redis at $SWITCHBOARD_TEST_REDIS"
+  wait_port "$etcd_port" etcd
+  wait_port "$redis_port" redis
+  export SWITCHBOARD_TEST_ETCD="http://127.0.0.1:$etcd_port"
+  export SWITCHBOARD_TEST_REDIS="redis://127.0.0.1:$redis_port"
+  log "etcd at $SWITCHBOARD_TEST_ETCD, redis at $SWITCHBOARD_TEST_REDIS"
+else
+  unset SWITCHBOARD_TEST_ETCD SWITCHBOARD_TEST_REDIS
+  log "no etcd or Redis (--no-services): the tests that need them are skipped"
+fi
+# Each test skipped for a missing service appends a line here.
+export SWITCHBOARD_TEST_SKIPS="$tmp/skips"
+: >"$SWITCHBOARD_TEST_SKIPS"
 
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 set +e
-cargo test --workspace --locked --all-targets "$@" 2>&1 | tee "$tmp/cargo-test.log"
+selection=(--workspace --all-targets)
+(($#)) && selection=("$@")
+cargo test --locked "${selection[@]}" 2>&1 | tee "$tmp/cargo-test.log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
-     END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$tmp/cargo-test.log"
+# Skips (deduplicated: one test, one line) are listed, added to cargo's
+# ignored tests and taken off its passed ones.
+sort -u "$SWITCHBOARD_TEST_SKIPS" -o "$SWITCHBOARD_TEST_SKIPS"
+skips=$(wc -l <"$SWITCHBOARD_TEST_SKIPS")
+if ((skips)); then
+  log "skipped for a missing service:"
+  sed 's/^/  /' "$SWITCHBOARD_TEST_SKIPS" >&2
+fi
+awk -v skips="$skips" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
+     END { printf "total: %d passed, %d failed, %d skipped\n", p - skips, f, s + skips }' "$tmp/cargo-test.log"
 exit "$status"

@@ -623,3 +623,120 @@ async fn deploy_local_script_starts_and_stops_a_full_cluster() {
         );
     }
 }
+
+/// `switchboard apps ARGS` against a cluster's etcd prefix: (success, stdout
+/// and stderr).
+fn apps_cli(etcd: &str, prefix: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("apps")
+        .args(args)
+        .args(["--etcd", etcd, "--key-prefix", prefix])
+        .env("SWITCHBOARD_LOG", "warn")
+        .output()
+        .expect("run switchboard apps");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Whether `user` of `app` gets in through `url` (auth none).
+async fn authenticates(url: &str, app: &str, user: &str) -> bool {
+    let mut c = Client::connect(url).await;
+    let reply = c
+        .auth(json!({"appId": app, "userId": user, "token": ""}))
+        .await;
+    reply["data"]["isAuthenticated"] == true
+}
+
+/// Polls until `user` of `app` is let in (or not, `want`), for up to `limit`.
+async fn until_authenticates(url: &str, app: &str, user: &str, want: bool, limit: Duration) {
+    let started = Instant::now();
+    while authenticates(url, app, user).await != want {
+        assert!(
+            started.elapsed() < limit,
+            "{app}/{user}: authenticated is still not {want} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn apps_changed_in_etcd_are_used_without_a_restart() {
+    let Some(mut infra) = Infra::from_env() else {
+        return;
+    };
+    // An etcd of its own: it is restarted below.
+    let mut etcd = Etcd::start();
+    etcd.wait_ready().await;
+    infra.etcd = etcd.url();
+    let seeded = switchboard_config::AppConfig {
+        name: "seeded".into(),
+        app_id: "seeded-app".into(),
+        ..switchboard_config::AppConfig::demo()
+    };
+    let cluster = Cluster::start(infra, PROTOCOL_SHAPE, |c| c.apps = vec![seeded]).await;
+    let prefix = cluster.etcd_prefix.clone();
+    let url = cluster.proc("gw1").url();
+    // The config file's app seeded etcd; with an app configured, the
+    // development app is not served.
+    assert!(authenticates(&url, "seeded-app", "seeded-1").await);
+    assert!(!authenticates(&url, "demo", "demo-1").await);
+    assert!(!authenticates(&url, "late-app", "late-1").await);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("apps.toml");
+    std::fs::write(
+        &file,
+        "[[apps]]\nname = \"late\"\napp_id = \"late-app\"\nauth = \"none\"\n",
+    )
+    .expect("write apps file");
+    let (ok, out) = apps_cli(&etcd.url(), &prefix, &["put", &file.to_string_lossy()]);
+    assert!(ok, "{out}");
+    // In use by new connections within two seconds, through either gateway.
+    until_authenticates(&url, "late-app", "late-1", true, Duration::from_secs(2)).await;
+    assert!(authenticates(&cluster.proc("gw2").url(), "late-app", "late-2").await);
+    let (ok, out) = apps_cli(&etcd.url(), &prefix, &["list"]);
+    assert!(
+        ok && out.contains("late-app\tname=late") && out.contains("seeded-app"),
+        "{out}"
+    );
+
+    // etcd restarts: the auth process's watch breaks and is re-created
+    // from where it was; a change made after the restart is followed.
+    etcd.stop();
+    etcd.spawn();
+    etcd.wait_ready().await;
+    std::fs::write(
+        &file,
+        "[[apps]]\nname = \"after\"\napp_id = \"after-app\"\nauth = \"none\"\n",
+    )
+    .expect("write apps file");
+    let started = Instant::now();
+    let put = loop {
+        let (ok, out) = apps_cli(&etcd.url(), &prefix, &["put", &file.to_string_lossy()]);
+        if ok || started.elapsed() > Duration::from_secs(10) {
+            break (ok, out);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(put.0, "{}", put.1);
+    until_authenticates(&url, "after-app", "after-1", true, Duration::from_secs(5)).await;
+
+    let (ok, out) = apps_cli(&etcd.url(), &prefix, &["delete", "late-app"]);
+    assert!(ok, "{out}");
+    until_authenticates(&url, "late-app", "late-1", false, Duration::from_secs(2)).await;
+    // A bad app is refused before anything is written.
+    std::fs::write(
+        &file,
+        "[[apps]]\nname = \"x\"\napp_id = \"x-app\"\nauth = \"jwt\"\n",
+    )
+    .expect("write apps file");
+    let (ok, out) = apps_cli(&etcd.url(), &prefix, &["put", &file.to_string_lossy()]);
+    assert!(!ok && out.contains("jwt"), "{out}");
+    let (ok, out) = apps_cli(&etcd.url(), &prefix, &["delete", "late-app"]);
+    assert!(!ok && out.contains("no such app"), "{out}");
+    cluster.shutdown().await;
+}

@@ -331,3 +331,41 @@ async fn metrics_count_exactly_the_messages_sent() {
     assert!(sample(&after, "switchboard_store_log_segments", &[]) >= 1.0);
     assert_eq!(delta("switchboard_store_spilled_total", &[]), 0.0);
 }
+
+// Multi-threaded: the node's exporter flushes into the receiver while this
+// test waits for the node to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_carry_the_configured_domain() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = receiver.endpoint();
+    let mut node = ProcessNode::start_with_env(
+        dir.path(),
+        &[
+            ("SWITCHBOARD_OTLP_ENDPOINT", endpoint.as_str()),
+            ("SWITCHBOARD_DOMAIN", "eu-1"),
+        ],
+    )
+    .await;
+    let mut ann = Client::login(&node.url(), "demo-ann").await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    ann.message("demo-bob", "hello", "FAST", "r1").await;
+    let id = bob.recv_type("MESSAGE").await["data"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert!(node.terminate().success(), "clean stop");
+    wait_for(&receiver, "router.route", 1).await;
+    let trace = trace_of(&receiver.spans(), "gateway.receive", &id);
+    for name in ["gateway.receive", "router.route"] {
+        let span = trace
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} missing: {trace:#?}"));
+        assert_eq!(
+            span.attributes.get("domain").map(String::as_str),
+            Some("eu-1"),
+            "{name}"
+        );
+    }
+}

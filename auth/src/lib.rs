@@ -1,12 +1,21 @@
 //! The auth role: the registry of client apps and credential checks.
+//!
+//! Apps come from the control-plane metadata ([`AuthRole::follow`]): the
+//! config file's when standalone, etcd's in a cluster. The registry follows
+//! their changes while the process runs: a connection authenticates against
+//! the apps as they are when it sends AUTH_CLIENT.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use switchboard_config::{AppConfig, AuthMode};
 use switchboard_mesh::{ErrorCode, ServiceError, pb};
+use switchboard_metadata::{Kind, Metadata, MetadataError, MetadataExt};
+use tokio::sync::broadcast::error::RecvError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -21,6 +30,8 @@ pub enum AuthError {
         app: String,
         source: jsonwebtoken::errors::Error,
     },
+    #[error("cannot read the apps: {0}")]
+    Metadata(#[from] MetadataError),
 }
 
 struct RegisteredApp {
@@ -29,10 +40,20 @@ struct RegisteredApp {
     rs256: Option<DecodingKey>,
 }
 
+type Registry = HashMap<String, RegisteredApp>;
+
 /// The apps of this deployment and how their clients authenticate.
 pub struct AuthRole {
-    apps: HashMap<String, RegisteredApp>,
+    /// Replaced whole when the apps change; a check holds the one it began
+    /// with.
+    apps: RwLock<Arc<Registry>>,
+    /// Dropped with the role: the task following the apps (if any) ends.
+    _followed: Option<tokio::sync::oneshot::Sender<()>>,
 }
+
+/// Pause between attempts to read the apps again after a change, while the
+/// metadata backend does not answer.
+const RELOAD_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Deserialize)]
 struct Claims {
@@ -41,41 +62,79 @@ struct Claims {
 }
 
 impl AuthRole {
+    /// A fixed set of apps; any invalid one is an error.
     pub fn new(apps: Vec<AppConfig>) -> Result<Self, AuthError> {
-        let mut registered = HashMap::new();
-        for app in apps {
-            let key_err = |source| AuthError::Key {
-                app: app.name.clone(),
-                source,
-            };
-            let hs256 = app
-                .jwt_secret
-                .as_ref()
-                .map(|s| DecodingKey::from_secret(s.as_bytes()));
-            let pem = match (&app.jwt_public_key_pem, &app.jwt_public_key_file) {
-                (Some(pem), _) => Some(pem.clone().into_bytes()),
-                (None, Some(path)) => {
-                    Some(std::fs::read(path).map_err(|source| AuthError::KeyFile {
-                        app: app.name.clone(),
-                        path: path.display().to_string(),
-                        source,
-                    })?)
+        Ok(AuthRole {
+            apps: RwLock::new(Arc::new(build(apps, true)?)),
+            _followed: None,
+        })
+    }
+
+    /// The apps of `metadata`, followed: every change there is in force
+    /// for the next AUTH_CLIENT. With no app at all, the built-in
+    /// development app `demo` stands in (as with a config file without
+    /// apps). `strict`: an app that cannot be used (unreadable key file,
+    /// invalid key) fails the start; otherwise it is left out with an
+    /// error logged, and the other apps serve. Reloads are never strict:
+    /// a bad record written while running must not take every app down.
+    pub async fn follow(metadata: Arc<dyn Metadata>, strict: bool) -> Result<Arc<Self>, AuthError> {
+        // Subscribed before the first read: no change falls in between.
+        let mut changes = metadata.changes();
+        let apps = metadata.list_records::<AppConfig>().await?;
+        let (followed, mut role_dropped) = tokio::sync::oneshot::channel::<()>();
+        let role = Arc::new(AuthRole {
+            apps: RwLock::new(Arc::new(build(or_demo(apps), strict)?)),
+            _followed: Some(followed),
+        });
+        let weak: Weak<AuthRole> = Arc::downgrade(&role);
+        tokio::spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    _ = &mut role_dropped => return,
+                    change = changes.recv() => change,
+                };
+                match change {
+                    Ok(change) if change.kind != Kind::Apps => continue,
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
                 }
-                (None, None) => None,
-            };
-            let rs256 = pem
-                .map(|pem| DecodingKey::from_rsa_pem(&pem).map_err(key_err))
-                .transpose()?;
-            registered.insert(
-                app.app_id.clone(),
-                RegisteredApp {
-                    config: app,
-                    hs256,
-                    rs256,
-                },
-            );
-        }
-        Ok(AuthRole { apps: registered })
+                // Many changes at once (an `apps put` of a file): one reload.
+                while changes.try_recv().is_ok() {}
+                loop {
+                    let Some(role) = weak.upgrade() else { return };
+                    match metadata.list_records::<AppConfig>().await {
+                        Ok(apps) => {
+                            let registry = build(or_demo(apps), false).unwrap_or_default();
+                            tracing::info!(apps = registry.len(), "apps reloaded");
+                            *role
+                                .apps
+                                .write()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                Arc::new(registry);
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the changed apps; retrying");
+                            drop(role);
+                            tokio::time::sleep(RELOAD_RETRY).await;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(role)
+    }
+
+    /// Whether `app` could be served (its keys load).
+    pub fn check_app(app: &AppConfig) -> Result<(), AuthError> {
+        register(app.clone()).map(|_| ())
+    }
+
+    fn registry(&self) -> Arc<Registry> {
+        self.apps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn check_jwt(app: &RegisteredApp, user_id: &str, token: &str) -> Result<(), String> {
@@ -115,6 +174,62 @@ impl AuthRole {
     }
 }
 
+fn or_demo(apps: Vec<AppConfig>) -> Vec<AppConfig> {
+    if apps.is_empty() {
+        tracing::warn!(
+            "no apps configured; serving the built-in development app \"demo\" (auth none)"
+        );
+        vec![AppConfig::demo()]
+    } else {
+        apps
+    }
+}
+
+/// The registry of `apps`; with `strict`, the first app that cannot be
+/// used is the error, otherwise it is logged and left out.
+fn build(apps: Vec<AppConfig>, strict: bool) -> Result<Registry, AuthError> {
+    let mut registered = HashMap::new();
+    for app in apps {
+        let id = app.app_id.clone();
+        match register(app) {
+            Ok(r) => {
+                registered.insert(id, r);
+            }
+            Err(e) if strict => return Err(e),
+            Err(e) => tracing::error!(app = %id, error = %e, "app left out: it cannot be used"),
+        }
+    }
+    Ok(registered)
+}
+
+fn register(app: AppConfig) -> Result<RegisteredApp, AuthError> {
+    let key_err = |source| AuthError::Key {
+        app: app.name.clone(),
+        source,
+    };
+    let hs256 = app
+        .jwt_secret
+        .as_ref()
+        .map(|s| DecodingKey::from_secret(s.as_bytes()));
+    let pem = match (&app.jwt_public_key_pem, &app.jwt_public_key_file) {
+        (Some(pem), _) => Some(pem.clone().into_bytes()),
+        (None, Some(path)) => Some(std::fs::read(path).map_err(|source| AuthError::KeyFile {
+            app: app.name.clone(),
+            path: path.display().to_string(),
+            source,
+        })?),
+        (None, None) => None,
+    };
+    let rs256 = pem
+        .map(|pem| DecodingKey::from_rsa_pem(&pem).map_err(key_err))
+        .transpose()?;
+    Ok(RegisteredApp {
+        config: app,
+        hs256,
+        rs256,
+    })
+}
+
 fn refuse(reason: impl Into<String>) -> pb::VerifyClientReply {
     pb::VerifyClientReply {
         authenticated: false,
@@ -130,7 +245,8 @@ impl switchboard_mesh::Auth for AuthRole {
         &self,
         req: pb::VerifyClientRequest,
     ) -> Result<pb::VerifyClientReply, ServiceError> {
-        let Some(app) = self.apps.get(&req.app_id) else {
+        let apps = self.registry();
+        let Some(app) = apps.get(&req.app_id) else {
             return Ok(refuse("unknown appId"));
         };
         let prefix_ok = req
@@ -159,8 +275,8 @@ impl switchboard_mesh::Auth for AuthRole {
     }
 
     async fn get_app(&self, req: pb::GetAppRequest) -> Result<pb::App, ServiceError> {
-        let app = self
-            .apps
+        let apps = self.registry();
+        let app = apps
             .get(&req.app_id)
             .ok_or_else(|| ServiceError::new(ErrorCode::InvalidRecipient, "unknown appId"))?;
         Ok(pb::App {
@@ -290,6 +406,60 @@ mod tests {
             "{}",
             r.reason
         );
+    }
+
+    /// Polls until `verify` gives `want` (changes are applied by a task).
+    async fn eventually(role: &AuthRole, app: &str, user: &str, want: bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while verify(role, app, user, "").await.authenticated != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{app}/{user}: still not {want} after 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn apps_follow_the_metadata_while_running() {
+        use switchboard_metadata::{MetadataExt, StaticMetadata};
+        let metadata = Arc::new(StaticMetadata::default());
+        let role = AuthRole::follow(metadata.clone(), true)
+            .await
+            .expect("role");
+        // No apps at all: the development app stands in.
+        assert!(verify(&role, "demo", "demo-1", "").await.authenticated);
+        let late = AppConfig {
+            name: "late".into(),
+            app_id: "late-app".into(),
+            ..AppConfig::demo()
+        };
+        metadata.put_record(&late).await.expect("put");
+        eventually(&role, "late-app", "late-1", true).await;
+        // With an app of its own, the deployment no longer has `demo`.
+        assert!(!verify(&role, "demo", "demo-1", "").await.authenticated);
+        // An app that cannot be used (a key file that is not there) is left
+        // out; the others keep working.
+        let mut broken = late.clone();
+        broken.app_id = "broken".into();
+        broken.auth = AuthMode::Jwt;
+        broken.jwt_public_key_file = Some("/nonexistent/key.pem".into());
+        metadata.put_record(&broken).await.expect("put");
+        let mut renamed = late.clone();
+        renamed.name = "later".into();
+        metadata.put_record(&renamed).await.expect("put");
+        eventually(&role, "late-app", "later-1", true).await;
+        assert!(!verify(&role, "broken", "late-1", "").await.authenticated);
+        metadata
+            .delete_record::<AppConfig>("late-app")
+            .await
+            .expect("delete");
+        eventually(&role, "late-app", "later-1", false).await;
+        // Strict start: the broken app is an error.
+        assert!(matches!(
+            AuthRole::follow(metadata.clone(), true).await,
+            Err(AuthError::KeyFile { .. })
+        ));
     }
 
     #[tokio::test]

@@ -216,8 +216,10 @@ impl DeliveryRole {
         // besides the one that sent.
         let mut copies = Vec::new();
         let direct_copies = envelopes.iter().filter(|_| copy_to_sender);
-        for original in sent_copies.iter().chain(direct_copies) {
-            if self.has_other_connections(original).await? {
+        let originals: Vec<&pb::Envelope> = sent_copies.iter().chain(direct_copies).collect();
+        let others = self.has_other_connections(&originals).await?;
+        for (original, other) in originals.into_iter().zip(others) {
+            if other {
                 let mut msg = inbox_message(original, "");
                 msg.to = original.from.clone();
                 copies.push(pb::PushItem {
@@ -286,31 +288,77 @@ impl DeliveryRole {
         Ok(seqs)
     }
 
-    /// Whether the sender of `original` has a connection other than the one
-    /// it was sent from.
-    async fn has_other_connections(&self, original: &pb::Envelope) -> Result<bool, DeliveryError> {
-        let gateways = self
-            .presence
-            .gateways(&original.app_id, &original.from)
-            .await?;
-        let mut total: u32 = gateways.iter().map(|(_, n)| *n).sum();
-        if let Some(origin) = &original.origin
-            && gateways.iter().any(|(gw, _)| *gw == origin.gateway_id)
-        {
-            total = total.saturating_sub(1);
-        }
-        Ok(total > 0)
+    /// For each original, whether its sender has a connection other than
+    /// the one it was sent from: one presence lookup for them all.
+    async fn has_other_connections(
+        &self,
+        originals: &[&pb::Envelope],
+    ) -> Result<Vec<bool>, DeliveryError> {
+        let who: Vec<(&str, &str)> = originals
+            .iter()
+            .map(|o| (o.app_id.as_str(), o.from.as_str()))
+            .collect();
+        let found = self.locate(&who).await?;
+        Ok(originals
+            .iter()
+            .zip(found)
+            .map(|(original, gateways)| {
+                let mut total: u32 = gateways.iter().map(|(_, n)| *n).sum();
+                if let Some(origin) = &original.origin
+                    && gateways.iter().any(|(gw, _)| *gw == origin.gateway_id)
+                {
+                    total = total.saturating_sub(1);
+                }
+                total > 0
+            })
+            .collect())
     }
 
-    /// Pushes items to the gateways that hold the users' connections, one
-    /// call per gateway. A failing gateway only delays its own users: RELIABLE
-    /// messages stay in the inbox until fetched.
+    /// The gateways of each (app, user), in order: one batch presence call
+    /// per app (one in practice), each user asked once.
+    async fn locate(&self, who: &[(&str, &str)]) -> Result<Vec<Vec<(String, u32)>>, DeliveryError> {
+        let mut found = vec![Vec::new(); who.len()];
+        if who.is_empty() {
+            return Ok(found);
+        }
+        // app → (distinct users, the slot of each position's user).
+        let mut by_app: HashMap<&str, (Vec<&str>, HashMap<&str, usize>)> = HashMap::new();
+        for (app, user) in who {
+            let (users, slots) = by_app.entry(app).or_default();
+            slots.entry(user).or_insert_with(|| {
+                users.push(user);
+                users.len() - 1
+            });
+        }
+        for (app, (users, slots)) in &by_app {
+            let gateways = self.presence.gateways_batch(app, users).await?;
+            for (i, (a, user)) in who.iter().enumerate() {
+                if a == app
+                    && let Some(g) = slots.get(user).and_then(|&slot| gateways.get(slot))
+                {
+                    found[i] = g.clone();
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Pushes items to the gateways that hold the users' connections: one
+    /// presence lookup for all items, one call per gateway, up to
+    /// [`CONCURRENT_PUSHES`] gateways at once. A slow or failing gateway
+    /// only delays its own users: RELIABLE messages stay in the inbox until
+    /// fetched.
     async fn push(&self, items: Vec<pb::PushItem>) -> Result<(), DeliveryError> {
         let traceparent = switchboard_telemetry::current_traceparent().unwrap_or_default();
+        let who: Vec<(&str, &str)> = items
+            .iter()
+            .map(|i| (i.app_id.as_str(), i.user_id.as_str()))
+            .collect();
+        let located = self.locate(&who).await?;
+        drop(who);
         let mut by_gateway: HashMap<String, Vec<pb::PushItem>> = HashMap::new();
-        for mut item in items {
+        for (mut item, gateways) in items.into_iter().zip(located) {
             item.traceparent.clone_from(&traceparent);
-            let gateways = self.presence.gateways(&item.app_id, &item.user_id).await?;
             match gateways.as_slice() {
                 [] => {
                     let fast = item
@@ -330,18 +378,28 @@ impl DeliveryRole {
                 }
             }
         }
-        for (gateway_id, items) in by_gateway {
-            let Some(gateway) = self.gateways.gateway_when_known(&gateway_id).await else {
-                tracing::warn!(gateway = %gateway_id, "push to an unknown gateway skipped");
-                continue;
-            };
-            if let Err(e) = gateway.push(pb::PushRequest { items }).await {
-                tracing::warn!(gateway = %gateway_id, error = %e, "push failed");
-            }
-        }
+        futures_util::StreamExt::for_each_concurrent(
+            futures_util::stream::iter(by_gateway),
+            CONCURRENT_PUSHES,
+            |(gateway_id, items)| async move {
+                let Some(gateway) = self.gateways.gateway_when_known(&gateway_id).await else {
+                    tracing::warn!(gateway = %gateway_id, "push to an unknown gateway skipped");
+                    return;
+                };
+                if let Err(e) = gateway.push(pb::PushRequest { items }).await {
+                    tracing::warn!(gateway = %gateway_id, error = %e, "push failed");
+                }
+            },
+        )
+        .await;
         Ok(())
     }
 }
+
+/// Gateways one push call sends to at once (a fan-out to a large group
+/// reaches many); bounded so that one call cannot open a call to every
+/// gateway of a big deployment at the same moment.
+const CONCURRENT_PUSHES: usize = 16;
 
 #[async_trait]
 impl switchboard_mesh::Delivery for DeliveryRole {
@@ -563,6 +621,155 @@ impl switchboard_mesh::Delivery for MeshDelivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    use switchboard_mesh::{GatewayClient, GatewayTable};
+    use switchboard_presence::{InMemoryPresence, PresenceError, Transition};
+    use tokio::sync::{Notify, mpsc};
+
+    /// In-memory presence that counts lookups.
+    #[derive(Default)]
+    struct Counted {
+        inner: InMemoryPresence,
+        single: AtomicUsize,
+        batches: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Presence for Counted {
+        async fn connect(&self, a: &str, u: &str, g: &str) -> Result<Transition, PresenceError> {
+            self.inner.connect(a, u, g).await
+        }
+        async fn disconnect(&self, a: &str, u: &str, g: &str) -> Result<Transition, PresenceError> {
+            self.inner.disconnect(a, u, g).await
+        }
+        async fn gateways(&self, a: &str, u: &str) -> Result<Vec<(String, u32)>, PresenceError> {
+            self.single.fetch_add(1, Ordering::Relaxed);
+            self.inner.gateways(a, u).await
+        }
+        async fn gateways_batch(
+            &self,
+            a: &str,
+            users: &[&str],
+        ) -> Result<Vec<Vec<(String, u32)>>, PresenceError> {
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            self.inner.gateways_batch(a, users).await
+        }
+    }
+
+    /// A gateway that passes what it is pushed on, after `gate` (if any)
+    /// lets it.
+    struct TestGateway {
+        pushed: mpsc::UnboundedSender<Vec<String>>,
+        gate: Option<Arc<Notify>>,
+    }
+
+    #[async_trait]
+    impl switchboard_mesh::Gateway for TestGateway {
+        async fn push(&self, req: pb::PushRequest) -> Result<pb::PushReply, ServiceError> {
+            if let Some(gate) = &self.gate {
+                gate.notified().await;
+            }
+            let users = req.items.into_iter().map(|i| i.user_id).collect();
+            let _ = self.pushed.send(users);
+            Ok(pb::PushReply::default())
+        }
+    }
+
+    struct NoAuth;
+
+    #[async_trait]
+    impl switchboard_mesh::Auth for NoAuth {
+        async fn verify_client(
+            &self,
+            _: pb::VerifyClientRequest,
+        ) -> Result<pb::VerifyClientReply, ServiceError> {
+            Err(ServiceError::unavailable("not in this test"))
+        }
+        async fn get_app(&self, _: pb::GetAppRequest) -> Result<pb::App, ServiceError> {
+            Err(ServiceError::unavailable("not in this test"))
+        }
+    }
+
+    fn fast(to: &str) -> pb::Envelope {
+        pb::Envelope {
+            id: switchboard_mesh::new_message_id(),
+            app_id: "app".into(),
+            from: "app-sender".into(),
+            to: vec![to.into()],
+            feature: pb::Feature::Fast.into(),
+            kind: pb::MessageKind::Direct.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn one_lookup_per_push_and_a_stuck_gateway_holds_up_only_its_users() {
+        use switchboard_mesh::Delivery;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(
+            switchboard_store::FjallStore::open(dir.path(), Default::default()).expect("store"),
+        );
+        let presence = Arc::new(Counted::default());
+        for (user, gw) in [
+            ("app-a", "gw-stuck"),
+            ("app-b", "gw-ok"),
+            ("app-c", "gw-ok"),
+        ] {
+            presence.connect("app", user, gw).await.expect("connect");
+        }
+        let gateways = Arc::new(GatewayTable::default());
+        let (stuck_tx, mut stuck_rx) = mpsc::unbounded_channel();
+        let (ok_tx, mut ok_rx) = mpsc::unbounded_channel();
+        let gate = Arc::new(Notify::new());
+        gateways.insert(
+            "gw-stuck",
+            GatewayClient::from_local(Arc::new(TestGateway {
+                pushed: stuck_tx,
+                gate: Some(gate.clone()),
+            })),
+        );
+        gateways.insert(
+            "gw-ok",
+            GatewayClient::from_local(Arc::new(TestGateway {
+                pushed: ok_tx,
+                gate: None,
+            })),
+        );
+        let role = Arc::new(DeliveryRole::new(
+            store,
+            presence.clone(),
+            gateways,
+            AuthClient::from_local(Arc::new(NoAuth)),
+        ));
+        let call = {
+            let role = role.clone();
+            tokio::spawn(async move {
+                role.deliver(pb::DeliverRequest {
+                    envelopes: vec![fast("app-a"), fast("app-b"), fast("app-c"), fast("app-b")],
+                    ..Default::default()
+                })
+                .await
+            })
+        };
+        // gw-ok gets its users' messages while gw-stuck has not answered.
+        let pushed = tokio::time::timeout(Duration::from_secs(2), ok_rx.recv())
+            .await
+            .expect("the other gateway is not held up")
+            .expect("pushed");
+        assert_eq!(pushed, vec!["app-b", "app-c", "app-b"]);
+        assert!(!call.is_finished());
+        assert!(stuck_rx.try_recv().is_err());
+        gate.notify_one();
+        let stuck = tokio::time::timeout(Duration::from_secs(2), stuck_rx.recv())
+            .await
+            .expect("released")
+            .expect("pushed");
+        assert_eq!(stuck, vec!["app-a"]);
+        call.await.expect("task").expect("deliver");
+        assert_eq!(presence.batches.load(Ordering::Relaxed), 1);
+        assert_eq!(presence.single.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn recent_deliveries_are_bounded_oldest_first() {

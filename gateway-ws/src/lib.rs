@@ -35,6 +35,8 @@ use registry::Registry;
 /// What a gateway needs from the rest of the mesh.
 #[derive(Clone)]
 pub struct GatewayDeps {
+    /// The deployment's domain (the `domain` of the receive span).
+    pub domain: String,
     pub auth: AuthClient,
     pub router: RouterClient,
     pub delivery: DeliveryClient,

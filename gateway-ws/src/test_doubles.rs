@@ -193,6 +193,7 @@ pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
         delivery: DeliveryClient::from_local(inboxes.clone()),
         presence: Arc::new(InMemoryPresence::default()),
         readiness: Arc::new(Ready),
+        domain: "local".to_owned(),
     };
     (GatewayRole::new("gw-test", limits, deps), inboxes)
 }

@@ -22,24 +22,16 @@ pub struct Infra {
 }
 
 impl Infra {
-    /// From the environment; `None` (with the reason printed) when a
-    /// developer runs plain `cargo test`. Under `CI=true` a missing variable
-    /// is a failure.
+    /// From the environment; `None` (a recorded skip) when a developer
+    /// runs plain `cargo test`. Under `CI=true` a missing variable is a
+    /// failure.
     pub fn from_env() -> Option<Infra> {
-        let etcd = std::env::var("SWITCHBOARD_TEST_ETCD");
-        let redis = std::env::var("SWITCHBOARD_TEST_REDIS");
-        match (etcd, redis) {
-            (Ok(etcd), Ok(redis)) => Some(Infra { etcd, redis }),
-            _ if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
-                "SWITCHBOARD_TEST_ETCD / SWITCHBOARD_TEST_REDIS are not set (CI=true): run scripts/test.sh"
-            ),
-            _ => {
-                eprintln!(
-                    "skipped: SWITCHBOARD_TEST_ETCD / SWITCHBOARD_TEST_REDIS are not set (scripts/test.sh sets them)"
-                );
-                None
-            }
-        }
+        let found = switchboard_testenv::services(&[
+            switchboard_testenv::ETCD,
+            switchboard_testenv::REDIS,
+        ])?;
+        let [etcd, redis] = <[String; 2]>::try_from(found).ok()?;
+        Some(Infra { etcd, redis })
     }
 }
 

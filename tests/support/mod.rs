@@ -163,20 +163,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
     Some((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
 }
 
-/// The Redis under test, or `None` (with the reason printed) when a
-/// developer runs plain `cargo test` without one. Under CI a missing Redis
-/// fails.
+/// The Redis under test, or `None` when a developer runs plain `cargo test`
+/// without one (a recorded skip, see `switchboard_testenv`). Under `CI=true`
+/// a missing Redis fails.
 pub fn test_redis() -> Option<String> {
-    match std::env::var("SWITCHBOARD_TEST_REDIS") {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("SWITCHBOARD_TEST_REDIS is not set (CI=true): run scripts/test.sh")
-        }
-        Err(_) => {
-            eprintln!("skipped: SWITCHBOARD_TEST_REDIS is not set (scripts/test.sh sets it)");
-            None
-        }
-    }
+    switchboard_testenv::service(switchboard_testenv::REDIS)
 }
 
 /// A loopback port that is free now, for a process a test starts (which

@@ -496,7 +496,12 @@ impl Session {
             .counters
             .message(group, reliable)
             .increment(1);
-        let span = receive_span(&envelope, meta.traceparent.as_deref(), 1);
+        let span = receive_span(
+            &self.gw.deps.domain,
+            &envelope,
+            meta.traceparent.as_deref(),
+            1,
+        );
         let routed = tracing::Instrument::instrument(
             call(self.gw.deps.router.route(pb::RouteRequest {
                 envelope: Some(envelope),
@@ -529,7 +534,12 @@ impl Session {
                 repeated: Vec::new(),
             });
         };
-        let span = receive_span(first, meta.traceparent.as_deref(), envelopes.len());
+        let span = receive_span(
+            &self.gw.deps.domain,
+            first,
+            meta.traceparent.as_deref(),
+            envelopes.len(),
+        );
         let reliable = envelopes
             .iter()
             .filter(|e| e.feature() == pb::Feature::Reliable)
@@ -643,7 +653,12 @@ fn check_recipient(id: &Identity, to: &str) -> Result<(), ServiceError> {
 /// The `gateway.receive` span of `count` messages routed together, named
 /// after the first (its id, kind and feature); a client's `traceparent`
 /// joins the client's trace.
-fn receive_span(first: &pb::Envelope, traceparent: Option<&str>, count: usize) -> tracing::Span {
+fn receive_span(
+    domain: &str,
+    first: &pb::Envelope,
+    traceparent: Option<&str>,
+    count: usize,
+) -> tracing::Span {
     let kind = match first.kind() {
         pb::MessageKind::Group => "group",
         _ => "direct",
@@ -659,7 +674,7 @@ fn receive_span(first: &pb::Envelope, traceparent: Option<&str>, count: usize) -
         message.feature = feature,
         count,
         app = %first.app_id,
-        domain = switchboard_mesh::LOCAL_DOMAIN,
+        domain,
         error = tracing::field::Empty,
     );
     if let Some(traceparent) = traceparent {

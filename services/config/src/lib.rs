@@ -13,6 +13,25 @@ use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "SWITCHBOARD_";
 
+/// The domain of a deployment that names none.
+pub const DEFAULT_DOMAIN: &str = "local";
+
+/// Checks a domain name: 1–63 characters of `a-z 0-9 -` (one DNS label, so
+/// it can name hosts and key prefixes of the domain as it is).
+pub fn validate_domain(domain: &str) -> Result<(), ConfigError> {
+    let ok = (1..=63).contains(&domain.len())
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "domain {domain:?} must be 1 to 63 characters of a-z, 0-9 and -"
+        )))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -35,6 +54,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// This deployment's domain name: in traces (`switchboard.domain`), in
+    /// the hops of forwarded envelopes, and later the name other domains
+    /// know it by. 1–63 characters of `a-z 0-9 -`.
+    pub domain: String,
     /// Client port: WebSocket `/ws`, health, metrics.
     pub client_addr: SocketAddr,
     /// Mesh port: gRPC between roles.
@@ -80,6 +103,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            domain: DEFAULT_DOMAIN.into(),
             client_addr: SocketAddr::from(([127, 0, 0, 1], 8088)),
             mesh_addr: SocketAddr::from(([127, 0, 0, 1], 9089)),
             data_dir: PathBuf::from("./data"),
@@ -470,6 +494,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_domain(&self.domain)?;
         if self.roles.is_empty() {
             return Err(ConfigError::Invalid(
                 "roles is empty: name at least one of gateway, router, groups, delivery, auth"
@@ -546,27 +571,41 @@ impl Config {
         }
         let mut ids = std::collections::BTreeSet::new();
         for app in &self.apps {
-            if app.name.is_empty() || app.app_id.is_empty() {
-                return Err(ConfigError::Invalid(
-                    "every app needs a name and an app_id".into(),
-                ));
-            }
+            app.validate()?;
             if !ids.insert(app.app_id.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "app_id {:?} is defined twice",
                     app.app_id
                 )));
             }
-            if app.auth == AuthMode::Jwt
-                && app.jwt_secret.is_none()
-                && app.jwt_public_key_pem.is_none()
-                && app.jwt_public_key_file.is_none()
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "app {:?} uses jwt auth but has no jwt_secret, jwt_public_key_pem or jwt_public_key_file",
-                    app.name
-                )));
-            }
+        }
+        Ok(())
+    }
+}
+
+impl AppConfig {
+    /// What every app needs, from the config file or from etcd.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() || self.app_id.is_empty() {
+            return Err(ConfigError::Invalid(
+                "every app needs a name and an app_id".into(),
+            ));
+        }
+        if self.app_id.contains('/') {
+            return Err(ConfigError::Invalid(format!(
+                "app_id {:?} must not contain '/'",
+                self.app_id
+            )));
+        }
+        if self.auth == AuthMode::Jwt
+            && self.jwt_secret.is_none()
+            && self.jwt_public_key_pem.is_none()
+            && self.jwt_public_key_file.is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "app {:?} uses jwt auth but has no jwt_secret, jwt_public_key_pem or jwt_public_key_file",
+                self.name
+            )));
         }
         Ok(())
     }
@@ -686,6 +725,25 @@ mod tests {
         let err = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_ETCD", "http://x:1")]))
             .expect_err("etcd without redis");
         assert!(err.to_string().contains("redis"), "{err}");
+    }
+
+    #[test]
+    fn the_domain_is_checked_and_set_from_env() {
+        assert_eq!(Config::default().domain, "local");
+        let c = Config::from_toml_and_env("domain = \"eu-1\"\n", &env(&[])).expect("load");
+        assert_eq!(c.domain, "eu-1");
+        let c = Config::from_toml_and_env(
+            "domain = \"eu-1\"\n",
+            &env(&[("SWITCHBOARD_DOMAIN", "us2")]),
+        )
+        .expect("load");
+        assert_eq!(c.domain, "us2");
+        for bad in ["", "EU", "eu.1", "eu_1", &"a".repeat(64)] {
+            let err = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_DOMAIN", bad)]))
+                .expect_err("refused");
+            assert!(err.to_string().contains("domain"), "{bad:?}: {err}");
+        }
+        assert!(validate_domain(&"a".repeat(63)).is_ok());
     }
 
     #[test]

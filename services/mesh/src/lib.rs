@@ -32,9 +32,6 @@ pub use pool::{MeshChannel, Pool, RETRY_BUDGET};
 pub use services::{Auth, Delivery, Gateway, Groups, Router};
 pub use switchboard_proto::mesh as pb;
 
-/// The domain name of a deployment without federation.
-pub const LOCAL_DOMAIN: &str = "local";
-
 /// Largest mesh message, either way. A group fan-out carries one envelope
 /// per recipient (up to `max_group_recipients` × `max_content_bytes`), so
 /// tonic's 4 MiB default is too small.

@@ -57,7 +57,28 @@ pub trait Presence: Send + Sync + 'static {
         app_id: &str,
         user_id: &str,
     ) -> Result<Vec<(String, u32)>, PresenceError>;
+
+    /// [`Presence::gateways`] of many users of one app, in the order of
+    /// `user_ids`, in one call: one Redis round trip (per
+    /// [`MAX_BATCH`] users), one lock per shard in memory. This default
+    /// asks one user at a time, for backends (test doubles) that have
+    /// nothing better.
+    async fn gateways_batch(
+        &self,
+        app_id: &str,
+        user_ids: &[&str],
+    ) -> Result<Vec<Vec<(String, u32)>>, PresenceError> {
+        let mut out = Vec::with_capacity(user_ids.len());
+        for user_id in user_ids {
+            out.push(self.gateways(app_id, user_id).await?);
+        }
+        Ok(out)
+    }
 }
+
+/// Users looked up in one round trip by [`Presence::gateways_batch`]; a
+/// larger batch takes one per this many.
+pub const MAX_BATCH: usize = 1024;
 
 /// Connections per gateway of one user.
 type Gateways = HashMap<String, u32>;
@@ -85,12 +106,22 @@ impl Default for InMemoryPresence {
 
 impl InMemoryPresence {
     fn shard(&self, app_id: &str, user_id: &str) -> &Shard {
+        &self.shards[self.shard_index(app_id, user_id)]
+    }
+
+    fn shard_index(&self, app_id: &str, user_id: &str) -> usize {
         let mut h = self.hasher.build_hasher();
         app_id.hash(&mut h);
         user_id.hash(&mut h);
         // The modulo keeps the index in range; truncation of the hash is fine.
-        &self.shards[(h.finish() as usize) % SHARDS]
+        (h.finish() as usize) % SHARDS
     }
+}
+
+fn listed(gateways: Option<&Gateways>) -> Vec<(String, u32)> {
+    gateways
+        .map(|g| g.iter().map(|(gw, n)| (gw.clone(), *n)).collect())
+        .unwrap_or_default()
 }
 
 #[async_trait]
@@ -165,11 +196,35 @@ impl Presence for InMemoryPresence {
             .shard(app_id, user_id)
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Ok(map
-            .get(app_id)
-            .and_then(|users| users.get(user_id))
-            .map(|g| g.iter().map(|(gw, n)| (gw.clone(), *n)).collect())
-            .unwrap_or_default())
+        Ok(listed(map.get(app_id).and_then(|users| users.get(user_id))))
+    }
+
+    async fn gateways_batch(
+        &self,
+        app_id: &str,
+        user_ids: &[&str],
+    ) -> Result<Vec<Vec<(String, u32)>>, PresenceError> {
+        let mut out = vec![Vec::new(); user_ids.len()];
+        // Positions by shard: each shard's lock is taken once.
+        let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); SHARDS];
+        for (i, user_id) in user_ids.iter().enumerate() {
+            by_shard[self.shard_index(app_id, user_id)].push(i);
+        }
+        for (shard, positions) in self.shards.iter().zip(by_shard) {
+            if positions.is_empty() {
+                continue;
+            }
+            let map = shard
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(users) = map.get(app_id) else {
+                continue;
+            };
+            for i in positions {
+                out[i] = listed(users.get(user_ids[i]));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -180,6 +235,11 @@ mod tests {
     #[tokio::test]
     async fn in_memory_first_and_last_connection_across_gateways() {
         contract::first_and_last_connection_across_gateways(&InMemoryPresence::default()).await;
+    }
+
+    #[tokio::test]
+    async fn in_memory_batch_lookup_matches_single_lookups() {
+        contract::batch_lookup_matches_single_lookups(&InMemoryPresence::default()).await;
     }
 
     #[tokio::test]

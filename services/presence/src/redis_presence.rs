@@ -72,6 +72,31 @@ end
 return out
 ";
 
+/// The gateways of many users (KEYS), each as a flat `gw, n, …` list; a
+/// gateway's liveness is read once per call however many users it holds.
+const GATEWAYS_BATCH: &str = r"
+local alive = {}
+local out = {}
+for k = 1, #KEYS do
+  local fields = redis.call('HGETALL', KEYS[k])
+  local one = {}
+  for i = 1, #fields, 2 do
+    local gw = fields[i]
+    local live = alive[gw]
+    if live == nil then
+      live = redis.call('EXISTS', ARGV[1] .. gw) == 1
+      alive[gw] = live
+    end
+    if live then
+      table.insert(one, gw)
+      table.insert(one, fields[i + 1])
+    end
+  end
+  out[k] = one
+end
+return out
+";
+
 /// Presence kept in Redis.
 #[derive(Clone)]
 pub struct RedisPresence {
@@ -81,6 +106,7 @@ pub struct RedisPresence {
     connect: redis::Script,
     disconnect: redis::Script,
     gateways: redis::Script,
+    gateways_batch: redis::Script,
 }
 
 fn unavailable(e: redis::RedisError) -> PresenceError {
@@ -105,6 +131,7 @@ impl RedisPresence {
             connect: redis::Script::new(CONNECT),
             disconnect: redis::Script::new(DISCONNECT),
             gateways: redis::Script::new(GATEWAYS),
+            gateways_batch: redis::Script::new(GATEWAYS_BATCH),
         })
     }
 
@@ -225,12 +252,44 @@ impl Presence for RedisPresence {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        Ok(flat
-            .chunks_exact(2)
-            .filter_map(|pair| {
-                let count = pair[1].parse::<u32>().ok()?;
-                (count > 0).then(|| (pair[0].clone(), count))
-            })
-            .collect())
+        Ok(pairs(flat))
     }
+
+    async fn gateways_batch(
+        &self,
+        app_id: &str,
+        user_ids: &[&str],
+    ) -> Result<Vec<Vec<(String, u32)>>, PresenceError> {
+        let mut out = Vec::with_capacity(user_ids.len());
+        for chunk in user_ids.chunks(crate::MAX_BATCH) {
+            let mut invocation = self.gateways_batch.prepare_invoke();
+            for user_id in chunk {
+                invocation.key(self.user_key(app_id, user_id));
+            }
+            let lists: Vec<Vec<String>> = invocation
+                .arg(self.gateway_prefix())
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+            if lists.len() != chunk.len() {
+                return Err(PresenceError::Unavailable(format!(
+                    "presence batch answered {} users of {}",
+                    lists.len(),
+                    chunk.len()
+                )));
+            }
+            out.extend(lists.into_iter().map(pairs));
+        }
+        Ok(out)
+    }
+}
+
+/// `gw, n, gw, n, …` as pairs; malformed counts are left out.
+fn pairs(flat: Vec<String>) -> Vec<(String, u32)> {
+    flat.chunks_exact(2)
+        .filter_map(|pair| {
+            let count = pair[1].parse::<u32>().ok()?;
+            (count > 0).then(|| (pair[0].clone(), count))
+        })
+        .collect()
 }

@@ -5,19 +5,9 @@ use std::time::Duration;
 
 use switchboard_presence::{Presence, RedisPresence, contract};
 
-/// The Redis under test, or `None` (with the reason printed) when a developer
-/// runs plain `cargo test` without one. In CI a missing Redis is a failure.
+/// The Redis under test, or `None` (a recorded skip) outside CI.
 fn redis_url() -> Option<String> {
-    match std::env::var("SWITCHBOARD_TEST_REDIS") {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("SWITCHBOARD_TEST_REDIS is not set (CI=true): run scripts/test.sh")
-        }
-        Err(_) => {
-            eprintln!("skipped: SWITCHBOARD_TEST_REDIS is not set (scripts/test.sh sets it)");
-            None
-        }
-    }
+    switchboard_testenv::service(switchboard_testenv::REDIS)
 }
 
 /// A presence in its own key prefix, with g1 and g2 alive.
@@ -57,6 +47,14 @@ async fn stray_disconnect_changes_nothing() {
 }
 
 #[tokio::test]
+async fn batch_lookup_matches_single_lookups() {
+    let Some(p) = presence(Duration::from_secs(30)).await else {
+        return;
+    };
+    contract::batch_lookup_matches_single_lookups(&p).await;
+}
+
+#[tokio::test]
 async fn a_dead_gateway_disappears_after_its_ttl() {
     let Some(p) = presence(Duration::from_millis(400)).await else {
         return;
@@ -71,6 +69,11 @@ async fn a_dead_gateway_disappears_after_its_ttl() {
         p.gateways("a", "a-1").await.expect("g"),
         vec![("g1".to_owned(), 1)],
         "the dead gateway is no longer listed"
+    );
+    assert_eq!(
+        p.gateways_batch("a", &["a-1"]).await.expect("b"),
+        vec![vec![("g1".to_owned(), 1)]],
+        "nor by the batch lookup"
     );
     // The user's last live connection closing makes them offline, although
     // the dead gateway never said goodbye.

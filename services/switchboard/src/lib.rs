@@ -19,6 +19,7 @@ use switchboard_mesh::{
     GatewayService, GatewayTable, GroupsClient, GroupsService, MeshConnector, MeshCredentials,
     MeshGuard, MeshTls, Pool, RouterClient, RouterService,
 };
+use switchboard_metadata::{EtcdMetadata, Kind as MetadataKind, StaticMetadata};
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::RouterRole;
 use switchboard_store::{FjallStore, FjallStoreOptions, RedbStore, RedbStoreOptions, Store};
@@ -26,8 +27,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod cluster;
-
-pub use switchboard_mesh::LOCAL_DOMAIN;
 
 /// Already-bound listeners (tests bind port 0).
 pub struct Listeners {
@@ -142,9 +141,7 @@ pub async fn serve(
     let presence = node_presence.presence.clone();
 
     let local_auth = match config.runs(Role::Auth) {
-        true => Some(AuthClient::from_local(Arc::new(
-            AuthRole::new(config.effective_apps()).context("invalid app configuration")?,
-        ))),
+        true => Some(AuthClient::from_local(open_auth(&config).await?)),
         false => None,
     };
     let auth = match (&remote.auth, &local_auth) {
@@ -167,7 +164,7 @@ pub async fn serve(
     };
     let local_router = match config.runs(Role::Router) {
         true => Some(RouterClient::from_local(Arc::new(RouterRole::new(
-            LOCAL_DOMAIN,
+            config.domain.clone(),
             delivery.clone(),
             groups.clone(),
         )))),
@@ -184,6 +181,7 @@ pub async fn serve(
                 node_id.clone(),
                 config.limits.clone(),
                 GatewayDeps {
+                    domain: config.domain.clone(),
                     auth: auth.clone(),
                     router,
                     delivery: delivery.clone(),
@@ -323,6 +321,45 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The auth role over this node's apps: the config file's when standalone;
+/// with etcd, the deployment's apps in etcd, which the config file's
+/// `[[apps]]` seed once (the first time a process with apps in its config
+/// starts against that etcd prefix). Afterwards etcd is the truth, changed
+/// with `switchboard apps`, and followed without a restart.
+async fn open_auth(config: &Config) -> anyhow::Result<Arc<AuthRole>> {
+    if config.etcd.is_empty() {
+        let metadata =
+            Arc::new(StaticMetadata::with_apps(&config.apps).context("invalid app configuration")?);
+        return AuthRole::follow(metadata, true)
+            .await
+            .context("invalid app configuration");
+    }
+    let metadata = EtcdMetadata::connect(&config.etcd, &config.discovery.key_prefix)
+        .await
+        .context("cannot read the apps from etcd")?;
+    if !config.apps.is_empty() {
+        let seed = config
+            .apps
+            .iter()
+            .map(|app| Ok((app.app_id.clone(), serde_json::to_vec(app)?)))
+            .collect::<Result<Vec<_>, serde_json::Error>>()?;
+        if metadata
+            .seed_once(MetadataKind::Apps, &seed)
+            .await
+            .context("cannot seed etcd with the config file's apps")?
+        {
+            tracing::info!(apps = seed.len(), "etcd seeded with the config file's apps");
+        } else {
+            tracing::info!(
+                "apps are read from etcd; the config file's [[apps]] seeded it before and are not read again"
+            );
+        }
+    }
+    AuthRole::follow(Arc::new(metadata), false)
+        .await
+        .context("cannot read the apps from etcd")
 }
 
 /// The mesh's mutual-TLS material, when configured.

@@ -41,6 +41,10 @@ enum Command {
     /// partner at a fixed rate; reports latency percentiles, loss, duplicates
     /// and throughput per rate step.
     Bench(switchboard_bench::BenchArgs),
+    /// The client apps of a cluster, in etcd (docs/operations.md, "Apps"):
+    /// list them, put (add or replace) the apps of a TOML file, delete.
+    /// Running auth processes follow the change within a second.
+    Apps(AppsArgs),
     /// Print the version.
     Version,
 }
@@ -95,6 +99,42 @@ struct RunArgs {
     /// client port [env: SWITCHBOARD_METRICS_ADDR]
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// This deployment's domain name, 1-63 characters of a-z 0-9 -
+    /// (default local) [env: SWITCHBOARD_DOMAIN]
+    #[arg(long)]
+    domain: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct AppsArgs {
+    #[command(subcommand)]
+    action: AppsAction,
+    /// etcd endpoints, comma-separated; default: the config file's
+    /// [env: SWITCHBOARD_ETCD]
+    #[arg(long, global = true, env = "SWITCHBOARD_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The deployment's key prefix (discovery.key_prefix); default: the
+    /// config file's, else /switchboard/ [env: SWITCHBOARD_DISCOVERY__KEY_PREFIX]
+    #[arg(long, global = true, env = "SWITCHBOARD_DISCOVERY__KEY_PREFIX")]
+    key_prefix: Option<String>,
+    /// A node's TOML config file, for etcd and the key prefix
+    /// [env: SWITCHBOARD_CONFIG]
+    #[arg(long, global = true, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AppsAction {
+    /// One line per app: app id, name, auth mode, master user.
+    List,
+    /// Adds or replaces every app of FILE: `[[apps]]` tables with the keys
+    /// of the config file's `[[apps]]`.
+    Put { file: PathBuf },
+    /// Deletes apps by app id.
+    Delete {
+        #[arg(required = true)]
+        app_ids: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,6 +163,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Apps(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(apps(args))
+        }
         Command::Run(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(run(args))
@@ -148,7 +192,7 @@ fn init_telemetry(config: &Config) -> anyhow::Result<switchboard_telemetry::Tele
             sampling: config.trace_sampling,
             service_name,
             instance_id: config.node_id.clone(),
-            domain: switchboard::LOCAL_DOMAIN.to_owned(),
+            domain: config.domain.clone(),
         },
     )?;
     Ok(telemetry)
@@ -193,6 +237,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         config.metrics_addr = addr;
     }
+    if let Some(domain) = args.domain {
+        config.domain = domain;
+    }
     config.validate()?;
     if config.node_id.is_empty() {
         config.node_id = format!("node-{}", &switchboard_mesh::new_message_id()[24..]);
@@ -204,6 +251,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mesh = listeners.mesh_addr()?;
     println!("switchboard {}", env!("CARGO_PKG_VERSION"));
     let roles: Vec<&str> = config.roles.iter().map(|r| r.as_str()).collect();
+    println!("  domain       {}", config.domain);
     println!("  roles        {}", roles.join(","));
     if let Some(client) = client {
         println!("  client port  ws://{client}/ws   (health: http://{client}/healthz)");
@@ -220,7 +268,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         println!("  presence     {}", config.redis);
     }
-    if config.apps.is_empty() {
+    if !config.etcd.is_empty() {
+        println!(
+            "  apps         from etcd ({}apps/); the config file's [[apps]] seed it once",
+            config.discovery.key_prefix
+        );
+    } else if config.apps.is_empty() {
         println!(
             "  WARNING: no apps configured; using the built-in development app \
              (name \"demo\", appId \"demo\", master user \"demo-0\", auth \"none\": \
@@ -245,6 +298,96 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Flushing blocks: off the runtime's threads, which drive the exporter.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     served
+}
+
+async fn apps(args: AppsArgs) -> anyhow::Result<()> {
+    use switchboard_config::AppConfig;
+    use switchboard_metadata::{EtcdMetadata, MetadataExt};
+
+    let file = match &args.config {
+        Some(path) => Config::load(Some(path), &BTreeMap::new())?,
+        None => Config::default(),
+    };
+    let etcd = if args.etcd.is_empty() {
+        file.etcd.clone()
+    } else {
+        args.etcd.clone()
+    };
+    anyhow::ensure!(
+        !etcd.is_empty(),
+        "no etcd: give --etcd URLS (or a --config with etcd); a standalone node's apps are its \
+         config file's [[apps]]"
+    );
+    let prefix = args
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| file.discovery.key_prefix.clone());
+    let metadata = EtcdMetadata::connect(&etcd, &prefix)
+        .await
+        .with_context(|| format!("cannot reach etcd at {}", etcd.join(",")))?;
+    match args.action {
+        AppsAction::List => {
+            let mut apps: Vec<AppConfig> = metadata.list_records().await?;
+            apps.sort_by(|a, b| a.app_id.cmp(&b.app_id));
+            if apps.is_empty() {
+                println!(
+                    "no apps under {prefix}apps/ (auth processes serve the development app \"demo\")"
+                );
+            }
+            for app in apps {
+                let auth = match app.auth {
+                    switchboard_config::AuthMode::None => "none",
+                    switchboard_config::AuthMode::Jwt => "jwt",
+                };
+                println!(
+                    "{}\tname={}\tauth={auth}\tmaster_user_id={}",
+                    app.app_id, app.name, app.master_user_id
+                );
+            }
+        }
+        AppsAction::Put { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let mut table: toml::Table =
+                toml::from_str(&text).with_context(|| format!("{} is not TOML", file.display()))?;
+            let list = table
+                .remove("apps")
+                .with_context(|| format!("{} has no [[apps]]", file.display()))?;
+            anyhow::ensure!(
+                table.is_empty(),
+                "{}: only [[apps]] tables are read here, not {:?}",
+                file.display(),
+                table.keys().collect::<Vec<_>>()
+            );
+            let apps: Vec<AppConfig> = list
+                .try_into()
+                .with_context(|| format!("invalid [[apps]] in {}", file.display()))?;
+            // Every app checked before any is written.
+            for app in &apps {
+                app.validate()?;
+                // A key file is read by the auth processes, on their machines.
+                if app.jwt_public_key_file.is_none() {
+                    switchboard_auth::AuthRole::check_app(app)?;
+                }
+            }
+            for app in &apps {
+                metadata.put_record(app).await?;
+                println!("put {}", app.app_id);
+            }
+        }
+        AppsAction::Delete { app_ids } => {
+            let mut missing = Vec::new();
+            for id in &app_ids {
+                if metadata.delete_record::<AppConfig>(id).await? {
+                    println!("deleted {id}");
+                } else {
+                    missing.push(id.as_str());
+                }
+            }
+            anyhow::ensure!(missing.is_empty(), "no such app: {}", missing.join(", "));
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
