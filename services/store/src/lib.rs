@@ -10,6 +10,8 @@ pub mod contract;
 mod fjall_store;
 mod group_commit;
 mod hot;
+mod manifest;
+pub mod queue;
 mod redb_store;
 
 use async_trait::async_trait;
@@ -88,6 +90,22 @@ pub enum StoreError {
     Malformed(&'static str),
     #[error("store is closed")]
     Closed,
+    /// A file of the store is damaged (or missing) where start-up cannot
+    /// tell it from data: the start is refused, unless the store is opened
+    /// to recover (`store.recover`), which keeps every intact record.
+    #[error(
+        "store damaged: {file} at byte {offset}: {detail}; starting with --store-recover \
+         (store.recover) keeps every intact record and logs what was lost"
+    )]
+    Damaged {
+        file: std::path::PathBuf,
+        offset: u64,
+        detail: String,
+    },
+    /// A request the store refuses (an empty or too long queue name, a
+    /// payload or batch past its bound).
+    #[error("invalid store request: {0}")]
+    Invalid(String),
 }
 
 /// Persistence of inboxes.

@@ -1,0 +1,1 @@
+//! Durable queues (outboxes): named, ordered, at-least-once.
