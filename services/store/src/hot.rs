@@ -481,6 +481,12 @@ fn scan<'a>(bytes: &'a [u8], id: u64, holes: &[(u64, u64)]) -> Scan<'a> {
     out
 }
 
+/// Where the whole frames of segment `id` end (for tests that damage them).
+#[cfg(test)]
+pub(crate) fn frames_end(bytes: &[u8], id: u64) -> usize {
+    scan(bytes, id, &[]).end
+}
+
 /// Bytes after `end` up to the first run of zeros a frame header long (or
 /// the end of the file): what a cut-back tail drops.
 fn torn_bytes(bytes: &[u8], end: usize) -> usize {

@@ -7,6 +7,8 @@
 //! later) implements [`Store`] and passes the same [`contract`] suite.
 
 pub mod contract;
+#[cfg(test)]
+mod damage_tests;
 mod fjall_store;
 mod group_commit;
 mod hot;
