@@ -35,6 +35,11 @@ use crate::manifest::{self, SegmentEntry};
 const APPEND: u8 = 1;
 const REMOVE: u8 = 2;
 const HEADER: usize = 12;
+/// After the payload: `xxh3(len, seed: segment id)`. A frame whose seal is
+/// in place was written whole, so a checksum that fails is damage, not a
+/// write torn by a crash (which leaves what the file held there before).
+/// Segments written before the seal existed (`legacy`) have none.
+const TRAILER: usize = 8;
 const EXTENSION: &str = "log";
 /// A retired segment file kept for reuse.
 const SPARE: &str = "spare";
@@ -182,6 +187,8 @@ struct Segment {
     synced: u64,
     /// Damage a recovering start accepted: skipped by later starts.
     holes: Vec<(u64, u64)>,
+    /// Written before frames were sealed (see [`TRAILER`]).
+    legacy: bool,
 }
 
 impl Segment {
@@ -196,6 +203,7 @@ impl Segment {
             appends: 0,
             synced: 0,
             holes: Vec::new(),
+            legacy: false,
         }
     }
 
@@ -209,6 +217,7 @@ impl Segment {
             size: self.size,
             appends: self.appends,
             holes: self.holes.clone(),
+            legacy: self.legacy,
         }
     }
 
@@ -402,18 +411,36 @@ fn checksum(payload: &[u8], id: u64) -> u64 {
     xxh3_64_with_seed(payload, id)
 }
 
-/// The payload of a whole frame of segment `id` at byte `at`, if one is
-/// there.
-fn frame_at(bytes: &[u8], at: usize, id: u64) -> Option<&[u8]> {
+/// The seal of a frame with a `len`-byte payload in segment `id`.
+fn seal(len: u32, id: u64) -> u64 {
+    xxh3_64_with_seed(&len.to_le_bytes(), id)
+}
+
+/// The frame at byte `at` if it was written whole (its seal in place;
+/// always, for a legacy segment): its payload, whose checksum is not yet
+/// checked, and its length on disk.
+fn sealed_at(bytes: &[u8], at: usize, id: u64, legacy: bool) -> Option<(&[u8], usize)> {
     let header = bytes.get(at..at.checked_add(HEADER)?)?;
-    let len = usize::try_from(u32::from_le_bytes(header[..4].try_into().ok()?)).ok()?;
-    let sum = u64::from_le_bytes(header[4..].try_into().ok()?);
+    let len32 = u32::from_le_bytes(header[..4].try_into().ok()?);
+    let len = usize::try_from(len32).ok()?;
     let start = at + HEADER;
     let payload = bytes.get(start..start.checked_add(len)?)?;
+    if legacy {
+        return Some((payload, HEADER + len));
+    }
+    let trailer = bytes.get(start + len..start + len + TRAILER)?;
+    (trailer == seal(len32, id).to_le_bytes()).then_some((payload, HEADER + len + TRAILER))
+}
+
+/// The payload of a whole, intact frame of segment `id` at byte `at`, if
+/// one is there, and the frame's length on disk.
+fn frame_at(bytes: &[u8], at: usize, id: u64, legacy: bool) -> Option<(&[u8], usize)> {
+    let (payload, on_disk) = sealed_at(bytes, at, id, legacy)?;
+    let sum = u64::from_le_bytes(bytes.get(at + 4..at + HEADER)?.try_into().ok()?);
     // A record begins with a small non-zero tag: a cheap test before the
     // checksum when searching damaged bytes for the next frame.
     let plausible = payload.first().is_some_and(|&tag| (1..=32).contains(&tag));
-    (plausible && checksum(payload, id) == sum).then_some(payload)
+    (plausible && checksum(payload, id) == sum).then_some((payload, on_disk))
 }
 
 /// Damaged bytes of a segment: a stretch that is not a whole frame of it
@@ -442,7 +469,7 @@ struct Scan<'a> {
 /// before). A stretch that is not a frame is damage when a whole frame of
 /// this segment follows it, else the end: frames are written one after the
 /// other, so only the last can be torn.
-fn scan<'a>(bytes: &'a [u8], id: u64, holes: &[(u64, u64)]) -> Scan<'a> {
+fn scan<'a>(bytes: &'a [u8], id: u64, legacy: bool, holes: &[(u64, u64)]) -> Scan<'a> {
     let mut out = Scan {
         frames: Vec::new(),
         damaged: Vec::new(),
@@ -455,28 +482,39 @@ fn scan<'a>(bytes: &'a [u8], id: u64, holes: &[(u64, u64)]) -> Scan<'a> {
             out.end = at.min(bytes.len());
             continue;
         }
-        if let Some(payload) = frame_at(bytes, at, id) {
+        if let Some((payload, on_disk)) = frame_at(bytes, at, id, legacy) {
             out.frames.push(payload);
-            at += HEADER + payload.len();
+            at += on_disk;
             out.end = at;
             continue;
         }
-        let Some(next) = (at + 1..bytes.len()).find(|&p| frame_at(bytes, p, id).is_some()) else {
-            break;
+        let next = (at + 1..bytes.len()).find(|&p| frame_at(bytes, p, id, legacy).is_some());
+        // Without a later frame, a frame written whole (sealed) that fails
+        // its checksum is still damage; anything else is the end.
+        let whole = match next {
+            None if !legacy => sealed_at(bytes, at, id, false),
+            _ => None,
+        };
+        let next = match (next, whole) {
+            (Some(next), _) => next,
+            (None, Some((_, on_disk))) => at + on_disk,
+            (None, None) => break,
+        };
+        let appends = |payload: &[u8]| {
+            records(payload).map(|r| r.iter().filter(|r| matches!(r, Record::Append(..))).count())
         };
         out.damaged.push(Damage {
             offset: at,
             bytes: next - at,
-            messages: bytes
-                .get(at + HEADER..next)
-                .filter(|p| {
-                    bytes.get(at..at + 4).and_then(|l| l.try_into().ok())
-                        == Some((p.len() as u32).to_le_bytes())
-                })
-                .and_then(records)
-                .map(|r| r.iter().filter(|r| matches!(r, Record::Append(..))).count()),
+            // Counted when the frame is whole and its records still parse.
+            messages: sealed_at(bytes, at, id, legacy)
+                .filter(|(_, on_disk)| at + on_disk == next)
+                .and_then(|(payload, _)| appends(payload)),
         });
         at = next;
+        if whole.is_some() {
+            out.end = at;
+        }
     }
     out
 }
@@ -484,7 +522,7 @@ fn scan<'a>(bytes: &'a [u8], id: u64, holes: &[(u64, u64)]) -> Scan<'a> {
 /// Where the whole frames of segment `id` end (for tests that damage them).
 #[cfg(test)]
 pub(crate) fn frames_end(bytes: &[u8], id: u64) -> usize {
-    scan(bytes, id, &[]).end
+    scan(bytes, id, false, &[]).end
 }
 
 /// Bytes after `end` up to the first run of zeros a frame header long (or
@@ -584,6 +622,7 @@ impl HotLog {
         // What to read: the segments the manifest names, and files newer
         // than it (begun just before a crash). Without a manifest (a new
         // log, or one written before manifests): every file, as found.
+        let listed_none = listed.is_none();
         let plan: Vec<(u64, Option<SegmentEntry>)> = match listed {
             None => ids.iter().map(|&id| (id, None)).collect(),
             Some(entries) => {
@@ -655,7 +694,8 @@ impl HotLog {
             } else {
                 bytes.len()
             };
-            let found = scan(&bytes[..limit], id, &entry.holes);
+            let legacy = entry.legacy || listed_none;
+            let found = scan(&bytes[..limit], id, legacy, &entry.holes);
             let mut holes = entry.holes.clone();
             for damage in &found.damaged {
                 losses.report(
@@ -711,6 +751,7 @@ impl HotLog {
             }
             tracing::debug!(segment = id, valid = end, "inbox log: segment replayed");
             let mut segment = Segment::new(id, entry.size);
+            segment.legacy = legacy;
             segment.holes = holes;
             segment.appends = entry.appends;
             segments.push_back(segment);
@@ -884,6 +925,8 @@ impl HotLog {
         let sum = checksum(&self.frame[HEADER..], self.current_id());
         self.frame[..4].copy_from_slice(&payload_len.to_le_bytes());
         self.frame[4..HEADER].copy_from_slice(&sum.to_le_bytes());
+        let seal = seal(payload_len, self.current_id());
+        self.frame.extend_from_slice(&seal.to_le_bytes());
         let frame_len = self.frame.len() as u64;
         // Zeros a header long after the frame (overwritten by the next one):
         // after a crash, bytes that are not zeros there are a torn batch, not
@@ -1183,6 +1226,7 @@ mod tests {
             bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             bytes.extend_from_slice(&checksum(&payload, 5).to_le_bytes());
             bytes.extend_from_slice(&payload);
+            bytes.extend_from_slice(&seal(payload.len() as u32, 5).to_le_bytes());
         }
         (bytes, starts)
     }
@@ -1190,20 +1234,20 @@ mod tests {
     #[test]
     fn a_torn_last_frame_ends_the_segment_quietly() {
         let (bytes, starts) = segment(3);
-        let all = scan(&bytes, 5, &[]);
+        let all = scan(&bytes, 5, false, &[]);
         assert_eq!((all.frames.len(), all.end), (3, bytes.len()));
         assert!(all.damaged.is_empty());
-        let torn = scan(&bytes[..bytes.len() - 1], 5, &[]);
+        let torn = scan(&bytes[..bytes.len() - 1], 5, false, &[]);
         assert_eq!((torn.frames.len(), torn.end), (2, starts[2]));
         assert!(torn.damaged.is_empty(), "a torn tail is not damage");
         // Zeros of a preallocated file end the frames.
         let mut padded = bytes.clone();
         padded.extend_from_slice(&[0; 64]);
-        let found = scan(&padded, 5, &[]);
+        let found = scan(&padded, 5, false, &[]);
         assert_eq!((found.frames.len(), found.end), (3, bytes.len()));
         assert_eq!(torn_bytes(&padded, found.end), 0);
         // The same bytes in a reused file (another segment id) are stale.
-        let stale = scan(&bytes, 6, &[]);
+        let stale = scan(&bytes, 6, false, &[]);
         assert!(stale.frames.is_empty() && stale.damaged.is_empty());
     }
 
@@ -1212,7 +1256,7 @@ mod tests {
         let (bytes, starts) = segment(3);
         let mut corrupt = bytes.clone();
         corrupt[starts[1] + HEADER + 3] ^= 1; // inside the second payload
-        let found = scan(&corrupt, 5, &[]);
+        let found = scan(&corrupt, 5, false, &[]);
         assert_eq!(found.frames.len(), 2, "the frames around it are kept");
         assert_eq!(
             found.damaged,
@@ -1225,13 +1269,43 @@ mod tests {
         assert_eq!(found.end, bytes.len());
         // Accepted as a hole, it is skipped silently.
         let hole = [(starts[1] as u64, (starts[2] - starts[1]) as u64)];
-        let again = scan(&corrupt, 5, &hole);
+        let again = scan(&corrupt, 5, false, &hole);
         assert!(again.damaged.is_empty());
         assert_eq!((again.frames.len(), again.end), (2, bytes.len()));
+        // The last frame written whole (sealed) but failing its checksum is
+        // damage too, not a torn write.
+        let mut last = bytes.clone();
+        last[starts[2] + HEADER + 1] ^= 1;
+        let found = scan(&last, 5, false, &[]);
+        assert_eq!(found.frames.len(), 2);
+        assert_eq!(found.damaged.len(), 1);
+        assert_eq!(found.damaged[0].offset, starts[2]);
+        // A torn write of it (what the file held before remains after the
+        // written part) is not.
+        let mut torn = bytes[..starts[2] + HEADER + 4].to_vec();
+        torn.extend_from_slice(&[0; 64]);
+        let found = scan(&torn, 5, false, &[]);
+        assert!(found.damaged.is_empty());
+        assert_eq!(found.end, starts[2]);
         // A zeroed stretch mid-file is damage too.
         let mut zeroed = bytes.clone();
         zeroed[starts[0]..starts[1]].fill(0);
-        assert_eq!(scan(&zeroed, 5, &[]).damaged.len(), 1);
+        assert_eq!(scan(&zeroed, 5, false, &[]).damaged.len(), 1);
+    }
+
+    #[test]
+    fn legacy_segments_are_read_without_seals() {
+        let mut bytes = Vec::new();
+        for i in 0..3u64 {
+            let mut payload = Vec::new();
+            put_prefix(&mut payload, REMOVE, b"inbox", i);
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&checksum(&payload, 5).to_le_bytes());
+            bytes.extend_from_slice(&payload);
+        }
+        let found = scan(&bytes, 5, true, &[]);
+        assert_eq!((found.frames.len(), found.end), (3, bytes.len()));
+        assert!(scan(&bytes, 5, false, &[]).frames.is_empty());
     }
 
     #[test]

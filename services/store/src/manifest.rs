@@ -6,7 +6,7 @@
 //! One small file, `MANIFEST`, rewritten whole and atomically (temp file,
 //! fsync, rename, directory fsync): `magic "SBLM" | version u32 | count u32 |
 //! entries | xxh3(everything before) u64`, little-endian; an entry is
-//! `id u64 | sealed u8 | len u64 | size u64 | appends u64 | holes u32 |
+//! `id u64 | flags u8 (1: sealed, 2: legacy frames) | len u64 | size u64 | appends u64 | holes u32 |
 //! (offset u64, bytes u64) × holes`.
 
 use std::fs::File;
@@ -39,6 +39,8 @@ pub(crate) struct SegmentEntry {
     /// Damage accepted by a recovering start (`offset`, `bytes`): skipped
     /// from then on, not reported again.
     pub(crate) holes: Vec<(u64, u64)>,
+    /// Written before log frames carried a seal: read without one.
+    pub(crate) legacy: bool,
 }
 
 fn io(e: std::io::Error) -> StoreError {
@@ -60,7 +62,7 @@ pub(crate) fn encode(entries: &[SegmentEntry]) -> Vec<u8> {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     for e in entries {
         out.extend_from_slice(&e.id.to_le_bytes());
-        out.push(u8::from(e.sealed));
+        out.push(u8::from(e.sealed) | u8::from(e.legacy) << 1);
         out.extend_from_slice(&e.len.to_le_bytes());
         out.extend_from_slice(&e.size.to_le_bytes());
         out.extend_from_slice(&e.appends.to_le_bytes());
@@ -120,12 +122,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<SegmentEntry>, (u64, &'static s
         let at = r.at as u64;
         let entry = (|| {
             let id = r.u64()?;
-            let sealed = r.take::<1>()?[0] != 0;
+            let flags = r.take::<1>()?[0];
+            let (sealed, legacy) = (flags & 1 != 0, flags & 2 != 0);
             let (len, size, appends) = (r.u64()?, r.u64()?, r.u64()?);
             let holes = r.u32()?;
             let mut e = SegmentEntry {
                 id,
                 sealed,
+                legacy,
                 len,
                 size,
                 appends,
@@ -185,6 +189,7 @@ mod tests {
                 size: 8_192,
                 appends: 40,
                 holes: vec![(1_000, 120)],
+                legacy: true,
             },
             SegmentEntry {
                 id: 4,

@@ -516,6 +516,7 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, switchboard_store::Stor
                 sync_interval: Duration::from_micros(config.store.sync_interval_us),
                 cache_bytes: u64::try_from(cache_bytes).unwrap_or(u64::MAX),
                 hot_bytes: config.store.hot_mib.saturating_mul(1024 * 1024),
+                recover: config.store.recover,
                 ..FjallStoreOptions::default()
             },
         )?),

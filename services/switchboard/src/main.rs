@@ -95,6 +95,12 @@ struct RunArgs {
     /// client port [env: SWITCHBOARD_METRICS_ADDR]
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Start even if the store is damaged: keep every intact record, log
+    /// what was lost, continue sequence numbers above all given out
+    /// before. Without it a damaged store refuses to start
+    /// [env: SWITCHBOARD_STORE__RECOVER]
+    #[arg(long)]
+    store_recover: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -192,6 +198,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(addr) = args.metrics_addr {
         config.metrics_addr = addr;
+    }
+    if args.store_recover {
+        config.store.recover = true;
     }
     config.validate()?;
     if config.node_id.is_empty() {
