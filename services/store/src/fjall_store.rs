@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp};
 use crate::hot::{self, HotLog, HotOptions, SharedIndex, Taken};
+use crate::queue::{FjallQueues, Queue};
 use crate::{
     FollowUp, InboxKey, InboxMessage, InboxPage, Prepared, Removal, Store, StoreError,
     decode_stored, follow_up_of,
@@ -105,6 +106,8 @@ impl Default for FjallStoreOptions {
 
 pub struct FjallStore {
     inbox: Keyspace,
+    /// The durable queues, in the same database.
+    queues: FjallQueues,
     hot: SharedIndex,
     writer: GroupCommit,
     /// Sequence counters held in memory by the writer (after each batch).
@@ -181,6 +184,11 @@ impl FjallStore {
         self.counters.load(Ordering::Relaxed)
     }
 
+    /// The durable queues kept in this store's database.
+    pub fn queues(&self) -> Arc<dyn Queue> {
+        Arc::new(self.queues.clone())
+    }
+
     pub fn open(data_dir: &Path, options: FjallStoreOptions) -> Result<Self, StoreError> {
         let path = data_dir.join("inbox.lsm");
         std::fs::create_dir_all(&path).map_err(backend)?;
@@ -237,6 +245,7 @@ impl FjallStore {
                 "store recovery: messages may be lost; every inbox's sequence numbers continue above {floor}"
             );
         }
+        let queues = FjallQueues::open(&db)?;
         let mut writer = Writer {
             db,
             inbox: inbox.clone(),
@@ -265,6 +274,7 @@ impl FjallStore {
         )?;
         Ok(FjallStore {
             inbox,
+            queues,
             hot,
             writer,
             counters,
@@ -704,6 +714,8 @@ mod tests {
         let store = open(dir.path());
         (store, dir)
     });
+
+    crate::queue_contract_tests!(|dir: &Path| open(dir).queues());
 
     #[tokio::test]
     async fn messages_and_counters_survive_reopening() {

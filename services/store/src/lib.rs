@@ -14,11 +14,13 @@ mod group_commit;
 mod hot;
 mod manifest;
 pub mod queue;
+pub mod queue_contract;
 mod redb_store;
 
 use async_trait::async_trait;
 pub use fjall_store::{FjallStore, FjallStoreOptions};
 use prost::Message;
+pub use queue::{FjallQueues, Queue, QueueDepth, QueueItem};
 pub use redb_store::{RedbStore, RedbStoreOptions};
 pub use switchboard_proto::mesh::InboxMessage;
 
