@@ -346,3 +346,74 @@ async fn a_damaged_manifest_refuses_the_start() {
     next_seqs_are_new(&store, &mut sent).await;
     store.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn a_deleted_manifest_refuses_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sent = write_messages(dir.path()).await;
+    let path = log_dir(dir.path()).join(manifest::FILE);
+    std::fs::remove_file(&path).expect("delete");
+    let (file, offset, _) = refused(dir.path());
+    assert_eq!((file, offset), (path, 0));
+    let (store, _) = recover(dir.path());
+    assert_eq!(missing(&sent, &fetched(&store).await), 0, "read as found");
+    next_seqs_are_new(&store, &mut sent).await;
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_log_from_before_the_manifest_is_read_as_it_was() {
+    // Frames without seals and no manifest: a data dir written before
+    // this version. Its messages are read, and a manifest begins.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = log_dir(dir.path());
+    std::fs::create_dir_all(&log).expect("log dir");
+    let mut bytes = Vec::new();
+    let prefix = {
+        let mut p = Vec::new();
+        for part in ["a", "a-1"] {
+            p.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            p.extend_from_slice(part.as_bytes());
+        }
+        p
+    };
+    for seq in 1..=3u64 {
+        let value =
+            crate::Prepared::new(&crate::contract::message("a-1", &format!("old{seq}"))).value;
+        let mut payload = vec![1u8];
+        payload.extend_from_slice(&(prefix.len() as u16).to_le_bytes());
+        payload.extend_from_slice(&prefix);
+        payload.extend_from_slice(&seq.to_le_bytes());
+        payload.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&value);
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64_with_seed(&payload, 1).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+    }
+    bytes.resize(64 * 1024, 0);
+    std::fs::write(log.join(format!("{:016}.log", 1)), bytes).expect("legacy segment");
+    let store = FjallStore::open(dir.path(), options(false)).expect("open");
+    let page = store
+        .fetch(&InboxKey::new("a", "a-1"), 0, 10)
+        .await
+        .expect("fetch");
+    let contents: Vec<&str> = page.messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(contents, ["old1", "old2", "old3"]);
+    store.close().await.expect("close");
+    drop(store);
+    assert!(manifest::read(&log).expect("manifest").is_some());
+    let store = FjallStore::open(dir.path(), options(false)).expect("reopen");
+    assert_eq!(
+        store
+            .count(&InboxKey::new("a", "a-1"))
+            .await
+            .expect("count"),
+        3
+    );
+    let seqs = store
+        .append("a", &[crate::contract::message("a-1", "new")])
+        .await
+        .expect("append");
+    assert_eq!(seqs, vec![4]);
+    store.close().await.expect("close");
+}

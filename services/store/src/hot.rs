@@ -623,6 +623,7 @@ impl HotLog {
         // than it (begun just before a crash). Without a manifest (a new
         // log, or one written before manifests): every file, as found.
         let listed_none = listed.is_none();
+        let mut manifest_missing_reported = false;
         let plan: Vec<(u64, Option<SegmentEntry>)> = match listed {
             None => ids.iter().map(|&id| (id, None)).collect(),
             Some(entries) => {
@@ -694,7 +695,25 @@ impl HotLog {
             } else {
                 bytes.len()
             };
-            let legacy = entry.legacy || listed_none;
+            // Without a manifest, segments are from before it existed
+            // (unsealed frames) — unless they begin with a sealed frame:
+            // then the manifest was lost.
+            let legacy = if listed_none {
+                let sealed = frame_at(&bytes, 0, id, false).is_some();
+                if sealed && !manifest_missing_reported {
+                    manifest_missing_reported = true;
+                    losses.report(
+                        &dir.join(manifest::FILE),
+                        0,
+                        0,
+                        None,
+                        "manifest missing, but the log's segments were written with one",
+                    )?;
+                }
+                !sealed
+            } else {
+                entry.legacy
+            };
             let found = scan(&bytes[..limit], id, legacy, &entry.holes);
             let mut holes = entry.holes.clone();
             for damage in &found.damaged {
