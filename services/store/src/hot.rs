@@ -561,14 +561,22 @@ impl Losses {
             });
         }
         self.any = true;
-        let messages = messages.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
-        tracing::error!(
-            file = %path.display(),
-            offset,
-            bytes,
-            messages,
-            "store recovery: {detail}; skipped, every intact record kept"
-        );
+        match messages {
+            Some(messages) => tracing::error!(
+                file = %path.display(),
+                offset,
+                bytes,
+                messages,
+                "store recovery: {detail}; skipped, every intact record kept"
+            ),
+            None => tracing::error!(
+                file = %path.display(),
+                offset,
+                bytes,
+                messages = "unknown",
+                "store recovery: {detail}; skipped, every intact record kept"
+            ),
+        }
         Ok(())
     }
 }

@@ -98,8 +98,8 @@ pub enum StoreError {
     /// tell it from data: the start is refused, unless the store is opened
     /// to recover (`store.recover`), which keeps every intact record.
     #[error(
-        "store damaged: {file} at byte {offset}: {detail}; starting with --store-recover \
-         (store.recover) keeps every intact record and logs what was lost"
+        "store damaged: {file} at byte {offset}: {detail}; --store-recover keeps every intact \
+         record and logs what was lost (config store.recover)"
     )]
     Damaged {
         file: std::path::PathBuf,
