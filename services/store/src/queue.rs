@@ -10,6 +10,7 @@
 //! at-least-once allows.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -168,11 +169,31 @@ struct Inner {
     /// Times taken, per item key (not synced of its own).
     attempts: Keyspace,
     queues: Mutex<HashMap<String, QueueState>>,
+    /// Enqueues written so far, numbered.
+    written: AtomicU64,
+    /// The number of the last enqueue a sync covered. Held while syncing:
+    /// enqueues that wait for it find their write covered and return
+    /// without a sync of their own (group commit).
+    synced: Mutex<u64>,
 }
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, QueueState>> {
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes enqueue number `mine` durable: by a sync of this caller or of
+    /// one that began after it was written.
+    fn sync(&self, mine: u64) -> Result<(), StoreError> {
+        let mut synced = self.synced.lock().unwrap_or_else(PoisonError::into_inner);
+        if *synced >= mine {
+            return Ok(());
+        }
+        // Every enqueue numbered up to here was written before this load.
+        let covered = self.written.load(Ordering::Acquire);
+        self.db.persist(PersistMode::SyncData).map_err(backend)?;
+        *synced = covered;
+        Ok(())
     }
 }
 
@@ -224,6 +245,8 @@ impl FjallQueues {
                 heads,
                 attempts,
                 queues: Mutex::new(queues),
+                written: AtomicU64::new(0),
+                synced: Mutex::new(0),
             }),
         })
     }
@@ -262,7 +285,7 @@ impl Queue for FjallQueues {
         self.blocking(move |inner| {
             let at = now_ms();
             let prefix = prefix(&queue);
-            let ids = {
+            let (ids, mine) = {
                 // Ids are given and written under the lock, so that a take
                 // never sees a later id before an earlier one.
                 let mut queues = inner.lock();
@@ -281,11 +304,12 @@ impl Queue for FjallQueues {
                 wb.commit().map_err(backend)?;
                 state.next = next;
                 state.depth += payloads.len() as u64;
-                (first..next).collect::<Vec<u64>>()
+                let mine = inner.written.fetch_add(1, Ordering::AcqRel) + 1;
+                ((first..next).collect::<Vec<u64>>(), mine)
             };
-            // Outside the lock: concurrent enqueues share fjall's journal,
-            // and one sync covers every write before it.
-            inner.db.persist(PersistMode::SyncData).map_err(backend)?;
+            // Outside the queues' lock: concurrent enqueues share fjall's
+            // journal, and one sync covers every write before it.
+            inner.sync(mine)?;
             Ok(ids)
         })
         .await

@@ -137,6 +137,28 @@ pub async fn bounds_are_enforced(q: &dyn Queue) {
     assert!(q.take("many", 0, LONG).await.expect("take").is_empty());
 }
 
+pub async fn concurrent_enqueues_all_land_whole_and_in_order(q: &dyn Queue) {
+    // 50 callers at once (they share syncs): each batch stays contiguous
+    // and in order, and the queue's order is the order of the ids.
+    let calls: Vec<_> = (0..50u64)
+        .map(|b| q.enqueue("fan-in", payloads(b * 4..b * 4 + 4)))
+        .collect();
+    let results = futures_util::future::join_all(calls).await;
+    for ids in results {
+        let ids = ids.expect("enqueue");
+        assert!(ids.windows(2).all(|w| w[0] + 1 == w[1]), "{ids:?}");
+    }
+    let items = q.take("fan-in", MAX_TAKE, LONG).await.expect("take");
+    assert_eq!(items.len(), 200);
+    assert!(items.windows(2).all(|w| w[0].id < w[1].id));
+    for batch in items.chunks(4) {
+        let first = number(&batch[0].payload);
+        assert_eq!(first % 4, 0);
+        let numbers: Vec<u64> = batch.iter().map(|i| number(&i.payload)).collect();
+        assert_eq!(numbers, (first..first + 4).collect::<Vec<_>>());
+    }
+}
+
 pub async fn items_and_ids_survive_reopening(open: OpenQueues, dir: &Path) {
     {
         let q = open(dir);
@@ -276,7 +298,8 @@ macro_rules! queue_contract_tests {
             taken_items_come_back_after_the_lease_in_order,
             ack_removes_once,
             depth_and_list_count_every_queue,
-            bounds_are_enforced
+            bounds_are_enforced,
+            concurrent_enqueues_all_land_whole_and_in_order
         );
     };
     (@each $open:expr; $($name:ident),*) => {
