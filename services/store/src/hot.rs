@@ -618,10 +618,12 @@ impl HotLog {
             recover,
             any: false,
         };
+        let mut manifest_missing_reported = false;
         let listed = match manifest::read(dir) {
             Ok(listed) => listed,
             Err(e @ StoreError::Damaged { .. }) if recover => {
                 losses.any = true;
+                manifest_missing_reported = true;
                 tracing::error!(error = %e, "store recovery: the manifest is damaged; every segment file is read as found");
                 None
             }
@@ -631,7 +633,6 @@ impl HotLog {
         // than it (begun just before a crash). Without a manifest (a new
         // log, or one written before manifests): every file, as found.
         let listed_none = listed.is_none();
-        let mut manifest_missing_reported = false;
         let plan: Vec<(u64, Option<SegmentEntry>)> = match listed {
             None => ids.iter().map(|&id| (id, None)).collect(),
             Some(entries) => {
