@@ -104,6 +104,16 @@ async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
     assert_eq!(frames[0]["data"]["content"], "before stop");
 }
 
+/// A child process killed (SIGKILL) when dropped, also when a test fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `text` without ANSI colour sequences (the log is coloured).
 fn without_colours(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -130,14 +140,8 @@ fn without_colours(text: &str) -> String {
 async fn start_or_exit(
     data_dir: &std::path::Path,
     extra: &[&str],
-) -> Result<
-    (
-        std::process::Child,
-        std::net::SocketAddr,
-        std::path::PathBuf,
-    ),
-    (std::process::ExitStatus, String),
-> {
+) -> Result<(Killed, std::net::SocketAddr, std::path::PathBuf), (std::process::ExitStatus, String)>
+{
     let client = format!("127.0.0.1:{}", support::free_port());
     let mesh = format!("127.0.0.1:{}", support::free_port());
     let log = data_dir.with_extension(format!("{}.stderr", support::free_port()));
@@ -166,7 +170,7 @@ async fn start_or_exit(
             return Err((status, std::fs::read_to_string(&log).unwrap_or_default()));
         }
         if let Some((200, _, _)) = support::http_get_text(addr, "/healthz").await {
-            return Ok((child, addr, log));
+            return Ok((Killed(child), addr, log));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -226,9 +230,7 @@ async fn a_damaged_store_refuses_to_start_and_store_recover_keeps_every_intact_m
 
     let (status, stderr) = match start_or_exit(&data, &[]).await {
         Err(exited) => exited,
-        Ok((mut child, _, _)) => {
-            let _ = child.kill();
-            let _ = child.wait();
+        Ok(_running) => {
             panic!("a damaged store was opened ({live:?}, byte {flip} of {end})");
         }
     };
@@ -241,7 +243,7 @@ async fn a_damaged_store_refuses_to_start_and_store_recover_keeps_every_intact_m
         "{stderr}"
     );
 
-    let Ok((mut child, addr, log)) = start_or_exit(&data, &["--store-recover"]).await else {
+    let Ok((_node, addr, log)) = start_or_exit(&data, &["--store-recover"]).await else {
         panic!("--store-recover did not start");
     };
     let url = format!("ws://{addr}/ws");
@@ -285,6 +287,4 @@ async fn a_damaged_store_refuses_to_start_and_store_recover_keeps_every_intact_m
     assert_eq!(pushed["data"]["content"], "after the recovery");
     let seq = pushed["data"]["seq"].as_u64().expect("seq");
     assert!(seq > N as u64 && seq > highest, "seq {seq} reused");
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -27,6 +27,8 @@ pub const MAX_ENQUEUE: usize = 1_000;
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// Longest queue name, bytes.
 pub const MAX_NAME_BYTES: usize = 255;
+/// Longest lease (a longer one is cut to it).
+pub const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
 
 /// An item taken from a queue.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,8 +60,8 @@ pub trait Queue: Send + Sync + 'static {
     async fn enqueue(&self, queue: &str, payloads: Vec<Vec<u8>>) -> Result<Vec<u64>, StoreError>;
 
     /// Up to `max` (at most [`MAX_TAKE`]) of the oldest items not leased to
-    /// a taker, leased for `lease`: until acked or until the lease runs
-    /// out, no other take returns them.
+    /// a taker, leased for `lease` (at most [`MAX_LEASE`]): until acked or
+    /// until the lease runs out, no other take returns them.
     async fn take(
         &self,
         queue: &str,
@@ -367,7 +369,7 @@ impl Queue for FjallQueues {
                 }
             }
             wb.commit().map_err(backend)?;
-            let until = now + lease;
+            let until = now + lease.min(MAX_LEASE);
             for item in &taken {
                 state.leased.insert(item.id, until);
             }

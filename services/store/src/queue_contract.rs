@@ -135,6 +135,11 @@ pub async fn bounds_are_enforced(q: &dyn Queue) {
     let items = q.take("many", 10_000, LONG).await.expect("take");
     assert_eq!(items.len(), MAX_TAKE);
     assert!(q.take("many", 0, LONG).await.expect("take").is_empty());
+    // A lease past any clock's range is cut, not a panic.
+    q.enqueue("forever", payloads(0..1)).await.expect("enqueue");
+    let held = q.take("forever", 1, Duration::MAX).await.expect("take");
+    assert_eq!(held.len(), 1);
+    assert!(q.take("forever", 1, LONG).await.expect("take").is_empty());
 }
 
 pub async fn concurrent_enqueues_all_land_whole_and_in_order(q: &dyn Queue) {
