@@ -32,6 +32,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use crate::StoreError;
 use crate::manifest::{self, SegmentEntry};
 
+/// Record tags. They stay within 1..=32: the search for the next frame
+/// past damage (`frame_at`) checks a payload's first byte against that
+/// before its checksum.
 const APPEND: u8 = 1;
 const REMOVE: u8 = 2;
 const HEADER: usize = 12;
@@ -422,7 +425,8 @@ fn seal(len: u32, id: u64) -> u64 {
 fn sealed_at(bytes: &[u8], at: usize, id: u64, legacy: bool) -> Option<(&[u8], usize)> {
     let header = bytes.get(at..at.checked_add(HEADER)?)?;
     let len32 = u32::from_le_bytes(header[..4].try_into().ok()?);
-    let len = usize::try_from(len32).ok()?;
+    // No batch is empty: zeros (a preallocated file's) are never a frame.
+    let len = usize::try_from(len32).ok().filter(|&len| len > 0)?;
     let start = at + HEADER;
     let payload = bytes.get(start..start.checked_add(len)?)?;
     if legacy {
