@@ -417,3 +417,41 @@ async fn a_log_from_before_the_manifest_is_read_as_it_was() {
     assert_eq!(seqs, vec![4]);
     store.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn restarts_without_damage_log_no_warning() {
+    // Retired segments are reused: a restart whose live segment is a
+    // reused file with nothing written yet finds no torn tail in what the
+    // file held before.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = || FjallStoreOptions {
+        segment_bytes: 4096,
+        ..options(false)
+    };
+    let store = FjallStore::open(dir.path(), small()).expect("open");
+    let inbox = InboxKey::new("a", "a-1");
+    let body = "r".repeat(300);
+    for _ in 0..60 {
+        let seqs = store
+            .append("a", &[crate::contract::message("a-1", &body)])
+            .await
+            .expect("append");
+        store.remove(&inbox, &seqs, None).await.expect("remove");
+    }
+    store.close().await.expect("close");
+    drop(store);
+    let spares = std::fs::read_dir(log_dir(dir.path()))
+        .expect("log dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "spare"))
+        })
+        .count();
+    assert!(spares > 0, "retired files are kept for reuse");
+    for _ in 0..3 {
+        let (store, log) = logged(|| FjallStore::open(dir.path(), small()));
+        let store = store.expect("open");
+        assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+        store.close().await.expect("close");
+    }
+}

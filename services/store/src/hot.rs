@@ -1208,7 +1208,12 @@ fn open_segment(dir: &Path, id: u64, bytes: u64) -> Result<(File, u64), StoreErr
     let file = match spares(dir)?.pop() {
         Some(spare) => {
             std::fs::rename(spare, &path).map_err(io)?;
-            OpenOptions::new().write(true).open(&path).map_err(io)?
+            let file = OpenOptions::new().write(true).open(&path).map_err(io)?;
+            // Zeros where its first frame goes (as after every frame): a
+            // restart before that frame finds an empty segment, not what
+            // the file held in its earlier life taken for a torn batch.
+            std::os::unix::fs::FileExt::write_all_at(&file, &[0; HEADER], 0).map_err(io)?;
+            file
         }
         None => {
             let mut file = OpenOptions::new()
