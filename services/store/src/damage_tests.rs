@@ -455,3 +455,28 @@ async fn restarts_without_damage_log_no_warning() {
         store.close().await.expect("close");
     }
 }
+
+#[tokio::test]
+async fn damage_is_accepted_only_once_the_floor_is_recorded() {
+    // A recovering start that stops (crashes) after its replay but before
+    // the sequence floor is synced has not accepted the damage: the next
+    // start finds it again.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_messages(dir.path()).await;
+    let (live, end) = newest_with_frames(dir.path());
+    let mut bytes = std::fs::read(&live).expect("read");
+    bytes[end / 2] ^= 0x08;
+    std::fs::write(&live, bytes).expect("damage");
+    let options = crate::hot::HotOptions {
+        budget: 1 << 30,
+        spill_after: std::time::Duration::from_secs(5),
+        segment_bytes: 128 * 1024,
+        max_segments: 64,
+    };
+    let replayed = crate::hot::HotLog::open(&log_dir(dir.path()), options, true, |_, _| Ok(false))
+        .expect("a recovering replay");
+    assert!(replayed.lost);
+    drop(replayed);
+    let (file, _, _) = refused(dir.path());
+    assert_eq!(file, live);
+}

@@ -245,6 +245,7 @@ impl FjallStore {
                 "store recovery: messages may be lost; every inbox's sequence numbers continue above {floor}"
             );
         }
+        recovered.log.begin()?;
         let queues = FjallQueues::open(&db)?;
         let mut writer = Writer {
             db,

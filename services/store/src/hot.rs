@@ -862,15 +862,20 @@ impl HotLog {
             preparing: Arc::default(),
             newest_append,
         };
-        // From here the manifest names exactly what was replayed (sealed at
-        // the lengths read, with any recovered damage as holes) and the new
-        // segment.
-        log.write_manifest(None)?;
         Ok(Recovered {
             log,
             last_seqs,
             lost: losses.any,
         })
+    }
+
+    /// Ends the start-up: from here the manifest names exactly what was
+    /// replayed (sealed at the lengths read, with any damage accepted by a
+    /// recovering start as holes) and the new segment. Called once the
+    /// loss, if any, is recorded where numbers are given out: a crash in
+    /// between must find the damage again.
+    pub(crate) fn begin(&self) -> Result<(), StoreError> {
+        self.write_manifest(None)
     }
 
     /// Rewrites the manifest from the segment list (without `retiring`).
