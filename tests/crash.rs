@@ -103,3 +103,188 @@ async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
     assert_eq!(frames.len(), 1);
     assert_eq!(frames[0]["data"]["content"], "before stop");
 }
+
+/// A child process killed (SIGKILL) when dropped, also when a test fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `text` without ANSI colour sequences (the log is coloured).
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ … letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Starts the binary on `data_dir` with extra arguments, stderr to a file;
+/// returns the child and its client address once it serves (its port is
+/// bound before the store opens: /healthz answers after), or its exit
+/// status and stderr if it exits first.
+async fn start_or_exit(
+    data_dir: &std::path::Path,
+    extra: &[&str],
+) -> Result<(Killed, std::net::SocketAddr, std::path::PathBuf), (std::process::ExitStatus, String)>
+{
+    let client = format!("127.0.0.1:{}", support::free_port());
+    let mesh = format!("127.0.0.1:{}", support::free_port());
+    let log = data_dir.with_extension(format!("{}.stderr", support::free_port()));
+    let stderr = std::fs::File::create(&log).expect("stderr file");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "run",
+            "--client-addr",
+            &client,
+            "--mesh-addr",
+            &mesh,
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .env("SWITCHBOARD_LOG", "warn")
+        .env("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "100000")
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn switchboard");
+    let addr: std::net::SocketAddr = client.parse().expect("addr");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err((status, std::fs::read_to_string(&log).unwrap_or_default()));
+        }
+        if let Some((200, _, _)) = support::http_get_text(addr, "/healthz").await {
+            return Ok((Killed(child), addr, log));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("switchboard neither listened nor exited");
+}
+
+#[tokio::test]
+async fn a_damaged_store_refuses_to_start_and_store_recover_keeps_every_intact_message() {
+    // The case of issue 14: 2,000 accepted messages, kill -9, one flipped
+    // byte in the middle of the live log.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let env = [("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "100000")];
+    let mut node = ProcessNode::start_with_env(&data, &env).await;
+    const N: usize = 2000;
+    let body = "p".repeat(200);
+    let mut pipe = Client::login_with(&node.url(), "demo-ann", true).await;
+    for i in 0..N {
+        pipe.message(
+            "demo-bob",
+            &format!("{i:05}{body}"),
+            "RELIABLE",
+            &format!("d{i}"),
+        )
+        .await;
+    }
+    let mut accepted = HashSet::new();
+    while accepted.len() < N {
+        let f = pipe.recv_type("MESSAGE_ACCEPTED").await;
+        accepted.insert(f["data"]["id"].as_str().expect("id").to_owned());
+    }
+    node.kill9();
+
+    // The live segment: the newest log file with frames; they end where
+    // its preallocated zeros begin.
+    let log_dir = data.join("inbox.log");
+    let mut segments: Vec<_> = std::fs::read_dir(&log_dir)
+        .expect("log dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    segments.sort();
+    let (live, mut bytes) = segments
+        .iter()
+        .rev()
+        .find_map(|p| {
+            let bytes = std::fs::read(p).ok()?;
+            bytes.iter().any(|&b| b != 0).then(|| (p.clone(), bytes))
+        })
+        .expect("a segment with frames");
+    let end = bytes.iter().rposition(|&b| b != 0).expect("frames") + 1;
+    let flip = end / 2;
+    bytes[flip] ^= 0x20;
+    std::fs::write(&live, &bytes).expect("flip a byte");
+
+    let (status, stderr) = match start_or_exit(&data, &[]).await {
+        Err(exited) => exited,
+        Ok(_running) => {
+            panic!("a damaged store was opened ({live:?}, byte {flip} of {end})");
+        }
+    };
+    assert!(!status.success(), "exit status {status}");
+    assert!(stderr.contains(&live.display().to_string()), "{stderr}");
+    assert!(stderr.contains("at byte"), "{stderr}");
+    assert!(stderr.contains("--store-recover"), "{stderr}");
+    assert!(
+        stderr.contains("--store-recover keeps every intact record"),
+        "{stderr}"
+    );
+
+    let Ok((_node, addr, log)) = start_or_exit(&data, &["--store-recover"]).await else {
+        panic!("--store-recover did not start");
+    };
+    let url = format!("ws://{addr}/ws");
+    let mut bob = Client::login(&url, "demo-bob").await;
+    let (frames, lefts) = bob.fetch_all(500).await;
+    assert_eq!(lefts.last(), Some(&0));
+    let mut highest = 0;
+    let mut fetched = HashSet::new();
+    for f in &frames {
+        let id = f["data"]["id"].as_str().expect("id").to_owned();
+        assert!(accepted.contains(&id), "an unknown message {f}");
+        let content = f["data"]["content"].as_str().expect("content");
+        assert!(content.ends_with(&body), "content intact: {content}");
+        highest = highest.max(f["data"]["seq"].as_u64().expect("seq"));
+        fetched.insert(id);
+    }
+    let lost = N - fetched.len();
+    assert!(lost > 0 && lost < N / 4, "{lost} of {N} lost");
+    let stderr = without_colours(&std::fs::read_to_string(&log).expect("stderr"));
+    assert!(
+        stderr.contains("ERROR") && stderr.contains(&live.display().to_string()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("offset="), "{stderr}");
+    // When the damaged frame's records still parse (the flip hit a message,
+    // not the frame's structure), the log counts exactly what was lost.
+    let at = stderr.find("messages=").expect("the loss is counted") + 9;
+    if !stderr[at..].starts_with("\"unknown\"") {
+        let n: String = stderr[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        assert_eq!(n.parse::<usize>().ok(), Some(lost), "{stderr}");
+    }
+    // Bob's inbox held 1..=N: the next message is numbered above them all.
+    pipe.close().await;
+    let mut ann = Client::login_with(&url, "demo-ann", true).await;
+    ann.send_accepted("demo-bob", "after the recovery", "r-after")
+        .await;
+    let pushed = bob.recv_type("MESSAGE").await;
+    assert_eq!(pushed["data"]["content"], "after the recovery");
+    let seq = pushed["data"]["seq"].as_u64().expect("seq");
+    assert!(seq > N as u64 && seq > highest, "seq {seq} reused");
+}

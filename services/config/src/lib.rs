@@ -347,6 +347,12 @@ pub struct StoreConfig {
     /// fjall only: undelivered messages kept in memory (and in the inbox
     /// log) before the oldest are moved into the LSM tree, MiB.
     pub hot_mib: usize,
+    /// fjall only: start even when the inbox log is damaged, keeping every
+    /// intact record and logging (error level) what was lost; sequence
+    /// numbers continue above all given out before. Without it a damaged
+    /// log refuses the start with the file and byte offset. For one start
+    /// after damage, not as a standing setting (`run --store-recover`).
+    pub recover: bool,
 }
 
 impl Default for StoreConfig {
@@ -357,6 +363,7 @@ impl Default for StoreConfig {
             sync_interval_us: 1000,
             cache_mib: 64,
             hot_mib: 64,
+            recover: false,
         }
     }
 }
@@ -785,6 +792,10 @@ mod tests {
 
     #[test]
     fn a_hot_tier_without_memory_is_refused() {
+        let c = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__RECOVER", "true")]))
+            .expect("recover from the env");
+        assert!(c.store.recover);
+        assert!(!Config::default().store.recover, "off unless asked for");
         let err = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__HOT_MIB", "0")]))
             .expect_err("0 is refused");
         assert!(err.to_string().contains("store.hot_mib"), "{err}");

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp};
 use crate::hot::{self, HotLog, HotOptions, SharedIndex, Taken};
+use crate::queue::{FjallQueues, Queue};
 use crate::{
     FollowUp, InboxKey, InboxMessage, InboxPage, Prepared, Removal, Store, StoreError,
     decode_stored, follow_up_of,
@@ -79,6 +80,11 @@ pub struct FjallStoreOptions {
     /// dropped (down to half), and read back on their next append. ~100
     /// bytes each.
     pub counters_kept: usize,
+    /// Start even when the inbox log is damaged: keep every intact record,
+    /// log what was lost, and continue every inbox's numbers above all
+    /// given out before. Without it a damaged log refuses the start
+    /// ([`StoreError::Damaged`]).
+    pub recover: bool,
 }
 
 impl Default for FjallStoreOptions {
@@ -93,12 +99,15 @@ impl Default for FjallStoreOptions {
             spill_after: std::time::Duration::from_secs(5),
             sync_interval: std::time::Duration::from_micros(1000),
             counters_kept: 65_536,
+            recover: false,
         }
     }
 }
 
 pub struct FjallStore {
     inbox: Keyspace,
+    /// The durable queues, in the same database.
+    queues: FjallQueues,
     hot: SharedIndex,
     writer: GroupCommit,
     /// Sequence counters held in memory by the writer (after each batch).
@@ -109,6 +118,14 @@ struct Writer {
     db: Database,
     inbox: Keyspace,
     last_seq: Keyspace,
+    /// The sequence high-water mark (`SEQ_MARK`) and floor (`SEQ_FLOOR`).
+    meta: Keyspace,
+    /// No sequence number above it was given out: raised (durably, by
+    /// `SEQ_BLOCK`) before one would be.
+    mark: u64,
+    /// Every inbox's next number is above it: the mark at the last start
+    /// that lost messages.
+    floor: u64,
     /// Last assigned sequence number per inbox prefix (loaded on first use,
     /// or from the log at start). Never rolled back: a failed batch leaves a
     /// gap, which is harmless, where reloading could reuse a number. Past
@@ -141,11 +158,35 @@ impl LogMetrics {
     }
 }
 
+/// Keys of the store's own records in the `store_meta` keyspace.
+const SEQ_MARK: &[u8] = b"seq_mark";
+const SEQ_FLOOR: &[u8] = b"seq_floor";
+/// Sequence numbers reserved at a time: one synced write per block.
+const SEQ_BLOCK: u64 = 1 << 16;
+
+fn read_u64(keyspace: &Keyspace, key: &[u8]) -> Result<u64, StoreError> {
+    match keyspace.get(key).map_err(backend)? {
+        Some(bytes) => {
+            let arr: [u8; 8] = bytes
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Backend("corrupt store record".into()))?;
+            Ok(u64::from_be_bytes(arr))
+        }
+        None => Ok(0),
+    }
+}
+
 impl FjallStore {
     /// Inbox sequence counters the writer holds in memory, as of its last
     /// batch (also the `switchboard_store_counters_cached` gauge).
     pub fn counters_cached(&self) -> usize {
         self.counters.load(Ordering::Relaxed)
+    }
+
+    /// The durable queues kept in this store's database.
+    pub fn queues(&self) -> Arc<dyn Queue> {
+        Arc::new(self.queues.clone())
     }
 
     pub fn open(data_dir: &Path, options: FjallStoreOptions) -> Result<Self, StoreError> {
@@ -164,6 +205,9 @@ impl FjallStore {
         let last_seq = db
             .keyspace("inbox_last_seq", KeyspaceCreateOptions::default)
             .map_err(backend)?;
+        let meta = db
+            .keyspace("store_meta", KeyspaceCreateOptions::default)
+            .map_err(backend)?;
         let segment_bytes = options.segment_bytes.max(4096);
         // Twice the budget's worth of segments, and at least 64 (512 MiB):
         // room for messages in flight under overload (~40 segments at
@@ -177,13 +221,39 @@ impl FjallStore {
             max_segments: usize::try_from(segments).unwrap_or(usize::MAX).max(64),
         };
         let tree = inbox.clone();
-        let recovered = HotLog::open(&data_dir.join("inbox.log"), hot_options, |prefix, seq| {
-            tree.contains_key(message_key(prefix, seq)).map_err(backend)
-        })?;
+        let recovered = HotLog::open(
+            &data_dir.join("inbox.log"),
+            hot_options,
+            options.recover,
+            |prefix, seq| tree.contains_key(message_key(prefix, seq)).map_err(backend),
+        )?;
+        let mark = read_u64(&meta, SEQ_MARK)?;
+        let mut floor = read_u64(&meta, SEQ_FLOOR)?;
+        if recovered.lost {
+            // Every number given out is at most the mark. A store written
+            // before the mark existed has none: the log's highest number
+            // and a block above it is the best bound there is.
+            let log_max = recovered.last_seqs.values().copied().max().unwrap_or(0);
+            let above = if mark > 0 { mark } else { log_max + SEQ_BLOCK };
+            floor = floor.max(above);
+            let mut wb = db.batch();
+            wb.insert(&meta, SEQ_FLOOR, floor.to_be_bytes().to_vec());
+            wb.commit().map_err(backend)?;
+            db.persist(PersistMode::SyncAll).map_err(backend)?;
+            tracing::error!(
+                floor,
+                "store recovery: messages may be lost; every inbox's sequence numbers continue above {floor}"
+            );
+        }
+        recovered.log.begin()?;
+        let queues = FjallQueues::open(&db)?;
         let mut writer = Writer {
             db,
             inbox: inbox.clone(),
             last_seq,
+            meta,
+            mark,
+            floor,
             seq_cache: HashMap::new(),
             counters: Arc::default(),
             counters_kept: options.counters_kept,
@@ -205,6 +275,7 @@ impl FjallStore {
         )?;
         Ok(FjallStore {
             inbox,
+            queues,
             hot,
             writer,
             counters,
@@ -251,13 +322,31 @@ impl Writer {
 
     fn next_seq(&mut self, prefix: &[u8]) -> Result<u64, StoreError> {
         // The usual case: a known inbox, counted up in place.
-        if let Some(last) = self.seq_cache.get_mut(prefix) {
-            *last += 1;
-            return Ok(*last);
+        let seq = if let Some(last) = self.seq_cache.get_mut(prefix) {
+            *last = (*last).max(self.floor) + 1;
+            *last
+        } else {
+            let seq = self.stored_last_seq(prefix)?.max(self.floor) + 1;
+            self.seq_cache.insert(prefix.to_vec(), seq);
+            seq
+        };
+        if seq > self.mark {
+            self.reserve(seq)?;
         }
-        let seq = self.stored_last_seq(prefix)? + 1;
-        self.seq_cache.insert(prefix.to_vec(), seq);
         Ok(seq)
+    }
+
+    /// Raises the high-water mark past `seq`, synced before `seq` is given
+    /// out: whatever a damaged log loses later, no number above the floor
+    /// set from the mark was ever used.
+    fn reserve(&mut self, seq: u64) -> Result<(), StoreError> {
+        let mark = seq.saturating_add(SEQ_BLOCK);
+        let mut wb = self.db.batch();
+        wb.insert(&self.meta, SEQ_MARK, mark.to_be_bytes().to_vec());
+        wb.commit().map_err(backend)?;
+        self.db.persist(PersistMode::SyncData).map_err(backend)?;
+        self.mark = mark;
+        Ok(())
     }
 
     fn append_one(
@@ -627,6 +716,8 @@ mod tests {
         (store, dir)
     });
 
+    crate::queue_contract_tests!(|dir: &Path| open(dir).queues());
+
     #[tokio::test]
     async fn messages_and_counters_survive_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -840,6 +931,7 @@ mod tests {
         let mut files: Vec<_> = std::fs::read_dir(dir.join("inbox.log"))
             .expect("log dir")
             .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
             .collect();
         files.sort();
         files

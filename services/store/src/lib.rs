@@ -7,14 +7,20 @@
 //! later) implements [`Store`] and passes the same [`contract`] suite.
 
 pub mod contract;
+#[cfg(test)]
+mod damage_tests;
 mod fjall_store;
 mod group_commit;
 mod hot;
+mod manifest;
+pub mod queue;
+pub mod queue_contract;
 mod redb_store;
 
 use async_trait::async_trait;
 pub use fjall_store::{FjallStore, FjallStoreOptions};
 use prost::Message;
+pub use queue::{FjallQueues, Queue, QueueDepth, QueueItem};
 pub use redb_store::{RedbStore, RedbStoreOptions};
 pub use switchboard_proto::mesh::InboxMessage;
 
@@ -88,6 +94,22 @@ pub enum StoreError {
     Malformed(&'static str),
     #[error("store is closed")]
     Closed,
+    /// A file of the store is damaged (or missing) where start-up cannot
+    /// tell it from data: the start is refused, unless the store is opened
+    /// to recover (`store.recover`), which keeps every intact record.
+    #[error(
+        "store damaged: {file} at byte {offset}: {detail}; --store-recover keeps every intact \
+         record and logs what was lost (config store.recover)"
+    )]
+    Damaged {
+        file: std::path::PathBuf,
+        offset: u64,
+        detail: String,
+    },
+    /// A request the store refuses (an empty or too long queue name, a
+    /// payload or batch past its bound).
+    #[error("invalid store request: {0}")]
+    Invalid(String),
 }
 
 /// Persistence of inboxes.

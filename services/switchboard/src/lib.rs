@@ -22,7 +22,7 @@ use switchboard_mesh::{
 use switchboard_metadata::{EtcdMetadata, Kind as MetadataKind, StaticMetadata};
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::RouterRole;
-use switchboard_store::{FjallStore, FjallStoreOptions, RedbStore, RedbStoreOptions, Store};
+use switchboard_store::{FjallStore, FjallStoreOptions, Queue, RedbStore, RedbStoreOptions, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -130,13 +130,24 @@ pub async fn serve(
         })
     };
 
-    let store =
-        match config.runs(Role::Delivery) {
-            true => Some(open_store(&config).with_context(|| {
+    let (store, queues) = match config.runs(Role::Delivery) {
+        true => {
+            let opened = open_store(&config).with_context(|| {
                 format!("cannot open the store in {}", config.data_dir.display())
-            })?),
-            false => None,
-        };
+            })?;
+            (Some(opened.inbox), opened.queues)
+        }
+        false => (None, None),
+    };
+    // The durable queues, for the roles that send later (federation links,
+    // webhooks); none yet. A backlog left from before is worth a line.
+    if let Some(queues) = &queues {
+        for queue in queues.list().await.context("reading the durable queues")? {
+            if queue.depth > 0 {
+                tracing::info!(queue = %queue.name, depth = queue.depth, "durable queue holds items");
+            }
+        }
+    }
     let node_presence = NodePresence::open(&config, &node_id).await?;
     let presence = node_presence.presence.clone();
 
@@ -543,28 +554,45 @@ impl NodePresence {
     }
 }
 
-fn open_store(config: &Config) -> Result<Arc<dyn Store>, switchboard_store::StoreError> {
+/// What a delivery process opens in its data dir.
+struct OpenedStore {
+    inbox: Arc<dyn Store>,
+    /// The durable queues (fjall only: the redb engine has none).
+    queues: Option<Arc<dyn Queue>>,
+}
+
+fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreError> {
     let cache_bytes = config.store.cache_mib.saturating_mul(1024 * 1024);
     Ok(match config.store.engine {
-        StoreEngine::Fjall => Arc::new(FjallStore::open(
-            &config.data_dir,
-            FjallStoreOptions {
-                max_batch: config.store.max_batch,
-                sync_interval: Duration::from_micros(config.store.sync_interval_us),
-                cache_bytes: u64::try_from(cache_bytes).unwrap_or(u64::MAX),
-                hot_bytes: config.store.hot_mib.saturating_mul(1024 * 1024),
-                ..FjallStoreOptions::default()
-            },
-        )?),
-        StoreEngine::Redb => Arc::new(RedbStore::open(
-            &config.data_dir,
-            RedbStoreOptions {
-                max_batch: config.store.max_batch,
-                sync_interval: Duration::from_micros(config.store.sync_interval_us),
-                cache_bytes,
-                ..RedbStoreOptions::default()
-            },
-        )?),
+        StoreEngine::Fjall => {
+            let store = FjallStore::open(
+                &config.data_dir,
+                FjallStoreOptions {
+                    max_batch: config.store.max_batch,
+                    sync_interval: Duration::from_micros(config.store.sync_interval_us),
+                    cache_bytes: u64::try_from(cache_bytes).unwrap_or(u64::MAX),
+                    hot_bytes: config.store.hot_mib.saturating_mul(1024 * 1024),
+                    recover: config.store.recover,
+                    ..FjallStoreOptions::default()
+                },
+            )?;
+            OpenedStore {
+                queues: Some(store.queues()),
+                inbox: Arc::new(store),
+            }
+        }
+        StoreEngine::Redb => OpenedStore {
+            queues: None,
+            inbox: Arc::new(RedbStore::open(
+                &config.data_dir,
+                RedbStoreOptions {
+                    max_batch: config.store.max_batch,
+                    sync_interval: Duration::from_micros(config.store.sync_interval_us),
+                    cache_bytes,
+                    ..RedbStoreOptions::default()
+                },
+            )?),
+        },
     })
 }
 

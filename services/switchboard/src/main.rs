@@ -103,6 +103,12 @@ struct RunArgs {
     /// (default local) [env: SWITCHBOARD_DOMAIN]
     #[arg(long)]
     domain: Option<String>,
+    /// Start even if the store is damaged: keep every intact record, log
+    /// what was lost, continue sequence numbers above all given out
+    /// before. Without it a damaged store refuses to start
+    /// [env: SWITCHBOARD_STORE__RECOVER]
+    #[arg(long)]
+    store_recover: bool,
 }
 
 #[derive(clap::Args)]
@@ -239,6 +245,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(domain) = args.domain {
         config.domain = domain;
+    }
+    if args.store_recover {
+        config.store.recover = true;
     }
     config.validate()?;
     if config.node_id.is_empty() {
