@@ -12,11 +12,6 @@ async fn accepted_messages_survive_kill_9_fjall() {
     accepted_messages_survive_kill_9("fjall").await;
 }
 
-#[tokio::test]
-async fn accepted_messages_survive_kill_9_redb() {
-    accepted_messages_survive_kill_9("redb").await;
-}
-
 async fn accepted_messages_survive_kill_9(engine: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     // The sends below are pipelined, faster than the default rate limit.

@@ -21,7 +21,7 @@ use switchboard_mesh::{
 };
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::RouterRole;
-use switchboard_store::{FjallStore, FjallStoreOptions, RedbStore, RedbStoreOptions, Store};
+use switchboard_store::{FjallStore, FjallStoreOptions, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -516,16 +516,8 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, switchboard_store::Stor
                 sync_interval: Duration::from_micros(config.store.sync_interval_us),
                 cache_bytes: u64::try_from(cache_bytes).unwrap_or(u64::MAX),
                 hot_bytes: config.store.hot_mib.saturating_mul(1024 * 1024),
+                id_window: config.store.id_window,
                 ..FjallStoreOptions::default()
-            },
-        )?),
-        StoreEngine::Redb => Arc::new(RedbStore::open(
-            &config.data_dir,
-            RedbStoreOptions {
-                max_batch: config.store.max_batch,
-                sync_interval: Duration::from_micros(config.store.sync_interval_us),
-                cache_bytes,
-                ..RedbStoreOptions::default()
             },
         )?),
     })
