@@ -1081,6 +1081,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn client_ids_move_into_the_tree_with_their_segment_and_expire_there() {
+        // The id index entry leaves memory with its log segment: a resend is
+        // still a repeat (read from the tree), also after a restart, until
+        // the window has passed.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let window = std::time::Duration::from_secs(2);
+        let options = || FjallStoreOptions {
+            id_window: window,
+            ..small_hot_tier()
+        };
+        let send = [crate::contract::message("a-bob", "once")];
+        let store = FjallStore::open(dir.path(), options()).expect("open");
+        let accepted = std::time::Instant::now();
+        let first = store.append("a", &send, &[true]).await.expect("append");
+        assert_eq!(first, [Appended::Stored(1)]);
+        // Delivered: nothing but the id entry keeps its segment.
+        let inbox = InboxKey::new("a", "a-bob");
+        store.remove(&inbox, &[1], None).await.expect("remove");
+        let busy = InboxKey::new("a", "a-busy");
+        let body = "b".repeat(300);
+        for _ in 0..60 {
+            let msg = [crate::contract::message("a-busy", &body)];
+            let seqs = crate::contract::stored(&store, "a", &msg).await;
+            store.remove(&busy, &seqs, None).await.expect("remove");
+        }
+        let first_segment = dir.path().join("inbox.log").join(format!("{:016}.log", 1));
+        assert!(
+            !first_segment.exists(),
+            "the entry's segment retired: {:?}",
+            log_segments(dir.path())
+        );
+        let from_tree = store.append("a", &send, &[true]).await.expect("append");
+        store.close().await.expect("close");
+        drop(store);
+        let store = FjallStore::open(dir.path(), options()).expect("reopen");
+        let after_restart = store.append("a", &send, &[true]).await.expect("append");
+        if accepted.elapsed() < window {
+            assert_eq!(from_tree, [Appended::Repeat]);
+            assert_eq!(after_restart, [Appended::Repeat]);
+        }
+        tokio::time::sleep(window).await;
+        let later = store.append("a", &send, &[true]).await.expect("append");
+        assert!(matches!(later[..], [Appended::Stored(_)]), "{later:?}");
+        let page = store.fetch(&inbox, 0, 10).await.expect("fetch");
+        // The first was delivered; a repeat adds nothing.
+        let stored = |a: &[Appended]| usize::from(a != [Appended::Repeat]);
+        let want = 1 + stored(&from_tree) + stored(&after_restart);
+        assert_eq!(page.messages.len(), want, "{from_tree:?} {after_restart:?}");
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn an_append_without_client_ids_may_not_be_misaligned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let two = [
+            crate::contract::message("a-1", "x"),
+            crate::contract::message("a-1", "y"),
+        ];
+        let err = store.append("a", &two, &[true]).await.expect_err("refused");
+        assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
     async fn messages_in_flight_stay_in_the_log_past_the_budget() {
         // Young messages are about to be delivered: over the budget they are
         // not moved into the tree (under overload that made deliveries
