@@ -273,20 +273,24 @@ impl DeliveryRole {
         let mut apps: Vec<String> = Vec::with_capacity(envelopes.len());
         let mut messages: Vec<pb::InboxMessage> = Vec::with_capacity(envelopes.len());
         let mut flags: Vec<bool> = Vec::with_capacity(client_ids.len());
-        // The message of each envelope (one without a recipient has none).
-        let mut message_of: Vec<Option<usize>> = Vec::with_capacity(envelopes.len());
+        // Envelopes without a recipient have no message (none in practice:
+        // nothing allocated then).
+        let mut dropped: Vec<usize> = Vec::new();
         for (i, envelope) in envelopes.into_iter().enumerate() {
             if let Some((app, msg)) = into_inbox_message(envelope) {
-                message_of.push(Some(messages.len()));
                 apps.push(app);
                 messages.push(msg);
                 if let Some(&flag) = client_ids.get(i) {
                     flags.push(flag);
                 }
             } else {
-                message_of.push(None);
+                dropped.push(i);
             }
         }
+        let message_of = |envelope: usize| {
+            (!dropped.contains(&envelope))
+                .then(|| envelope - dropped.iter().filter(|&&d| d < envelope).count())
+        };
 
         // Append RELIABLE messages: one store call per run of one app (one
         // in practice: a route call carries messages of one app).
@@ -364,7 +368,7 @@ impl DeliveryRole {
         let group_repeat = repeated.iter().any(|r| *r);
         for (source, copy) in copies {
             let skip = match source {
-                Some(i) => message_of.get(i).copied().flatten().is_some_and(is_repeat),
+                Some(i) => message_of(i).is_some_and(is_repeat),
                 None => group_repeat,
             };
             if !skip {

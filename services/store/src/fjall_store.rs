@@ -425,14 +425,14 @@ impl Writer {
         pending: &mut Pending,
     ) -> Result<Vec<Appended>, StoreError> {
         let mut out = Vec::with_capacity(messages.len());
-        // Sends of this call: key, repeat, recipients so far. Empty (no
+        // Sends of this call: key → (repeat, recipients so far). Empty (no
         // allocation) without client ids.
-        let mut sends: Vec<(Vec<u8>, bool, Vec<String>)> = Vec::new();
+        let mut sends: HashMap<Vec<u8>, (bool, Vec<String>)> = HashMap::new();
         let mut now = None;
         for mut msg in messages {
             if let Some(key) = msg.client_key.take() {
-                let repeat = match sends.iter_mut().find(|(k, _, _)| *k == key) {
-                    Some((_, repeat, to)) => {
+                let repeat = match sends.get_mut(&key) {
+                    Some((repeat, to)) => {
                         if to.contains(&msg.to) {
                             true
                         } else {
@@ -446,7 +446,7 @@ impl Writer {
                         if !repeat {
                             self.hot.stage_client_id(&key, now);
                         }
-                        sends.push((key, repeat, vec![msg.to.clone()]));
+                        sends.insert(key, (repeat, vec![msg.to.clone()]));
                         repeat
                     }
                 };
