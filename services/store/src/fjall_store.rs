@@ -1133,6 +1133,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn client_ids_of_undelivered_messages_spilled_past_the_budget_still_repeat() {
+        // Id entries count against the hot tier's budget: with a tiny one,
+        // segments are spilled while their messages are undelivered, and
+        // every id is still answered as a repeat, from the tree.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = FjallStoreOptions {
+            hot_bytes: 512,
+            segment_bytes: 4096,
+            spill_after: std::time::Duration::ZERO,
+            ..FjallStoreOptions::default()
+        };
+        let store = FjallStore::open(dir.path(), options).expect("open");
+        let send = |i: usize| {
+            let mut m = crate::contract::message("a-off", &format!("m{i}"));
+            m.id = format!("client-{i}");
+            [m]
+        };
+        for i in 0..200 {
+            let first = store.append("a", &send(i), &[true]).await.expect("append");
+            assert!(matches!(first[..], [Appended::Stored(_)]), "{i}: {first:?}");
+        }
+        assert!(
+            log_segments(dir.path()).len() <= 6,
+            "spilled: {:?}",
+            log_segments(dir.path())
+        );
+        for i in 0..200 {
+            let again = store.append("a", &send(i), &[true]).await.expect("append");
+            assert_eq!(again, [Appended::Repeat], "{i}");
+        }
+        let inbox = InboxKey::new("a", "a-off");
+        assert_eq!(store.count(&inbox).await.expect("count"), 200);
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
     async fn an_append_without_client_ids_may_not_be_misaligned() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());

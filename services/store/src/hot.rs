@@ -22,7 +22,8 @@
 //!
 //! Id index entries stay in memory while their segment lives and move into
 //! the tree with its retirement, whatever the segment's messages do: memory
-//! holds at most the entries of the live segments.
+//! holds at most the entries of the live segments, and they count towards
+//! the hot tier's budget.
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -40,6 +41,9 @@ use crate::StoreError;
 const APPEND: u8 = 1;
 const REMOVE: u8 = 2;
 const CLIENT_ID: u8 = 3;
+/// Memory an id index entry costs besides its key: its map slot and the
+/// key's copy in its segment's list, roughly.
+const CLIENT_ID_OVERHEAD: usize = 96;
 const HEADER: usize = 12;
 const EXTENSION: &str = "log";
 /// A retired segment file kept for reuse.
@@ -253,6 +257,13 @@ pub(crate) struct HotLog {
     /// Id index entries of the live segments: key → (accepted at, Unix ms;
     /// segment). Only the writer thread reads it.
     client_ids: HashMap<Vec<u8>, (u64, u64)>,
+    /// Memory held by `client_ids`, counted against the budget.
+    client_id_bytes: usize,
+}
+
+/// Memory an id index entry holds.
+fn client_id_cost(key: &[u8]) -> usize {
+    key.len() * 2 + CLIENT_ID_OVERHEAD
 }
 
 /// What the batch being built does to the index, applied once its frame is
@@ -450,6 +461,7 @@ impl HotLog {
         let mut last_seqs: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut newest_append: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut client_ids: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+        let mut client_id_bytes = 0;
         let mut bytes = Vec::new();
         for &id in &ids {
             bytes.clear();
@@ -493,7 +505,9 @@ impl HotLog {
                             }
                         }
                         Record::ClientId(key, at) => {
-                            client_ids.insert(key.to_vec(), (at, id));
+                            if client_ids.insert(key.to_vec(), (at, id)).is_none() {
+                                client_id_bytes += client_id_cost(key);
+                            }
                             if let Some(seg) = segments.back_mut() {
                                 seg.client_ids.push(key.to_vec());
                             }
@@ -535,14 +549,19 @@ impl HotLog {
                 preparing: Arc::default(),
                 newest_append,
                 client_ids,
+                client_id_bytes,
             },
             last_seqs,
         })
     }
 
-    /// Undelivered bytes in memory and segment files, for the metrics.
+    /// Bytes in memory (undelivered messages and id index entries) and
+    /// segment files, for the metrics.
     pub(crate) fn footprint(&self) -> (usize, usize) {
-        (lock(&self.index).bytes(), self.segments.len())
+        (
+            lock(&self.index).bytes() + self.client_id_bytes,
+            self.segments.len(),
+        )
     }
 
     pub(crate) fn index(&self) -> SharedIndex {
@@ -669,7 +688,9 @@ impl HotLog {
         }
         let mut keys = Vec::with_capacity(staged.client_ids.len());
         for (key, at) in staged.client_ids {
-            self.client_ids.insert(key.clone(), (at, current));
+            if self.client_ids.insert(key.clone(), (at, current)).is_none() {
+                self.client_id_bytes += client_id_cost(&key);
+            }
             keys.push(key);
         }
         if let Some(seg) = self.segments.back_mut() {
@@ -741,7 +762,7 @@ impl HotLog {
             .segments
             .back()
             .is_some_and(|s| s.bytes >= self.options.segment_bytes);
-        let over_budget = lock(&self.index).bytes > self.options.budget;
+        let over_budget = lock(&self.index).bytes + self.client_id_bytes > self.options.budget;
         let too_many = self.segments.len() > self.options.max_segments;
         if full || (over_budget && self.segments.len() == 1) {
             self.rotate()?;
@@ -833,6 +854,7 @@ impl HotLog {
                 .is_some_and(|&(_, segment)| segment == retirement.id)
             {
                 self.client_ids.remove(key);
+                self.client_id_bytes = self.client_id_bytes.saturating_sub(client_id_cost(key));
             }
         }
         Ok(())
