@@ -127,10 +127,14 @@ pub enum StoreError {
 /// an embedded engine with one writer and a shared database with many
 /// (ScyllaDB, PostgreSQL) can both keep it.
 ///
-/// - **Sequence numbers** of an inbox strictly increase in the order the
-///   appends are acknowledged, and are never reused (also after the inbox was
-///   emptied, or a restart). They need not be gap-free: a failed or repeated
-///   write may consume numbers. Readers page by `seq > after_seq`.
+/// - **Sequence numbers** of an inbox strictly increase: the messages of one
+///   call in input order, and a message appended after another's append
+///   returned gets a higher number. They are never reused (also after the
+///   inbox was emptied, or a restart) and need not be gap-free: a failed or
+///   repeated write may consume numbers (the contract suite asserts increase,
+///   never gap-freedom). Readers page by `seq > after_seq`, so an engine
+///   whose appends commit concurrently must not show a number before the
+///   lower ones it has acknowledged.
 /// - **Idempotent sends**: a message appended with its client-id flag is
 ///   indexed by `(app, from, id)` for the id window in the same durable write
 ///   as the message; an append of the same key within the window is answered
