@@ -635,9 +635,8 @@ async fn a_resend_after_delivery_died_between_store_and_reply_is_stored_once() {
         return;
     };
     let mut cluster = Cluster::start(infra, PROTOCOL_SHAPE, |_| {}).await;
-    // Delivery again, now with the failpoint (a clean stop releases its
-    // claim at once).
-    assert!(cluster.terminate("delivery"), "delivery stops cleanly");
+    // Delivery again, now with the failpoint (it takes over its own claim).
+    cluster.kill9("delivery");
     cluster.restart_with_env(
         "delivery",
         &[("SWITCHBOARD_FAILPOINT", "delivery-after-append")],
@@ -678,7 +677,33 @@ async fn a_resend_after_delivery_died_between_store_and_reply_is_stored_once() {
                 .await
         }
     };
-    // Answers may take a while: the router waits for a delivery instance.
+    // Routes until one succeeds: the router finds a restarted delivery
+    // through etcd; until then a route may fail as unavailable.
+    let route_until_ok = |envelope: pb::Envelope| {
+        let route = &route;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match route(envelope.clone()).await {
+                    Ok(reply) => break reply,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("route: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => panic!("route: {e}"),
+                }
+            }
+        }
+    };
+    // A FAST message is not stored: it passes the failpoint, and shows the
+    // router reaches the new delivery process.
+    route_until_ok(pb::Envelope {
+        id: switchboard_mesh::new_message_id(),
+        client_id: false,
+        feature: pb::Feature::Fast.into(),
+        ..envelope.clone()
+    })
+    .await;
     let lost = tokio::time::timeout(Duration::from_secs(30), route(envelope.clone())).await;
     assert!(
         !matches!(lost, Ok(Ok(_))),
@@ -693,19 +718,7 @@ async fn a_resend_after_delivery_died_between_store_and_reply_is_stored_once() {
 
     cluster.restart("delivery");
     cluster.wait_ready().await;
-    // The router finds the restarted delivery through etcd; until then a
-    // route may fail as unavailable.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let again = loop {
-        match route(envelope.clone()).await {
-            Ok(reply) => break reply,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("route after the restart: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("route after the restart: {e}"),
-        }
-    };
+    let again = route_until_ok(envelope.clone()).await;
     assert_eq!(again.repeated, vec![0], "answered as a repeat");
     let delivery = DeliveryClient::from_pool(Pool::fixed(
         "delivery",
