@@ -1168,6 +1168,30 @@ mod tests {
         store.close().await.expect("close");
     }
 
+    #[test]
+    fn compaction_drops_client_ids_past_the_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let expiry: Arc<dyn Factory> = Arc::new(ExpiredClientIds { window_ms: 60_000 });
+        let db = Database::builder(dir.path())
+            .with_compaction_filter_factories(Arc::new(move |keyspace| {
+                (keyspace == CLIENT_IDS).then(|| Arc::clone(&expiry))
+            }))
+            .open()
+            .expect("open");
+        let ids = db
+            .keyspace(CLIENT_IDS, KeyspaceCreateOptions::default)
+            .expect("keyspace");
+        let now = unix_ms();
+        ids.insert("old", (now - 120_000).to_be_bytes().to_vec())
+            .expect("insert");
+        ids.insert("new", now.to_be_bytes().to_vec())
+            .expect("insert");
+        ids.rotate_memtable_and_wait().expect("flush");
+        ids.major_compact().expect("compact");
+        assert!(ids.get("old").expect("get").is_none(), "expired: dropped");
+        assert!(ids.get("new").expect("get").is_some(), "within the window");
+    }
+
     #[tokio::test]
     async fn an_append_without_client_ids_may_not_be_misaligned() {
         let dir = tempfile::tempdir().expect("tempdir");
