@@ -738,5 +738,119 @@ async fn apps_changed_in_etcd_are_used_without_a_restart() {
     assert!(!ok && out.contains("jwt"), "{out}");
     let (ok, out) = apps_cli(&etcd.url(), &prefix, &["delete", "late-app"]);
     assert!(!ok && out.contains("no such app"), "{out}");
+}
+
+/// The delivery process dies between storing a message and replying (the
+/// failpoint aborts it as a kill -9 would). The sender's resend of the same
+/// client id, once delivery is back, is answered as a repeat, and the
+/// recipient's inbox holds the message once.
+#[tokio::test]
+async fn a_resend_after_delivery_died_between_store_and_reply_is_stored_once() {
+    use switchboard_mesh::{DeliveryClient, MeshCredentials, Pool};
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    let mut cluster = Cluster::start(infra, PROTOCOL_SHAPE, |_| {}).await;
+    // Delivery again, now with the failpoint (it takes over its own claim).
+    cluster.kill9("delivery");
+    cluster.restart_with_env(
+        "delivery",
+        &[("SWITCHBOARD_FAILPOINT", "delivery-after-append")],
+    );
+    cluster.wait_ready().await;
+    let credentials = || MeshCredentials::new(support::cluster::TEST_SECRET).expect("secret");
+    let mesh = |addr: std::net::SocketAddr| async move {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the mesh port")
+    };
+    let router = RouterClient::from_pool(Pool::fixed(
+        "router",
+        mesh(cluster.proc("core").mesh_addr).await,
+        credentials(),
+    ));
+    let envelope = pb::Envelope {
+        id: "client-7".into(),
+        client_id: true,
+        app_id: "demo".into(),
+        from: "demo-ann".into(),
+        to: vec!["demo-bob".into()],
+        content: "exactly once".into(),
+        feature: pb::Feature::Reliable.into(),
+        kind: pb::MessageKind::Direct.into(),
+        ts: switchboard_mesh::now_ms(),
+        ..Default::default()
+    };
+    let route = |envelope: pb::Envelope| {
+        let router = router.clone();
+        async move {
+            router
+                .route(pb::RouteRequest {
+                    envelope: Some(envelope),
+                })
+                .await
+        }
+    };
+    // Routes until one succeeds: the router finds a restarted delivery
+    // through etcd; until then a route may fail as unavailable.
+    let route_until_ok = |envelope: pb::Envelope| {
+        let route = &route;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match route(envelope.clone()).await {
+                    Ok(reply) => break reply,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("route: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => panic!("route: {e}"),
+                }
+            }
+        }
+    };
+    // A FAST message is not stored: it passes the failpoint, and shows the
+    // router reaches the new delivery process.
+    route_until_ok(pb::Envelope {
+        id: switchboard_mesh::new_message_id(),
+        client_id: false,
+        feature: pb::Feature::Fast.into(),
+        ..envelope.clone()
+    })
+    .await;
+    let lost = tokio::time::timeout(Duration::from_secs(30), route(envelope.clone())).await;
+    assert!(
+        !matches!(lost, Ok(Ok(_))),
+        "no reply from a process that died: {lost:?}"
+    );
+    let exit = cluster
+        .wait_exit("delivery", Duration::from_secs(10))
+        .await
+        .expect("delivery dies at the failpoint");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(exit.signal(), Some(6), "aborted (SIGABRT): {exit}");
+
+    cluster.restart("delivery");
+    cluster.wait_ready().await;
+    let again = route_until_ok(envelope.clone()).await;
+    assert_eq!(again.repeated, vec![0], "answered as a repeat");
+    let delivery = DeliveryClient::from_pool(Pool::fixed(
+        "delivery",
+        mesh(cluster.proc("delivery").mesh_addr).await,
+        credentials(),
+    ));
+    let inbox = delivery
+        .fetch(pb::FetchRequest {
+            app_id: "demo".into(),
+            user_id: "demo-bob".into(),
+            count: 100,
+            after_seq: 0,
+        })
+        .await
+        .expect("fetch");
+    let ids: Vec<&str> = inbox.messages.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["client-7"], "stored exactly once");
     cluster.shutdown().await;
 }

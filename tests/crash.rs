@@ -12,11 +12,6 @@ async fn accepted_messages_survive_kill_9_fjall() {
     accepted_messages_survive_kill_9("fjall").await;
 }
 
-#[tokio::test]
-async fn accepted_messages_survive_kill_9_redb() {
-    accepted_messages_survive_kill_9("redb").await;
-}
-
 async fn accepted_messages_survive_kill_9(engine: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     // The sends below are pipelined, faster than the default rate limit.
@@ -287,4 +282,83 @@ async fn a_damaged_store_refuses_to_start_and_store_recover_keeps_every_intact_m
     assert_eq!(pushed["data"]["content"], "after the recovery");
     let seq = pushed["data"]["seq"].as_u64().expect("seq");
     assert!(seq > N as u64 && seq > highest, "seq {seq} reused");
+}
+
+/// A delivery process that dies between storing a message and replying (the
+/// failpoint aborts it as a kill -9 would): the sender's resend of the same
+/// client id after the restart is answered as a repeat, and the recipient's
+/// inbox holds the message once.
+#[tokio::test]
+async fn a_resend_after_a_crash_between_store_and_reply_is_stored_once() {
+    use switchboard_mesh::{DeliveryClient, RouterClient, pb};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let failpoint = [("SWITCHBOARD_FAILPOINT", "delivery-after-append")];
+    let mut node = ProcessNode::start_with_env(dir.path(), &failpoint).await;
+    let envelope = pb::Envelope {
+        id: "client-42".into(),
+        client_id: true,
+        app_id: "demo".into(),
+        from: "demo-ann".into(),
+        to: vec!["demo-bob".into()],
+        content: "exactly once".into(),
+        feature: pb::Feature::Reliable.into(),
+        kind: pb::MessageKind::Direct.into(),
+        ts: switchboard_mesh::now_ms(),
+        ..Default::default()
+    };
+    let route = |mesh_addr, envelope: pb::Envelope| async move {
+        RouterClient::from_channel(mesh_channel(mesh_addr).await)
+            .route(pb::RouteRequest {
+                envelope: Some(envelope),
+            })
+            .await
+    };
+    let lost = route(node.mesh_addr, envelope.clone()).await;
+    assert!(lost.is_err(), "no reply from a process that died: {lost:?}");
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = node.child.wait().expect("wait");
+        (node, exit)
+    });
+    let (node, exit) = tokio::time::timeout(std::time::Duration::from_secs(10), exit)
+        .await
+        .expect("the process dies at the failpoint")
+        .expect("join");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(exit.signal(), Some(6), "aborted (SIGABRT): {exit}");
+    drop(node);
+
+    // Restarted without the failpoint: the resend is a repeat.
+    let node = ProcessNode::start(dir.path()).await;
+    let again = route(node.mesh_addr, envelope.clone())
+        .await
+        .expect("route after the restart");
+    assert_eq!(again.repeated, vec![0], "answered as a repeat");
+    let inbox = DeliveryClient::from_channel(mesh_channel(node.mesh_addr).await)
+        .fetch(pb::FetchRequest {
+            app_id: "demo".into(),
+            user_id: "demo-bob".into(),
+            count: 100,
+            after_seq: 0,
+        })
+        .await
+        .expect("fetch");
+    let ids: Vec<&str> = inbox.messages.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["client-42"], "stored exactly once");
+    assert_eq!(inbox.messages[0].content, "exactly once");
+    // A new client id is stored as usual.
+    let next = pb::Envelope {
+        id: "client-43".into(),
+        ..envelope
+    };
+    let reply = route(node.mesh_addr, next).await.expect("route");
+    assert!(reply.repeated.is_empty());
+}
+
+async fn mesh_channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to the mesh port")
 }

@@ -102,3 +102,90 @@ async fn a_repeated_deliver_call_delivers_once() {
         .await;
     node.shutdown().await;
 }
+
+/// A resend of a client id (the client gave `data.id`) reaches the store,
+/// which answers it as a repeat: the router reports it, nobody is pushed it
+/// again, the sender's other connections get no second MESSAGE_SENT copy.
+/// Direct, group and batched sends alike.
+#[tokio::test]
+async fn a_resent_client_id_is_reported_repeated_and_shown_once() {
+    let node = TestNode::start().await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let mut cat = Client::login(&node.url(), "demo-cat").await;
+    // The sender's connection: the envelopes below come from another one.
+    let mut ann = Client::login(&node.url(), "demo-ann").await;
+    let router = RouterClient::from_channel(channel(node.mesh_addr).await);
+    let envelope = |id: &str, kind: pb::MessageKind, to: &[&str]| pb::Envelope {
+        id: id.into(),
+        client_id: true,
+        app_id: "demo".into(),
+        from: "demo-ann".into(),
+        to: to.iter().map(|t| (*t).to_owned()).collect(),
+        content: format!("{id} once"),
+        feature: pb::Feature::Reliable.into(),
+        kind: kind.into(),
+        ts: switchboard_mesh::now_ms(),
+        origin: Some(pb::ConnRef {
+            gateway_id: "another-gateway".into(),
+            conn_id: 1,
+        }),
+        ..Default::default()
+    };
+    let route = |e: pb::Envelope| {
+        let router = router.clone();
+        async move {
+            router
+                .route(pb::RouteRequest { envelope: Some(e) })
+                .await
+                .expect("route")
+        }
+    };
+    let silence = std::time::Duration::from_millis(300);
+
+    let direct = envelope("d-1", pb::MessageKind::Direct, &["demo-bob"]);
+    assert!(route(direct.clone()).await.repeated.is_empty());
+    assert_eq!(
+        bob.recv_type("MESSAGE").await["data"]["content"],
+        "d-1 once"
+    );
+    assert_eq!(ann.recv_type("MESSAGE_SENT").await["data"]["id"], "d-1");
+    assert_eq!(route(direct).await.repeated, vec![0]);
+    bob.expect_silence(silence).await;
+    ann.expect_silence(silence).await;
+
+    let group = envelope("g-1", pb::MessageKind::Group, &["demo-bob", "demo-cat"]);
+    assert!(route(group.clone()).await.repeated.is_empty());
+    assert_eq!(
+        bob.recv_type("MESSAGE").await["data"]["content"],
+        "g-1 once"
+    );
+    assert_eq!(
+        cat.recv_type("MESSAGE").await["data"]["content"],
+        "g-1 once"
+    );
+    assert_eq!(ann.recv_type("MESSAGE_SENT").await["data"]["id"], "g-1");
+    assert_eq!(route(group).await.repeated, vec![0]);
+    bob.expect_silence(silence).await;
+    cat.expect_silence(silence).await;
+    ann.expect_silence(silence).await;
+
+    // A batch: the repeat's position is reported, the new one delivered.
+    let batch = router
+        .route_batch(pb::RouteBatchRequest {
+            envelopes: vec![
+                envelope("b-1", pb::MessageKind::Direct, &["demo-cat"]),
+                envelope("d-1", pb::MessageKind::Direct, &["demo-bob"]),
+            ],
+        })
+        .await
+        .expect("route batch");
+    assert_eq!(batch.repeated, vec![1]);
+    assert_eq!(
+        cat.recv_type("MESSAGE").await["data"]["content"],
+        "b-1 once"
+    );
+    assert_eq!(ann.recv_type("MESSAGE_SENT").await["data"]["id"], "b-1");
+    bob.expect_silence(silence).await;
+    ann.expect_silence(silence).await;
+    node.shutdown().await;
+}

@@ -6,6 +6,11 @@
 //! socket (or acknowledged in ack mode); then it leaves the inbox and, when the
 //! sender gave a reference, a MESSAGE_CONFIRMATION (itself RELIABLE) goes back.
 //! FAST: pushed to whoever is connected, never stored.
+//!
+//! Idempotent sends: a RELIABLE envelope whose id the client gave
+//! (`client_id`) is appended with its flag set; the store answers a resend
+//! within its id window as a repeat, which is neither stored nor pushed (nor
+//! copied to the sender) again and is reported in `DeliverReply.repeated`.
 
 use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
@@ -13,7 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use switchboard_mesh::{AuthClient, GatewayDirectory, ServiceError, pb};
 use switchboard_presence::Presence;
-use switchboard_store::{InboxKey, MessageHeader, Store, StoreError};
+use switchboard_store::{Appended, InboxKey, MessageHeader, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -36,6 +41,22 @@ pub struct DeliveryRole {
     gateways: Arc<dyn GatewayDirectory>,
     auth: AuthClient,
     metrics: Metrics,
+    /// Test only: abort the process right after a store append returns.
+    abort_after_append: bool,
+}
+
+/// The environment variable naming a failpoint, and the value that makes
+/// the delivery role abort the process (as a kill -9 would) between a store
+/// append and its reply: for the crash tests of idempotent sends.
+pub const FAILPOINT_ENV: &str = "SWITCHBOARD_FAILPOINT";
+pub const FAILPOINT_AFTER_APPEND: &str = "delivery-after-append";
+
+/// What the delivery of a call's envelopes did, per envelope.
+struct Delivered {
+    /// The inbox sequence number (RELIABLE) or 0 (FAST, or a repeat).
+    seqs: Vec<u64>,
+    /// Whether its client id was a repeat; empty when none was.
+    repeated: Vec<bool>,
 }
 
 /// Handles of the metrics recorded per store call, registered once (the
@@ -73,15 +94,14 @@ struct RecentDeliveries {
     order: std::collections::VecDeque<DeliveryKey>,
 }
 
-/// A 64-bit digest of (app, sender, message id, recipient): nothing to allocate per
-/// delivery on the hot path, and a collision among the remembered 65,536 is
-/// out of reach (~10⁻¹⁰).
+/// A 64-bit digest of (app, sender, message id, recipient): nothing to
+/// allocate per delivery on the hot path, and a collision among the
+/// remembered 65,536 is out of reach (~10⁻¹⁰). The sender is part of it:
+/// client-given ids are unique per sender only.
 type DeliveryKey = u64;
 
 fn digest(app_id: &str, from: &str, id: &str, to: &str) -> DeliveryKey {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    // The sender too: a client-given id (`data.id`) is unique only per
-    // sender, and two senders' messages with one id are two messages.
     for part in [app_id, from, id, to] {
         h.update(part.as_bytes());
         h.update(&[0]);
@@ -202,27 +222,45 @@ impl DeliveryRole {
             gateways,
             auth,
             metrics: Metrics::new(),
+            // Read once here, not per message.
+            abort_after_append: std::env::var(FAILPOINT_ENV)
+                .is_ok_and(|v| v == FAILPOINT_AFTER_APPEND),
         }
     }
 
-    /// Persists the RELIABLE envelopes, then pushes everything.
+    /// Persists the RELIABLE envelopes, then pushes everything but repeats.
     async fn deliver_envelopes(
         &self,
         envelopes: Vec<pb::Envelope>,
         sent_copies: Vec<pb::Envelope>,
         copy_to_sender: bool,
-    ) -> Result<Vec<u64>, DeliveryError> {
+    ) -> Result<Delivered, DeliveryError> {
+        // Envelopes whose id the client gave: indexed by the store. Empty
+        // (nothing allocated) when none is.
+        let client_ids: Vec<bool> = if envelopes.iter().any(|e| e.client_id) {
+            envelopes.iter().map(|e| e.client_id).collect()
+        } else {
+            Vec::new()
+        };
         // MESSAGE_SENT copies, built only when the sender has a connection
-        // besides the one that sent.
+        // besides the one that sent; each with the envelope it copies (None:
+        // a group message's, which goes unless its send was a repeat).
         let mut copies = Vec::new();
-        let direct_copies = envelopes.iter().filter(|_| copy_to_sender);
-        let originals: Vec<&pb::Envelope> = sent_copies.iter().chain(direct_copies).collect();
-        let others = self.has_other_connections(&originals).await?;
-        for (original, other) in originals.into_iter().zip(others) {
+        let direct_copies = envelopes
+            .iter()
+            .enumerate()
+            .filter(|_| copy_to_sender)
+            .map(|(i, e)| (Some(i), e));
+        let group_copies = sent_copies.iter().map(|e| (None, e));
+        let originals: Vec<(Option<usize>, &pb::Envelope)> =
+            group_copies.chain(direct_copies).collect();
+        let senders: Vec<&pb::Envelope> = originals.iter().map(|(_, e)| *e).collect();
+        let others = self.has_other_connections(&senders).await?;
+        for ((source, original), other) in originals.into_iter().zip(others) {
             if other {
                 let mut msg = inbox_message(original, "");
                 msg.to = original.from.clone();
-                copies.push(pb::PushItem {
+                let copy = pb::PushItem {
                     app_id: original.app_id.clone(),
                     user_id: original.from.clone(),
                     message: Some(msg),
@@ -230,23 +268,38 @@ impl DeliveryRole {
                     sent_copy: true,
                     to: original.to.clone(),
                     traceparent: String::new(),
-                });
+                };
+                copies.push((source, copy));
             }
         }
         // The envelopes' fields move into the messages: a 1000-character
         // content is not copied on its way to the socket.
         let mut apps: Vec<String> = Vec::with_capacity(envelopes.len());
         let mut messages: Vec<pb::InboxMessage> = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
+        let mut flags: Vec<bool> = Vec::with_capacity(client_ids.len());
+        // Envelopes without a recipient have no message (none in practice:
+        // nothing allocated then).
+        let mut dropped: Vec<usize> = Vec::new();
+        for (i, envelope) in envelopes.into_iter().enumerate() {
             if let Some((app, msg)) = into_inbox_message(envelope) {
                 apps.push(app);
                 messages.push(msg);
+                if let Some(&flag) = client_ids.get(i) {
+                    flags.push(flag);
+                }
+            } else {
+                dropped.push(i);
             }
         }
+        let message_of = |envelope: usize| {
+            (!dropped.contains(&envelope))
+                .then(|| envelope - dropped.iter().filter(|&&d| d < envelope).count())
+        };
 
         // Append RELIABLE messages: one store call per run of one app (one
         // in practice: a route call carries messages of one app).
         let mut seqs = vec![0u64; messages.len()];
+        let mut repeated: Vec<bool> = Vec::new();
         let reliable = |m: &pb::InboxMessage| m.feature() == pb::Feature::Reliable;
         let mut start = 0;
         while start < messages.len() {
@@ -263,29 +316,71 @@ impl DeliveryRole {
                     .take_while(|(m, a)| reliable(m) && *a == app)
                     .count();
             let run = &messages[start..end];
+            let run_flags = flags.get(start..end).unwrap_or_default();
             let started = std::time::Instant::now();
-            let assigned = tracing::Instrument::instrument(
-                self.store.append(app, run),
+            let appended = tracing::Instrument::instrument(
+                self.store.append(app, run, run_flags),
                 tracing::info_span!("store.append", count = run.len()),
             )
             .await?;
+            if self.abort_after_append {
+                tracing::error!("failpoint delivery-after-append: aborting");
+                std::process::abort();
+            }
             self.metrics
                 .append_seconds
                 .record(started.elapsed().as_secs_f64());
-            self.metrics.appended.increment(run.len() as u64);
-            for (slot, seq) in seqs[start..end].iter_mut().zip(assigned) {
-                *slot = seq;
+            let mut stored = 0;
+            for (i, outcome) in (start..end).zip(appended) {
+                match outcome {
+                    Appended::Stored(seq) => {
+                        seqs[i] = seq;
+                        stored += 1;
+                    }
+                    Appended::Repeat => {
+                        if repeated.is_empty() {
+                            repeated = vec![false; messages.len()];
+                        }
+                        repeated[i] = true;
+                    }
+                }
             }
+            self.metrics.appended.increment(stored);
             start = end;
         }
+        if !repeated.is_empty() {
+            let count = repeated.iter().filter(|r| **r).count();
+            metrics::counter!("switchboard_sends_repeated_total").increment(count as u64);
+            tracing::debug!(count, "repeated client ids: not stored or pushed again");
+        }
+        let is_repeat = |i: usize| repeated.get(i).copied().unwrap_or(false);
         let mut pushes = Vec::with_capacity(messages.len() + copies.len());
-        for ((app, mut msg), seq) in apps.into_iter().zip(messages).zip(seqs.iter().copied()) {
+        for (i, ((app, mut msg), seq)) in apps
+            .into_iter()
+            .zip(messages)
+            .zip(seqs.iter().copied())
+            .enumerate()
+        {
+            if is_repeat(i) {
+                continue;
+            }
             msg.seq = seq;
             pushes.push(push_to_recipient(app, msg));
         }
-        pushes.extend(copies);
+        // A group message's copy goes unless its send was a repeat (all its
+        // envelopes are one send).
+        let group_repeat = repeated.iter().any(|r| *r);
+        for (source, copy) in copies {
+            let skip = match source {
+                Some(i) => message_of(i).is_some_and(is_repeat),
+                None => group_repeat,
+            };
+            if !skip {
+                pushes.push(copy);
+            }
+        }
         self.push(pushes).await?;
-        Ok(seqs)
+        Ok(Delivered { seqs, repeated })
     }
 
     /// For each original, whether its sender has a connection other than
@@ -412,12 +507,12 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         )
     )]
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
-        let seqs = self
+        let delivered = self
             .deliver_envelopes(req.envelopes, req.sent_copies, req.copy_to_sender)
             .await?;
         Ok(pb::DeliverReply {
-            seqs,
-            ..Default::default()
+            seqs: delivered.seqs,
+            repeated: delivered.repeated,
         })
     }
 
@@ -451,9 +546,9 @@ impl switchboard_mesh::Delivery for DeliveryRole {
                 .push(item.seq);
         }
         let mut pushes = Vec::new();
-        // All inboxes in one store write. Removal and the sender's
-        // confirmation are one atomic store write: a crash loses neither or
-        // both.
+        // All inboxes in one store write. The store keeps each sender
+        // confirmation once, whatever the number of removals, and never
+        // loses it once its message is gone (see `Store::remove`).
         let started = std::time::Instant::now();
         let by_inbox: Vec<(InboxKey, Vec<u64>)> = by_inbox.into_iter().collect();
         let apps: Vec<String> = by_inbox.iter().map(|(k, _)| k.app_id.clone()).collect();
@@ -473,7 +568,7 @@ impl switchboard_mesh::Delivery for DeliveryRole {
             }
         }
         self.metrics.removed.increment(removed_total);
-        // Sender confirmations, stored in the same write.
+        // Sender confirmations, stored with the removals.
         self.metrics.appended.increment(pushes.len() as u64);
         let removed = u32::try_from(removed_total).unwrap_or(u32::MAX);
         if !pushes.is_empty() {
@@ -552,9 +647,18 @@ impl switchboard_mesh::Delivery for MeshDelivery {
                 .collect()
         };
         let repeated = known.iter().filter(|k| k.is_some()).count();
+        // A remembered envelope with a client id is a repeat of that id
+        // (the store would say so too; memory answers first).
+        let mut repeats: Vec<bool> = Vec::new();
         if repeated > 0 {
             metrics::counter!("switchboard_deliveries_repeated_total").increment(repeated as u64);
             tracing::debug!(repeated, "repeated deliveries answered from memory");
+            repeats = req
+                .envelopes
+                .iter()
+                .zip(&known)
+                .map(|(e, k)| e.client_id && k.is_some())
+                .collect();
         }
         // Only what was not delivered yet; copies for the sender only when
         // none of the message was (they went out with the first call).
@@ -570,7 +674,7 @@ impl switchboard_mesh::Delivery for MeshDelivery {
         if fresh.is_empty() && repeated > 0 {
             return Ok(pb::DeliverReply {
                 seqs,
-                ..Default::default()
+                repeated: repeats,
             });
         }
         let (sent_copies, copy_to_sender) = if repeated == 0 {
@@ -586,16 +690,22 @@ impl switchboard_mesh::Delivery for MeshDelivery {
                 copy_to_sender,
             })
             .await?;
+        if !reply.repeated.is_empty() && repeats.is_empty() {
+            repeats = vec![false; seqs.len()];
+        }
         let mut recent = self.recent();
-        for (&i, seq) in positions.iter().zip(reply.seqs) {
+        for (n, (&i, seq)) in positions.iter().zip(reply.seqs).enumerate() {
             seqs[i] = seq;
+            if reply.repeated.get(n).copied().unwrap_or(false) {
+                repeats[i] = true;
+            }
             if let Some(key) = keys[i] {
                 recent.insert(key, seq);
             }
         }
         Ok(pb::DeliverReply {
             seqs,
-            ..Default::default()
+            repeated: repeats,
         })
     }
 

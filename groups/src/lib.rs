@@ -53,16 +53,18 @@ impl switchboard_mesh::Groups for GroupsRole {
         } else {
             Vec::new()
         };
-        self.delivery
+        let reply = self
+            .delivery
             .deliver(pb::DeliverRequest {
                 envelopes,
                 sent_copies,
                 copy_to_sender: false,
             })
             .await?;
+        // One send, one client id: its copies are all repeats or none.
         Ok(pb::FanoutReply {
             recipients: count,
-            ..Default::default()
+            repeated: reply.repeated.iter().any(|r| *r),
         })
     }
 }

@@ -1,6 +1,9 @@
 //! The router role: decides where an envelope goes. In a single domain that is
 //! local delivery (direct messages) or the groups role (group messages); the
 //! federation work adds next-hop forwarding to other domains here.
+//!
+//! A reply names the envelopes whose client id the sender already had
+//! accepted (`RouteReply.repeated`), as delivery or groups reported them.
 
 use async_trait::async_trait;
 use switchboard_mesh::{DeliveryClient, ErrorCode, GroupsClient, ServiceError, pb};
@@ -20,7 +23,9 @@ impl RouterRole {
         }
     }
 
-    async fn route_local(&self, envelope: pb::Envelope) -> Result<u32, ServiceError> {
+    /// Routes one envelope: how many recipients it was handed to, and
+    /// whether its client id was a repeat.
+    async fn route_local(&self, envelope: pb::Envelope) -> Result<(u32, bool), ServiceError> {
         match envelope.kind() {
             pb::MessageKind::Group => {
                 let reply = self
@@ -29,7 +34,7 @@ impl RouterRole {
                         envelope: Some(envelope),
                     })
                     .await?;
-                Ok(reply.recipients)
+                Ok((reply.recipients, reply.repeated))
             }
             _ => {
                 if envelope.to.len() != 1 {
@@ -39,14 +44,15 @@ impl RouterRole {
                     ));
                 }
                 let copy_to_sender = envelope.origin.is_some();
-                self.delivery
+                let reply = self
+                    .delivery
                     .deliver(pb::DeliverRequest {
                         envelopes: vec![envelope],
                         sent_copies: Vec::new(),
                         copy_to_sender,
                     })
                     .await?;
-                Ok(1)
+                Ok((1, reply.repeated.first().copied().unwrap_or(false)))
             }
         }
     }
@@ -68,10 +74,10 @@ impl switchboard_mesh::Router for RouterRole {
         let envelope = req
             .envelope
             .ok_or_else(|| ServiceError::invalid("route request without an envelope"))?;
-        let recipients = self.route_local(envelope).await?;
+        let (recipients, repeat) = self.route_local(envelope).await?;
         Ok(pb::RouteReply {
             recipients,
-            ..Default::default()
+            repeated: if repeat { vec![0] } else { Vec::new() },
         })
     }
 
@@ -108,16 +114,22 @@ impl switchboard_mesh::Router for RouterRole {
         let recipients = u32::try_from(envelopes.len()).unwrap_or(u32::MAX);
         // One delivery call: RELIABLE ones share one store write, and
         // they keep the order they were sent in.
-        self.delivery
+        let reply = self
+            .delivery
             .deliver(pb::DeliverRequest {
                 envelopes,
                 sent_copies: Vec::new(),
                 copy_to_sender,
             })
             .await?;
+        let repeated = (0u32..)
+            .zip(&reply.repeated)
+            .filter(|(_, r)| **r)
+            .map(|(i, _)| i)
+            .collect();
         Ok(pb::RouteReply {
             recipients,
-            ..Default::default()
+            repeated,
         })
     }
 
@@ -137,7 +149,7 @@ impl switchboard_mesh::Router for RouterRole {
         envelope.hops.push(self.domain.clone());
         // Another domain's connections are not ours: no MESSAGE_SENT copies here.
         envelope.origin = None;
-        let recipients = self.route_local(envelope).await?;
+        let (recipients, _) = self.route_local(envelope).await?;
         Ok(pb::ForwardReply { recipients })
     }
 }

@@ -251,9 +251,37 @@ impl Cluster {
     /// Starts a killed process again with the same config (ports, node id,
     /// data dir).
     pub fn restart(&mut self, name: &str) {
+        self.restart_with_env(name, &[]);
+    }
+
+    /// Like [`Cluster::restart`], with extra environment variables (a
+    /// failpoint) for this start only.
+    pub fn restart_with_env(&mut self, name: &str, env: &[(&str, &str)]) {
         let proc = self.proc_mut(name);
         assert!(proc.child.is_none(), "{name} is running");
-        proc.child = Some(spawn(&proc.config_path));
+        proc.child = Some(spawn_with_env(&proc.config_path, env));
+    }
+
+    /// Waits (up to `limit`) until process `name` exits by itself; its exit
+    /// status, the process then counts as stopped.
+    pub async fn wait_exit(
+        &mut self,
+        name: &str,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let proc = self.proc_mut(name);
+        let child = proc.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                proc.child = None;
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// SIGTERM and wait; returns whether it exited cleanly.
@@ -385,6 +413,10 @@ impl Drop for Cluster {
 }
 
 fn spawn(config: &std::path::Path) -> Child {
+    spawn_with_env(config, &[])
+}
+
+fn spawn_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .arg("run")
         .arg("--config")
@@ -393,6 +425,7 @@ fn spawn(config: &std::path::Path) -> Child {
             "SWITCHBOARD_LOG",
             std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -212,6 +212,8 @@ pub fn free_port() -> u16 {
 pub struct ProcessNode {
     pub child: Child,
     pub client_addr: SocketAddr,
+    /// Where its roles answer gRPC (no mesh secret set).
+    pub mesh_addr: SocketAddr,
     pub data_dir: PathBuf,
 }
 
@@ -246,6 +248,7 @@ impl ProcessNode {
             let mut node = ProcessNode {
                 child,
                 client_addr: format!("127.0.0.1:{client_port}").parse().expect("addr"),
+                mesh_addr: format!("127.0.0.1:{mesh_port}").parse().expect("addr"),
                 data_dir: data_dir.to_owned(),
             };
             if node.wait_ready().await {

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -318,23 +319,20 @@ impl Default for PresenceConfig {
     }
 }
 
-/// Engine of the embedded store.
+/// Engine of the store. One embedded engine; shared databases come as
+/// further variants.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreEngine {
-    /// fjall, an LSM tree: the default (faster for the append-then-delete
-    /// inbox workload; see docs/benchmarks.md).
+    /// The inbox log in front of fjall, an LSM tree, in the data dir.
     Fjall,
-    /// redb, a copy-on-write B-tree.
-    Redb,
 }
 
 /// The embedded store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `fjall` (default) or `redb`. A data dir holds the files of the engine
-    /// it was written with; switching engines starts from empty inboxes.
+    /// `fjall`, the one embedded engine (the default).
     pub engine: StoreEngine,
     /// Most messages (appended or removed) committed, and fsync'd, together.
     pub max_batch: usize,
@@ -353,6 +351,27 @@ pub struct StoreConfig {
     /// log refuses the start with the file and byte offset. For one start
     /// after damage, not as a standing setting (`run --store-recover`).
     pub recover: bool,
+    /// How long a client-given message id is remembered per sender: a
+    /// resend within it is answered as accepted and not stored again
+    /// (humantime: `"24h"`, `"90m"`).
+    #[serde(with = "humantime_duration")]
+    pub id_window: Duration,
+}
+
+/// A duration written as humantime text (`"24h"`, `"1s"`).
+mod humantime_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))
+    }
 }
 
 impl Default for StoreConfig {
@@ -364,6 +383,7 @@ impl Default for StoreConfig {
             cache_mib: 64,
             hot_mib: 64,
             recover: false,
+            id_window: Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -781,13 +801,30 @@ mod tests {
 
     #[test]
     fn store_engine_from_env() {
-        let c = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__ENGINE", "redb")]))
+        let c = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__ENGINE", "fjall")]))
             .expect("load");
-        assert_eq!(c.store.engine, StoreEngine::Redb);
-        assert!(
-            Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__ENGINE", "sqlite")]))
-                .is_err()
-        );
+        assert_eq!(c.store.engine, StoreEngine::Fjall);
+        for gone in ["redb", "sqlite"] {
+            assert!(
+                Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__ENGINE", gone)]))
+                    .is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn the_id_window_is_a_humantime_duration() {
+        let c = Config::default();
+        assert_eq!(c.store.id_window, Duration::from_secs(24 * 60 * 60));
+        let c =
+            Config::from_toml_and_env("[store]\nid_window = \"90m\"\n", &env(&[])).expect("load");
+        assert_eq!(c.store.id_window, Duration::from_secs(90 * 60));
+        let c = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__ID_WINDOW", "1s")]))
+            .expect("load");
+        assert_eq!(c.store.id_window, Duration::from_secs(1));
+        let err = Config::from_toml_and_env("[store]\nid_window = \"soon\"\n", &env(&[]))
+            .expect_err("not a duration");
+        assert!(err.to_string().contains("soon"), "{err}");
     }
 
     #[test]

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use switchboard_store::{
-    FjallStore, FjallStoreOptions, InboxKey, InboxMessage, RedbStore, RedbStoreOptions, Store,
-};
+use switchboard_store::{FjallStore, FjallStoreOptions, InboxKey, InboxMessage, Store};
 
 fn message(to: &str) -> InboxMessage {
     InboxMessage {
@@ -21,11 +19,6 @@ fn message(to: &str) -> InboxMessage {
 
 fn append(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let redb: Arc<dyn Store> = Arc::new(
-        RedbStore::open(&dir.path().join("redb"), RedbStoreOptions::default())
-            .expect("open redb store"),
-    );
-    bench_store(c, "redb", redb);
     let fjall: Arc<dyn Store> = Arc::new(
         FjallStore::open(&dir.path().join("fjall"), FjallStoreOptions::default())
             .expect("open fjall store"),
@@ -41,7 +34,7 @@ fn bench_store(c: &mut Criterion, engine: &str, store: Arc<dyn Store>) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("one_durable_append", |b| {
         b.iter(|| {
-            rt.block_on(store.append("demo", &[message("demo-1")]))
+            rt.block_on(store.append("demo", &[message("demo-1")], &[]))
                 .expect("append")
         })
     });
@@ -58,7 +51,7 @@ fn bench_store(c: &mut Criterion, engine: &str, store: Arc<dyn Store>) {
                             let store = store.clone();
                             tasks.push(tokio::spawn(async move {
                                 store
-                                    .append("demo", &[message(&format!("demo-{}", i % 100))])
+                                    .append("demo", &[message(&format!("demo-{}", i % 100))], &[])
                                     .await
                             }));
                         }
@@ -77,10 +70,13 @@ fn bench_store(c: &mut Criterion, engine: &str, store: Arc<dyn Store>) {
         let inbox = InboxKey::new("demo", "demo-rm");
         b.iter(|| {
             rt.block_on(async {
-                let seqs = store
-                    .append("demo", &[message("demo-rm")])
+                let seqs: Vec<u64> = store
+                    .append("demo", &[message("demo-rm")], &[])
                     .await
-                    .expect("append");
+                    .expect("append")
+                    .into_iter()
+                    .filter_map(|a| a.seq())
+                    .collect();
                 store.remove(&inbox, &seqs, None).await.expect("remove")
             })
         })

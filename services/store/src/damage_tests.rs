@@ -39,7 +39,13 @@ async fn write_messages(dir: &Path) -> Sent {
                 crate::contract::message(USERS[n % USERS.len()], &format!("{n:05}{body}"))
             })
             .collect();
-        let seqs = store.append("a", &msgs).await.expect("append");
+        let seqs = store
+            .append("a", &msgs, &[])
+            .await
+            .expect("append")
+            .into_iter()
+            .filter_map(crate::Appended::seq)
+            .collect::<Vec<u64>>();
         for (msg, seq) in msgs.into_iter().zip(seqs) {
             let user = USERS.iter().find(|u| **u == msg.to).expect("user");
             sent.entry(user).or_default().insert(seq, msg.content);
@@ -124,9 +130,12 @@ async fn next_seqs_are_new(store: &FjallStore, sent: &mut Sent) {
         .expect("seqs");
     for user in USERS {
         let seqs = store
-            .append("a", &[crate::contract::message(user, "after")])
+            .append("a", &[crate::contract::message(user, "after")], &[])
             .await
-            .expect("append");
+            .expect("append")
+            .into_iter()
+            .filter_map(crate::Appended::seq)
+            .collect::<Vec<u64>>();
         assert!(seqs[0] > highest, "{user}: seq {} reuses a number", seqs[0]);
         sent.entry(user)
             .or_default()
@@ -378,8 +387,12 @@ async fn a_log_from_before_the_manifest_is_read_as_it_was() {
         p
     };
     for seq in 1..=3u64 {
-        let value =
-            crate::Prepared::new(&crate::contract::message("a-1", &format!("old{seq}"))).value;
+        let value = crate::fjall_store::Prepared::new(
+            &crate::contract::message("a-1", &format!("old{seq}")),
+            "a",
+            false,
+        )
+        .value;
         let mut payload = vec![1u8];
         payload.extend_from_slice(&(prefix.len() as u16).to_le_bytes());
         payload.extend_from_slice(&prefix);
@@ -411,9 +424,12 @@ async fn a_log_from_before_the_manifest_is_read_as_it_was() {
         3
     );
     let seqs = store
-        .append("a", &[crate::contract::message("a-1", "new")])
+        .append("a", &[crate::contract::message("a-1", "new")], &[])
         .await
-        .expect("append");
+        .expect("append")
+        .into_iter()
+        .filter_map(crate::Appended::seq)
+        .collect::<Vec<u64>>();
     assert_eq!(seqs, vec![4]);
     store.close().await.expect("close");
 }
@@ -433,9 +449,12 @@ async fn restarts_without_damage_log_no_warning() {
     let body = "r".repeat(300);
     for _ in 0..60 {
         let seqs = store
-            .append("a", &[crate::contract::message("a-1", &body)])
+            .append("a", &[crate::contract::message("a-1", &body)], &[])
             .await
-            .expect("append");
+            .expect("append")
+            .into_iter()
+            .filter_map(crate::Appended::seq)
+            .collect::<Vec<u64>>();
         store.remove(&inbox, &seqs, None).await.expect("remove");
     }
     store.close().await.expect("close");

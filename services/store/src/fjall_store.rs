@@ -6,6 +6,12 @@
 //! appends, and a "weak" (single) delete lets compaction drop the value and
 //! its tombstone together. One writer thread commits everything queued in one
 //! batch and syncs the journal once per batch (group commit).
+//!
+//! The id index of client-given message ids is written in the log frame of
+//! the message it came with (one sync for both), kept in memory while its
+//! segment lives, and moved into the `client_ids` keyspace (key → accepted
+//! at, Unix ms) when the segment retires. Entries past the window are
+//! ignored at lookup and dropped by a compaction filter.
 
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeMap;
@@ -17,11 +23,126 @@ use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp};
 use crate::hot::{self, HotLog, HotOptions, SharedIndex, Taken};
 use crate::queue::{FjallQueues, Queue};
 use crate::{
-    FollowUp, InboxKey, InboxMessage, InboxPage, Prepared, Removal, Store, StoreError,
+    Appended, FollowUp, InboxKey, InboxMessage, InboxPage, Removal, Store, StoreError,
     decode_stored, follow_up_of,
 };
 use async_trait::async_trait;
+use fjall::compaction::filter::{
+    CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict,
+};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
+use prost::Message;
+
+/// The keyspace of the id index.
+const CLIENT_IDS: &str = "client_ids";
+
+/// A message encoded for storage, on the caller's thread: the writer only
+/// assigns its sequence number (kept in the key, not in the value).
+pub(crate) struct Prepared {
+    pub(crate) to: String,
+    /// Whether it carries a reference: only such a message can have a
+    /// follow-up (see [`FollowUp`]), so a removal reads no other.
+    pub(crate) referenced: bool,
+    /// Encoded straight into the buffer fjall keeps (no copy on the writer
+    /// thread).
+    pub(crate) value: Slice,
+    /// Its id index key, when its id was given by the client.
+    pub(crate) client_key: Option<Vec<u8>>,
+}
+
+impl Prepared {
+    pub(crate) fn new(msg: &InboxMessage, app_id: &str, client_id: bool) -> Self {
+        // The seq lives in the key only.
+        let value = if msg.seq == 0 {
+            encode_value(msg)
+        } else {
+            encode_value(&InboxMessage {
+                seq: 0,
+                ..msg.clone()
+            })
+        };
+        Prepared {
+            to: msg.to.clone(),
+            referenced: !msg.reference.is_empty(),
+            value,
+            client_key: client_id.then(|| client_id_key(app_id, &msg.from, &msg.id)),
+        }
+    }
+}
+
+fn encode_value(msg: &InboxMessage) -> Slice {
+    let mut value = byteview::ByteView::with_size(msg.encoded_len());
+    let encoded = match value.get_mut() {
+        Some(mut buf) => {
+            let mut out: &mut [u8] = &mut buf;
+            // The buffer has exactly the encoded length.
+            msg.encode(&mut out).is_ok() && out.is_empty()
+        }
+        None => false,
+    };
+    if encoded {
+        Slice::from(value)
+    } else {
+        // Unreachable in practice (a fresh buffer has one owner, and the
+        // length is prost's own); the plain way.
+        Slice::from(msg.encode_to_vec())
+    }
+}
+
+/// `len(app) app len(from) from len(id) id` — an id index key.
+fn client_id_key(app_id: &str, from: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + app_id.len() + from.len() + id.len());
+    for part in [app_id, from, id] {
+        let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
+        k.extend_from_slice(&len.to_be_bytes());
+        k.extend_from_slice(&part.as_bytes()[..usize::from(len)]);
+    }
+    k
+}
+
+/// Now, Unix milliseconds: id index entries outlive the process.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Drops id index entries past the window when compaction rewrites them:
+/// the tree's part of the index shrinks without a scan of its own.
+struct ExpiredClientIds {
+    window_ms: u64,
+}
+
+impl Factory for ExpiredClientIds {
+    fn name(&self) -> &str {
+        "expired-client-ids"
+    }
+
+    fn make_filter(&self, _ctx: &Context) -> Box<dyn CompactionFilter> {
+        Box::new(ExpiryFilter {
+            oldest_kept: unix_ms().saturating_sub(self.window_ms),
+        })
+    }
+}
+
+struct ExpiryFilter {
+    oldest_kept: u64,
+}
+
+impl CompactionFilter for ExpiryFilter {
+    fn filter_item(&mut self, item: ItemAccessor<'_>, _ctx: &Context) -> CompactionFilterResult {
+        let at = item.value()?;
+        Ok(match accepted_at(&at) {
+            Some(at) if at < self.oldest_kept => Verdict::Remove,
+            _ => Verdict::Keep,
+        })
+    }
+}
+
+/// An id index value: when it was accepted, Unix ms.
+fn accepted_at(value: &[u8]) -> Option<u64> {
+    value.try_into().ok().map(u64::from_be_bytes)
+}
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -85,6 +206,9 @@ pub struct FjallStoreOptions {
     /// given out before. Without it a damaged log refuses the start
     /// ([`StoreError::Damaged`]).
     pub recover: bool,
+    /// How long a client-given message id is remembered: a resend within it
+    /// is a repeat.
+    pub id_window: std::time::Duration,
 }
 
 impl Default for FjallStoreOptions {
@@ -100,6 +224,7 @@ impl Default for FjallStoreOptions {
             sync_interval: std::time::Duration::from_micros(1000),
             counters_kept: 65_536,
             recover: false,
+            id_window: std::time::Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -126,6 +251,9 @@ struct Writer {
     /// Every inbox's next number is above it: the mark at the last start
     /// that lost messages.
     floor: u64,
+    /// The id index's entries from retired log segments.
+    client_ids: Keyspace,
+    id_window_ms: u64,
     /// Last assigned sequence number per inbox prefix (loaded on first use,
     /// or from the log at start). Never rolled back: a failed batch leaves a
     /// gap, which is harmless, where reloading could reuse a number. Past
@@ -192,8 +320,15 @@ impl FjallStore {
     pub fn open(data_dir: &Path, options: FjallStoreOptions) -> Result<Self, StoreError> {
         let path = data_dir.join("inbox.lsm");
         std::fs::create_dir_all(&path).map_err(backend)?;
+        let id_window_ms = u64::try_from(options.id_window.as_millis()).unwrap_or(u64::MAX);
+        let expiry: Arc<dyn Factory> = Arc::new(ExpiredClientIds {
+            window_ms: id_window_ms,
+        });
         let db = Database::builder(&path)
             .cache_size(options.cache_bytes)
+            .with_compaction_filter_factories(Arc::new(move |keyspace| {
+                (keyspace == CLIENT_IDS).then(|| Arc::clone(&expiry))
+            }))
             .open()
             .map_err(backend)?;
         let memtable = options.memtable_bytes;
@@ -207,6 +342,9 @@ impl FjallStore {
             .map_err(backend)?;
         let meta = db
             .keyspace("store_meta", KeyspaceCreateOptions::default)
+            .map_err(backend)?;
+        let client_ids = db
+            .keyspace(CLIENT_IDS, KeyspaceCreateOptions::default)
             .map_err(backend)?;
         let segment_bytes = options.segment_bytes.max(4096);
         // Twice the budget's worth of segments, and at least 64 (512 MiB):
@@ -254,6 +392,8 @@ impl FjallStore {
             meta,
             mark,
             floor,
+            client_ids,
+            id_window_ms,
             seq_cache: HashMap::new(),
             counters: Arc::default(),
             counters_kept: options.counters_kept,
@@ -349,6 +489,71 @@ impl Writer {
         Ok(())
     }
 
+    /// Whether a client id was accepted within the window: the log's
+    /// entries first (newer), then the tree's.
+    fn seen_within_window(&self, key: &[u8], now: u64) -> Result<bool, StoreError> {
+        let within = |at: u64| now.saturating_sub(at) < self.id_window_ms;
+        if let Some(at) = self.hot.client_id_at(key) {
+            return Ok(within(at));
+        }
+        Ok(self
+            .client_ids
+            .get(key)
+            .map_err(backend)?
+            .and_then(|v| accepted_at(&v))
+            .is_some_and(within))
+    }
+
+    /// Appends the messages of one call. A message with a client id is
+    /// looked up in the id index; copies of one send (same key, other
+    /// recipients) share its first copy's answer and one entry.
+    fn append_all(
+        &mut self,
+        app_id: &str,
+        messages: Vec<Prepared>,
+        pending: &mut Pending,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let mut out = Vec::with_capacity(messages.len());
+        // Sends of this call: key → (repeat, recipients so far). Empty (no
+        // allocation) without client ids.
+        let mut sends: HashMap<Vec<u8>, (bool, Vec<String>)> = HashMap::new();
+        let mut now = None;
+        for mut msg in messages {
+            if let Some(key) = msg.client_key.take() {
+                let repeat = match sends.get_mut(&key) {
+                    Some((repeat, to)) => {
+                        if to.contains(&msg.to) {
+                            true
+                        } else {
+                            to.push(msg.to.clone());
+                            *repeat
+                        }
+                    }
+                    None => {
+                        let now = *now.get_or_insert_with(unix_ms);
+                        let repeat = self.seen_within_window(&key, now)?;
+                        if !repeat {
+                            self.hot.stage_client_id(&key, now);
+                        }
+                        sends.insert(key, (repeat, vec![msg.to.clone()]));
+                        repeat
+                    }
+                };
+                if repeat {
+                    out.push(Appended::Repeat);
+                    continue;
+                }
+            }
+            out.push(Appended::Stored(self.append_one(
+                app_id,
+                msg,
+                Tier::Hot,
+                pending,
+            )?));
+        }
+        Ok(out)
+    }
+
     fn append_one(
         &mut self,
         app_id: &str,
@@ -414,7 +619,8 @@ impl Writer {
             if let (Some(follow_up), Taken::Referenced(stored)) = (follow_up, &taken)
                 && let Some(mut next) = follow_up_of(follow_up, stored)?
             {
-                next.seq = self.append_one(&inbox.app_id, Prepared::new(&next), tier, pending)?;
+                let prepared = Prepared::new(&next, &inbox.app_id, false);
+                next.seq = self.append_one(&inbox.app_id, prepared, tier, pending)?;
                 removal.appended.push(next);
             }
         }
@@ -426,11 +632,10 @@ impl Writer {
             WriteOp::Append {
                 app_id, messages, ..
             } => {
-                let mut seqs = Vec::with_capacity(messages.len());
-                for msg in std::mem::take(messages) {
-                    seqs.push(self.append_one(app_id, msg, Tier::Hot, pending)?);
-                }
-                Ok(Outcome::Appended(seqs))
+                let messages = std::mem::take(messages);
+                Ok(Outcome::Appended(
+                    self.append_all(app_id, messages, pending)?,
+                ))
             }
             WriteOp::Remove {
                 removals,
@@ -494,6 +699,13 @@ impl Writer {
             for prefix in &retirement.inboxes {
                 if let Some(seq) = self.seq_cache.get(prefix) {
                     wb.insert(&self.last_seq, prefix.clone(), seq.to_be_bytes().to_vec());
+                }
+            }
+            // Entries already past the window are not worth keeping.
+            let oldest_kept = unix_ms().saturating_sub(self.id_window_ms);
+            for (key, at) in &retirement.client_ids {
+                if *at >= oldest_kept {
+                    wb.insert(&self.client_ids, key.clone(), at.to_be_bytes().to_vec());
                 }
             }
             wb.commit().map_err(backend)?;
@@ -651,8 +863,9 @@ impl Store for FjallStore {
         &self,
         app_id: &str,
         messages: &[InboxMessage],
-    ) -> Result<Vec<u64>, StoreError> {
-        self.writer.append(app_id, messages).await
+        client_ids: &[bool],
+    ) -> Result<Vec<Appended>, StoreError> {
+        self.writer.append(app_id, messages, client_ids).await
     }
 
     async fn fetch(
@@ -710,11 +923,26 @@ mod tests {
         FjallStore::open(dir, FjallStoreOptions::default()).expect("open store")
     }
 
-    crate::store_contract_tests!({
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(dir.path());
-        (store, dir)
-    });
+    /// A temp dir holding one store.
+    struct FjallHarness(tempfile::TempDir);
+
+    impl crate::contract::Harness for FjallHarness {
+        type Store = FjallStore;
+
+        async fn create() -> Self {
+            FjallHarness(tempfile::tempdir().expect("tempdir"))
+        }
+
+        async fn open(&self, id_window: std::time::Duration) -> FjallStore {
+            let options = FjallStoreOptions {
+                id_window,
+                ..FjallStoreOptions::default()
+            };
+            FjallStore::open(self.0.path(), options).expect("open store")
+        }
+    }
+
+    crate::store_contract_tests!(FjallHarness);
 
     crate::queue_contract_tests!(|dir: &Path| open(dir).queues());
 
@@ -727,7 +955,7 @@ mod tests {
             let msgs: Vec<_> = (0..10)
                 .map(|i| crate::contract::message("a-1", &format!("m{i}")))
                 .collect();
-            let seqs = store.append("a", &msgs).await.expect("append");
+            let seqs = crate::contract::stored(&store, "a", &msgs).await;
             store
                 .remove(&inbox, &seqs[..2], None)
                 .await
@@ -737,10 +965,8 @@ mod tests {
         let store = open(dir.path());
         let page = store.fetch(&inbox, 0, 100).await.expect("fetch");
         assert_eq!(page.messages.len(), 8);
-        let seqs = store
-            .append("a", &[crate::contract::message("a-1", "next")])
-            .await
-            .expect("append");
+        let seqs =
+            crate::contract::stored(&store, "a", &[crate::contract::message("a-1", "next")]).await;
         assert_eq!(seqs, vec![11]);
         store.close().await.expect("close");
     }
@@ -761,7 +987,7 @@ mod tests {
         let msgs: Vec<_> = (0..50)
             .map(|i| crate::contract::message("a-1", &format!("m{i}")))
             .collect();
-        let seqs = store.append("a", &msgs).await.expect("append");
+        let seqs = crate::contract::stored(&store, "a", &msgs).await;
         let first = store
             .remove(&inbox, &seqs[..30], None)
             .await
@@ -786,7 +1012,7 @@ mod tests {
             let msgs: Vec<_> = (0..5)
                 .map(|i| crate::contract::message("a-1", &format!("m{i}")))
                 .collect();
-            let seqs = store.append("a", &msgs).await.expect("append");
+            let seqs = crate::contract::stored(&store, "a", &msgs).await;
             store.close().await.expect("close");
             seqs
         };
@@ -816,7 +1042,7 @@ mod tests {
             with_ref.reference = "ref".into();
             with_ref.from = "a-2".into();
             let msgs = [crate::contract::message("a-1", "plain"), with_ref];
-            let seqs = store.append("a", &msgs).await.expect("append");
+            let seqs = crate::contract::stored(&store, "a", &msgs).await;
             store.close().await.expect("close");
             seqs
         };
@@ -846,7 +1072,7 @@ mod tests {
             let store = FjallStore::open(dir.path(), options).expect("open");
             for inbox in &quiet {
                 let msg = crate::contract::message(&inbox.user_id, &body);
-                let seqs = store.append("a", &[msg]).await.expect("append");
+                let seqs = crate::contract::stored(&store, "a", &[msg]).await;
                 assert_eq!(seqs, vec![1]);
                 store.remove(inbox, &seqs, None).await.expect("remove");
             }
@@ -855,14 +1081,14 @@ mod tests {
             let busy = InboxKey::new("a", "a-busy");
             for _ in 0..100 {
                 let msg = crate::contract::message("a-busy", &body);
-                let seqs = store.append("a", &[msg]).await.expect("append");
+                let seqs = crate::contract::stored(&store, "a", &[msg]).await;
                 store.remove(&busy, &seqs, None).await.expect("remove");
             }
             let cached = store.counters_cached();
             assert!(cached <= 5, "{cached} counters still in memory");
             // A quiet inbox written again continues its numbers.
             let msg = crate::contract::message("a-q0", "again");
-            let seqs = store.append("a", &[msg]).await.expect("append");
+            let seqs = crate::contract::stored(&store, "a", &[msg]).await;
             assert_eq!(seqs, vec![2]);
             store.close().await.expect("close");
         }
@@ -870,7 +1096,7 @@ mod tests {
         let store = FjallStore::open(dir.path(), small_hot_tier()).expect("open");
         for (i, want) in [(0, 3), (1, 2), (49, 2)] {
             let msg = crate::contract::message(&quiet[i].user_id, "later");
-            let seqs = store.append("a", &[msg]).await.expect("append");
+            let seqs = crate::contract::stored(&store, "a", &[msg]).await;
             assert_eq!(seqs, vec![want], "inbox {i}");
         }
         store.close().await.expect("close");
@@ -900,7 +1126,7 @@ mod tests {
                 m
             })
             .collect();
-        let seqs = store.append("a", &msgs).await.expect("append");
+        let seqs = crate::contract::stored(&store, "a", &msgs).await;
         let removal = store
             .remove(&inbox, &seqs, Some(crate::contract::confirm_any))
             .await
@@ -909,7 +1135,7 @@ mod tests {
         // Later batches retire what is left and trim.
         for _ in 0..20 {
             let msg = crate::contract::message("a-busy", &body);
-            let seqs = store.append("a", &[msg]).await.expect("append");
+            let seqs = crate::contract::stored(&store, "a", &[msg]).await;
             store
                 .remove(&InboxKey::new("a", "a-busy"), &seqs, None)
                 .await
@@ -921,7 +1147,7 @@ mod tests {
         // number is 2, read back from the tree.
         for i in [0, 29] {
             let msg = crate::contract::message(&format!("a-s{i}"), "next");
-            let seqs = store.append("a", &[msg]).await.expect("append");
+            let seqs = crate::contract::stored(&store, "a", &[msg]).await;
             assert_eq!(seqs, vec![2], "sender {i}");
         }
         store.close().await.expect("close");
@@ -947,6 +1173,131 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn client_ids_move_into_the_tree_with_their_segment_and_expire_there() {
+        // The id index entry leaves memory with its log segment: a resend is
+        // still a repeat (read from the tree), also after a restart, until
+        // the window has passed.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let window = std::time::Duration::from_secs(2);
+        let options = || FjallStoreOptions {
+            id_window: window,
+            ..small_hot_tier()
+        };
+        let send = [crate::contract::message("a-bob", "once")];
+        let store = FjallStore::open(dir.path(), options()).expect("open");
+        let accepted = std::time::Instant::now();
+        let first = store.append("a", &send, &[true]).await.expect("append");
+        assert_eq!(first, [Appended::Stored(1)]);
+        // Delivered: nothing but the id entry keeps its segment.
+        let inbox = InboxKey::new("a", "a-bob");
+        store.remove(&inbox, &[1], None).await.expect("remove");
+        let busy = InboxKey::new("a", "a-busy");
+        let body = "b".repeat(300);
+        for _ in 0..60 {
+            let msg = [crate::contract::message("a-busy", &body)];
+            let seqs = crate::contract::stored(&store, "a", &msg).await;
+            store.remove(&busy, &seqs, None).await.expect("remove");
+        }
+        let first_segment = dir.path().join("inbox.log").join(format!("{:016}.log", 1));
+        assert!(
+            !first_segment.exists(),
+            "the entry's segment retired: {:?}",
+            log_segments(dir.path())
+        );
+        let from_tree = store.append("a", &send, &[true]).await.expect("append");
+        store.close().await.expect("close");
+        drop(store);
+        let store = FjallStore::open(dir.path(), options()).expect("reopen");
+        let after_restart = store.append("a", &send, &[true]).await.expect("append");
+        if accepted.elapsed() < window {
+            assert_eq!(from_tree, [Appended::Repeat]);
+            assert_eq!(after_restart, [Appended::Repeat]);
+        }
+        tokio::time::sleep(window).await;
+        let later = store.append("a", &send, &[true]).await.expect("append");
+        assert!(matches!(later[..], [Appended::Stored(_)]), "{later:?}");
+        let page = store.fetch(&inbox, 0, 10).await.expect("fetch");
+        // The first was delivered; a repeat adds nothing.
+        let stored = |a: &[Appended]| usize::from(a != [Appended::Repeat]);
+        let want = 1 + stored(&from_tree) + stored(&after_restart);
+        assert_eq!(page.messages.len(), want, "{from_tree:?} {after_restart:?}");
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn client_ids_of_undelivered_messages_spilled_past_the_budget_still_repeat() {
+        // Id entries count against the hot tier's budget: with a tiny one,
+        // segments are spilled while their messages are undelivered, and
+        // every id is still answered as a repeat, from the tree.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = FjallStoreOptions {
+            hot_bytes: 512,
+            segment_bytes: 4096,
+            spill_after: std::time::Duration::ZERO,
+            ..FjallStoreOptions::default()
+        };
+        let store = FjallStore::open(dir.path(), options).expect("open");
+        let send = |i: usize| {
+            let mut m = crate::contract::message("a-off", &format!("m{i}"));
+            m.id = format!("client-{i}");
+            [m]
+        };
+        for i in 0..200 {
+            let first = store.append("a", &send(i), &[true]).await.expect("append");
+            assert!(matches!(first[..], [Appended::Stored(_)]), "{i}: {first:?}");
+        }
+        assert!(
+            log_segments(dir.path()).len() <= 6,
+            "spilled: {:?}",
+            log_segments(dir.path())
+        );
+        for i in 0..200 {
+            let again = store.append("a", &send(i), &[true]).await.expect("append");
+            assert_eq!(again, [Appended::Repeat], "{i}");
+        }
+        let inbox = InboxKey::new("a", "a-off");
+        assert_eq!(store.count(&inbox).await.expect("count"), 200);
+        store.close().await.expect("close");
+    }
+
+    #[test]
+    fn compaction_drops_client_ids_past_the_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let expiry: Arc<dyn Factory> = Arc::new(ExpiredClientIds { window_ms: 60_000 });
+        let db = Database::builder(dir.path())
+            .with_compaction_filter_factories(Arc::new(move |keyspace| {
+                (keyspace == CLIENT_IDS).then(|| Arc::clone(&expiry))
+            }))
+            .open()
+            .expect("open");
+        let ids = db
+            .keyspace(CLIENT_IDS, KeyspaceCreateOptions::default)
+            .expect("keyspace");
+        let now = unix_ms();
+        ids.insert("old", (now - 120_000).to_be_bytes().to_vec())
+            .expect("insert");
+        ids.insert("new", now.to_be_bytes().to_vec())
+            .expect("insert");
+        ids.rotate_memtable_and_wait().expect("flush");
+        ids.major_compact().expect("compact");
+        assert!(ids.get("old").expect("get").is_none(), "expired: dropped");
+        assert!(ids.get("new").expect("get").is_some(), "within the window");
+    }
+
+    #[tokio::test]
+    async fn an_append_without_client_ids_may_not_be_misaligned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let two = [
+            crate::contract::message("a-1", "x"),
+            crate::contract::message("a-1", "y"),
+        ];
+        let err = store.append("a", &two, &[true]).await.expect_err("refused");
+        assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
     async fn messages_in_flight_stay_in_the_log_past_the_budget() {
         // Young messages are about to be delivered: over the budget they are
         // not moved into the tree (under overload that made deliveries
@@ -963,10 +1314,7 @@ mod tests {
         let store = FjallStore::open(dir.path(), options(std::time::Duration::from_secs(60)))
             .expect("open");
         for m in &msgs {
-            store
-                .append("a", std::slice::from_ref(m))
-                .await
-                .expect("append");
+            crate::contract::stored(&store, "a", std::slice::from_ref(m)).await;
         }
         let in_memory = hot::lock(&store.hot).bytes();
         assert!(
@@ -976,10 +1324,7 @@ mod tests {
         store.close().await.expect("close");
         drop(store);
         let store = FjallStore::open(dir.path(), options(std::time::Duration::ZERO)).expect("open");
-        store
-            .append("a", &[crate::contract::message("a-1", "next")])
-            .await
-            .expect("append");
+        crate::contract::stored(&store, "a", &[crate::contract::message("a-1", "next")]).await;
         let in_memory = hot::lock(&store.hot).bytes();
         assert!(
             in_memory <= 8 * 1024 + 4096,
@@ -1009,7 +1354,7 @@ mod tests {
                     crate::contract::message("a-off", &format!("{i:03}{body}")),
                     crate::contract::message("a-on", &format!("{i:03}")),
                 ];
-                let seqs = store.append("a", &msgs).await.expect("append");
+                let seqs = crate::contract::stored(&store, "a", &msgs).await;
                 assert_eq!(seqs, vec![i + 1, i + 1]);
                 let removed = store
                     .remove(&online, &seqs[1..], None)
@@ -1034,16 +1379,15 @@ mod tests {
         assert_eq!(page.messages.len(), 50);
         assert_eq!(store.count(&online).await.expect("count"), 0);
         // Numbers go on after the restart, in both inboxes.
-        let seqs = store
-            .append(
-                "a",
-                &[
-                    crate::contract::message("a-off", "next"),
-                    crate::contract::message("a-on", "next"),
-                ],
-            )
-            .await
-            .expect("append");
+        let seqs = crate::contract::stored(
+            &store,
+            "a",
+            &[
+                crate::contract::message("a-off", "next"),
+                crate::contract::message("a-on", "next"),
+            ],
+        )
+        .await;
         assert_eq!(seqs, vec![301, 301]);
         let all: Vec<u64> = (1..=301).collect();
         let removal = store.remove(&offline, &all, None).await.expect("remove");
@@ -1064,32 +1408,29 @@ mod tests {
         {
             let store = FjallStore::open(dir.path(), small_hot_tier()).expect("open");
             for i in 0..5 {
-                let seqs = store
-                    .append(
-                        "a",
-                        &[crate::contract::message("a-quiet", &format!("q{i}"))],
-                    )
-                    .await
-                    .expect("append");
+                let seqs = crate::contract::stored(
+                    &store,
+                    "a",
+                    &[crate::contract::message("a-quiet", &format!("q{i}"))],
+                )
+                .await;
                 store.remove(&quiet, &seqs, None).await.expect("remove");
             }
             for i in 0..100 {
-                let seqs = store
-                    .append(
-                        "a",
-                        &[crate::contract::message("a-busy", &format!("{i}{body}"))],
-                    )
-                    .await
-                    .expect("append");
+                let seqs = crate::contract::stored(
+                    &store,
+                    "a",
+                    &[crate::contract::message("a-busy", &format!("{i}{body}"))],
+                )
+                .await;
                 store.remove(&busy, &seqs, None).await.expect("remove");
             }
             store.close().await.expect("close");
         }
         let store = FjallStore::open(dir.path(), small_hot_tier()).expect("reopen");
-        let seqs = store
-            .append("a", &[crate::contract::message("a-quiet", "after")])
-            .await
-            .expect("append");
+        let seqs =
+            crate::contract::stored(&store, "a", &[crate::contract::message("a-quiet", "after")])
+                .await;
         assert_eq!(seqs, vec![6], "numbers are never reused");
         store.close().await.expect("close");
     }
@@ -1107,13 +1448,12 @@ mod tests {
         let store = FjallStore::open(dir.path(), options).expect("open");
         let body = "z".repeat(500);
         for i in 0..20 {
-            store
-                .append(
-                    "a",
-                    &[crate::contract::message("a-off", &format!("{i}{body}"))],
-                )
-                .await
-                .expect("append");
+            crate::contract::stored(
+                &store,
+                "a",
+                &[crate::contract::message("a-off", &format!("{i}{body}"))],
+            )
+            .await;
         }
         let spare = dir.path().join("inbox.log").join("fresh.spare");
         let mut waited = 0;
@@ -1142,10 +1482,12 @@ mod tests {
         {
             let store = open(dir.path());
             for i in 0..10 {
-                store
-                    .append("a", &[crate::contract::message("a-1", &format!("m{i}"))])
-                    .await
-                    .expect("append");
+                crate::contract::stored(
+                    &store,
+                    "a",
+                    &[crate::contract::message("a-1", &format!("m{i}"))],
+                )
+                .await;
             }
             store.close().await.expect("close");
         }
@@ -1167,10 +1509,8 @@ mod tests {
         let page = store.fetch(&inbox, 0, 100).await.expect("fetch");
         assert_eq!(page.messages.len(), 10);
         assert_eq!(page.messages[9].content, "m9");
-        let seqs = store
-            .append("a", &[crate::contract::message("a-1", "after")])
-            .await
-            .expect("append");
+        let seqs =
+            crate::contract::stored(&store, "a", &[crate::contract::message("a-1", "after")]).await;
         assert_eq!(seqs, vec![11]);
         store.close().await.expect("close");
         drop(store);
@@ -1191,7 +1531,7 @@ mod tests {
             let msgs: Vec<_> = (0..20)
                 .map(|i| crate::contract::message("a-1", &format!("m{i}")))
                 .collect();
-            store.append("a", &msgs).await.expect("append");
+            crate::contract::stored(&store, "a", &msgs).await;
             store.close().await.expect("close");
         }
         let saved: Vec<(std::path::PathBuf, Vec<u8>)> = log_segments(dir.path())
@@ -1210,10 +1550,7 @@ mod tests {
                 ..FjallStoreOptions::default()
             };
             let store = FjallStore::open(dir.path(), options).expect("open");
-            store
-                .append("a", &[crate::contract::message("a-1", "m20")])
-                .await
-                .expect("append");
+            crate::contract::stored(&store, "a", &[crate::contract::message("a-1", "m20")]).await;
             store.close().await.expect("close");
         }
         for (path, bytes) in &saved {
@@ -1252,7 +1589,7 @@ mod tests {
     fn a_page_merges_both_tiers_and_takes_a_message_in_both_once() {
         let value = |tier: &str, seq: u64| {
             let msg = crate::contract::message("a-1", &format!("{tier}{seq}"));
-            Prepared::new(&msg).value
+            Prepared::new(&msg, "a", false).value
         };
         let hot = |seqs: &[u64]| {
             seqs.iter()

@@ -1,4 +1,4 @@
-//! Group commit, shared by the embedded engines: one writer thread takes
+//! Group commit of the embedded engine: one writer thread takes
 //! everything queued (up to a batch size), hands it to the engine to apply as
 //! one atomic write — synced when it appended anything — and answers every
 //! caller. Under load, hundreds of appends share one sync.
@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{FollowUp, InboxKey, InboxMessage, Prepared, Removal, StoreError};
+use crate::fjall_store::Prepared;
+use crate::{Appended, FollowUp, InboxKey, InboxMessage, Removal, StoreError};
 
 pub(crate) enum WriteOp {
     Append {
         app_id: String,
         messages: Vec<Prepared>,
-        reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
+        reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
     },
     /// Removals from any number of inboxes (a delivered report), one reply.
     Remove {
@@ -41,7 +42,7 @@ impl WriteOp {
 
 /// What one operation of a batch did.
 pub(crate) enum Outcome {
-    Appended(Vec<u64>),
+    Appended(Vec<Appended>),
     Removed(Vec<Removal>),
 }
 
@@ -139,13 +140,23 @@ impl GroupCommit {
         &self,
         app_id: &str,
         messages: &[InboxMessage],
-    ) -> Result<Vec<u64>, StoreError> {
+        client_ids: &[bool],
+    ) -> Result<Vec<Appended>, StoreError> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        if !client_ids.is_empty() && client_ids.len() != messages.len() {
+            return Err(StoreError::Invalid(
+                "client_ids must be empty or hold one flag per message".into(),
+            ));
+        }
         // Encoded here, on the caller's thread: the writer is one thread
         // for the whole store, the callers are many.
-        let messages = messages.iter().map(Prepared::new).collect();
+        let messages = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Prepared::new(m, app_id, client_ids.get(i).copied().unwrap_or(false)))
+            .collect();
         let (reply, rx) = oneshot::channel();
         self.submit(WriteOp::Append {
             app_id: app_id.to_owned(),
@@ -281,7 +292,9 @@ mod tests {
             Ok(batch
                 .iter()
                 .map(|op| match op {
-                    WriteOp::Append { messages, .. } => Outcome::Appended(vec![1; messages.len()]),
+                    WriteOp::Append { messages, .. } => {
+                        Outcome::Appended(vec![Appended::Stored(1); messages.len()])
+                    }
                     WriteOp::Remove { .. } => Outcome::Removed(Vec::new()),
                 })
                 .collect())
@@ -299,16 +312,16 @@ mod tests {
         };
         // A first sync, then ten appends that each find the writer idle.
         writer
-            .append("a", std::slice::from_ref(&msg))
+            .append("a", std::slice::from_ref(&msg), &[])
             .await
             .expect("append");
         let before = commits.load(Ordering::SeqCst);
         let mut calls = Vec::new();
         for _ in 0..10 {
             let (writer, msg) = (writer.clone(), msg.clone());
-            calls.push(tokio::spawn(
-                async move { writer.append("a", &[msg]).await },
-            ));
+            calls.push(tokio::spawn(async move {
+                writer.append("a", &[msg], &[]).await
+            }));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         for call in calls {

@@ -14,9 +14,16 @@
 //!
 //! A segment is a sequence of frames, one per committed batch:
 //! `len: u32 | xxh3(payload): u64 | payload`, all little-endian; a payload is
-//! records `APPEND prefix seq value` and `REMOVE prefix seq`. A frame is
-//! applied whole or not at all: a torn or corrupt frame ends the replay of
-//! its segment (it was never acknowledged, its sync did not return).
+//! records `APPEND prefix seq value`, `REMOVE prefix seq` and
+//! `CLIENT_ID key accepted_ms` (an id index entry, in the frame of the
+//! message it was accepted with). A frame is applied whole or not at all: a
+//! torn or corrupt frame ends the replay of its segment (it was never
+//! acknowledged, its sync did not return).
+//!
+//! Id index entries stay in memory while their segment lives and move into
+//! the tree with its retirement, whatever the segment's messages do: memory
+//! holds at most the entries of the live segments, and they count towards
+//! the hot tier's budget.
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -37,6 +44,10 @@ use crate::manifest::{self, SegmentEntry};
 /// before its checksum.
 const APPEND: u8 = 1;
 const REMOVE: u8 = 2;
+const CLIENT_ID: u8 = 3;
+/// Memory an id index entry costs besides its key: its map slot and the
+/// key's copy in its segment's list, roughly.
+const CLIENT_ID_OVERHEAD: usize = 96;
 const HEADER: usize = 12;
 /// After the payload: `xxh3(len, seed: segment id)`. A frame whose seal is
 /// in place was written whole, so a checksum that fails is damage, not a
@@ -192,6 +203,8 @@ struct Segment {
     holes: Vec<(u64, u64)>,
     /// Written before frames were sealed (see [`TRAILER`]).
     legacy: bool,
+    /// Id index keys written in it: moved into the tree with its retirement.
+    client_ids: Vec<Vec<u8>>,
 }
 
 impl Segment {
@@ -207,6 +220,7 @@ impl Segment {
             synced: 0,
             holes: Vec::new(),
             legacy: false,
+            client_ids: Vec::new(),
         }
     }
 
@@ -237,6 +251,9 @@ pub(crate) struct Retirement {
     /// `(prefix, seq, value)` of the messages still undelivered.
     pub(crate) entries: Vec<(Vec<u8>, u64, Slice)>,
     pub(crate) inboxes: Vec<Vec<u8>>,
+    /// `(key, accepted_ms)` of the id index entries written in it (those
+    /// not written again later).
+    pub(crate) client_ids: Vec<(Vec<u8>, u64)>,
 }
 
 /// Tuning of the hot tier.
@@ -275,6 +292,16 @@ pub(crate) struct HotLog {
     /// writes the counters of the inboxes whose newest it is (replay finds
     /// the others' higher numbers in later segments).
     newest_append: HashMap<Vec<u8>, u64>,
+    /// Id index entries of the live segments: key → (accepted at, Unix ms;
+    /// segment). Only the writer thread reads it.
+    client_ids: HashMap<Vec<u8>, (u64, u64)>,
+    /// Memory held by `client_ids`, counted against the budget.
+    client_id_bytes: usize,
+}
+
+/// Memory an id index entry holds.
+fn client_id_cost(key: &[u8]) -> usize {
+    key.len() * 2 + CLIENT_ID_OVERHEAD
 }
 
 /// What the batch being built does to the index, applied once its frame is
@@ -284,6 +311,8 @@ pub(crate) struct HotLog {
 struct Staged {
     inboxes: HashMap<Vec<u8>, StagedInbox>,
     appends: usize,
+    /// Id index entries: key → accepted at (Unix ms).
+    client_ids: HashMap<Vec<u8>, u64>,
 }
 
 impl Staged {
@@ -384,6 +413,8 @@ impl<'a> Cursor<'a> {
 enum Record<'a> {
     Append(&'a [u8], u64, &'a [u8]),
     Remove(&'a [u8], u64),
+    /// An id index key and when it was accepted (Unix ms).
+    ClientId(&'a [u8], u64),
 }
 
 /// The records of a payload, or `None` when it does not parse (then none is
@@ -402,6 +433,7 @@ fn records(payload: &[u8]) -> Option<Vec<Record<'_>>> {
                 Record::Append(prefix, seq, c.take(len)?)
             }
             REMOVE => Record::Remove(prefix, seq),
+            CLIENT_ID => Record::ClientId(prefix, seq),
             _ => return None,
         });
     }
@@ -667,6 +699,8 @@ impl HotLog {
         let mut segments = VecDeque::new();
         let mut last_seqs: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut newest_append: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut client_ids: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+        let mut client_id_bytes = 0;
         let mut bytes = Vec::new();
         for (id, entry) in &plan {
             let id = *id;
@@ -820,6 +854,14 @@ impl HotLog {
                                 release(&mut segments, old.segment);
                             }
                         }
+                        Record::ClientId(key, at) => {
+                            if client_ids.insert(key.to_vec(), (at, id)).is_none() {
+                                client_id_bytes += client_id_cost(key);
+                            }
+                            if let Some(seg) = segments.back_mut() {
+                                seg.client_ids.push(key.to_vec());
+                            }
+                        }
                     }
                 }
             }
@@ -861,6 +903,8 @@ impl HotLog {
             staged: Staged::default(),
             preparing: Arc::default(),
             newest_append,
+            client_ids,
+            client_id_bytes,
         };
         Ok(Recovered {
             log,
@@ -889,9 +933,13 @@ impl HotLog {
         manifest::write(&self.dir, &entries)
     }
 
-    /// Undelivered bytes in memory and segment files, for the metrics.
+    /// Bytes in memory (undelivered messages and id index entries) and
+    /// segment files, for the metrics.
     pub(crate) fn footprint(&self) -> (usize, usize) {
-        (lock(&self.index).bytes(), self.segments.len())
+        (
+            lock(&self.index).bytes() + self.client_id_bytes,
+            self.segments.len(),
+        )
     }
 
     pub(crate) fn index(&self) -> SharedIndex {
@@ -921,6 +969,23 @@ impl HotLog {
             .inbox(prefix)
             .added
             .insert(seq, (value, referenced));
+    }
+
+    /// Indexes a client id in the batch being built (in the frame of the
+    /// message it comes with); `at`: Unix ms.
+    pub(crate) fn stage_client_id(&mut self, key: &[u8], at: u64) {
+        self.record(CLIENT_ID, key, at);
+        self.staged.client_ids.insert(key.to_vec(), at);
+    }
+
+    /// When a client id was accepted (Unix ms), if the batch being built or
+    /// a live segment has it (the tree may have older ones).
+    pub(crate) fn client_id_at(&self, key: &[u8]) -> Option<u64> {
+        self.staged
+            .client_ids
+            .get(key)
+            .copied()
+            .or_else(|| self.client_ids.get(key).map(|&(at, _)| at))
     }
 
     /// Takes a message out, in the batch being built, if the hot tier has
@@ -1004,12 +1069,20 @@ impl HotLog {
         for id in released {
             release(&mut self.segments, id);
         }
+        let mut keys = Vec::with_capacity(staged.client_ids.len());
+        for (key, at) in staged.client_ids {
+            if self.client_ids.insert(key.clone(), (at, current)).is_none() {
+                self.client_id_bytes += client_id_cost(&key);
+            }
+            keys.push(key);
+        }
         let mut first_sync = false;
         if let Some(seg) = self.segments.back_mut() {
             seg.live += added;
             seg.appends += added as u64;
             seg.bytes += frame_len;
             seg.inboxes.extend(inboxes);
+            seg.client_ids.extend(keys);
             if sync && seg.synced == 0 {
                 seg.synced = seg.bytes;
                 first_sync = true;
@@ -1094,7 +1167,7 @@ impl HotLog {
             .segments
             .back()
             .is_some_and(|s| s.bytes >= self.options.segment_bytes);
-        let over_budget = lock(&self.index).bytes > self.options.budget;
+        let over_budget = lock(&self.index).bytes + self.client_id_bytes > self.options.budget;
         let too_many = self.segments.len() > self.options.max_segments;
         if full || (over_budget && self.segments.len() == 1) {
             self.rotate()?;
@@ -1119,9 +1192,20 @@ impl HotLog {
                 }
             }
         }
+        // An entry written again in a later segment (its window had passed)
+        // goes with that one.
+        let client_ids = oldest
+            .client_ids
+            .iter()
+            .filter_map(|key| match self.client_ids.get(key) {
+                Some(&(at, segment)) if segment == oldest.id => Some((key.clone(), at)),
+                _ => None,
+            })
+            .collect();
         Ok(Some(Retirement {
             id: oldest.id,
             entries,
+            client_ids,
             // A later segment with an append to the inbox holds a higher
             // number, which replay finds: only the inboxes whose newest
             // append is here need their counter written (with many inboxes
@@ -1169,6 +1253,17 @@ impl HotLog {
         // Their counters are in the tree now; no live segment appends to them.
         for prefix in &retirement.inboxes {
             self.newest_append.remove(prefix);
+        }
+        // So are its id index entries.
+        for (key, _) in &retirement.client_ids {
+            if self
+                .client_ids
+                .get(key)
+                .is_some_and(|&(_, segment)| segment == retirement.id)
+            {
+                self.client_ids.remove(key);
+                self.client_id_bytes = self.client_id_bytes.saturating_sub(client_id_cost(key));
+            }
         }
         Ok(())
     }
@@ -1357,9 +1452,14 @@ mod tests {
         buf.extend_from_slice(&3u32.to_le_bytes());
         buf.extend_from_slice(b"abc");
         put_prefix(&mut buf, REMOVE, b"inbox", 7);
+        put_prefix(&mut buf, CLIENT_ID, b"app/from/id", 1_764_000_000_000);
         let records = records(&buf).expect("parses");
         assert!(matches!(records[0], Record::Append(b"inbox", 7, b"abc")));
         assert!(matches!(records[1], Record::Remove(b"inbox", 7)));
+        assert!(matches!(
+            records[2],
+            Record::ClientId(b"app/from/id", 1_764_000_000_000)
+        ));
         assert!(super::records(&buf[..buf.len() - 1]).is_none());
         assert!(super::records(&[9, 0, 0]).is_none());
     }

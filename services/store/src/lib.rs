@@ -1,10 +1,20 @@
 //! The inbox store: undelivered RELIABLE messages per user, ordered by a
-//! per-inbox sequence number.
+//! per-inbox sequence number, and the id index that makes a resend of a
+//! client-given message id idempotent.
 //!
-//! The data model is the one a wide-column store wants: partition key
-//! `(app_id, user_id)`, clustering key `seq`, value the encoded
-//! [`InboxMessage`]. Every backend (the embedded redb store here, ScyllaDB
-//! later) implements [`Store`] and passes the same [`contract`] suite.
+//! The data model is the one a wide-column or relational store wants:
+//! partition key `(app_id, user_id)`, clustering key `seq`, value the encoded
+//! [`InboxMessage`]; the id index is keyed by `(app_id, sender, client id)`.
+//! [`Store`] promises only what such a shared database can give without a
+//! single writer (increasing, not gap-free, sequence numbers; follow-ups
+//! safe to write twice); [`contract`] is the suite every engine passes.
+//!
+//! The engine built in is [`FjallStore`]: an append-only inbox log of
+//! segment files with an in-memory index of the undelivered messages (the
+//! hot tier, where nearly every message is written once and removed moments
+//! later) in front of fjall, a log-structured merge tree, which keeps what
+//! stays undelivered and the id index past the log's life. One writer thread
+//! commits everything queued as one synced write (group commit).
 
 pub mod contract;
 #[cfg(test)]
@@ -15,13 +25,11 @@ mod hot;
 mod manifest;
 pub mod queue;
 pub mod queue_contract;
-mod redb_store;
 
 use async_trait::async_trait;
 pub use fjall_store::{FjallStore, FjallStoreOptions};
 use prost::Message;
 pub use queue::{FjallQueues, Queue, QueueDepth, QueueItem};
-pub use redb_store::{RedbStore, RedbStoreOptions};
 pub use switchboard_proto::mesh::InboxMessage;
 
 /// One user's inbox: the partition key.
@@ -72,8 +80,31 @@ pub type FollowUp = fn(&MessageHeader<'_>) -> Option<InboxMessage>;
 pub struct Removal {
     /// Sequence numbers of the messages that were still there.
     pub removed: Vec<u64>,
-    /// Follow-up messages appended, with their sequence numbers.
+    /// Follow-up messages this removal wrote, with their sequence numbers.
+    /// A follow-up another removal of the same message already wrote (a
+    /// retried or racing removal in a shared engine) may be listed again:
+    /// it is stored once, and pushing it twice is what at-least-once allows.
     pub appended: Vec<InboxMessage>,
+}
+
+/// What an append did with one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored under this sequence number of its inbox.
+    Stored(u64),
+    /// Its client id was already accepted from its sender within the id
+    /// window: not stored again.
+    Repeat,
+}
+
+impl Appended {
+    /// The sequence number it was stored under; `None` for a repeat.
+    pub fn seq(self) -> Option<u64> {
+        match self {
+            Appended::Stored(seq) => Some(seq),
+            Appended::Repeat => None,
+        }
+    }
 }
 
 /// A page of an inbox, oldest first.
@@ -112,16 +143,50 @@ pub enum StoreError {
     Invalid(String),
 }
 
-/// Persistence of inboxes.
+/// Persistence of inboxes: what an engine must give, and no more, so that
+/// an embedded engine with one writer and a shared database with many
+/// (ScyllaDB, PostgreSQL) can both keep it.
+///
+/// - **Sequence numbers** of an inbox strictly increase: the messages of one
+///   call in input order, and a message appended after another's append
+///   returned gets a higher number. They are never reused (also after the
+///   inbox was emptied, or a restart) and need not be gap-free: a failed or
+///   repeated write may consume numbers (the contract suite asserts increase,
+///   never gap-freedom). Readers page by `seq > after_seq`, so an engine
+///   whose appends commit concurrently must not show a number before the
+///   lower ones it has acknowledged.
+/// - **Idempotent sends**: a message appended with its client-id flag is
+///   indexed by `(app, from, id)` for the id window in the same durable write
+///   as the message; an append of the same key within the window is answered
+///   [`Appended::Repeat`] and not stored. The index is per sender.
+/// - **Follow-ups** (sender confirmations) are keyed by their id in their
+///   inbox: writing one twice stores it once. They need not be atomic with
+///   the removal that produced them; see [`Store::remove`] for the order a
+///   shared engine must use.
+/// - No engine type appears here: messages go in and out as
+///   [`InboxMessage`], stored bytes as `&[u8]`.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Appends each message to the inbox named by its `to` field and assigns
-    /// the next sequence number of that inbox (written into the returned
-    /// sequence list, in input order). Durable when it returns: a crash after
-    /// this point does not lose the messages. Sequence numbers are never
-    /// reused, also after the inbox was emptied.
-    async fn append(&self, app_id: &str, messages: &[InboxMessage])
-    -> Result<Vec<u64>, StoreError>;
+    /// Appends each message to the inbox named by its `to` field, returning
+    /// per message (in input order) the sequence number it got or
+    /// [`Appended::Repeat`]. Durable when it returns: a crash after this point
+    /// loses neither the messages nor their id index entries.
+    ///
+    /// `client_ids` is empty (no message carries a client-given id) or has
+    /// one flag per message. A flagged message is looked up by
+    /// `(app_id, from, id)` in the sender's id index: when that key was
+    /// accepted within the id window it is a repeat; otherwise the key is
+    /// indexed with the message. Several flagged messages with the same key
+    /// in one call are the copies of one send (a group message, one per
+    /// recipient): one index entry, all repeats or none; a second copy for
+    /// the same recipient is a repeat. Of concurrent appends of one key,
+    /// exactly one stores it.
+    async fn append(
+        &self,
+        app_id: &str,
+        messages: &[InboxMessage],
+        client_ids: &[bool],
+    ) -> Result<Vec<Appended>, StoreError>;
 
     /// Up to `limit` messages with `seq > after_seq`, oldest first, and how
     /// many more are stored after them.
@@ -133,11 +198,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<InboxPage, StoreError>;
 
     /// Removes messages by sequence number and returns those that were still
-    /// there (a second removal of the same message returns nothing, which is
-    /// what makes sender confirmations happen once). For each removed
-    /// message with a reference, `follow_up` may build a message (a sender confirmation) that
-    /// is appended — to the inbox its `to` names, same app — atomically with
-    /// the removal, so that a crash loses neither or both.
+    /// there (a second removal of the same message returns nothing). For each
+    /// removed message with a reference, `follow_up` may build a message (a
+    /// sender confirmation, keyed by the removed message's id) that is stored
+    /// in the inbox its `to` names, same app.
+    ///
+    /// A follow-up is stored once however many removals of its message run
+    /// (retried, or racing on several nodes), and a crash never loses it once
+    /// its message is gone. An engine may write the follow-up and the removal
+    /// as one atomic write (the embedded engine: one log frame, one sync), or
+    /// — a shared database without multi-partition transactions — must write
+    /// the follow-up **first**, as an insert keyed by (its inbox, its id) that
+    /// does nothing when the key exists, and the removal after it: a crash
+    /// between the two leaves the message, which is delivered and removed
+    /// again, and the second follow-up write finds the first.
     ///
     /// A removal without follow-ups need not be durable at once: a message
     /// that reappears after a crash is delivered again, which at-least-once
@@ -172,56 +246,6 @@ pub trait Store: Send + Sync + 'static {
     /// Finishes in-flight writes and releases the storage. Later calls fail
     /// with [`StoreError::Closed`].
     async fn close(&self) -> Result<(), StoreError>;
-}
-
-/// A message encoded for storage, on the caller's thread: the writer only
-/// assigns its sequence number (kept in the key, not in the value).
-pub(crate) struct Prepared {
-    pub(crate) to: String,
-    /// Whether it carries a reference: only such a message can have a
-    /// follow-up (see [`FollowUp`]), so a removal reads no other.
-    pub(crate) referenced: bool,
-    /// Encoded straight into the buffer the engines keep (no copy on the
-    /// writer thread).
-    pub(crate) value: fjall::Slice,
-}
-
-impl Prepared {
-    pub(crate) fn new(msg: &InboxMessage) -> Self {
-        // The seq lives in the key only.
-        let value = if msg.seq == 0 {
-            encode_value(msg)
-        } else {
-            encode_value(&InboxMessage {
-                seq: 0,
-                ..msg.clone()
-            })
-        };
-        Prepared {
-            to: msg.to.clone(),
-            referenced: !msg.reference.is_empty(),
-            value,
-        }
-    }
-}
-
-fn encode_value(msg: &InboxMessage) -> fjall::Slice {
-    let mut value = byteview::ByteView::with_size(msg.encoded_len());
-    let encoded = match value.get_mut() {
-        Some(mut buf) => {
-            let mut out: &mut [u8] = &mut buf;
-            // The buffer has exactly the encoded length.
-            msg.encode(&mut out).is_ok() && out.is_empty()
-        }
-        None => false,
-    };
-    if encoded {
-        fjall::Slice::from(value)
-    } else {
-        // Unreachable in practice (a fresh buffer has one owner, and the
-        // length is prost's own); the plain way.
-        fjall::Slice::from(msg.encode_to_vec())
-    }
 }
 
 /// The follow-up of a removed message's stored bytes: `None` without a

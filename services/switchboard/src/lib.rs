@@ -22,7 +22,7 @@ use switchboard_mesh::{
 use switchboard_metadata::{EtcdMetadata, Kind as MetadataKind, StaticMetadata};
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::RouterRole;
-use switchboard_store::{FjallStore, FjallStoreOptions, Queue, RedbStore, RedbStoreOptions, Store};
+use switchboard_store::{FjallStore, FjallStoreOptions, Queue, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -135,7 +135,7 @@ pub async fn serve(
             let opened = open_store(&config).with_context(|| {
                 format!("cannot open the store in {}", config.data_dir.display())
             })?;
-            (Some(opened.inbox), opened.queues)
+            (Some(opened.inbox), Some(opened.queues))
         }
         false => (None, None),
     };
@@ -557,8 +557,8 @@ impl NodePresence {
 /// What a delivery process opens in its data dir.
 struct OpenedStore {
     inbox: Arc<dyn Store>,
-    /// The durable queues (fjall only: the redb engine has none).
-    queues: Option<Arc<dyn Queue>>,
+    /// The durable queues, in the same database as the inboxes.
+    queues: Arc<dyn Queue>,
 }
 
 fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreError> {
@@ -573,26 +573,15 @@ fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreEr
                     cache_bytes: u64::try_from(cache_bytes).unwrap_or(u64::MAX),
                     hot_bytes: config.store.hot_mib.saturating_mul(1024 * 1024),
                     recover: config.store.recover,
+                    id_window: config.store.id_window,
                     ..FjallStoreOptions::default()
                 },
             )?;
             OpenedStore {
-                queues: Some(store.queues()),
+                queues: store.queues(),
                 inbox: Arc::new(store),
             }
         }
-        StoreEngine::Redb => OpenedStore {
-            queues: None,
-            inbox: Arc::new(RedbStore::open(
-                &config.data_dir,
-                RedbStoreOptions {
-                    max_batch: config.store.max_batch,
-                    sync_interval: Duration::from_micros(config.store.sync_interval_us),
-                    cache_bytes,
-                    ..RedbStoreOptions::default()
-                },
-            )?),
-        },
     })
 }
 

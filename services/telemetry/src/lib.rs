@@ -327,6 +327,10 @@ fn describe() {
         "Deliveries asked for again (a caller's retry after a failover) and answered without storing or pushing twice."
     );
     describe_counter!(
+        "switchboard_sends_repeated_total",
+        "RELIABLE messages whose client id the sender already had accepted within the id window: not stored or pushed again."
+    );
+    describe_counter!(
         "switchboard_slow_consumer_disconnects_total",
         "Connections closed because their send queue was full."
     );
