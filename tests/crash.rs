@@ -362,3 +362,40 @@ async fn mesh_channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
         .await
         .expect("connect to the mesh port")
 }
+
+/// A client resends a message it gave its own id, after the server was
+/// killed (-9) and restarted between the two sends: both sends are answered
+/// `MESSAGE_ACCEPTED` with that id, and the recipient gets the message once.
+#[tokio::test]
+async fn a_client_id_resent_after_kill_9_and_restart_reaches_the_recipient_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = ProcessNode::start(dir.path()).await;
+    let frame = |reference: &str| serde_json::json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"exactly once","id":"k9-resend"},"reference":reference});
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    ann.send(frame("before")).await;
+    let accepted = ann.recv_type("MESSAGE_ACCEPTED").await;
+    assert_eq!(accepted["data"]["id"], "k9-resend");
+    node.kill9();
+
+    let node = ProcessNode::start(dir.path()).await;
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    ann.send(frame("after")).await;
+    let again = ann.recv_type("MESSAGE_ACCEPTED").await;
+    assert_eq!(
+        (&again["data"]["id"], &again["reference"]),
+        (&serde_json::json!("k9-resend"), &serde_json::json!("after"))
+    );
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let (frames, lefts) = bob.fetch_all(100).await;
+    assert_eq!(lefts.last(), Some(&0));
+    let got: Vec<(&str, &str)> = frames
+        .iter()
+        .map(|f| {
+            (
+                f["data"]["id"].as_str().expect("id"),
+                f["data"]["content"].as_str().expect("content"),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("k9-resend", "exactly once")]);
+}

@@ -55,6 +55,7 @@ protocol_tests! {
     fetched_messages_have_distinct_ids;
     a_client_message_id_is_checked_and_becomes_the_message_id;
     a_client_message_id_belongs_to_its_sender;
+    a_resent_client_message_id_is_accepted_again_and_shown_once;
     pipelined_messages_keep_their_order_and_each_gets_its_answer => |c: &mut Config| {
         c.limits.messages_per_second = 10_000;
     };
@@ -443,6 +444,77 @@ async fn a_client_message_id_is_checked_and_becomes_the_message_id(node: Deploym
     }
     bob.expect_silence(QUIET).await;
     cy.expect_silence(QUIET).await;
+    node.shutdown().await;
+}
+
+/// A client that lost its connection resends what it had not seen
+/// accepted, with the same `data.id`: the resend is answered
+/// `MESSAGE_ACCEPTED` with that id, and nobody sees the message twice —
+/// online recipients, offline ones (who fetch it), group recipients.
+async fn a_resent_client_message_id_is_accepted_again_and_shown_once(node: Deployment) {
+    let url = node.url();
+    let mut ann = Client::login_with(&url, "demo-ann", true).await;
+    let mut bob = Client::login(&url, "demo-bob").await;
+    let mut cy = Client::login(&url, "demo-cy").await;
+    let direct = |reference: &str| json!({"type":"MESSAGE","data":{"to":"demo-bob","content":"once","id":"resend-1"},"reference":reference});
+
+    ann.send(direct("r1")).await;
+    let first = ann.recv_type("MESSAGE_ACCEPTED").await;
+    assert_eq!(first["data"]["id"], "resend-1");
+    let got = bob.recv_type("MESSAGE").await;
+    assert_eq!(
+        (&got["data"]["id"], &got["data"]["content"]),
+        (&json!("resend-1"), &json!("once"))
+    );
+
+    // The resend, on the same connection and on a new one without ack
+    // mode: each is answered as accepted, with the original id.
+    ann.send(direct("r2")).await;
+    let again = ann.recv_type("MESSAGE_ACCEPTED").await;
+    assert_eq!(
+        (&again["data"]["id"], &again["reference"]),
+        (&json!("resend-1"), &json!("r2"))
+    );
+    let mut ann2 = Client::login(&url, "demo-ann").await;
+    ann2.send(direct("r3")).await;
+    let third = ann2.recv_type("MESSAGE_ACCEPTED").await;
+    assert_eq!(
+        (&third["data"]["id"], &third["reference"]),
+        (&json!("resend-1"), &json!("r3"))
+    );
+    bob.expect_silence(QUIET).await;
+    ann2.expect_silence(QUIET).await;
+
+    // A group message: every recipient once.
+    let group = json!({"type":"GROUP_MESSAGE","data":{"to":["demo-bob","demo-cy"],"content":"all","id":"grp-1"},"reference":"g1"});
+    ann.send(group.clone()).await;
+    assert_eq!(
+        ann.recv_type("MESSAGE_ACCEPTED").await["data"]["id"],
+        "grp-1"
+    );
+    for c in [&mut bob, &mut cy] {
+        assert_eq!(c.recv_type("MESSAGE").await["data"]["id"], "grp-1");
+    }
+    ann.send(group).await;
+    assert_eq!(
+        ann.recv_type("MESSAGE_ACCEPTED").await["data"]["id"],
+        "grp-1"
+    );
+    bob.expect_silence(QUIET).await;
+    cy.expect_silence(QUIET).await;
+
+    // To an offline user: stored once, fetched once.
+    for reference in ["o1", "o2"] {
+        ann.send(json!({"type":"MESSAGE","data":{"to":"demo-dee","content":"later","id":"off-1"},"reference":reference}))
+            .await;
+        assert_eq!(
+            ann.recv_type("MESSAGE_ACCEPTED").await["data"]["id"],
+            "off-1"
+        );
+    }
+    let mut dee = Client::login(&url, "demo-dee").await;
+    let (frames, _) = dee.fetch_all(100).await;
+    assert_eq!(ids(&frames), ["off-1"]);
     node.shutdown().await;
 }
 
