@@ -412,10 +412,17 @@ impl DeliveryRole {
     /// The gateways of each (app, user), in order: one batch presence call
     /// per app (one in practice), each user asked once.
     async fn locate(&self, who: &[(&str, &str)]) -> Result<Vec<Vec<(String, u32)>>, DeliveryError> {
-        let mut found = vec![Vec::new(); who.len()];
-        if who.is_empty() {
-            return Ok(found);
+        let Some(&(first_app, _)) = who.first() else {
+            return Ok(Vec::new());
+        };
+        // The usual case, every user of one app (a route call carries one
+        // app's messages): one batch call, nothing to index. A user listed
+        // twice is looked up twice, in the same call.
+        if who.iter().all(|(app, _)| *app == first_app) {
+            let users: Vec<&str> = who.iter().map(|(_, user)| *user).collect();
+            return Ok(self.presence.gateways_batch(first_app, &users).await?);
         }
+        let mut found = vec![Vec::new(); who.len()];
         // app → (distinct users, the slot of each position's user).
         let mut by_app: HashMap<&str, (Vec<&str>, HashMap<&str, usize>)> = HashMap::new();
         for (app, user) in who {
