@@ -432,11 +432,7 @@ async fn a_process_with_the_wrong_mesh_secret_cannot_call_or_join() {
 
     // A direct mesh call without the secret is refused.
     let core = cluster.proc("core").mesh_addr;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{core}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = support::mesh_channel(core).await;
     let err = RouterClient::from_channel(channel)
         .route(pb::RouteRequest::default())
         .await
@@ -759,30 +755,12 @@ async fn a_resend_after_delivery_died_between_store_and_reply_is_stored_once() {
     );
     cluster.wait_ready().await;
     let credentials = || MeshCredentials::new(support::cluster::TEST_SECRET).expect("secret");
-    let mesh = |addr: std::net::SocketAddr| async move {
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect to the mesh port")
-    };
     let router = RouterClient::from_pool(Pool::fixed(
         "router",
-        mesh(cluster.proc("core").mesh_addr).await,
+        support::mesh_channel(cluster.proc("core").mesh_addr).await,
         credentials(),
     ));
-    let envelope = pb::Envelope {
-        id: "client-7".into(),
-        client_id: true,
-        app_id: "demo".into(),
-        from: "demo-ann".into(),
-        to: vec!["demo-bob".into()],
-        content: "exactly once".into(),
-        feature: pb::Feature::Reliable.into(),
-        kind: pb::MessageKind::Direct.into(),
-        ts: switchboard_mesh::now_ms(),
-        ..Default::default()
-    };
+    let envelope = support::client_id_envelope("client-7", "exactly once");
     let route = |envelope: pb::Envelope| {
         let router = router.clone();
         async move {
@@ -838,7 +816,7 @@ async fn a_resend_after_delivery_died_between_store_and_reply_is_stored_once() {
     assert_eq!(again.repeated, vec![0], "answered as a repeat");
     let delivery = DeliveryClient::from_pool(Pool::fixed(
         "delivery",
-        mesh(cluster.proc("delivery").mesh_addr).await,
+        support::mesh_channel(cluster.proc("delivery").mesh_addr).await,
         credentials(),
     ));
     let inbox = delivery

@@ -295,20 +295,9 @@ async fn a_resend_after_a_crash_between_store_and_reply_is_stored_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let failpoint = [("SWITCHBOARD_FAILPOINT", "delivery-after-append")];
     let mut node = ProcessNode::start_with_env(dir.path(), &failpoint).await;
-    let envelope = pb::Envelope {
-        id: "client-42".into(),
-        client_id: true,
-        app_id: "demo".into(),
-        from: "demo-ann".into(),
-        to: vec!["demo-bob".into()],
-        content: "exactly once".into(),
-        feature: pb::Feature::Reliable.into(),
-        kind: pb::MessageKind::Direct.into(),
-        ts: switchboard_mesh::now_ms(),
-        ..Default::default()
-    };
+    let envelope = support::client_id_envelope("client-42", "exactly once");
     let route = |mesh_addr, envelope: pb::Envelope| async move {
-        RouterClient::from_channel(mesh_channel(mesh_addr).await)
+        RouterClient::from_channel(support::mesh_channel(mesh_addr).await)
             .route(pb::RouteRequest {
                 envelope: Some(envelope),
             })
@@ -334,7 +323,7 @@ async fn a_resend_after_a_crash_between_store_and_reply_is_stored_once() {
         .await
         .expect("route after the restart");
     assert_eq!(again.repeated, vec![0], "answered as a repeat");
-    let inbox = DeliveryClient::from_channel(mesh_channel(node.mesh_addr).await)
+    let inbox = DeliveryClient::from_channel(support::mesh_channel(node.mesh_addr).await)
         .fetch(pb::FetchRequest {
             app_id: "demo".into(),
             user_id: "demo-bob".into(),
@@ -353,14 +342,6 @@ async fn a_resend_after_a_crash_between_store_and_reply_is_stored_once() {
     };
     let reply = route(node.mesh_addr, next).await.expect("route");
     assert!(reply.repeated.is_empty());
-}
-
-async fn mesh_channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect to the mesh port")
 }
 
 /// A client resends a message it gave its own id, after the server was

@@ -8,18 +8,10 @@ use support::{Client, TestNode};
 use switchboard::RemoteRoles;
 use switchboard_mesh::{AuthClient, ErrorCode, RouterClient, pb};
 
-async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect to the mesh port")
-}
-
 #[tokio::test]
 async fn gateway_uses_auth_and_router_of_another_process_over_grpc() {
     let core = TestNode::start().await;
-    let ch = channel(core.mesh_addr).await;
+    let ch = support::mesh_channel(core.mesh_addr).await;
     let edge = TestNode::start_with(
         |_| {},
         RemoteRoles {
@@ -46,7 +38,7 @@ async fn gateway_uses_auth_and_router_of_another_process_over_grpc() {
     assert_eq!(reply["data"]["isAuthenticated"], false);
 
     // Errors keep their protocol code across gRPC.
-    let router = RouterClient::from_channel(channel(core.mesh_addr).await);
+    let router = RouterClient::from_channel(support::mesh_channel(core.mesh_addr).await);
     let err = router
         .route(pb::RouteRequest {
             envelope: Some(pb::Envelope {
@@ -77,7 +69,8 @@ async fn gateway_uses_auth_and_router_of_another_process_over_grpc() {
 async fn a_repeated_deliver_call_delivers_once() {
     let node = TestNode::start().await;
     let mut bob = Client::login(&node.url(), "demo-bob").await;
-    let delivery = switchboard_mesh::DeliveryClient::from_channel(channel(node.mesh_addr).await);
+    let delivery =
+        switchboard_mesh::DeliveryClient::from_channel(support::mesh_channel(node.mesh_addr).await);
     let request = pb::DeliverRequest {
         envelopes: vec![pb::Envelope {
             id: switchboard_mesh::new_message_id(),
@@ -114,7 +107,7 @@ async fn a_resent_client_id_is_reported_repeated_and_shown_once() {
     let mut cat = Client::login(&node.url(), "demo-cat").await;
     // The sender's connection: the envelopes below come from another one.
     let mut ann = Client::login(&node.url(), "demo-ann").await;
-    let router = RouterClient::from_channel(channel(node.mesh_addr).await);
+    let router = RouterClient::from_channel(support::mesh_channel(node.mesh_addr).await);
     let envelope = |id: &str, kind: pb::MessageKind, to: &[&str]| pb::Envelope {
         id: id.into(),
         client_id: true,

@@ -506,3 +506,30 @@ pub fn close_code(closed: &Closed) -> Option<u16> {
         _ => None,
     }
 }
+
+/// A channel to a node's mesh port (plaintext, as the test nodes serve it).
+pub async fn mesh_channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to the mesh port")
+}
+
+/// A RELIABLE direct message from demo-ann to demo-bob whose id the client
+/// gave (`data.id`): indexed for idempotent resends.
+pub fn client_id_envelope(id: &str, content: &str) -> switchboard_mesh::pb::Envelope {
+    use switchboard_mesh::pb;
+    pb::Envelope {
+        id: id.into(),
+        client_id: true,
+        app_id: "demo".into(),
+        from: "demo-ann".into(),
+        to: vec!["demo-bob".into()],
+        content: content.into(),
+        feature: pb::Feature::Reliable.into(),
+        kind: pb::MessageKind::Direct.into(),
+        ts: switchboard_mesh::now_ms(),
+        ..Default::default()
+    }
+}

@@ -68,12 +68,21 @@ pub trait Presence: Send + Sync + 'static {
         app_id: &str,
         user_ids: &[&str],
     ) -> Result<Vec<Vec<(String, u32)>>, PresenceError> {
-        let mut out = Vec::with_capacity(user_ids.len());
-        for user_id in user_ids {
-            out.push(self.gateways(app_id, user_id).await?);
-        }
-        Ok(out)
+        one_by_one(self, app_id, user_ids).await
     }
+}
+
+/// [`Presence::gateways`] of each user in turn.
+async fn one_by_one<P: Presence + ?Sized>(
+    presence: &P,
+    app_id: &str,
+    user_ids: &[&str],
+) -> Result<Vec<Vec<(String, u32)>>, PresenceError> {
+    let mut out = Vec::with_capacity(user_ids.len());
+    for user_id in user_ids {
+        out.push(presence.gateways(app_id, user_id).await?);
+    }
+    Ok(out)
 }
 
 /// Users looked up in one round trip by [`Presence::gateways_batch`]; a
@@ -210,11 +219,7 @@ impl Presence for InMemoryPresence {
         // A few users (a delivery call's usual batch): one uncontended read
         // lock each costs less than sorting them by shard.
         if user_ids.len() <= FEW_USERS {
-            let mut out = Vec::with_capacity(user_ids.len());
-            for user_id in user_ids {
-                out.push(self.gateways(app_id, user_id).await?);
-            }
-            return Ok(out);
+            return one_by_one(self, app_id, user_ids).await;
         }
         let mut out = vec![Vec::new(); user_ids.len()];
         // Positions by shard: each shard's lock is taken once.
