@@ -184,7 +184,10 @@ fn main() -> anyhow::Result<()> {
 /// traces. Resource: `service.name` = `switchboard-<roles>`, instance id =
 /// node id, domain.
 fn init_telemetry(config: &Config) -> anyhow::Result<switchboard_telemetry::Telemetry> {
-    let filter = std::env::var("SWITCHBOARD_LOG").unwrap_or_else(|_| "info".to_owned());
+    // The storage engine's own info lines (one per keyspace it opens) say
+    // nothing an operator acts on.
+    let filter = std::env::var("SWITCHBOARD_LOG")
+        .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".to_owned());
     let roles: Vec<&str> = config.roles.iter().map(|r| r.as_str()).collect();
     let service_name = if config.roles.len() == switchboard_config::Role::ALL.len() {
         "switchboard-all".to_owned()
