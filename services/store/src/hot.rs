@@ -13,12 +13,14 @@
 //! *spill*), and the segment deleted after the tree is synced.
 //!
 //! A segment is a sequence of frames, one per committed batch:
-//! `len: u32 | xxh3(payload): u64 | payload`, all little-endian; a payload is
-//! records `APPEND prefix seq value`, `REMOVE prefix seq` and
-//! `CLIENT_ID key accepted_ms` (an id index entry, in the frame of the
-//! message it was accepted with). A frame is applied whole or not at all: a
-//! torn or corrupt frame ends the replay of its segment (it was never
-//! acknowledged, its sync did not return).
+//! `len: u32 | xxh3(payload, seed: segment id): u64 | payload | seal: u64`,
+//! all little-endian; a payload is records `APPEND prefix seq value`,
+//! `REMOVE prefix seq` and `CLIENT_ID key accepted_ms` (an id index entry,
+//! in the frame of the message it was accepted with). A frame is applied
+//! whole or not at all. Replay cuts a torn tail of the newest segment back
+//! to its last whole frame (and numbers continue above the high-water
+//! mark); any other frame that does not check is damage: the start is
+//! refused, or with `recover` the frame is skipped and the loss logged.
 //!
 //! Id index entries stay in memory while their segment lives and move into
 //! the tree with its retirement, whatever the segment's messages do: memory
@@ -802,6 +804,14 @@ impl HotLog {
                         dropped = torn,
                         "inbox log: torn tail cut back to the last whole frame"
                     );
+                }
+                if torn > 0 {
+                    // Usually a batch whose sync never returned; but damage
+                    // to the last frame's length or seal reads the same, and
+                    // that frame may have been acknowledged. Numbers go on
+                    // above the high-water mark either way (gaps are
+                    // allowed), so none can be given out twice.
+                    losses.any = true;
                 }
                 if cut {
                     // Not what a crash does to a preallocated file: the

@@ -384,7 +384,11 @@ impl Queue for FjallQueues {
             return Ok(0);
         }
         let queue = queue.to_owned();
-        let ids = ids.to_vec();
+        // An id acked twice in one call counts once (the batch is not
+        // committed while it is counted).
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
         self.blocking(move |inner| {
             let mut queues = inner.lock();
             let Some(state) = queues.get_mut(&queue) else {

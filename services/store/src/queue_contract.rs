@@ -92,6 +92,19 @@ pub async fn ack_removes_once(q: &dyn Queue) {
         0,
         "per queue"
     );
+    // An id repeated in one ack counts once: the rest stay and are taken.
+    q.enqueue("twice", payloads(0..2)).await.expect("enqueue");
+    let items = q.take("twice", 1, LONG).await.expect("take");
+    assert_eq!(
+        q.ack("twice", &[items[0].id, items[0].id])
+            .await
+            .expect("ack"),
+        1
+    );
+    assert_eq!(q.depth("twice").await.expect("depth"), 1);
+    let rest = q.take("twice", 10, LONG).await.expect("take");
+    assert_eq!(rest.len(), 1, "the other item is still handed out");
+    assert_eq!(number(&rest[0].payload), 1);
 }
 
 pub async fn depth_and_list_count_every_queue(q: &dyn Queue) {
