@@ -48,8 +48,10 @@ struct UnackedMap {
     /// id → seq.
     by_id: HashMap<String, u64>,
     /// Further messages whose id is already tracked: client ids are unique
-    /// per sender only, so two senders may pick the same one (rare). An ACK
-    /// of that id acknowledges all of them.
+    /// per sender only, so two senders may pick the same one. Each
+    /// occurrence of the id in an ACK acknowledges one of them, the oldest
+    /// first: an ACK of one message never takes another that the client
+    /// may not have read yet.
     shared_ids: Vec<(String, u64)>,
 }
 
@@ -85,21 +87,32 @@ impl Unacked {
     }
 
     /// The sequence numbers of the tracked messages among `ids`, no longer
-    /// tracked (ids not tracked are ignored).
+    /// tracked (ids not tracked are ignored): one message per occurrence of
+    /// an id, the oldest first.
     fn take(&self, ids: &[String]) -> Vec<u64> {
         let mut map = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut seqs: Vec<u64> = ids.iter().filter_map(|i| map.by_id.remove(i)).collect();
-        if !map.shared_ids.is_empty() {
-            map.shared_ids.retain(|(id, seq)| {
-                let acked = ids.contains(id);
-                if acked {
-                    seqs.push(*seq);
-                }
-                !acked
-            });
+        let mut seqs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(seq) = map.by_id.remove(id) else {
+                continue;
+            };
+            seqs.push(seq);
+            // Another sender's message with this id takes its place, for
+            // the id's next occurrence.
+            let next = map
+                .shared_ids
+                .iter()
+                .enumerate()
+                .filter(|(_, (shared, _))| shared == id)
+                .min_by_key(|(_, (_, seq))| *seq)
+                .map(|(at, _)| at);
+            if let Some(at) = next {
+                let (id, seq) = map.shared_ids.swap_remove(at);
+                map.by_id.insert(id, seq);
+            }
         }
         seqs
     }
