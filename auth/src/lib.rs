@@ -73,7 +73,8 @@ impl AuthRole {
     /// The apps of `metadata`, followed: every change there is in force
     /// for the next AUTH_CLIENT. With no app at all, the built-in
     /// development app `demo` stands in (as with a config file without
-    /// apps). `strict`: an app that cannot be used (unreadable key file,
+    /// apps) — until the first app appears: from then on no app means no
+    /// client gets in, never the development app. `strict`: an app that cannot be used (unreadable key file,
     /// invalid key) fails the start; otherwise it is left out with an
     /// error logged, and the other apps serve. Reloads are never strict:
     /// a bad record written while running must not take every app down.
@@ -81,6 +82,10 @@ impl AuthRole {
         // Subscribed before the first read: no change falls in between.
         let mut changes = metadata.changes();
         let apps = metadata.list_records::<AppConfig>().await?;
+        // Only a deployment that never had an app is served the development
+        // app: once apps exist, losing them all (the last one deleted,
+        // records no build can read) must not open an app without auth.
+        let mut had_apps = !apps.is_empty();
         let (followed, mut role_dropped) = tokio::sync::oneshot::channel::<()>();
         let role = Arc::new(AuthRole {
             apps: RwLock::new(Arc::new(build(or_demo(apps), strict)?)),
@@ -104,7 +109,18 @@ impl AuthRole {
                     let Some(role) = weak.upgrade() else { return };
                     match metadata.list_records::<AppConfig>().await {
                         Ok(apps) => {
-                            let registry = build(or_demo(apps), false).unwrap_or_default();
+                            had_apps |= !apps.is_empty();
+                            let apps = if had_apps {
+                                if apps.is_empty() {
+                                    tracing::error!(
+                                        "no apps left in the metadata: every client is refused until one is added"
+                                    );
+                                }
+                                apps
+                            } else {
+                                or_demo(apps)
+                            };
+                            let registry = build(apps, false).unwrap_or_default();
                             tracing::info!(apps = registry.len(), "apps reloaded");
                             *role
                                 .apps
@@ -455,6 +471,15 @@ mod tests {
             .await
             .expect("delete");
         eventually(&role, "late-app", "later-1", false).await;
+        // The last app deleted: nobody gets in, least of all through the
+        // development app (auth none).
+        metadata
+            .delete_record::<AppConfig>("broken")
+            .await
+            .expect("delete");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!verify(&role, "demo", "demo-1", "").await.authenticated);
+        metadata.put_record(&broken).await.expect("put again");
         // Strict start: the broken app is an error.
         assert!(matches!(
             AuthRole::follow(metadata.clone(), true).await,

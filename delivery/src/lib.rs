@@ -138,7 +138,10 @@ impl RecentDeliveries {
 
 fn delivery_key(envelope: &pb::Envelope) -> Option<DeliveryKey> {
     let to = envelope.to.first()?;
-    if envelope.id.is_empty() {
+    // A client-given id is the store's to judge (RELIABLE, within its id
+    // window); a FAST message with one is never a repeat, whatever id a
+    // client reuses.
+    if envelope.id.is_empty() || envelope.client_id {
         return None;
     }
     Some(digest(&envelope.app_id, &envelope.from, &envelope.id, to))
@@ -904,5 +907,29 @@ mod tests {
         // Inserting a known key again does not grow the order.
         recent.insert(key(RECENT_DELIVERIES + 9), 1);
         assert_eq!(recent.order.len(), RECENT_DELIVERIES);
+    }
+}
+
+#[cfg(test)]
+mod client_id_tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_are_left_to_the_store_not_the_retry_memory() {
+        let envelope = |client_id, feature: pb::Feature| pb::Envelope {
+            id: "typing".into(),
+            client_id,
+            app_id: "demo".into(),
+            from: "demo-ann".into(),
+            to: vec!["demo-bob".into()],
+            feature: feature.into(),
+            ..Default::default()
+        };
+        // Server-assigned ids: a repeat can only be a mesh retry.
+        assert!(delivery_key(&envelope(false, pb::Feature::Fast)).is_some());
+        // A client's id: the store's id index decides for RELIABLE, and a
+        // FAST message that reuses an id is delivered each time.
+        assert!(delivery_key(&envelope(true, pb::Feature::Fast)).is_none());
+        assert!(delivery_key(&envelope(true, pb::Feature::Reliable)).is_none());
     }
 }
