@@ -754,6 +754,9 @@ async fn a_resend_after_delivery_died_between_store_and_reply_is_stored_once() {
         &[("SWITCHBOARD_FAILPOINT", "delivery-after-append")],
     );
     cluster.wait_ready().await;
+    // The recipient is connected (ack mode: nothing leaves the inbox until
+    // he acknowledges it) on a gateway that outlives the delivery process.
+    let mut bob = Client::login_with(&cluster.url(), "demo-bob", true).await;
     let credentials = || MeshCredentials::new(support::cluster::TEST_SECRET).expect("secret");
     let router = RouterClient::from_pool(Pool::fixed(
         "router",
@@ -814,6 +817,16 @@ async fn a_resend_after_delivery_died_between_store_and_reply_is_stored_once() {
     cluster.wait_ready().await;
     let again = route_until_ok(envelope.clone()).await;
     assert_eq!(again.repeated, vec![0], "answered as a repeat");
+    // Its first push never went out (the process died before): the repeat
+    // pushes the stored message, once.
+    let pushed = loop {
+        let m = bob.recv_type("MESSAGE").await;
+        if m["data"]["id"] == "client-7" {
+            break m;
+        }
+    };
+    assert_eq!(pushed["data"]["content"], "exactly once");
+    bob.expect_silence(Duration::from_millis(500)).await;
     let delivery = DeliveryClient::from_pool(Pool::fixed(
         "delivery",
         support::mesh_channel(cluster.proc("delivery").mesh_addr).await,

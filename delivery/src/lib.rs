@@ -109,6 +109,10 @@ fn digest(app_id: &str, from: &str, id: &str, to: &str) -> DeliveryKey {
     h.digest()
 }
 
+/// Messages of a connected recipient's inbox searched for the stored copy
+/// of a repeated send, to push it again.
+const REPEAT_LOOKUP: usize = 256;
+
 /// Deliveries remembered for de-duplication.
 const RECENT_DELIVERIES: usize = 65_536;
 
@@ -365,6 +369,13 @@ impl DeliveryRole {
             .enumerate()
         {
             if is_repeat(i) {
+                // Still in the inbox (its first push may never have gone
+                // out: a crash between store and reply): pushed again, under
+                // its stored seq, which a connection that wrote it already
+                // drops.
+                if let Some(stored) = self.still_stored(&app, &msg).await {
+                    pushes.push(push_to_recipient(app, stored));
+                }
                 continue;
             }
             msg.seq = seq;
@@ -384,6 +395,25 @@ impl DeliveryRole {
         }
         self.push(pushes).await?;
         Ok(Delivered { seqs, repeated })
+    }
+
+    /// The stored copy of a repeated send in its recipient's inbox, when the
+    /// recipient is connected and the message is among the inbox's first
+    /// [`REPEAT_LOOKUP`] (an inbox that long belongs to a user who is not
+    /// reading it live). Repeats are rare: a resend after a lost answer.
+    async fn still_stored(&self, app: &str, msg: &pb::InboxMessage) -> Option<pb::InboxMessage> {
+        let online = self.presence.gateways(app, &msg.to).await.ok()?;
+        if online.is_empty() {
+            return None;
+        }
+        let page = self
+            .store
+            .fetch(&InboxKey::new(app, msg.to.clone()), 0, REPEAT_LOOKUP)
+            .await
+            .ok()?;
+        page.messages
+            .into_iter()
+            .find(|m| m.id == msg.id && m.from == msg.from)
     }
 
     /// For each original, whether its sender has a connection other than
