@@ -175,6 +175,23 @@ fn an_invalid_file_is_refused_without_etcd_and_a_missing_etcd_is_named() {
         !ok && out.contains("link a - a: a domain cannot link to itself"),
         "{out}"
     );
+    let huge = dir.path().join("huge.yaml");
+    std::fs::write(&huge, "#".repeat(1024 * 1024 + 1)).expect("write");
+    let (ok, out) = topology(
+        "http://127.0.0.1:9",
+        "/x/",
+        &["apply", &huge.to_string_lossy()],
+    );
+    assert!(!ok && out.contains("at most 1048576"), "{out}");
+    let (ok, out) = topology(
+        "http://127.0.0.1:9",
+        "/x/",
+        &["apply", "/nonexistent/t.yaml"],
+    );
+    assert!(
+        !ok && out.contains("cannot read /nonexistent/t.yaml"),
+        "{out}"
+    );
     let (ok, out) = topology("http://127.0.0.1:9", "/x/", &["show"]);
     assert!(
         !ok && out.contains("cannot read /x/topology/current")

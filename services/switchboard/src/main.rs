@@ -450,6 +450,16 @@ async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
         TopologyAction::Apply { file } => {
             // Checked before etcd is dialled: a bad file is reported the
             // same with etcd down.
+            // The record must fit one etcd request (1.5 MiB by default).
+            const MAX_FILE: u64 = 1024 * 1024;
+            let size = std::fs::metadata(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .len();
+            anyhow::ensure!(
+                size <= MAX_FILE,
+                "{} is {size} bytes; a topology file is at most {MAX_FILE} (it is stored as one etcd record)",
+                file.display()
+            );
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let (topology, network) =
