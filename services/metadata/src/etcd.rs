@@ -36,6 +36,17 @@ impl EtcdMetadata {
     /// Connects and starts following every kind under `prefix` (the
     /// deployment's key prefix, e.g. `/switchboard/`).
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, MetadataError> {
+        Self::connect_kinds(endpoints, prefix, &Kind::ALL).await
+    }
+
+    /// Connects and follows only `kinds` under `prefix` (the federation's
+    /// shared prefix holds the topology and nothing else). The other kinds
+    /// can still be read and written; their changes are not notified.
+    pub async fn connect_kinds(
+        endpoints: &[String],
+        prefix: &str,
+        kinds: &[Kind],
+    ) -> Result<Self, MetadataError> {
         let joined = endpoints.join(",");
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(500))
@@ -48,7 +59,7 @@ impl EtcdMetadata {
             changes: broadcast::channel(CHANGES_BUFFER).0,
             stop: CancellationToken::new(),
         };
-        for kind in Kind::ALL {
+        for &kind in kinds {
             // Changes after this revision are the watch's: none is missed
             // between connecting and the watch's start.
             let mut c = me.client.clone();

@@ -1,7 +1,7 @@
 //! Control-plane metadata: the records every process of a deployment must
-//! agree on and an operator changes while it runs. Client apps now; the
-//! domain topology (federation) and API keys (public API) are the next
-//! kinds.
+//! agree on and an operator changes while it runs. Client apps, and the
+//! federation topology (one record for the whole network of domains,
+//! under a prefix all domains share); API keys (public API) are next.
 //!
 //! One trait, [`Metadata`]: get / list / put / delete of records by
 //! [`Kind`] and key, values as JSON, and a stream of [`Change`]s. Two
@@ -56,17 +56,25 @@ pub enum MetadataError {
 pub enum Kind {
     /// Client apps ([`switchboard_config::AppConfig`]), keyed by app id.
     Apps,
+    /// The federation topology ([`switchboard_topology::Topology`]): one
+    /// record, key [`TOPOLOGY_KEY`], under the federation's shared prefix
+    /// ([`switchboard_topology::DEFAULT_PREFIX`] by default).
+    Topology,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 1] = [Kind::Apps];
+    pub const ALL: [Kind; 2] = [Kind::Apps, Kind::Topology];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Apps => "apps",
+            Kind::Topology => "topology",
         }
     }
 }
+
+/// The key of the one topology record: `<prefix>topology/current`.
+pub const TOPOLOGY_KEY: &str = "current";
 
 impl std::fmt::Display for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,6 +136,22 @@ impl Record for switchboard_config::AppConfig {
 
     fn check(&self) -> Result<(), String> {
         self.validate().map_err(|e| e.to_string())
+    }
+}
+
+/// The whole topology is one record: an `apply` replaces it atomically,
+/// and no reader ever sees half of a change.
+impl Record for switchboard_topology::Topology {
+    const KIND: Kind = Kind::Topology;
+
+    fn key(&self) -> &str {
+        TOPOLOGY_KEY
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.check()
+            .map(|_| ())
+            .map_err(|problems| problems.to_string())
     }
 }
 
@@ -300,6 +324,34 @@ mod tests {
     #[tokio::test]
     async fn static_metadata_keeps_the_contract() {
         contract::run_all(&StaticMetadata::default()).await;
+    }
+
+    #[tokio::test]
+    async fn a_topology_is_one_record_and_an_invalid_one_is_refused() {
+        use switchboard_topology::Topology;
+        let m = StaticMetadata::default();
+        let ring = include_str!("../../../deploy/federation/ring.yaml");
+        let topology = Topology::from_yaml(ring).expect("ring");
+        m.put_record(&topology).await.expect("put");
+        let keys: Vec<String> = m
+            .list(Kind::Topology)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, vec![TOPOLOGY_KEY.to_owned()]);
+        let mut broken = topology.clone();
+        broken.domain_links[0].n2 = "domain-99".into();
+        broken.domain_links[1].weight = 0;
+        let err = m.put_record(&broken).await.expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("no domain named \"domain-99\"") && text.contains("weight 0"),
+            "{text}"
+        );
+        let stored: Option<Topology> = m.get_record(TOPOLOGY_KEY).await.expect("get");
+        assert_eq!(stored, Some(topology));
     }
 
     #[tokio::test]

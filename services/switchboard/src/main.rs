@@ -45,6 +45,10 @@ enum Command {
     /// list them, put (add or replace) the apps of a TOML file, delete.
     /// Running auth processes follow the change within a second.
     Apps(AppsArgs),
+    /// The federation topology in etcd (docs/federation.md): apply a YAML
+    /// file (checked first: an invalid file writes nothing), show the
+    /// domains, links and the route from each domain to every other.
+    Topology(TopologyArgs),
     /// Print the version.
     Version,
 }
@@ -143,6 +147,30 @@ enum AppsAction {
     },
 }
 
+#[derive(clap::Args)]
+struct TopologyArgs {
+    #[command(subcommand)]
+    action: TopologyAction,
+    /// etcd endpoints, comma-separated, e.g. http://127.0.0.1:2379
+    /// [env: SWITCHBOARD_ETCD]
+    #[arg(long, global = true, env = "SWITCHBOARD_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The key prefix every domain of the federation shares
+    #[arg(long, global = true, default_value = switchboard_topology::DEFAULT_PREFIX)]
+    prefix: String,
+}
+
+#[derive(Subcommand)]
+enum TopologyAction {
+    /// Checks FILE (YAML: domains, domainLinks, clientApps) and, when it
+    /// has no problem, replaces the stored topology with it. Every problem
+    /// is listed and nothing is written otherwise.
+    Apply { file: PathBuf },
+    /// Domains, links with their weight and state, apps, and the route
+    /// from each domain to every other (next hop, path, cost).
+    Show,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -172,6 +200,10 @@ fn main() -> anyhow::Result<()> {
         Command::Apps(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(apps(args))
+        }
+        Command::Topology(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(topology(args))
         }
         Command::Run(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -400,6 +432,159 @@ async fn apps(args: AppsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
+    use switchboard_metadata::{EtcdMetadata, Kind, MetadataExt, TOPOLOGY_KEY};
+    use switchboard_topology::{LinkState, Topology};
+
+    anyhow::ensure!(
+        !args.etcd.is_empty(),
+        "no etcd: give --etcd URLS (or SWITCHBOARD_ETCD); the topology lives there"
+    );
+    let prefix = &args.prefix;
+    anyhow::ensure!(
+        prefix.starts_with('/') && prefix.ends_with('/') && prefix.len() > 1,
+        "--prefix {prefix:?} must start and end with '/', e.g. {}",
+        switchboard_topology::DEFAULT_PREFIX
+    );
+    let at = format!("{prefix}{}/{TOPOLOGY_KEY}", Kind::Topology);
+    match args.action {
+        TopologyAction::Apply { file } => {
+            // Checked before etcd is dialled: a bad file is reported the
+            // same with etcd down.
+            // The record must fit one etcd request (1.5 MiB by default).
+            const MAX_FILE: u64 = 1024 * 1024;
+            let size = std::fs::metadata(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .len();
+            anyhow::ensure!(
+                size <= MAX_FILE,
+                "{} is {size} bytes; a topology file is at most {MAX_FILE} (it is stored as one etcd record)",
+                file.display()
+            );
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let (topology, network) =
+                Topology::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let metadata = EtcdMetadata::connect_kinds(&args.etcd, prefix, &[])
+                .await
+                .with_context(|| format!("cannot reach etcd at {}", args.etcd.join(",")))?;
+            let before: Option<Topology> = metadata.get_record(TOPOLOGY_KEY).await.ok().flatten();
+            if before.as_ref() == Some(&topology) {
+                println!("unchanged: {at} already holds this topology");
+                return Ok(());
+            }
+            metadata
+                .put_record(&topology)
+                .await
+                .with_context(|| format!("cannot write {at}"))?;
+            println!(
+                "applied {} to {at}: domains={} links={} apps={}",
+                file.display(),
+                network.domains().len(),
+                network.links().count(),
+                topology.client_apps.len()
+            );
+        }
+        TopologyAction::Show => {
+            let metadata = EtcdMetadata::connect_kinds(&args.etcd, prefix, &[])
+                .await
+                .with_context(|| format!("cannot reach etcd at {}", args.etcd.join(",")))?;
+            let stored = metadata
+                .get_record::<Topology>(TOPOLOGY_KEY)
+                .await
+                .with_context(|| format!("cannot read {at}"))?;
+            let Some(topology) = stored else {
+                println!(
+                    "no topology at {at}: write one with `switchboard topology apply --etcd URLS FILE.yaml`"
+                );
+                return Ok(());
+            };
+            let network = topology.check().map_err(|problems| {
+                anyhow::anyhow!("the topology at {at} cannot be used: {problems}")
+            })?;
+            print!("{}", show(&topology, &network, &LinkState::all_up()));
+        }
+    }
+    Ok(())
+}
+
+/// What `topology show` prints. Link state is "unknown" until domains
+/// publish it (a later step): routes are computed with every link up.
+fn show(
+    topology: &switchboard_topology::Topology,
+    network: &switchboard_topology::Network,
+    up: &switchboard_topology::LinkState,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let domains = network.domains();
+    let width = domains.iter().map(|d| d.name.len()).max().unwrap_or(0);
+    let _ = writeln!(out, "domains ({})", domains.len());
+    for d in domains {
+        let _ = writeln!(
+            out,
+            "  {:width$}  federation={}  client={}",
+            d.name, d.federation, d.client
+        );
+    }
+    let _ = writeln!(out, "links ({})", network.links().count());
+    for (a, b, weight) in network.links() {
+        let _ = writeln!(out, "  {a} - {b}  weight={weight}  state=unknown");
+    }
+    let _ = writeln!(out, "apps ({})", topology.client_apps.len());
+    for app in &topology.client_apps {
+        let mut rules: Vec<String> = app
+            .user_distributions
+            .iter()
+            .map(|r| match r.to {
+                Some(to) => format!("{}:{}-{to}", r.domain_name, r.from),
+                None => format!("{}:{}-", r.domain_name, r.from),
+            })
+            .collect();
+        if !app.users.is_empty() {
+            rules.push(format!("{} listed one by one", app.users.len()));
+        }
+        if !app.hash_domains.is_empty() {
+            rules.push(format!("others hashed over {}", app.hash_domains.join(",")));
+        }
+        let _ = writeln!(
+            out,
+            "  {}  appId={}  auth={}  users: {}",
+            app.app_name,
+            app.app_id,
+            if app.auth_enabled { "on" } else { "off" },
+            rules.join(", ")
+        );
+    }
+    let _ = writeln!(out, "routes (link state unknown: every link taken as up)");
+    for from in domains {
+        let table = network.routes_from(&from.name, up).unwrap_or_default();
+        for to in domains.iter().filter(|d| d.name != from.name) {
+            match table.get(&to.name) {
+                Some(r) => {
+                    let _ = writeln!(
+                        out,
+                        "  {:width$} -> {:width$}  next={}  path={}  cost={}",
+                        from.name,
+                        to.name,
+                        r.next,
+                        r.path.join(">"),
+                        r.cost
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "  {:width$} -> {:width$}  unreachable",
+                        from.name, to.name
+                    );
+                }
+            }
+        }
+    }
+    out
 }
 
 async fn shutdown_signal() {
