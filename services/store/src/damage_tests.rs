@@ -371,6 +371,26 @@ async fn a_deleted_manifest_refuses_the_start() {
 }
 
 #[tokio::test]
+async fn a_deleted_log_directory_refuses_the_start_and_numbers_stay_new() {
+    // Nothing of the log is left to say it existed: the tree's high-water
+    // mark does.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sent = write_messages(dir.path()).await;
+    std::fs::remove_dir_all(log_dir(dir.path())).expect("delete the log");
+    let (file, offset, text) = refused(dir.path());
+    assert_eq!(
+        (file, offset),
+        (log_dir(dir.path()).join(manifest::FILE), 0)
+    );
+    assert!(text.contains("deleted or lost"), "{text}");
+    let (store, log) = recover(dir.path());
+    assert!(log.contains("deleted or lost"), "{log}");
+    // What was only in the log is gone; no number given out is reused.
+    next_seqs_are_new(&store, &mut sent).await;
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
 async fn a_log_from_before_the_manifest_is_read_as_it_was() {
     // Frames without seals and no manifest: a data dir written before
     // this version. Its messages are read, and a manifest begins.

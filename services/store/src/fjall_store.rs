@@ -359,7 +359,9 @@ impl FjallStore {
             max_segments: usize::try_from(segments).unwrap_or(usize::MAX).max(64),
         };
         let tree = inbox.clone();
-        let recovered = HotLog::open(
+        let manifest = data_dir.join("inbox.log").join(crate::manifest::FILE);
+        let manifest_found = manifest.exists();
+        let mut recovered = HotLog::open(
             &data_dir.join("inbox.log"),
             hot_options,
             options.recover,
@@ -367,6 +369,23 @@ impl FjallStore {
         )?;
         let mark = read_u64(&meta, SEQ_MARK)?;
         let mut floor = read_u64(&meta, SEQ_FLOOR)?;
+        if mark > 0 && !manifest_found {
+            // The tree says numbers were given out, so a log existed (its
+            // manifest is written before the first number): the log
+            // directory was deleted or lost with whatever it held.
+            let detail = format!(
+                "the inbox log's manifest is missing, but sequence numbers up to {mark} were given out: the log was deleted or lost"
+            );
+            if !options.recover {
+                return Err(StoreError::Damaged {
+                    file: manifest,
+                    offset: 0,
+                    detail,
+                });
+            }
+            tracing::error!(file = %manifest.display(), "store recovery: {detail}");
+            recovered.lost = true;
+        }
         if recovered.lost {
             // Every number given out is at most the mark. A store written
             // before the mark existed has none: the log's highest number
