@@ -1286,11 +1286,14 @@ fn release(segments: &mut VecDeque<Segment>, id: u64) {
     let Some(oldest) = segments.front().map(|s| s.id) else {
         return;
     };
-    let at = id.checked_sub(oldest).and_then(|d| usize::try_from(d).ok());
-    if let Some(seg) = at
-        .and_then(|at| segments.get_mut(at))
-        .filter(|s| s.id == id)
-    {
+    // Ids are consecutive, except after a recovering start skipped a
+    // missing segment: then the segment is searched for.
+    let at = id
+        .checked_sub(oldest)
+        .and_then(|d| usize::try_from(d).ok())
+        .filter(|&at| segments.get(at).is_some_and(|s| s.id == id))
+        .or_else(|| segments.iter().position(|s| s.id == id));
+    if let Some(seg) = at.and_then(|at| segments.get_mut(at)) {
         seg.live = seg.live.saturating_sub(1);
     }
 }
@@ -1361,6 +1364,24 @@ fn fill_zeros(file: &mut File, bytes: u64) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_release_finds_its_segment_past_a_skipped_one() {
+        // Segment 2 was missing at a recovering start: 1, 3, 4 remain.
+        let mut segments: VecDeque<Segment> = [1, 3, 4]
+            .into_iter()
+            .map(|id| {
+                let mut s = Segment::new(id, 0);
+                s.live = 2;
+                s
+            })
+            .collect();
+        release(&mut segments, 4);
+        release(&mut segments, 3);
+        release(&mut segments, 2);
+        let live: Vec<(u64, usize)> = segments.iter().map(|s| (s.id, s.live)).collect();
+        assert_eq!(live, [(1, 2), (3, 1), (4, 1)]);
+    }
 
     /// Frames of segment 5 whose payloads are single REMOVE records.
     fn segment(n: usize) -> (Vec<u8>, Vec<usize>) {
