@@ -623,19 +623,10 @@ async fn deploy_local_script_starts_and_stops_a_full_cluster() {
 /// `switchboard apps ARGS` against a cluster's etcd prefix: (success, stdout
 /// and stderr).
 fn apps_cli(etcd: &str, prefix: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("apps")
-        .args(args)
-        .args(["--etcd", etcd, "--key-prefix", prefix])
-        .env("SWITCHBOARD_LOG", "warn")
-        .output()
-        .expect("run switchboard apps");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut all = vec!["apps"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--etcd", etcd, "--key-prefix", prefix]);
+    support::switchboard_cli(&all)
 }
 
 /// Whether `user` of `app` gets in through `url` (auth none).
@@ -832,16 +823,8 @@ async fn a_resend_after_delivery_died_between_store_and_reply_is_stored_once() {
         support::mesh_channel(cluster.proc("delivery").mesh_addr).await,
         credentials(),
     ));
-    let inbox = delivery
-        .fetch(pb::FetchRequest {
-            app_id: "demo".into(),
-            user_id: "demo-bob".into(),
-            count: 100,
-            after_seq: 0,
-        })
-        .await
-        .expect("fetch");
-    let ids: Vec<&str> = inbox.messages.iter().map(|m| m.id.as_str()).collect();
+    let inbox = support::bob_inbox(&delivery).await;
+    let ids: Vec<&str> = inbox.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["client-7"], "stored exactly once");
     cluster.shutdown().await;
 }

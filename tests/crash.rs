@@ -323,18 +323,11 @@ async fn a_resend_after_a_crash_between_store_and_reply_is_stored_once() {
         .await
         .expect("route after the restart");
     assert_eq!(again.repeated, vec![0], "answered as a repeat");
-    let inbox = DeliveryClient::from_channel(support::mesh_channel(node.mesh_addr).await)
-        .fetch(pb::FetchRequest {
-            app_id: "demo".into(),
-            user_id: "demo-bob".into(),
-            count: 100,
-            after_seq: 0,
-        })
-        .await
-        .expect("fetch");
-    let ids: Vec<&str> = inbox.messages.iter().map(|m| m.id.as_str()).collect();
+    let delivery = DeliveryClient::from_channel(support::mesh_channel(node.mesh_addr).await);
+    let inbox = support::bob_inbox(&delivery).await;
+    let ids: Vec<&str> = inbox.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["client-42"], "stored exactly once");
-    assert_eq!(inbox.messages[0].content, "exactly once");
+    assert_eq!(inbox[0].content, "exactly once");
     // A new client id is stored as usual.
     let next = pb::Envelope {
         id: "client-43".into(),

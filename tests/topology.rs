@@ -2,8 +2,10 @@
 //! `scripts/test.sh` starts (`SWITCHBOARD_TEST_ETCD`), in a prefix of
 //! the test's own: what an operator runs and reads.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use switchboard_metadata::{EtcdMetadata, Kind, Metadata, TOPOLOGY_KEY};
 
@@ -14,19 +16,10 @@ fn ring_file() -> PathBuf {
 /// Runs `switchboard topology ARGS --etcd ETCD --prefix PREFIX`: success
 /// and stdout + stderr.
 fn topology(etcd: &str, prefix: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("topology")
-        .args(args)
-        .args(["--etcd", etcd, "--prefix", prefix])
-        .env("SWITCHBOARD_LOG", "warn")
-        .output()
-        .expect("run switchboard topology");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut all = vec!["topology"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--etcd", etcd, "--prefix", prefix]);
+    support::switchboard_cli(&all)
 }
 
 fn fresh_prefix() -> String {

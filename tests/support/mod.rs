@@ -533,3 +533,36 @@ pub fn client_id_envelope(id: &str, content: &str) -> switchboard_mesh::pb::Enve
         ..Default::default()
     }
 }
+
+/// Runs the `switchboard` binary with `args` (an operator's command such as
+/// `apps list` or `topology show`): success, and stdout + stderr.
+pub fn switchboard_cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(args)
+        .env("SWITCHBOARD_LOG", "warn")
+        .output()
+        .expect("run switchboard");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// demo-bob's stored messages, oldest first (up to 100), read from a
+/// delivery role over the mesh.
+pub async fn bob_inbox(
+    delivery: &switchboard_mesh::DeliveryClient,
+) -> Vec<switchboard_mesh::pb::InboxMessage> {
+    delivery
+        .fetch(switchboard_mesh::pb::FetchRequest {
+            app_id: "demo".into(),
+            user_id: "demo-bob".into(),
+            count: 100,
+            after_seq: 0,
+        })
+        .await
+        .expect("fetch")
+        .messages
+}
