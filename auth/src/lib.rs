@@ -34,6 +34,7 @@ pub enum AuthError {
     Metadata(#[from] MetadataError),
 }
 
+#[derive(Clone)]
 struct RegisteredApp {
     config: AppConfig,
     hs256: Option<DecodingKey>,
@@ -47,6 +48,9 @@ pub struct AuthRole {
     /// Replaced whole when the apps change; a check holds the one it began
     /// with.
     apps: RwLock<Arc<Registry>>,
+    /// The apps of the federation's topology (every domain serves them);
+    /// an app of this deployment's own with the same id wins.
+    federated: RwLock<Arc<Registry>>,
     /// Dropped with the role: the task following the apps (if any) ends.
     _followed: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -66,6 +70,7 @@ impl AuthRole {
     pub fn new(apps: Vec<AppConfig>) -> Result<Self, AuthError> {
         Ok(AuthRole {
             apps: RwLock::new(Arc::new(build(apps, true)?)),
+            federated: RwLock::default(),
             _followed: None,
         })
     }
@@ -89,6 +94,7 @@ impl AuthRole {
         let (followed, mut role_dropped) = tokio::sync::oneshot::channel::<()>();
         let role = Arc::new(AuthRole {
             apps: RwLock::new(Arc::new(build(or_demo(apps), strict)?)),
+            federated: RwLock::default(),
             _followed: Some(followed),
         });
         let weak: Weak<AuthRole> = Arc::downgrade(&role);
@@ -151,6 +157,38 @@ impl AuthRole {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Replaces the apps of the federation's topology. An app whose
+    /// `authEnabled` is set is served with token checks only where this
+    /// domain's own config gives the same app id a key.
+    pub fn set_federated_apps(&self, apps: Vec<AppConfig>) {
+        let registry = build(apps, false).unwrap_or_default();
+        tracing::info!(
+            apps = registry.len(),
+            "apps of the federation topology in force"
+        );
+        *self
+            .federated
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(registry);
+    }
+
+    /// The app `app_id`: this deployment's own, else the federation's. The
+    /// built-in development app is not served once a federation has apps.
+    fn app(&self, app_id: &str) -> Option<RegisteredApp> {
+        let own = self.registry();
+        let federated = self
+            .federated
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match own.get(app_id) {
+            Some(app) if federated.is_empty() || app.config != AppConfig::demo() => {
+                Some(app.clone())
+            }
+            _ => federated.get(app_id).cloned(),
+        }
     }
 
     fn check_jwt(app: &RegisteredApp, user_id: &str, token: &str) -> Result<(), String> {
@@ -261,10 +299,10 @@ impl switchboard_mesh::Auth for AuthRole {
         &self,
         req: pb::VerifyClientRequest,
     ) -> Result<pb::VerifyClientReply, ServiceError> {
-        let apps = self.registry();
-        let Some(app) = apps.get(&req.app_id) else {
+        let Some(app) = self.app(&req.app_id) else {
             return Ok(refuse("unknown appId"));
         };
+        let app = &app;
         let prefix_ok = req
             .user_id
             .strip_prefix(app.config.name.as_str())
@@ -275,6 +313,11 @@ impl switchboard_mesh::Auth for AuthRole {
                 "userId must be {}-<id> for this app",
                 app.config.name
             )));
+        }
+        if app.config.auth == AuthMode::Jwt && app.hs256.is_none() && app.rs256.is_none() {
+            return Ok(refuse(
+                "this app requires authentication and this domain has no key to check its tokens",
+            ));
         }
         if app.config.auth == AuthMode::Jwt
             && let Err(reason) = Self::check_jwt(app, &req.user_id, &req.token)
@@ -291,9 +334,8 @@ impl switchboard_mesh::Auth for AuthRole {
     }
 
     async fn get_app(&self, req: pb::GetAppRequest) -> Result<pb::App, ServiceError> {
-        let apps = self.registry();
-        let app = apps
-            .get(&req.app_id)
+        let app = self
+            .app(&req.app_id)
             .ok_or_else(|| ServiceError::new(ErrorCode::InvalidRecipient, "unknown appId"))?;
         Ok(pb::App {
             app_id: app.config.app_id.clone(),

@@ -43,6 +43,20 @@ pub struct DeliveryRole {
     metrics: Metrics,
     /// Test only: abort the process right after a store append returns.
     abort_after_append: bool,
+    /// Where messages for users of other domains go (federation); set once
+    /// the router's federation exists.
+    onward: std::sync::OnceLock<Arc<dyn Onward>>,
+}
+
+/// Users of other domains, for messages this role creates itself (sender
+/// confirmations): the federation's side of delivery.
+#[async_trait]
+pub trait Onward: Send + Sync + 'static {
+    /// Whether `user_id` of `app_id` lives in another domain.
+    fn is_remote(&self, app_id: &str, user_id: &str) -> bool;
+    /// Hands the envelopes on toward their home domains; durable (in a link
+    /// outbox) when it returns.
+    async fn forward(&self, envelopes: Vec<pb::Envelope>) -> Result<(), ServiceError>;
 }
 
 /// The environment variable naming a failpoint, and the value that makes
@@ -176,6 +190,7 @@ fn inbox_message(envelope: &pb::Envelope, to: &str) -> pb::InboxMessage {
         ts: envelope.ts,
         seq: 0,
         feature: envelope.feature,
+        hops: Vec::new(),
     }
 }
 
@@ -194,6 +209,7 @@ fn into_inbox_message(envelope: pb::Envelope) -> Option<(String, pb::InboxMessag
         ts: envelope.ts,
         seq: 0,
         feature: envelope.feature,
+        hops: envelope.hops,
     };
     Some((envelope.app_id, msg))
 }
@@ -232,7 +248,64 @@ impl DeliveryRole {
             // Read once here, not per message.
             abort_after_append: std::env::var(FAILPOINT_ENV)
                 .is_ok_and(|v| v == FAILPOINT_AFTER_APPEND),
+            onward: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sends sender confirmations of users homed in other domains there
+    /// (federation). Set once; later calls are ignored.
+    pub fn set_onward(&self, onward: Arc<dyn Onward>) {
+        let _ = self.onward.set(onward);
+    }
+
+    /// Of follow-up messages just stored here, hands those whose recipient
+    /// lives in another domain on, and then removes them from the inbox
+    /// here (they were stored first, so none is lost if handing on fails:
+    /// it stays here, logged). Returns the ones to push here.
+    async fn send_onward(
+        &self,
+        app_id: &str,
+        messages: Vec<pb::InboxMessage>,
+    ) -> Vec<pb::InboxMessage> {
+        let Some(onward) = self.onward.get() else {
+            return messages;
+        };
+        let (remote, local): (Vec<_>, Vec<_>) = messages
+            .into_iter()
+            .partition(|m| onward.is_remote(app_id, &m.to));
+        if remote.is_empty() {
+            return local;
+        }
+        let envelopes = remote
+            .iter()
+            .map(|m| pb::Envelope {
+                id: m.id.clone(),
+                app_id: app_id.to_owned(),
+                from: m.from.clone(),
+                to: vec![m.to.clone()],
+                group: m.group.clone(),
+                content: m.content.clone(),
+                reference: m.reference.clone(),
+                feature: m.feature,
+                kind: m.kind,
+                ts: m.ts,
+                ..Default::default()
+            })
+            .collect();
+        match onward.forward(envelopes).await {
+            Ok(()) => {
+                for m in &remote {
+                    let inbox = InboxKey::new(app_id, m.to.as_str());
+                    if let Err(e) = self.store.remove(&inbox, &[m.seq], None).await {
+                        tracing::warn!(error = %e, id = %m.id, "a confirmation sent to another domain stays in the inbox here too");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, count = remote.len(), "cannot hand confirmations to another domain on; they stay in the inbox here");
+            }
+        }
+        local
     }
 
     /// Persists the RELIABLE envelopes, then pushes everything but repeats.
@@ -603,7 +676,7 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         let mut removed_total = 0u64;
         for (app_id, removal) in apps.into_iter().zip(removals) {
             removed_total += removal.removed.len() as u64;
-            for msg in removal.appended {
+            for msg in self.send_onward(&app_id, removal.appended).await {
                 pushes.push(push_to_recipient(app_id.clone(), msg));
             }
         }

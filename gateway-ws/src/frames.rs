@@ -647,7 +647,8 @@ pub fn render_push(item: &pb::PushItem, msg: &pb::InboxMessage) -> String {
                         .str("id", &msg.id)
                         .int("ts", msg.ts)
                         .opt_uint("seq", seq)
-                        .opt_str("group", non_empty(&msg.group));
+                        .opt_str("group", non_empty(&msg.group))
+                        .str_list("hops", &msg.hops);
                 })
                 .opt_str("reference", non_empty(&msg.reference))
                 .end();
@@ -679,9 +680,18 @@ struct AuthReplyData<'a> {
     is_authenticated: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
+    /// The home domain's client URL (federation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redirect: Option<&'a str>,
 }
 
-pub fn auth_reply(app_id: &str, user_id: &str, ok: bool, reason: Option<&str>) -> String {
+pub fn auth_reply(
+    app_id: &str,
+    user_id: &str,
+    ok: bool,
+    reason: Option<&str>,
+    redirect: Option<&str>,
+) -> String {
     render(
         "AUTH_CLIENT_REPLY",
         AuthReplyData {
@@ -689,6 +699,7 @@ pub fn auth_reply(app_id: &str, user_id: &str, ok: bool, reason: Option<&str>) -
             user_id,
             is_authenticated: ok,
             reason,
+            redirect,
         },
         None,
     )

@@ -142,6 +142,23 @@ impl<'a> Object<'a> {
         self
     }
 
+    /// A list of strings; nothing when it is empty.
+    pub(crate) fn str_list(&mut self, key: &str, values: &[String]) -> &mut Self {
+        if values.is_empty() {
+            return self;
+        }
+        self.key(key);
+        self.out.push('[');
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                self.out.push(',');
+            }
+            push_str(self.out, v);
+        }
+        self.out.push(']');
+        self
+    }
+
     /// A nested object under `key`, written by `f`.
     pub(crate) fn object(&mut self, key: &str, f: impl FnOnce(&mut Object<'_>)) -> &mut Self {
         self.key(key);

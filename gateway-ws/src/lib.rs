@@ -43,6 +43,16 @@ pub struct GatewayDeps {
     pub presence: Arc<dyn Presence>,
     /// What `/readyz` checks.
     pub readiness: Arc<dyn Readiness>,
+    /// Users homed in other domains (federation): they are redirected
+    /// there at AUTH_CLIENT. `None`: every user is at home here.
+    pub homes: Option<Arc<dyn Homes>>,
+}
+
+/// Where users live, for redirects at sign-in (federation).
+pub trait Homes: Send + Sync + 'static {
+    /// The client URL of the user's home domain, when that is another
+    /// domain than this one.
+    fn redirect(&self, app_id: &str, user_id: &str) -> Option<String>;
 }
 
 /// One dependency checked by `/readyz`: its name, and why it failed.

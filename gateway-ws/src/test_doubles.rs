@@ -122,10 +122,6 @@ impl switchboard_mesh::Router for Inboxes {
             repeated,
         })
     }
-
-    async fn forward(&self, _: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError> {
-        Err(ServiceError::internal("not used"))
-    }
 }
 
 #[async_trait]
@@ -194,6 +190,7 @@ pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
         presence: Arc::new(InMemoryPresence::default()),
         readiness: Arc::new(Ready),
         domain: "local".to_owned(),
+        homes: None,
     };
     (GatewayRole::new("gw-test", limits, deps), inboxes)
 }

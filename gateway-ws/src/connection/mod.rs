@@ -182,11 +182,12 @@ impl Connection {
             app_id,
             user_id,
             reason,
+            redirect,
         } = outcome
         {
             self.send_text(
                 "AUTH_CLIENT_REPLY",
-                frames::auth_reply(&app_id, &user_id, false, Some(&reason)),
+                frames::auth_reply(&app_id, &user_id, false, Some(&reason), redirect.as_deref()),
             );
             self.close(1008, "authentication failed");
             return Ok(Flow::Stop);
@@ -198,7 +199,7 @@ impl Connection {
         // the first frame the client reads.
         self.send_text(
             "AUTH_CLIENT_REPLY",
-            frames::auth_reply(&id.app_id, &id.user_id, true, None),
+            frames::auth_reply(&id.app_id, &id.user_id, true, None, None),
         );
         self.gw
             .registry

@@ -128,6 +128,9 @@ pub enum AuthOutcome {
         app_id: String,
         user_id: String,
         reason: String,
+        /// The client URL of the user's home domain, when the user lives
+        /// in another domain of the federation.
+        redirect: Option<String>,
     },
 }
 
@@ -316,6 +319,25 @@ impl Session {
                 app_id: auth.app_id,
                 user_id: auth.user_id,
                 reason: reply.reason,
+                redirect: None,
+            });
+        }
+        // A user of another domain signs in there (the master user is
+        // served in every domain: its presence events are per domain).
+        if auth.user_id != reply.master_user_id
+            && let Some(url) = self
+                .gw
+                .deps
+                .homes
+                .as_ref()
+                .and_then(|h| h.redirect(&auth.app_id, &auth.user_id))
+        {
+            metrics::counter!("switchboard_auth_redirects_total").increment(1);
+            return Ok(AuthOutcome::Refused {
+                app_id: auth.app_id,
+                user_id: auth.user_id,
+                reason: "the user's home is another domain: connect there".to_owned(),
+                redirect: Some(url),
             });
         }
         // Set once: checked above, and only this method sets it.

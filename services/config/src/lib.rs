@@ -97,6 +97,7 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub presence: PresenceConfig,
+    pub federation: FederationConfig,
     /// Client apps. Empty: the built-in development app `demo`.
     pub apps: Vec<AppConfig>,
 }
@@ -122,6 +123,7 @@ impl Default for Config {
             limits: Limits::default(),
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
+            federation: FederationConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -191,7 +193,11 @@ impl std::fmt::Display for Role {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiscoveryConfig {
-    /// Prefix of every key: one per deployment sharing an etcd.
+    /// Prefix of every key: one per deployment sharing an etcd. Empty (the
+    /// default): derived from the domain, `/switchboard/` for the domain
+    /// `local` and `/switchboard/<domain>/` for any other, so that the
+    /// domains of a federation can share one etcd
+    /// ([`Config::discovery_prefix`]).
     pub key_prefix: String,
     /// Seconds a process stays registered after its last keep-alive: how long
     /// a crashed process is still called (calls to it fail over at once).
@@ -201,9 +207,45 @@ pub struct DiscoveryConfig {
 impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
-            key_prefix: "/switchboard/".into(),
+            key_prefix: String::new(),
             lease_ttl_secs: 5,
         }
+    }
+}
+
+/// Federation: this domain linked with others (docs/federation.md). Off
+/// unless `addr` is set; then `etcd` is required (the topology is there).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Listen address of the federation port (`host:port`), where
+    /// neighbouring domains call this one. Never the mesh port. Empty:
+    /// federation off.
+    pub addr: String,
+    /// The credential of every link without one of its own in `peers`:
+    /// sent on this domain's calls and required on calls to it.
+    pub secret: String,
+    /// Per-neighbour credentials, by domain name (both directions of the
+    /// link use it).
+    pub peers: BTreeMap<String, String>,
+    /// The etcd prefix every domain of the federation shares (the topology
+    /// and link states). Empty: `/switchboard-federation/`.
+    pub prefix: String,
+    /// Domains an envelope may pass through before it is dropped. 0: 8.
+    pub hop_limit: u32,
+}
+
+impl FederationConfig {
+    pub fn enabled(&self) -> bool {
+        !self.addr.is_empty()
+    }
+
+    /// The secret of the link to `peer`.
+    pub fn secret_for(&self, peer: &str) -> &str {
+        self.peers
+            .get(peer)
+            .map(String::as_str)
+            .unwrap_or(&self.secret)
     }
 }
 
@@ -490,6 +532,28 @@ impl Config {
         }
     }
 
+    /// The etcd key prefix of this deployment's own keys (discovery, apps):
+    /// `discovery.key_prefix`, or derived from the domain when empty.
+    pub fn discovery_prefix(&self) -> String {
+        if !self.discovery.key_prefix.is_empty() {
+            return self.discovery.key_prefix.clone();
+        }
+        if self.domain == DEFAULT_DOMAIN {
+            "/switchboard/".to_owned()
+        } else {
+            format!("/switchboard/{}/", self.domain)
+        }
+    }
+
+    /// The etcd prefix the domains of a federation share.
+    pub fn federation_prefix(&self) -> String {
+        if self.federation.prefix.is_empty() {
+            "/switchboard-federation/".to_owned()
+        } else {
+            self.federation.prefix.clone()
+        }
+    }
+
     /// Whether this process runs `role`.
     pub fn runs(&self, role: Role) -> bool {
         self.roles.contains(&role)
@@ -528,11 +592,57 @@ impl Config {
                     .into(),
             ));
         }
-        if !self.etcd.is_empty() && self.redis.is_empty() {
+        // One process running every role is a whole deployment: it may use
+        // etcd (a federation's topology) with presence in memory.
+        let all_roles = Role::ALL.iter().all(|r| self.runs(*r));
+        if !self.etcd.is_empty() && self.redis.is_empty() && !all_roles {
             return Err(ConfigError::Invalid(
                 "etcd is set but redis is not: processes of one deployment share presence in Redis"
                     .into(),
             ));
+        }
+        let fed = &self.federation;
+        if fed.enabled() {
+            if fed.addr.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "federation.addr {:?} is not host:port",
+                    fed.addr
+                )));
+            }
+            if self.etcd.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "federation.addr is set but etcd is not: the federation's topology is in etcd"
+                        .into(),
+                ));
+            }
+            if !self.runs(Role::Router) || !self.runs(Role::Delivery) {
+                return Err(ConfigError::Invalid(
+                    "federation needs the router and delivery roles in this process: the link \
+                     outboxes are durable queues in the delivery store"
+                        .into(),
+                ));
+            }
+            if fed.addr.parse::<SocketAddr>().ok() == Some(self.mesh_addr) {
+                return Err(ConfigError::Invalid(
+                    "federation.addr must not be the mesh address: the mesh never faces another domain"
+                        .into(),
+                ));
+            }
+            if fed.secret.is_empty() && fed.peers.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "federation.addr is set but no federation secret is: every link between \
+                     domains carries a credential (--federation-secret or [federation.peers])"
+                        .into(),
+                ));
+            }
+            for (peer, secret) in &fed.peers {
+                validate_domain(peer)?;
+                if secret.is_empty() {
+                    return Err(ConfigError::Invalid(format!(
+                        "federation.peers.{peer} is empty"
+                    )));
+                }
+            }
         }
         let tls = &self.mesh_tls;
         let set = [&tls.cert, &tls.key, &tls.ca]
@@ -556,7 +666,7 @@ impl Config {
                 self.metrics_addr
             )));
         }
-        if self.discovery.lease_ttl_secs == 0 || self.discovery.key_prefix.is_empty() {
+        if self.discovery.lease_ttl_secs == 0 {
             return Err(ConfigError::Invalid(
                 "discovery.lease_ttl_secs must be > 0 and discovery.key_prefix non-empty".into(),
             ));
@@ -748,10 +858,47 @@ mod tests {
         assert!(
             Config::from_toml_and_env("", &env(&[("SWITCHBOARD_ROLES", "gateway,cache")])).is_err()
         );
-        // Discovery without shared presence cannot work.
-        let err = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_ETCD", "http://x:1")]))
-            .expect_err("etcd without redis");
+        // Discovery without shared presence cannot work for split roles;
+        // one process with every role is a whole deployment and may.
+        let err = Config::from_toml_and_env(
+            "",
+            &env(&[
+                ("SWITCHBOARD_ETCD", "http://x:1"),
+                ("SWITCHBOARD_ROLES", "gateway,router"),
+            ]),
+        )
+        .expect_err("etcd without redis");
         assert!(err.to_string().contains("redis"), "{err}");
+        assert!(Config::from_toml_and_env("", &env(&[("SWITCHBOARD_ETCD", "http://x:1")])).is_ok());
+    }
+
+    #[test]
+    fn federation_settings_are_checked() {
+        let ok = Config::from_toml_and_env(
+            "domain = \"d1\"\netcd = [\"http://x:1\"]\n[federation]\naddr = \"127.0.0.1:9090\"\nsecret = \"s\"\n[federation.peers]\nd2 = \"own\"\n",
+            &env(&[]),
+        )
+        .expect("load");
+        assert_eq!(ok.federation.secret_for("d2"), "own");
+        assert_eq!(ok.federation.secret_for("d3"), "s");
+        assert_eq!(ok.discovery_prefix(), "/switchboard/d1/");
+        assert_eq!(Config::default().discovery_prefix(), "/switchboard/");
+        let refused = |toml: &str, needle: &str| {
+            let err = Config::from_toml_and_env(toml, &env(&[])).expect_err(toml);
+            assert!(err.to_string().contains(needle), "{err}");
+        };
+        refused(
+            "[federation]\naddr = \"127.0.0.1:9090\"\nsecret = \"s\"\n",
+            "etcd",
+        );
+        refused(
+            "etcd = [\"http://x:1\"]\n[federation]\naddr = \"127.0.0.1:9090\"\n",
+            "secret",
+        );
+        refused(
+            "etcd = [\"http://x:1\"]\nmesh_addr = \"127.0.0.1:9090\"\n[federation]\naddr = \"127.0.0.1:9090\"\nsecret = \"s\"\n",
+            "mesh",
+        );
     }
 
     #[test]

@@ -75,11 +75,15 @@ pub struct Discovery {
     lease: Arc<Mutex<i64>>,
     /// Exclusive claims held: (key, holder), written again under a new lease.
     claims: Claims,
+    /// Keys published under the lease (absolute key → value), written
+    /// again under a new lease.
+    published: Published,
     members: watch::Receiver<Arc<Members>>,
     stop: CancellationToken,
 }
 
 type Claims = Arc<Mutex<Vec<(String, String)>>>;
+type Published = Arc<Mutex<std::collections::BTreeMap<String, String>>>;
 
 /// How long one etcd call may take before the caller gives up on it. Short:
 /// while etcd is away every retry waits this long, and a keep-alive must
@@ -118,13 +122,14 @@ impl Discovery {
         let stop = CancellationToken::new();
         let lease = Arc::new(Mutex::new(lease));
         let claims: Claims = Arc::default();
+        let published: Published = Arc::default();
         tokio::spawn(keep_registered(
             opts.clone(),
             client.clone(),
             lease.clone(),
             claims.clone(),
-            member_key,
-            value,
+            published.clone(),
+            (member_key, value),
             stop.clone(),
         ));
         tokio::spawn(watch_members(
@@ -139,6 +144,7 @@ impl Discovery {
             client,
             lease,
             claims,
+            published,
             members: rx,
             stop,
         })
@@ -212,6 +218,17 @@ impl Discovery {
         }
     }
 
+    /// A handle that writes keys under this process's lease and reads
+    /// prefixes (the federation's link states).
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            opts: self.opts.clone(),
+            client: self.client.clone(),
+            lease: self.lease.clone(),
+            published: self.published.clone(),
+        }
+    }
+
     /// Stops the background tasks and revokes the lease: this process's
     /// registration and claims disappear at once.
     pub async fn shutdown(self) {
@@ -221,6 +238,56 @@ impl Discovery {
         if let Err(e) = bounded(&self.opts, c.lease_revoke(lease)).await {
             tracing::warn!(error = %e, "cannot revoke the discovery lease; it expires by itself");
         }
+    }
+}
+
+/// Writes keys under a process's discovery lease, and reads prefixes.
+#[derive(Clone)]
+pub struct Publisher {
+    opts: DiscoveryOptions,
+    client: Client,
+    lease: Arc<Mutex<i64>>,
+    published: Published,
+}
+
+impl Publisher {
+    /// Writes `key` (absolute, any prefix) = `value` under the process's
+    /// lease: it disappears when the process stops or its lease runs out,
+    /// and is written again under a new lease after an etcd outage. The
+    /// last value is kept for that even when this write fails.
+    pub async fn publish(&self, key: &str, value: &str) -> Result<(), DiscoveryError> {
+        self.published
+            .lock()
+            .await
+            .insert(key.to_owned(), value.to_owned());
+        let lease = *self.lease.lock().await;
+        let mut c = self.client.clone();
+        bounded(
+            &self.opts,
+            c.put(key, value, Some(PutOptions::new().with_lease(lease))),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Every key under `prefix` (absolute) with its value, as etcd has them now.
+    pub async fn read_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, DiscoveryError> {
+        let mut c = self.client.clone();
+        let reply = bounded(
+            &self.opts,
+            c.get(prefix, Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        Ok(reply
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect())
     }
 }
 
@@ -322,8 +389,8 @@ async fn keep_registered(
     client: Client,
     lease: Arc<Mutex<i64>>,
     claims: Claims,
-    key: String,
-    value: String,
+    published: Published,
+    (key, value): (String, String),
     stop: CancellationToken,
 ) {
     let interval = (opts.lease_ttl / 3).max(Duration::from_millis(300));
@@ -391,6 +458,17 @@ async fn keep_registered(
                 if !reply.succeeded() {
                     tracing::error!(%claim, "an exclusive claim was taken by another process while etcd was away");
                 }
+            }
+            for (key, value) in published.lock().await.iter() {
+                bounded(
+                    &opts,
+                    c.put(
+                        key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(granted.id())),
+                    ),
+                )
+                .await?;
             }
             *lease.lock().await = granted.id();
             Ok(())

@@ -8,7 +8,7 @@ use futures_util::{Stream, StreamExt};
 use switchboard_proto::mesh as pb;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::services::{Auth, Delivery, Gateway, Groups, Router};
+use crate::services::{Auth, Delivery, Federation, Gateway, Groups, Router};
 
 macro_rules! adapter {
     ($(#[$doc:meta])* $name:ident, $trait:ident, $server:ident) => {
@@ -81,8 +81,8 @@ adapter!(
     RouterService, Router, RouterServer
 );
 adapter!(
-    /// Inbound federation, served by the router role.
-    FederationService, Router, FederationServer
+    /// Inbound federation, served by the router role on the federation port.
+    FederationService, Federation, FederationServer
 );
 adapter!(
     /// The groups role on the mesh.
@@ -145,7 +145,27 @@ impl pb::federation_server::Federation for FederationService {
         &self,
         req: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardReply>, Status> {
-        unary!(self.forward(req), "Federation/Forward")
+        // The guard put the caller's proven domain into the extensions.
+        let from = req
+            .extensions()
+            .get::<crate::credentials::PeerDomain>()
+            .map(|d| d.0.clone())
+            .ok_or_else(|| Status::unauthenticated("no federation credential"))?;
+        let call = FederationCall(FromPeer(self.0.clone(), from));
+        unary!(call.forward(req), "Federation/Forward")
+    }
+}
+
+/// One federation call with its proven caller, shaped for `unary!`.
+struct FederationCall(FromPeer);
+struct FromPeer(Arc<dyn Federation>, String);
+
+impl FromPeer {
+    async fn forward(
+        &self,
+        req: pb::ForwardRequest,
+    ) -> Result<pb::ForwardReply, crate::ServiceError> {
+        self.0.forward(&self.1, req).await
     }
 }
 

@@ -107,7 +107,6 @@ struct RemoteDelivery(Arc<Pool>);
 
 use pb::auth_client::AuthClient as AuthGrpc;
 use pb::delivery_client::DeliveryClient as DeliveryGrpc;
-use pb::federation_client::FederationClient as FederationGrpc;
 use pb::groups_client::GroupsClient as GroupsGrpc;
 use pb::router_client::RouterClient as RouterGrpc;
 
@@ -162,10 +161,6 @@ impl Router for RemoteRouter {
                 }
             })
             .await
-    }
-    async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError> {
-        // Inbound federation is its own service on the same mesh port.
-        pooled!(self, FederationGrpc::forward(req))
     }
 }
 

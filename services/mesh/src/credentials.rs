@@ -89,6 +89,155 @@ impl Interceptor for MeshGuard {
     }
 }
 
+/// The header naming the calling domain on federation calls.
+pub const DOMAIN_HEADER: &str = "x-switchboard-domain";
+
+/// Client side of a federation link: the link's credential, the calling
+/// domain's name and the trace context, on every call.
+#[derive(Clone)]
+pub struct FederationCredentials {
+    header: Option<MetadataValue<Ascii>>,
+    domain: MetadataValue<Ascii>,
+}
+
+impl FederationCredentials {
+    pub fn new(domain: &str, secret: &str) -> Result<Self, InvalidSecret> {
+        let header = match secret.is_empty() {
+            true => None,
+            false => Some(
+                format!("Bearer {secret}")
+                    .parse()
+                    .map_err(|_| InvalidSecret)?,
+            ),
+        };
+        Ok(FederationCredentials {
+            header,
+            domain: domain.parse().map_err(|_| InvalidSecret)?,
+        })
+    }
+}
+
+impl Interceptor for FederationCredentials {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert(HEADER, h.clone());
+        }
+        req.metadata_mut()
+            .insert(DOMAIN_HEADER, self.domain.clone());
+        for (key, value) in switchboard_telemetry::current_trace_headers() {
+            if let Ok(v) = value.parse() {
+                req.metadata_mut().insert(key, v);
+            }
+        }
+        Ok(req)
+    }
+}
+
+/// The calling domain of a federation call, as its credential proved it;
+/// put into the request's extensions by [`FederationGuard`].
+#[derive(Clone, Debug)]
+pub struct PeerDomain(pub String);
+
+/// Server side of the federation port: a call must name its domain and
+/// carry that domain's secret (its own from `peers`, else `default`). With
+/// neither configured for the caller, the call is refused: the federation
+/// port is never open. Refusals are counted and logged at most once per
+/// [`REFUSAL_LOG_INTERVAL`].
+#[derive(Clone)]
+pub struct FederationGuard {
+    inner: Arc<GuardInner>,
+}
+
+struct GuardInner {
+    default: Option<Vec<u8>>,
+    peers: std::collections::HashMap<String, Vec<u8>>,
+    last_log_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Federation refusals log one line per interval, with the count since.
+pub const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl FederationGuard {
+    /// `default`: the secret of every link without its own; `peers`:
+    /// per-neighbour secrets. Empty secrets are "none".
+    pub fn new<'a>(default: &str, peers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let bearer = |s: &str| (!s.is_empty()).then(|| format!("Bearer {s}").into_bytes());
+        FederationGuard {
+            inner: Arc::new(GuardInner {
+                default: bearer(default),
+                peers: peers
+                    .into_iter()
+                    .filter_map(|(d, s)| bearer(s).map(|b| (d.to_owned(), b)))
+                    .collect(),
+                last_log_ms: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn refuse(&self, req: &Request<()>, why: &'static str) -> Status {
+        metrics::counter!("switchboard_federation_refused_total", "reason" => why).increment(1);
+        let now = crate::now_ms().max(0) as u64;
+        let last = self
+            .inner
+            .last_log_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= REFUSAL_LOG_INTERVAL.as_millis() as u64
+            && self
+                .inner
+                .last_log_ms
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            let peer = req
+                .remote_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "unknown".to_owned());
+            tracing::warn!(%peer, reason = why, "federation call refused (further refusals in the next 10 s are only counted: switchboard_federation_refused_total)");
+        }
+        Status::unauthenticated(why)
+    }
+}
+
+impl Interceptor for FederationGuard {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(domain) = req
+            .metadata()
+            .get(DOMAIN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|d| !d.is_empty())
+            .map(str::to_owned)
+        else {
+            return Err(self.refuse(&req, "the calling domain is not named"));
+        };
+        let Some(expected) = self
+            .inner
+            .peers
+            .get(&domain)
+            .or(self.inner.default.as_ref())
+        else {
+            return Err(self.refuse(
+                &req,
+                "no federation secret is configured for the calling domain",
+            ));
+        };
+        let given = req
+            .metadata()
+            .get(HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !constant_time_eq(given, expected) {
+            return Err(self.refuse(&req, "missing or wrong federation secret"));
+        }
+        req.extensions_mut().insert(PeerDomain(domain));
+        Ok(req)
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -106,6 +255,30 @@ pub fn secret_tag(secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn federation_guard_checks_the_named_domains_secret() {
+        let mut guard = FederationGuard::new("shared", [("domain-02", "own")]);
+        let call = |domain: &str, secret: &str| {
+            let mut creds = FederationCredentials::new(domain, secret).expect("creds");
+            creds.call(Request::new(())).expect("creds")
+        };
+        let ok = guard
+            .call(call("domain-03", "shared"))
+            .expect("default secret");
+        assert_eq!(
+            ok.extensions().get::<PeerDomain>().map(|d| d.0.as_str()),
+            Some("domain-03")
+        );
+        assert!(guard.call(call("domain-02", "own")).is_ok());
+        // domain-02 has a secret of its own: the shared one is not enough.
+        let err = guard.call(call("domain-02", "shared")).expect_err("wrong");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(guard.call(call("domain-03", "")).is_err());
+        // Without any secret configured, nothing is let in.
+        let mut closed = FederationGuard::new("", []);
+        assert!(closed.call(call("domain-03", "")).is_err());
+    }
 
     #[test]
     fn guard_accepts_only_the_right_secret() {

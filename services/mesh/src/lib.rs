@@ -25,11 +25,14 @@ pub use clients::{
     RouterClient,
 };
 pub use connector::{ConnectError, MeshConnector, MeshTls};
-pub use credentials::{InvalidSecret, MeshCredentials, MeshGuard, secret_tag};
+pub use credentials::{
+    DOMAIN_HEADER, FederationCredentials, FederationGuard, InvalidSecret, MeshCredentials,
+    MeshGuard, PeerDomain, secret_tag,
+};
 pub use error::{ErrorCode, ServiceError};
 pub use ids::{new_message_id, now_ms};
 pub use pool::{MeshChannel, Pool, RETRY_BUDGET};
-pub use services::{Auth, Delivery, Gateway, Groups, Router};
+pub use services::{Auth, Delivery, Federation, Gateway, Groups, Router};
 pub use switchboard_proto::mesh as pb;
 
 /// Largest mesh message, either way. A group fan-out carries one envelope

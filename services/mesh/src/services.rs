@@ -15,15 +15,25 @@ pub trait Auth: Send + Sync + 'static {
     async fn get_app(&self, req: pb::GetAppRequest) -> Result<pb::App, ServiceError>;
 }
 
-/// Where an envelope goes: local delivery, group fan-out or (later) another domain.
+/// Where an envelope goes: local delivery, group fan-out or another domain.
 #[async_trait]
 pub trait Router: Send + Sync + 'static {
     async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError>;
     /// Direct messages of one sender connection, in order, as one unit.
     async fn route_batch(&self, req: pb::RouteBatchRequest)
     -> Result<pb::RouteReply, ServiceError>;
-    /// Inbound from another domain.
-    async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardReply, ServiceError>;
+}
+
+/// Inbound traffic from a neighbouring domain (the federation port).
+#[async_trait]
+pub trait Federation: Send + Sync + 'static {
+    /// `from_domain` is the caller as its credential proves it (the
+    /// federation guard checked it); the request's own field is not trusted.
+    async fn forward(
+        &self,
+        from_domain: &str,
+        req: pb::ForwardRequest,
+    ) -> Result<pb::ForwardReply, ServiceError>;
 }
 
 /// Fan-out of a group message into per-recipient deliveries.

@@ -27,8 +27,10 @@ use tokio::sync::broadcast;
 
 pub mod contract;
 mod etcd;
+mod follow;
 
 pub use etcd::EtcdMetadata;
+pub use follow::{CurrentTopology, TopologyView, follow_topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {

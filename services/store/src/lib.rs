@@ -332,6 +332,11 @@ mod header_tests {
             ts: 1_764_000_000_000 + i as i64,
             seq: i as u64,
             feature: (i % 2) as i32,
+            hops: if i.is_multiple_of(5) {
+                Vec::new()
+            } else {
+                vec!["d1".into(), "d2".into()]
+            },
         }
     }
 

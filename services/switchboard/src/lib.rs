@@ -15,13 +15,14 @@ use switchboard_discovery::{Discovery, DiscoveryOptions, Member};
 use switchboard_gateway::{Check, GatewayDeps, GatewayRole, Readiness};
 use switchboard_groups::GroupsRole;
 use switchboard_mesh::{
-    AuthClient, AuthService, DeliveryClient, DeliveryService, FederationService, GatewayClient,
-    GatewayService, GatewayTable, GroupsClient, GroupsService, MeshConnector, MeshCredentials,
-    MeshGuard, MeshTls, Pool, RouterClient, RouterService,
+    AuthClient, AuthService, DeliveryClient, DeliveryService, FederationGuard, FederationService,
+    GatewayClient, GatewayService, GatewayTable, GroupsClient, GroupsService, MeshConnector,
+    MeshCredentials, MeshGuard, MeshTls, Pool, RouterClient, RouterService,
 };
+use switchboard_metadata::TopologyView;
 use switchboard_metadata::{EtcdMetadata, Kind as MetadataKind, StaticMetadata};
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
-use switchboard_router::RouterRole;
+use switchboard_router::{Federation, FederationOptions, RouterRole};
 use switchboard_store::{FjallStore, FjallStoreOptions, Queue, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,8 @@ pub struct Listeners {
     /// The client port; only processes running the gateway role have one.
     pub client: Option<TcpListener>,
     pub mesh: TcpListener,
+    /// The federation port, when federation is on.
+    pub federation: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -51,7 +54,24 @@ impl Listeners {
         let mesh = TcpListener::bind(config.mesh_addr)
             .await
             .with_context(|| format!("cannot listen on mesh address {}", config.mesh_addr))?;
-        Ok(Listeners { client, mesh })
+        let federation = match config.federation.enabled() {
+            true => Some(
+                TcpListener::bind(&config.federation.addr)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot listen on federation address {}",
+                            config.federation.addr
+                        )
+                    })?,
+            ),
+            false => None,
+        };
+        Ok(Listeners {
+            client,
+            mesh,
+            federation,
+        })
     }
 
     /// The client port's address, when this process has one.
@@ -64,6 +84,14 @@ impl Listeners {
 
     pub fn mesh_addr(&self) -> std::io::Result<SocketAddr> {
         self.mesh.local_addr()
+    }
+
+    /// The federation port's address, when federation is on.
+    pub fn federation_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.federation
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()
     }
 }
 
@@ -109,6 +137,12 @@ pub async fn serve(
         true => None,
         false => Some(join_discovery(&config, &node_id, &listeners).await?),
     };
+    // The federation's topology, followed by every process with etcd: the
+    // router routes by it, the gateway redirects by it, auth serves its apps.
+    let topology = match config.etcd.is_empty() {
+        true => None,
+        false => Some(follow_federation_topology(&config).await?),
+    };
     let pools = cluster::Pools::new(&config, &connector);
     let gateways = Arc::new(GatewayTable::default());
     if let Some(d) = &discovery {
@@ -152,7 +186,13 @@ pub async fn serve(
     let presence = node_presence.presence.clone();
 
     let local_auth = match config.runs(Role::Auth) {
-        true => Some(AuthClient::from_local(open_auth(&config).await?)),
+        true => {
+            let role = open_auth(&config).await?;
+            if let Some(view) = &topology {
+                follow_federated_apps(role.clone(), view.clone());
+            }
+            Some(AuthClient::from_local(role))
+        }
         false => None,
     };
     let auth = match (&remote.auth, &local_auth) {
@@ -160,26 +200,64 @@ pub async fn serve(
         (None, Some(l)) => l.clone(),
         (None, None) => AuthClient::from_pool(remote_or_pool(Role::Auth)?),
     };
-    let delivery = match &store {
-        Some(store) => DeliveryClient::from_local(Arc::new(DeliveryRole::new(
+    let delivery_role = store.as_ref().map(|store| {
+        Arc::new(DeliveryRole::new(
             store.clone(),
             presence.clone(),
             gateways.clone(),
             auth.clone(),
-        ))),
+        ))
+    });
+    let delivery = match &delivery_role {
+        Some(role) => DeliveryClient::from_local(role.clone()),
         None => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
     };
     let groups = match config.runs(Role::Groups) {
         true => GroupsClient::from_local(Arc::new(GroupsRole::new(delivery.clone()))),
         false => GroupsClient::from_pool(remote_or_pool(Role::Groups)?),
     };
-    let local_router = match config.runs(Role::Router) {
-        true => Some(RouterClient::from_local(Arc::new(RouterRole::new(
+    let router_role = config.runs(Role::Router).then(|| {
+        Arc::new(RouterRole::new(
             config.domain.clone(),
             delivery.clone(),
             groups.clone(),
-        )))),
-        false => None,
+        ))
+    });
+    let local_router = router_role
+        .as_ref()
+        .map(|r| RouterClient::from_local(r.clone()));
+    let federation = match (
+        &router_role,
+        &queues,
+        &topology,
+        config.federation.enabled(),
+    ) {
+        (Some(router), Some(queues), Some(view), true) => {
+            let federation = Federation::start(
+                FederationOptions {
+                    domain: config.domain.clone(),
+                    prefix: config.federation_prefix(),
+                    secret: config.federation.secret.clone(),
+                    peers: config.federation.peers.clone(),
+                    hop_limit: match config.federation.hop_limit {
+                        0 => switchboard_mesh::DEFAULT_HOP_LIMIT,
+                        n => n,
+                    },
+                },
+                view.clone(),
+                router.local(),
+                queues.clone(),
+                discovery.as_ref().map(Discovery::publisher),
+            )
+            .await
+            .context("cannot start the federation")?;
+            router.set_federation(federation.clone());
+            if let Some(delivery) = &delivery_role {
+                delivery.set_onward(Arc::new(FederationOnward(federation.clone())));
+            }
+            Some(federation)
+        }
+        _ => None,
     };
     let router = match (&remote.router, &local_router) {
         (Some(r), _) => r.clone(),
@@ -197,6 +275,12 @@ pub async fn serve(
                     router,
                     delivery: delivery.clone(),
                     presence: presence.clone(),
+                    homes: topology.as_ref().map(|view| {
+                        Arc::new(TopologyHomes {
+                            domain: config.domain.clone(),
+                            view: view.clone(),
+                        }) as Arc<dyn switchboard_gateway::Homes>
+                    }),
                     readiness: Arc::new(NodeReadiness {
                         store: store.clone(),
                         presence: presence.clone(),
@@ -237,11 +321,6 @@ pub async fn serve(
                 .map(|r| RouterService::new(arc_of(r)).into_server()),
         )
         .add_optional_service(
-            local_router
-                .as_ref()
-                .map(|r| FederationService::new(arc_of(r)).into_server()),
-        )
-        .add_optional_service(
             config
                 .runs(Role::Groups)
                 .then(|| GroupsService::new(arc_of(&groups)).into_server()),
@@ -273,6 +352,30 @@ pub async fn serve(
         async move { mesh_stop.cancelled().await },
     );
     let mesh = tokio::spawn(mesh);
+
+    // The federation port: its own listener and credential check, never
+    // the mesh's.
+    let federation_server = match (&federation, listeners.federation) {
+        (Some(federation), Some(listener)) => {
+            let guard = FederationGuard::new(
+                &config.federation.secret,
+                config
+                    .federation
+                    .peers
+                    .iter()
+                    .map(|(d, s)| (d.as_str(), s.as_str())),
+            );
+            let server = tonic::transport::Server::builder()
+                .layer(tonic::service::InterceptorLayer::new(guard))
+                .add_service(FederationService::new(federation.clone()).into_server());
+            let fed_stop = stop.clone();
+            Some(tokio::spawn(server.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move { fed_stop.cancelled().await },
+            )))
+        }
+        _ => None,
+    };
 
     let client = match (&gateway, listeners.client) {
         (Some(gateway), Some(listener)) => {
@@ -313,6 +416,12 @@ pub async fn serve(
             Err(_) => tracing::warn!("client port did not stop within 10 s"),
         }
     }
+    if let Some(f) = &federation {
+        f.stop();
+    }
+    if let Some(server) = federation_server {
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
     if let Some(d) = discovery {
         d.shutdown().await;
     }
@@ -347,7 +456,7 @@ async fn open_auth(config: &Config) -> anyhow::Result<Arc<AuthRole>> {
             .await
             .context("invalid app configuration");
     }
-    let metadata = EtcdMetadata::connect(&config.etcd, &config.discovery.key_prefix)
+    let metadata = EtcdMetadata::connect(&config.etcd, &config.discovery_prefix())
         .await
         .context("cannot read the apps from etcd")?;
     if !config.apps.is_empty() {
@@ -371,6 +480,88 @@ async fn open_auth(config: &Config) -> anyhow::Result<Arc<AuthRole>> {
     AuthRole::follow(Arc::new(metadata), false)
         .await
         .context("cannot read the apps from etcd")
+}
+
+/// The federation's topology in etcd, followed (kept through an etcd
+/// outage).
+async fn follow_federation_topology(config: &Config) -> anyhow::Result<TopologyView> {
+    let prefix = config.federation_prefix();
+    let metadata = EtcdMetadata::connect_kinds(&config.etcd, &prefix, &[MetadataKind::Topology])
+        .await
+        .with_context(|| format!("cannot follow the federation topology in etcd ({prefix})"))?;
+    Ok(switchboard_metadata::follow_topology(Arc::new(metadata)).await)
+}
+
+/// The topology's client apps, served by the auth role beside this
+/// deployment's own.
+fn follow_federated_apps(auth: Arc<AuthRole>, mut view: TopologyView) {
+    tokio::spawn(async move {
+        loop {
+            let apps = view
+                .borrow_and_update()
+                .as_ref()
+                .map(|t| {
+                    t.topology
+                        .client_apps
+                        .iter()
+                        .map(|a| switchboard_config::AppConfig {
+                            name: a.app_name.clone(),
+                            app_id: a.app_id.clone(),
+                            master_user_id: a.master_user_id.clone(),
+                            auth: if a.auth_enabled {
+                                switchboard_config::AuthMode::Jwt
+                            } else {
+                                switchboard_config::AuthMode::None
+                            },
+                            jwt_secret: None,
+                            jwt_public_key_pem: None,
+                            jwt_public_key_file: None,
+                            jwt_audience: None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            auth.set_federated_apps(apps);
+            if view.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Users' home domains for the gateway's redirects.
+struct TopologyHomes {
+    domain: String,
+    view: TopologyView,
+}
+
+impl switchboard_gateway::Homes for TopologyHomes {
+    fn redirect(&self, app_id: &str, user_id: &str) -> Option<String> {
+        let current = self.view.borrow();
+        let t = current.as_ref()?;
+        t.network.domain(&self.domain)?;
+        let home = t.network.home_domain(app_id, user_id)?;
+        (home != self.domain)
+            .then(|| t.network.domain(home).map(|d| d.client.clone()))
+            .flatten()
+    }
+}
+
+/// Sender confirmations for users of other domains, through the federation.
+struct FederationOnward(Arc<Federation>);
+
+#[async_trait::async_trait]
+impl switchboard_delivery::Onward for FederationOnward {
+    fn is_remote(&self, app_id: &str, user_id: &str) -> bool {
+        self.0.is_remote(app_id, user_id)
+    }
+
+    async fn forward(
+        &self,
+        envelopes: Vec<switchboard_mesh::pb::Envelope>,
+    ) -> Result<(), switchboard_mesh::ServiceError> {
+        self.0.forward_from_here(envelopes).await
+    }
 }
 
 /// The mesh's mutual-TLS material, when configured.
@@ -417,7 +608,7 @@ async fn join_discovery(
     };
     let options = DiscoveryOptions {
         endpoints: config.etcd.clone(),
-        key_prefix: config.discovery.key_prefix.clone(),
+        key_prefix: config.discovery_prefix(),
         lease_ttl: Duration::from_secs(config.discovery.lease_ttl_secs),
     };
     // etcd may be starting at the same time as we are: wait for it, bounded.

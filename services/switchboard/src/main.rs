@@ -107,6 +107,14 @@ struct RunArgs {
     /// (default local) [env: SWITCHBOARD_DOMAIN]
     #[arg(long)]
     domain: Option<String>,
+    /// Federation port (host:port): neighbouring domains call this domain
+    /// here; needs --etcd (the topology) [env: SWITCHBOARD_FEDERATION__ADDR]
+    #[arg(long)]
+    federation_addr: Option<String>,
+    /// The credential of every federation link without its own
+    /// (federation.peers in TOML) [env: SWITCHBOARD_FEDERATION__SECRET]
+    #[arg(long)]
+    federation_secret: Option<String>,
     /// Start even if the store is damaged: keep every intact record, log
     /// what was lost, continue sequence numbers above all given out
     /// before. Without it a damaged store refuses to start
@@ -284,6 +292,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.store_recover {
         config.store.recover = true;
     }
+    if let Some(addr) = args.federation_addr {
+        config.federation.addr = addr;
+    }
+    if let Some(secret) = args.federation_secret {
+        config.federation.secret = secret;
+    }
     config.validate()?;
     if config.node_id.is_empty() {
         config.node_id = format!("node-{}", &switchboard_mesh::new_message_id()[24..]);
@@ -305,7 +319,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         println!("  data dir     {}", config.data_dir.display());
     }
     if !config.etcd.is_empty() {
-        println!("  discovery    etcd {}", config.etcd.join(","));
+        println!(
+            "  discovery    etcd {} (prefix {})",
+            config.etcd.join(","),
+            config.discovery_prefix()
+        );
+    }
+    if let Some(federation) = listeners.federation_addr()? {
+        println!(
+            "  federation   grpc://{federation}   (topology in etcd {})",
+            config.federation_prefix()
+        );
     }
     if config.redis.is_empty() {
         println!("  presence     in memory");
@@ -315,7 +339,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !config.etcd.is_empty() {
         println!(
             "  apps         from etcd ({}apps/); the config file's [[apps]] seed it once",
-            config.discovery.key_prefix
+            config.discovery_prefix()
         );
     } else if config.apps.is_empty() {
         println!(
@@ -365,7 +389,7 @@ async fn apps(args: AppsArgs) -> anyhow::Result<()> {
     let prefix = args
         .key_prefix
         .clone()
-        .unwrap_or_else(|| file.discovery.key_prefix.clone());
+        .unwrap_or_else(|| file.discovery_prefix());
     let metadata = EtcdMetadata::connect(&etcd, &prefix)
         .await
         .with_context(|| format!("cannot reach etcd at {}", etcd.join(",")))?;

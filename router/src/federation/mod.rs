@@ -1,0 +1,623 @@
+//! Federation: this domain linked with its neighbours.
+//!
+//! - **Where a recipient lives**: its home domain from the topology's
+//!   distribution rules (a user no rule places, or of an app the topology
+//!   does not name, is local).
+//! - **Which way**: the shortest path over the links that are up
+//!   ([`switchboard_topology::Network`]), avoiding every domain the
+//!   envelope already passed through, so that no envelope loops even while
+//!   two domains disagree about a link. Ties are broken by name, so every
+//!   router agrees.
+//! - **How**: RELIABLE envelopes go into the next hop's durable outbox (a
+//!   [`Queue`] named `federation/<peer>`) before the sender hears they are
+//!   accepted; a worker per link sends them in batches with retry and
+//!   backoff, and re-routes what waits there when the routes change. FAST
+//!   ones are sent at once, or dropped (counted) when no path is up.
+//! - **Link state**: a link is down after [`DOWN_AFTER`] failed calls in a
+//!   row (health checks included: an idle link is probed every
+//!   [`PROBE_EVERY`]) and up after one success. Each domain publishes its
+//!   links' state in etcd under its lease (`<prefix>links/<self>/<peer>`),
+//!   and routes around links others see down; for its own links its own
+//!   observation wins.
+//! - **Inbound**: [`Federation::forward`] (the federation port) accepts
+//!   envelopes from neighbours only, refuses loops and envelopes past their
+//!   hop limit, delivers what is for here (de-duplicated by message id in
+//!   the store's id index) and hands the rest on.
+
+mod link;
+mod routes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use prost::Message;
+use switchboard_discovery::Publisher;
+use switchboard_mesh::{ErrorCode, ServiceError, pb};
+use switchboard_metadata::TopologyView;
+use switchboard_store::Queue;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::local::Local;
+use link::Link;
+pub use routes::RouteTable;
+
+/// Failed calls in a row after which a link is down.
+pub const DOWN_AFTER: u32 = 2;
+/// An idle link (nothing sent for this long) is probed with an empty call.
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How often the link states other domains publish are read from etcd.
+pub const READ_STATES_EVERY: Duration = Duration::from_millis(300);
+
+/// Settings of this domain's federation.
+#[derive(Clone, Debug)]
+pub struct FederationOptions {
+    pub domain: String,
+    /// The etcd prefix the domains share (link states under `links/`).
+    pub prefix: String,
+    /// The credential of links without their own.
+    pub secret: String,
+    /// Per-neighbour credentials.
+    pub peers: BTreeMap<String, String>,
+    /// Domains an envelope may pass through.
+    pub hop_limit: u32,
+}
+
+/// Where part of an envelope goes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Target {
+    /// Recipients of this domain.
+    Local,
+    /// The neighbour on the path to the recipients' home domain.
+    Peer(String),
+    /// No path now, not even over links that are down: refused.
+    Nowhere,
+}
+
+/// The federation of this domain.
+pub struct Federation {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) options: FederationOptions,
+    pub(crate) local: Local,
+    pub(crate) queues: Arc<dyn Queue>,
+    pub(crate) discovery: Option<Publisher>,
+    /// The routes in force; replaced whole when the topology or a link
+    /// state changes (its version wakes the link workers).
+    pub(crate) routes: watch::Sender<Arc<RouteTable>>,
+    pub(crate) links: Mutex<HashMap<String, Arc<Link>>>,
+    /// Down links as other domains publish them: (reporter, peer).
+    pub(crate) reported_down: Mutex<Vec<(String, String)>>,
+    pub(crate) stop: CancellationToken,
+}
+
+impl Federation {
+    /// Starts following the topology and link states and the outbox
+    /// workers (one per neighbour, and one per outbox left from before).
+    pub async fn start(
+        options: FederationOptions,
+        topology: TopologyView,
+        local: Local,
+        queues: Arc<dyn Queue>,
+        discovery: Option<Publisher>,
+    ) -> Result<Arc<Federation>, ServiceError> {
+        let table = RouteTable::new(
+            &options.domain,
+            topology.borrow().clone(),
+            Vec::new(),
+            &HashMap::new(),
+        );
+        let inner = Arc::new(Inner {
+            options,
+            local,
+            queues,
+            discovery,
+            routes: watch::channel(Arc::new(table)).0,
+            links: Mutex::new(HashMap::new()),
+            reported_down: Mutex::new(Vec::new()),
+            stop: CancellationToken::new(),
+        });
+        // Outboxes with items from before a restart get their workers even
+        // if their peer is no neighbour any more (their items re-route).
+        let left = inner
+            .queues
+            .list()
+            .await
+            .map_err(|e| ServiceError::new(ErrorCode::Unavailable, e.to_string()))?;
+        for q in left {
+            if let Some(peer) = q.name.strip_prefix(link::QUEUE_PREFIX)
+                && q.depth > 0
+            {
+                tracing::info!(
+                    peer,
+                    depth = q.depth,
+                    "federation outbox holds envelopes from before; sending"
+                );
+                inner.link(peer);
+            }
+        }
+        inner.recompute();
+        tokio::spawn(follow_topology(inner.clone(), topology));
+        tokio::spawn(read_link_states(inner.clone()));
+        Ok(Arc::new(Federation { inner }))
+    }
+
+    /// The routes in force.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.inner.routes.borrow().clone()
+    }
+
+    /// Whether `user_id` of `app_id` lives in another domain.
+    pub fn is_remote(&self, app_id: &str, user_id: &str) -> bool {
+        self.routes().home(app_id, user_id).is_some()
+    }
+
+    /// Routes an envelope from a sender of this domain: the local part here,
+    /// the rest to next hops. Returns (local recipients, whether the local
+    /// part was a repeat) — `None` when nothing was for here.
+    pub(crate) async fn route(
+        &self,
+        mut envelope: pb::Envelope,
+    ) -> Result<(u32, bool), ServiceError> {
+        if envelope.hop_limit == 0 {
+            envelope.hop_limit = self.inner.options.hop_limit;
+        }
+        let parts = self.inner.split(envelope.clone(), &[]);
+        if parts.len() == 1 && parts[0].0 == Target::Local {
+            return self.inner.local.route(envelope).await;
+        }
+        let mut recipients = 0u32;
+        let mut repeat = false;
+        let mut remote = Vec::new();
+        for (target, part) in parts {
+            match target {
+                Target::Local => {
+                    let mut part = part;
+                    // The sender's copy is made once, below, for the whole message.
+                    part.origin = None;
+                    let (n, r) = self.inner.local.route(part).await?;
+                    recipients += n;
+                    repeat |= r;
+                }
+                Target::Peer(peer) => {
+                    recipients += part.to.len() as u32;
+                    remote.push((peer, part));
+                }
+                Target::Nowhere => {
+                    return Err(ServiceError::new(
+                        ErrorCode::Unavailable,
+                        "no route to the recipient's home domain",
+                    ));
+                }
+            }
+        }
+        self.inner.send(remote).await?;
+        if envelope.origin.is_some() && !repeat {
+            self.inner.local.sent_copies(vec![envelope]).await?;
+        }
+        Ok((recipients, repeat))
+    }
+
+    /// Direct messages of one connection, in order: local ones in one
+    /// delivery call, the others into their outboxes. Repeats by position.
+    pub(crate) async fn route_batch(
+        &self,
+        envelopes: Vec<pb::Envelope>,
+    ) -> Result<Vec<bool>, ServiceError> {
+        let routes = self.routes();
+        if envelopes
+            .iter()
+            .all(|e| e.to.len() == 1 && routes.home(&e.app_id, &e.to[0]).is_none())
+        {
+            return self.inner.local.deliver_batch(envelopes).await;
+        }
+        let n = envelopes.len();
+        let mut local = Vec::new();
+        let mut local_at = Vec::new();
+        let mut remote = Vec::new();
+        let mut copies = Vec::new();
+        for (i, mut e) in envelopes.into_iter().enumerate() {
+            if e.hop_limit == 0 {
+                e.hop_limit = self.inner.options.hop_limit;
+            }
+            let mut parts = self.inner.split(e.clone(), &[]);
+            match parts.pop() {
+                Some((Target::Local, part)) if parts.is_empty() => {
+                    local.push(part);
+                    local_at.push(i);
+                }
+                Some((Target::Peer(peer), part)) if parts.is_empty() => {
+                    if e.origin.is_some() {
+                        copies.push(e);
+                    }
+                    remote.push((peer, part));
+                }
+                _ => {
+                    return Err(ServiceError::new(
+                        ErrorCode::Unavailable,
+                        "no route to the recipient's home domain",
+                    ));
+                }
+            }
+        }
+        let mut repeated = vec![false; n];
+        for (at, r) in local_at
+            .into_iter()
+            .zip(self.inner.local.deliver_batch(local).await?)
+        {
+            repeated[at] = r;
+        }
+        self.inner.send(remote).await?;
+        self.inner.local.sent_copies(copies).await?;
+        Ok(repeated)
+    }
+
+    /// Hands messages this domain created (sender confirmations) toward
+    /// their recipients' home domains; durable when it returns.
+    pub async fn forward_from_here(
+        &self,
+        envelopes: Vec<pb::Envelope>,
+    ) -> Result<(), ServiceError> {
+        let mut remote = Vec::new();
+        for mut e in envelopes {
+            if e.hop_limit == 0 {
+                e.hop_limit = self.inner.options.hop_limit;
+            }
+            for (target, part) in self.inner.split(e, &[]) {
+                match target {
+                    Target::Peer(peer) => remote.push((peer, part)),
+                    Target::Local => {
+                        self.inner.local.route(part).await?;
+                    }
+                    Target::Nowhere => {
+                        return Err(ServiceError::new(
+                            ErrorCode::Unavailable,
+                            "no route to the recipient's home domain",
+                        ));
+                    }
+                }
+            }
+        }
+        self.inner.send(remote).await
+    }
+
+    /// Stops the link workers (what is in the outboxes stays there).
+    pub fn stop(&self) {
+        self.inner.stop.cancel();
+    }
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        self.inner.stop.cancel();
+    }
+}
+
+impl Inner {
+    /// The link to `peer`, its worker started on first use.
+    pub(crate) fn link(self: &Arc<Self>, peer: &str) -> Arc<Link> {
+        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(l) = links.get(peer) {
+            return l.clone();
+        }
+        let l = Arc::new(Link::new(peer, &self.options));
+        links.insert(peer.to_owned(), l.clone());
+        tokio::spawn(link::run(self.clone(), l.clone()));
+        l
+    }
+
+    /// Splits an envelope by where its recipients go, given the domains it
+    /// passed through (`visited`, this one excluded). Direct messages and
+    /// confirmations have one part; an ad-hoc group one part per next hop.
+    fn split(&self, envelope: pb::Envelope, visited: &[String]) -> Vec<(Target, pb::Envelope)> {
+        let routes = self.routes.borrow().clone();
+        // Presence events stay in their domain: the master user's
+        // presence is per domain.
+        if matches!(
+            envelope.kind(),
+            pb::MessageKind::UserConnected | pb::MessageKind::UserDisconnected
+        ) || !envelope.group.is_empty()
+        {
+            return vec![(Target::Local, envelope)];
+        }
+        let targets: Vec<Target> = envelope
+            .to
+            .iter()
+            .map(|to| routes.target(&envelope.app_id, to, visited))
+            .collect();
+        if targets.iter().all(|t| *t == targets[0]) {
+            let t = targets.into_iter().next().unwrap_or(Target::Local);
+            return vec![(t, envelope)];
+        }
+        let mut by: BTreeMap<Target, Vec<String>> = BTreeMap::new();
+        let mut rest = envelope;
+        for (to, t) in std::mem::take(&mut rest.to).into_iter().zip(targets) {
+            by.entry(t).or_default().push(to);
+        }
+        by.into_iter()
+            .map(|(t, to)| {
+                let mut part = rest.clone();
+                part.to = to;
+                (t, part)
+            })
+            .collect()
+    }
+
+    /// Hands envelopes to their next hops: RELIABLE ones into the outboxes
+    /// (durable when this returns), FAST ones sent now or dropped.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        parts: Vec<(String, pb::Envelope)>,
+    ) -> Result<(), ServiceError> {
+        let mut outboxes: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut fast: BTreeMap<String, Vec<pb::Envelope>> = BTreeMap::new();
+        for (peer, mut e) in parts {
+            if e.hops.last().is_none_or(|h| *h != self.options.domain) {
+                e.hops.push(self.options.domain.clone());
+            }
+            if let Some(tp) = switchboard_telemetry::current_traceparent() {
+                e.traceparent = tp;
+            }
+            if e.feature() == pb::Feature::Fast {
+                fast.entry(peer).or_default().push(e);
+            } else {
+                outboxes.entry(peer).or_default().push(e.encode_to_vec());
+            }
+        }
+        for (peer, payloads) in outboxes {
+            let link = self.link(&peer);
+            let n = payloads.len();
+            self.queues
+                .enqueue(&link.queue, payloads)
+                .await
+                .map_err(|e| {
+                    ServiceError::new(ErrorCode::Unavailable, format!("federation outbox: {e}"))
+                })?;
+            link.enqueued(n);
+        }
+        for (peer, envelopes) in fast {
+            let link = self.link(&peer);
+            link.send_fast(self, envelopes);
+        }
+        Ok(())
+    }
+
+    /// Recomputes the routes from the topology and every link state.
+    pub(crate) fn recompute(&self) {
+        let topology = self.routes.borrow().topology.clone();
+        self.recompute_with(topology);
+    }
+
+    fn recompute_with(&self, topology: Option<Arc<switchboard_metadata::CurrentTopology>>) {
+        let reported = self
+            .reported_down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let own: HashMap<String, bool> = self
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(peer, l)| (peer.clone(), l.is_up()))
+            .collect();
+        let table = RouteTable::new(&self.options.domain, topology, reported, &own);
+        let changed = {
+            let current = self.routes.borrow();
+            current.next_hops() != table.next_hops() || current.topology_differs(&table)
+        };
+        if changed {
+            tracing::info!(routes = %table.describe(), "federation routes");
+        }
+        self.routes.send_replace(Arc::new(table));
+    }
+
+    /// Publishes this domain's observation of the link to `peer`.
+    pub(crate) fn publish_state(self: &Arc<Self>, peer: &str, up: bool) {
+        let Some(discovery) = &self.discovery else {
+            return;
+        };
+        let key = format!(
+            "{}links/{}/{peer}",
+            self.options.prefix, self.options.domain
+        );
+        let value =
+            serde_json::json!({ "up": up, "since_ms": switchboard_mesh::now_ms() }).to_string();
+        let discovery = discovery.clone();
+        tokio::spawn(async move {
+            if let Err(e) = discovery.publish(&key, &value).await {
+                tracing::warn!(error = %e, %key, "cannot publish a federation link state in etcd");
+            }
+        });
+    }
+}
+
+/// Applies every topology change: new routes, workers for new neighbours.
+async fn follow_topology(inner: Arc<Inner>, mut topology: TopologyView) {
+    loop {
+        let current = topology.borrow_and_update().clone();
+        if let Some(t) = &current {
+            let me = &inner.options.domain;
+            if t.network.domain(me).is_none() {
+                tracing::error!(domain = %me, "this domain is not in the federation topology: nothing is forwarded");
+            }
+            for (a, b, _) in t.network.links() {
+                if a == me {
+                    inner.link(b);
+                } else if b == me {
+                    inner.link(a);
+                }
+            }
+        }
+        inner.recompute_with(current);
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            changed = topology.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Reads the link states every domain publishes, and routes around the
+/// links others see down.
+async fn read_link_states(inner: Arc<Inner>) {
+    let Some(discovery) = inner.discovery.clone() else {
+        return;
+    };
+    let prefix = format!("{}links/", inner.options.prefix);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = tokio::time::sleep(READ_STATES_EVERY) => {}
+        }
+        match discovery.read_prefix(&prefix).await {
+            Ok(kvs) => {
+                failing = false;
+                let mut down: Vec<(String, String)> = kvs
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        let rest = k.strip_prefix(&prefix)?;
+                        let (reporter, peer) = rest.split_once('/')?;
+                        let up = serde_json::from_str::<serde_json::Value>(&v)
+                            .ok()?
+                            .get("up")?
+                            .as_bool()?;
+                        (!up).then(|| (reporter.to_owned(), peer.to_owned()))
+                    })
+                    .collect();
+                down.sort();
+                let changed = {
+                    let mut current = inner
+                        .reported_down
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    let changed = *current != down;
+                    *current = down;
+                    changed
+                };
+                if changed {
+                    inner.recompute();
+                }
+            }
+            Err(e) => {
+                // Keep the last states: an etcd outage changes no route.
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read federation link states; keeping the last");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl switchboard_mesh::Federation for Federation {
+    async fn forward(
+        &self,
+        from_domain: &str,
+        req: pb::ForwardRequest,
+    ) -> Result<pb::ForwardReply, ServiceError> {
+        let inner = &self.inner;
+        let me = inner.options.domain.as_str();
+        let routes = self.routes();
+        if !routes.is_neighbour(from_domain) {
+            return Err(ServiceError::new(
+                ErrorCode::Forbidden,
+                format!("{from_domain} is not linked to {me} in the topology"),
+            ));
+        }
+        metrics::counter!("switchboard_federation_received_total", "peer" => from_domain.to_owned())
+            .increment(req.envelopes.len() as u64);
+        let mut outcomes = Vec::with_capacity(req.envelopes.len());
+        // Direct ones for here go in one delivery call; the positions.
+        let mut local = Vec::new();
+        let mut local_at = Vec::new();
+        let mut onward = Vec::new();
+        for mut e in req.envelopes {
+            let refused = |e: &pb::Envelope, reason: &str| {
+                metrics::counter!("switchboard_federation_dropped_total", "reason" => reason.to_owned()).increment(1);
+                tracing::warn!(id = %e.id, from = from_domain, hops = ?e.hops, reason, "forwarded envelope refused");
+                pb::ForwardOutcome {
+                    accepted: false,
+                    reason: reason.to_owned(),
+                }
+            };
+            if e.hops.iter().any(|h| h == me) {
+                outcomes.push(refused(&e, "loop: the envelope passed this domain before"));
+                continue;
+            }
+            if e.hops.last().map(String::as_str) != Some(from_domain) {
+                outcomes.push(refused(
+                    &e,
+                    "the hop list does not end with the calling domain",
+                ));
+                continue;
+            }
+            if e.hops.len() as u32 >= e.hop_limit.max(1) {
+                outcomes.push(refused(&e, "hop limit reached"));
+                continue;
+            }
+            let span = tracing::info_span!(
+                "federation.receive",
+                message.id = %e.id,
+                from_domain,
+                domain = me,
+                hops = e.hops.len()
+            );
+            if !e.traceparent.is_empty() {
+                switchboard_telemetry::continue_traceparent(&span, &e.traceparent);
+            }
+            let _entered = span.enter();
+            let visited: Vec<String> = e.hops.clone();
+            e.hops.push(me.to_owned());
+            // Not this domain's connections: no MESSAGE_SENT copies here.
+            e.origin = None;
+            // Every domain de-duplicates by message id: a retried batch
+            // stores nothing twice.
+            e.client_id = true;
+            if let Some(tp) = switchboard_telemetry::current_traceparent() {
+                e.traceparent = tp;
+            }
+            let at = outcomes.len();
+            outcomes.push(pb::ForwardOutcome {
+                accepted: true,
+                reason: String::new(),
+            });
+            for (target, part) in inner.split(e, &visited) {
+                match target {
+                    Target::Local if part.kind() == pb::MessageKind::Group => {
+                        local.push((at, part));
+                    }
+                    Target::Local => {
+                        local_at.push(at);
+                        local.push((at, part));
+                    }
+                    Target::Peer(peer) => onward.push((peer, part)),
+                    Target::Nowhere => {
+                        outcomes[at] = refused(&part, "no route to the recipient's home domain");
+                    }
+                }
+            }
+        }
+        // Durable here before the caller acks: a failure fails the call and
+        // the caller retries the whole batch (dedup by id).
+        let (groups, direct): (Vec<_>, Vec<_>) = local
+            .into_iter()
+            .partition(|(_, e)| e.kind() == pb::MessageKind::Group);
+        if !direct.is_empty() {
+            inner
+                .local
+                .deliver_batch(direct.into_iter().map(|(_, e)| e).collect())
+                .await?;
+        }
+        for (_, e) in groups {
+            inner.local.route(e).await?;
+        }
+        inner.send(onward).await?;
+        Ok(pb::ForwardReply { outcomes })
+    }
+}
