@@ -94,6 +94,27 @@ impl EtcdMetadata {
         Ok(format!("{}{key}", self.kind_prefix(kind)))
     }
 
+    /// Every key under `<prefix><sub>` (not a record kind: e.g. the link
+    /// states domains publish under `links/`), with the part after the
+    /// prefix and the value.
+    pub async fn list_under(&self, sub: &str) -> Result<Vec<(String, Vec<u8>)>, MetadataError> {
+        let prefix = format!("{}{sub}", self.prefix);
+        let mut c = self.client.clone();
+        let reply = bounded(
+            &self.endpoints,
+            c.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        Ok(reply
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix)?;
+                Some((key.to_owned(), kv.value().to_vec()))
+            })
+            .collect())
+    }
+
     /// Writes `records` of `kind` if this deployment's metadata was never
     /// seeded for that kind, atomically with a marker
     /// (`<prefix>seeded/<kind>`): the config file seeds etcd once, and

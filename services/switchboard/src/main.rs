@@ -460,7 +460,7 @@ async fn apps(args: AppsArgs) -> anyhow::Result<()> {
 
 async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
     use switchboard_metadata::{EtcdMetadata, Kind, MetadataExt, TOPOLOGY_KEY};
-    use switchboard_topology::{LinkState, Topology};
+    use switchboard_topology::Topology;
 
     anyhow::ensure!(
         !args.etcd.is_empty(),
@@ -528,18 +528,34 @@ async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
             let network = topology.check().map_err(|problems| {
                 anyhow::anyhow!("the topology at {at} cannot be used: {problems}")
             })?;
-            print!("{}", show(&topology, &network, &LinkState::all_up()));
+            // What each domain publishes about its links: (reporter, peer) → up.
+            let reports: BTreeMap<(String, String), bool> = metadata
+                .list_under("links/")
+                .await
+                .with_context(|| format!("cannot read the link states under {prefix}links/"))?
+                .into_iter()
+                .filter_map(|(key, value)| {
+                    let (reporter, peer) = key.split_once('/')?;
+                    let up = serde_json::from_slice::<serde_json::Value>(&value)
+                        .ok()?
+                        .get("up")?
+                        .as_bool()?;
+                    Some(((reporter.to_owned(), peer.to_owned()), up))
+                })
+                .collect();
+            print!("{}", show(&topology, &network, &reports));
         }
     }
     Ok(())
 }
 
-/// What `topology show` prints. Link state is "unknown" until domains
-/// publish it (a later step): routes are computed with every link up.
+/// What `topology show` prints: each link's state as its two domains
+/// publish it (`unknown` when neither does: not running, or not
+/// federating), and the routes over the links that are not down.
 fn show(
     topology: &switchboard_topology::Topology,
     network: &switchboard_topology::Network,
-    up: &switchboard_topology::LinkState,
+    reports: &BTreeMap<(String, String), bool>,
 ) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -554,8 +570,23 @@ fn show(
         );
     }
     let _ = writeln!(out, "links ({})", network.links().count());
+    let mut up = switchboard_topology::LinkState::all_up();
     for (a, b, weight) in network.links() {
-        let _ = writeln!(out, "  {a} - {b}  weight={weight}  state=unknown");
+        let seen_by = |x: &str, y: &str| reports.get(&(x.to_owned(), y.to_owned())).copied();
+        let state = match (seen_by(a, b), seen_by(b, a)) {
+            (None, None) => "unknown".to_owned(),
+            (Some(false), _) | (_, Some(false)) => {
+                up.set_down(a, b);
+                let by: Vec<&str> = [(a, seen_by(a, b)), (b, seen_by(b, a))]
+                    .into_iter()
+                    .filter(|(_, s)| *s == Some(false))
+                    .map(|(d, _)| d)
+                    .collect();
+                format!("down (seen by {})", by.join(", "))
+            }
+            _ => "up".to_owned(),
+        };
+        let _ = writeln!(out, "  {a} - {b}  weight={weight}  state={state}");
     }
     let _ = writeln!(out, "apps ({})", topology.client_apps.len());
     for app in &topology.client_apps {
@@ -582,9 +613,9 @@ fn show(
             rules.join(", ")
         );
     }
-    let _ = writeln!(out, "routes (link state unknown: every link taken as up)");
+    let _ = writeln!(out, "routes (over the links not down)");
     for from in domains {
-        let table = network.routes_from(&from.name, up).unwrap_or_default();
+        let table = network.routes_from(&from.name, &up).unwrap_or_default();
         for to in domains.iter().filter(|d| d.name != from.name) {
             match table.get(&to.name) {
                 Some(r) => {
