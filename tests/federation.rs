@@ -54,11 +54,17 @@ struct Ring {
     /// What the topology names as each domain's federation endpoint (a
     /// proxy in front of the domain, when the test puts one there).
     federation_urls: Vec<String>,
+    /// OTLP endpoint every domain exports its spans to.
+    otlp: Option<String>,
 }
 
 impl Ring {
     /// Starts d1…d4 and applies the ring topology.
     async fn start(etcd: String, weights: [u32; 4]) -> Ring {
+        Self::start_traced(etcd, weights, None).await
+    }
+
+    async fn start_traced(etcd: String, weights: [u32; 4], otlp: Option<String>) -> Ring {
         let dir = tempfile::tempdir().expect("tempdir");
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -86,6 +92,7 @@ impl Ring {
             _dir: dir,
             weights,
             federation_urls,
+            otlp,
         };
         ring.apply();
         for i in 0..4 {
@@ -134,7 +141,11 @@ impl Ring {
 
     fn spawn(&mut self, i: usize) {
         let d = &mut self.domains[i];
-        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        if let Some(endpoint) = &self.otlp {
+            command.env("SWITCHBOARD_OTLP_ENDPOINT", endpoint);
+        }
+        let child = command
             .args(["run", "--domain", &d.name, "--etcd", &self.etcd])
             .arg("--client-addr")
             .arg(d.client.to_string())
@@ -179,6 +190,16 @@ impl Ring {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("{} did not get ready", d.name);
+    }
+
+    /// A graceful stop (SIGTERM): spans are flushed.
+    fn terminate(&mut self, i: usize) {
+        if let Some(mut child) = self.domains[i].child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
     }
 
     fn kill9(&mut self, i: usize) {
@@ -386,6 +407,70 @@ struct Received {
     ids: HashSet<String>,
     repeats: usize,
     paths: BTreeMap<String, usize>,
+}
+
+// Multi-threaded: the receiver in this process must answer while the
+// test waits for the domains to stop and flush their spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_follows_a_message_across_three_domains() {
+    let Some(etcd) = switchboard_testenv::service(switchboard_testenv::ETCD) else {
+        return;
+    };
+    let _one = SERIAL.lock().await;
+    let receiver = support::otlp::Receiver::start().await;
+    let mut ring = Ring::start_traced(etcd, [1, 1, 2, 2], Some(receiver.endpoint())).await;
+    let mut alice = login(&ring.url(0), "ANZ-1").await;
+    let mut carol = login(&ring.url(2), "ANZ-2001").await;
+    first_delivery(&mut alice, &mut carol, "ANZ-2001").await;
+    alice.message("ANZ-2001", "traced", "RELIABLE", "t1").await;
+    let got = next_message(&mut carol, Duration::from_secs(10))
+        .await
+        .expect("delivered");
+    let id = got["data"]["id"].as_str().expect("id").to_owned();
+    for i in 0..4 {
+        ring.terminate(i);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let trace = loop {
+        let spans = receiver.spans();
+        let trace_id = spans
+            .iter()
+            .find(|s| {
+                s.name == "gateway.receive"
+                    && s.attributes.get("message.id").map(String::as_str) == Some(id.as_str())
+            })
+            .map(|s| s.trace_id.clone());
+        let trace: Vec<support::otlp::Span> = spans
+            .into_iter()
+            .filter(|s| Some(&s.trace_id) == trace_id.as_ref())
+            .collect();
+        if trace.iter().any(|s| s.name == "gateway.push") || Instant::now() > deadline {
+            break trace;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let names: Vec<(String, Option<String>)> = trace
+        .iter()
+        .map(|s| (s.name.clone(), s.attributes.get("domain").cloned()))
+        .collect();
+    // Sent in d1, forwarded by d1 and d2, received by d2 and d3, pushed in d3.
+    for (name, domain) in [("federation.receive", "d2"), ("federation.receive", "d3")] {
+        assert!(
+            names
+                .iter()
+                .any(|(n, d)| n == name && d.as_deref() == Some(domain)),
+            "{name} in {domain}: {names:?}"
+        );
+    }
+    let forwards = trace
+        .iter()
+        .filter(|s| s.name == "federation.forward")
+        .count();
+    assert!(
+        forwards >= 2,
+        "a federation.forward span per hop: {names:?}"
+    );
+    assert!(trace.iter().any(|s| s.name == "gateway.push"), "{names:?}");
 }
 
 /// Reads MESSAGE frames until `n` distinct ids arrived or nothing came for

@@ -166,10 +166,17 @@ impl Federation {
         if envelope.hop_limit == 0 {
             envelope.hop_limit = self.inner.options.hop_limit;
         }
-        let parts = self.inner.split(envelope.clone(), &[]);
-        if parts.len() == 1 && parts[0].0 == Target::Local {
+        // Nothing to split for a message whose recipients all live here
+        // (the common case: no copy of the envelope).
+        let routes = self.routes();
+        if envelope
+            .to
+            .iter()
+            .all(|to| routes.home(&envelope.app_id, to).is_none())
+        {
             return self.inner.local.route(envelope).await;
         }
+        let parts = self.inner.split(envelope.clone(), &[]);
         let mut recipients = 0u32;
         let mut repeat = false;
         let mut remote = Vec::new();
@@ -359,7 +366,11 @@ impl Inner {
             if e.hops.last().is_none_or(|h| *h != self.options.domain) {
                 e.hops.push(self.options.domain.clone());
             }
-            if let Some(tp) = switchboard_telemetry::current_traceparent() {
+            // Set once, where the message enters the federation; a
+            // forwarding domain has set it to its receive span already.
+            if e.traceparent.is_empty()
+                && let Some(tp) = switchboard_telemetry::current_traceparent()
+            {
                 e.traceparent = tp;
             }
             if e.feature() == pb::Feature::Fast {
@@ -535,8 +546,10 @@ impl switchboard_mesh::Federation for Federation {
         let mut outcomes = Vec::with_capacity(req.envelopes.len());
         // Direct ones for here go in one delivery call; the positions.
         let mut local = Vec::new();
-        let mut local_at = Vec::new();
         let mut onward = Vec::new();
+        // Each envelope's receive span, by position: the work done for it
+        // below continues its own trace.
+        let mut spans = Vec::with_capacity(req.envelopes.len());
         for mut e in req.envelopes {
             let refused = |e: &pb::Envelope, reason: &str| {
                 metrics::counter!("switchboard_federation_dropped_total", "reason" => reason.to_owned()).increment(1);
@@ -548,6 +561,7 @@ impl switchboard_mesh::Federation for Federation {
             };
             if e.hops.iter().any(|h| h == me) {
                 outcomes.push(refused(&e, "loop: the envelope passed this domain before"));
+                spans.push(tracing::Span::none());
                 continue;
             }
             if e.hops.last().map(String::as_str) != Some(from_domain) {
@@ -555,10 +569,12 @@ impl switchboard_mesh::Federation for Federation {
                     &e,
                     "the hop list does not end with the calling domain",
                 ));
+                spans.push(tracing::Span::none());
                 continue;
             }
             if e.hops.len() as u32 >= e.hop_limit.max(1) {
                 outcomes.push(refused(&e, "hop limit reached"));
+                spans.push(tracing::Span::none());
                 continue;
             }
             let span = tracing::info_span!(
@@ -571,7 +587,7 @@ impl switchboard_mesh::Federation for Federation {
             if !e.traceparent.is_empty() {
                 switchboard_telemetry::continue_traceparent(&span, &e.traceparent);
             }
-            let _entered = span.enter();
+            let entered = span.enter();
             let visited: Vec<String> = e.hops.clone();
             e.hops.push(me.to_owned());
             // Not this domain's connections: no MESSAGE_SENT copies here.
@@ -587,15 +603,11 @@ impl switchboard_mesh::Federation for Federation {
                 accepted: true,
                 reason: String::new(),
             });
+            drop(entered);
+            spans.push(span.clone());
             for (target, part) in inner.split(e, &visited) {
                 match target {
-                    Target::Local if part.kind() == pb::MessageKind::Group => {
-                        local.push((at, part));
-                    }
-                    Target::Local => {
-                        local_at.push(at);
-                        local.push((at, part));
-                    }
+                    Target::Local => local.push((at, part)),
                     Target::Peer(peer) => onward.push((peer, part)),
                     Target::Nowhere => {
                         outcomes[at] = refused(&part, "no route to the recipient's home domain");
@@ -608,14 +620,24 @@ impl switchboard_mesh::Federation for Federation {
         let (groups, direct): (Vec<_>, Vec<_>) = local
             .into_iter()
             .partition(|(_, e)| e.kind() == pb::MessageKind::Group);
-        if !direct.is_empty() {
-            inner
-                .local
-                .deliver_batch(direct.into_iter().map(|(_, e)| e).collect())
-                .await?;
+        if let Some(&(first, _)) = direct.first() {
+            // One delivery call for them all; its spans join the first
+            // one's trace (one envelope per call at moderate rates).
+            let span = spans
+                .get(first)
+                .cloned()
+                .unwrap_or_else(tracing::Span::none);
+            tracing::Instrument::instrument(
+                inner
+                    .local
+                    .deliver_batch(direct.into_iter().map(|(_, e)| e).collect()),
+                span,
+            )
+            .await?;
         }
-        for (_, e) in groups {
-            inner.local.route(e).await?;
+        for (at, e) in groups {
+            let span = spans.get(at).cloned().unwrap_or_else(tracing::Span::none);
+            tracing::Instrument::instrument(inner.local.route(e), span).await?;
         }
         inner.send(onward).await?;
         Ok(pb::ForwardReply { outcomes })
