@@ -99,6 +99,13 @@ pub struct BenchArgs {
     #[arg(long, default_value = "")]
     #[serde(skip)]
     pub token: String,
+    /// Numeric user ids, one base per URL: connection i (on URL i mod
+    /// URLs) is `<app-name>-<base + i>`. For a federation, where a user's
+    /// home follows from its number: with bases in two domains' ranges,
+    /// every pair crosses the federation. Default: `<app-name>-bench-<run>-<i>`.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub user_bases: Vec<u64>,
     /// Connections opened at once while connecting.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
@@ -185,6 +192,13 @@ pub async fn run(args: BenchArgs, progress: bool) -> Result<BenchReport, BenchEr
             "need at least one --url and one connection".into(),
         ));
     }
+    if !args.user_bases.is_empty() && args.user_bases.len() != args.urls.len() {
+        return Err(BenchError::Options(format!(
+            "--user-bases gives {} bases for {} URLs: one per --url",
+            args.user_bases.len(),
+            args.urls.len()
+        )));
+    }
     let rates = args.rates();
     if rates
         .iter()
@@ -209,7 +223,10 @@ pub async fn run(args: BenchArgs, progress: bool) -> Result<BenchReport, BenchEr
     let (phase_tx, phase_rx) = watch::channel(Phase::Idle);
     let run_id = format!("{:x}", std::process::id() ^ shared_seed());
     let users: Vec<String> = (0..args.connections)
-        .map(|i| format!("{}-bench-{run_id}-{i}", args.app_name))
+        .map(|i| match args.user_bases.get(i % args.urls.len().max(1)) {
+            Some(base) => format!("{}-{}", args.app_name, base + i as u64),
+            None => format!("{}-bench-{run_id}-{i}", args.app_name),
+        })
         .collect();
 
     // Connect and authenticate everyone before sending anything.
