@@ -56,6 +56,8 @@ struct Ring {
     federation_urls: Vec<String>,
     /// OTLP endpoint every domain exports its spans to.
     otlp: Option<String>,
+    /// Mutual TLS between domains: `<dir>/dN.crt`, `dN.key`, `ca.crt`.
+    tls: Option<PathBuf>,
 }
 
 impl Ring {
@@ -65,6 +67,15 @@ impl Ring {
     }
 
     async fn start_traced(etcd: String, weights: [u32; 4], otlp: Option<String>) -> Ring {
+        Self::start_with(etcd, weights, otlp, None).await
+    }
+
+    async fn start_with(
+        etcd: String,
+        weights: [u32; 4],
+        otlp: Option<String>,
+        tls: Option<PathBuf>,
+    ) -> Ring {
         let dir = tempfile::tempdir().expect("tempdir");
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -81,9 +92,10 @@ impl Ring {
                 child: None,
             })
             .collect();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let federation_urls = domains
             .iter()
-            .map(|d| format!("http://{}", d.federation))
+            .map(|d| format!("{scheme}://{}", d.federation))
             .collect();
         let mut ring = Ring {
             etcd,
@@ -93,6 +105,7 @@ impl Ring {
             weights,
             federation_urls,
             otlp,
+            tls,
         };
         ring.apply();
         for i in 0..4 {
@@ -144,6 +157,18 @@ impl Ring {
         let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
         if let Some(endpoint) = &self.otlp {
             command.env("SWITCHBOARD_OTLP_ENDPOINT", endpoint);
+        }
+        if let Some(dir) = &self.tls {
+            command
+                .env(
+                    "SWITCHBOARD_FEDERATION__TLS__CERT",
+                    dir.join(format!("{}.crt", d.name)),
+                )
+                .env(
+                    "SWITCHBOARD_FEDERATION__TLS__KEY",
+                    dir.join(format!("{}.key", d.name)),
+                )
+                .env("SWITCHBOARD_FEDERATION__TLS__CA", dir.join("ca.crt"));
         }
         let child = command
             .args(["run", "--domain", &d.name, "--etcd", &self.etcd])
@@ -807,6 +832,88 @@ async fn forged_envelopes_wrong_credentials_and_invalid_topologies_are_refused()
     assert!(ok, "{out}");
     assert!(out.contains("d3 - d4  weight=1  state=up"), "{out}");
     assert!(!out.contains("d9"), "{out}");
+}
+
+/// A CA and a certificate per domain naming it (DNS subject alternative
+/// name `dN`), as PEM files in `dir`.
+fn domain_certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    std::fs::write(dir.join("ca.crt"), ca_cert.pem()).expect("write ca");
+    for i in 1..=4 {
+        let key = KeyPair::generate().expect("key");
+        let params = CertificateParams::new(vec![format!("d{i}")]).expect("params");
+        let cert = params.signed_by(&key, &issuer).expect("cert");
+        std::fs::write(dir.join(format!("d{i}.crt")), cert.pem()).expect("write cert");
+        std::fs::write(dir.join(format!("d{i}.key")), key.serialize_pem()).expect("write key");
+    }
+}
+
+#[tokio::test]
+async fn domains_can_require_mutual_tls_with_their_names_in_the_certificates() {
+    let Some(etcd) = switchboard_testenv::service(switchboard_testenv::ETCD) else {
+        return;
+    };
+    let _one = SERIAL.lock().await;
+    let certs = tempfile::tempdir().expect("tempdir");
+    domain_certificates(certs.path());
+    let ring = Ring::start_with(etcd, [1, 1, 2, 2], None, Some(certs.path().to_owned())).await;
+    let mut alice = login(&ring.url(0), "ANZ-1").await;
+    let mut carol = login(&ring.url(2), "ANZ-2001").await;
+    let f = first_delivery(&mut alice, &mut carol, "ANZ-2001").await;
+    assert_eq!(hops(&f), ["d1", "d2", "d3"], "{f}");
+
+    // d3's federation port, called as d2 with the right secret: with d2's
+    // certificate it is let in; with d4's (the same CA, another name), or
+    // over plain HTTP/2, it is not.
+    let d3 = ring.domains[2].federation;
+    let call = |cert: &'static str| {
+        let dir = certs.path().to_owned();
+        async move {
+            let read = |f: &str| std::fs::read(dir.join(f)).expect("read pem");
+            let tls = switchboard_mesh::MeshTls {
+                cert_pem: read(&format!("{cert}.crt")),
+                key_pem: read(&format!("{cert}.key")),
+                ca_pem: read("ca.crt"),
+            };
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{d3}"))
+                .expect("url")
+                .tls_config(tls.client_config("d3"))
+                .expect("tls")
+                .connect()
+                .await
+                .expect("connect");
+            let creds = switchboard_mesh::FederationCredentials::new("d2", SECRET).expect("creds");
+            switchboard_mesh::pb::federation_client::FederationClient::with_interceptor(
+                channel, creds,
+            )
+            .forward(switchboard_mesh::pb::ForwardRequest {
+                from_domain: "d2".into(),
+                envelopes: Vec::new(),
+            })
+            .await
+        }
+    };
+    assert!(call("d2").await.is_ok(), "d2's own certificate");
+    let other = call("d4").await.expect_err("d4's certificate claiming d2");
+    assert_eq!(other.code(), tonic::Code::Unauthenticated, "{other:?}");
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{d3}"))
+        .expect("url")
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let creds = switchboard_mesh::FederationCredentials::new("d2", SECRET).expect("creds");
+        let reply = switchboard_mesh::pb::federation_client::FederationClient::with_interceptor(
+            channel, creds,
+        )
+        .forward(switchboard_mesh::pb::ForwardRequest::default())
+        .await;
+        assert!(reply.is_err(), "plain HTTP/2 is not served");
+    }
 }
 
 /// A TCP proxy the test can cut (close every connection, refuse new

@@ -100,8 +100,15 @@ impl Link {
             .credentials
             .clone()
             .ok_or_else(|| "invalid credential".to_owned())?;
-        let channel = Endpoint::from_shared(url.clone())
-            .map_err(|e| format!("bad federation URL {url:?}: {e}"))?
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| format!("bad federation URL {url:?}: {e}"))?;
+        if let Some(tls) = &inner.options.tls {
+            // The neighbour's certificate must name its domain.
+            endpoint = endpoint
+                .tls_config(tls.client_config(&self.peer))
+                .map_err(|e| format!("federation TLS for {}: {e}", self.peer))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))

@@ -52,7 +52,7 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 pub const READ_STATES_EVERY: Duration = Duration::from_millis(300);
 
 /// Settings of this domain's federation.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct FederationOptions {
     pub domain: String,
     /// The etcd prefix the domains share (link states under `links/`).
@@ -63,6 +63,9 @@ pub struct FederationOptions {
     pub peers: BTreeMap<String, String>,
     /// Domains an envelope may pass through.
     pub hop_limit: u32,
+    /// Mutual TLS on calls to neighbours: each neighbour's certificate must
+    /// name its domain.
+    pub tls: Option<switchboard_mesh::MeshTls>,
 }
 
 /// Where part of an envelope goes.

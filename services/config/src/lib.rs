@@ -233,6 +233,12 @@ pub struct FederationConfig {
     pub prefix: String,
     /// Domains an envelope may pass through before it is dropped. 0: 8.
     pub hop_limit: u32,
+    /// Mutual TLS on the federation port and on calls to neighbours (all
+    /// three set) or none. Each domain's certificate names the domain (a
+    /// DNS subject alternative name equal to its name); a neighbour's
+    /// certificate must name the domain it calls as, and the topology's
+    /// federation URLs are then `https://`.
+    pub tls: MeshTlsConfig,
 }
 
 impl FederationConfig {
@@ -633,6 +639,15 @@ impl Config {
                     "federation.addr is set but no federation secret is: every link between \
                      domains carries a credential (--federation-secret or [federation.peers])"
                         .into(),
+                ));
+            }
+            let set = [&fed.tls.cert, &fed.tls.key, &fed.tls.ca]
+                .iter()
+                .filter(|p| !p.as_os_str().is_empty())
+                .count();
+            if set != 0 && set != 3 {
+                return Err(ConfigError::Invalid(
+                    "federation.tls needs all of cert, key and ca (or none)".into(),
                 ));
             }
             for (peer, secret) in &fed.peers {

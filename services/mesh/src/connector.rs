@@ -26,7 +26,9 @@ impl MeshTls {
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
     }
 
-    fn client_config(&self, host: &str) -> ClientTlsConfig {
+    /// Client side: present this certificate, accept a server whose
+    /// certificate the CA signed for `host` (a DNS name or IP address).
+    pub fn client_config(&self, host: &str) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))

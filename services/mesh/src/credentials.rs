@@ -152,6 +152,8 @@ struct GuardInner {
     default: Option<Vec<u8>>,
     peers: std::collections::HashMap<String, Vec<u8>>,
     last_log_ms: std::sync::atomic::AtomicU64,
+    /// With mutual TLS: the client certificate must name the calling domain.
+    names_in_certificates: bool,
 }
 
 /// Federation refusals log one line per interval, with the count since.
@@ -170,8 +172,19 @@ impl FederationGuard {
                     .filter_map(|(d, s)| bearer(s).map(|b| (d.to_owned(), b)))
                     .collect(),
                 last_log_ms: std::sync::atomic::AtomicU64::new(0),
+                names_in_certificates: false,
             }),
         }
+    }
+
+    /// With mutual TLS on the federation port: a call is refused unless the
+    /// peer's certificate (already verified against the CA by TLS) names
+    /// the domain the call claims to come from.
+    pub fn with_names_in_certificates(mut self) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.names_in_certificates = true;
+        }
+        self
     }
 
     fn refuse(&self, req: &Request<()>, why: &'static str) -> Status {
@@ -233,9 +246,30 @@ impl Interceptor for FederationGuard {
         if !constant_time_eq(given, expected) {
             return Err(self.refuse(&req, "missing or wrong federation secret"));
         }
+        if self.inner.names_in_certificates && !certificate_names(&req, &domain) {
+            return Err(self.refuse(
+                &req,
+                "the client certificate does not name the calling domain",
+            ));
+        }
         req.extensions_mut().insert(PeerDomain(domain));
         Ok(req)
     }
+}
+
+/// Whether the peer's TLS certificate has `domain` as a DNS name.
+fn certificate_names(req: &Request<()>, domain: &str) -> bool {
+    let Some(certs) = req.peer_certs() else {
+        return false;
+    };
+    let Some(leaf) = certs.first() else {
+        return false;
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(domain) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(leaf)
+        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -226,6 +226,7 @@ pub async fn serve(
     let local_router = router_role
         .as_ref()
         .map(|r| RouterClient::from_local(r.clone()));
+    let federation_tls = load_tls(&config.federation.tls, "federation.tls")?;
     let federation = match (
         &router_role,
         &queues,
@@ -243,6 +244,7 @@ pub async fn serve(
                         0 => switchboard_mesh::DEFAULT_HOP_LIMIT,
                         n => n,
                     },
+                    tls: federation_tls.clone(),
                 },
                 view.clone(),
                 router.local(),
@@ -357,7 +359,7 @@ pub async fn serve(
     // the mesh's.
     let federation_server = match (&federation, listeners.federation) {
         (Some(federation), Some(listener)) => {
-            let guard = FederationGuard::new(
+            let mut guard = FederationGuard::new(
                 &config.federation.secret,
                 config
                     .federation
@@ -365,7 +367,14 @@ pub async fn serve(
                     .iter()
                     .map(|(d, s)| (d.as_str(), s.as_str())),
             );
-            let server = tonic::transport::Server::builder()
+            let mut server = tonic::transport::Server::builder();
+            if let Some(tls) = &federation_tls {
+                server = server
+                    .tls_config(tls.server_config())
+                    .context("invalid federation.tls certificate or key")?;
+                guard = guard.with_names_in_certificates();
+            }
+            let server = server
                 .layer(tonic::service::InterceptorLayer::new(guard))
                 .add_service(FederationService::new(federation.clone()).into_server());
             let fed_stop = stop.clone();
@@ -566,17 +575,25 @@ impl switchboard_delivery::Onward for FederationOnward {
 
 /// The mesh's mutual-TLS material, when configured.
 fn load_mesh_tls(config: &Config) -> anyhow::Result<Option<MeshTls>> {
-    if !config.mesh_tls.enabled() {
+    load_tls(&config.mesh_tls, "mesh_tls")
+}
+
+/// Mutual-TLS material (`section` names the config section in errors).
+fn load_tls(
+    tls: &switchboard_config::MeshTlsConfig,
+    section: &str,
+) -> anyhow::Result<Option<MeshTls>> {
+    if !tls.enabled() {
         return Ok(None);
     }
     let read = |path: &std::path::Path, what: &str| {
         std::fs::read(path)
-            .with_context(|| format!("cannot read mesh_tls.{what} {}", path.display()))
+            .with_context(|| format!("cannot read {section}.{what} {}", path.display()))
     };
     Ok(Some(MeshTls {
-        cert_pem: read(&config.mesh_tls.cert, "cert")?,
-        key_pem: read(&config.mesh_tls.key, "key")?,
-        ca_pem: read(&config.mesh_tls.ca, "ca")?,
+        cert_pem: read(&tls.cert, "cert")?,
+        key_pem: read(&tls.key, "key")?,
+        ca_pem: read(&tls.ca, "ca")?,
     }))
 }
 
