@@ -189,7 +189,7 @@ pub async fn serve(
         true => {
             let role = open_auth(&config).await?;
             if let Some(view) = &topology {
-                follow_federated_apps(role.clone(), view.clone());
+                follow_federated_apps(role.clone(), view.clone(), config.domain.clone());
             }
             Some(AuthClient::from_local(role))
         }
@@ -288,6 +288,10 @@ pub async fn serve(
                         presence: presence.clone(),
                         discovery: discovery.as_ref().map(Discovery::checker),
                         pools: pools.clone(),
+                        federation: topology
+                            .as_ref()
+                            .filter(|_| config.federation.enabled())
+                            .map(|view| (config.domain.clone(), view.clone())),
                     }),
                 },
             );
@@ -502,13 +506,15 @@ async fn follow_federation_topology(config: &Config) -> anyhow::Result<TopologyV
 }
 
 /// The topology's client apps, served by the auth role beside this
-/// deployment's own.
-fn follow_federated_apps(auth: Arc<AuthRole>, mut view: TopologyView) {
+/// deployment's own — when the topology names this domain (a deployment
+/// that shares an etcd with a federation it is not part of serves none).
+fn follow_federated_apps(auth: Arc<AuthRole>, mut view: TopologyView, domain: String) {
     tokio::spawn(async move {
         loop {
             let apps = view
                 .borrow_and_update()
                 .as_ref()
+                .filter(|t| t.network.domain(&domain).is_some())
                 .map(|t| {
                     t.topology
                         .client_apps
@@ -668,6 +674,8 @@ struct NodeReadiness {
     discovery: Option<switchboard_discovery::Checker>,
     /// Roles reached over the mesh: each needs at least one known instance.
     pools: cluster::Pools,
+    /// With federation: the topology in force, which must name this domain.
+    federation: Option<(String, TopologyView)>,
 }
 
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -707,6 +715,19 @@ impl Readiness for NodeReadiness {
                 name: "etcd",
                 error,
             });
+            if let Some((domain, view)) = &self.federation {
+                let error = match view.borrow().as_ref() {
+                    None => Some("no federation topology has been read from etcd yet".to_owned()),
+                    Some(t) if t.network.domain(domain).is_none() => Some(format!(
+                        "the federation topology does not name the domain {domain}"
+                    )),
+                    Some(_) => None,
+                };
+                checks.push(Check {
+                    name: "federation",
+                    error,
+                });
+            }
             let missing = self.pools.without_instances();
             checks.push(Check {
                 name: "mesh",
