@@ -646,3 +646,6 @@ impl switchboard_mesh::Federation for Federation {
         Ok(pb::ForwardReply { outcomes })
     }
 }
+
+#[cfg(test)]
+mod tests;
