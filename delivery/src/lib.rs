@@ -232,6 +232,34 @@ fn confirmation_of(msg: &MessageHeader<'_>) -> Option<pb::InboxMessage> {
     })
 }
 
+/// Hands confirmations on until a route takes them (backoff up to 30 s),
+/// then removes them from the inbox here.
+async fn retry_onward(
+    onward: Arc<dyn Onward>,
+    store: Arc<dyn Store>,
+    app_id: String,
+    messages: Vec<pb::InboxMessage>,
+    envelopes: Vec<pb::Envelope>,
+) {
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(pause).await;
+        match onward.forward(envelopes.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "confirmations for another domain still wait");
+                pause = (pause * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+    for m in &messages {
+        let inbox = InboxKey::new(app_id.as_str(), m.to.as_str());
+        if let Err(e) = store.remove(&inbox, &[m.seq], None).await {
+            tracing::warn!(error = %e, id = %m.id, "a confirmation sent to another domain stays in the inbox here too");
+        }
+    }
+}
+
 impl DeliveryRole {
     pub fn new(
         store: Arc<dyn Store>,
@@ -276,7 +304,7 @@ impl DeliveryRole {
         if remote.is_empty() {
             return local;
         }
-        let envelopes = remote
+        let envelopes: Vec<pb::Envelope> = remote
             .iter()
             .map(|m| pb::Envelope {
                 id: m.id.clone(),
@@ -292,7 +320,7 @@ impl DeliveryRole {
                 ..Default::default()
             })
             .collect();
-        match onward.forward(envelopes).await {
+        match onward.forward(envelopes.clone()).await {
             Ok(()) => {
                 for m in &remote {
                     let inbox = InboxKey::new(app_id, m.to.as_str());
@@ -302,7 +330,11 @@ impl DeliveryRole {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, count = remote.len(), "cannot hand confirmations to another domain on; they stay in the inbox here");
+                // Stored here already: nothing is lost, and they are
+                // handed on as soon as a route takes them.
+                tracing::warn!(error = %e, count = remote.len(), "cannot hand confirmations to another domain on now; retrying");
+                let (onward, store, app) = (onward.clone(), self.store.clone(), app_id.to_owned());
+                tokio::spawn(retry_onward(onward, store, app, remote, envelopes));
             }
         }
         local

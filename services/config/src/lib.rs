@@ -195,7 +195,7 @@ impl std::fmt::Display for Role {
 pub struct DiscoveryConfig {
     /// Prefix of every key: one per deployment sharing an etcd. Empty (the
     /// default): derived from the domain, `/switchboard/` for the domain
-    /// `local` and `/switchboard/<domain>/` for any other, so that the
+    /// `local` and `/switchboard-domain/<domain>/` for any other, so that the
     /// domains of a federation can share one etcd
     /// ([`Config::discovery_prefix`]).
     pub key_prefix: String,
@@ -544,10 +544,12 @@ impl Config {
         if !self.discovery.key_prefix.is_empty() {
             return self.discovery.key_prefix.clone();
         }
+        // Beside `/switchboard/`, not under it: no domain's keys fall
+        // among the `local` deployment's.
         if self.domain == DEFAULT_DOMAIN {
             "/switchboard/".to_owned()
         } else {
-            format!("/switchboard/{}/", self.domain)
+            format!("/switchboard-domain/{}/", self.domain)
         }
     }
 
@@ -683,7 +685,7 @@ impl Config {
         }
         if self.discovery.lease_ttl_secs == 0 {
             return Err(ConfigError::Invalid(
-                "discovery.lease_ttl_secs must be > 0 and discovery.key_prefix non-empty".into(),
+                "discovery.lease_ttl_secs must be > 0".into(),
             ));
         }
         if self.store.hot_mib == 0 {
@@ -896,7 +898,7 @@ mod tests {
         .expect("load");
         assert_eq!(ok.federation.secret_for("d2"), "own");
         assert_eq!(ok.federation.secret_for("d3"), "s");
-        assert_eq!(ok.discovery_prefix(), "/switchboard/d1/");
+        assert_eq!(ok.discovery_prefix(), "/switchboard-domain/d1/");
         assert_eq!(Config::default().discovery_prefix(), "/switchboard/");
         let refused = |toml: &str, needle: &str| {
             let err = Config::from_toml_and_env(toml, &env(&[])).expect_err(toml);

@@ -27,8 +27,10 @@ pub trait Router: Send + Sync + 'static {
 /// Inbound traffic from a neighbouring domain (the federation port).
 #[async_trait]
 pub trait Federation: Send + Sync + 'static {
-    /// `from_domain` is the caller as its credential proves it (the
-    /// federation guard checked it); the request's own field is not trusted.
+    /// `from_domain` is the caller as the federation guard accepted it (a
+    /// per-peer secret or a TLS certificate binds the name; one shared
+    /// secret trusts every holder to name itself); the request's own field
+    /// is not used.
     async fn forward(
         &self,
         from_domain: &str,

@@ -371,7 +371,15 @@ pub async fn serve(
                     .iter()
                     .map(|(d, s)| (d.as_str(), s.as_str())),
             );
-            let mut server = tonic::transport::Server::builder();
+            if federation_tls.is_none() && config.federation.peers.is_empty() {
+                tracing::warn!(
+                    "federation with one shared secret and no TLS: every domain holding the secret can call this one under any neighbour's name; use [federation.peers] or [federation.tls] between operators"
+                );
+            }
+            // Bounded: one neighbour cannot hold every task of this process.
+            let mut server = tonic::transport::Server::builder()
+                .concurrency_limit_per_connection(64)
+                .timeout(Duration::from_secs(30));
             if let Some(tls) = &federation_tls {
                 server = server
                     .tls_config(tls.server_config())
