@@ -58,6 +58,14 @@ struct Ring {
     otlp: Option<String>,
     /// Mutual TLS between domains: `<dir>/dN.crt`, `dN.key`, `ca.crt`.
     tls: Option<PathBuf>,
+    /// A secret per link ([`link_secret`]) instead of one shared secret.
+    link_secrets: bool,
+}
+
+/// The secret of the link between two domains, in the per-link setup.
+fn link_secret(a: &str, b: &str) -> String {
+    let (x, y) = if a < b { (a, b) } else { (b, a) };
+    format!("link-{x}-{y}")
 }
 
 impl Ring {
@@ -67,7 +75,7 @@ impl Ring {
     }
 
     async fn start_traced(etcd: String, weights: [u32; 4], otlp: Option<String>) -> Ring {
-        Self::start_with(etcd, weights, otlp, None).await
+        Self::start_with(etcd, weights, otlp, None, false).await
     }
 
     async fn start_with(
@@ -75,6 +83,7 @@ impl Ring {
         weights: [u32; 4],
         otlp: Option<String>,
         tls: Option<PathBuf>,
+        link_secrets: bool,
     ) -> Ring {
         let dir = tempfile::tempdir().expect("tempdir");
         let nanos = std::time::SystemTime::now()
@@ -106,6 +115,7 @@ impl Ring {
             federation_urls,
             otlp,
             tls,
+            link_secrets,
         };
         ring.apply();
         for i in 0..4 {
@@ -153,8 +163,25 @@ impl Ring {
     }
 
     fn spawn(&mut self, i: usize) {
-        let d = &mut self.domains[i];
         let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        let secret_args: Vec<String> = if self.link_secrets {
+            // The ring's neighbours of dN: d(N-1) and d(N+1).
+            let me = self.domains[i].name.clone();
+            let peers = [(i + 3) % 4, (i + 1) % 4].map(|j| self.domains[j].name.clone());
+            let toml = format!(
+                "[federation.peers]\n{} = \"{}\"\n{} = \"{}\"\n",
+                peers[0],
+                link_secret(&me, &peers[0]),
+                peers[1],
+                link_secret(&me, &peers[1])
+            );
+            let path = self._dir.path().join(format!("{me}.toml"));
+            std::fs::write(&path, toml).expect("write config");
+            vec!["--config".to_owned(), path.to_string_lossy().into_owned()]
+        } else {
+            vec!["--federation-secret".to_owned(), SECRET.to_owned()]
+        };
+        let d = &mut self.domains[i];
         if let Some(endpoint) = &self.otlp {
             command.env("SWITCHBOARD_OTLP_ENDPOINT", endpoint);
         }
@@ -172,13 +199,14 @@ impl Ring {
         }
         let child = command
             .args(["run", "--domain", &d.name, "--etcd", &self.etcd])
+            .args(&secret_args)
             .arg("--client-addr")
             .arg(d.client.to_string())
             .arg("--mesh-addr")
             .arg(d.mesh.to_string())
             .arg("--federation-addr")
             .arg(d.federation.to_string())
-            .args(["--federation-secret", SECRET, "--data-dir"])
+            .arg("--data-dir")
             .arg(&d.data_dir)
             .env("SWITCHBOARD_FEDERATION__PREFIX", &self.prefix)
             .env(
@@ -866,6 +894,45 @@ async fn forged_envelopes_wrong_credentials_and_invalid_topologies_are_refused()
     assert!(!out.contains("d9"), "{out}");
 }
 
+#[tokio::test]
+async fn with_a_secret_per_link_no_domain_can_call_under_another_ones_name() {
+    let Some(etcd) = switchboard_testenv::service(switchboard_testenv::ETCD) else {
+        return;
+    };
+    let _one = SERIAL.lock().await;
+    let ring = Ring::start_with(etcd, [1, 1, 2, 2], None, None, true).await;
+    let mut alice = login(&ring.url(0), "ANZ-1").await;
+    let mut carol = login(&ring.url(2), "ANZ-2001").await;
+    let f = first_delivery(&mut alice, &mut carol, "ANZ-2001").await;
+    assert_eq!(hops(&f), ["d1", "d2", "d3"], "{f}");
+
+    // d3's federation port, called as d2: with the d2-d3 secret it is let
+    // in; d4 using its own d3-d4 secret under d2's name is not.
+    let d3 = format!("http://{}", ring.domains[2].federation);
+    let call = |secret: String| {
+        let d3 = d3.clone();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(d3)
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect");
+            let creds = switchboard_mesh::FederationCredentials::new("d2", &secret).expect("creds");
+            switchboard_mesh::pb::federation_client::FederationClient::with_interceptor(
+                channel, creds,
+            )
+            .forward(switchboard_mesh::pb::ForwardRequest {
+                from_domain: "d2".into(),
+                envelopes: Vec::new(),
+            })
+            .await
+        }
+    };
+    assert!(call(link_secret("d2", "d3")).await.is_ok());
+    let impostor = call(link_secret("d3", "d4")).await.expect_err("d4 as d2");
+    assert_eq!(impostor.code(), tonic::Code::Unauthenticated);
+}
+
 /// A CA and a certificate per domain naming it (DNS subject alternative
 /// name `dN`), as PEM files in `dir`.
 fn domain_certificates(dir: &std::path::Path) {
@@ -893,7 +960,14 @@ async fn domains_can_require_mutual_tls_with_their_names_in_the_certificates() {
     let _one = SERIAL.lock().await;
     let certs = tempfile::tempdir().expect("tempdir");
     domain_certificates(certs.path());
-    let ring = Ring::start_with(etcd, [1, 1, 2, 2], None, Some(certs.path().to_owned())).await;
+    let ring = Ring::start_with(
+        etcd,
+        [1, 1, 2, 2],
+        None,
+        Some(certs.path().to_owned()),
+        false,
+    )
+    .await;
     let mut alice = login(&ring.url(0), "ANZ-1").await;
     let mut carol = login(&ring.url(2), "ANZ-2001").await;
     let f = first_delivery(&mut alice, &mut carol, "ANZ-2001").await;
