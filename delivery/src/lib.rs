@@ -46,6 +46,17 @@ pub struct DeliveryRole {
     /// Where messages for users of other domains go (federation); set once
     /// the router's federation exists.
     onward: std::sync::OnceLock<Arc<dyn Onward>>,
+    /// Told about RELIABLE messages stored for users with nobody connected
+    /// (push webhooks); set once.
+    offline: std::sync::OnceLock<Arc<dyn Offline>>,
+}
+
+/// Messages stored for users with nobody connected (push webhooks).
+#[async_trait]
+pub trait Offline: Send + Sync + 'static {
+    /// `messages` (with their seqs) of `app_id` were stored and found no
+    /// connection of their recipient; durable when this returns.
+    async fn offline(&self, app_id: &str, messages: &[pb::InboxMessage]) -> Result<(), String>;
 }
 
 /// Users of other domains, for messages this role creates itself (sender
@@ -277,7 +288,14 @@ impl DeliveryRole {
             abort_after_append: std::env::var(FAILPOINT_ENV)
                 .is_ok_and(|v| v == FAILPOINT_AFTER_APPEND),
             onward: std::sync::OnceLock::new(),
+            offline: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tells `offline` about RELIABLE messages stored for users with nobody
+    /// connected. Set once; later calls are ignored.
+    pub fn set_offline(&self, offline: Arc<dyn Offline>) {
+        let _ = self.offline.set(offline);
     }
 
     /// Sends sender confirmations of users homed in other domains there
@@ -597,6 +615,8 @@ impl DeliveryRole {
         let located = self.locate(&who).await?;
         drop(who);
         let mut by_gateway: HashMap<String, Vec<pb::PushItem>> = HashMap::new();
+        // Stored for users with nobody connected, by app (webhooks).
+        let mut offline: HashMap<String, Vec<pb::InboxMessage>> = HashMap::new();
         for (mut item, gateways) in items.into_iter().zip(located) {
             item.traceparent.clone_from(&traceparent);
             match gateways.as_slice() {
@@ -608,6 +628,11 @@ impl DeliveryRole {
                     if fast && !item.sent_copy {
                         // Nobody to hand it to: a FAST message is gone.
                         self.metrics.fast_dropped_offline.increment(1);
+                    } else if !item.sent_copy
+                        && self.offline.get().is_some()
+                        && let Some(msg) = item.message
+                    {
+                        offline.entry(item.app_id).or_default().push(msg);
                     }
                 }
                 [(only, _)] => by_gateway.entry(only.clone()).or_default().push(item),
@@ -615,6 +640,13 @@ impl DeliveryRole {
                     for (gw, _) in many {
                         by_gateway.entry(gw.clone()).or_default().push(item.clone());
                     }
+                }
+            }
+        }
+        if let Some(hook) = self.offline.get() {
+            for (app, messages) in offline {
+                if let Err(e) = hook.offline(&app, &messages).await {
+                    tracing::error!(app = %app, error = %e, count = messages.len(), "cannot write webhook events for offline users");
                 }
             }
         }

@@ -98,6 +98,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub presence: PresenceConfig,
     pub federation: FederationConfig,
+    pub webhooks: WebhooksConfig,
     /// Client apps. Empty: the built-in development app `demo`.
     pub apps: Vec<AppConfig>,
 }
@@ -124,6 +125,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
             federation: FederationConfig::default(),
+            webhooks: WebhooksConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -253,6 +255,55 @@ impl FederationConfig {
             .map(String::as_str)
             .unwrap_or(&self.secret)
     }
+}
+
+/// Push webhooks: an event POSTed, signed as the Standard Webhooks
+/// specification says, when a RELIABLE message lands in the inbox of a
+/// user with no open connection. Sent by the delivery process from a
+/// durable outbox per app.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// How long an event is retried before it goes to the dead letters.
+    #[serde(with = "humantime_duration")]
+    pub retry_for: Duration,
+    /// One POST may take this long.
+    #[serde(with = "humantime_duration")]
+    pub timeout: Duration,
+    /// The first pause after a failure; it doubles (with jitter) up to a
+    /// minute.
+    #[serde(with = "humantime_duration")]
+    pub backoff_min: Duration,
+    /// The apps that have a webhook.
+    pub apps: Vec<AppWebhook>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            retry_for: Duration::from_secs(24 * 3600),
+            timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_secs(1),
+            apps: Vec::new(),
+        }
+    }
+}
+
+/// One app's webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AppWebhook {
+    pub app_id: String,
+    /// `http(s)://…`, where events are POSTed.
+    pub url: String,
+    /// `whsec_` + base64 (as Standard Webhooks libraries give it).
+    pub secret: String,
+    /// The event types to send; empty: all (`message.offline`).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Characters of the message content in the event; 0 (default): none.
+    #[serde(default)]
+    pub preview_chars: usize,
 }
 
 /// Mutual TLS on the mesh port (all three set) or none (all empty). Every
@@ -607,6 +658,31 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "etcd is set but redis is not: processes of one deployment share presence in Redis"
                     .into(),
+            ));
+        }
+        for hook in &self.webhooks.apps {
+            if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "webhooks.apps {}: url {:?} is not http(s)://…",
+                    hook.app_id, hook.url
+                )));
+            }
+            if !hook.secret.starts_with("whsec_") || hook.secret.len() < 16 {
+                return Err(ConfigError::Invalid(format!(
+                    "webhooks.apps {}: secret must be whsec_ followed by base64 (at least 10 characters of it)",
+                    hook.app_id
+                )));
+            }
+            if let Some(bad) = hook.events.iter().find(|e| *e != "message.offline") {
+                return Err(ConfigError::Invalid(format!(
+                    "webhooks.apps {}: unknown event {bad:?} (known: message.offline)",
+                    hook.app_id
+                )));
+            }
+        }
+        if self.webhooks.timeout.is_zero() || self.webhooks.backoff_min.is_zero() {
+            return Err(ConfigError::Invalid(
+                "webhooks.timeout and webhooks.backoff_min must be above zero".into(),
             ));
         }
         let fed = &self.federation;

@@ -208,6 +208,19 @@ pub async fn serve(
             auth.clone(),
         ))
     });
+    // Push webhooks for users with nobody connected: sent from the
+    // delivery process's durable outboxes.
+    let webhooks = match (&delivery_role, &queues, config.webhooks.apps.is_empty()) {
+        (Some(delivery), Some(queues), false) => {
+            let webhooks =
+                switchboard_webhooks::Webhooks::start(queues.clone(), config.webhooks.clone())
+                    .await
+                    .context("cannot start the webhooks")?;
+            delivery.set_offline(Arc::new(WebhookOffline(webhooks.clone())));
+            Some(webhooks)
+        }
+        _ => None,
+    };
     let delivery = match &delivery_role {
         Some(role) => DeliveryClient::from_local(role.clone()),
         None => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
@@ -440,6 +453,9 @@ pub async fn serve(
     if let Some(f) = &federation {
         f.stop();
     }
+    if let Some(w) = &webhooks {
+        w.stop();
+    }
     if let Some(server) = federation_server {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     }
@@ -567,6 +583,23 @@ impl switchboard_gateway::Homes for TopologyHomes {
         (home != self.domain)
             .then(|| t.network.domain(home).map(|d| d.client.clone()))
             .flatten()
+    }
+}
+
+/// Webhook events for messages stored for users with nobody connected.
+struct WebhookOffline(Arc<switchboard_webhooks::Webhooks>);
+
+#[async_trait::async_trait]
+impl switchboard_delivery::Offline for WebhookOffline {
+    async fn offline(
+        &self,
+        app_id: &str,
+        messages: &[switchboard_mesh::pb::InboxMessage],
+    ) -> Result<(), String> {
+        self.0
+            .offline(app_id, messages)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
