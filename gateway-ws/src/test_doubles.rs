@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use switchboard_config::Limits;
-use switchboard_mesh::{AuthClient, DeliveryClient, RouterClient, ServiceError, pb};
+use switchboard_mesh::{
+    AuthClient, DeliveryClient, GroupAdminClient, RouterClient, ServiceError, pb,
+};
 use switchboard_presence::InMemoryPresence;
 
 use crate::{Check, GatewayDeps, GatewayRole, Readiness};
@@ -176,6 +178,19 @@ impl switchboard_mesh::Delivery for Inboxes {
     }
 }
 
+/// Persistent groups are tested against the real role (tests/groups.rs).
+struct NoGroups;
+
+#[async_trait]
+impl switchboard_mesh::GroupAdmin for NoGroups {
+    async fn command(
+        &self,
+        _: pb::GroupCommandRequest,
+    ) -> Result<pb::GroupCommandReply, ServiceError> {
+        Err(ServiceError::unavailable("no groups role in this test"))
+    }
+}
+
 struct Ready;
 
 #[async_trait]
@@ -191,6 +206,7 @@ pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
         auth: AuthClient::from_local(Arc::new(DemoAuth)),
         router: RouterClient::from_local(inboxes.clone()),
         delivery: DeliveryClient::from_local(inboxes.clone()),
+        groups: GroupAdminClient::from_local(Arc::new(NoGroups)),
         presence: Arc::new(InMemoryPresence::default()),
         readiness: Arc::new(Ready),
         domain: "local".to_owned(),
