@@ -606,3 +606,270 @@ impl GroupAdmin for PersistentGroups {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::StoredGroups;
+    use switchboard_mesh::{Delivery, GroupRecordsClient};
+    use switchboard_store::{FjallStore, FjallStoreOptions};
+
+    /// Delivery that records each call and answers a client id it saw before
+    /// as repeated, as the store's id index does.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<pb::DeliverRequest>>,
+        client_ids: Mutex<std::collections::HashSet<String>>,
+    }
+
+    #[async_trait]
+    impl Delivery for Recorder {
+        async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
+            let repeated: Vec<bool> = req
+                .envelopes
+                .iter()
+                .map(|e| {
+                    e.client_id
+                        && !self
+                            .client_ids
+                            .lock()
+                            .expect("lock")
+                            .insert(format!("{}/{}", e.to[0], e.id))
+                })
+                .collect();
+            let seqs = vec![1; req.envelopes.len()];
+            self.calls.lock().expect("lock").push(req);
+            Ok(pb::DeliverReply { seqs, repeated })
+        }
+        async fn fetch(&self, _: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
+            Err(ServiceError::internal("not used"))
+        }
+        async fn delivered(
+            &self,
+            _: pb::DeliveredRequest,
+        ) -> Result<pb::DeliveredReply, ServiceError> {
+            Err(ServiceError::internal("not used"))
+        }
+        async fn presence_changed(
+            &self,
+            _: pb::PresenceChangeRequest,
+        ) -> Result<pb::PresenceChangeReply, ServiceError> {
+            Err(ServiceError::internal("not used"))
+        }
+    }
+
+    struct Setup {
+        groups: PersistentGroups,
+        delivery: Arc<Recorder>,
+        _store: FjallStore,
+        _dir: tempfile::TempDir,
+    }
+
+    fn setup(limits: GroupLimits) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FjallStore::open(dir.path(), FjallStoreOptions::default()).expect("store");
+        let records = GroupRecordsClient::from_local(Arc::new(StoredGroups::new(store.groups())));
+        let delivery = Arc::new(Recorder::default());
+        let groups = PersistentGroups::new(
+            Records::new(records),
+            DeliveryClient::from_local(delivery.clone()),
+            limits,
+        );
+        Setup {
+            groups,
+            delivery,
+            _store: store,
+            _dir: dir,
+        }
+    }
+
+    fn request(op: Op, user: &str, group: &str, members: &[String]) -> pb::GroupCommandRequest {
+        pb::GroupCommandRequest {
+            app_id: "app".into(),
+            user_id: user.into(),
+            op: op.into(),
+            group: group.into(),
+            members: members.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn message(from: &str, group: &str, client_id: bool) -> pb::Envelope {
+        pb::Envelope {
+            id: "m-1".into(),
+            app_id: "app".into(),
+            from: from.into(),
+            group: group.into(),
+            content: "hi".into(),
+            kind: pb::MessageKind::Group.into(),
+            client_id,
+            origin: Some(pb::ConnRef {
+                gateway_id: "gw".into(),
+                conn_id: 1,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_group_is_fanned_out_in_bounded_batches_with_one_sent_copy() {
+        let s = setup(GroupLimits {
+            max_members: 10_000,
+            max_groups_per_user: 10,
+            fanout_batch: 1_000,
+        });
+        let members: Vec<String> = (1..10_000).map(|i| format!("demo-{i}")).collect();
+        s.groups
+            .command(request(Op::Create, "demo-0", "big", &members))
+            .await
+            .expect("create");
+        // The create's members_added event went out in batches too.
+        let events = std::mem::take(&mut *s.delivery.calls.lock().expect("lock"));
+        assert_eq!(events.len(), 10);
+        assert!(events.iter().all(|c| c.envelopes.len() <= 1_000));
+        assert!(
+            events.iter().flat_map(|c| &c.envelopes).all(|e| e.kind()
+                == pb::MessageKind::GroupEvent
+                && e.feature() == pb::Feature::Fast)
+        );
+
+        let reply = s
+            .groups
+            .fanout(message("demo-0", "big", true))
+            .await
+            .expect("fanout");
+        assert_eq!(reply.recipients, 9_999);
+        assert!(!reply.repeated);
+        let calls = std::mem::take(&mut *s.delivery.calls.lock().expect("lock"));
+        assert_eq!(calls.len(), 10, "9,999 recipients in calls of 1,000");
+        assert!(calls.iter().all(|c| c.envelopes.len() <= 1_000));
+        let recipients: std::collections::BTreeSet<&str> = calls
+            .iter()
+            .flat_map(|c| &c.envelopes)
+            .map(|e| e.to[0].as_str())
+            .collect();
+        assert_eq!(recipients.len(), 9_999);
+        assert!(!recipients.contains("demo-0"), "not to the sender");
+        assert!(
+            calls
+                .iter()
+                .flat_map(|c| &c.envelopes)
+                .all(|e| e.group == "big" && e.origin.is_none())
+        );
+        assert_eq!(
+            calls.iter().map(|c| c.sent_copies.len()).sum::<usize>(),
+            1,
+            "one MESSAGE_SENT copy"
+        );
+        assert!(
+            calls[1..]
+                .iter()
+                .flat_map(|c| &c.envelopes)
+                .all(|e| !e.client_id),
+            "only the first call indexes the client id"
+        );
+
+        // A resend of the same client id stops at the first call.
+        let again = s
+            .groups
+            .fanout(message("demo-0", "big", true))
+            .await
+            .expect("fanout");
+        assert!(again.repeated);
+        assert_eq!(s.delivery.calls.lock().expect("lock").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn rights_and_limits_are_decided_at_the_owner() {
+        let s = setup(GroupLimits {
+            max_members: 3,
+            max_groups_per_user: 1,
+            fanout_batch: 2,
+        });
+        let code = |r: Result<pb::GroupCommandReply, ServiceError>| r.expect_err("refused").code;
+        let bob = vec!["demo-bob".to_owned()];
+        s.groups
+            .command(request(Op::Create, "demo-ann", "g", &bob))
+            .await
+            .expect("create");
+        assert_eq!(
+            code(
+                s.groups
+                    .command(request(Op::AddMembers, "demo-bob", "g", &bob))
+                    .await
+            ),
+            ErrorCode::Forbidden
+        );
+        assert_eq!(
+            code(
+                s.groups
+                    .command(request(Op::Info, "demo-cat", "g", &[]))
+                    .await
+            ),
+            ErrorCode::NotAMember
+        );
+        assert_eq!(
+            code(
+                s.groups
+                    .command(request(Op::Delete, "demo-ann", "nope", &[]))
+                    .await
+            ),
+            ErrorCode::InvalidRecipient
+        );
+        assert_eq!(
+            s.groups
+                .fanout(message("demo-cat", "g", false))
+                .await
+                .expect_err("refused")
+                .code,
+            ErrorCode::NotAMember
+        );
+        // bob is in one group, the limit.
+        assert_eq!(
+            code(
+                s.groups
+                    .command(request(Op::Create, "demo-cat", "g2", &bob))
+                    .await
+            ),
+            ErrorCode::Forbidden
+        );
+        let two = vec!["demo-x".to_owned(), "demo-y".to_owned()];
+        assert_eq!(
+            code(
+                s.groups
+                    .command(request(Op::AddMembers, "demo-ann", "g", &two))
+                    .await
+            ),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(
+                s.groups
+                    .command(request(Op::Leave, "demo-ann", "g", &[]))
+                    .await
+            ),
+            ErrorCode::Forbidden
+        );
+        // The events of a removal reach the removed member too.
+        s.delivery.calls.lock().expect("lock").clear();
+        s.groups
+            .command(request(Op::RemoveMembers, "demo-ann", "g", &bob))
+            .await
+            .expect("remove");
+        let told: Vec<String> = s
+            .delivery
+            .calls
+            .lock()
+            .expect("lock")
+            .iter()
+            .flat_map(|c| c.envelopes.iter().map(|e| e.to[0].clone()))
+            .collect();
+        assert_eq!(told, ["demo-ann", "demo-bob"]);
+        let info = s
+            .groups
+            .command(request(Op::Info, "demo-ann", "g", &[]))
+            .await
+            .expect("info");
+        assert_eq!(info.group.expect("group").members, ["demo-ann"]);
+    }
+}
