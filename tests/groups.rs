@@ -396,3 +396,87 @@ async fn the_survivor_serves_a_group_after_its_owner_is_killed() {
     assert_eq!(removed["type"], "GROUP_UPDATED", "{removed}");
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_persistent_fanout_is_traced_with_its_size() {
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    let receiver = support::otlp::Receiver::start().await;
+    let cluster = Cluster::start(infra, support::cluster::PROTOCOL_SHAPE, |c| {
+        c.otlp_endpoint = receiver.endpoint();
+    })
+    .await;
+    let mut ann = Client::login_with(&cluster.proc("gw1").url(), "demo-ann", true).await;
+    let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+    let g = unique("g-trace");
+    let created = ask(
+        &mut ann,
+        "GROUP_CREATE",
+        json!({"group": g, "members": ["demo-bob", "demo-cat", "demo-dan"]}),
+        "c",
+    )
+    .await;
+    assert_eq!(created["type"], "GROUP_CREATED", "{created}");
+    let accepted = ask(
+        &mut ann,
+        "GROUP_MESSAGE",
+        json!({"group": g, "content": "traced"}),
+        "t",
+    )
+    .await;
+    assert_eq!(accepted["type"], "MESSAGE_ACCEPTED", "{accepted}");
+    let id = accepted["data"]["id"].as_str().expect("id").to_owned();
+    assert_eq!(bob.recv_type("MESSAGE").await["data"]["id"], id.as_str());
+    cluster.shutdown().await;
+    let mut fanout = None;
+    for _ in 0..100 {
+        fanout = receiver
+            .spans()
+            .into_iter()
+            .find(|s| s.name == "groups.fanout" && s.attributes.get("message.id") == Some(&id));
+        if fanout.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let fanout = fanout.expect("a groups.fanout span for the message");
+    assert_eq!(
+        fanout.attributes.get("fanout.size").map(String::as_str),
+        Some("3"),
+        "{fanout:#?}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_group_requests_and_fanouts() {
+    let node = support::TestNode::start().await;
+    let mut ann = Client::login(&node.url(), "demo-ann").await;
+    let g = unique("g-metrics");
+    ask(
+        &mut ann,
+        "GROUP_CREATE",
+        json!({"group": g, "members": ["demo-bob", "demo-cat"]}),
+        "c",
+    )
+    .await;
+    ann.send(json!({"type": "GROUP_MESSAGE", "data": {"group": g, "content": "counted"}}))
+        .await;
+    // GROUP_INFO is answered after the message was fanned out (a
+    // connection's group frames are handled in order).
+    ask(&mut ann, "GROUP_INFO", json!({"group": g}), "i").await;
+    let (status, _, text) = support::http_get_text(node.client_addr, "/metrics")
+        .await
+        .expect("metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        r#"switchboard_groups_requests_total{op="create",status="ok"}"#,
+        r#"switchboard_groups_requests_total{op="info",status="ok"}"#,
+        r#"switchboard_groups_fanout_recipients_count{kind="persistent"}"#,
+        r#"switchboard_groups_fanout_duration_seconds_count{kind="persistent"}"#,
+        "switchboard_groups_created_total",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+    node.shutdown().await;
+}
