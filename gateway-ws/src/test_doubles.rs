@@ -178,16 +178,27 @@ impl switchboard_mesh::Delivery for Inboxes {
     }
 }
 
-/// Persistent groups are tested against the real role (tests/groups.rs).
-struct NoGroups;
+/// Persistent groups, as far as a session sees them: the request comes
+/// back as the group (the real role is tested in groups/ and tests/groups.rs).
+struct EchoGroups;
 
 #[async_trait]
-impl switchboard_mesh::GroupAdmin for NoGroups {
+impl switchboard_mesh::GroupAdmin for EchoGroups {
     async fn command(
         &self,
-        _: pb::GroupCommandRequest,
+        req: pb::GroupCommandRequest,
     ) -> Result<pb::GroupCommandReply, ServiceError> {
-        Err(ServiceError::unavailable("no groups role in this test"))
+        Ok(pb::GroupCommandReply {
+            group: Some(pb::GroupRecord {
+                app_id: req.app_id,
+                group: req.group,
+                name: req.name,
+                owner: req.user_id,
+                members: req.members,
+                created_ms: 0,
+            }),
+            groups: Vec::new(),
+        })
     }
 }
 
@@ -206,7 +217,7 @@ pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
         auth: AuthClient::from_local(Arc::new(DemoAuth)),
         router: RouterClient::from_local(inboxes.clone()),
         delivery: DeliveryClient::from_local(inboxes.clone()),
-        groups: GroupAdminClient::from_local(Arc::new(NoGroups)),
+        groups: GroupAdminClient::from_local(Arc::new(EchoGroups)),
         presence: Arc::new(InMemoryPresence::default()),
         readiness: Arc::new(Ready),
         domain: "local".to_owned(),
