@@ -25,10 +25,6 @@ pub const CACHE_TTL: Duration = Duration::from_secs(5);
 const CACHE_MEMBERS: usize = 1_000_000;
 /// Locks that serialize changes, by group hash.
 const LOCK_SHARDS: usize = 64;
-/// Longest group id, in characters (as client message ids).
-pub const MAX_GROUP_ID_CHARS: usize = 64;
-/// Longest group name, bytes.
-pub const MAX_NAME_BYTES: usize = 256;
 
 /// The configured limits of persistent groups.
 #[derive(Debug, Clone, Copy)]
@@ -238,20 +234,15 @@ impl PersistentGroups {
     /// offline reads the group with GROUP_INFO / GROUPS_LIST). A failure is
     /// logged: the change itself is stored.
     async fn announce(&self, group: &pb::GroupRecord, event: Event<'_>, to: &[String]) {
-        let data = serde_json::json!({
-            "group": group.group,
-            "event": event.kind,
-            "by": event.by,
-            "members": event.members,
-            "name": group.name,
-        });
-        let mut data = data;
-        if event.members.is_none()
-            && let Some(map) = data.as_object_mut()
-        {
-            map.remove("members");
+        let mut data = serde_json::Map::new();
+        data.insert("group".into(), group.group.clone().into());
+        data.insert("event".into(), event.kind.into());
+        data.insert("by".into(), event.by.into());
+        if let Some(members) = event.members {
+            data.insert("members".into(), members.to_vec().into());
         }
-        let content = data.to_string();
+        data.insert("name".into(), group.name.clone().into());
+        let content = serde_json::Value::Object(data).to_string();
         let id = switchboard_mesh::new_message_id();
         let ts = switchboard_mesh::now_ms();
         for chunk in to.chunks(self.limits.fanout_batch) {
@@ -482,6 +473,21 @@ impl PersistentGroups {
         Ok(after)
     }
 
+    /// The group as a member sees it.
+    async fn info(
+        &self,
+        req: &pb::GroupCommandRequest,
+    ) -> Result<pb::GroupCommandReply, ServiceError> {
+        let group = self
+            .group(&req.app_id, &req.group)
+            .await?
+            .ok_or_else(|| unknown(&req.group))?;
+        if !is_member(&group, &req.user_id) {
+            return Err(not_a_member(&req.group));
+        }
+        Ok(reply_with(group.as_ref().clone()))
+    }
+
     /// A message to a persistent group: into every member's inbox but the
     /// sender's (RELIABLE) or to their connections (FAST), in delivery calls
     /// of at most `fanout_batch` recipients, one store write each.
@@ -581,20 +587,15 @@ impl GroupAdmin for PersistentGroups {
         };
         let result = match op {
             Op::Create => self.create(req).await,
-            Op::Info => {
-                let group = self
-                    .group(&req.app_id, &req.group)
-                    .await?
-                    .ok_or_else(|| unknown(&req.group))?;
-                if !is_member(&group, &req.user_id) {
-                    return Err(not_a_member(&req.group));
-                }
-                Ok(reply_with(group.as_ref().clone()))
-            }
-            Op::List => Ok(pb::GroupCommandReply {
-                group: None,
-                groups: self.records.groups_of(&req.app_id, &req.user_id).await?,
-            }),
+            Op::Info => self.info(&req).await,
+            Op::List => self
+                .records
+                .groups_of(&req.app_id, &req.user_id)
+                .await
+                .map(|groups| pb::GroupCommandReply {
+                    group: None,
+                    groups,
+                }),
             _ => self.change(req).await,
         };
         let status = match &result {
