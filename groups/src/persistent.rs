@@ -56,6 +56,9 @@ struct Cached {
 struct Cache {
     groups: HashMap<(String, String), Cached>,
     members: usize,
+    /// Counts writes of changed groups: a store read that a change
+    /// overtook must not put the older group back.
+    changes: u64,
 }
 
 impl Cache {
@@ -66,9 +69,23 @@ impl Cache {
         (cached.at.elapsed() < CACHE_TTL).then(|| cached.group.clone())
     }
 
+    /// A group as a change left it.
     fn put(&mut self, group: Arc<pb::GroupRecord>) {
+        self.changes += 1;
+        self.insert(group);
+    }
+
+    /// A group read from the store when the cache had seen `changes`
+    /// changes: kept only when no change happened since.
+    fn put_read(&mut self, group: Arc<pb::GroupRecord>, changes: u64) {
+        if self.changes == changes {
+            self.insert(group);
+        }
+    }
+
+    fn insert(&mut self, group: Arc<pb::GroupRecord>) {
         let key = (group.app_id.clone(), group.group.clone());
-        self.remove(&key.0, &key.1);
+        self.evict(&key.0, &key.1);
         if self.members + group.members.len() > CACHE_MEMBERS {
             self.groups.retain(|_, c| c.at.elapsed() < CACHE_TTL);
             self.members = self.groups.values().map(|c| c.group.members.len()).sum();
@@ -77,7 +94,7 @@ impl Cache {
             let Some(victim) = self.groups.keys().next().cloned() else {
                 break;
             };
-            self.remove(&victim.0, &victim.1);
+            self.evict(&victim.0, &victim.1);
         }
         self.members += group.members.len();
         self.groups.insert(
@@ -90,7 +107,13 @@ impl Cache {
         metrics::gauge!("switchboard_groups_cached").set(self.groups.len() as f64);
     }
 
+    /// Forgets a group that is changing or gone.
     fn remove(&mut self, app_id: &str, group: &str) {
+        self.changes += 1;
+        self.evict(app_id, group);
+    }
+
+    fn evict(&mut self, app_id: &str, group: &str) {
         if let Some(old) = self.groups.remove(&(app_id.to_owned(), group.to_owned())) {
             self.members -= old.group.members.len();
         }
@@ -174,15 +197,18 @@ impl PersistentGroups {
         app_id: &str,
         group: &str,
     ) -> Result<Option<Arc<pb::GroupRecord>>, ServiceError> {
-        if let Some(cached) = self.cache().get(app_id, group) {
-            return Ok(Some(cached));
-        }
+        let changes = {
+            let cache = self.cache();
+            if let Some(cached) = cache.get(app_id, group) {
+                return Ok(Some(cached));
+            }
+            cache.changes
+        };
         let Some(stored) = self.records.get(app_id, group).await? else {
-            self.cache().remove(app_id, group);
             return Ok(None);
         };
         let stored = Arc::new(stored);
-        self.cache().put(stored.clone());
+        self.cache().put_read(stored.clone(), changes);
         Ok(Some(stored))
     }
 
