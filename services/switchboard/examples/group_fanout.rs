@@ -4,6 +4,11 @@
 //!
 //! `cargo run --release -p switchboard --example group_fanout -- 100 1000 10000`
 //!
+//! With `--url ws://…/ws` (repeatable) it measures a running deployment
+//! instead (e.g. `deploy/local/cluster.sh`; clients take the URLs in turn).
+//! Its limits must allow the run: `max_frame_bytes` for the member list of
+//! a GROUP_CREATE, `messages_per_second` ≥ 200.
+//!
 //! Per size: a fresh node in this process (its store in a temp dir), the
 //! owner in ack mode, 20 members online (they must get every message), the
 //! rest offline (every message goes into their inboxes, synced). The owner
@@ -76,50 +81,89 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[at]
 }
 
-async fn measure(size: usize) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config {
-        data_dir: dir.path().to_path_buf(),
-        client_addr: "127.0.0.1:0".parse().expect("addr"),
-        mesh_addr: "127.0.0.1:0".parse().expect("addr"),
-        ..Config::default()
-    };
-    config.limits.max_group_members = size.max(10);
-    config.limits.max_frame_bytes = 1024 * 1024;
-    config.limits.messages_per_second = 100_000;
-    let listeners = Listeners::bind(&config).await.expect("bind");
-    let url = format!(
-        "ws://{}/ws",
-        listeners.client_addr().expect("addr").expect("gateway")
-    );
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let node = tokio::spawn(switchboard::serve(
-        config,
-        listeners,
-        RemoteRoles::default(),
-        async move { token.cancelled().await },
-    ));
+/// A node in this process, or none when `urls` name a deployment.
+struct Node {
+    urls: Vec<String>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
 
-    let mut owner = login(&url, "demo-owner", true).await;
+impl Node {
+    async fn start(size: usize, urls: &[String]) -> Node {
+        if !urls.is_empty() {
+            return Node {
+                urls: urls.to_vec(),
+                stop: CancellationToken::new(),
+                task: None,
+                _dir: None,
+            };
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config {
+            data_dir: dir.path().to_path_buf(),
+            client_addr: "127.0.0.1:0".parse().expect("addr"),
+            mesh_addr: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
+        config.limits.max_group_members = size.max(10);
+        config.limits.max_frame_bytes = 1024 * 1024;
+        config.limits.messages_per_second = 100_000;
+        let listeners = Listeners::bind(&config).await.expect("bind");
+        let url = format!(
+            "ws://{}/ws",
+            listeners.client_addr().expect("addr").expect("gateway")
+        );
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(switchboard::serve(
+            config,
+            listeners,
+            RemoteRoles::default(),
+            async move { token.cancelled().await },
+        ));
+        Node {
+            urls: vec![url],
+            stop,
+            task: Some(task),
+            _dir: Some(dir),
+        }
+    }
+
+    fn url(&self, i: usize) -> &str {
+        &self.urls[i % self.urls.len()]
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        if let Some(task) = self.task {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn measure(size: usize, urls: &[String]) {
+    let node = Node::start(size, urls).await;
+    let group = format!("bench-{size}-{}", &switchboard_mesh::new_message_id()[24..]);
+    let mut owner = login(node.url(0), "demo-owner", true).await;
     let members: Vec<String> = (1..size).map(|i| format!("demo-m{i}")).collect();
     send(
         &mut owner,
-        json!({"type":"GROUP_CREATE","data":{"group":"bench","name":"bench","members":members},"reference":"c"}),
+        json!({"type":"GROUP_CREATE","data":{"group":group,"name":"bench","members":members},"reference":"c"}),
     )
     .await;
     recv_type(&mut owner, "GROUP_CREATED").await;
     let mut online = Vec::new();
-    for user in members.iter().take(ONLINE) {
-        online.push(login(&url, user, false).await);
+    for (i, user) in members.iter().take(ONLINE).enumerate() {
+        online.push(login(node.url(i + 1), user, false).await);
     }
 
     // Direct messages between two users outside the group, one at a time,
     // for as long as the fan-out runs.
     let pinging = CancellationToken::new();
     let ping_stop = pinging.clone();
-    let mut ann = login(&url, "demo-ann", false).await;
-    let mut bob = login(&url, "demo-bob", false).await;
+    let mut ann = login(node.url(0), "demo-ann", false).await;
+    let mut bob = login(node.url(1), "demo-bob", false).await;
     let pinger = tokio::spawn(async move {
         let mut rtts = Vec::new();
         while !ping_stop.is_cancelled() {
@@ -141,7 +185,7 @@ async fn measure(size: usize) {
     for i in 0..messages {
         send(
             &mut owner,
-            json!({"type":"GROUP_MESSAGE","data":{"group":"bench","content":format!("m{i}")},"reference":format!("r{i}")}),
+            json!({"type":"GROUP_MESSAGE","data":{"group":group,"content":format!("m{i}")},"reference":format!("r{i}")}),
         )
         .await;
     }
@@ -168,23 +212,29 @@ async fn measure(size: usize) {
         percentile(&rtts, 0.99).as_secs_f64() * 1000.0,
         rtts.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
     );
-    stop.cancel();
-    let _ = node.await;
+    node.stop().await;
 }
 
 #[tokio::main]
 async fn main() {
-    let sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .filter(|&n| n >= 2)
-        .collect();
+    let mut urls = Vec::new();
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--url" {
+            urls.extend(args.next());
+        } else if let Ok(n) = arg.parse::<usize>()
+            && n >= 2
+        {
+            sizes.push(n);
+        }
+    }
     let sizes = if sizes.is_empty() {
         vec![100, 1_000, 10_000]
     } else {
         sizes
     };
     for size in sizes {
-        measure(size).await;
+        measure(size, &urls).await;
     }
 }
