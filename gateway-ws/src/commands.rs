@@ -15,6 +15,8 @@ pub enum CommandKind {
     GroupMessage,
     Fetch,
     Ack,
+    /// A request about a persistent group (GROUP_CREATE, …, GROUPS_LIST).
+    Group(pb::GroupOp),
 }
 
 /// A client request.
@@ -25,6 +27,7 @@ pub enum ClientCommand {
     GroupMessage(GroupMessage),
     Fetch(Fetch),
     Ack(Ack),
+    Group(GroupCommand),
 }
 
 impl ClientCommand {
@@ -35,6 +38,7 @@ impl ClientCommand {
             ClientCommand::GroupMessage(_) => CommandKind::GroupMessage,
             ClientCommand::Fetch(_) => CommandKind::Fetch,
             ClientCommand::Ack(_) => CommandKind::Ack,
+            ClientCommand::Group(cmd) => CommandKind::Group(cmd.op),
         }
     }
 }
@@ -93,6 +97,16 @@ pub struct Fetch {
 #[derive(Debug)]
 pub struct Ack {
     pub ids: Vec<String>,
+}
+
+/// A request about a persistent group; which fields it needs depends on
+/// `op` (checked by the session).
+#[derive(Debug)]
+pub struct GroupCommand {
+    pub op: pb::GroupOp,
+    pub group: Option<String>,
+    pub name: Option<String>,
+    pub members: Option<Vec<String>>,
 }
 
 /// Longest client message id, in characters (all ASCII, so also bytes).

@@ -12,6 +12,9 @@ use crate::commands::{
 };
 use crate::json;
 
+mod groups;
+pub use groups::group_reply;
+
 /// A parsed client frame: its type, top-level fields and the `data` fields
 /// its command reads (moved out by [`ClientFrame::command`]).
 #[derive(Debug)]
@@ -38,7 +41,10 @@ impl FrameKind {
             "GROUP_MESSAGE" => FrameKind::Command(CommandKind::GroupMessage),
             "FETCH_MISSING_MESSAGES_REQUEST" => FrameKind::Command(CommandKind::Fetch),
             "ACK" => FrameKind::Command(CommandKind::Ack),
-            other => FrameKind::Unknown(other.to_owned()),
+            other => match groups::op_of(other) {
+                Some(op) => FrameKind::Command(CommandKind::Group(op)),
+                None => FrameKind::Unknown(other.to_owned()),
+            },
         }
     }
 
@@ -68,13 +74,15 @@ pub fn type_name(kind: CommandKind) -> &'static str {
         CommandKind::GroupMessage => "GROUP_MESSAGE",
         CommandKind::Fetch => "FETCH_MISSING_MESSAGES_REQUEST",
         CommandKind::Ack => "ACK",
+        CommandKind::Group(op) => groups::type_name(op),
     }
 }
 
 /// The `data` fields any frame type of protocol v1 reads. Others are
 /// skipped while parsing, without being kept.
-const DATA_FIELDS: [&str; 11] = [
+const DATA_FIELDS: [&str; 13] = [
     "to", "content", "group", "id", "appId", "userId", "token", "acks", "device", "count", "ids",
+    "name", "members",
 ];
 
 /// The known fields of `data`, each once (a repeated field: the last value
@@ -401,6 +409,7 @@ pub fn push_type(msg: &pb::InboxMessage) -> &'static str {
         pb::MessageKind::Confirmation => "MESSAGE_CONFIRMATION",
         pb::MessageKind::UserConnected => "USER_CONNECTED",
         pb::MessageKind::UserDisconnected => "USER_DISCONNECTED",
+        pb::MessageKind::GroupEvent => "GROUP_EVENT",
     }
 }
 
@@ -464,6 +473,7 @@ impl ClientFrame {
                     .take_string_list("ids")?
                     .ok_or_else(|| self.err(ErrorCode::InvalidFrame, "missing field data.ids"))?,
             }),
+            CommandKind::Group(op) => ClientCommand::Group(self.group_command(op)?),
         })
     }
 
@@ -669,6 +679,7 @@ pub fn render_push(item: &pb::PushItem, msg: &pb::InboxMessage) -> String {
         pb::MessageKind::UserDisconnected => {
             render("USER_DISCONNECTED", UserData { user_id: &msg.from }, None)
         }
+        pb::MessageKind::GroupEvent => groups::group_event(msg),
     }
 }
 

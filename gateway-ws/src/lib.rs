@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_config::Limits;
-use switchboard_mesh::{AuthClient, DeliveryClient, RouterClient, ServiceError, pb};
+use switchboard_mesh::{
+    AuthClient, DeliveryClient, GroupAdminClient, RouterClient, ServiceError, pb,
+};
 use switchboard_presence::Presence;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +42,8 @@ pub struct GatewayDeps {
     pub auth: AuthClient,
     pub router: RouterClient,
     pub delivery: DeliveryClient,
+    /// Persistent groups (the groups role).
+    pub groups: GroupAdminClient,
     pub presence: Arc<dyn Presence>,
     /// What `/readyz` checks.
     pub readiness: Arc<dyn Readiness>,

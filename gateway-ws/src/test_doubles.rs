@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use switchboard_config::Limits;
-use switchboard_mesh::{AuthClient, DeliveryClient, RouterClient, ServiceError, pb};
+use switchboard_mesh::{
+    AuthClient, DeliveryClient, GroupAdminClient, RouterClient, ServiceError, pb,
+};
 use switchboard_presence::InMemoryPresence;
 
 use crate::{Check, GatewayDeps, GatewayRole, Readiness};
@@ -172,6 +174,30 @@ impl switchboard_mesh::Delivery for Inboxes {
     }
 }
 
+/// Persistent groups, as far as a session sees them: the request comes
+/// back as the group (the real role is tested in groups/ and tests/groups.rs).
+struct EchoGroups;
+
+#[async_trait]
+impl switchboard_mesh::GroupAdmin for EchoGroups {
+    async fn command(
+        &self,
+        req: pb::GroupCommandRequest,
+    ) -> Result<pb::GroupCommandReply, ServiceError> {
+        Ok(pb::GroupCommandReply {
+            group: Some(pb::GroupRecord {
+                app_id: req.app_id,
+                group: req.group,
+                name: req.name,
+                owner: req.user_id,
+                members: req.members,
+                created_ms: 0,
+            }),
+            groups: Vec::new(),
+        })
+    }
+}
+
 struct Ready;
 
 #[async_trait]
@@ -187,6 +213,7 @@ pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
         auth: AuthClient::from_local(Arc::new(DemoAuth)),
         router: RouterClient::from_local(inboxes.clone()),
         delivery: DeliveryClient::from_local(inboxes.clone()),
+        groups: GroupAdminClient::from_local(Arc::new(EchoGroups)),
         presence: Arc::new(InMemoryPresence::default()),
         readiness: Arc::new(Ready),
         domain: "local".to_owned(),

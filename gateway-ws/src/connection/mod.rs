@@ -168,6 +168,12 @@ impl Connection {
                 Ok(Flow::Continue)
             }
             Outcome::Acked => Ok(Flow::Continue),
+            Outcome::Group(group) => {
+                let (kind, text) =
+                    frames::group_reply(group.op, &group.reply, meta.reference.as_deref());
+                self.send_text(kind, text);
+                Ok(Flow::Continue)
+            }
         }
     }
 

@@ -19,7 +19,10 @@ use crate::commands::{
     check_message_id,
 };
 use crate::ratelimit::RateLimiter;
+
+mod groups;
 use crate::registry::Stored;
+pub use groups::GroupOutcome;
 
 /// Longest wait for another role before a request is answered with
 /// UNAVAILABLE.
@@ -191,6 +194,7 @@ pub enum Outcome {
     Accepted(Accepted),
     Fetched(Fetched),
     Acked,
+    Group(GroupOutcome),
 }
 
 /// One client's session; see the module documentation.
@@ -300,6 +304,7 @@ impl Session {
                 self.ack(ack).await?;
                 Outcome::Acked
             }
+            ClientCommand::Group(cmd) => Outcome::Group(self.group_command(cmd).await?),
         })
     }
 

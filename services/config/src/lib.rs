@@ -343,6 +343,13 @@ pub struct Limits {
     pub max_refusals: u32,
     /// Recipients of one ad-hoc GROUP_MESSAGE.
     pub max_group_recipients: usize,
+    /// Members of one persistent group, the owner included.
+    pub max_group_members: usize,
+    /// Persistent groups one user may belong to.
+    pub max_groups_per_user: usize,
+    /// Recipients per delivery call (one store write) when a message to a
+    /// persistent group is fanned out.
+    pub group_fanout_batch: usize,
     /// Seconds a new connection has to send AUTH_CLIENT.
     pub auth_timeout_secs: u64,
     /// Frames queued for one connection before it counts as a slow consumer.
@@ -384,6 +391,9 @@ impl Default for Limits {
             messages_per_second: 200,
             max_refusals: 200,
             max_group_recipients: 1000,
+            max_group_members: 10_000,
+            max_groups_per_user: 1_000,
+            group_fanout_batch: 1_000,
             auth_timeout_secs: 10,
             send_queue_frames: 4096,
             ping_interval_secs: 25,
@@ -796,6 +806,18 @@ impl Config {
         if l.messages_per_second == 0 || l.send_queue_frames == 0 || l.max_group_recipients == 0 {
             return Err(ConfigError::Invalid(
                 "limits.messages_per_second, send_queue_frames and max_group_recipients must be > 0"
+                    .into(),
+            ));
+        }
+        if l.max_group_members == 0
+            || l.max_group_members > 100_000
+            || l.max_groups_per_user == 0
+            || l.group_fanout_batch == 0
+            || l.group_fanout_batch > 10_000
+        {
+            return Err(ConfigError::Invalid(
+                "limits.max_group_members must be 1 to 100000, limits.max_groups_per_user > 0, \
+                 and limits.group_fanout_batch 1 to 10000"
                     .into(),
             ));
         }

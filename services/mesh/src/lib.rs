@@ -33,6 +33,10 @@ pub use error::{ErrorCode, ServiceError};
 pub use ids::{new_message_id, now_ms};
 pub use pool::{MeshChannel, Pool, RETRY_BUDGET};
 pub use services::{Auth, Delivery, Federation, Gateway, Groups, Router};
+// Persistent groups.
+pub use adapters::{GroupAdminService, GroupRecordsService};
+pub use clients::{GroupAdminClient, GroupRecordsClient};
+pub use services::{GroupAdmin, GroupRecords};
 pub use switchboard_proto::mesh as pb;
 
 /// Largest mesh message, either way. A group fan-out carries one envelope

@@ -64,3 +64,23 @@ pub trait Delivery: Send + Sync + 'static {
 pub trait Gateway: Send + Sync + 'static {
     async fn push(&self, req: pb::PushRequest) -> Result<pb::PushReply, ServiceError>;
 }
+
+/// Persistent groups: a client's requests about a group, served by the
+/// groups instance that owns it.
+#[async_trait]
+pub trait GroupAdmin: Send + Sync + 'static {
+    async fn command(
+        &self,
+        req: pb::GroupCommandRequest,
+    ) -> Result<pb::GroupCommandReply, ServiceError>;
+}
+
+/// The stored groups, served where the store is (the delivery process of a
+/// deployment with the embedded store).
+#[async_trait]
+pub trait GroupRecords: Send + Sync + 'static {
+    async fn call(
+        &self,
+        req: pb::GroupRecordsRequest,
+    ) -> Result<pb::GroupRecordsReply, ServiceError>;
+}

@@ -13,17 +13,20 @@ use switchboard_config::{Config, Role, StoreEngine};
 use switchboard_delivery::{DeliveryRole, MeshDelivery};
 use switchboard_discovery::{Discovery, DiscoveryOptions, Member};
 use switchboard_gateway::{Check, GatewayDeps, GatewayRole, Readiness};
-use switchboard_groups::GroupsRole;
+use switchboard_groups::{GroupLimits, GroupsRole, PersistentGroups, Records, StoredGroups};
 use switchboard_mesh::{
     AuthClient, AuthService, DeliveryClient, DeliveryService, FederationGuard, FederationService,
     GatewayClient, GatewayService, GatewayTable, GroupsClient, GroupsService, MeshConnector,
     MeshCredentials, MeshGuard, MeshTls, Pool, RouterClient, RouterService,
 };
+use switchboard_mesh::{
+    GroupAdminClient, GroupAdminService, GroupRecordsClient, GroupRecordsService,
+};
 use switchboard_metadata::TopologyView;
 use switchboard_metadata::{EtcdMetadata, Kind as MetadataKind, StaticMetadata};
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::{Federation, FederationOptions, RouterRole};
-use switchboard_store::{FjallStore, FjallStoreOptions, Queue, Store};
+use switchboard_store::{FjallStore, FjallStoreOptions, GroupStore, Queue, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -164,14 +167,14 @@ pub async fn serve(
         })
     };
 
-    let (store, queues) = match config.runs(Role::Delivery) {
+    let (store, queues, group_store) = match config.runs(Role::Delivery) {
         true => {
             let opened = open_store(&config).with_context(|| {
                 format!("cannot open the store in {}", config.data_dir.display())
             })?;
-            (Some(opened.inbox), Some(opened.queues))
+            (Some(opened.inbox), Some(opened.queues), Some(opened.groups))
         }
-        false => (None, None),
+        false => (None, None, None),
     };
     // The durable queues, for the roles that send later (federation links,
     // webhooks); none yet. A backlog left from before is worth a line.
@@ -225,9 +228,38 @@ pub async fn serve(
         Some(role) => DeliveryClient::from_local(role.clone()),
         None => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
     };
-    let groups = match config.runs(Role::Groups) {
-        true => GroupsClient::from_local(Arc::new(GroupsRole::new(delivery.clone()))),
-        false => GroupsClient::from_pool(remote_or_pool(Role::Groups)?),
+    // Persistent groups: their records where the store is, their owners
+    // among the groups instances.
+    let group_records = group_store
+        .as_ref()
+        .map(|s| GroupRecordsClient::from_local(Arc::new(StoredGroups::new(s.clone()))));
+    let persistent = match config.runs(Role::Groups) {
+        true => {
+            let records = match &group_records {
+                Some(local) => local.clone(),
+                None => GroupRecordsClient::from_pool(remote_or_pool(Role::Delivery)?),
+            };
+            Some(Arc::new(PersistentGroups::new(
+                Records::new(records),
+                delivery.clone(),
+                GroupLimits {
+                    max_members: config.limits.max_group_members,
+                    max_groups_per_user: config.limits.max_groups_per_user,
+                    fanout_batch: config.limits.group_fanout_batch,
+                },
+            )))
+        }
+        false => None,
+    };
+    let group_admin = match &persistent {
+        Some(p) => GroupAdminClient::from_local(p.clone()),
+        None => GroupAdminClient::from_pool(remote_or_pool(Role::Groups)?),
+    };
+    let groups = match &persistent {
+        Some(p) => GroupsClient::from_local(Arc::new(
+            GroupsRole::new(delivery.clone()).with_persistent(p.clone()),
+        )),
+        None => GroupsClient::from_pool(remote_or_pool(Role::Groups)?),
     };
     let router_role = config.runs(Role::Router).then(|| {
         Arc::new(RouterRole::new(
@@ -289,6 +321,7 @@ pub async fn serve(
                     auth: auth.clone(),
                     router,
                     delivery: delivery.clone(),
+                    groups: group_admin.clone(),
                     presence: presence.clone(),
                     homes: topology.as_ref().map(|view| {
                         Arc::new(TopologyHomes {
@@ -343,6 +376,16 @@ pub async fn serve(
             config
                 .runs(Role::Groups)
                 .then(|| GroupsService::new(arc_of(&groups)).into_server()),
+        )
+        .add_optional_service(
+            persistent
+                .as_ref()
+                .map(|p| GroupAdminService::new(p.clone()).into_server()),
+        )
+        .add_optional_service(
+            group_records
+                .as_ref()
+                .map(|r| GroupRecordsService::new(arc_of(r)).into_server()),
         )
         .add_optional_service(store.is_some().then(|| {
             // Over the mesh a Deliver can come twice (a caller's
@@ -829,6 +872,8 @@ struct OpenedStore {
     inbox: Arc<dyn Store>,
     /// The durable queues, in the same database as the inboxes.
     queues: Arc<dyn Queue>,
+    /// Persistent groups, in the same database.
+    groups: Arc<dyn GroupStore>,
 }
 
 fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreError> {
@@ -849,6 +894,7 @@ fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreEr
             )?;
             OpenedStore {
                 queues: store.queues(),
+                groups: store.groups(),
                 inbox: Arc::new(store),
             }
         }
