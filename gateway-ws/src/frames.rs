@@ -12,6 +12,10 @@ use crate::commands::{
 };
 use crate::json;
 
+mod channels;
+
+pub use channels::*;
+
 /// A parsed client frame: its type, top-level fields and the `data` fields
 /// its command reads (moved out by [`ClientFrame::command`]).
 #[derive(Debug)]
@@ -38,7 +42,10 @@ impl FrameKind {
             "GROUP_MESSAGE" => FrameKind::Command(CommandKind::GroupMessage),
             "FETCH_MISSING_MESSAGES_REQUEST" => FrameKind::Command(CommandKind::Fetch),
             "ACK" => FrameKind::Command(CommandKind::Ack),
-            other => FrameKind::Unknown(other.to_owned()),
+            name => match channels::kind_from_name(name) {
+                Some(kind) => FrameKind::Command(kind),
+                None => FrameKind::Unknown(name.to_owned()),
+            },
         }
     }
 
@@ -68,13 +75,15 @@ pub fn type_name(kind: CommandKind) -> &'static str {
         CommandKind::GroupMessage => "GROUP_MESSAGE",
         CommandKind::Fetch => "FETCH_MISSING_MESSAGES_REQUEST",
         CommandKind::Ack => "ACK",
+        other => channels::type_name(other),
     }
 }
 
 /// The `data` fields any frame type of protocol v1 reads. Others are
 /// skipped while parsing, without being kept.
-const DATA_FIELDS: [&str; 11] = [
+const DATA_FIELDS: [&str; 16] = [
     "to", "content", "group", "id", "appId", "userId", "token", "acks", "device", "count", "ids",
+    "topic", "since", "room", "nick", "users",
 ];
 
 /// The known fields of `data`, each once (a repeated field: the last value
@@ -405,12 +414,21 @@ pub fn push_type(msg: &pb::InboxMessage) -> &'static str {
 }
 
 /// The client frame types this server handles.
-pub const KNOWN_TYPES: [&str; 5] = [
+pub const KNOWN_TYPES: [&str; 14] = [
     "MESSAGE",
     "AUTH_CLIENT",
     "GROUP_MESSAGE",
     "FETCH_MISSING_MESSAGES_REQUEST",
     "ACK",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PUBLISH",
+    "ROOM_JOIN",
+    "ROOM_MESSAGE",
+    "ROOM_LEAVE",
+    "PRESENCE_SUBSCRIBE",
+    "PRESENCE_UNSUBSCRIBE",
+    "USER_LIST_REQUEST",
 ];
 
 impl ClientFrame {
@@ -464,6 +482,7 @@ impl ClientFrame {
                     .take_string_list("ids")?
                     .ok_or_else(|| self.err(ErrorCode::InvalidFrame, "missing field data.ids"))?,
             }),
+            other => self.channel_command(other)?,
         })
     }
 

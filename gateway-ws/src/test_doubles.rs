@@ -191,6 +191,12 @@ pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
         auth: AuthClient::from_local(Arc::new(DemoAuth)),
         router: RouterClient::from_local(inboxes.clone()),
         delivery: DeliveryClient::from_local(inboxes.clone()),
+        channels: switchboard_mesh::ChannelsClient::from_local(Arc::new(
+            switchboard_groups::ChannelsRole::new(
+                switchboard_groups::ChannelSettings::default(),
+                Arc::new(switchboard_mesh::GatewayTable::default()),
+            ),
+        )),
         presence: Arc::new(InMemoryPresence::default()),
         readiness: Arc::new(Ready),
         domain: "local".to_owned(),

@@ -2,6 +2,10 @@
 //! Ad-hoc groups (a list of users) are handled here; persistent groups, rooms
 //! and topics, sharded over groups instances, come with their own issue.
 
+mod channels;
+
+pub use channels::{ChannelSettings, ChannelsRole};
+
 use async_trait::async_trait;
 use switchboard_mesh::{DeliveryClient, ErrorCode, ServiceError, pb};
 

@@ -21,6 +21,10 @@ use crate::commands::{
 use crate::ratelimit::RateLimiter;
 use crate::registry::Stored;
 
+mod channels;
+
+pub use channels::ChannelOutcome;
+
 /// Longest wait for another role before a request is answered with
 /// UNAVAILABLE.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -188,6 +192,8 @@ pub enum Outcome {
     Accepted(Accepted),
     Fetched(Fetched),
     Acked,
+    /// Topics, rooms and presence subscriptions.
+    Channel(ChannelOutcome),
 }
 
 /// One client's session; see the module documentation.
@@ -200,6 +206,7 @@ pub struct Session {
     /// Highest sequence number a fetch (or the ack-mode replay) returned:
     /// the next page starts after it.
     fetch_cursor: u64,
+    channels: channels::ChannelState,
 }
 
 impl Session {
@@ -212,6 +219,7 @@ impl Session {
             unacked: Arc::default(),
             limiter,
             fetch_cursor: 0,
+            channels: channels::ChannelState::default(),
         }
     }
 
@@ -247,25 +255,33 @@ impl Session {
         if !self.is_authenticated() {
             return match kind {
                 Some(CommandKind::Auth) => Ok(()),
+                Some(kind) if self.admits_anonymous(kind) => self.within_rate(),
                 _ => Err(ServiceError::new(
                     ErrorCode::NotAuthenticated,
                     "send AUTH_CLIENT first",
                 )),
             };
         }
-        if kind != Some(CommandKind::Ack) && !self.limiter.allow() {
-            return Err(ServiceError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {} messages per second",
-                    self.gw.limits.messages_per_second
-                ),
-            ));
+        if kind != Some(CommandKind::Ack) {
+            self.within_rate()?;
         }
         if kind == Some(CommandKind::Auth) {
             return Err(ServiceError::invalid("already authenticated"));
         }
         Ok(())
+    }
+
+    fn within_rate(&mut self) -> Result<(), ServiceError> {
+        if self.limiter.allow() {
+            return Ok(());
+        }
+        Err(ServiceError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} messages per second",
+                self.gw.limits.messages_per_second
+            ),
+        ))
     }
 
     /// Admits and runs a command: the whole rule set for a transport whose
@@ -297,6 +313,7 @@ impl Session {
                 self.ack(ack).await?;
                 Outcome::Acked
             }
+            other => Outcome::Channel(self.run_channel(other, meta).await?),
         })
     }
 

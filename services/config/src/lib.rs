@@ -97,6 +97,7 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub presence: PresenceConfig,
+    pub channels: ChannelsConfig,
     /// Client apps. Empty: the built-in development app `demo`.
     pub apps: Vec<AppConfig>,
 }
@@ -122,6 +123,7 @@ impl Default for Config {
             limits: Limits::default(),
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
+            channels: ChannelsConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -275,6 +277,14 @@ pub struct Limits {
     /// (ingestion slows to what the sockets drain; senders feel TCP
     /// backpressure). 0 turns the gate off.
     pub backlog_frames: usize,
+    /// Topics one connection may be subscribed to.
+    pub max_topics_per_connection: usize,
+    /// Rooms one connection may be in.
+    pub max_rooms_per_connection: usize,
+    /// Users one connection may watch with PRESENCE_SUBSCRIBE.
+    pub max_presence_subscriptions: usize,
+    /// Users in one USER_LIST (past it the list says `truncated`).
+    pub max_user_list: usize,
 }
 
 impl Default for Limits {
@@ -295,6 +305,10 @@ impl Default for Limits {
             read_ahead_bytes: 16 * 1024,
             write_buffer_bytes: 16 * 1024,
             backlog_frames: 16_384,
+            max_topics_per_connection: 100,
+            max_rooms_per_connection: 20,
+            max_presence_subscriptions: 1000,
+            max_user_list: 1000,
         }
     }
 }
@@ -315,6 +329,50 @@ impl Default for PresenceConfig {
         PresenceConfig {
             key_prefix: "switchboard:".into(),
             gateway_ttl_secs: 5,
+        }
+    }
+}
+
+/// Topics and rooms, kept in memory by their owning groups instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelsConfig {
+    /// Publications a topic keeps for recovery (`SUBSCRIBE` with `since`).
+    pub topic_history: usize,
+    /// Messages a room keeps for the `history` of `ROOM_JOINED`.
+    pub room_history: usize,
+    /// How long an empty room, or a topic without subscribers, is kept
+    /// after its last activity (humantime: `"1h"`, `"30s"`).
+    #[serde(with = "humantime_duration")]
+    pub idle: Duration,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        ChannelsConfig {
+            topic_history: 100,
+            room_history: 1000,
+            idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Who may publish to an app's topics.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicPublish {
+    /// Every authenticated user of the app.
+    #[default]
+    Any,
+    /// Only the app's master user (and the server API).
+    Master,
+}
+
+impl TopicPublish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopicPublish::Any => "any",
+            TopicPublish::Master => "master",
         }
     }
 }
@@ -419,6 +477,13 @@ pub struct AppConfig {
     /// Required `aud` of tokens; when unset, `aud` is not checked.
     #[serde(default)]
     pub jwt_audience: Option<String>,
+    /// Who may PUBLISH to topics: `any` (default) or `master`.
+    #[serde(default)]
+    pub topic_publish: TopicPublish,
+    /// Connections may join rooms without AUTH_CLIENT (given a generated
+    /// user id).
+    #[serde(default)]
+    pub anonymous_rooms: bool,
 }
 
 impl AppConfig {
@@ -433,6 +498,8 @@ impl AppConfig {
             jwt_public_key_pem: None,
             jwt_public_key_file: None,
             jwt_audience: None,
+            topic_publish: TopicPublish::Any,
+            anonymous_rooms: false,
         }
     }
 }

@@ -13,11 +13,11 @@ use switchboard_config::{Config, Role, StoreEngine};
 use switchboard_delivery::{DeliveryRole, MeshDelivery};
 use switchboard_discovery::{Discovery, DiscoveryOptions, Member};
 use switchboard_gateway::{Check, GatewayDeps, GatewayRole, Readiness};
-use switchboard_groups::GroupsRole;
+use switchboard_groups::{ChannelSettings, ChannelsRole, GroupsRole};
 use switchboard_mesh::{
-    AuthClient, AuthService, DeliveryClient, DeliveryService, FederationService, GatewayClient,
-    GatewayService, GatewayTable, GroupsClient, GroupsService, MeshConnector, MeshCredentials,
-    MeshGuard, MeshTls, Pool, RouterClient, RouterService,
+    AuthClient, AuthService, ChannelsClient, ChannelsService, DeliveryClient, DeliveryService,
+    FederationService, GatewayClient, GatewayService, GatewayTable, GroupsClient, GroupsService,
+    MeshConnector, MeshCredentials, MeshGuard, MeshTls, Pool, RouterClient, RouterService,
 };
 use switchboard_metadata::{EtcdMetadata, Kind as MetadataKind, StaticMetadata};
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
@@ -173,6 +173,18 @@ pub async fn serve(
         true => GroupsClient::from_local(Arc::new(GroupsRole::new(delivery.clone()))),
         false => GroupsClient::from_pool(remote_or_pool(Role::Groups)?),
     };
+    // Topics and rooms live at the groups role too, owned per name.
+    let channels = match config.runs(Role::Groups) {
+        true => ChannelsClient::from_local(Arc::new(ChannelsRole::new(
+            ChannelSettings {
+                topic_history: config.channels.topic_history,
+                room_history: config.channels.room_history,
+                idle: config.channels.idle,
+            },
+            gateways.clone(),
+        ))),
+        false => ChannelsClient::from_pool(remote_or_pool(Role::Groups)?),
+    };
     let local_router = match config.runs(Role::Router) {
         true => Some(RouterClient::from_local(Arc::new(RouterRole::new(
             config.domain.clone(),
@@ -196,6 +208,7 @@ pub async fn serve(
                     auth: auth.clone(),
                     router,
                     delivery: delivery.clone(),
+                    channels: channels.clone(),
                     presence: presence.clone(),
                     readiness: Arc::new(NodeReadiness {
                         store: store.clone(),
@@ -245,6 +258,11 @@ pub async fn serve(
             config
                 .runs(Role::Groups)
                 .then(|| GroupsService::new(arc_of(&groups)).into_server()),
+        )
+        .add_optional_service(
+            config
+                .runs(Role::Groups)
+                .then(|| ChannelsService::new(arc_of(&channels)).into_server()),
         )
         .add_optional_service(store.is_some().then(|| {
             // Over the mesh a Deliver can come twice (a caller's
