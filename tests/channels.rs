@@ -126,7 +126,10 @@ async fn publications(c: &mut Client, topic: &str, n: usize) -> Vec<(u64, String
         let f = c.recv().await;
         assert_eq!(f["type"], "PUBLICATION", "{}: {f}", c.user);
         assert_eq!(f["data"]["topic"], topic);
-        assert!(f["data"]["id"].is_string() && f["data"]["ts"].is_i64(), "{f}");
+        assert!(
+            f["data"]["id"].is_string() && f["data"]["ts"].is_i64(),
+            "{f}"
+        );
         out.push((
             f["data"]["offset"].as_u64().expect("offset"),
             f["data"]["content"].as_str().expect("content").to_owned(),
@@ -229,15 +232,20 @@ async fn publishing_where_the_app_allows_only_the_master_is_refused(node: Deploy
     let mut user = login_app(&node.url(), "locked", "LK-1").await;
     let mut master = login_app(&node.url(), "locked", "LK-0").await;
     subscribe(&mut reader, "alerts", None).await;
-    user.send(json!({"type": "PUBLISH", "data": {"topic": "alerts", "content": "no"}, "reference": "r1"}))
-        .await;
+    user.send(
+        json!({"type": "PUBLISH", "data": {"topic": "alerts", "content": "no"}, "reference": "r1"}),
+    )
+    .await;
     let e = user.recv().await;
     assert_eq!(e["type"], "ERROR", "{e}");
     assert_eq!(e["data"]["code"], "FORBIDDEN");
     assert_eq!(e["reference"], "r1");
     assert_eq!(publish(&mut master, "alerts", "yes").await, 1);
     let p = reader.recv().await;
-    assert_eq!(p["data"]["content"], "yes", "only the master's publication: {p}");
+    assert_eq!(
+        p["data"]["content"], "yes",
+        "only the master's publication: {p}"
+    );
     // The default app lets anyone publish.
     let mut anyone = Client::login(&node.url(), "demo-x").await;
     assert_eq!(publish(&mut anyone, "alerts", "demo").await, 1);
@@ -249,12 +257,30 @@ async fn topic_requests_are_checked(node: Deployment) {
     let mut ann = Client::login(&node.url(), "demo-ann").await;
     for (frame, code) in [
         (json!({"type": "SUBSCRIBE", "data": {}}), "INVALID_FRAME"),
-        (json!({"type": "SUBSCRIBE", "data": {"topic": ""}}), "INVALID_FRAME"),
-        (json!({"type": "SUBSCRIBE", "data": {"topic": "t", "since": -1}}), "INVALID_FRAME"),
-        (json!({"type": "PUBLISH", "data": {"topic": "t"}}), "INVALID_FRAME"),
-        (json!({"type": "PRESENCE_SUBSCRIBE", "data": {"users": "demo-1"}}), "INVALID_FRAME"),
-        (json!({"type": "PRESENCE_SUBSCRIBE", "data": {"users": ["other-1"]}}), "INVALID_RECIPIENT"),
-        (json!({"type": "ROOM_MESSAGE", "data": {"room": "r", "content": "x"}}), "NOT_A_MEMBER"),
+        (
+            json!({"type": "SUBSCRIBE", "data": {"topic": ""}}),
+            "INVALID_FRAME",
+        ),
+        (
+            json!({"type": "SUBSCRIBE", "data": {"topic": "t", "since": -1}}),
+            "INVALID_FRAME",
+        ),
+        (
+            json!({"type": "PUBLISH", "data": {"topic": "t"}}),
+            "INVALID_FRAME",
+        ),
+        (
+            json!({"type": "PRESENCE_SUBSCRIBE", "data": {"users": "demo-1"}}),
+            "INVALID_FRAME",
+        ),
+        (
+            json!({"type": "PRESENCE_SUBSCRIBE", "data": {"users": ["other-1"]}}),
+            "INVALID_RECIPIENT",
+        ),
+        (
+            json!({"type": "ROOM_MESSAGE", "data": {"room": "r", "content": "x"}}),
+            "NOT_A_MEMBER",
+        ),
     ] {
         ann.send(frame.clone()).await;
         let e = ann.recv().await;
@@ -331,7 +357,10 @@ async fn a_late_joiner_gets_the_last_messages_oldest_first_and_members_see_joins
             assert_eq!(m["data"]["from"], "demo-ann");
             assert_eq!(m["data"]["nick"], "ann");
             assert_eq!(m["data"]["room"], "kitchen");
-            assert!(m["data"]["id"].is_string() && m["data"]["ts"].is_i64(), "{m}");
+            assert!(
+                m["data"]["id"].is_string() && m["data"]["ts"].is_i64(),
+                "{m}"
+            );
         }
     }
     // The late joiner: the last 3, oldest first, as ROOM_MESSAGE data.
@@ -352,7 +381,10 @@ async fn a_late_joiner_gets_the_last_messages_oldest_first_and_members_see_joins
     }
     // A second connection of a member is not a new member.
     let mut bob2 = Client::login(&node.url(), "demo-bob").await;
-    assert_eq!(join(&mut bob2, "kitchen", "bob").await["data"]["members"], 3);
+    assert_eq!(
+        join(&mut bob2, "kitchen", "bob").await["data"]["members"],
+        3
+    );
     bob2.close().await;
     bob.send(json!({"type": "ROOM_LEAVE", "data": {"room": "kitchen"}}))
         .await;
@@ -381,13 +413,19 @@ async fn anonymous_members_join_where_the_app_allows_it_and_are_refused_where_no
         .await;
     let f = guest.recv().await;
     assert_eq!(f["type"], "ROOM_JOINED", "{f}");
-    let user_id = f["data"]["userId"].as_str().expect("generated user id").to_owned();
+    let user_id = f["data"]["userId"]
+        .as_str()
+        .expect("generated user id")
+        .to_owned();
     assert!(user_id.starts_with("OPEN-"), "{user_id}");
     let mut member = login_app(&node.url(), "open", "OPEN-1").await;
     let f = join(&mut member, "lobby", "m").await;
     assert!(f["data"].get("userId").is_none(), "{f}");
     assert_eq!(f["data"]["members"], 2);
-    assert_eq!(room_event(&mut guest, "joined").await["data"]["userId"], "OPEN-1");
+    assert_eq!(
+        room_event(&mut guest, "joined").await["data"]["userId"],
+        "OPEN-1"
+    );
     say(&mut guest, "lobby", "hi from a guest").await;
     for c in [&mut guest, &mut member] {
         let m = room_message(c).await;
@@ -457,14 +495,17 @@ async fn presence(c: &mut Client) -> (String, bool) {
 
 async fn presence_subscriptions_fire_once_per_change_across_gateways(node: Deployment) {
     let mut ann = Client::login(&node.url(), "demo-ann").await;
-    let mut carl = Client::login(&node.url(), "demo-carl").await;
+    let carl = Client::login(&node.url(), "demo-carl").await;
     ann.send(json!({"type": "PRESENCE_SUBSCRIBE", "data": {"users": ["demo-bob", "demo-carl"]}}))
         .await;
     let mut now = vec![presence(&mut ann).await, presence(&mut ann).await];
     now.sort();
     assert_eq!(
         now,
-        [("demo-bob".to_owned(), false), ("demo-carl".to_owned(), true)]
+        [
+            ("demo-bob".to_owned(), false),
+            ("demo-carl".to_owned(), true)
+        ]
     );
     // Bob's first connection (on the other gateway of a cluster): once.
     let bob1 = Client::login(&node.url(), "demo-bob").await;
@@ -514,4 +555,90 @@ async fn the_user_list_is_sorted_and_capped(node: Deployment) {
     assert_eq!(f["data"]["users"], json!(["demo-u0", "demo-u1", "demo-u2"]));
     assert_eq!(f["data"]["truncated"], true);
     node.shutdown().await;
+}
+
+/// Two groups instances; the one owning a room and a topic is killed: the
+/// room's members are told ROOM_RESET and the room goes on, empty, at the
+/// survivor; the topic's subscribers go on getting publications; a room
+/// and a topic of the survivor notice nothing.
+#[tokio::test]
+async fn when_the_owning_groups_instance_dies_its_rooms_reset_and_go_on_at_the_survivor() {
+    let Some(infra) = support::cluster::Infra::from_env() else {
+        return;
+    };
+    let mut cluster =
+        support::cluster::Cluster::start(infra, support::cluster::FULL_SHAPE, |_| {}).await;
+    let groups = ["groups1", "groups2"];
+    let owned_by = |owner: &str, prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|name| {
+                cluster.owner_of(&groups, &switchboard_mesh::channel_key("demo", name)) == owner
+            })
+            .expect("a name")
+    };
+    let (lost_room, kept_room) = (owned_by("groups1", "room"), owned_by("groups2", "room"));
+    let lost_topic = owned_by("groups1", "topic");
+    let (gw1, gw2) = (cluster.proc("gw1").url(), cluster.proc("gw2").url());
+    let mut ann = Client::login(&gw1, "demo-ann").await;
+    let mut bob = Client::login(&gw2, "demo-bob").await;
+    for room in [&lost_room, &kept_room] {
+        join(&mut ann, room, "ann").await;
+        join(&mut bob, room, "bob").await;
+        room_event(&mut ann, "joined").await;
+        say(&mut ann, room, "before").await;
+        for c in [&mut ann, &mut bob] {
+            assert_eq!(room_message(c).await["data"]["content"], "before");
+        }
+    }
+    subscribe(&mut ann, &lost_topic, None).await;
+    subscribe(&mut bob, &lost_topic, None).await;
+
+    cluster.kill9("groups1");
+    // Each gateway tells its members once the survivor owns the room.
+    for c in [&mut ann, &mut bob] {
+        let reset = c.recv().await;
+        assert_eq!(reset["type"], "ROOM_RESET", "{}: {reset}", c.user);
+        assert_eq!(reset["data"]["room"], lost_room.as_str());
+    }
+    // The room goes on, empty: a message reaches both members, and a late
+    // joiner's history starts after the reset.
+    say(&mut ann, &lost_room, "after").await;
+    for c in [&mut ann, &mut bob] {
+        assert_eq!(room_message(c).await["data"]["content"], "after");
+    }
+    let mut carl = Client::login(&gw1, "demo-carl").await;
+    let f = join(&mut carl, &lost_room, "carl").await;
+    let history: Vec<&str> = f["data"]["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|m| m["content"].as_str().expect("content"))
+        .collect();
+    assert_eq!(history, ["after"]);
+    assert_eq!(f["data"]["members"], 3);
+    for c in [&mut ann, &mut bob] {
+        room_event(c, "joined").await;
+    }
+    // The survivor's own room: no reset, history intact.
+    say(&mut bob, &kept_room, "still").await;
+    for c in [&mut ann, &mut bob] {
+        assert_eq!(room_message(c).await["data"]["content"], "still");
+    }
+    let f = join(&mut carl, &kept_room, "carl").await;
+    assert_eq!(f["data"]["history"].as_array().expect("history").len(), 2);
+    for c in [&mut ann, &mut bob] {
+        room_event(c, "joined").await;
+    }
+    // The topic: its subscribers were announced to the survivor.
+    let mut pubr = Client::login(&gw2, "demo-pub").await;
+    publish(&mut pubr, &lost_topic, "p1").await;
+    for c in [&mut ann, &mut bob] {
+        let p = c.recv().await;
+        assert_eq!(p["type"], "PUBLICATION", "{p}");
+        assert_eq!(p["data"]["content"], "p1");
+    }
+    ann.expect_silence(QUIET).await;
+    bob.expect_silence(QUIET).await;
+    cluster.shutdown().await;
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use switchboard_mesh::{ErrorCode, GatewayDirectory, ServiceError, pb};
+use switchboard_mesh::{GatewayDirectory, ServiceError, pb};
 
 /// What the owner keeps, per deployment's config.
 #[derive(Debug, Clone)]
@@ -473,26 +473,18 @@ impl switchboard_mesh::Channels for ChannelsRole {
         let message = req
             .message
             .ok_or_else(|| ServiceError::invalid("a room send carries a message"))?;
-        let (user_id, _, conn) = member_of(req.member)?;
+        let (user_id, member, conn) = member_of(req.member)?;
         let span = fanout_span("room", &req.app_id, &message.room, &message.id);
         let inner = &self.inner;
         tracing::Instrument::instrument(
             async {
-                let room = inner.existing_room(&req.app_id, &message.room);
-                let mut r = match room {
-                    Some(room) => room.lock_owned().await,
-                    None => {
-                        return Err(ServiceError::new(
-                            ErrorCode::NotAMember,
-                            format!("join room {:?} first", message.room),
-                        ));
-                    }
-                };
-                if r.gone || !r.is_member(&user_id, &conn) {
-                    return Err(ServiceError::new(
-                        ErrorCode::NotAMember,
-                        format!("join room {:?} first", message.room),
-                    ));
+                let mut r = locked!(inner, room, &req.app_id, &message.room);
+                // The gateway checked membership. A member unknown here is
+                // one of a room whose owner was lost: it goes on in the
+                // room as this instance has it (its gateway sees the new
+                // epoch and tells its members ROOM_RESET).
+                if !r.is_member(&user_id, &conn) {
+                    r.add(&user_id, member);
                 }
                 r.seq += 1;
                 r.last_active = Some(Instant::now());
