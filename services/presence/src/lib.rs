@@ -326,6 +326,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn in_memory_changes_are_announced_once_per_transition() {
+        contract::changes_are_announced_once_per_transition(&InMemoryPresence::default()).await;
+    }
+
+    #[tokio::test]
+    async fn in_memory_user_list_is_sorted_and_capped() {
+        contract::user_list_is_sorted_and_capped(&InMemoryPresence::default()).await;
+    }
+
+    #[tokio::test]
     async fn in_memory_stray_disconnect_changes_nothing() {
         contract::stray_disconnect_changes_nothing(&InMemoryPresence::default()).await;
     }
