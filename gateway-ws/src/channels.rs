@@ -388,15 +388,14 @@ impl ChannelRegistry {
         if let Some(w) = watchers
             .get_mut(&key(app_id, user_id))
             .and_then(|list| list.iter_mut().find(|w| w.conn.shared.id == conn_id))
+            && w.last != Some(online)
         {
-            if w.last != Some(online) {
-                w.last = Some(online);
-                send(
-                    &w.conn,
-                    "PRESENCE",
-                    Utf8Bytes::from(frames::presence(user_id, online)),
-                );
-            }
+            w.last = Some(online);
+            send(
+                &w.conn,
+                "PRESENCE",
+                Utf8Bytes::from(frames::presence(user_id, online)),
+            );
         }
     }
 

@@ -317,11 +317,14 @@ impl switchboard_mesh::Channels for ChannelsRole {
         }
         let (recovered, publications) = match req.since {
             None => (true, Vec::new()),
+            // Past the latest offset: the topic started again here (its
+            // owner was lost), so what the client missed is unknown.
+            Some(since) if since > t.offset => (false, t.kept.iter().cloned().collect()),
             Some(since) => {
                 let oldest_kept = t.kept.front().map_or(t.offset + 1, |p| p.offset);
                 // Everything after `since` is here when the first missing
                 // one is still kept (or nothing is missing).
-                let recovered = since >= t.offset || since + 1 >= oldest_kept;
+                let recovered = since + 1 >= oldest_kept;
                 let publications = t
                     .kept
                     .iter()
@@ -559,5 +562,186 @@ impl ChannelsRole {
             r.members.retain(|_, conns| !conns.is_empty());
         }
         gateways.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_mesh::{Channels, GatewayClient, GatewayTable};
+
+    /// A gateway that records what it is pushed.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<pb::ChannelPush>>);
+
+    #[async_trait]
+    impl switchboard_mesh::Gateway for Recorder {
+        async fn push(&self, req: pb::PushRequest) -> Result<pb::PushReply, ServiceError> {
+            lock(&self.0).extend(req.items.into_iter().filter_map(|i| i.channel));
+            Ok(pb::PushReply::default())
+        }
+    }
+
+    fn role(topic_history: usize, room_history: usize) -> (ChannelsRole, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let table = Arc::new(GatewayTable::default());
+        table.insert("gw1", GatewayClient::from_local(recorder.clone()));
+        let settings = ChannelSettings {
+            topic_history,
+            room_history,
+            ..ChannelSettings::default()
+        };
+        (ChannelsRole::new(settings, table), recorder)
+    }
+
+    async fn publish(role: &ChannelsRole, content: &str) -> u64 {
+        role.publish(pb::PublishRequest {
+            publication: Some(pb::Publication {
+                app_id: "a".into(),
+                topic: "t".into(),
+                content: content.into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("published")
+        .offset
+    }
+
+    async fn since(role: &ChannelsRole, since: u64) -> (bool, Vec<u64>) {
+        let reply = role
+            .subscribe(pb::TopicSubscribeRequest {
+                app_id: "a".into(),
+                topic: "t".into(),
+                gateway_id: "gw2".into(),
+                since: Some(since),
+            })
+            .await
+            .expect("subscribed");
+        (
+            reply.recovered,
+            reply.publications.iter().map(|p| p.offset).collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn recovery_is_complete_only_while_the_first_missed_publication_is_kept() {
+        let (role, recorder) = role(3, 10);
+        role.subscribe(pb::TopicSubscribeRequest {
+            app_id: "a".into(),
+            topic: "t".into(),
+            gateway_id: "gw1".into(),
+            since: None,
+        })
+        .await
+        .expect("subscribed");
+        for i in 1..=7 {
+            assert_eq!(publish(&role, &format!("p{i}")).await, i);
+        }
+        // Pushed once each, in offset order, to the subscribed gateway.
+        let offsets: Vec<u64> = lock(&recorder.0)
+            .iter()
+            .filter_map(|p| match &p.event {
+                Some(pb::channel_push::Event::Publication(p)) => Some(p.offset),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(offsets, [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(since(&role, 7).await, (true, vec![]));
+        assert_eq!(since(&role, 4).await, (true, vec![5, 6, 7]));
+        assert_eq!(since(&role, 3).await, (false, vec![5, 6, 7]));
+        assert_eq!(since(&role, 0).await, (false, vec![5, 6, 7]));
+        // An offset this owner never gave: the topic started again.
+        assert_eq!(since(&role, 1207).await, (false, vec![5, 6, 7]));
+    }
+
+    fn member(user: &str, conn_id: u64) -> Option<pb::RoomMember> {
+        Some(pb::RoomMember {
+            user_id: user.into(),
+            nick: user.into(),
+            conn: Some(pb::ConnRef {
+                gateway_id: "gw1".into(),
+                conn_id,
+            }),
+        })
+    }
+
+    async fn join(role: &ChannelsRole, user: &str, conn_id: u64) -> pb::RoomJoinReply {
+        role.room_join(pb::RoomJoinRequest {
+            app_id: "a".into(),
+            room: "r".into(),
+            member: member(user, conn_id),
+        })
+        .await
+        .expect("joined")
+    }
+
+    #[tokio::test]
+    async fn a_room_keeps_its_last_messages_and_counts_users_not_connections() {
+        let (role, recorder) = role(3, 2);
+        assert_eq!(join(&role, "a-1", 1).await.members, 1);
+        assert_eq!(join(&role, "a-2", 2).await.members, 2);
+        assert_eq!(
+            join(&role, "a-2", 3).await.members,
+            2,
+            "a second connection"
+        );
+        for i in 1..=3 {
+            role.room_send(pb::RoomSendRequest {
+                app_id: "a".into(),
+                message: Some(pb::RoomMessage {
+                    room: "r".into(),
+                    content: format!("m{i}"),
+                    ..Default::default()
+                }),
+                member: member("a-1", 1),
+            })
+            .await
+            .expect("sent");
+        }
+        let reply = join(&role, "a-3", 4).await;
+        let history: Vec<&str> = reply.history.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(history, ["m2", "m3"]);
+        assert_eq!(reply.members, 3);
+        role.room_leave(pb::RoomLeaveRequest {
+            app_id: "a".into(),
+            room: "r".into(),
+            member: member("a-2", 2),
+        })
+        .await
+        .expect("left");
+        role.room_leave(pb::RoomLeaveRequest {
+            app_id: "a".into(),
+            room: "r".into(),
+            member: member("a-2", 3),
+        })
+        .await
+        .expect("left");
+        // Events: joined ×3 (users), messages ×3, left once (the user's
+        // last connection); numbered in order.
+        let events: Vec<(i32, u64, u32)> = lock(&recorder.0)
+            .iter()
+            .filter_map(|p| match &p.event {
+                Some(pb::channel_push::Event::Room(e)) => Some((e.kind, e.seq, e.members)),
+                _ => None,
+            })
+            .collect();
+        let (joined, message, left) = (
+            pb::RoomEventKind::Joined as i32,
+            pb::RoomEventKind::Message as i32,
+            pb::RoomEventKind::Left as i32,
+        );
+        assert_eq!(
+            events,
+            [
+                (joined, 1, 1),
+                (joined, 2, 2),
+                (message, 3, 2),
+                (message, 4, 2),
+                (message, 5, 2),
+                (joined, 6, 3),
+                (left, 7, 2),
+            ]
+        );
     }
 }

@@ -293,3 +293,109 @@ struct UserListData<'a> {
 pub fn user_list(users: &[String], truncated: bool, reference: Option<&str>) -> String {
     render("USER_LIST", UserListData { users, truncated }, reference)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+    use super::*;
+
+    fn command(text: &str) -> Result<ClientCommand, FrameError> {
+        parse(text).expect("parses").command()
+    }
+
+    #[test]
+    fn channel_frames_parse_into_their_commands() {
+        match command(r#"{"type":"SUBSCRIBE","data":{"topic":"prices","since":1207}}"#) {
+            Ok(ClientCommand::Subscribe(s)) => {
+                assert_eq!((s.topic.as_str(), s.since), ("prices", Some(1207)));
+            }
+            other => panic!("{other:?}"),
+        }
+        match command(
+            r#"{"type":"ROOM_JOIN","data":{"room":"kitchen","nick":"ann","appId":"open"}}"#,
+        ) {
+            Ok(ClientCommand::RoomJoin(j)) => {
+                assert_eq!(j.room, "kitchen");
+                assert_eq!(j.nick.as_deref(), Some("ann"));
+                assert_eq!(j.app_id.as_deref(), Some("open"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match command(r#"{"type":"PRESENCE_UNSUBSCRIBE","data":{"users":["a-1","a-2"]}}"#) {
+            Ok(ClientCommand::PresenceUnsubscribe(p)) => assert_eq!(p.users, ["a-1", "a-2"]),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            command(r#"{"type":"USER_LIST_REQUEST"}"#),
+            Ok(ClientCommand::UserList)
+        ));
+    }
+
+    #[test]
+    fn bad_channel_frames_say_which_field() {
+        for (text, message) in [
+            (
+                r#"{"type":"SUBSCRIBE","data":{}}"#,
+                "missing field data.topic",
+            ),
+            (
+                r#"{"type":"SUBSCRIBE","data":{"topic":"t","since":"1"}}"#,
+                "data.since must be a non-negative integer",
+            ),
+            (
+                r#"{"type":"SUBSCRIBE","data":{"topic":"t","since":1.5}}"#,
+                "data.since must be a non-negative integer",
+            ),
+            (
+                r#"{"type":"PUBLISH","data":{"topic":"t"}}"#,
+                "missing field data.content",
+            ),
+            (
+                r#"{"type":"ROOM_JOIN","data":{"room":7}}"#,
+                "data.room must be a string",
+            ),
+            (
+                r#"{"type":"PRESENCE_SUBSCRIBE","data":{}}"#,
+                "missing field data.users",
+            ),
+            (
+                r#"{"type":"PRESENCE_SUBSCRIBE","data":{"users":[1]}}"#,
+                "data.users must be a list of strings",
+            ),
+        ] {
+            let e = command(text).expect_err(text);
+            assert_eq!(e.code, ErrorCode::InvalidFrame, "{text}");
+            assert_eq!(e.message, message, "{text}");
+        }
+    }
+
+    #[test]
+    fn publications_and_room_frames_render_as_the_protocol_says() {
+        let p = pb::Publication {
+            app_id: "a".into(),
+            topic: "prices".into(),
+            from: "a-1".into(),
+            content: "q\"1".into(),
+            id: "m1".into(),
+            ts: 5,
+            offset: 1208,
+        };
+        let v: Value = serde_json::from_str(&publication(&p)).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"PUBLICATION","data":{"topic":"prices","from":"a-1","content":"q\"1","id":"m1","ts":5,"offset":1208}})
+        );
+        let v: Value = serde_json::from_str(&subscribed("prices", 1207, Some(false), Some("r")))
+            .expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"SUBSCRIBED","data":{"topic":"prices","offset":1207,"recovered":false},"reference":"r"})
+        );
+        let v: Value =
+            serde_json::from_str(&user_list(&["a-1".into()], false, None)).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"USER_LIST","data":{"users":["a-1"]}})
+        );
+    }
+}
