@@ -140,9 +140,12 @@ impl ChannelRegistry {
         let mut topics = lock(&self.topics);
         let local = topics.entry(key(app_id, topic)).or_default();
         let first = local.subs.is_empty();
+        let before = local.subs.len();
         local.subs.retain(|s| s.id() != conn.shared.id);
+        if local.subs.len() == before {
+            metrics::gauge!("switchboard_topic_subscriptions").increment(1.0);
+        }
         local.subs.push(Sub::new(conn));
-        metrics::gauge!("switchboard_topic_subscriptions").increment(1.0);
         first
     }
 

@@ -132,9 +132,8 @@ impl Session {
     pub(super) async fn run_channel(
         &mut self,
         command: ClientCommand,
-        meta: &RequestMeta,
+        _meta: &RequestMeta,
     ) -> Result<ChannelOutcome, ServiceError> {
-        let _ = meta;
         match command {
             ClientCommand::Subscribe(c) => self.subscribe(c).await,
             ClientCommand::Unsubscribe(c) => self.unsubscribe(c).await,
