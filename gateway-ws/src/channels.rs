@@ -385,13 +385,15 @@ impl ChannelRegistry {
         }
     }
 
-    /// Tells one watcher the user's state, unless it was told that already.
+    /// Tells a new watcher the user's state as looked up, unless a change
+    /// has told it already (a change is at least as recent as the lookup,
+    /// and a later one follows anyway).
     pub fn tell(&self, app_id: &str, user_id: &str, conn_id: u64, online: bool) {
         let mut watchers = lock(&self.watchers);
         if let Some(w) = watchers
             .get_mut(&key(app_id, user_id))
             .and_then(|list| list.iter_mut().find(|w| w.conn.shared.id == conn_id))
-            && w.last != Some(online)
+            && w.last.is_none()
         {
             w.last = Some(online);
             send(

@@ -192,7 +192,8 @@ impl Presence for InMemoryPresence {
         };
         let first = gateways.is_empty();
         *gateways.entry(gateway_id.to_owned()).or_insert(0) += 1;
-        drop(map);
+        // Announced under the shard's lock: a user's changes go out in the
+        // order they happened.
         if first {
             self.changed(app_id, user_id, true);
         }
@@ -234,7 +235,6 @@ impl Presence for InMemoryPresence {
                 map.remove(app_id);
             }
         }
-        drop(map);
         if last {
             self.changed(app_id, user_id, false);
         }
