@@ -867,6 +867,34 @@ mod tests {
     }
 
     #[test]
+    fn channel_settings_and_app_permissions_have_defaults_and_load() {
+        let c = Config::from_toml_and_env("", &env(&[])).expect("defaults");
+        assert_eq!(c.channels, ChannelsConfig::default());
+        assert_eq!(c.channels.idle, Duration::from_secs(3600));
+        let c = Config::from_toml_and_env(
+            "[channels]\nroom_history = 5\n[[apps]]\nname = \"A\"\napp_id = \"a\"\nauth = \"none\"\n\
+             [[apps]]\nname = \"B\"\napp_id = \"b\"\nauth = \"none\"\ntopic_publish = \"master\"\nanonymous_rooms = true\n",
+            &env(&[("SWITCHBOARD_CHANNELS__IDLE", "30s")]),
+        )
+        .expect("load");
+        assert_eq!(c.channels.room_history, 5);
+        assert_eq!(c.channels.idle, Duration::from_secs(30));
+        assert_eq!(
+            (c.apps[0].topic_publish, c.apps[0].anonymous_rooms),
+            (TopicPublish::Any, false)
+        );
+        assert_eq!(
+            (c.apps[1].topic_publish, c.apps[1].anonymous_rooms),
+            (TopicPublish::Master, true)
+        );
+        let err = Config::from_toml_and_env(
+            "[[apps]]\nname = \"A\"\napp_id = \"a\"\nauth = \"none\"\ntopic_publish = \"everyone\"\n",
+            &env(&[]),
+        );
+        assert!(err.is_err(), "an unknown topic_publish is refused");
+    }
+
+    #[test]
     fn store_engine_from_env() {
         let c = Config::from_toml_and_env("", &env(&[("SWITCHBOARD_STORE__ENGINE", "fjall")]))
             .expect("load");
