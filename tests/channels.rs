@@ -486,6 +486,14 @@ async fn an_idle_room_vanishes(node: Deployment) {
     node.shutdown().await;
 }
 
+/// Logs in and makes a round trip: AUTH_CLIENT_REPLY comes before the
+/// connection counts in presence; the next answer comes after.
+async fn online(url: &str, user: &str) -> Client {
+    let mut c = Client::login(url, user).await;
+    user_list(&mut c).await;
+    c
+}
+
 async fn presence(c: &mut Client) -> (String, bool) {
     let f = c.recv().await;
     assert_eq!(f["type"], "PRESENCE", "{}: {f}", c.user);
@@ -497,7 +505,7 @@ async fn presence(c: &mut Client) -> (String, bool) {
 
 async fn presence_subscriptions_fire_once_per_change_across_gateways(node: Deployment) {
     let mut ann = Client::login(&node.url(), "demo-ann").await;
-    let carl = Client::login(&node.url(), "demo-carl").await;
+    let carl = online(&node.url(), "demo-carl").await;
     ann.send(json!({"type": "PRESENCE_SUBSCRIBE", "data": {"users": ["demo-bob", "demo-carl"]}}))
         .await;
     let mut now = vec![presence(&mut ann).await, presence(&mut ann).await];
@@ -512,7 +520,7 @@ async fn presence_subscriptions_fire_once_per_change_across_gateways(node: Deplo
     // Bob's first connection (on the other gateway of a cluster): once.
     let bob1 = Client::login(&node.url(), "demo-bob").await;
     assert_eq!(presence(&mut ann).await, ("demo-bob".to_owned(), true));
-    let bob2 = Client::login(&node.url(), "demo-bob").await;
+    let bob2 = online(&node.url(), "demo-bob").await;
     bob1.close().await;
     // Still online on one connection: nothing.
     ann.expect_silence(Duration::from_millis(500)).await;
@@ -543,16 +551,16 @@ async fn user_list(c: &mut Client) -> Value {
 }
 
 async fn the_user_list_is_sorted_and_capped(node: Deployment) {
-    let mut u2 = Client::login(&node.url(), "demo-u2").await;
-    let _u3 = Client::login(&node.url(), "demo-u3").await;
-    let _u1 = Client::login(&node.url(), "demo-u1").await;
+    let mut u2 = online(&node.url(), "demo-u2").await;
+    let _u3 = online(&node.url(), "demo-u3").await;
+    let _u1 = online(&node.url(), "demo-u1").await;
     // A second connection is still one user.
-    let _u1_again = Client::login(&node.url(), "demo-u1").await;
+    let _u1_again = online(&node.url(), "demo-u1").await;
     let f = user_list(&mut u2).await;
     assert_eq!(f["data"]["users"], json!(["demo-u1", "demo-u2", "demo-u3"]));
     assert!(f["data"].get("truncated").is_none(), "{f}");
-    let _u0 = Client::login(&node.url(), "demo-u0").await;
-    let _u4 = Client::login(&node.url(), "demo-u4").await;
+    let _u0 = online(&node.url(), "demo-u0").await;
+    let _u4 = online(&node.url(), "demo-u4").await;
     let f = user_list(&mut u2).await;
     assert_eq!(f["data"]["users"], json!(["demo-u0", "demo-u1", "demo-u2"]));
     assert_eq!(f["data"]["truncated"], true);
