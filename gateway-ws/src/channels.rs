@@ -34,8 +34,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn send(conn: &ConnHandle, kind: &'static str, text: Utf8Bytes) -> bool {
-    metrics::counter!("switchboard_frames_out_total", "type" => kind).increment(1);
+    count(kind, 1);
+    queue(conn, text)
+}
+
+/// Queues without counting (a fan-out counts its frames once).
+fn queue(conn: &ConnHandle, text: Utf8Bytes) -> bool {
     conn.send(Outbound::reply(text))
+}
+
+fn count(kind: &'static str, n: u64) {
+    if n > 0 {
+        metrics::counter!("switchboard_frames_out_total", "type" => kind).increment(n);
+    }
 }
 
 /// One subscriber: events above `floor` are new to it.
@@ -232,10 +243,11 @@ impl ChannelRegistry {
             let text = text
                 .get_or_insert_with(|| Utf8Bytes::from(frames::publication(p)))
                 .clone();
-            if send(&sub.conn, "PUBLICATION", text) {
+            if queue(&sub.conn, text) {
                 queued += 1;
             }
         }
+        count("PUBLICATION", u64::from(queued));
         queued
     }
 
@@ -278,7 +290,12 @@ impl ChannelRegistry {
         };
         m.sub.floor = seq;
         for e in m.sub.pending.take().unwrap_or_default() {
-            deliver_room_event(&self.gateway_id, &mut m.sub, &e, &mut None);
+            let mut text = None;
+            if deliver_room_event(&self.gateway_id, &mut m.sub, &e, &mut text)
+                && let Some((_, kind)) = text
+            {
+                count(kind, 1);
+            }
         }
     }
 
@@ -354,6 +371,9 @@ impl ChannelRegistry {
             if deliver_room_event(gateway_id, &mut m.sub, e, &mut text) {
                 queued += 1;
             }
+        }
+        if let Some((_, kind)) = text {
+            count(kind, u64::from(queued));
         }
         queued
     }
@@ -461,7 +481,7 @@ fn deliver_room_event(
     {
         return false;
     }
-    let (text, kind) = text
+    let (text, _) = text
         .get_or_insert_with(|| match (&e.message, e.kind()) {
             (Some(m), pb::RoomEventKind::Message) => {
                 (Utf8Bytes::from(frames::room_message(m)), "ROOM_MESSAGE")
@@ -469,7 +489,7 @@ fn deliver_room_event(
             _ => (Utf8Bytes::from(frames::room_event(e)), "ROOM_EVENT"),
         })
         .clone();
-    send(&sub.conn, kind, text)
+    queue(&sub.conn, text)
 }
 
 /// Tells local watchers of every presence change, until the registry is gone.
