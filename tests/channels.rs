@@ -652,3 +652,39 @@ async fn when_the_owning_groups_instance_dies_its_rooms_reset_and_go_on_at_the_s
     bob.expect_silence(QUIET).await;
     cluster.shutdown().await;
 }
+
+/// Gateways that run the groups role too: a topic's and a room's calls
+/// still go to their one owner, so both gateways' clients share them.
+#[tokio::test]
+async fn gateways_that_run_groups_too_share_one_owner_per_topic_and_room() {
+    let Some(infra) = support::cluster::Infra::from_env() else {
+        return;
+    };
+    let shape = [
+        ("gw1", "gateway,groups"),
+        ("gw2", "gateway,groups"),
+        ("core", "router,auth"),
+        ("delivery", "delivery"),
+    ];
+    let cluster = support::cluster::Cluster::start(infra, &shape, |_| {}).await;
+    let (gw1, gw2) = (cluster.proc("gw1").url(), cluster.proc("gw2").url());
+    let mut ann = Client::login(&gw1, "demo-ann").await;
+    let mut bob = Client::login(&gw2, "demo-bob").await;
+    let mut carl = Client::login(&gw2, "demo-carl").await;
+    for i in 0..4 {
+        let topic = format!("t{i}");
+        subscribe(&mut ann, &topic, None).await;
+        subscribe(&mut bob, &topic, None).await;
+        assert_eq!(publish(&mut carl, &topic, "p1").await, 1);
+        for c in [&mut ann, &mut bob] {
+            assert_eq!(publications(c, &topic, 1).await, numbered(1..=1));
+        }
+        let room = format!("r{i}");
+        join(&mut ann, &room, "ann").await;
+        assert_eq!(join(&mut bob, &room, "bob").await["data"]["members"], 2);
+        room_event(&mut ann, "joined").await;
+    }
+    ann.expect_silence(QUIET).await;
+    bob.expect_silence(QUIET).await;
+    cluster.shutdown().await;
+}

@@ -173,17 +173,23 @@ pub async fn serve(
         true => GroupsClient::from_local(Arc::new(GroupsRole::new(delivery.clone()))),
         false => GroupsClient::from_pool(remote_or_pool(Role::Groups)?),
     };
-    // Topics and rooms live at the groups role too, owned per name.
-    let channels = match config.runs(Role::Groups) {
-        true => ChannelsClient::from_local(Arc::new(ChannelsRole::new(
+    // Topics and rooms live at the groups role too, each at its owner: with
+    // discovery every call goes to the owner (this process's own instance
+    // included, over its mesh port); without, this process has the only one.
+    let local_channels = config.runs(Role::Groups).then(|| {
+        ChannelsClient::from_local(Arc::new(ChannelsRole::new(
             ChannelSettings {
                 topic_history: config.channels.topic_history,
                 room_history: config.channels.room_history,
                 idle: config.channels.idle,
             },
             gateways.clone(),
-        ))),
-        false => ChannelsClient::from_pool(remote_or_pool(Role::Groups)?),
+        )))
+    });
+    let channels = match (pools.get(Role::Groups), &local_channels) {
+        (Some(pool), _) => ChannelsClient::from_pool(pool),
+        (None, Some(local)) => local.clone(),
+        (None, None) => ChannelsClient::from_pool(remote_or_pool(Role::Groups)?),
     };
     let local_router = match config.runs(Role::Router) {
         true => Some(RouterClient::from_local(Arc::new(RouterRole::new(
@@ -260,9 +266,9 @@ pub async fn serve(
                 .then(|| GroupsService::new(arc_of(&groups)).into_server()),
         )
         .add_optional_service(
-            config
-                .runs(Role::Groups)
-                .then(|| ChannelsService::new(arc_of(&channels)).into_server()),
+            local_channels
+                .as_ref()
+                .map(|c| ChannelsService::new(arc_of(c)).into_server()),
         )
         .add_optional_service(store.is_some().then(|| {
             // Over the mesh a Deliver can come twice (a caller's
