@@ -369,6 +369,47 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a channel frame's `data` holds, parsing gives a command
+        /// or an error with a code, never a panic; a well-typed frame
+        /// keeps its fields exactly.
+        #[test]
+        fn any_channel_frame_data_parses_or_is_refused(
+            kind in proptest::sample::select(vec![
+                "SUBSCRIBE", "UNSUBSCRIBE", "PUBLISH", "ROOM_JOIN", "ROOM_MESSAGE",
+                "ROOM_LEAVE", "PRESENCE_SUBSCRIBE", "PRESENCE_UNSUBSCRIBE", "USER_LIST_REQUEST",
+            ]),
+            topic in proptest::option::of(".{0,20}"),
+            since in proptest::option::of(proptest::num::i64::ANY),
+            users in proptest::option::of(proptest::collection::vec(".{0,8}", 0..4)),
+        ) {
+            let mut data = serde_json::Map::new();
+            if let Some(topic) = &topic {
+                data.insert("topic".into(), Value::from(topic.clone()));
+                data.insert("room".into(), Value::from(topic.clone()));
+                data.insert("content".into(), Value::from(topic.clone()));
+            }
+            if let Some(since) = since {
+                data.insert("since".into(), Value::from(since));
+            }
+            if let Some(users) = &users {
+                data.insert("users".into(), Value::from(users.clone()));
+            }
+            let text = serde_json::json!({"type": kind, "data": data}).to_string();
+            match command(&text) {
+                Ok(ClientCommand::Subscribe(s)) => {
+                    proptest::prop_assert_eq!(Some(&s.topic), topic.as_ref());
+                    proptest::prop_assert_eq!(s.since.map(|v| v as i64), since);
+                }
+                Ok(ClientCommand::PresenceSubscribe(p)) => {
+                    proptest::prop_assert_eq!(Some(&p.users), users.as_ref());
+                }
+                Ok(_) => {}
+                Err(e) => proptest::prop_assert_eq!(e.code, ErrorCode::InvalidFrame),
+            }
+        }
+    }
+
     #[test]
     fn publications_and_room_frames_render_as_the_protocol_says() {
         let p = pb::Publication {
