@@ -323,9 +323,11 @@ impl ChannelRegistry {
         lock(&self.rooms)
             .iter()
             .map(|((app, room), local)| {
+                // Pending members are being added by their own join.
                 let members = local
                     .members
                     .iter()
+                    .filter(|m| m.sub.pending.is_none())
                     .map(|m| SyncMember {
                         conn_id: m.sub.id(),
                         user_id: m.user_id.clone(),

@@ -63,6 +63,7 @@ struct Topic {
 
 #[derive(Default)]
 struct Room {
+    name: String,
     seq: u64,
     history: VecDeque<pb::RoomMessage>,
     /// user → that user's member connections.
@@ -205,7 +206,12 @@ impl Inner {
         let mut map = lock(&self.rooms);
         let r = map
             .entry((app_id.to_owned(), room.to_owned()))
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(Room {
+                    name: room.to_owned(),
+                    ..Room::default()
+                }))
+            })
             .clone();
         metrics::gauge!("switchboard_rooms").set(map.len() as f64);
         r
@@ -518,9 +524,15 @@ impl switchboard_mesh::Channels for ChannelsRole {
         check_name("room", &req.room)?;
         let reset = req.epoch != self.inner.epoch;
         let mut r = locked!(self.inner, room, &req.app_id, &req.room);
-        if reset {
-            // The room's previous owner was lost (or this gateway's members
-            // are new here): they go on in the room as it is here.
+        let known = r
+            .members
+            .values()
+            .flatten()
+            .any(|m| m.gateway_id == req.gateway_id);
+        if reset || !known {
+            // The room's previous owner was lost, or this gateway's members
+            // were dropped (it was unreachable for a while): they go on in
+            // the room as it is here.
             for member in req.members {
                 let (user_id, member, _) = member_of(Some(member))?;
                 if member.gateway_id == req.gateway_id {
@@ -556,12 +568,47 @@ impl ChannelsRole {
             )
             .await;
         if !failed.is_empty() {
-            for conns in r.members.values_mut() {
-                conns.retain(|m| !failed.contains(&m.gateway_id));
-            }
-            r.members.retain(|_, conns| !conns.is_empty());
+            self.drop_gateways(r, app_id, &failed).await;
         }
         gateways.len()
+    }
+
+    /// Members on gateways that are gone leave the room; the others see
+    /// them leave (a gateway that fails now only loses its own members).
+    async fn drop_gateways(&self, r: &mut Room, app_id: &str, gone: &[String]) {
+        let mut left = Vec::new();
+        for (user_id, conns) in r.members.iter_mut() {
+            let nick = conns.first().map(|m| m.nick.clone()).unwrap_or_default();
+            conns.retain(|m| !gone.contains(&m.gateway_id));
+            if conns.is_empty() {
+                left.push((user_id.clone(), nick));
+            }
+        }
+        r.members.retain(|_, conns| !conns.is_empty());
+        for (user_id, nick) in left {
+            r.seq += 1;
+            let event = pb::RoomEvent {
+                room: r.name.clone(),
+                kind: pb::RoomEventKind::Left.into(),
+                user_id,
+                nick,
+                members: r.count(),
+                seq: r.seq,
+                exclude: None,
+                message: None,
+            };
+            self.inner
+                .push(
+                    &r.gateways(),
+                    pb::ChannelPush {
+                        app_id: app_id.to_owned(),
+                        event: Some(pb::channel_push::Event::Room(event)),
+                        traceparent: String::new(),
+                        epoch: self.inner.epoch.clone(),
+                    },
+                )
+                .await;
+        }
     }
 }
 
@@ -743,5 +790,39 @@ mod tests {
                 (left, 7, 2),
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn members_on_a_gateway_that_is_gone_leave_and_the_others_are_told() {
+        let (role, recorder) = role(3, 10);
+        join(&role, "a-1", 1).await;
+        role.room_join(pb::RoomJoinRequest {
+            app_id: "a".into(),
+            room: "r".into(),
+            member: Some(pb::RoomMember {
+                user_id: "a-2".into(),
+                nick: "two".into(),
+                conn: Some(pb::ConnRef {
+                    gateway_id: "gw-gone".into(),
+                    conn_id: 1,
+                }),
+            }),
+        })
+        .await
+        .expect("joined");
+        // Its gateway is not (or no longer) known: the push of the next
+        // event finds it gone, and a-2 leaves.
+        let last = lock(&recorder.0)
+            .iter()
+            .rev()
+            .find_map(|p| match &p.event {
+                Some(pb::channel_push::Event::Room(e)) => Some(e.clone()),
+                _ => None,
+            })
+            .expect("an event");
+        assert_eq!(last.kind(), pb::RoomEventKind::Left);
+        assert_eq!((last.user_id.as_str(), last.nick.as_str()), ("a-2", "two"));
+        assert_eq!((last.room.as_str(), last.members), ("r", 1));
+        assert_eq!(join(&role, "a-3", 3).await.members, 2);
     }
 }
