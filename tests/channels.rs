@@ -183,6 +183,20 @@ async fn every_subscriber_on_every_gateway_gets_each_publication_once(node: Depl
     bob.expect_silence(QUIET).await;
     publish(&mut carl, "other", "x").await;
     ann.expect_silence(QUIET).await;
+    // A subscribed publisher: PUBLISHED first, then its own PUBLICATION.
+    ann.send(json!({"type": "PUBLISH", "data": {"topic": "prices", "content": "mine"}, "reference": "m"}))
+        .await;
+    let f = ann.recv().await;
+    assert_eq!(f["type"], "PUBLISHED", "{f}");
+    assert_eq!(f["reference"], "m");
+    assert_eq!(f["data"]["offset"], 8);
+    let f = ann.recv().await;
+    assert_eq!(f["type"], "PUBLICATION", "{f}");
+    assert_eq!(
+        (&f["data"]["offset"], &f["data"]["content"]),
+        (&json!(8), &json!("mine"))
+    );
+    assert_eq!(ann2.recv_type("PUBLICATION").await["data"]["offset"], 8);
     node.shutdown().await;
 }
 

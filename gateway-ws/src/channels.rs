@@ -186,6 +186,46 @@ impl ChannelRegistry {
         }
     }
 
+    /// Holds a subscriber's live publications (its own PUBLISH is under
+    /// way: its `PUBLISHED` goes first); false when it is not subscribed
+    /// or already held.
+    pub fn topic_hold(&self, app_id: &str, topic: &str, conn_id: u64) -> bool {
+        let mut topics = lock(&self.topics);
+        match topics
+            .get_mut(&key(app_id, topic))
+            .and_then(|local| local.subs.iter_mut().find(|s| s.id() == conn_id))
+        {
+            Some(sub) if sub.pending.is_none() => {
+                sub.pending = Some(Vec::new());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Lets held publications go (see [`ChannelRegistry::topic_hold`]).
+    pub fn topic_release(&self, app_id: &str, topic: &str, conn_id: u64) {
+        let mut topics = lock(&self.topics);
+        let Some(local) = topics.get_mut(&key(app_id, topic)) else {
+            return;
+        };
+        let floor = local
+            .subs
+            .iter()
+            .find(|s| s.id() == conn_id)
+            .map_or(0, |s| s.floor);
+        drop(topics);
+        let epoch = self.topic_epoch(app_id, topic);
+        self.topic_activate(app_id, topic, conn_id, &epoch, floor);
+    }
+
+    fn topic_epoch(&self, app_id: &str, topic: &str) -> String {
+        lock(&self.topics)
+            .get(&key(app_id, topic))
+            .map(|local| local.epoch.clone())
+            .unwrap_or_default()
+    }
+
     /// Removes a subscriber; true when it was the gateway's last.
     pub fn topic_remove(&self, app_id: &str, topic: &str, conn_id: u64) -> bool {
         let mut topics = lock(&self.topics);

@@ -30,11 +30,19 @@ impl Connection {
             ChannelOutcome::Unsubscribed { topic } => {
                 self.send_text("UNSUBSCRIBED", frames::unsubscribed(&topic, reference));
             }
-            ChannelOutcome::Published { topic, id, offset } => {
+            ChannelOutcome::Published {
+                topic,
+                id,
+                offset,
+                held,
+            } => {
                 self.send_text(
                     "PUBLISHED",
                     frames::published(&topic, &id, offset, reference),
                 );
+                if held {
+                    self.session.publish_answered(&topic);
+                }
             }
             ChannelOutcome::RoomJoined {
                 room,

@@ -54,6 +54,9 @@ pub enum ChannelOutcome {
         topic: String,
         id: String,
         offset: u64,
+        /// The publisher is subscribed: its own PUBLICATION waits until
+        /// `PUBLISHED` is queued ([`Session::publish_answered`]).
+        held: bool,
     },
     RoomJoined {
         room: String,
@@ -245,9 +248,14 @@ impl Session {
             ));
         }
         let message_id = switchboard_mesh::new_message_id();
+        let held = self.channels.topics.contains(&req.topic)
+            && self
+                .gw
+                .channels
+                .topic_hold(&app_id, &req.topic, self.conn_id);
         let reply = call(self.gw.deps.channels.publish(pb::PublishRequest {
             publication: Some(pb::Publication {
-                app_id,
+                app_id: app_id.clone(),
                 topic: req.topic.clone(),
                 from: user_id,
                 content: req.content,
@@ -256,11 +264,23 @@ impl Session {
                 offset: 0,
             }),
         }))
-        .await?;
+        .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                if held {
+                    self.gw
+                        .channels
+                        .topic_release(&app_id, &req.topic, self.conn_id);
+                }
+                return Err(e);
+            }
+        };
         Ok(ChannelOutcome::Published {
             topic: req.topic,
             id: message_id,
             offset: reply.offset,
+            held,
         })
     }
 
@@ -325,6 +345,15 @@ impl Session {
             seq: reply.seq,
             epoch: reply.epoch,
         })
+    }
+
+    /// `PUBLISHED` is queued: the publisher's held publications follow.
+    pub(crate) fn publish_answered(&self, topic: &str) {
+        if let Some(id) = self.identity.get() {
+            self.gw
+                .channels
+                .topic_release(&id.app_id, topic, self.conn_id);
+        }
     }
 
     /// ROOM_JOINED is queued: the room's live events follow (after `seq`).
