@@ -702,3 +702,24 @@ async fn gateways_that_run_groups_too_share_one_owner_per_topic_and_room() {
     bob.expect_silence(QUIET).await;
     cluster.shutdown().await;
 }
+
+/// A gateway killed with its users' connections: their watchers elsewhere
+/// are told they went offline (no change announces it; the watchers'
+/// gateway finds it by looking again).
+#[tokio::test]
+async fn watchers_are_told_when_a_users_gateway_dies() {
+    let Some(infra) = support::cluster::Infra::from_env() else {
+        return;
+    };
+    let mut cluster =
+        support::cluster::Cluster::start(infra, support::cluster::PROTOCOL_SHAPE, |_| {}).await;
+    let mut ann = Client::login(&cluster.proc("gw1").url(), "demo-ann").await;
+    let _bob = online(&cluster.proc("gw2").url(), "demo-bob").await;
+    ann.send(json!({"type": "PRESENCE_SUBSCRIBE", "data": {"users": ["demo-bob"]}}))
+        .await;
+    assert_eq!(presence(&mut ann).await, ("demo-bob".to_owned(), true));
+    cluster.kill9("gw2");
+    assert_eq!(presence(&mut ann).await, ("demo-bob".to_owned(), false));
+    ann.expect_silence(Duration::from_secs(3)).await;
+    cluster.shutdown().await;
+}

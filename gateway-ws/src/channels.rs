@@ -118,6 +118,14 @@ struct Watcher {
     last: Option<bool>,
 }
 
+/// The watchers of one user, and how many changes of theirs were seen (a
+/// periodic lookup applies only when none came since it was made).
+#[derive(Default)]
+struct Watched {
+    changes: u64,
+    list: Vec<Watcher>,
+}
+
 /// A room member as the owner knows it, for the periodic sync.
 pub(crate) struct SyncMember {
     pub conn_id: u64,
@@ -132,7 +140,7 @@ pub(crate) struct ChannelRegistry {
     gateway_id: String,
     topics: Mutex<HashMap<Key, LocalTopic>>,
     rooms: Mutex<HashMap<Key, LocalRoom>>,
-    watchers: Mutex<HashMap<Key, Vec<Watcher>>>,
+    watchers: Mutex<HashMap<Key, Watched>>,
 }
 
 impl ChannelRegistry {
@@ -425,7 +433,7 @@ impl ChannelRegistry {
     /// Watches a user (without telling anything yet).
     pub fn watch(&self, app_id: &str, user_id: &str, conn: ConnHandle) {
         let mut watchers = lock(&self.watchers);
-        let list = watchers.entry(key(app_id, user_id)).or_default();
+        let list = &mut watchers.entry(key(app_id, user_id)).or_default().list;
         if !list.iter().any(|w| w.conn.shared.id == conn.shared.id) {
             list.push(Watcher { conn, last: None });
             metrics::gauge!("switchboard_presence_subscriptions").increment(1.0);
@@ -435,7 +443,8 @@ impl ChannelRegistry {
     pub fn unwatch(&self, app_id: &str, user_id: &str, conn_id: u64) {
         let mut watchers = lock(&self.watchers);
         let k = key(app_id, user_id);
-        if let Some(list) = watchers.get_mut(&k) {
+        if let Some(watched) = watchers.get_mut(&k) {
+            let list = &mut watched.list;
             let before = list.len();
             list.retain(|w| w.conn.shared.id != conn_id);
             if list.len() < before {
@@ -452,10 +461,12 @@ impl ChannelRegistry {
     /// and a later one follows anyway).
     pub fn tell(&self, app_id: &str, user_id: &str, conn_id: u64, online: bool) {
         let mut watchers = lock(&self.watchers);
-        if let Some(w) = watchers
-            .get_mut(&key(app_id, user_id))
-            .and_then(|list| list.iter_mut().find(|w| w.conn.shared.id == conn_id))
-            && w.last.is_none()
+        if let Some(w) = watchers.get_mut(&key(app_id, user_id)).and_then(|watched| {
+            watched
+                .list
+                .iter_mut()
+                .find(|w| w.conn.shared.id == conn_id)
+        }) && w.last.is_none()
         {
             w.last = Some(online);
             send(
@@ -470,14 +481,51 @@ impl ChannelRegistry {
     /// (once per change).
     pub fn presence_changed(&self, change: &PresenceChange) {
         let mut watchers = lock(&self.watchers);
-        let Some(list) = watchers.get_mut(&key(&change.app_id, &change.user_id)) else {
+        let Some(watched) = watchers.get_mut(&key(&change.app_id, &change.user_id)) else {
             return;
         };
+        watched.changes += 1;
         let text = Utf8Bytes::from(frames::presence(&change.user_id, change.online));
-        for w in list {
+        for w in &mut watched.list {
             if w.last != Some(change.online) {
                 w.last = Some(change.online);
                 send(&w.conn, "PRESENCE", text.clone());
+            }
+        }
+    }
+
+    /// Watched users by app, each with its count of changes seen.
+    pub fn watched(&self) -> HashMap<String, Vec<(String, u64)>> {
+        let mut by_app: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+        for ((app, user), watched) in lock(&self.watchers).iter() {
+            by_app
+                .entry(app.clone())
+                .or_default()
+                .push((user.clone(), watched.changes));
+        }
+        by_app
+    }
+
+    /// A periodic lookup found the user `online`: watchers told otherwise
+    /// are told now, unless a change came since the lookup was made. This
+    /// catches what no change announces: a gateway that died with its
+    /// users' connections.
+    pub fn reconcile(&self, app_id: &str, user_id: &str, changes: u64, online: bool) {
+        let mut watchers = lock(&self.watchers);
+        let Some(watched) = watchers.get_mut(&key(app_id, user_id)) else {
+            return;
+        };
+        if watched.changes != changes {
+            return;
+        }
+        for w in &mut watched.list {
+            if w.last.is_some_and(|last| last != online) {
+                w.last = Some(online);
+                send(
+                    &w.conn,
+                    "PRESENCE",
+                    Utf8Bytes::from(frames::presence(user_id, online)),
+                );
             }
         }
     }
@@ -582,6 +630,20 @@ pub(crate) async fn sync_with_owners(gw: std::sync::Weak<crate::GatewayInner>) {
             };
             if let Err(e) = gw.deps.channels.subscribe(req).await {
                 tracing::debug!(error = %e, "topic sync failed");
+            }
+        }
+        for (app_id, users) in gw.channels.watched() {
+            for chunk in users.chunks(switchboard_presence::MAX_BATCH) {
+                let names: Vec<&str> = chunk.iter().map(|(u, _)| u.as_str()).collect();
+                match gw.deps.presence.gateways_batch(&app_id, &names).await {
+                    Ok(found) => {
+                        for ((user, changes), gateways) in chunk.iter().zip(found) {
+                            gw.channels
+                                .reconcile(&app_id, user, *changes, !gateways.is_empty());
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "presence reconcile failed"),
+                }
             }
         }
         for (app_id, room, epoch, members) in gw.channels.rooms() {
