@@ -536,6 +536,17 @@ impl Session {
             return;
         };
         let app_id = id.app_id.clone();
+        if self.gw.shutdown.is_cancelled() {
+            // The whole gateway is stopping: owners are not called for each
+            // connection (they may be stopping too); they drop this gateway
+            // once discovery no longer lists it.
+            for topic in std::mem::take(&mut self.channels.topics) {
+                self.gw.channels.topic_remove(&app_id, &topic, self.conn_id);
+            }
+            for room in std::mem::take(&mut self.channels.rooms).into_keys() {
+                self.gw.channels.room_remove(&app_id, &room, self.conn_id);
+            }
+        }
         for topic in std::mem::take(&mut self.channels.topics) {
             self.leave_topic(&app_id, &topic).await;
         }
