@@ -186,6 +186,7 @@ fn push_to_recipient(app_id: String, msg: pb::InboxMessage) -> pb::PushItem {
         sent_copy: false,
         to: Vec::new(),
         traceparent: String::new(),
+        channel: None,
     }
 }
 
@@ -398,6 +399,7 @@ impl DeliveryRole {
                     sent_copy: true,
                     to: original.to.clone(),
                     traceparent: String::new(),
+                    channel: None,
                 };
                 copies.push((source, copy));
             }
@@ -941,6 +943,18 @@ mod tests {
         ) -> Result<Vec<Vec<(String, u32)>>, PresenceError> {
             self.batches.fetch_add(1, Ordering::Relaxed);
             self.inner.gateways_batch(a, users).await
+        }
+        async fn online_users(
+            &self,
+            a: &str,
+            limit: usize,
+        ) -> Result<(Vec<String>, bool), PresenceError> {
+            self.inner.online_users(a, limit).await
+        }
+        fn changes(
+            &self,
+        ) -> tokio::sync::broadcast::Receiver<switchboard_presence::PresenceChange> {
+            self.inner.changes()
         }
     }
 

@@ -4,6 +4,11 @@
 //! is a new [`CommandKind`], a struct, a [`ClientCommand`] variant and a
 //! [`crate::Session`] method.
 
+mod channels;
+
+pub use channels::{
+    PresenceUsers, Publish, RoomJoin, RoomLeave, RoomMessage, Subscribe, Unsubscribe,
+};
 use switchboard_mesh::{ErrorCode, ServiceError, pb};
 
 /// The kinds of request the server handles (for checks made before a
@@ -17,6 +22,15 @@ pub enum CommandKind {
     Ack,
     /// A request about a persistent group (GROUP_CREATE, …, GROUPS_LIST).
     Group(pb::GroupOp),
+    Subscribe,
+    Unsubscribe,
+    Publish,
+    RoomJoin,
+    RoomMessage,
+    RoomLeave,
+    PresenceSubscribe,
+    PresenceUnsubscribe,
+    UserList,
 }
 
 /// A client request.
@@ -28,6 +42,15 @@ pub enum ClientCommand {
     Fetch(Fetch),
     Ack(Ack),
     Group(GroupCommand),
+    Subscribe(Subscribe),
+    Unsubscribe(Unsubscribe),
+    Publish(Publish),
+    RoomJoin(RoomJoin),
+    RoomMessage(RoomMessage),
+    RoomLeave(RoomLeave),
+    PresenceSubscribe(PresenceUsers),
+    PresenceUnsubscribe(PresenceUsers),
+    UserList,
 }
 
 impl ClientCommand {
@@ -39,6 +62,15 @@ impl ClientCommand {
             ClientCommand::Fetch(_) => CommandKind::Fetch,
             ClientCommand::Ack(_) => CommandKind::Ack,
             ClientCommand::Group(cmd) => CommandKind::Group(cmd.op),
+            ClientCommand::Subscribe(_) => CommandKind::Subscribe,
+            ClientCommand::Unsubscribe(_) => CommandKind::Unsubscribe,
+            ClientCommand::Publish(_) => CommandKind::Publish,
+            ClientCommand::RoomJoin(_) => CommandKind::RoomJoin,
+            ClientCommand::RoomMessage(_) => CommandKind::RoomMessage,
+            ClientCommand::RoomLeave(_) => CommandKind::RoomLeave,
+            ClientCommand::PresenceSubscribe(_) => CommandKind::PresenceSubscribe,
+            ClientCommand::PresenceUnsubscribe(_) => CommandKind::PresenceUnsubscribe,
+            ClientCommand::UserList => CommandKind::UserList,
         }
     }
 }

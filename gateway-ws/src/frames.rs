@@ -14,6 +14,9 @@ use crate::json;
 
 mod groups;
 pub use groups::group_reply;
+mod channels;
+
+pub use channels::*;
 
 /// A parsed client frame: its type, top-level fields and the `data` fields
 /// its command reads (moved out by [`ClientFrame::command`]).
@@ -43,7 +46,10 @@ impl FrameKind {
             "ACK" => FrameKind::Command(CommandKind::Ack),
             other => match groups::op_of(other) {
                 Some(op) => FrameKind::Command(CommandKind::Group(op)),
-                None => FrameKind::Unknown(other.to_owned()),
+                None => match channels::kind_from_name(other) {
+                    Some(kind) => FrameKind::Command(kind),
+                    None => FrameKind::Unknown(other.to_owned()),
+                },
             },
         }
     }
@@ -75,14 +81,15 @@ pub fn type_name(kind: CommandKind) -> &'static str {
         CommandKind::Fetch => "FETCH_MISSING_MESSAGES_REQUEST",
         CommandKind::Ack => "ACK",
         CommandKind::Group(op) => groups::type_name(op),
+        other => channels::type_name(other),
     }
 }
 
 /// The `data` fields any frame type of protocol v1 reads. Others are
 /// skipped while parsing, without being kept.
-const DATA_FIELDS: [&str; 13] = [
+const DATA_FIELDS: [&str; 18] = [
     "to", "content", "group", "id", "appId", "userId", "token", "acks", "device", "count", "ids",
-    "name", "members",
+    "name", "members", "topic", "since", "room", "nick", "users",
 ];
 
 /// The known fields of `data`, each once (a repeated field: the last value
@@ -414,12 +421,21 @@ pub fn push_type(msg: &pb::InboxMessage) -> &'static str {
 }
 
 /// The client frame types this server handles.
-pub const KNOWN_TYPES: [&str; 5] = [
+pub const KNOWN_TYPES: [&str; 14] = [
     "MESSAGE",
     "AUTH_CLIENT",
     "GROUP_MESSAGE",
     "FETCH_MISSING_MESSAGES_REQUEST",
     "ACK",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PUBLISH",
+    "ROOM_JOIN",
+    "ROOM_MESSAGE",
+    "ROOM_LEAVE",
+    "PRESENCE_SUBSCRIBE",
+    "PRESENCE_UNSUBSCRIBE",
+    "USER_LIST_REQUEST",
 ];
 
 impl ClientFrame {
@@ -474,6 +490,7 @@ impl ClientFrame {
                     .ok_or_else(|| self.err(ErrorCode::InvalidFrame, "missing field data.ids"))?,
             }),
             CommandKind::Group(op) => ClientCommand::Group(self.group_command(op)?),
+            other => self.channel_command(other)?,
         })
     }
 

@@ -214,6 +214,12 @@ pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
         router: RouterClient::from_local(inboxes.clone()),
         delivery: DeliveryClient::from_local(inboxes.clone()),
         groups: GroupAdminClient::from_local(Arc::new(EchoGroups)),
+        channels: switchboard_mesh::ChannelsClient::from_local(Arc::new(
+            switchboard_groups::ChannelsRole::new(
+                switchboard_groups::ChannelSettings::default(),
+                Arc::new(switchboard_mesh::GatewayTable::default()),
+            ),
+        )),
         presence: Arc::new(InMemoryPresence::default()),
         readiness: Arc::new(Ready),
         domain: "local".to_owned(),

@@ -8,6 +8,10 @@ pub mod records;
 
 use std::sync::Arc;
 
+mod channels;
+
+pub use channels::{ChannelSettings, ChannelsRole};
+
 use async_trait::async_trait;
 use switchboard_mesh::{DeliveryClient, ErrorCode, ServiceError, pb};
 

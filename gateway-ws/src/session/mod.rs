@@ -24,6 +24,10 @@ mod groups;
 use crate::registry::Stored;
 pub use groups::GroupOutcome;
 
+mod channels;
+
+pub use channels::ChannelOutcome;
+
 /// Longest wait for another role before a request is answered with
 /// UNAVAILABLE.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -195,6 +199,8 @@ pub enum Outcome {
     Fetched(Fetched),
     Acked,
     Group(GroupOutcome),
+    /// Topics, rooms and presence subscriptions.
+    Channel(ChannelOutcome),
 }
 
 /// One client's session; see the module documentation.
@@ -207,6 +213,7 @@ pub struct Session {
     /// Highest sequence number a fetch (or the ack-mode replay) returned:
     /// the next page starts after it.
     fetch_cursor: u64,
+    channels: channels::ChannelState,
 }
 
 impl Session {
@@ -219,6 +226,7 @@ impl Session {
             unacked: Arc::default(),
             limiter,
             fetch_cursor: 0,
+            channels: channels::ChannelState::default(),
         }
     }
 
@@ -254,25 +262,33 @@ impl Session {
         if !self.is_authenticated() {
             return match kind {
                 Some(CommandKind::Auth) => Ok(()),
+                Some(kind) if self.admits_anonymous(kind) => self.within_rate(),
                 _ => Err(ServiceError::new(
                     ErrorCode::NotAuthenticated,
                     "send AUTH_CLIENT first",
                 )),
             };
         }
-        if kind != Some(CommandKind::Ack) && !self.limiter.allow() {
-            return Err(ServiceError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {} messages per second",
-                    self.gw.limits.messages_per_second
-                ),
-            ));
+        if kind != Some(CommandKind::Ack) {
+            self.within_rate()?;
         }
         if kind == Some(CommandKind::Auth) {
             return Err(ServiceError::invalid("already authenticated"));
         }
         Ok(())
+    }
+
+    fn within_rate(&mut self) -> Result<(), ServiceError> {
+        if self.limiter.allow() {
+            return Ok(());
+        }
+        Err(ServiceError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} messages per second",
+                self.gw.limits.messages_per_second
+            ),
+        ))
     }
 
     /// Admits and runs a command: the whole rule set for a transport whose
@@ -305,6 +321,7 @@ impl Session {
                 Outcome::Acked
             }
             ClientCommand::Group(cmd) => Outcome::Group(self.group_command(cmd).await?),
+            other => Outcome::Channel(self.run_channel(other, meta).await?),
         })
     }
 

@@ -99,6 +99,7 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub federation: FederationConfig,
     pub webhooks: WebhooksConfig,
+    pub channels: ChannelsConfig,
     /// Client apps. Empty: the built-in development app `demo`.
     pub apps: Vec<AppConfig>,
 }
@@ -126,6 +127,7 @@ impl Default for Config {
             presence: PresenceConfig::default(),
             federation: FederationConfig::default(),
             webhooks: WebhooksConfig::default(),
+            channels: ChannelsConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -381,6 +383,14 @@ pub struct Limits {
     /// (ingestion slows to what the sockets drain; senders feel TCP
     /// backpressure). 0 turns the gate off.
     pub backlog_frames: usize,
+    /// Topics one connection may be subscribed to.
+    pub max_topics_per_connection: usize,
+    /// Rooms one connection may be in.
+    pub max_rooms_per_connection: usize,
+    /// Users one connection may watch with PRESENCE_SUBSCRIBE.
+    pub max_presence_subscriptions: usize,
+    /// Users in one USER_LIST (past it the list says `truncated`).
+    pub max_user_list: usize,
 }
 
 impl Default for Limits {
@@ -404,6 +414,10 @@ impl Default for Limits {
             read_ahead_bytes: 16 * 1024,
             write_buffer_bytes: 16 * 1024,
             backlog_frames: 16_384,
+            max_topics_per_connection: 100,
+            max_rooms_per_connection: 20,
+            max_presence_subscriptions: 1000,
+            max_user_list: 1000,
         }
     }
 }
@@ -424,6 +438,50 @@ impl Default for PresenceConfig {
         PresenceConfig {
             key_prefix: "switchboard:".into(),
             gateway_ttl_secs: 5,
+        }
+    }
+}
+
+/// Topics and rooms, kept in memory by their owning groups instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelsConfig {
+    /// Publications a topic keeps for recovery (`SUBSCRIBE` with `since`).
+    pub topic_history: usize,
+    /// Messages a room keeps for the `history` of `ROOM_JOINED`.
+    pub room_history: usize,
+    /// How long an empty room, or a topic without subscribers, is kept
+    /// after its last activity (humantime: `"1h"`, `"30s"`).
+    #[serde(with = "humantime_duration")]
+    pub idle: Duration,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        ChannelsConfig {
+            topic_history: 100,
+            room_history: 1000,
+            idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Who may publish to an app's topics.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicPublish {
+    /// Every authenticated user of the app.
+    #[default]
+    Any,
+    /// Only the app's master user (and the server API).
+    Master,
+}
+
+impl TopicPublish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopicPublish::Any => "any",
+            TopicPublish::Master => "master",
         }
     }
 }
@@ -528,6 +586,13 @@ pub struct AppConfig {
     /// Required `aud` of tokens; when unset, `aud` is not checked.
     #[serde(default)]
     pub jwt_audience: Option<String>,
+    /// Who may PUBLISH to topics: `any` (default) or `master`.
+    #[serde(default)]
+    pub topic_publish: TopicPublish,
+    /// Connections may join rooms without AUTH_CLIENT (given a generated
+    /// user id).
+    #[serde(default)]
+    pub anonymous_rooms: bool,
 }
 
 impl AppConfig {
@@ -542,6 +607,8 @@ impl AppConfig {
             jwt_public_key_pem: None,
             jwt_public_key_file: None,
             jwt_audience: None,
+            topic_publish: TopicPublish::Any,
+            anonymous_rooms: false,
         }
     }
 }
@@ -1059,6 +1126,34 @@ mod tests {
             c.advertised_mesh_url().expect("url"),
             "http://10.0.0.5:9089"
         );
+    }
+
+    #[test]
+    fn channel_settings_and_app_permissions_have_defaults_and_load() {
+        let c = Config::from_toml_and_env("", &env(&[])).expect("defaults");
+        assert_eq!(c.channels, ChannelsConfig::default());
+        assert_eq!(c.channels.idle, Duration::from_secs(3600));
+        let c = Config::from_toml_and_env(
+            "[channels]\nroom_history = 5\n[[apps]]\nname = \"A\"\napp_id = \"a\"\nauth = \"none\"\n\
+             [[apps]]\nname = \"B\"\napp_id = \"b\"\nauth = \"none\"\ntopic_publish = \"master\"\nanonymous_rooms = true\n",
+            &env(&[("SWITCHBOARD_CHANNELS__IDLE", "30s")]),
+        )
+        .expect("load");
+        assert_eq!(c.channels.room_history, 5);
+        assert_eq!(c.channels.idle, Duration::from_secs(30));
+        assert_eq!(
+            (c.apps[0].topic_publish, c.apps[0].anonymous_rooms),
+            (TopicPublish::Any, false)
+        );
+        assert_eq!(
+            (c.apps[1].topic_publish, c.apps[1].anonymous_rooms),
+            (TopicPublish::Master, true)
+        );
+        let err = Config::from_toml_and_env(
+            "[[apps]]\nname = \"A\"\napp_id = \"a\"\nauth = \"none\"\ntopic_publish = \"everyone\"\n",
+            &env(&[]),
+        );
+        assert!(err.is_err(), "an unknown topic_publish is refused");
     }
 
     #[test]

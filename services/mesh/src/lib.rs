@@ -8,6 +8,7 @@
 //! sits between them.
 
 mod adapters;
+mod channels;
 mod clients;
 mod connector;
 mod credentials;
@@ -20,6 +21,7 @@ mod services;
 pub use adapters::{
     AuthService, DeliveryService, FederationService, GatewayService, GroupsService, RouterService,
 };
+pub use channels::{Channels, ChannelsClient, ChannelsService, channel_key};
 pub use clients::{
     AuthClient, DeliveryClient, GatewayClient, GatewayDirectory, GatewayTable, GroupsClient,
     RouterClient,

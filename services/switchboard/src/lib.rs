@@ -13,11 +13,14 @@ use switchboard_config::{Config, Role, StoreEngine};
 use switchboard_delivery::{DeliveryRole, MeshDelivery};
 use switchboard_discovery::{Discovery, DiscoveryOptions, Member};
 use switchboard_gateway::{Check, GatewayDeps, GatewayRole, Readiness};
-use switchboard_groups::{GroupLimits, GroupsRole, PersistentGroups, Records, StoredGroups};
+use switchboard_groups::{
+    ChannelSettings, ChannelsRole, GroupLimits, GroupsRole, PersistentGroups, Records, StoredGroups,
+};
 use switchboard_mesh::{
-    AuthClient, AuthService, DeliveryClient, DeliveryService, FederationGuard, FederationService,
-    GatewayClient, GatewayService, GatewayTable, GroupsClient, GroupsService, MeshConnector,
-    MeshCredentials, MeshGuard, MeshTls, Pool, RouterClient, RouterService,
+    AuthClient, AuthService, ChannelsClient, ChannelsService, DeliveryClient, DeliveryService,
+    FederationGuard, FederationService, GatewayClient, GatewayService, GatewayTable, GroupsClient,
+    GroupsService, MeshConnector, MeshCredentials, MeshGuard, MeshTls, Pool, RouterClient,
+    RouterService,
 };
 use switchboard_mesh::{
     GroupAdminClient, GroupAdminService, GroupRecordsClient, GroupRecordsService,
@@ -261,6 +264,24 @@ pub async fn serve(
         )),
         None => GroupsClient::from_pool(remote_or_pool(Role::Groups)?),
     };
+    // Topics and rooms live at the groups role too, each at its owner: with
+    // discovery every call goes to the owner (this process's own instance
+    // included, over its mesh port); without, this process has the only one.
+    let local_channels = config.runs(Role::Groups).then(|| {
+        ChannelsClient::from_local(Arc::new(ChannelsRole::new(
+            ChannelSettings {
+                topic_history: config.channels.topic_history,
+                room_history: config.channels.room_history,
+                idle: config.channels.idle,
+            },
+            gateways.clone(),
+        )))
+    });
+    let channels = match (pools.get(Role::Groups), &local_channels) {
+        (Some(pool), _) => ChannelsClient::from_pool(pool),
+        (None, Some(local)) => local.clone(),
+        (None, None) => ChannelsClient::from_pool(remote_or_pool(Role::Groups)?),
+    };
     let router_role = config.runs(Role::Router).then(|| {
         Arc::new(RouterRole::new(
             config.domain.clone(),
@@ -322,6 +343,7 @@ pub async fn serve(
                     router,
                     delivery: delivery.clone(),
                     groups: group_admin.clone(),
+                    channels: channels.clone(),
                     presence: presence.clone(),
                     homes: topology.as_ref().map(|view| {
                         Arc::new(TopologyHomes {
@@ -386,6 +408,11 @@ pub async fn serve(
             group_records
                 .as_ref()
                 .map(|r| GroupRecordsService::new(arc_of(r)).into_server()),
+        )
+        .add_optional_service(
+            local_channels
+                .as_ref()
+                .map(|c| ChannelsService::new(arc_of(c)).into_server()),
         )
         .add_optional_service(store.is_some().then(|| {
             // Over the mesh a Deliver can come twice (a caller's
@@ -599,6 +626,8 @@ fn follow_federated_apps(auth: Arc<AuthRole>, mut view: TopologyView, domain: St
                             jwt_public_key_pem: None,
                             jwt_public_key_file: None,
                             jwt_audience: None,
+                            topic_publish: switchboard_config::TopicPublish::Any,
+                            anonymous_rooms: false,
                         })
                         .collect()
                 })
