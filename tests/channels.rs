@@ -453,6 +453,22 @@ async fn anonymous_members_join_where_the_app_allows_it_and_are_refused_where_no
         .send(json!({"type": "MESSAGE", "data": {"to": "OPEN-1", "content": "x"}}))
         .await;
     assert_eq!(guest.recv().await["data"]["code"], "NOT_AUTHENTICATED");
+    // An anonymous member cannot turn into a signed-in user (of any app)
+    // on the same connection; it stays in its room as it was.
+    guest
+        .send(json!({"type": "AUTH_CLIENT", "data": {"appId": "demo", "userId": "demo-x", "token": ""}}))
+        .await;
+    let e = guest.recv().await;
+    assert_eq!(e["type"], "ERROR", "{e}");
+    assert_eq!(e["data"]["code"], "INVALID_FRAME", "{e}");
+    // A nick too long: refused before anyone is admitted.
+    let mut long = Client::connect(&node.url()).await;
+    long.send(json!({"type": "ROOM_JOIN", "data": {"room": "lobby", "appId": "open", "nick": "n".repeat(65)}}))
+        .await;
+    assert_eq!(long.recv().await["data"]["code"], "INVALID_FRAME");
+    long.send(json!({"type": "MESSAGE", "data": {"to": "OPEN-1", "content": "x"}}))
+        .await;
+    assert_eq!(long.recv().await["data"]["code"], "NOT_AUTHENTICATED");
     // Two guests are two users.
     let mut guest2 = Client::connect(&node.url()).await;
     guest2

@@ -288,6 +288,17 @@ impl Session {
 
     pub async fn room_join(&mut self, req: RoomJoin) -> Result<ChannelOutcome, ServiceError> {
         check_name("room", &req.room)?;
+        // Checked before an anonymous member is admitted: a refused join
+        // leaves the connection as it was (under the auth timeout).
+        if req
+            .nick
+            .as_ref()
+            .is_some_and(|n| n.chars().count() > MAX_NICK_CHARS)
+        {
+            return Err(ServiceError::invalid(format!(
+                "data.nick must be at most {MAX_NICK_CHARS} characters"
+            )));
+        }
         let mut generated = None;
         if !self.is_admitted() {
             generated = Some(self.join_anonymously(req.app_id.as_deref()).await?);
@@ -490,13 +501,17 @@ impl Session {
             self.channels.watching.insert(user.clone());
         }
         let refs: Vec<&str> = users.iter().map(String::as_str).collect();
-        let now = self
-            .gw
-            .deps
-            .presence
-            .gateways_batch(&app_id, &refs)
-            .await
-            .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+        let now = match self.gw.deps.presence.gateways_batch(&app_id, &refs).await {
+            Ok(now) => now,
+            Err(e) => {
+                // Not watched after all: a retry asks for them again.
+                for user in &users {
+                    self.gw.channels.unwatch(&app_id, user, self.conn_id);
+                    self.channels.watching.remove(user);
+                }
+                return Err(ServiceError::unavailable(e.to_string()));
+            }
+        };
         for (user, gateways) in users.iter().zip(now) {
             self.gw
                 .channels

@@ -330,6 +330,13 @@ impl Session {
         if self.is_authenticated() {
             return Err(ServiceError::invalid("already authenticated"));
         }
+        // An anonymous room member's rooms belong to its app and generated
+        // user: signing in as someone (of any app) would mix them.
+        if self.is_admitted() {
+            return Err(ServiceError::invalid(
+                "this connection is an anonymous room member; sign in on a new connection",
+            ));
+        }
         let reply = call(self.gw.deps.auth.verify_client(pb::VerifyClientRequest {
             app_id: auth.app_id.clone(),
             user_id: auth.user_id.clone(),
