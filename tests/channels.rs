@@ -140,8 +140,10 @@ async fn publications(c: &mut Client, topic: &str, n: usize) -> Vec<(u64, String
     out
 }
 
-fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
-    range.map(|i| (i, format!("p{i}"))).collect()
+/// Publications `p<i>` for i in `range`, at offsets `base + i` (a topic's
+/// offsets start from a time-based value where it is created).
+fn numbered(base: u64, range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
+    range.map(|i| (base + i, format!("p{i}"))).collect()
 }
 
 async fn every_subscriber_on_every_gateway_gets_each_publication_once(node: Deployment) {
@@ -150,16 +152,25 @@ async fn every_subscriber_on_every_gateway_gets_each_publication_once(node: Depl
     let mut bob = Client::login(&node.url(), "demo-bob").await;
     let mut ann2 = Client::login(&node.url(), "demo-ann").await;
     let mut carl = Client::login(&node.url(), "demo-carl").await;
+    let mut bases = Vec::new();
     for c in [&mut ann, &mut bob, &mut ann2] {
         let f = subscribe(c, "prices", None).await;
-        assert_eq!(f["data"]["offset"], 0, "a new topic has published nothing");
+        bases.push(f["data"]["offset"].as_u64().expect("offset"));
         assert!(f["data"].get("recovered").is_none(), "{f}");
     }
+    let base = bases[0];
+    assert!(
+        bases.iter().all(|b| *b == base) && base > 0,
+        "a new topic has published nothing: one offset for all, time-based: {bases:?}"
+    );
     for i in 1..=5u64 {
-        assert_eq!(publish(&mut carl, "prices", &format!("p{i}")).await, i);
+        assert_eq!(
+            publish(&mut carl, "prices", &format!("p{i}")).await,
+            base + i
+        );
     }
     for c in [&mut ann, &mut bob, &mut ann2] {
-        assert_eq!(publications(c, "prices", 5).await, numbered(1..=5));
+        assert_eq!(publications(c, "prices", 5).await, numbered(base, 1..=5));
         let f = c.try_recv(QUIET).await;
         assert!(f.is_none(), "{}: a publication came twice: {f:?}", c.user);
     }
@@ -174,12 +185,18 @@ async fn every_subscriber_on_every_gateway_gets_each_publication_once(node: Depl
     // stream; an unsubscribed client gets nothing more.
     bob.send(json!({"type": "UNSUBSCRIBE", "data": {"topic": "prices"}}))
         .await;
-    assert_eq!(bob.recv_type("PUBLICATION").await["data"]["offset"], 6);
+    assert_eq!(
+        bob.recv_type("PUBLICATION").await["data"]["offset"],
+        base + 6
+    );
     assert_eq!(bob.recv().await["type"], "UNSUBSCRIBED");
     publish(&mut carl, "prices", "p7").await;
-    assert_eq!(ann.recv().await["data"]["offset"], 7);
-    assert_eq!(ann2.recv_type("PUBLICATION").await["data"]["offset"], 6);
-    assert_eq!(ann2.recv().await["data"]["offset"], 7);
+    assert_eq!(ann.recv().await["data"]["offset"], base + 7);
+    assert_eq!(
+        ann2.recv_type("PUBLICATION").await["data"]["offset"],
+        base + 6
+    );
+    assert_eq!(ann2.recv().await["data"]["offset"], base + 7);
     bob.expect_silence(QUIET).await;
     publish(&mut carl, "other", "x").await;
     ann.expect_silence(QUIET).await;
@@ -189,40 +206,54 @@ async fn every_subscriber_on_every_gateway_gets_each_publication_once(node: Depl
     let f = ann.recv().await;
     assert_eq!(f["type"], "PUBLISHED", "{f}");
     assert_eq!(f["reference"], "m");
-    assert_eq!(f["data"]["offset"], 8);
+    assert_eq!(f["data"]["offset"], base + 8);
     let f = ann.recv().await;
     assert_eq!(f["type"], "PUBLICATION", "{f}");
     assert_eq!(
         (&f["data"]["offset"], &f["data"]["content"]),
-        (&json!(8), &json!("mine"))
+        (&json!(base + 8), &json!("mine"))
     );
-    assert_eq!(ann2.recv_type("PUBLICATION").await["data"]["offset"], 8);
+    assert_eq!(
+        ann2.recv_type("PUBLICATION").await["data"]["offset"],
+        base + 8
+    );
     node.shutdown().await;
 }
 
 async fn a_resubscribe_with_since_recovers_what_was_missed_or_says_it_cannot(node: Deployment) {
     let mut ann = Client::login(&node.url(), "demo-ann").await;
     let mut pub_ = Client::login(&node.url(), "demo-pub").await;
-    subscribe(&mut ann, "news", None).await;
+    let base = subscribe(&mut ann, "news", None).await["data"]["offset"]
+        .as_u64()
+        .expect("offset");
     for i in 1..=2 {
         publish(&mut pub_, "news", &format!("p{i}")).await;
     }
-    assert_eq!(publications(&mut ann, "news", 2).await, numbered(1..=2));
+    assert_eq!(
+        publications(&mut ann, "news", 2).await,
+        numbered(base, 1..=2)
+    );
     ann.close().await;
     for i in 3..=5 {
         publish(&mut pub_, "news", &format!("p{i}")).await;
     }
     // Back, with the last offset seen: the missed ones first, then live.
     let mut ann = Client::login(&node.url(), "demo-ann").await;
-    let f = subscribe(&mut ann, "news", Some(2)).await;
+    let f = subscribe(&mut ann, "news", Some(base + 2)).await;
     assert_eq!(f["data"]["recovered"], true, "{f}");
-    assert_eq!(f["data"]["offset"], 5);
-    assert_eq!(publications(&mut ann, "news", 3).await, numbered(3..=5));
+    assert_eq!(f["data"]["offset"], base + 5);
+    assert_eq!(
+        publications(&mut ann, "news", 3).await,
+        numbered(base, 3..=5)
+    );
     publish(&mut pub_, "news", "p6").await;
-    assert_eq!(publications(&mut ann, "news", 1).await, numbered(6..=6));
+    assert_eq!(
+        publications(&mut ann, "news", 1).await,
+        numbered(base, 6..=6)
+    );
     // Up to date: nothing to recover, and recovered.
     let mut ann2 = Client::login(&node.url(), "demo-ann").await;
-    let f = subscribe(&mut ann2, "news", Some(6)).await;
+    let f = subscribe(&mut ann2, "news", Some(base + 6)).await;
     assert_eq!(f["data"]["recovered"], true, "{f}");
     ann2.expect_silence(QUIET).await;
     // The topic keeps its last 5: from offset 2, 3..=6 would be needed but
@@ -231,15 +262,26 @@ async fn a_resubscribe_with_since_recovers_what_was_missed_or_says_it_cannot(nod
         publish(&mut pub_, "news", &format!("p{i}")).await;
     }
     let mut bob = Client::login(&node.url(), "demo-bob").await;
-    let f = subscribe(&mut bob, "news", Some(2)).await;
+    let f = subscribe(&mut bob, "news", Some(base + 2)).await;
     assert_eq!(f["data"]["recovered"], false, "{f}");
-    assert_eq!(f["data"]["offset"], 11);
-    assert_eq!(publications(&mut bob, "news", 5).await, numbered(7..=11));
+    assert_eq!(f["data"]["offset"], base + 11);
+    assert_eq!(
+        publications(&mut bob, "news", 5).await,
+        numbered(base, 7..=11)
+    );
     // From 6, exactly what is kept is missed: recovered.
     let mut carl = Client::login(&node.url(), "demo-carl").await;
-    let f = subscribe(&mut carl, "news", Some(6)).await;
+    let f = subscribe(&mut carl, "news", Some(base + 6)).await;
     assert_eq!(f["data"]["recovered"], true, "{f}");
-    assert_eq!(publications(&mut carl, "news", 5).await, numbered(7..=11));
+    assert_eq!(
+        publications(&mut carl, "news", 5).await,
+        numbered(base, 7..=11)
+    );
+    // An offset of an earlier life of the topic (below where this one
+    // started): the kept ones, and recovered false.
+    let mut dan = Client::login(&node.url(), "demo-dan").await;
+    let f = subscribe(&mut dan, "news", Some(base - 1)).await;
+    assert_eq!(f["data"]["recovered"], false, "{f}");
     node.shutdown().await;
 }
 
@@ -247,7 +289,9 @@ async fn publishing_where_the_app_allows_only_the_master_is_refused(node: Deploy
     let mut reader = login_app(&node.url(), "locked", "LK-7").await;
     let mut user = login_app(&node.url(), "locked", "LK-1").await;
     let mut master = login_app(&node.url(), "locked", "LK-0").await;
-    subscribe(&mut reader, "alerts", None).await;
+    let base = subscribe(&mut reader, "alerts", None).await["data"]["offset"]
+        .as_u64()
+        .expect("offset");
     user.send(
         json!({"type": "PUBLISH", "data": {"topic": "alerts", "content": "no"}, "reference": "r1"}),
     )
@@ -256,15 +300,16 @@ async fn publishing_where_the_app_allows_only_the_master_is_refused(node: Deploy
     assert_eq!(e["type"], "ERROR", "{e}");
     assert_eq!(e["data"]["code"], "FORBIDDEN");
     assert_eq!(e["reference"], "r1");
-    assert_eq!(publish(&mut master, "alerts", "yes").await, 1);
+    assert_eq!(publish(&mut master, "alerts", "yes").await, base + 1);
     let p = reader.recv().await;
     assert_eq!(
         p["data"]["content"], "yes",
         "only the master's publication: {p}"
     );
     // The default app lets anyone publish.
+    // (another app's topic of the same name: its own offsets)
     let mut anyone = Client::login(&node.url(), "demo-x").await;
-    assert_eq!(publish(&mut anyone, "alerts", "demo").await, 1);
+    assert!(publish(&mut anyone, "alerts", "demo").await > 1);
     reader.expect_silence(QUIET).await;
     node.shutdown().await;
 }
@@ -703,11 +748,13 @@ async fn gateways_that_run_groups_too_share_one_owner_per_topic_and_room() {
     let mut carl = Client::login(&gw2, "demo-carl").await;
     for i in 0..4 {
         let topic = format!("t{i}");
-        subscribe(&mut ann, &topic, None).await;
+        let base = subscribe(&mut ann, &topic, None).await["data"]["offset"]
+            .as_u64()
+            .expect("offset");
         subscribe(&mut bob, &topic, None).await;
-        assert_eq!(publish(&mut carl, &topic, "p1").await, 1);
+        assert_eq!(publish(&mut carl, &topic, "p1").await, base + 1);
         for c in [&mut ann, &mut bob] {
-            assert_eq!(publications(c, &topic, 1).await, numbered(1..=1));
+            assert_eq!(publications(c, &topic, 1).await, numbered(base, 1..=1));
         }
         let room = format!("r{i}");
         join(&mut ann, &room, "ann").await;

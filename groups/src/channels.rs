@@ -185,12 +185,32 @@ fn check_name(what: &str, name: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// Where a topic's offsets start when it is created at its owner: the
+/// creation time in milliseconds × 1000. A topic that starts again (its
+/// owner lost, swept when idle, moved on a scale-out) starts above every
+/// offset it gave out before (unless it published over 1,000 a millisecond
+/// on average), so a `since` from before is below everything kept and is
+/// answered `recovered: false`, never with another life's publications.
+/// Below 2^53 until the year 2255: exact in JavaScript numbers.
+fn first_offset() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    ms.saturating_mul(1000)
+}
+
 impl Inner {
     fn topic(&self, app_id: &str, topic: &str) -> Arc<tokio::sync::Mutex<Topic>> {
         let mut map = lock(&self.topics);
         let t = map
             .entry((app_id.to_owned(), topic.to_owned()))
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(Topic {
+                    offset: first_offset(),
+                    ..Topic::default()
+                }))
+            })
             .clone();
         metrics::gauge!("switchboard_topics").set(map.len() as f64);
         t
@@ -674,16 +694,20 @@ mod tests {
     #[tokio::test]
     async fn recovery_is_complete_only_while_the_first_missed_publication_is_kept() {
         let (role, recorder) = role(3, 10);
-        role.subscribe(pb::TopicSubscribeRequest {
-            app_id: "a".into(),
-            topic: "t".into(),
-            gateway_id: "gw1".into(),
-            since: None,
-        })
-        .await
-        .expect("subscribed");
+        let b = role
+            .subscribe(pb::TopicSubscribeRequest {
+                app_id: "a".into(),
+                topic: "t".into(),
+                gateway_id: "gw1".into(),
+                since: None,
+            })
+            .await
+            .expect("subscribed")
+            .offset;
+        // A new topic's offsets start from a time-based value.
+        assert!(b > 1_700_000_000_000_000, "{b}");
         for i in 1..=7 {
-            assert_eq!(publish(&role, &format!("p{i}")).await, i);
+            assert_eq!(publish(&role, &format!("p{i}")).await, b + i);
         }
         // Pushed once each, in offset order, to the subscribed gateway.
         let offsets: Vec<u64> = lock(&recorder.0)
@@ -693,13 +717,16 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(offsets, [1, 2, 3, 4, 5, 6, 7]);
-        assert_eq!(since(&role, 7).await, (true, vec![]));
-        assert_eq!(since(&role, 4).await, (true, vec![5, 6, 7]));
-        assert_eq!(since(&role, 3).await, (false, vec![5, 6, 7]));
-        assert_eq!(since(&role, 0).await, (false, vec![5, 6, 7]));
-        // An offset this owner never gave: the topic started again.
-        assert_eq!(since(&role, 1207).await, (false, vec![5, 6, 7]));
+        assert_eq!(offsets, (1..=7).map(|i| b + i).collect::<Vec<_>>());
+        let kept = vec![b + 5, b + 6, b + 7];
+        assert_eq!(since(&role, b + 7).await, (true, vec![]));
+        assert_eq!(since(&role, b + 4).await, (true, kept.clone()));
+        assert_eq!(since(&role, b + 3).await, (false, kept.clone()));
+        assert_eq!(since(&role, 0).await, (false, kept.clone()));
+        // Offsets of an earlier life of the topic, at another owner (below
+        // this one's start), or past the latest: never recovered.
+        assert_eq!(since(&role, b - 5).await, (false, kept.clone()));
+        assert_eq!(since(&role, b + 1207).await, (false, kept));
     }
 
     fn member(user: &str, conn_id: u64) -> Option<pb::RoomMember> {
