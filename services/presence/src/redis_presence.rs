@@ -304,6 +304,9 @@ impl Presence for RedisPresence {
         let page = limit.saturating_add(1).min(10_000);
         let mut live = Vec::new();
         let mut start = 0usize;
+        // Whether the whole set was read (else the list may miss users
+        // behind stale entries and says it is truncated).
+        let mut read_all = false;
         for _ in 0..USER_LIST_PAGES {
             let names: Vec<String> = redis::cmd("ZRANGE")
                 .arg(self.users_key(app_id))
@@ -322,12 +325,16 @@ impl Presence for RedisPresence {
                     .filter(|(_, gws)| !gws.is_empty())
                     .map(|(name, _)| name.clone()),
             );
-            if live.len() > limit || got < page {
+            if got < page {
+                read_all = true;
+                break;
+            }
+            if live.len() > limit {
                 break;
             }
             start += page;
         }
-        let truncated = live.len() > limit;
+        let truncated = live.len() > limit || !read_all;
         live.truncate(limit);
         Ok((live, truncated))
     }
