@@ -431,6 +431,31 @@ async fn messages_take_the_cheapest_path_and_everything_crosses_back() {
         "one envelope to d2 for three members behind it"
     );
 
+    // A persistent group held in d1 with a member in d3: the copy for
+    // carol crosses the federation like a direct message, with its group.
+    alice
+        .send(json!({"type": "GROUP_CREATE", "data": {"name": "Team", "members": ["ANZ-5", "ANZ-2001"], "group": "team-1"}}))
+        .await;
+    let created = alice.recv_type("GROUP_CREATED").await;
+    assert_eq!(created["data"]["group"], "team-1", "{created}");
+    alice
+        .send(json!({"type": "GROUP_MESSAGE", "data": {"group": "team-1", "content": "to the team"}, "feature": "RELIABLE"}))
+        .await;
+    for (who, c) in [("carol", &mut carol), ("frank", &mut frank)] {
+        let f = loop {
+            let f = next_message(c, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("{who} gets the team message"));
+            if f["data"]["content"] == "to the team" {
+                break f;
+            }
+        };
+        assert_eq!(f["data"]["group"], "team-1", "{who}: {f}");
+        if who == "carol" {
+            assert_eq!(hops(&f), ["d1", "d2", "d3"], "{f}");
+        }
+    }
+
     // A heavier 1-2 link: new messages take 1-4-3 (cost 4 < 11).
     ring.weights = [10, 1, 2, 2];
     ring.apply();

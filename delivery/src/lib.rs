@@ -59,6 +59,14 @@ pub trait Offline: Send + Sync + 'static {
     async fn offline(&self, app_id: &str, messages: &[pb::InboxMessage]) -> Result<(), String>;
 }
 
+/// A persistent group's copy for a member homed in another domain.
+fn is_remote_copy(onward: &dyn Onward, e: &pb::Envelope) -> bool {
+    e.kind() == pb::MessageKind::Group
+        && !e.group.is_empty()
+        && e.to.len() == 1
+        && onward.is_remote(&e.app_id, &e.to[0])
+}
+
 /// Users of other domains, for messages this role creates itself (sender
 /// confirmations): the federation's side of delivery.
 #[async_trait]
@@ -686,6 +694,43 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         )
     )]
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
+        // Copies for users homed in other domains (a persistent group's
+        // members there) go on through the federation, not into an inbox
+        // here. Routers never send such envelopes here otherwise.
+        if let Some(onward) = self.onward.get()
+            && req
+                .envelopes
+                .iter()
+                .any(|e| is_remote_copy(onward.as_ref(), e))
+        {
+            let n = req.envelopes.len();
+            let (mut local, mut local_at, mut remote) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, e) in req.envelopes.into_iter().enumerate() {
+                if is_remote_copy(onward.as_ref(), &e) {
+                    remote.push(pb::Envelope { origin: None, ..e });
+                } else {
+                    local.push(e);
+                    local_at.push(i);
+                }
+            }
+            onward.forward(remote).await?;
+            let delivered = self
+                .deliver_envelopes(local, req.sent_copies, req.copy_to_sender)
+                .await?;
+            let mut seqs = vec![0u64; n];
+            let mut repeated = if delivered.repeated.is_empty() {
+                Vec::new()
+            } else {
+                vec![false; n]
+            };
+            for (k, at) in local_at.into_iter().enumerate() {
+                seqs[at] = delivered.seqs.get(k).copied().unwrap_or(0);
+                if let Some(r) = delivered.repeated.get(k) {
+                    repeated[at] = *r;
+                }
+            }
+            return Ok(pb::DeliverReply { seqs, repeated });
+        }
         let delivered = self
             .deliver_envelopes(req.envelopes, req.sent_copies, req.copy_to_sender)
             .await?;

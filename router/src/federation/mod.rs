@@ -346,11 +346,13 @@ impl Inner {
     fn split(&self, envelope: pb::Envelope, visited: &[String]) -> Vec<(Target, pb::Envelope)> {
         let routes = self.routes.borrow().clone();
         // Presence events stay in their domain: the master user's
-        // presence is per domain.
+        // presence is per domain. A persistent group's message goes to the
+        // groups role of the domain that holds the group (its copies for
+        // members elsewhere, one recipient each, are routed like any).
         if matches!(
             envelope.kind(),
             pb::MessageKind::UserConnected | pb::MessageKind::UserDisconnected
-        ) || !envelope.group.is_empty()
+        ) || (!envelope.group.is_empty() && envelope.to.is_empty())
         {
             return vec![(Target::Local, envelope)];
         }
@@ -699,9 +701,12 @@ impl switchboard_mesh::Federation for Federation {
         }
         // Durable here before the caller acks: a failure fails the call and
         // the caller retries the whole batch (dedup by id).
+        // Ad-hoc group messages are fanned out here; a persistent group's
+        // copies (one recipient each, the group held elsewhere) are
+        // delivered like direct ones.
         let (groups, direct): (Vec<_>, Vec<_>) = local
             .into_iter()
-            .partition(|(_, e)| e.kind() == pb::MessageKind::Group);
+            .partition(|(_, e)| e.kind() == pb::MessageKind::Group && e.group.is_empty());
         if let Some(&(first, _)) = direct.first() {
             // One delivery call for them all; its spans join the first
             // one's trace (one envelope per call at moderate rates).
