@@ -467,6 +467,58 @@ pub struct AppConfig {
     /// Required `aud` of tokens; when unset, `aud` is not checked.
     #[serde(default)]
     pub jwt_audience: Option<String>,
+    /// Server-side credentials of the REST API (`Authorization: Bearer
+    /// <key>`), stored as hashes only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+/// One API key of an app: `{ name = "backend", sha256 = "<hex>", scopes = ["send"] }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// For logs and operators; not secret.
+    pub name: String,
+    /// Lowercase hex SHA-256 of the key (64 characters): the key itself is
+    /// never stored (`switchboard apps new-key` prints both).
+    pub sha256: String,
+    pub scopes: Vec<ApiScope>,
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiScope {
+    /// Send messages.
+    Send,
+    /// Manage persistent groups.
+    Groups,
+    /// Read presence.
+    Presence,
+    /// Everything, including reading inbox depths.
+    Admin,
+}
+
+impl ApiScope {
+    pub const ALL: [ApiScope; 4] = [
+        ApiScope::Send,
+        ApiScope::Groups,
+        ApiScope::Presence,
+        ApiScope::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiScope::Send => "send",
+            ApiScope::Groups => "groups",
+            ApiScope::Presence => "presence",
+            ApiScope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ApiScope> {
+        ApiScope::ALL.into_iter().find(|s| s.as_str() == text)
+    }
 }
 
 impl AppConfig {
@@ -481,6 +533,7 @@ impl AppConfig {
             jwt_public_key_pem: None,
             jwt_public_key_file: None,
             jwt_audience: None,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -758,6 +811,19 @@ impl AppConfig {
                 "app {:?} uses jwt auth but has no jwt_secret, jwt_public_key_pem or jwt_public_key_file",
                 self.name
             )));
+        }
+        for key in &self.api_keys {
+            let hex = key.sha256.len() == 64
+                && key
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if key.name.is_empty() || !hex || key.scopes.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "app {:?}: api key {:?} needs a name, sha256 as 64 lowercase hex digits and at least one scope",
+                    self.name, key.name
+                )));
+            }
         }
         Ok(())
     }

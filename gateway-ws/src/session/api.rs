@@ -1,0 +1,135 @@
+//! The session of a server-side caller of the public API: it proves an
+//! app's API key instead of a user's token, then acts for a user of that
+//! app (the sender of a message, the user whose inbox is read). Everything
+//! it does after that is the same session code a WebSocket client runs.
+
+use switchboard_config::ApiScope;
+use switchboard_mesh::{ErrorCode, ServiceError, pb};
+
+use super::{Identity, Session, call, check_recipient};
+
+/// What an API key was checked for.
+#[derive(Debug)]
+pub struct KeyCheck<'a> {
+    pub app_id: &'a str,
+    /// The key as presented (`Authorization: Bearer <key>`); `None` when
+    /// the request carried none.
+    pub key: Option<&'a str>,
+    /// The scope the operation needs.
+    pub scope: ApiScope,
+}
+
+/// An API key that passed [`Session::check_key`]: the session may act for
+/// a user of its app ([`Session::act_for`]).
+#[derive(Debug)]
+pub struct ApiGrant {
+    app_id: String,
+    app_name: String,
+    master_user_id: String,
+}
+
+impl Session {
+    /// Checks an API key and its scope (the `admin` scope grants every
+    /// one). A missing or wrong key is `NOT_AUTHENTICATED`, a missing
+    /// scope `FORBIDDEN`.
+    pub async fn check_key(&self, check: KeyCheck<'_>) -> Result<ApiGrant, ServiceError> {
+        let Some(key) = check.key.filter(|k| !k.is_empty()) else {
+            return Err(ServiceError::new(
+                ErrorCode::NotAuthenticated,
+                "missing API key: send Authorization: Bearer <key>",
+            ));
+        };
+        let reply = call(self.gw.deps.auth.verify_api_key(pb::VerifyApiKeyRequest {
+            app_id: check.app_id.to_owned(),
+            key: key.to_owned(),
+        }))
+        .await?;
+        if !reply.valid {
+            return Err(ServiceError::new(
+                ErrorCode::NotAuthenticated,
+                format!("invalid API key for app {:?}", check.app_id),
+            ));
+        }
+        let granted = reply
+            .scopes
+            .iter()
+            .any(|s| s == check.scope.as_str() || s == ApiScope::Admin.as_str());
+        if !granted {
+            return Err(ServiceError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "API key {:?} lacks the scope {:?}",
+                    reply.key_name,
+                    check.scope.as_str()
+                ),
+            ));
+        }
+        tracing::debug!(app = %check.app_id, key = %reply.key_name, "api key accepted");
+        Ok(ApiGrant {
+            app_id: check.app_id.to_owned(),
+            app_name: reply.app_name,
+            master_user_id: reply.master_user_id,
+        })
+    }
+
+    /// From now on the session acts as `user` of the grant's app (`None`:
+    /// the app's master user), without acknowledged mode.
+    pub fn act_for(&mut self, grant: ApiGrant, user: Option<String>) -> Result<(), ServiceError> {
+        if self.is_authenticated() {
+            return Err(ServiceError::invalid("already authenticated"));
+        }
+        let user_id = match user {
+            Some(user) => user,
+            None if !grant.master_user_id.is_empty() => grant.master_user_id,
+            None => {
+                return Err(ServiceError::invalid(
+                    "from is required: the app has no master user",
+                ));
+            }
+        };
+        let identity = Identity {
+            app_id: grant.app_id,
+            app_name: grant.app_name,
+            user_id,
+            acks: false,
+        };
+        check_recipient(&identity, &identity.user_id).map_err(|_| {
+            ServiceError::invalid(format!(
+                "{:?} is not a user of app {}",
+                identity.user_id, identity.app_name
+            ))
+        })?;
+        // Set once: checked above, and only the authenticate methods set it.
+        let _ = self.identity.set(identity);
+        Ok(())
+    }
+
+    /// Whether `user` of the session's app has an open connection on any
+    /// gateway.
+    pub async fn is_online(&self, user: &str) -> Result<bool, ServiceError> {
+        let id = self.user()?;
+        check_recipient(id, user)?;
+        let gateways = self
+            .gw
+            .deps
+            .presence
+            .gateways(&id.app_id, user)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("presence: {e}")))?;
+        Ok(gateways.iter().any(|(_, n)| *n > 0))
+    }
+
+    /// The number of stored messages waiting in the session user's inbox
+    /// (RELIABLE messages and confirmations not delivered yet).
+    pub async fn inbox_depth(&self) -> Result<u64, ServiceError> {
+        let id = self.user()?;
+        let page = call(self.gw.deps.delivery.fetch(pb::FetchRequest {
+            app_id: id.app_id.clone(),
+            user_id: id.user_id.clone(),
+            count: 0,
+            after_seq: 0,
+        }))
+        .await?;
+        Ok(page.left)
+    }
+}
