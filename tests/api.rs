@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Client, Deployment, TestNode};
+use support::{Client, TestNode};
 use switchboard_config::{ApiKeyConfig, ApiScope, AppConfig, Config};
 
 const SEND_KEY: &str = "sbk_test_send_0123456789";
@@ -630,13 +630,18 @@ async fn cli_new_key_and_send() {
 
 /// In a cluster the key is checked by a remote auth role (its apps from
 /// etcd), and the message crosses gateways: sent through one gateway's
-/// REST API, received on the other's WebSocket.
-#[tokio::test]
+/// REST API, received on the other's WebSocket. A key added with
+/// `apps put` works without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_in_a_cluster() {
-    let Some(cluster) = Deployment::cluster(with_keys).await else {
+    let Some(infra) = support::cluster::Infra::from_env() else {
         return;
     };
+    let etcd = infra.etcd.clone();
+    let cluster =
+        support::cluster::Cluster::start(infra, support::cluster::PROTOCOL_SHAPE, with_keys).await;
     let (rest_url, ws_url) = (cluster.url(), cluster.url());
+    assert_ne!(rest_url, ws_url, "two gateways");
     let api = Api::new(&rest_url);
     let mut bob = Client::login(&ws_url, "demo-bob").await;
     let mut ann = Client::login(&ws_url, "demo-ann").await;
@@ -658,9 +663,49 @@ async fn rest_in_a_cluster() {
         .get("/v1/apps/demo/users/demo-bob/presence", PRESENCE_KEY)
         .await;
     assert_eq!(online.body["online"], true, "{}", online.body);
-    let wrong = api
-        .send(Some("sbk_nope"), json!({"to": "demo-bob", "content": "x"}))
-        .await;
+    const LATE_KEY: &str = "sbk_test_late_0123456789";
+    let body = json!({"to": "demo-bob", "content": "x"});
+    let wrong = api.send(Some(LATE_KEY), body.clone()).await;
     assert_eq!(wrong.status, 401);
+
+    // A new key through the metadata seam: in force without a restart.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("apps.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[apps]]\nname = \"demo\"\napp_id = \"demo\"\nmaster_user_id = \"demo-0\"\nauth = \"none\"\n\
+             api_keys = [{{ name = \"late\", sha256 = \"{}\", scopes = [\"send\"] }}]\n",
+            sha256_hex(LATE_KEY)
+        ),
+    )
+    .expect("write apps file");
+    let prefix = cluster.etcd_prefix.clone();
+    let path = file.to_string_lossy().into_owned();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        support::switchboard_cli(&[
+            "apps",
+            "put",
+            &path,
+            "--etcd",
+            &etcd,
+            "--key-prefix",
+            &prefix,
+        ])
+    })
+    .await
+    .expect("cli");
+    assert!(ok, "{out}");
+    let mut status = 0;
+    for _ in 0..250 {
+        status = api.send(Some(LATE_KEY), body.clone()).await.status;
+        if status == 202 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 202, "the new key is taken within 5 s");
+    // The old keys were replaced with the app's record.
+    assert_eq!(api.send(Some(SEND_KEY), body).await.status, 401);
     cluster.shutdown().await;
 }

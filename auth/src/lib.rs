@@ -416,6 +416,60 @@ mod tests {
         .expect("encode")
     }
 
+    fn sha256_hex(text: &str) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn api_keys_are_matched_by_hash_with_their_scopes() {
+        use switchboard_config::{ApiKeyConfig, ApiScope};
+        let mut app = jwt_app();
+        app.api_keys = vec![
+            ApiKeyConfig {
+                name: "backend".into(),
+                sha256: sha256_hex("key-one"),
+                scopes: vec![ApiScope::Send],
+            },
+            ApiKeyConfig {
+                name: "ops".into(),
+                sha256: sha256_hex("key-two"),
+                scopes: vec![ApiScope::Presence, ApiScope::Admin],
+            },
+        ];
+        let role = AuthRole::new(vec![app]).expect("role");
+        let check = |app: &str, key: &str| {
+            role.verify_api_key(pb::VerifyApiKeyRequest {
+                app_id: app.into(),
+                key: key.into(),
+            })
+        };
+        let one = check("app-1", "key-one").await.expect("reply");
+        assert!(one.valid);
+        assert_eq!(
+            (one.key_name.as_str(), one.scopes.clone()),
+            ("backend", vec!["send".to_owned()])
+        );
+        assert_eq!(
+            (one.app_name.as_str(), one.master_user_id.as_str()),
+            ("ANZ", "ANZ-0")
+        );
+        let two = check("app-1", "key-two").await.expect("reply");
+        assert_eq!(two.scopes, vec!["presence".to_owned(), "admin".to_owned()]);
+        for (app, key) in [
+            ("app-1", "key-on"),
+            ("app-1", ""),
+            ("app-1", &sha256_hex("key-one")),
+            ("other", "key-one"),
+        ] {
+            let reply = check(app, key).await.expect("reply");
+            assert!(!reply.valid && reply.scopes.is_empty(), "{app} {key}");
+        }
+    }
+
     #[tokio::test]
     async fn audience_is_checked_only_when_configured() {
         let with_aud = |aud: &str| {

@@ -890,6 +890,43 @@ fn typed_like(default: &toml::Value, var: &str, raw: &str) -> Result<toml::Value
 mod tests {
     use super::*;
 
+    #[test]
+    fn api_keys_load_and_are_checked() {
+        let app = |keys: &str| {
+            format!(
+                "[[apps]]\nname = \"ANZ\"\napp_id = \"a1\"\nauth = \"none\"\napi_keys = [{keys}]\n"
+            )
+        };
+        let hash = "ab".repeat(32);
+        let c = Config::from_toml_and_env(
+            &app(&format!(
+                "{{ name = \"backend\", sha256 = \"{hash}\", scopes = [\"send\", \"admin\"] }}"
+            )),
+            &BTreeMap::new(),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.apps[0].api_keys[0].scopes,
+            vec![ApiScope::Send, ApiScope::Admin]
+        );
+        for bad in [
+            format!("{{ name = \"b\", sha256 = \"{hash}\", scopes = [\"root\"] }}"),
+            format!(
+                "{{ name = \"b\", sha256 = \"{}\", scopes = [\"send\"] }}",
+                "AB".repeat(32)
+            ),
+            "{ name = \"b\", sha256 = \"abc\", scopes = [\"send\"] }".to_owned(),
+            format!("{{ name = \"b\", sha256 = \"{hash}\", scopes = [] }}"),
+            format!("{{ name = \"\", sha256 = \"{hash}\", scopes = [\"send\"] }}"),
+            format!("{{ name = \"b\", sha256 = \"{hash}\", scopes = [\"send\"], key = \"x\" }}"),
+        ] {
+            assert!(
+                Config::from_toml_and_env(&app(&bad), &BTreeMap::new()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()

@@ -185,7 +185,7 @@ struct AppsArgs {
 
 #[derive(Subcommand)]
 enum AppsAction {
-    /// One line per app: app id, name, auth mode, master user.
+    /// One line per app: app id, name, auth mode, master user, API key names.
     List,
     /// Adds or replaces every app of FILE: `[[apps]]` tables with the keys
     /// of the config file's `[[apps]]`.
@@ -570,9 +570,13 @@ async fn apps(args: AppsArgs) -> anyhow::Result<()> {
                     switchboard_config::AuthMode::None => "none",
                     switchboard_config::AuthMode::Jwt => "jwt",
                 };
+                let keys: Vec<&str> = app.api_keys.iter().map(|k| k.name.as_str()).collect();
                 println!(
-                    "{}\tname={}\tauth={auth}\tmaster_user_id={}",
-                    app.app_id, app.name, app.master_user_id
+                    "{}\tname={}\tauth={auth}\tmaster_user_id={}\tapi_keys={}",
+                    app.app_id,
+                    app.name,
+                    app.master_user_id,
+                    keys.join(",")
                 );
             }
         }
