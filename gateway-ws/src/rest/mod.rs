@@ -103,6 +103,7 @@ pub struct SendMessage {
     /// A room (not available yet: answered 400 `UNKNOWN_TYPE`).
     #[serde(default)]
     room: Option<String>,
+    /// The message text, at most `limits.max_content_bytes` bytes (UTF-8).
     content: String,
     /// The sending user, any user of the app; the app's master user when
     /// absent.
