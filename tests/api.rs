@@ -349,6 +349,24 @@ async fn rest_keys_and_scopes_are_checked() {
         .get("/v1/apps/demo/users/demo-bob/inbox", ADMIN_KEY)
         .await;
     assert_eq!(depth.body["depth"], 1);
+    // Requests are counted by operation and status (the registry is per
+    // process: other tests of this binary add to it, so at least these).
+    let (_, _, metrics) = support::http_get_text(node.client_addr, "/metrics")
+        .await
+        .expect("metrics");
+    for (operation, status) in [
+        ("send_message", "401"),
+        ("send_message", "403"),
+        ("send_message", "202"),
+        ("inbox_depth", "200"),
+    ] {
+        let counted = metrics.lines().any(|l| {
+            l.starts_with("switchboard_rest_requests_total{")
+                && l.contains(&format!("operation=\"{operation}\""))
+                && l.contains(&format!("status=\"{status}\""))
+        });
+        assert!(counted, "{operation} {status} counted:\n{metrics}");
+    }
     node.shutdown().await;
 }
 

@@ -10,8 +10,9 @@ mod error;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{Next, from_fn};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -30,15 +31,36 @@ pub fn router(gateway: &GatewayRole) -> Router<GatewayRole> {
     // A REST body carries what one WebSocket frame would.
     let body_limit = gateway.inner.limits.max_frame_bytes;
     Router::new()
-        .route("/v1/apps/{appId}/messages", post(send_message))
+        .route(
+            "/v1/apps/{appId}/messages",
+            post(send_message).layer(from_fn(|req, next| counted("send_message", req, next))),
+        )
         .route(
             "/v1/apps/{appId}/users/{userId}/presence",
-            get(user_presence),
+            get(user_presence).layer(from_fn(|req, next| counted("user_presence", req, next))),
         )
-        .route("/v1/apps/{appId}/users/{userId}/inbox", get(inbox_depth))
+        .route(
+            "/v1/apps/{appId}/users/{userId}/inbox",
+            get(inbox_depth).layer(from_fn(|req, next| counted("inbox_depth", req, next))),
+        )
         .route("/v1/openapi.json", get(openapi_json))
         .route("/v1/{*rest}", axum::routing::any(unknown_operation))
         .layer(DefaultBodyLimit::max(body_limit))
+}
+
+/// Counts a request of `operation` by its answer's status, and times it.
+async fn counted(operation: &'static str, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    metrics::counter!(
+        "switchboard_rest_requests_total",
+        "operation" => operation,
+        "status" => response.status().as_str().to_owned()
+    )
+    .increment(1);
+    metrics::histogram!("switchboard_rest_request_duration_seconds", "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// The OpenAPI 3.1 document of the REST API.
