@@ -133,3 +133,91 @@ impl Session {
         Ok(page.left)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use switchboard_config::{ApiScope, Limits};
+    use switchboard_mesh::{ErrorCode, pb};
+
+    use super::KeyCheck;
+    use crate::commands::{Message, RequestMeta};
+    use crate::test_doubles::gateway;
+
+    fn check(key: Option<&str>, scope: ApiScope) -> KeyCheck<'_> {
+        KeyCheck {
+            app_id: "demo",
+            key,
+            scope,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_with_its_scope_lets_a_session_act_for_a_user_of_its_app() {
+        let (gateway, inboxes) = gateway(Limits::default());
+        let session = gateway.session();
+        for (key, scope, code) in [
+            (None, ApiScope::Send, ErrorCode::NotAuthenticated),
+            (Some(""), ApiScope::Send, ErrorCode::NotAuthenticated),
+            (Some("k-wrong"), ApiScope::Send, ErrorCode::NotAuthenticated),
+            (Some("k-send"), ApiScope::Presence, ErrorCode::Forbidden),
+        ] {
+            let err = session
+                .check_key(check(key, scope))
+                .await
+                .expect_err("refused");
+            assert_eq!(err.code, code, "{key:?} {scope:?}: {err}");
+        }
+        // admin grants every scope
+        session
+            .check_key(check(Some("k-admin"), ApiScope::Presence))
+            .await
+            .expect("admin");
+
+        // Not a user of the app: refused, the session stays anonymous.
+        let grant = session
+            .check_key(check(Some("k-send"), ApiScope::Send))
+            .await
+            .expect("granted");
+        let mut stranger = gateway.session();
+        let err = stranger
+            .act_for(grant, Some("other-1".into()))
+            .expect_err("not of the app");
+        assert_eq!(err.code, ErrorCode::InvalidFrame);
+        assert!(!stranger.is_authenticated());
+
+        // Without a user: the app's master user sends, as over WebSocket.
+        let mut master = gateway.session();
+        let grant = master
+            .check_key(check(Some("k-send"), ApiScope::Send))
+            .await
+            .expect("granted");
+        master.act_for(grant, None).expect("master user");
+        let identity = master.identity().expect("identity");
+        assert_eq!(
+            (identity.user_id.as_str(), identity.acks),
+            ("demo-0", false)
+        );
+        let msg = Message {
+            to: "demo-bob".into(),
+            content: "from the backend".into(),
+            id: Some("b-1".into()),
+            feature: pb::Feature::Reliable,
+        };
+        let accepted = master
+            .send_direct(msg, &RequestMeta::default())
+            .await
+            .expect("sent");
+        assert_eq!(accepted.id, "b-1");
+        assert_eq!(inboxes.inbox_len("demo-bob"), 1);
+
+        // Bob's inbox depth, read by a session acting for him.
+        let mut reader = gateway.session();
+        let grant = reader
+            .check_key(check(Some("k-admin"), ApiScope::Admin))
+            .await
+            .expect("granted");
+        reader.act_for(grant, Some("demo-bob".into())).expect("bob");
+        assert_eq!(reader.inbox_depth().await.expect("depth"), 1);
+        assert!(!reader.is_online("demo-bob").await.expect("presence"));
+    }
+}
