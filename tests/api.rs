@@ -510,6 +510,16 @@ async fn rest_bad_bodies_get_the_documented_errors() {
         (a.status, a.body["code"].clone()),
         (404, json!("UNKNOWN_TYPE"))
     );
+    let a = api
+        .request(
+            api.http
+                .delete(format!("{}/v1/apps/demo/messages", api.base)),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["code"].clone()),
+        (405, json!("UNKNOWN_TYPE"))
+    );
     // Nothing above was stored.
     let depth = api
         .get("/v1/apps/demo/users/demo-bob/inbox", ADMIN_KEY)

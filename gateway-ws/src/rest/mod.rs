@@ -33,15 +33,21 @@ pub fn router(gateway: &GatewayRole) -> Router<GatewayRole> {
     Router::new()
         .route(
             "/v1/apps/{appId}/messages",
-            post(send_message).layer(from_fn(|req, next| counted("send_message", req, next))),
+            post(send_message)
+                .fallback(method_not_allowed)
+                .layer(from_fn(|req, next| counted("send_message", req, next))),
         )
         .route(
             "/v1/apps/{appId}/users/{userId}/presence",
-            get(user_presence).layer(from_fn(|req, next| counted("user_presence", req, next))),
+            get(user_presence)
+                .fallback(method_not_allowed)
+                .layer(from_fn(|req, next| counted("user_presence", req, next))),
         )
         .route(
             "/v1/apps/{appId}/users/{userId}/inbox",
-            get(inbox_depth).layer(from_fn(|req, next| counted("inbox_depth", req, next))),
+            get(inbox_depth)
+                .fallback(method_not_allowed)
+                .layer(from_fn(|req, next| counted("inbox_depth", req, next))),
         )
         .route("/v1/openapi.json", get(openapi_json))
         .route("/v1/{*rest}", axum::routing::any(unknown_operation))
@@ -417,6 +423,14 @@ async fn openapi_json() -> Response {
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
         Err(e) => ApiError::new(ErrorCode::Internal, e.to_string()).into_response(),
     }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::with_status(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::UnknownType,
+        "this path does not take this method: see /v1/openapi.json",
+    )
 }
 
 async fn unknown_operation() -> ApiError {
