@@ -782,3 +782,65 @@ async fn rest_in_a_cluster() {
     assert_eq!(api.send(Some(SEND_KEY), body).await.status, 401);
     cluster.shutdown().await;
 }
+
+/// A REST send is traced as a WebSocket frame is: a `traceparent` header
+/// makes the message's spans (gateway.receive → router.route →
+/// delivery.deliver → gateway.push, across processes) join the caller's
+/// trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_send_joins_the_callers_trace() {
+    let Some(infra) = support::cluster::Infra::from_env() else {
+        return;
+    };
+    let receiver = support::otlp::Receiver::start().await;
+    let cluster = support::cluster::Cluster::start(infra, support::cluster::PROTOCOL_SHAPE, |c| {
+        with_keys(c);
+        c.otlp_endpoint = receiver.endpoint();
+        c.trace_sampling = 1.0;
+    })
+    .await;
+    let api = Api::new(&cluster.proc("gw1").url());
+    let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let a = api
+        .request(
+            api.http
+                .post(format!("{}/v1/apps/demo/messages", api.base))
+                .bearer_auth(SEND_KEY)
+                .header("traceparent", format!("00-{client_trace}-{client_span}-01"))
+                .json(&json!({"to": "demo-bob", "from": "demo-ann", "content": "traced", "id": "traced-1"})),
+        )
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(bob.recv_type("MESSAGE").await["data"]["id"], "traced-1");
+    cluster.shutdown().await; // every process flushes its spans
+    for _ in 0..100 {
+        if receiver.spans().iter().any(|s| s.name == "gateway.push") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spans = receiver.spans();
+    let of_message: Vec<_> = spans
+        .iter()
+        .filter(|s| s.attributes.get("message.id").map(String::as_str) == Some("traced-1"))
+        .collect();
+    let receive = of_message
+        .iter()
+        .find(|s| s.name == "gateway.receive")
+        .unwrap_or_else(|| panic!("no gateway.receive for the message: {of_message:#?}"));
+    assert_eq!(receive.trace_id, client_trace);
+    assert_eq!(receive.parent_span_id, client_span);
+    let names: BTreeSet<&str> = of_message
+        .iter()
+        .filter(|s| s.trace_id == client_trace)
+        .map(|s| s.name.as_str())
+        .collect();
+    for name in ["router.route", "delivery.deliver", "gateway.push"] {
+        assert!(
+            names.contains(name),
+            "{name} in the caller's trace: {names:?}"
+        );
+    }
+}
