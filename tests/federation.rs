@@ -58,6 +58,14 @@ struct Ring {
     otlp: Option<String>,
     /// Mutual TLS between domains: `<dir>/dN.crt`, `dN.key`, `ca.crt`.
     tls: Option<PathBuf>,
+    /// A secret per link ([`link_secret`]) instead of one shared secret.
+    link_secrets: bool,
+}
+
+/// The secret of the link between two domains, in the per-link setup.
+fn link_secret(a: &str, b: &str) -> String {
+    let (x, y) = if a < b { (a, b) } else { (b, a) };
+    format!("link-{x}-{y}")
 }
 
 impl Ring {
@@ -67,7 +75,7 @@ impl Ring {
     }
 
     async fn start_traced(etcd: String, weights: [u32; 4], otlp: Option<String>) -> Ring {
-        Self::start_with(etcd, weights, otlp, None).await
+        Self::start_with(etcd, weights, otlp, None, false).await
     }
 
     async fn start_with(
@@ -75,6 +83,7 @@ impl Ring {
         weights: [u32; 4],
         otlp: Option<String>,
         tls: Option<PathBuf>,
+        link_secrets: bool,
     ) -> Ring {
         let dir = tempfile::tempdir().expect("tempdir");
         let nanos = std::time::SystemTime::now()
@@ -106,6 +115,7 @@ impl Ring {
             federation_urls,
             otlp,
             tls,
+            link_secrets,
         };
         ring.apply();
         for i in 0..4 {
@@ -153,8 +163,25 @@ impl Ring {
     }
 
     fn spawn(&mut self, i: usize) {
-        let d = &mut self.domains[i];
         let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        let secret_args: Vec<String> = if self.link_secrets {
+            // The ring's neighbours of dN: d(N-1) and d(N+1).
+            let me = self.domains[i].name.clone();
+            let peers = [(i + 3) % 4, (i + 1) % 4].map(|j| self.domains[j].name.clone());
+            let toml = format!(
+                "[federation.peers]\n{} = \"{}\"\n{} = \"{}\"\n",
+                peers[0],
+                link_secret(&me, &peers[0]),
+                peers[1],
+                link_secret(&me, &peers[1])
+            );
+            let path = self._dir.path().join(format!("{me}.toml"));
+            std::fs::write(&path, toml).expect("write config");
+            vec!["--config".to_owned(), path.to_string_lossy().into_owned()]
+        } else {
+            vec!["--federation-secret".to_owned(), SECRET.to_owned()]
+        };
+        let d = &mut self.domains[i];
         if let Some(endpoint) = &self.otlp {
             command.env("SWITCHBOARD_OTLP_ENDPOINT", endpoint);
         }
@@ -172,13 +199,14 @@ impl Ring {
         }
         let child = command
             .args(["run", "--domain", &d.name, "--etcd", &self.etcd])
+            .args(&secret_args)
             .arg("--client-addr")
             .arg(d.client.to_string())
             .arg("--mesh-addr")
             .arg(d.mesh.to_string())
             .arg("--federation-addr")
             .arg(d.federation.to_string())
-            .args(["--federation-secret", SECRET, "--data-dir"])
+            .arg("--data-dir")
             .arg(&d.data_dir)
             .env("SWITCHBOARD_FEDERATION__PREFIX", &self.prefix)
             .env(
@@ -403,6 +431,31 @@ async fn messages_take_the_cheapest_path_and_everything_crosses_back() {
         "one envelope to d2 for three members behind it"
     );
 
+    // A persistent group held in d1 with a member in d3: the copy for
+    // carol crosses the federation like a direct message, with its group.
+    alice
+        .send(json!({"type": "GROUP_CREATE", "data": {"name": "Team", "members": ["ANZ-5", "ANZ-2001"], "group": "team-1"}}))
+        .await;
+    let created = alice.recv_type("GROUP_CREATED").await;
+    assert_eq!(created["data"]["group"], "team-1", "{created}");
+    alice
+        .send(json!({"type": "GROUP_MESSAGE", "data": {"group": "team-1", "content": "to the team"}, "feature": "RELIABLE"}))
+        .await;
+    for (who, c) in [("carol", &mut carol), ("frank", &mut frank)] {
+        let f = loop {
+            let f = next_message(c, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("{who} gets the team message"));
+            if f["data"]["content"] == "to the team" {
+                break f;
+            }
+        };
+        assert_eq!(f["data"]["group"], "team-1", "{who}: {f}");
+        if who == "carol" {
+            assert_eq!(hops(&f), ["d1", "d2", "d3"], "{f}");
+        }
+    }
+
     // A heavier 1-2 link: new messages take 1-4-3 (cost 4 < 11).
     ring.weights = [10, 1, 2, 2];
     ring.apply();
@@ -423,7 +476,22 @@ async fn messages_take_the_cheapest_path_and_everything_crosses_back() {
     }
     let moved = moved.expect("new messages take the new path");
     eprintln!("route change: new messages took the new path after {moved:?}");
-    assert!(moved < Duration::from_secs(5), "{moved:?}");
+    assert!(moved < Duration::from_secs(1), "{moved:?}");
+}
+
+/// Sends untagged messages a → b until one arrives by `path` (at most
+/// 100, 100 ms apart); whether one did.
+async fn wait_for_path(a: &mut Client, b: &mut Client, path: &[&str]) -> bool {
+    for _ in 0..100 {
+        a.message("ANZ-2001", "which way?", "RELIABLE", "").await;
+        if let Some(f) = next_message(b, Duration::from_secs(10)).await
+            && hops(&f) == path
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 /// What a recipient got: distinct ids, frames that repeated an id, and
@@ -498,9 +566,9 @@ async fn one_trace_follows_a_message_across_three_domains() {
     assert!(trace.iter().any(|s| s.name == "gateway.push"), "{names:?}");
 }
 
-/// Reads MESSAGE frames until `n` distinct ids arrived or nothing came for
-/// `quiet`.
-async fn collect(c: &mut Client, n: usize, quiet: Duration) -> Received {
+/// Reads MESSAGE frames until `n` distinct ids of the ones sent with `tag`
+/// arrived or nothing came for `quiet` (others are skipped).
+async fn collect(c: &mut Client, tag: &str, n: usize, quiet: Duration) -> Received {
     let mut got = Received {
         ids: HashSet::new(),
         repeats: 0,
@@ -511,6 +579,9 @@ async fn collect(c: &mut Client, n: usize, quiet: Duration) -> Received {
             break;
         };
         let id = f["data"]["id"].as_str().unwrap_or_default().to_owned();
+        if !id.starts_with(&format!("{tag}-")) {
+            continue;
+        }
         if !got.ids.insert(id) {
             got.repeats += 1;
         }
@@ -594,12 +665,21 @@ async fn nothing_accepted_is_lost_when_the_domain_on_the_path_dies_or_a_link_is_
     let warm = first_delivery(&mut alice, &mut carol, "ANZ-2001").await;
     assert_eq!(hops(&warm), ["d1", "d2", "d3"], "{warm}");
 
-    // 1. kill -9 of d2 (on the path in use) while 500 are sent.
+    // 1. kill -9 of d2 (on the path in use) while 500 are sent; what d2
+    // had taken on arrives after it returns.
     let accepted = send_accepted(&mut alice, "ANZ-2001", "killed", 500, 150, async || {
         ring.kill9(1);
     })
     .await;
-    let got = collect(&mut carol, accepted.len(), Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ring.restart(1).await;
+    let got = collect(
+        &mut carol,
+        "killed",
+        accepted.len(),
+        Duration::from_secs(20),
+    )
+    .await;
     let missing: Vec<&String> = accepted
         .iter()
         .filter(|id| !got.ids.contains(*id))
@@ -622,20 +702,24 @@ async fn nothing_accepted_is_lost_when_the_domain_on_the_path_dies_or_a_link_is_
         "{} accepted messages missing",
         missing.len()
     );
+    assert_eq!(got.repeats, 0, "a message shown twice");
     assert!(
         got.paths.get("d1>d4>d3").copied().unwrap_or(0) > 0,
         "traffic took the other path: {:?}",
         got.paths
     );
-    ring.restart(1).await;
 
     // 2. The link cut instead (the proxy in front of d2 closes), then
-    // healed: again nothing accepted is lost.
-    let accepted = send_accepted(&mut alice, "ANZ-2001", "cut", 300, 100, async || {
+    // healed: again nothing accepted is lost. First the cheap path again.
+    assert!(
+        wait_for_path(&mut alice, &mut carol, &["d1", "d2", "d3"]).await,
+        "d2 back on the path before the cut"
+    );
+    let accepted = send_accepted(&mut alice, "ANZ-2001", "cut", 500, 150, async || {
         proxy.cut().await;
     })
     .await;
-    let got = collect(&mut carol, accepted.len(), Duration::from_secs(20)).await;
+    let got = collect(&mut carol, "cut", accepted.len(), Duration::from_secs(20)).await;
     let missing = accepted.iter().filter(|id| !got.ids.contains(*id)).count();
     eprintln!(
         "link cut: {} accepted, paths {:?}",
@@ -648,25 +732,16 @@ async fn nothing_accepted_is_lost_when_the_domain_on_the_path_dies_or_a_link_is_
         "{missing} of {} accepted missing after the cut",
         accepted.len()
     );
+    assert_eq!(got.repeats, 0, "a message shown twice");
     assert!(
-        got.paths.get("d1>d4>d3").copied().unwrap_or(0) > 0,
-        "traffic took the other path: {:?}",
+        got.paths.get("d1>d4>d3").copied().unwrap_or(0) > 0
+            && got.paths.get("d1>d2>d3").copied().unwrap_or(0) > 0,
+        "traffic went through d2 before the cut and round it after: {:?}",
         got.paths
     );
     proxy.reopen().await;
     // Healed: traffic goes the cheap way again.
-    let mut healed = false;
-    for _ in 0..100 {
-        alice.message("ANZ-2001", "healed?", "RELIABLE", "").await;
-        let f = next_message(&mut carol, Duration::from_secs(10))
-            .await
-            .expect("delivered");
-        if hops(&f) == ["d1", "d2", "d3"] {
-            healed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let healed = wait_for_path(&mut alice, &mut carol, &["d1", "d2", "d3"]).await;
     assert!(
         healed,
         "traffic returns to the cheapest path once the link is back"
@@ -780,13 +855,26 @@ async fn forged_envelopes_wrong_credentials_and_invalid_topologies_are_refused()
         tonic::Code::PermissionDenied
     );
     // A hop list that passed d3 before, one that does not end with the
-    // caller, one past its limit: refused for good, each said why.
+    // caller, one past its limit, a d1 user's message claiming to have
+    // started in d2, one of an app the topology does not list: refused for
+    // good, each said why.
     let mut limited = envelope(&["d1", "d2"]);
     limited.hop_limit = 2;
+    let mut impostor = envelope(&["d2"]);
+    impostor.from = "ANZ-5".into();
+    let mut private_app = envelope(&["d2"]);
+    private_app.app_id = "demo".into();
+    private_app.from = "demo-1".into();
     let reply = call(
         "d2",
         SECRET,
-        vec![envelope(&["d3", "d2"]), envelope(&["d4"]), limited],
+        vec![
+            envelope(&["d3", "d2"]),
+            envelope(&["d4"]),
+            limited,
+            impostor,
+            private_app,
+        ],
     )
     .await
     .expect("a neighbour's call")
@@ -796,19 +884,16 @@ async fn forged_envelopes_wrong_credentials_and_invalid_topologies_are_refused()
         .iter()
         .map(|o| (o.accepted, o.reason.clone()))
         .collect();
-    assert_eq!(reasons.len(), 3);
-    assert!(
-        !reasons[0].0 && reasons[0].1.contains("loop"),
-        "{reasons:?}"
-    );
-    assert!(
-        !reasons[1].0 && reasons[1].1.contains("calling domain"),
-        "{reasons:?}"
-    );
-    assert!(
-        !reasons[2].0 && reasons[2].1.contains("hop limit"),
-        "{reasons:?}"
-    );
+    assert_eq!(reasons.len(), 5);
+    for (i, word) in ["loop", "calling domain", "hop limit", "sender", "app"]
+        .into_iter()
+        .enumerate()
+    {
+        assert!(
+            !reasons[i].0 && reasons[i].1.contains(word),
+            "{word}: {reasons:?}"
+        );
+    }
     // Nothing of it reached carol.
     let mut carol = login(&ring.url(2), "ANZ-2001").await;
     let (frames, _) = carol.fetch_all(100).await;
@@ -832,6 +917,45 @@ async fn forged_envelopes_wrong_credentials_and_invalid_topologies_are_refused()
     assert!(ok, "{out}");
     assert!(out.contains("d3 - d4  weight=1  state=up"), "{out}");
     assert!(!out.contains("d9"), "{out}");
+}
+
+#[tokio::test]
+async fn with_a_secret_per_link_no_domain_can_call_under_another_ones_name() {
+    let Some(etcd) = switchboard_testenv::service(switchboard_testenv::ETCD) else {
+        return;
+    };
+    let _one = SERIAL.lock().await;
+    let ring = Ring::start_with(etcd, [1, 1, 2, 2], None, None, true).await;
+    let mut alice = login(&ring.url(0), "ANZ-1").await;
+    let mut carol = login(&ring.url(2), "ANZ-2001").await;
+    let f = first_delivery(&mut alice, &mut carol, "ANZ-2001").await;
+    assert_eq!(hops(&f), ["d1", "d2", "d3"], "{f}");
+
+    // d3's federation port, called as d2: with the d2-d3 secret it is let
+    // in; d4 using its own d3-d4 secret under d2's name is not.
+    let d3 = format!("http://{}", ring.domains[2].federation);
+    let call = |secret: String| {
+        let d3 = d3.clone();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(d3)
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect");
+            let creds = switchboard_mesh::FederationCredentials::new("d2", &secret).expect("creds");
+            switchboard_mesh::pb::federation_client::FederationClient::with_interceptor(
+                channel, creds,
+            )
+            .forward(switchboard_mesh::pb::ForwardRequest {
+                from_domain: "d2".into(),
+                envelopes: Vec::new(),
+            })
+            .await
+        }
+    };
+    assert!(call(link_secret("d2", "d3")).await.is_ok());
+    let impostor = call(link_secret("d3", "d4")).await.expect_err("d4 as d2");
+    assert_eq!(impostor.code(), tonic::Code::Unauthenticated);
 }
 
 /// A CA and a certificate per domain naming it (DNS subject alternative
@@ -861,7 +985,14 @@ async fn domains_can_require_mutual_tls_with_their_names_in_the_certificates() {
     let _one = SERIAL.lock().await;
     let certs = tempfile::tempdir().expect("tempdir");
     domain_certificates(certs.path());
-    let ring = Ring::start_with(etcd, [1, 1, 2, 2], None, Some(certs.path().to_owned())).await;
+    let ring = Ring::start_with(
+        etcd,
+        [1, 1, 2, 2],
+        None,
+        Some(certs.path().to_owned()),
+        false,
+    )
+    .await;
     let mut alice = login(&ring.url(0), "ANZ-1").await;
     let mut carol = login(&ring.url(2), "ANZ-2001").await;
     let f = first_delivery(&mut alice, &mut carol, "ANZ-2001").await;

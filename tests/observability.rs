@@ -195,6 +195,55 @@ async fn a_group_message_is_one_trace_with_a_push_per_recipient_gateway() {
     }
 }
 
+#[tokio::test]
+async fn topic_and_room_fanouts_are_spans_with_their_size() {
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    let receiver = Receiver::start().await;
+    let cluster = Cluster::start(infra, PROTOCOL_SHAPE, |c| {
+        c.otlp_endpoint = receiver.endpoint();
+    })
+    .await;
+    let mut ann = Client::login(&cluster.proc("gw1").url(), "demo-ann").await;
+    let mut bob = Client::login(&cluster.proc("gw2").url(), "demo-bob").await;
+    for c in [&mut ann, &mut bob] {
+        c.send(json!({"type":"SUBSCRIBE","data":{"topic":"t"}}))
+            .await;
+        c.recv_type("SUBSCRIBED").await;
+        c.send(json!({"type":"ROOM_JOIN","data":{"room":"r"}}))
+            .await;
+        c.recv_type("ROOM_JOINED").await;
+    }
+    ann.send(json!({"type":"PUBLISH","data":{"topic":"t","content":"x"}}))
+        .await;
+    let publication = ann.recv_type("PUBLICATION").await;
+    let publication_id = publication["data"]["id"].as_str().expect("id").to_owned();
+    ann.send(json!({"type":"ROOM_MESSAGE","data":{"room":"r","content":"y"}}))
+        .await;
+    let message = bob.recv_type("ROOM_MESSAGE").await;
+    let message_id = message["data"]["id"].as_str().expect("id").to_owned();
+    cluster.shutdown().await;
+    wait_for(&receiver, "groups.fanout", 2).await;
+    let spans = receiver.spans();
+    for (id, kind) in [(&publication_id, "topic"), (&message_id, "room")] {
+        let fanout = trace_of(&spans, "groups.fanout", id)
+            .into_iter()
+            .find(|s| s.name == "groups.fanout")
+            .expect("a fan-out span");
+        assert_eq!(
+            fanout.attributes.get("channel.kind").map(String::as_str),
+            Some(kind)
+        );
+        // One push per gateway with subscribers or members: both.
+        assert_eq!(
+            fanout.attributes.get("fanout.size").map(String::as_str),
+            Some("2"),
+            "{fanout:#?}"
+        );
+    }
+}
+
 /// One sample of a metric with exactly these labels (0 when absent).
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     scrape

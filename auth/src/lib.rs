@@ -384,6 +384,8 @@ impl switchboard_mesh::Auth for AuthRole {
             app_id: app.config.app_id.clone(),
             name: app.config.name.clone(),
             master_user_id: app.config.master_user_id.clone(),
+            topic_publish: app.config.topic_publish.as_str().to_owned(),
+            anonymous_rooms: app.config.anonymous_rooms,
         })
     }
 }
@@ -403,7 +405,7 @@ mod tests {
             jwt_public_key_pem: None,
             jwt_public_key_file: None,
             jwt_audience: None,
-            api_keys: Vec::new(),
+            ..AppConfig::demo()
         }
     }
 

@@ -46,6 +46,25 @@ pub struct DeliveryRole {
     /// Where messages for users of other domains go (federation); set once
     /// the router's federation exists.
     onward: std::sync::OnceLock<Arc<dyn Onward>>,
+    /// Told about RELIABLE messages stored for users with nobody connected
+    /// (push webhooks); set once.
+    offline: std::sync::OnceLock<Arc<dyn Offline>>,
+}
+
+/// Messages stored for users with nobody connected (push webhooks).
+#[async_trait]
+pub trait Offline: Send + Sync + 'static {
+    /// `messages` (with their seqs) of `app_id` were stored and found no
+    /// connection of their recipient; durable when this returns.
+    async fn offline(&self, app_id: &str, messages: &[pb::InboxMessage]) -> Result<(), String>;
+}
+
+/// A persistent group's copy for a member homed in another domain.
+fn is_remote_copy(onward: &dyn Onward, e: &pb::Envelope) -> bool {
+    e.kind() == pb::MessageKind::Group
+        && !e.group.is_empty()
+        && e.to.len() == 1
+        && onward.is_remote(&e.app_id, &e.to[0])
 }
 
 /// Users of other domains, for messages this role creates itself (sender
@@ -175,6 +194,7 @@ fn push_to_recipient(app_id: String, msg: pb::InboxMessage) -> pb::PushItem {
         sent_copy: false,
         to: Vec::new(),
         traceparent: String::new(),
+        channel: None,
     }
 }
 
@@ -232,6 +252,34 @@ fn confirmation_of(msg: &MessageHeader<'_>) -> Option<pb::InboxMessage> {
     })
 }
 
+/// Hands confirmations on until a route takes them (backoff up to 30 s),
+/// then removes them from the inbox here.
+async fn retry_onward(
+    onward: Arc<dyn Onward>,
+    store: Arc<dyn Store>,
+    app_id: String,
+    messages: Vec<pb::InboxMessage>,
+    envelopes: Vec<pb::Envelope>,
+) {
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(pause).await;
+        match onward.forward(envelopes.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "confirmations for another domain still wait");
+                pause = (pause * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+    for m in &messages {
+        let inbox = InboxKey::new(app_id.as_str(), m.to.as_str());
+        if let Err(e) = store.remove(&inbox, &[m.seq], None).await {
+            tracing::warn!(error = %e, id = %m.id, "a confirmation sent to another domain stays in the inbox here too");
+        }
+    }
+}
+
 impl DeliveryRole {
     pub fn new(
         store: Arc<dyn Store>,
@@ -249,7 +297,14 @@ impl DeliveryRole {
             abort_after_append: std::env::var(FAILPOINT_ENV)
                 .is_ok_and(|v| v == FAILPOINT_AFTER_APPEND),
             onward: std::sync::OnceLock::new(),
+            offline: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tells `offline` about RELIABLE messages stored for users with nobody
+    /// connected. Set once; later calls are ignored.
+    pub fn set_offline(&self, offline: Arc<dyn Offline>) {
+        let _ = self.offline.set(offline);
     }
 
     /// Sends sender confirmations of users homed in other domains there
@@ -276,7 +331,7 @@ impl DeliveryRole {
         if remote.is_empty() {
             return local;
         }
-        let envelopes = remote
+        let envelopes: Vec<pb::Envelope> = remote
             .iter()
             .map(|m| pb::Envelope {
                 id: m.id.clone(),
@@ -292,7 +347,7 @@ impl DeliveryRole {
                 ..Default::default()
             })
             .collect();
-        match onward.forward(envelopes).await {
+        match onward.forward(envelopes.clone()).await {
             Ok(()) => {
                 for m in &remote {
                     let inbox = InboxKey::new(app_id, m.to.as_str());
@@ -302,7 +357,11 @@ impl DeliveryRole {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, count = remote.len(), "cannot hand confirmations to another domain on; they stay in the inbox here");
+                // Stored here already: nothing is lost, and they are
+                // handed on as soon as a route takes them.
+                tracing::warn!(error = %e, count = remote.len(), "cannot hand confirmations to another domain on now; retrying");
+                let (onward, store, app) = (onward.clone(), self.store.clone(), app_id.to_owned());
+                tokio::spawn(retry_onward(onward, store, app, remote, envelopes));
             }
         }
         local
@@ -348,6 +407,7 @@ impl DeliveryRole {
                     sent_copy: true,
                     to: original.to.clone(),
                     traceparent: String::new(),
+                    channel: None,
                 };
                 copies.push((source, copy));
             }
@@ -565,6 +625,8 @@ impl DeliveryRole {
         let located = self.locate(&who).await?;
         drop(who);
         let mut by_gateway: HashMap<String, Vec<pb::PushItem>> = HashMap::new();
+        // Stored for users with nobody connected, by app (webhooks).
+        let mut offline: HashMap<String, Vec<pb::InboxMessage>> = HashMap::new();
         for (mut item, gateways) in items.into_iter().zip(located) {
             item.traceparent.clone_from(&traceparent);
             match gateways.as_slice() {
@@ -576,6 +638,11 @@ impl DeliveryRole {
                     if fast && !item.sent_copy {
                         // Nobody to hand it to: a FAST message is gone.
                         self.metrics.fast_dropped_offline.increment(1);
+                    } else if !item.sent_copy
+                        && self.offline.get().is_some()
+                        && let Some(msg) = item.message
+                    {
+                        offline.entry(item.app_id).or_default().push(msg);
                     }
                 }
                 [(only, _)] => by_gateway.entry(only.clone()).or_default().push(item),
@@ -583,6 +650,13 @@ impl DeliveryRole {
                     for (gw, _) in many {
                         by_gateway.entry(gw.clone()).or_default().push(item.clone());
                     }
+                }
+            }
+        }
+        if let Some(hook) = self.offline.get() {
+            for (app, messages) in offline {
+                if let Err(e) = hook.offline(&app, &messages).await {
+                    tracing::error!(app = %app, error = %e, count = messages.len(), "cannot write webhook events for offline users");
                 }
             }
         }
@@ -620,6 +694,43 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         )
     )]
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
+        // Copies for users homed in other domains (a persistent group's
+        // members there) go on through the federation, not into an inbox
+        // here. Routers never send such envelopes here otherwise.
+        if let Some(onward) = self.onward.get()
+            && req
+                .envelopes
+                .iter()
+                .any(|e| is_remote_copy(onward.as_ref(), e))
+        {
+            let n = req.envelopes.len();
+            let (mut local, mut local_at, mut remote) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, e) in req.envelopes.into_iter().enumerate() {
+                if is_remote_copy(onward.as_ref(), &e) {
+                    remote.push(pb::Envelope { origin: None, ..e });
+                } else {
+                    local.push(e);
+                    local_at.push(i);
+                }
+            }
+            onward.forward(remote).await?;
+            let delivered = self
+                .deliver_envelopes(local, req.sent_copies, req.copy_to_sender)
+                .await?;
+            let mut seqs = vec![0u64; n];
+            let mut repeated = if delivered.repeated.is_empty() {
+                Vec::new()
+            } else {
+                vec![false; n]
+            };
+            for (k, at) in local_at.into_iter().enumerate() {
+                seqs[at] = delivered.seqs.get(k).copied().unwrap_or(0);
+                if let Some(r) = delivered.repeated.get(k) {
+                    repeated[at] = *r;
+                }
+            }
+            return Ok(pb::DeliverReply { seqs, repeated });
+        }
         let delivered = self
             .deliver_envelopes(req.envelopes, req.sent_copies, req.copy_to_sender)
             .await?;
@@ -877,6 +988,18 @@ mod tests {
         ) -> Result<Vec<Vec<(String, u32)>>, PresenceError> {
             self.batches.fetch_add(1, Ordering::Relaxed);
             self.inner.gateways_batch(a, users).await
+        }
+        async fn online_users(
+            &self,
+            a: &str,
+            limit: usize,
+        ) -> Result<(Vec<String>, bool), PresenceError> {
+            self.inner.online_users(a, limit).await
+        }
+        fn changes(
+            &self,
+        ) -> tokio::sync::broadcast::Receiver<switchboard_presence::PresenceChange> {
+            self.inner.changes()
         }
     }
 

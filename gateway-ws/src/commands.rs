@@ -4,6 +4,11 @@
 //! is a new [`CommandKind`], a struct, a [`ClientCommand`] variant and a
 //! [`crate::Session`] method.
 
+mod channels;
+
+pub use channels::{
+    PresenceUsers, Publish, RoomJoin, RoomLeave, RoomMessage, Subscribe, Unsubscribe,
+};
 use switchboard_mesh::{ErrorCode, ServiceError, pb};
 
 /// The kinds of request the server handles (for checks made before a
@@ -15,6 +20,17 @@ pub enum CommandKind {
     GroupMessage,
     Fetch,
     Ack,
+    /// A request about a persistent group (GROUP_CREATE, …, GROUPS_LIST).
+    Group(pb::GroupOp),
+    Subscribe,
+    Unsubscribe,
+    Publish,
+    RoomJoin,
+    RoomMessage,
+    RoomLeave,
+    PresenceSubscribe,
+    PresenceUnsubscribe,
+    UserList,
 }
 
 /// A client request.
@@ -25,6 +41,16 @@ pub enum ClientCommand {
     GroupMessage(GroupMessage),
     Fetch(Fetch),
     Ack(Ack),
+    Group(GroupCommand),
+    Subscribe(Subscribe),
+    Unsubscribe(Unsubscribe),
+    Publish(Publish),
+    RoomJoin(RoomJoin),
+    RoomMessage(RoomMessage),
+    RoomLeave(RoomLeave),
+    PresenceSubscribe(PresenceUsers),
+    PresenceUnsubscribe(PresenceUsers),
+    UserList,
 }
 
 impl ClientCommand {
@@ -35,6 +61,16 @@ impl ClientCommand {
             ClientCommand::GroupMessage(_) => CommandKind::GroupMessage,
             ClientCommand::Fetch(_) => CommandKind::Fetch,
             ClientCommand::Ack(_) => CommandKind::Ack,
+            ClientCommand::Group(cmd) => CommandKind::Group(cmd.op),
+            ClientCommand::Subscribe(_) => CommandKind::Subscribe,
+            ClientCommand::Unsubscribe(_) => CommandKind::Unsubscribe,
+            ClientCommand::Publish(_) => CommandKind::Publish,
+            ClientCommand::RoomJoin(_) => CommandKind::RoomJoin,
+            ClientCommand::RoomMessage(_) => CommandKind::RoomMessage,
+            ClientCommand::RoomLeave(_) => CommandKind::RoomLeave,
+            ClientCommand::PresenceSubscribe(_) => CommandKind::PresenceSubscribe,
+            ClientCommand::PresenceUnsubscribe(_) => CommandKind::PresenceUnsubscribe,
+            ClientCommand::UserList => CommandKind::UserList,
         }
     }
 }
@@ -93,6 +129,16 @@ pub struct Fetch {
 #[derive(Debug)]
 pub struct Ack {
     pub ids: Vec<String>,
+}
+
+/// A request about a persistent group; which fields it needs depends on
+/// `op` (checked by the session).
+#[derive(Debug)]
+pub struct GroupCommand {
+    pub op: pb::GroupOp,
+    pub group: Option<String>,
+    pub name: Option<String>,
+    pub members: Option<Vec<String>>,
 }
 
 /// Longest client message id, in characters (all ASCII, so also bytes).

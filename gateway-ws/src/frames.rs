@@ -12,6 +12,12 @@ use crate::commands::{
 };
 use crate::json;
 
+mod groups;
+pub use groups::group_reply;
+mod channels;
+
+pub use channels::*;
+
 /// A parsed client frame: its type, top-level fields and the `data` fields
 /// its command reads (moved out by [`ClientFrame::command`]).
 #[derive(Debug)]
@@ -38,7 +44,13 @@ impl FrameKind {
             "GROUP_MESSAGE" => FrameKind::Command(CommandKind::GroupMessage),
             "FETCH_MISSING_MESSAGES_REQUEST" => FrameKind::Command(CommandKind::Fetch),
             "ACK" => FrameKind::Command(CommandKind::Ack),
-            other => FrameKind::Unknown(other.to_owned()),
+            other => match groups::op_of(other) {
+                Some(op) => FrameKind::Command(CommandKind::Group(op)),
+                None => match channels::kind_from_name(other) {
+                    Some(kind) => FrameKind::Command(kind),
+                    None => FrameKind::Unknown(other.to_owned()),
+                },
+            },
         }
     }
 
@@ -68,13 +80,16 @@ pub fn type_name(kind: CommandKind) -> &'static str {
         CommandKind::GroupMessage => "GROUP_MESSAGE",
         CommandKind::Fetch => "FETCH_MISSING_MESSAGES_REQUEST",
         CommandKind::Ack => "ACK",
+        CommandKind::Group(op) => groups::type_name(op),
+        other => channels::type_name(other),
     }
 }
 
 /// The `data` fields any frame type of protocol v1 reads. Others are
 /// skipped while parsing, without being kept.
-const DATA_FIELDS: [&str; 11] = [
+const DATA_FIELDS: [&str; 18] = [
     "to", "content", "group", "id", "appId", "userId", "token", "acks", "device", "count", "ids",
+    "name", "members", "topic", "since", "room", "nick", "users",
 ];
 
 /// The known fields of `data`, each once (a repeated field: the last value
@@ -401,16 +416,26 @@ pub fn push_type(msg: &pb::InboxMessage) -> &'static str {
         pb::MessageKind::Confirmation => "MESSAGE_CONFIRMATION",
         pb::MessageKind::UserConnected => "USER_CONNECTED",
         pb::MessageKind::UserDisconnected => "USER_DISCONNECTED",
+        pb::MessageKind::GroupEvent => "GROUP_EVENT",
     }
 }
 
 /// The client frame types this server handles.
-pub const KNOWN_TYPES: [&str; 5] = [
+pub const KNOWN_TYPES: [&str; 14] = [
     "MESSAGE",
     "AUTH_CLIENT",
     "GROUP_MESSAGE",
     "FETCH_MISSING_MESSAGES_REQUEST",
     "ACK",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PUBLISH",
+    "ROOM_JOIN",
+    "ROOM_MESSAGE",
+    "ROOM_LEAVE",
+    "PRESENCE_SUBSCRIBE",
+    "PRESENCE_UNSUBSCRIBE",
+    "USER_LIST_REQUEST",
 ];
 
 impl ClientFrame {
@@ -464,6 +489,8 @@ impl ClientFrame {
                     .take_string_list("ids")?
                     .ok_or_else(|| self.err(ErrorCode::InvalidFrame, "missing field data.ids"))?,
             }),
+            CommandKind::Group(op) => ClientCommand::Group(self.group_command(op)?),
+            other => self.channel_command(other)?,
         })
     }
 
@@ -669,6 +696,7 @@ pub fn render_push(item: &pb::PushItem, msg: &pb::InboxMessage) -> String {
         pb::MessageKind::UserDisconnected => {
             render("USER_DISCONNECTED", UserData { user_id: &msg.from }, None)
         }
+        pb::MessageKind::GroupEvent => groups::group_event(msg),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The gateway role: the client port. It speaks client protocol v1 over
 //! WebSocket, holds the live connections and writes pushed messages to them.
 
+mod channels;
 pub mod commands;
 mod connection;
 mod counters;
@@ -21,7 +22,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_config::Limits;
-use switchboard_mesh::{AuthClient, DeliveryClient, RouterClient, ServiceError, pb};
+use switchboard_mesh::{
+    AuthClient, ChannelsClient, DeliveryClient, GroupAdminClient, RouterClient, ServiceError, pb,
+};
 use switchboard_presence::Presence;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +44,10 @@ pub struct GatewayDeps {
     pub auth: AuthClient,
     pub router: RouterClient,
     pub delivery: DeliveryClient,
+    /// Persistent groups (the groups role).
+    pub groups: GroupAdminClient,
+    /// Topics and rooms (the groups role).
+    pub channels: ChannelsClient,
     pub presence: Arc<dyn Presence>,
     /// What `/readyz` checks.
     pub readiness: Arc<dyn Readiness>,
@@ -86,6 +93,7 @@ pub(crate) struct GatewayInner {
     pub limits: Limits,
     pub deps: GatewayDeps,
     pub registry: Registry,
+    pub channels: Arc<channels::ChannelRegistry>,
     pub delivered_tx: mpsc::Sender<pb::DeliveredItem>,
     /// Cancelled at shutdown: every connection closes with 1001.
     pub shutdown: CancellationToken,
@@ -103,17 +111,24 @@ impl GatewayRole {
         let (delivered_tx, delivered_rx) = mpsc::channel(DELIVERED_QUEUE);
         let registry = Registry::new(limits.backlog_frames);
         tokio::spawn(report_delivered(deps.delivery.clone(), delivered_rx));
-        GatewayRole {
-            inner: Arc::new(GatewayInner {
-                id: id.into(),
-                limits,
-                deps,
-                registry,
-                delivered_tx,
-                shutdown: CancellationToken::new(),
-                next_conn_id: std::sync::atomic::AtomicU64::new(1),
-            }),
-        }
+        let id = id.into();
+        let channels = Arc::new(channels::ChannelRegistry::new(&id));
+        tokio::spawn(channels::follow_presence(
+            deps.presence.changes(),
+            Arc::downgrade(&channels),
+        ));
+        let inner = Arc::new(GatewayInner {
+            id,
+            limits,
+            deps,
+            registry,
+            channels,
+            delivered_tx,
+            shutdown: CancellationToken::new(),
+            next_conn_id: std::sync::atomic::AtomicU64::new(1),
+        });
+        tokio::spawn(channels::sync_with_owners(Arc::downgrade(&inner)));
+        GatewayRole { inner }
     }
 
     pub fn id(&self) -> &str {
@@ -166,6 +181,9 @@ impl switchboard_mesh::Gateway for GatewayRole {
             .items
             .iter()
             .map(|item| {
+                if let Some(channel) = &item.channel {
+                    return self.inner.channels.push(channel);
+                }
                 let span = tracing::info_span!(
                     "gateway.push",
                     message.id = item.message.as_ref().map(|m| m.id.as_str()).unwrap_or_default(),

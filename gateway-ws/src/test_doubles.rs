@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use switchboard_config::Limits;
-use switchboard_mesh::{AuthClient, DeliveryClient, RouterClient, ServiceError, pb};
+use switchboard_mesh::{
+    AuthClient, DeliveryClient, GroupAdminClient, RouterClient, ServiceError, pb,
+};
 use switchboard_presence::InMemoryPresence;
 
 use crate::{Check, GatewayDeps, GatewayRole, Readiness};
@@ -191,6 +193,30 @@ impl switchboard_mesh::Delivery for Inboxes {
     }
 }
 
+/// Persistent groups, as far as a session sees them: the request comes
+/// back as the group (the real role is tested in groups/ and tests/groups.rs).
+struct EchoGroups;
+
+#[async_trait]
+impl switchboard_mesh::GroupAdmin for EchoGroups {
+    async fn command(
+        &self,
+        req: pb::GroupCommandRequest,
+    ) -> Result<pb::GroupCommandReply, ServiceError> {
+        Ok(pb::GroupCommandReply {
+            group: Some(pb::GroupRecord {
+                app_id: req.app_id,
+                group: req.group,
+                name: req.name,
+                owner: req.user_id,
+                members: req.members,
+                created_ms: 0,
+            }),
+            groups: Vec::new(),
+        })
+    }
+}
+
 struct Ready;
 
 #[async_trait]
@@ -206,6 +232,13 @@ pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
         auth: AuthClient::from_local(Arc::new(DemoAuth)),
         router: RouterClient::from_local(inboxes.clone()),
         delivery: DeliveryClient::from_local(inboxes.clone()),
+        groups: GroupAdminClient::from_local(Arc::new(EchoGroups)),
+        channels: switchboard_mesh::ChannelsClient::from_local(Arc::new(
+            switchboard_groups::ChannelsRole::new(
+                switchboard_groups::ChannelSettings::default(),
+                Arc::new(switchboard_mesh::GatewayTable::default()),
+            ),
+        )),
         presence: Arc::new(InMemoryPresence::default()),
         readiness: Arc::new(Ready),
         domain: "local".to_owned(),

@@ -15,7 +15,9 @@ impl Local {
     /// whether its client id was a repeat.
     pub async fn route(&self, envelope: pb::Envelope) -> Result<(u32, bool), ServiceError> {
         match envelope.kind() {
-            pb::MessageKind::Group => {
+            // A persistent group's copy for one member (fanned out in the
+            // domain that holds the group) is delivered like a direct one.
+            pb::MessageKind::Group if envelope.group.is_empty() || envelope.to.len() != 1 => {
                 let reply = self
                     .groups
                     .fanout(pb::FanoutRequest {

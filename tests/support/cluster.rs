@@ -210,6 +210,27 @@ impl Cluster {
         (status, stderr)
     }
 
+    /// Which of the processes `names` owns `key` (rendezvous hashing over
+    /// their node ids, as the mesh's pools pick the owner of a group,
+    /// topic or room).
+    pub fn owner_of(&self, names: &[&str], key: &[u8]) -> String {
+        let pool = switchboard_mesh::Pool::new("owner", switchboard_mesh::MeshConnector::default());
+        let instances: Vec<(String, String)> = names
+            .iter()
+            .map(|n| {
+                let p = self.proc(n);
+                (p.config.node_id.clone(), format!("http://{}", p.mesh_addr))
+            })
+            .collect();
+        assert!(pool.update(&instances), "instance addresses");
+        let owner = pool.owner(key).expect("an owner");
+        names
+            .iter()
+            .find(|n| self.proc(n).config.node_id == owner)
+            .map(|n| (*n).to_owned())
+            .expect("owner is one of the names")
+    }
+
     pub fn proc(&self, name: &str) -> &Proc {
         self.procs
             .iter()

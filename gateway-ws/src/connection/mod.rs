@@ -4,6 +4,7 @@
 //! the session and renders its outcome as frames; the writer (`writer`)
 //! drains the connection's send queue to the socket.
 
+mod channels;
 mod reader;
 mod writer;
 
@@ -43,7 +44,8 @@ where
         tx,
     };
     let (sink, mut stream) = ws.split();
-    let session = Session::new(gw.clone(), conn_id);
+    let mut session = Session::new(gw.clone(), conn_id);
+    session.attach(handle.clone());
     let identity = session.identity_cell();
 
     let writer = tokio::spawn(writer::write_loop(
@@ -74,6 +76,7 @@ where
         gw.registry.remove(&id.app_id, &id.user_id, conn_id);
         conn.session.offline().await;
     }
+    conn.session.close_channels().await;
     let handshake = match shared.reason() {
         Some(CloseReason::Server(..)) => Some(CLOSE_GRACE),
         // Server shutdown: every connection closes at once; keep it short.
@@ -168,6 +171,13 @@ impl Connection {
                 Ok(Flow::Continue)
             }
             Outcome::Acked => Ok(Flow::Continue),
+            Outcome::Group(group) => {
+                let (kind, text) =
+                    frames::group_reply(group.op, &group.reply, meta.reference.as_deref());
+                self.send_text(kind, text);
+                Ok(Flow::Continue)
+            }
+            Outcome::Channel(outcome) => Ok(self.on_channel(outcome, meta)),
         }
     }
 

@@ -41,7 +41,9 @@ impl Connection {
         // What the stream gave after a batch of text frames, handled next.
         let mut held: Option<Box<Option<Result<Message, WsError>>>> = None;
         loop {
-            let authenticated = self.session.is_authenticated();
+            // An anonymous room member counts as authenticated here: it is
+            // not closed for want of AUTH_CLIENT.
+            let authenticated = self.session.is_admitted();
             let wait = if authenticated {
                 idle
             } else {

@@ -19,7 +19,14 @@ use crate::commands::{
     check_message_id,
 };
 use crate::ratelimit::RateLimiter;
+
+mod groups;
 use crate::registry::Stored;
+pub use groups::GroupOutcome;
+
+mod channels;
+
+pub use channels::ChannelOutcome;
 
 /// Longest wait for another role before a request is answered with
 /// UNAVAILABLE.
@@ -191,6 +198,9 @@ pub enum Outcome {
     Accepted(Accepted),
     Fetched(Fetched),
     Acked,
+    Group(GroupOutcome),
+    /// Topics, rooms and presence subscriptions.
+    Channel(ChannelOutcome),
 }
 
 /// One client's session; see the module documentation.
@@ -203,6 +213,7 @@ pub struct Session {
     /// Highest sequence number a fetch (or the ack-mode replay) returned:
     /// the next page starts after it.
     fetch_cursor: u64,
+    channels: channels::ChannelState,
 }
 
 impl Session {
@@ -215,6 +226,7 @@ impl Session {
             unacked: Arc::default(),
             limiter,
             fetch_cursor: 0,
+            channels: channels::ChannelState::default(),
         }
     }
 
@@ -250,25 +262,33 @@ impl Session {
         if !self.is_authenticated() {
             return match kind {
                 Some(CommandKind::Auth) => Ok(()),
+                Some(kind) if self.admits_anonymous(kind) => self.within_rate(),
                 _ => Err(ServiceError::new(
                     ErrorCode::NotAuthenticated,
                     "send AUTH_CLIENT first",
                 )),
             };
         }
-        if kind != Some(CommandKind::Ack) && !self.limiter.allow() {
-            return Err(ServiceError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {} messages per second",
-                    self.gw.limits.messages_per_second
-                ),
-            ));
+        if kind != Some(CommandKind::Ack) {
+            self.within_rate()?;
         }
         if kind == Some(CommandKind::Auth) {
             return Err(ServiceError::invalid("already authenticated"));
         }
         Ok(())
+    }
+
+    fn within_rate(&mut self) -> Result<(), ServiceError> {
+        if self.limiter.allow() {
+            return Ok(());
+        }
+        Err(ServiceError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} messages per second",
+                self.gw.limits.messages_per_second
+            ),
+        ))
     }
 
     /// Admits and runs a command: the whole rule set for a transport whose
@@ -300,6 +320,8 @@ impl Session {
                 self.ack(ack).await?;
                 Outcome::Acked
             }
+            ClientCommand::Group(cmd) => Outcome::Group(self.group_command(cmd).await?),
+            other => Outcome::Channel(self.run_channel(other, meta).await?),
         })
     }
 
@@ -307,6 +329,13 @@ impl Session {
     pub async fn authenticate(&mut self, auth: Auth) -> Result<AuthOutcome, ServiceError> {
         if self.is_authenticated() {
             return Err(ServiceError::invalid("already authenticated"));
+        }
+        // An anonymous room member's rooms belong to its app and generated
+        // user: signing in as someone (of any app) would mix them.
+        if self.is_admitted() {
+            return Err(ServiceError::invalid(
+                "this connection is an anonymous room member; sign in on a new connection",
+            ));
         }
         let reply = call(self.gw.deps.auth.verify_client(pb::VerifyClientRequest {
             app_id: auth.app_id.clone(),

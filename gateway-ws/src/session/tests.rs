@@ -418,3 +418,86 @@ fn an_ack_of_an_id_two_senders_chose_acknowledges_one_message_per_occurrence() {
     seqs.sort_unstable();
     assert_eq!(seqs, [1, 2]);
 }
+
+#[tokio::test]
+async fn group_requests_are_checked_by_the_session_then_decided_by_the_groups_role() {
+    use crate::commands::GroupCommand;
+    use pb::GroupOp as Op;
+    let (gateway, _) = gateway(Limits {
+        max_group_members: 2,
+        ..Limits::default()
+    });
+    let mut ann = signed_in(&gateway, "demo-ann", false).await;
+    let cmd = |op, group: Option<&str>, name: Option<&str>, members: Option<&[&str]>| {
+        ClientCommand::Group(GroupCommand {
+            op,
+            group: group.map(str::to_owned),
+            name: name.map(str::to_owned),
+            members: members.map(|m| m.iter().map(|u| (*u).to_owned()).collect()),
+        })
+    };
+    for (command, code) in [
+        (cmd(Op::Info, None, None, None), ErrorCode::InvalidFrame),
+        (
+            cmd(Op::Delete, Some(""), None, None),
+            ErrorCode::InvalidFrame,
+        ),
+        (
+            cmd(Op::Leave, Some("g/1"), None, None),
+            ErrorCode::InvalidFrame,
+        ),
+        (
+            cmd(Op::Rename, Some("g-1"), None, None),
+            ErrorCode::InvalidFrame,
+        ),
+        (
+            cmd(Op::Rename, Some("g-1"), Some(&"x".repeat(257)), None),
+            ErrorCode::InvalidFrame,
+        ),
+        (
+            cmd(Op::AddMembers, Some("g-1"), None, Some(&[])),
+            ErrorCode::InvalidFrame,
+        ),
+        (
+            cmd(Op::AddMembers, Some("g-1"), None, Some(&["other-bob"])),
+            ErrorCode::InvalidRecipient,
+        ),
+        (
+            cmd(
+                Op::Create,
+                None,
+                None,
+                Some(&["demo-b", "demo-c", "demo-d"]),
+            ),
+            ErrorCode::InvalidFrame,
+        ),
+    ] {
+        let err = ann
+            .execute(command, &meta("g"))
+            .await
+            .expect_err("refused by the session");
+        assert_eq!(err.code, code, "{err}");
+    }
+    // A well-formed request reaches the groups role as this user.
+    let outcome = ann
+        .execute(
+            cmd(Op::AddMembers, Some("g-1"), None, Some(&["demo-bob"])),
+            &meta("g"),
+        )
+        .await
+        .expect("answered");
+    let Outcome::Group(group) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(group.op, Op::AddMembers);
+    let record = group.reply.group.expect("the group");
+    assert_eq!(
+        (
+            record.app_id.as_str(),
+            record.owner.as_str(),
+            record.group.as_str()
+        ),
+        ("demo", "demo-ann", "g-1")
+    );
+    assert_eq!(record.members, ["demo-bob"]);
+}

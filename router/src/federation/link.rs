@@ -1,7 +1,7 @@
 //! One link to a neighbouring domain: its outbox worker, its state and its
 //! client.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,15 @@ pub(crate) struct Link {
     observed: AtomicBool,
     failures: AtomicU32,
     wake: Notify,
+    /// Writes of this link's state to etcd take turns.
+    pub(crate) publishing: tokio::sync::Mutex<()>,
+    /// FAST calls in flight; past [`MAX_FAST_IN_FLIGHT`] FAST envelopes are
+    /// dropped (counted) rather than piling up toward a slow neighbour.
+    fast_in_flight: AtomicUsize,
 }
+
+/// FAST calls one link may have in flight.
+const MAX_FAST_IN_FLIGHT: usize = 64;
 
 impl Link {
     pub(crate) fn new(peer: &str, options: &FederationOptions) -> Self {
@@ -60,6 +68,8 @@ impl Link {
             observed: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             wake: Notify::new(),
+            publishing: tokio::sync::Mutex::new(()),
+            fast_in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -149,27 +159,27 @@ impl Link {
         outcome
     }
 
-    fn succeeded(&self, inner: &Arc<Inner>) {
+    fn succeeded(self: &Arc<Self>, inner: &Arc<Inner>) {
         self.failures.store(0, Ordering::Relaxed);
         let first = !self.observed.swap(true, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::Relaxed) {
             tracing::info!(peer = %self.peer, "federation link up");
             metrics::gauge!("switchboard_federation_link_up", "peer" => self.peer.clone()).set(1.0);
             inner.recompute();
-            inner.publish_state(&self.peer, true);
+            inner.publish_state(self);
         } else if first {
-            inner.publish_state(&self.peer, true);
+            inner.publish_state(self);
         }
     }
 
-    fn failed(&self, inner: &Arc<Inner>, error: &str) {
+    fn failed(self: &Arc<Self>, inner: &Arc<Inner>, error: &str) {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         self.observed.store(true, Ordering::Relaxed);
         if failures >= DOWN_AFTER && self.up.swap(false, Ordering::Relaxed) {
             tracing::warn!(peer = %self.peer, error, "federation link down");
             metrics::gauge!("switchboard_federation_link_up", "peer" => self.peer.clone()).set(0.0);
             inner.recompute();
-            inner.publish_state(&self.peer, false);
+            inner.publish_state(self);
         } else {
             tracing::debug!(peer = %self.peer, error, failures, "federation call failed");
         }
@@ -182,10 +192,18 @@ impl Link {
                 .increment(envelopes.len() as u64);
             return;
         }
+        if self.fast_in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_FAST_IN_FLIGHT {
+            self.fast_in_flight.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("switchboard_federation_dropped_total", "reason" => "fast: link busy")
+                .increment(envelopes.len() as u64);
+            return;
+        }
         let (link, inner) = (self.clone(), inner.clone());
         tokio::spawn(async move {
             let n = envelopes.len() as u64;
-            match link.call(&inner, envelopes).await {
+            let result = link.call(&inner, envelopes).await;
+            link.fast_in_flight.fetch_sub(1, Ordering::AcqRel);
+            match result {
                 Ok(_) => {
                     metrics::counter!("switchboard_federation_forwarded_total", "peer" => link.peer.clone()).increment(n);
                     link.succeeded(&inner);
@@ -259,8 +277,14 @@ pub(crate) async fn run(inner: Arc<Inner>, link: Arc<Link>) {
             wait(&inner, &link, &mut routes, PROBE_EVERY).await;
             continue;
         }
-        // What no longer goes this way goes its new way.
+        // Without a topology that names this domain nothing can be
+        // routed: everything waits (never delivered here by mistake).
         let table = inner.routes.borrow().clone();
+        if !table.names_me() {
+            wait(&inner, &link, &mut routes, PROBE_EVERY).await;
+            continue;
+        }
+        // What no longer goes this way goes its new way.
         let mut stay = Vec::with_capacity(batch.len());
         let mut moved_ids = Vec::new();
         let mut moves: Vec<(String, pb::Envelope)> = Vec::new();
@@ -342,7 +366,16 @@ pub(crate) async fn run(inner: Arc<Inner>, link: Arc<Link>) {
         last_call = Instant::now();
         let envelopes: Vec<pb::Envelope> = batch.iter().map(|(_, e)| e.clone()).collect();
         let n = envelopes.len();
-        match link.call(&inner, envelopes).await {
+        let result = match link.call(&inner, envelopes).await {
+            // An answer must account for every envelope; one that does not
+            // accepted none of them.
+            Ok(reply) if reply.outcomes.len() != n => Err(format!(
+                "{} outcomes for {n} envelopes",
+                reply.outcomes.len()
+            )),
+            other => other,
+        };
+        match result {
             Ok(reply) => {
                 let refused = reply.outcomes.iter().filter(|o| !o.accepted).count();
                 for (o, (_, e)) in reply.outcomes.iter().zip(&batch) {

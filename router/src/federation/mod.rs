@@ -48,6 +48,8 @@ pub use routes::RouteTable;
 pub const DOWN_AFTER: u32 = 2;
 /// An idle link (nothing sent for this long) is probed with an empty call.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// Most envelopes in one `Forward` call.
+pub const MAX_FORWARD_BATCH: usize = 1_000;
 /// How often the link states other domains publish are read from etcd.
 pub const READ_STATES_EVERY: Duration = Duration::from_millis(300);
 
@@ -93,6 +95,11 @@ pub(crate) struct Inner {
     /// state changes (its version wakes the link workers).
     pub(crate) routes: watch::Sender<Arc<RouteTable>>,
     pub(crate) links: Mutex<HashMap<String, Arc<Link>>>,
+    /// Held while routes are computed and replaced: a slower computation
+    /// never overwrites a newer one (each reads the state afresh inside).
+    pub(crate) recomputing: Mutex<()>,
+    /// The topology in force (what the routes are computed from).
+    pub(crate) topology: Mutex<Option<Arc<switchboard_metadata::CurrentTopology>>>,
     /// Down links as other domains publish them: (reporter, peer).
     pub(crate) reported_down: Mutex<Vec<(String, String)>>,
     pub(crate) stop: CancellationToken,
@@ -121,6 +128,8 @@ impl Federation {
             discovery,
             routes: watch::channel(Arc::new(table)).0,
             links: Mutex::new(HashMap::new()),
+            recomputing: Mutex::new(()),
+            topology: Mutex::new(topology.borrow().clone()),
             reported_down: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
         });
@@ -159,6 +168,11 @@ impl Federation {
         self.routes().home(app_id, user_id).is_some()
     }
 
+    /// Whether a topology naming this domain is in force (routes exist).
+    pub fn is_ready(&self) -> bool {
+        self.routes().names_me()
+    }
+
     /// Routes an envelope from a sender of this domain: the local part here,
     /// the rest to next hops. Returns (local recipients, whether the local
     /// part was a repeat) — `None` when nothing was for here.
@@ -166,9 +180,9 @@ impl Federation {
         &self,
         mut envelope: pb::Envelope,
     ) -> Result<(u32, bool), ServiceError> {
-        if envelope.hop_limit == 0 {
-            envelope.hop_limit = self.inner.options.hop_limit;
-        }
+        // The hop limit is this domain's setting where a message enters
+        // the federation.
+        envelope.hop_limit = self.inner.options.hop_limit;
         // Nothing to split for a message whose recipients all live here
         // (the common case: no copy of the envelope).
         let routes = self.routes();
@@ -180,6 +194,14 @@ impl Federation {
             return self.inner.local.route(envelope).await;
         }
         let parts = self.inner.split(envelope.clone(), &[]);
+        // Every part has a way before any is delivered: no recipient gets a
+        // message its sender is told failed.
+        if parts.iter().any(|(t, _)| *t == Target::Nowhere) {
+            return Err(ServiceError::new(
+                ErrorCode::Unavailable,
+                "no route to the recipient's home domain",
+            ));
+        }
         let mut recipients = 0u32;
         let mut repeat = false;
         let mut remote = Vec::new();
@@ -231,9 +253,7 @@ impl Federation {
         let mut remote = Vec::new();
         let mut copies = Vec::new();
         for (i, mut e) in envelopes.into_iter().enumerate() {
-            if e.hop_limit == 0 {
-                e.hop_limit = self.inner.options.hop_limit;
-            }
+            e.hop_limit = self.inner.options.hop_limit;
             let mut parts = self.inner.split(e.clone(), &[]);
             match parts.pop() {
                 Some((Target::Local, part)) if parts.is_empty() => {
@@ -326,11 +346,13 @@ impl Inner {
     fn split(&self, envelope: pb::Envelope, visited: &[String]) -> Vec<(Target, pb::Envelope)> {
         let routes = self.routes.borrow().clone();
         // Presence events stay in their domain: the master user's
-        // presence is per domain.
+        // presence is per domain. A persistent group's message goes to the
+        // groups role of the domain that holds the group (its copies for
+        // members elsewhere, one recipient each, are routed like any).
         if matches!(
             envelope.kind(),
             pb::MessageKind::UserConnected | pb::MessageKind::UserDisconnected
-        ) || !envelope.group.is_empty()
+        ) || (!envelope.group.is_empty() && envelope.to.is_empty())
         {
             return vec![(Target::Local, envelope)];
         }
@@ -400,13 +422,18 @@ impl Inner {
         Ok(())
     }
 
-    /// Recomputes the routes from the topology and every link state.
+    /// Recomputes the routes from the topology and every link state, all
+    /// read afresh under one lock.
     pub(crate) fn recompute(&self) {
-        let topology = self.routes.borrow().topology.clone();
-        self.recompute_with(topology);
-    }
-
-    fn recompute_with(&self, topology: Option<Arc<switchboard_metadata::CurrentTopology>>) {
+        let _one = self
+            .recomputing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let topology = self
+            .topology
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let reported = self
             .reported_down
             .lock()
@@ -430,19 +457,25 @@ impl Inner {
         self.routes.send_replace(Arc::new(table));
     }
 
-    /// Publishes this domain's observation of the link to `peer`.
-    pub(crate) fn publish_state(self: &Arc<Self>, peer: &str, up: bool) {
+    /// Publishes this domain's observation of `link` in etcd. Writes of
+    /// one link take turns and each writes the state as it is when its
+    /// turn comes, so the last write is the latest state.
+    pub(crate) fn publish_state(self: &Arc<Self>, link: &Arc<Link>) {
         let Some(discovery) = &self.discovery else {
             return;
         };
         let key = format!(
-            "{}links/{}/{peer}",
-            self.options.prefix, self.options.domain
+            "{}links/{}/{}",
+            self.options.prefix, self.options.domain, link.peer
         );
-        let value =
-            serde_json::json!({ "up": up, "since_ms": switchboard_mesh::now_ms() }).to_string();
-        let discovery = discovery.clone();
+        let (discovery, link) = (discovery.clone(), link.clone());
         tokio::spawn(async move {
+            let _turn = link.publishing.lock().await;
+            let value = serde_json::json!({
+                "up": link.is_up(),
+                "since_ms": switchboard_mesh::now_ms(),
+            })
+            .to_string();
             if let Err(e) = discovery.publish(&key, &value).await {
                 tracing::warn!(error = %e, %key, "cannot publish a federation link state in etcd");
             }
@@ -467,7 +500,11 @@ async fn follow_topology(inner: Arc<Inner>, mut topology: TopologyView) {
                 }
             }
         }
-        inner.recompute_with(current);
+        *inner
+            .topology
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = current;
+        inner.recompute();
         tokio::select! {
             _ = inner.stop.cancelled() => return,
             changed = topology.changed() => if changed.is_err() { return },
@@ -544,8 +581,15 @@ impl switchboard_mesh::Federation for Federation {
                 format!("{from_domain} is not linked to {me} in the topology"),
             ));
         }
+        if req.envelopes.len() > MAX_FORWARD_BATCH {
+            return Err(ServiceError::invalid(format!(
+                "at most {MAX_FORWARD_BATCH} envelopes per call, not {}",
+                req.envelopes.len()
+            )));
+        }
         metrics::counter!("switchboard_federation_received_total", "peer" => from_domain.to_owned())
             .increment(req.envelopes.len() as u64);
+        let network = routes.topology.as_ref().map(|t| &t.network);
         let mut outcomes = Vec::with_capacity(req.envelopes.len());
         // Direct ones for here go in one delivery call; the positions.
         let mut local = Vec::new();
@@ -575,8 +619,45 @@ impl switchboard_mesh::Federation for Federation {
                 spans.push(tracing::Span::none());
                 continue;
             }
+            // Every hop a domain of the topology; no sender raises the
+            // limit above this domain's own.
+            if e.hops
+                .iter()
+                .any(|h| network.is_none_or(|n| n.domain(h).is_none()))
+            {
+                outcomes.push(refused(&e, "a hop is not a domain of the topology"));
+                spans.push(tracing::Span::none());
+                continue;
+            }
+            e.hop_limit = e.hop_limit.min(inner.options.hop_limit);
             if e.hops.len() as u32 >= e.hop_limit.max(1) {
                 outcomes.push(refused(&e, "hop limit reached"));
+                spans.push(tracing::Span::none());
+                continue;
+            }
+            // Only the apps of the topology cross domains, and a sender is
+            // a user of the domain the envelope started in: a neighbour
+            // cannot write into this domain's own apps or speak for
+            // users of other domains.
+            let Some(network) = network.filter(|n| n.domain(me).is_some()) else {
+                outcomes.push(refused(&e, "this domain is not in the federation topology"));
+                spans.push(tracing::Span::none());
+                continue;
+            };
+            let sender_home = network.home_domain(&e.app_id, &e.from);
+            if sender_home.is_none() {
+                outcomes.push(refused(
+                    &e,
+                    "the app or the sender is not placed by the federation topology",
+                ));
+                spans.push(tracing::Span::none());
+                continue;
+            }
+            if sender_home != e.hops.first().map(String::as_str) {
+                outcomes.push(refused(
+                    &e,
+                    "the sender is not a user of the domain the envelope started in",
+                ));
                 spans.push(tracing::Span::none());
                 continue;
             }
@@ -620,9 +701,12 @@ impl switchboard_mesh::Federation for Federation {
         }
         // Durable here before the caller acks: a failure fails the call and
         // the caller retries the whole batch (dedup by id).
+        // Ad-hoc group messages are fanned out here; a persistent group's
+        // copies (one recipient each, the group held elsewhere) are
+        // delivered like direct ones.
         let (groups, direct): (Vec<_>, Vec<_>) = local
             .into_iter()
-            .partition(|(_, e)| e.kind() == pb::MessageKind::Group);
+            .partition(|(_, e)| e.kind() == pb::MessageKind::Group && e.group.is_empty());
         if let Some(&(first, _)) = direct.first() {
             // One delivery call for them all; its spans join the first
             // one's trace (one envelope per call at moderate rates).
@@ -646,3 +730,6 @@ impl switchboard_mesh::Federation for Federation {
         Ok(pb::ForwardReply { outcomes })
     }
 }
+
+#[cfg(test)]
+mod tests;

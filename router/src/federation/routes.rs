@@ -95,6 +95,13 @@ impl RouteTable {
         }
     }
 
+    /// Whether a topology naming this domain is in force.
+    pub fn names_me(&self) -> bool {
+        self.topology
+            .as_ref()
+            .is_some_and(|t| t.network.domain(&self.me).is_some())
+    }
+
     /// Whether `domain` is linked to this one in the topology.
     pub fn is_neighbour(&self, domain: &str) -> bool {
         self.topology.as_ref().is_some_and(|t| {

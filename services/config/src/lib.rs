@@ -98,6 +98,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub presence: PresenceConfig,
     pub federation: FederationConfig,
+    pub webhooks: WebhooksConfig,
+    pub channels: ChannelsConfig,
     /// Client apps. Empty: the built-in development app `demo`.
     pub apps: Vec<AppConfig>,
 }
@@ -124,6 +126,8 @@ impl Default for Config {
             store: StoreConfig::default(),
             presence: PresenceConfig::default(),
             federation: FederationConfig::default(),
+            webhooks: WebhooksConfig::default(),
+            channels: ChannelsConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -195,7 +199,7 @@ impl std::fmt::Display for Role {
 pub struct DiscoveryConfig {
     /// Prefix of every key: one per deployment sharing an etcd. Empty (the
     /// default): derived from the domain, `/switchboard/` for the domain
-    /// `local` and `/switchboard/<domain>/` for any other, so that the
+    /// `local` and `/switchboard-domain/<domain>/` for any other, so that the
     /// domains of a federation can share one etcd
     /// ([`Config::discovery_prefix`]).
     pub key_prefix: String,
@@ -255,6 +259,55 @@ impl FederationConfig {
     }
 }
 
+/// Push webhooks: an event POSTed, signed as the Standard Webhooks
+/// specification says, when a RELIABLE message lands in the inbox of a
+/// user with no open connection. Sent by the delivery process from a
+/// durable outbox per app.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// How long an event is retried before it goes to the dead letters.
+    #[serde(with = "humantime_duration")]
+    pub retry_for: Duration,
+    /// One POST may take this long.
+    #[serde(with = "humantime_duration")]
+    pub timeout: Duration,
+    /// The first pause after a failure; it doubles (with jitter) up to a
+    /// minute.
+    #[serde(with = "humantime_duration")]
+    pub backoff_min: Duration,
+    /// The apps that have a webhook.
+    pub apps: Vec<AppWebhook>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            retry_for: Duration::from_secs(24 * 3600),
+            timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_secs(1),
+            apps: Vec::new(),
+        }
+    }
+}
+
+/// One app's webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AppWebhook {
+    pub app_id: String,
+    /// `http(s)://…`, where events are POSTed.
+    pub url: String,
+    /// `whsec_` + base64 (as Standard Webhooks libraries give it).
+    pub secret: String,
+    /// The event types to send; empty: all (`message.offline`).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Characters of the message content in the event; 0 (default): none.
+    #[serde(default)]
+    pub preview_chars: usize,
+}
+
 /// Mutual TLS on the mesh port (all three set) or none (all empty). Every
 /// process presents `cert` when serving and when calling, and accepts only
 /// peers whose certificate `ca` signed. Certificates need the advertised
@@ -292,6 +345,13 @@ pub struct Limits {
     pub max_refusals: u32,
     /// Recipients of one ad-hoc GROUP_MESSAGE.
     pub max_group_recipients: usize,
+    /// Members of one persistent group, the owner included.
+    pub max_group_members: usize,
+    /// Persistent groups one user may belong to.
+    pub max_groups_per_user: usize,
+    /// Recipients per delivery call (one store write) when a message to a
+    /// persistent group is fanned out.
+    pub group_fanout_batch: usize,
     /// Seconds a new connection has to send AUTH_CLIENT.
     pub auth_timeout_secs: u64,
     /// Frames queued for one connection before it counts as a slow consumer.
@@ -323,6 +383,14 @@ pub struct Limits {
     /// (ingestion slows to what the sockets drain; senders feel TCP
     /// backpressure). 0 turns the gate off.
     pub backlog_frames: usize,
+    /// Topics one connection may be subscribed to.
+    pub max_topics_per_connection: usize,
+    /// Rooms one connection may be in.
+    pub max_rooms_per_connection: usize,
+    /// Users one connection may watch with PRESENCE_SUBSCRIBE.
+    pub max_presence_subscriptions: usize,
+    /// Users in one USER_LIST (past it the list says `truncated`).
+    pub max_user_list: usize,
 }
 
 impl Default for Limits {
@@ -333,6 +401,9 @@ impl Default for Limits {
             messages_per_second: 200,
             max_refusals: 200,
             max_group_recipients: 1000,
+            max_group_members: 10_000,
+            max_groups_per_user: 1_000,
+            group_fanout_batch: 1_000,
             auth_timeout_secs: 10,
             send_queue_frames: 4096,
             ping_interval_secs: 25,
@@ -343,6 +414,10 @@ impl Default for Limits {
             read_ahead_bytes: 16 * 1024,
             write_buffer_bytes: 16 * 1024,
             backlog_frames: 16_384,
+            max_topics_per_connection: 100,
+            max_rooms_per_connection: 20,
+            max_presence_subscriptions: 1000,
+            max_user_list: 1000,
         }
     }
 }
@@ -363,6 +438,50 @@ impl Default for PresenceConfig {
         PresenceConfig {
             key_prefix: "switchboard:".into(),
             gateway_ttl_secs: 5,
+        }
+    }
+}
+
+/// Topics and rooms, kept in memory by their owning groups instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelsConfig {
+    /// Publications a topic keeps for recovery (`SUBSCRIBE` with `since`).
+    pub topic_history: usize,
+    /// Messages a room keeps for the `history` of `ROOM_JOINED`.
+    pub room_history: usize,
+    /// How long an empty room, or a topic without subscribers, is kept
+    /// after its last activity (humantime: `"1h"`, `"30s"`).
+    #[serde(with = "humantime_duration")]
+    pub idle: Duration,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        ChannelsConfig {
+            topic_history: 100,
+            room_history: 1000,
+            idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Who may publish to an app's topics.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicPublish {
+    /// Every authenticated user of the app.
+    #[default]
+    Any,
+    /// Only the app's master user (and the server API).
+    Master,
+}
+
+impl TopicPublish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopicPublish::Any => "any",
+            TopicPublish::Master => "master",
         }
     }
 }
@@ -467,6 +586,13 @@ pub struct AppConfig {
     /// Required `aud` of tokens; when unset, `aud` is not checked.
     #[serde(default)]
     pub jwt_audience: Option<String>,
+    /// Who may PUBLISH to topics: `any` (default) or `master`.
+    #[serde(default)]
+    pub topic_publish: TopicPublish,
+    /// Connections may join rooms without AUTH_CLIENT (given a generated
+    /// user id).
+    #[serde(default)]
+    pub anonymous_rooms: bool,
     /// Server-side credentials of the REST API (`Authorization: Bearer
     /// <key>`), stored as hashes only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -533,6 +659,8 @@ impl AppConfig {
             jwt_public_key_pem: None,
             jwt_public_key_file: None,
             jwt_audience: None,
+            topic_publish: TopicPublish::Any,
+            anonymous_rooms: false,
             api_keys: Vec::new(),
         }
     }
@@ -597,10 +725,12 @@ impl Config {
         if !self.discovery.key_prefix.is_empty() {
             return self.discovery.key_prefix.clone();
         }
+        // Beside `/switchboard/`, not under it: no domain's keys fall
+        // among the `local` deployment's.
         if self.domain == DEFAULT_DOMAIN {
             "/switchboard/".to_owned()
         } else {
-            format!("/switchboard/{}/", self.domain)
+            format!("/switchboard-domain/{}/", self.domain)
         }
     }
 
@@ -658,6 +788,31 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "etcd is set but redis is not: processes of one deployment share presence in Redis"
                     .into(),
+            ));
+        }
+        for hook in &self.webhooks.apps {
+            if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "webhooks.apps {}: url {:?} is not http(s)://…",
+                    hook.app_id, hook.url
+                )));
+            }
+            if !hook.secret.starts_with("whsec_") || hook.secret.len() < 16 {
+                return Err(ConfigError::Invalid(format!(
+                    "webhooks.apps {}: secret must be whsec_ followed by base64 (at least 10 characters of it)",
+                    hook.app_id
+                )));
+            }
+            if let Some(bad) = hook.events.iter().find(|e| *e != "message.offline") {
+                return Err(ConfigError::Invalid(format!(
+                    "webhooks.apps {}: unknown event {bad:?} (known: message.offline)",
+                    hook.app_id
+                )));
+            }
+        }
+        if self.webhooks.timeout.is_zero() || self.webhooks.backoff_min.is_zero() {
+            return Err(ConfigError::Invalid(
+                "webhooks.timeout and webhooks.backoff_min must be above zero".into(),
             ));
         }
         let fed = &self.federation;
@@ -736,7 +891,7 @@ impl Config {
         }
         if self.discovery.lease_ttl_secs == 0 {
             return Err(ConfigError::Invalid(
-                "discovery.lease_ttl_secs must be > 0 and discovery.key_prefix non-empty".into(),
+                "discovery.lease_ttl_secs must be > 0".into(),
             ));
         }
         if self.store.hot_mib == 0 {
@@ -771,6 +926,18 @@ impl Config {
         if l.messages_per_second == 0 || l.send_queue_frames == 0 || l.max_group_recipients == 0 {
             return Err(ConfigError::Invalid(
                 "limits.messages_per_second, send_queue_frames and max_group_recipients must be > 0"
+                    .into(),
+            ));
+        }
+        if l.max_group_members == 0
+            || l.max_group_members > 100_000
+            || l.max_groups_per_user == 0
+            || l.group_fanout_batch == 0
+            || l.group_fanout_batch > 10_000
+        {
+            return Err(ConfigError::Invalid(
+                "limits.max_group_members must be 1 to 100000, limits.max_groups_per_user > 0, \
+                 and limits.group_fanout_batch 1 to 10000"
                     .into(),
             ));
         }
@@ -999,7 +1166,7 @@ mod tests {
         .expect("load");
         assert_eq!(ok.federation.secret_for("d2"), "own");
         assert_eq!(ok.federation.secret_for("d3"), "s");
-        assert_eq!(ok.discovery_prefix(), "/switchboard/d1/");
+        assert_eq!(ok.discovery_prefix(), "/switchboard-domain/d1/");
         assert_eq!(Config::default().discovery_prefix(), "/switchboard/");
         let refused = |toml: &str, needle: &str| {
             let err = Config::from_toml_and_env(toml, &env(&[])).expect_err(toml);
@@ -1062,6 +1229,34 @@ mod tests {
             c.advertised_mesh_url().expect("url"),
             "http://10.0.0.5:9089"
         );
+    }
+
+    #[test]
+    fn channel_settings_and_app_permissions_have_defaults_and_load() {
+        let c = Config::from_toml_and_env("", &env(&[])).expect("defaults");
+        assert_eq!(c.channels, ChannelsConfig::default());
+        assert_eq!(c.channels.idle, Duration::from_secs(3600));
+        let c = Config::from_toml_and_env(
+            "[channels]\nroom_history = 5\n[[apps]]\nname = \"A\"\napp_id = \"a\"\nauth = \"none\"\n\
+             [[apps]]\nname = \"B\"\napp_id = \"b\"\nauth = \"none\"\ntopic_publish = \"master\"\nanonymous_rooms = true\n",
+            &env(&[("SWITCHBOARD_CHANNELS__IDLE", "30s")]),
+        )
+        .expect("load");
+        assert_eq!(c.channels.room_history, 5);
+        assert_eq!(c.channels.idle, Duration::from_secs(30));
+        assert_eq!(
+            (c.apps[0].topic_publish, c.apps[0].anonymous_rooms),
+            (TopicPublish::Any, false)
+        );
+        assert_eq!(
+            (c.apps[1].topic_publish, c.apps[1].anonymous_rooms),
+            (TopicPublish::Master, true)
+        );
+        let err = Config::from_toml_and_env(
+            "[[apps]]\nname = \"A\"\napp_id = \"a\"\nauth = \"none\"\ntopic_publish = \"everyone\"\n",
+            &env(&[]),
+        );
+        assert!(err.is_err(), "an unknown topic_publish is refused");
     }
 
     #[test]

@@ -241,3 +241,38 @@ impl pb::gateway_server::Gateway for GatewayService {
         Ok(Response::new(Box::pin(replies.take_until(closing))))
     }
 }
+
+// ---------------------------------------------------------------- persistent groups
+
+use crate::services::{GroupAdmin, GroupRecords};
+use pb::group_admin_server::GroupAdminServer;
+use pb::group_records_server::GroupRecordsServer;
+
+adapter!(
+    /// Persistent groups of the groups role on the mesh.
+    GroupAdminService, GroupAdmin, GroupAdminServer
+);
+adapter!(
+    /// The stored groups on the mesh, where the store is.
+    GroupRecordsService, GroupRecords, GroupRecordsServer
+);
+
+#[tonic::async_trait]
+impl pb::group_admin_server::GroupAdmin for GroupAdminService {
+    async fn command(
+        &self,
+        req: Request<pb::GroupCommandRequest>,
+    ) -> Result<Response<pb::GroupCommandReply>, Status> {
+        unary!(self.command(req), "GroupAdmin/Command")
+    }
+}
+
+#[tonic::async_trait]
+impl pb::group_records_server::GroupRecords for GroupRecordsService {
+    async fn call(
+        &self,
+        req: Request<pb::GroupRecordsRequest>,
+    ) -> Result<Response<pb::GroupRecordsReply>, Status> {
+        unary!(self.call(req), "GroupRecords/Call")
+    }
+}

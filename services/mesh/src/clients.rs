@@ -483,3 +483,48 @@ mod tests {
         server.abort();
     }
 }
+
+// ---------------------------------------------------------------- persistent groups
+
+use crate::services::{GroupAdmin, GroupRecords};
+use pb::group_admin_client::GroupAdminClient as GroupAdminGrpc;
+use pb::group_records_client::GroupRecordsClient as GroupRecordsGrpc;
+
+client_handle!(
+    /// Client of the groups role's persistent groups. Calls go to the
+    /// instance that owns the group (rendezvous hashing on its id; a list of
+    /// a user's groups, which has none, on the user id).
+    GroupAdminClient, GroupAdmin, RemoteGroupAdmin, "groups"
+);
+client_handle!(
+    /// Client of the stored groups, where the store is (round robin).
+    GroupRecordsClient, GroupRecords, RemoteGroupRecords, "delivery"
+);
+
+struct RemoteGroupAdmin(Arc<Pool>);
+struct RemoteGroupRecords(Arc<Pool>);
+
+#[async_trait]
+impl GroupAdmin for RemoteGroupAdmin {
+    async fn command(
+        &self,
+        req: pb::GroupCommandRequest,
+    ) -> Result<pb::GroupCommandReply, ServiceError> {
+        let key = if req.group.is_empty() {
+            req.user_id.as_bytes().to_vec()
+        } else {
+            req.group.as_bytes().to_vec()
+        };
+        pooled!(self, GroupAdminGrpc::command(req), key = Some(&key[..]))
+    }
+}
+
+#[async_trait]
+impl GroupRecords for RemoteGroupRecords {
+    async fn call(
+        &self,
+        req: pb::GroupRecordsRequest,
+    ) -> Result<pb::GroupRecordsReply, ServiceError> {
+        pooled!(self, GroupRecordsGrpc::call(req))
+    }
+}

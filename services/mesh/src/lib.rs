@@ -8,6 +8,7 @@
 //! sits between them.
 
 mod adapters;
+mod channels;
 mod clients;
 mod connector;
 mod credentials;
@@ -20,6 +21,7 @@ mod services;
 pub use adapters::{
     AuthService, DeliveryService, FederationService, GatewayService, GroupsService, RouterService,
 };
+pub use channels::{Channels, ChannelsClient, ChannelsService, channel_key};
 pub use clients::{
     AuthClient, DeliveryClient, GatewayClient, GatewayDirectory, GatewayTable, GroupsClient,
     RouterClient,
@@ -33,6 +35,10 @@ pub use error::{ErrorCode, ServiceError};
 pub use ids::{new_message_id, now_ms};
 pub use pool::{MeshChannel, Pool, RETRY_BUDGET};
 pub use services::{Auth, Delivery, Federation, Gateway, Groups, Router};
+// Persistent groups.
+pub use adapters::{GroupAdminService, GroupRecordsService};
+pub use clients::{GroupAdminClient, GroupRecordsClient};
+pub use services::{GroupAdmin, GroupRecords};
 pub use switchboard_proto::mesh as pb;
 
 /// Largest mesh message, either way. A group fan-out carries one envelope

@@ -35,8 +35,10 @@ pub trait Router: Send + Sync + 'static {
 /// Inbound traffic from a neighbouring domain (the federation port).
 #[async_trait]
 pub trait Federation: Send + Sync + 'static {
-    /// `from_domain` is the caller as its credential proves it (the
-    /// federation guard checked it); the request's own field is not trusted.
+    /// `from_domain` is the caller as the federation guard accepted it (a
+    /// per-peer secret or a TLS certificate binds the name; one shared
+    /// secret trusts every holder to name itself); the request's own field
+    /// is not used.
     async fn forward(
         &self,
         from_domain: &str,
@@ -69,4 +71,24 @@ pub trait Delivery: Send + Sync + 'static {
 #[async_trait]
 pub trait Gateway: Send + Sync + 'static {
     async fn push(&self, req: pb::PushRequest) -> Result<pb::PushReply, ServiceError>;
+}
+
+/// Persistent groups: a client's requests about a group, served by the
+/// groups instance that owns it.
+#[async_trait]
+pub trait GroupAdmin: Send + Sync + 'static {
+    async fn command(
+        &self,
+        req: pb::GroupCommandRequest,
+    ) -> Result<pb::GroupCommandReply, ServiceError>;
+}
+
+/// The stored groups, served where the store is (the delivery process of a
+/// deployment with the embedded store).
+#[async_trait]
+pub trait GroupRecords: Send + Sync + 'static {
+    async fn call(
+        &self,
+        req: pb::GroupRecordsRequest,
+    ) -> Result<pb::GroupRecordsReply, ServiceError>;
 }

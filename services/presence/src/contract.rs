@@ -106,3 +106,86 @@ pub async fn batch_lookup_matches_single_lookups(p: &impl Presence) {
         }
     }
 }
+
+/// The change stream: a user's first connection and last disconnection,
+/// once each, whichever gateways they are on; nothing in between.
+pub async fn changes_are_announced_once_per_transition(p: &impl Presence) {
+    use crate::PresenceChange;
+    let mut changes = p.changes();
+    // A backend whose stream starts listening in the background (Redis
+    // pub/sub) is warmed up first: a probe user comes and goes until a
+    // change of theirs is seen.
+    let mut seen = false;
+    for _ in 0..100 {
+        p.connect("c", "c-probe", "g1").await.expect("c");
+        p.disconnect("c", "c-probe", "g1").await.expect("d");
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), changes.recv()).await
+        {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the change stream never delivered");
+    p.connect("c", "c-1", "g1").await.expect("c");
+    p.connect("c", "c-1", "g2").await.expect("c");
+    p.disconnect("c", "c-1", "g1").await.expect("d");
+    p.disconnect("c", "c-1", "g2").await.expect("d");
+    p.connect("c", "c-sentinel", "g1").await.expect("c");
+    let mut got = Vec::new();
+    loop {
+        let change = tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv())
+            .await
+            .expect("a change in time")
+            .expect("stream open");
+        if change.user_id == "c-probe" {
+            continue; // the warm-up's tail
+        }
+        if change.user_id == "c-sentinel" {
+            break;
+        }
+        got.push(change);
+    }
+    let change = |online| PresenceChange {
+        app_id: "c".into(),
+        user_id: "c-1".into(),
+        online,
+    };
+    assert_eq!(got, vec![change(true), change(false)]);
+}
+
+/// The online users of an app: sorted, capped, and only that app's.
+pub async fn user_list_is_sorted_and_capped(p: &impl Presence) {
+    assert_eq!(
+        p.online_users("u", 10).await.expect("list"),
+        (vec![], false)
+    );
+    for (user, gw) in [("u-3", "g1"), ("u-1", "g2"), ("u-2", "g1"), ("u-1", "g1")] {
+        p.connect("u", user, gw).await.expect("c");
+    }
+    p.connect("v", "u-0", "g1").await.expect("c");
+    let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        p.online_users("u", 10).await.expect("list"),
+        (names(&["u-1", "u-2", "u-3"]), false)
+    );
+    assert_eq!(
+        p.online_users("u", 3).await.expect("list"),
+        (names(&["u-1", "u-2", "u-3"]), false)
+    );
+    assert_eq!(
+        p.online_users("u", 2).await.expect("list"),
+        (names(&["u-1", "u-2"]), true)
+    );
+    // Online while any connection is.
+    p.disconnect("u", "u-1", "g1").await.expect("d");
+    assert_eq!(
+        p.online_users("u", 2).await.expect("list").0,
+        names(&["u-1", "u-2"])
+    );
+    p.disconnect("u", "u-1", "g2").await.expect("d");
+    assert_eq!(
+        p.online_users("u", 2).await.expect("list"),
+        (names(&["u-2", "u-3"]), false)
+    );
+}

@@ -70,7 +70,30 @@ pub trait Presence: Send + Sync + 'static {
     ) -> Result<Vec<Vec<(String, u32)>>, PresenceError> {
         one_by_one(self, app_id, user_ids).await
     }
+
+    /// The app's online users, sorted, at most `limit`; true when there
+    /// were more.
+    async fn online_users(
+        &self,
+        app_id: &str,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool), PresenceError>;
+
+    /// Every user's first connection and last disconnection, from every
+    /// gateway sharing this presence, as they happen.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<PresenceChange>;
 }
+
+/// A user came online (first connection) or went offline (last one closed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    pub app_id: String,
+    pub user_id: String,
+    pub online: bool,
+}
+
+/// Changes buffered per listener before a slow one misses some.
+pub const CHANGES_BUFFER: usize = 16_384;
 
 /// [`Presence::gateways`] of each user in turn.
 async fn one_by_one<P: Presence + ?Sized>(
@@ -100,6 +123,7 @@ type Shard = RwLock<HashMap<String, HashMap<String, Gateways>>>;
 pub struct InMemoryPresence {
     shards: Vec<Shard>,
     hasher: foldhash::fast::RandomState,
+    changes: tokio::sync::broadcast::Sender<PresenceChange>,
 }
 
 const SHARDS: usize = 32;
@@ -112,11 +136,21 @@ impl Default for InMemoryPresence {
         InMemoryPresence {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: foldhash::fast::RandomState::default(),
+            changes: tokio::sync::broadcast::channel(CHANGES_BUFFER).0,
         }
     }
 }
 
 impl InMemoryPresence {
+    fn changed(&self, app_id: &str, user_id: &str, online: bool) {
+        // No listener (no gateway subscribed) is not an error.
+        let _ = self.changes.send(PresenceChange {
+            app_id: app_id.to_owned(),
+            user_id: user_id.to_owned(),
+            online,
+        });
+    }
+
     fn shard(&self, app_id: &str, user_id: &str) -> &Shard {
         &self.shards[self.shard_index(app_id, user_id)]
     }
@@ -158,6 +192,11 @@ impl Presence for InMemoryPresence {
         };
         let first = gateways.is_empty();
         *gateways.entry(gateway_id.to_owned()).or_insert(0) += 1;
+        // Announced under the shard's lock: a user's changes go out in the
+        // order they happened.
+        if first {
+            self.changed(app_id, user_id, true);
+        }
         Ok(Transition {
             user_changed: first,
         })
@@ -196,7 +235,34 @@ impl Presence for InMemoryPresence {
                 map.remove(app_id);
             }
         }
+        if last {
+            self.changed(app_id, user_id, false);
+        }
         Ok(Transition { user_changed: last })
+    }
+
+    async fn online_users(
+        &self,
+        app_id: &str,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool), PresenceError> {
+        let mut users = Vec::new();
+        for shard in &self.shards {
+            let map = shard
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(app) = map.get(app_id) {
+                users.extend(app.keys().cloned());
+            }
+        }
+        users.sort_unstable();
+        let truncated = users.len() > limit;
+        users.truncate(limit);
+        Ok((users, truncated))
+    }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<PresenceChange> {
+        self.changes.subscribe()
     }
 
     async fn gateways(
@@ -257,6 +323,16 @@ mod tests {
     #[tokio::test]
     async fn in_memory_batch_lookup_matches_single_lookups() {
         contract::batch_lookup_matches_single_lookups(&InMemoryPresence::default()).await;
+    }
+
+    #[tokio::test]
+    async fn in_memory_changes_are_announced_once_per_transition() {
+        contract::changes_are_announced_once_per_transition(&InMemoryPresence::default()).await;
+    }
+
+    #[tokio::test]
+    async fn in_memory_user_list_is_sorted_and_capped() {
+        contract::user_list_is_sorted_and_capped(&InMemoryPresence::default()).await;
     }
 
     #[tokio::test]

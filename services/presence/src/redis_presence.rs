@@ -8,6 +8,14 @@
 //!   and deleted the next time the user connects or disconnects, so delivery
 //!   never waits on a dead gateway.
 //!
+//! - `{prefix}u:{app}`: a sorted set (all scores 0, so sorted by name) of
+//!   the app's online users, for the user list; a user whose gateways all
+//!   died stays in it until listed (and is filtered out then).
+//! - `{prefix}presence`: a pub/sub channel with every user's first
+//!   connection and last disconnection (`1`/`0`, app, newline, user),
+//!   published by the connect and disconnect scripts themselves, so each
+//!   change is announced exactly once.
+//!
 //! Each operation is one Lua script: atomic, one round trip. The scripts
 //! touch liveness keys not named in KEYS, so they need one Redis node (or a
 //! cluster with hash tags), not a plain Redis Cluster.
@@ -17,7 +25,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
-use crate::{Presence, PresenceError, Transition};
+use std::sync::{Arc, OnceLock};
+
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
+
+use crate::{CHANGES_BUFFER, Presence, PresenceChange, PresenceError, Transition};
 
 /// The user's connections on live gateways (the caller's own gateway counts
 /// as live); entries of dead gateways are deleted on the way. Returns the
@@ -35,7 +48,7 @@ for i = 1, #fields, 2 do
     redis.call('HDEL', KEYS[1], gw)
   end
 end
-return total
+
 "
     };
 }
@@ -44,7 +57,14 @@ const CONNECT: &str = concat!(
     r"
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 ",
-    live_total_lua!()
+    live_total_lua!(),
+    r"
+redis.call('ZADD', KEYS[2], 0, ARGV[3])
+if total == 1 then
+  redis.call('PUBLISH', ARGV[4], '1' .. ARGV[5])
+end
+return total
+"
 );
 
 const DISCONNECT: &str = concat!(
@@ -57,7 +77,14 @@ if n <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
 ",
-    live_total_lua!()
+    live_total_lua!(),
+    r"
+if total == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('PUBLISH', ARGV[4], '0' .. ARGV[5])
+end
+return total
+"
 );
 
 const GATEWAYS: &str = r"
@@ -100,6 +127,9 @@ return out
 /// Presence kept in Redis.
 #[derive(Clone)]
 pub struct RedisPresence {
+    client: redis::Client,
+    /// The change listener, started on first use.
+    changes: Arc<OnceLock<broadcast::Sender<PresenceChange>>>,
     conn: ConnectionManager,
     prefix: String,
     gateway_ttl: Duration,
@@ -123,8 +153,12 @@ impl RedisPresence {
         gateway_ttl: Duration,
     ) -> Result<Self, PresenceError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
-        let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        let conn = ConnectionManager::new(client.clone())
+            .await
+            .map_err(unavailable)?;
         Ok(RedisPresence {
+            client,
+            changes: Arc::default(),
             conn,
             prefix: prefix.to_owned(),
             gateway_ttl,
@@ -137,6 +171,14 @@ impl RedisPresence {
 
     fn user_key(&self, app_id: &str, user_id: &str) -> String {
         format!("{}p:{}:{}", self.prefix, app_id, user_id)
+    }
+
+    fn users_key(&self, app_id: &str) -> String {
+        format!("{}u:{}", self.prefix, app_id)
+    }
+
+    fn changes_channel(&self) -> String {
+        format!("{}presence", self.prefix)
     }
 
     fn gateway_prefix(&self) -> String {
@@ -154,8 +196,12 @@ impl RedisPresence {
     ) -> Result<i64, PresenceError> {
         script
             .key(self.user_key(app_id, user_id))
+            .key(self.users_key(app_id))
             .arg(gateway_id)
             .arg(self.gateway_prefix())
+            .arg(user_id)
+            .arg(self.changes_channel())
+            .arg(format!("{app_id}\n{user_id}"))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)
@@ -202,8 +248,111 @@ impl RedisPresence {
     }
 }
 
+/// Listens to the change channel until every receiver is gone, reconnecting
+/// after a failure (changes published meanwhile are missed).
+async fn listen(client: redis::Client, channel: String, tx: broadcast::Sender<PresenceChange>) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                Ok(()) => {
+                    pause = Duration::from_millis(100);
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        if let Some(change) = parse_change(msg.get_payload_bytes()) {
+                            let _ = tx.send(change);
+                        }
+                    }
+                    tracing::warn!("presence change channel closed; resubscribing");
+                }
+                Err(e) => tracing::warn!(error = %e, "presence change subscription failed"),
+            },
+            Err(e) => tracing::warn!(error = %e, "presence change connection failed"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// `1app\nuser` (online) or `0app\nuser` (offline).
+fn parse_change(payload: &[u8]) -> Option<PresenceChange> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let online = match text.as_bytes().first()? {
+        b'1' => true,
+        b'0' => false,
+        _ => return None,
+    };
+    let (app_id, user_id) = text[1..].split_once('\n')?;
+    Some(PresenceChange {
+        app_id: app_id.to_owned(),
+        user_id: user_id.to_owned(),
+        online,
+    })
+}
+
+/// Pages of the user list read before giving up on finding enough live
+/// users among stale entries.
+const USER_LIST_PAGES: usize = 8;
+
 #[async_trait]
 impl Presence for RedisPresence {
+    async fn online_users(
+        &self,
+        app_id: &str,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool), PresenceError> {
+        let page = limit.saturating_add(1).min(10_000);
+        let mut live = Vec::new();
+        let mut start = 0usize;
+        // Whether the whole set was read (else the list may miss users
+        // behind stale entries and says it is truncated).
+        let mut read_all = false;
+        for _ in 0..USER_LIST_PAGES {
+            let names: Vec<String> = redis::cmd("ZRANGE")
+                .arg(self.users_key(app_id))
+                .arg(start)
+                .arg(start + page - 1)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+            let got = names.len();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let gateways = self.gateways_batch(app_id, &refs).await?;
+            live.extend(
+                names
+                    .iter()
+                    .zip(gateways)
+                    .filter(|(_, gws)| !gws.is_empty())
+                    .map(|(name, _)| name.clone()),
+            );
+            if got < page {
+                read_all = true;
+                break;
+            }
+            if live.len() > limit {
+                break;
+            }
+            start += page;
+        }
+        let truncated = live.len() > limit || !read_all;
+        live.truncate(limit);
+        Ok((live, truncated))
+    }
+
+    fn changes(&self) -> broadcast::Receiver<PresenceChange> {
+        self.changes
+            .get_or_init(|| {
+                let (tx, _) = broadcast::channel(CHANGES_BUFFER);
+                tokio::spawn(listen(
+                    self.client.clone(),
+                    self.changes_channel(),
+                    tx.clone(),
+                ));
+                tx
+            })
+            .subscribe()
+    }
+
     async fn check(&self) -> Result<(), PresenceError> {
         redis::cmd("PING")
             .query_async::<String>(&mut self.conn.clone())

@@ -55,6 +55,40 @@ async fn batch_lookup_matches_single_lookups() {
 }
 
 #[tokio::test]
+async fn changes_are_announced_once_per_transition() {
+    let Some(p) = presence(Duration::from_secs(30)).await else {
+        return;
+    };
+    contract::changes_are_announced_once_per_transition(&p).await;
+}
+
+#[tokio::test]
+async fn user_list_is_sorted_and_capped() {
+    let Some(p) = presence(Duration::from_secs(30)).await else {
+        return;
+    };
+    contract::user_list_is_sorted_and_capped(&p).await;
+}
+
+/// A user whose only gateway died is not listed, although no disconnect
+/// removed them.
+#[tokio::test]
+async fn the_user_list_leaves_out_users_of_dead_gateways() {
+    let Some(p) = presence(Duration::from_millis(400)).await else {
+        return;
+    };
+    let beat = p.spawn_heartbeat("g1".to_owned());
+    p.connect("a", "a-1", "g1").await.expect("c");
+    p.connect("a", "a-2", "g2").await.expect("c");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        p.online_users("a", 10).await.expect("list"),
+        (vec!["a-1".to_owned()], false)
+    );
+    beat.abort();
+}
+
+#[tokio::test]
 async fn a_dead_gateway_disappears_after_its_ttl() {
     let Some(p) = presence(Duration::from_millis(400)).await else {
         return;

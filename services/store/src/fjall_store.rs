@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::group_commit::{Engine, GroupCommit, Outcome, WriteOp};
+use crate::groups::{FjallGroups, GroupStore};
 use crate::hot::{self, HotLog, HotOptions, SharedIndex, Taken};
 use crate::queue::{FjallQueues, Queue};
 use crate::{
@@ -233,6 +234,8 @@ pub struct FjallStore {
     inbox: Keyspace,
     /// The durable queues, in the same database.
     queues: FjallQueues,
+    /// Persistent groups, in the same database.
+    groups: FjallGroups,
     hot: SharedIndex,
     writer: GroupCommit,
     /// Sequence counters held in memory by the writer (after each batch).
@@ -315,6 +318,11 @@ impl FjallStore {
     /// The durable queues kept in this store's database.
     pub fn queues(&self) -> Arc<dyn Queue> {
         Arc::new(self.queues.clone())
+    }
+
+    /// The persistent groups kept in this store's database.
+    pub fn groups(&self) -> Arc<dyn GroupStore> {
+        Arc::new(self.groups.clone())
     }
 
     pub fn open(data_dir: &Path, options: FjallStoreOptions) -> Result<Self, StoreError> {
@@ -404,6 +412,7 @@ impl FjallStore {
         }
         recovered.log.begin()?;
         let queues = FjallQueues::open(&db)?;
+        let groups = FjallGroups::open(&db)?;
         let mut writer = Writer {
             db,
             inbox: inbox.clone(),
@@ -435,6 +444,7 @@ impl FjallStore {
         Ok(FjallStore {
             inbox,
             queues,
+            groups,
             hot,
             writer,
             counters,
@@ -964,6 +974,8 @@ mod tests {
     crate::store_contract_tests!(FjallHarness);
 
     crate::queue_contract_tests!(|dir: &Path| open(dir).queues());
+
+    crate::group_store_contract_tests!(|dir: &Path| open(dir).groups());
 
     #[tokio::test]
     async fn messages_and_counters_survive_reopening() {

@@ -21,6 +21,8 @@ pub mod contract;
 mod damage_tests;
 mod fjall_store;
 mod group_commit;
+pub mod group_contract;
+pub mod groups;
 mod hot;
 mod manifest;
 pub mod queue;
@@ -28,6 +30,7 @@ pub mod queue_contract;
 
 use async_trait::async_trait;
 pub use fjall_store::{FjallStore, FjallStoreOptions};
+pub use groups::{FjallGroups, GroupChange, GroupRecord, GroupStore};
 use prost::Message;
 pub use queue::{FjallQueues, Queue, QueueDepth, QueueItem};
 pub use switchboard_proto::mesh::InboxMessage;

@@ -15,14 +15,16 @@ pub(crate) struct Pools {
 }
 
 impl Pools {
-    /// One pool per role not run here, when discovery is configured.
+    /// One pool per role not run here, when discovery is configured; and
+    /// one of every groups instance, this one included, whose topics and
+    /// rooms go to their owner even from a process that runs groups too.
     pub(crate) fn new(config: &Config, connector: &MeshConnector) -> Self {
         if config.etcd.is_empty() {
             return Pools::default();
         }
         let pools = Role::ALL
             .into_iter()
-            .filter(|r| !config.runs(*r) && *r != Role::Gateway)
+            .filter(|r| (!config.runs(*r) || *r == Role::Groups) && *r != Role::Gateway)
             .map(|r| (r, Pool::new(r.as_str(), connector.clone())))
             .collect();
         Pools { pools }

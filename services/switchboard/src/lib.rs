@@ -13,17 +13,23 @@ use switchboard_config::{Config, Role, StoreEngine};
 use switchboard_delivery::{DeliveryRole, MeshDelivery};
 use switchboard_discovery::{Discovery, DiscoveryOptions, Member};
 use switchboard_gateway::{Check, GatewayDeps, GatewayRole, Readiness};
-use switchboard_groups::GroupsRole;
+use switchboard_groups::{
+    ChannelSettings, ChannelsRole, GroupLimits, GroupsRole, PersistentGroups, Records, StoredGroups,
+};
 use switchboard_mesh::{
-    AuthClient, AuthService, DeliveryClient, DeliveryService, FederationGuard, FederationService,
-    GatewayClient, GatewayService, GatewayTable, GroupsClient, GroupsService, MeshConnector,
-    MeshCredentials, MeshGuard, MeshTls, Pool, RouterClient, RouterService,
+    AuthClient, AuthService, ChannelsClient, ChannelsService, DeliveryClient, DeliveryService,
+    FederationGuard, FederationService, GatewayClient, GatewayService, GatewayTable, GroupsClient,
+    GroupsService, MeshConnector, MeshCredentials, MeshGuard, MeshTls, Pool, RouterClient,
+    RouterService,
+};
+use switchboard_mesh::{
+    GroupAdminClient, GroupAdminService, GroupRecordsClient, GroupRecordsService,
 };
 use switchboard_metadata::TopologyView;
 use switchboard_metadata::{EtcdMetadata, Kind as MetadataKind, StaticMetadata};
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::{Federation, FederationOptions, RouterRole};
-use switchboard_store::{FjallStore, FjallStoreOptions, Queue, Store};
+use switchboard_store::{FjallStore, FjallStoreOptions, GroupStore, Queue, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -164,14 +170,14 @@ pub async fn serve(
         })
     };
 
-    let (store, queues) = match config.runs(Role::Delivery) {
+    let (store, queues, group_store) = match config.runs(Role::Delivery) {
         true => {
             let opened = open_store(&config).with_context(|| {
                 format!("cannot open the store in {}", config.data_dir.display())
             })?;
-            (Some(opened.inbox), Some(opened.queues))
+            (Some(opened.inbox), Some(opened.queues), Some(opened.groups))
         }
-        false => (None, None),
+        false => (None, None, None),
     };
     // The durable queues, for the roles that send later (federation links,
     // webhooks); none yet. A backlog left from before is worth a line.
@@ -208,13 +214,73 @@ pub async fn serve(
             auth.clone(),
         ))
     });
+    // Push webhooks for users with nobody connected: sent from the
+    // delivery process's durable outboxes.
+    let webhooks = match (&delivery_role, &queues, config.webhooks.apps.is_empty()) {
+        (Some(delivery), Some(queues), false) => {
+            let webhooks =
+                switchboard_webhooks::Webhooks::start(queues.clone(), config.webhooks.clone())
+                    .await
+                    .context("cannot start the webhooks")?;
+            delivery.set_offline(Arc::new(WebhookOffline(webhooks.clone())));
+            Some(webhooks)
+        }
+        _ => None,
+    };
     let delivery = match &delivery_role {
         Some(role) => DeliveryClient::from_local(role.clone()),
         None => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
     };
-    let groups = match config.runs(Role::Groups) {
-        true => GroupsClient::from_local(Arc::new(GroupsRole::new(delivery.clone()))),
-        false => GroupsClient::from_pool(remote_or_pool(Role::Groups)?),
+    // Persistent groups: their records where the store is, their owners
+    // among the groups instances.
+    let group_records = group_store
+        .as_ref()
+        .map(|s| GroupRecordsClient::from_local(Arc::new(StoredGroups::new(s.clone()))));
+    let persistent = match config.runs(Role::Groups) {
+        true => {
+            let records = match &group_records {
+                Some(local) => local.clone(),
+                None => GroupRecordsClient::from_pool(remote_or_pool(Role::Delivery)?),
+            };
+            Some(Arc::new(PersistentGroups::new(
+                Records::new(records),
+                delivery.clone(),
+                GroupLimits {
+                    max_members: config.limits.max_group_members,
+                    max_groups_per_user: config.limits.max_groups_per_user,
+                    fanout_batch: config.limits.group_fanout_batch,
+                },
+            )))
+        }
+        false => None,
+    };
+    let group_admin = match &persistent {
+        Some(p) => GroupAdminClient::from_local(p.clone()),
+        None => GroupAdminClient::from_pool(remote_or_pool(Role::Groups)?),
+    };
+    let groups = match &persistent {
+        Some(p) => GroupsClient::from_local(Arc::new(
+            GroupsRole::new(delivery.clone()).with_persistent(p.clone()),
+        )),
+        None => GroupsClient::from_pool(remote_or_pool(Role::Groups)?),
+    };
+    // Topics and rooms live at the groups role too, each at its owner: with
+    // discovery every call goes to the owner (this process's own instance
+    // included, over its mesh port); without, this process has the only one.
+    let local_channels = config.runs(Role::Groups).then(|| {
+        ChannelsClient::from_local(Arc::new(ChannelsRole::new(
+            ChannelSettings {
+                topic_history: config.channels.topic_history,
+                room_history: config.channels.room_history,
+                idle: config.channels.idle,
+            },
+            gateways.clone(),
+        )))
+    });
+    let channels = match (pools.get(Role::Groups), &local_channels) {
+        (Some(pool), _) => ChannelsClient::from_pool(pool),
+        (None, Some(local)) => local.clone(),
+        (None, None) => ChannelsClient::from_pool(remote_or_pool(Role::Groups)?),
     };
     let router_role = config.runs(Role::Router).then(|| {
         Arc::new(RouterRole::new(
@@ -276,6 +342,8 @@ pub async fn serve(
                     auth: auth.clone(),
                     router,
                     delivery: delivery.clone(),
+                    groups: group_admin.clone(),
+                    channels: channels.clone(),
                     presence: presence.clone(),
                     homes: topology.as_ref().map(|view| {
                         Arc::new(TopologyHomes {
@@ -331,6 +399,21 @@ pub async fn serve(
                 .runs(Role::Groups)
                 .then(|| GroupsService::new(arc_of(&groups)).into_server()),
         )
+        .add_optional_service(
+            persistent
+                .as_ref()
+                .map(|p| GroupAdminService::new(p.clone()).into_server()),
+        )
+        .add_optional_service(
+            group_records
+                .as_ref()
+                .map(|r| GroupRecordsService::new(arc_of(r)).into_server()),
+        )
+        .add_optional_service(
+            local_channels
+                .as_ref()
+                .map(|c| ChannelsService::new(arc_of(c)).into_server()),
+        )
         .add_optional_service(store.is_some().then(|| {
             // Over the mesh a Deliver can come twice (a caller's
             // failover); local calls cannot, and skip that memory.
@@ -371,7 +454,15 @@ pub async fn serve(
                     .iter()
                     .map(|(d, s)| (d.as_str(), s.as_str())),
             );
-            let mut server = tonic::transport::Server::builder();
+            if federation_tls.is_none() && config.federation.peers.is_empty() {
+                tracing::warn!(
+                    "federation with one shared secret and no TLS: every domain holding the secret can call this one under any neighbour's name; use [federation.peers] or [federation.tls] between operators"
+                );
+            }
+            // Bounded: one neighbour cannot hold every task of this process.
+            let mut server = tonic::transport::Server::builder()
+                .concurrency_limit_per_connection(64)
+                .timeout(Duration::from_secs(30));
             if let Some(tls) = &federation_tls {
                 server = server
                     .tls_config(tls.server_config())
@@ -431,6 +522,9 @@ pub async fn serve(
     }
     if let Some(f) = &federation {
         f.stop();
+    }
+    if let Some(w) = &webhooks {
+        w.stop();
     }
     if let Some(server) = federation_server {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
@@ -533,6 +627,8 @@ fn follow_federated_apps(auth: Arc<AuthRole>, mut view: TopologyView, domain: St
                             jwt_public_key_file: None,
                             jwt_audience: None,
                             api_keys: Vec::new(),
+                            topic_publish: switchboard_config::TopicPublish::Any,
+                            anonymous_rooms: false,
                         })
                         .collect()
                 })
@@ -560,6 +656,23 @@ impl switchboard_gateway::Homes for TopologyHomes {
         (home != self.domain)
             .then(|| t.network.domain(home).map(|d| d.client.clone()))
             .flatten()
+    }
+}
+
+/// Webhook events for messages stored for users with nobody connected.
+struct WebhookOffline(Arc<switchboard_webhooks::Webhooks>);
+
+#[async_trait::async_trait]
+impl switchboard_delivery::Offline for WebhookOffline {
+    async fn offline(
+        &self,
+        app_id: &str,
+        messages: &[switchboard_mesh::pb::InboxMessage],
+    ) -> Result<(), String> {
+        self.0
+            .offline(app_id, messages)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -789,6 +902,8 @@ struct OpenedStore {
     inbox: Arc<dyn Store>,
     /// The durable queues, in the same database as the inboxes.
     queues: Arc<dyn Queue>,
+    /// Persistent groups, in the same database.
+    groups: Arc<dyn GroupStore>,
 }
 
 fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreError> {
@@ -809,6 +924,7 @@ fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreEr
             )?;
             OpenedStore {
                 queues: store.queues(),
+                groups: store.groups(),
                 inbox: Arc::new(store),
             }
         }

@@ -1,0 +1,199 @@
+//! Push webhooks against the real binary: a receiver inside the test that
+//! verifies every Standard Webhooks signature, fails when told to, and
+//! records what it got.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{Client, ProcessNode};
+use tokio::sync::Mutex;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+#[derive(Default)]
+struct Receiver {
+    /// Requests still to fail (500) before any succeeds.
+    fail_next: AtomicUsize,
+    /// Refuse every request (503) while set.
+    down: AtomicBool,
+    attempts: AtomicUsize,
+    unsigned: AtomicUsize,
+    /// (webhook-id, body) of every accepted request, in arrival order.
+    got: Mutex<Vec<(String, Value)>>,
+}
+
+async fn hook(
+    axum::extract::State(r): axum::extract::State<Arc<Receiver>>,
+    headers: http::HeaderMap,
+    body: axum::body::Bytes,
+) -> http::StatusCode {
+    r.attempts.fetch_add(1, Ordering::SeqCst);
+    let signer = standardwebhooks::Webhook::new(SECRET).expect("secret");
+    if signer.verify(&body, &headers).is_err() {
+        r.unsigned.fetch_add(1, Ordering::SeqCst);
+        return http::StatusCode::UNAUTHORIZED;
+    }
+    if r.down.load(Ordering::SeqCst) {
+        return http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if r.fail_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return http::StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    let id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    r.got.lock().await.push((id, body));
+    http::StatusCode::NO_CONTENT
+}
+
+async fn receiver() -> (Arc<Receiver>, SocketAddr) {
+    let r = Arc::new(Receiver::default());
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(r.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (r, addr)
+}
+
+/// A config file giving the demo app a webhook at `addr`.
+fn config(dir: &std::path::Path, addr: SocketAddr, retry_for: &str) -> String {
+    let path = dir.join("webhooks.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[webhooks]\nretry_for = \"{retry_for}\"\nbackoff_min = \"50ms\"\ntimeout = \"2s\"\n\
+             [[webhooks.apps]]\napp_id = \"demo\"\nurl = \"http://{addr}/hook\"\nsecret = \"{SECRET}\"\npreview_chars = 5\n"
+        ),
+    )
+    .expect("write config");
+    path.to_string_lossy().into_owned()
+}
+
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within 30 s: {what}");
+}
+
+#[tokio::test]
+async fn offline_users_are_pushed_signed_retried_and_nothing_is_lost_to_a_kill9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (r, addr) = receiver().await;
+    r.fail_next.store(3, Ordering::SeqCst);
+    let cfg = config(dir.path(), addr, "1h");
+    let env = [("SWITCHBOARD_CONFIG", cfg.as_str())];
+    let data = dir.path().join("data");
+    let mut node = ProcessNode::start_with_env(&data, &env).await;
+
+    // bob has nobody connected: an event, after three failed attempts.
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    let id = ann.send_accepted("demo-bob", "hello world", "r1").await;
+    wait_for("the first event", async || r.got.lock().await.len() == 1).await;
+    let (event_id, event) = r.got.lock().await[0].clone();
+    assert!(event_id.starts_with("evt_"), "{event_id}");
+    assert_eq!(event["type"], "message.offline", "{event}");
+    let data_of = &event["data"];
+    assert_eq!(data_of["appId"], "demo");
+    assert_eq!(data_of["userId"], "demo-bob");
+    assert_eq!(data_of["from"], "demo-ann");
+    assert_eq!(data_of["messageId"], id.as_str());
+    assert_eq!(data_of["kind"], "direct");
+    assert_eq!(data_of["preview"], "hello");
+    assert!(
+        r.attempts.load(Ordering::SeqCst) >= 4,
+        "three failures, then success"
+    );
+
+    // A connected recipient: no event.
+    let mut carol = Client::login(&node.url(), "demo-carol").await;
+    ann.send_accepted("demo-carol", "you are here", "r2").await;
+    carol.recv_type("MESSAGE").await;
+
+    // The receiver is down while five more are written for bob; the
+    // server is killed with them in its outbox and comes back.
+    r.down.store(true, Ordering::SeqCst);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            ann.send_accepted("demo-bob", &format!("m{i}"), &format!("k{i}"))
+                .await,
+        );
+    }
+    node.kill9();
+    r.down.store(false, Ordering::SeqCst);
+    let node = ProcessNode::start_with_env(&data, &env).await;
+    wait_for("the five events after the restart", async || {
+        r.got.lock().await.len() >= 6
+    })
+    .await;
+    let got = r.got.lock().await.clone();
+    let after: Vec<&str> = got[1..]
+        .iter()
+        .filter_map(|(_, e)| e["data"]["messageId"].as_str())
+        .collect();
+    // At least once, in the outbox's order; a repeat carries the same
+    // webhook-id.
+    let mut distinct: Vec<&str> = Vec::new();
+    for m in &after {
+        if !distinct.contains(m) {
+            distinct.push(m);
+        }
+    }
+    assert_eq!(distinct, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        got.iter().all(|(_, e)| e["data"]["userId"] == "demo-bob"),
+        "only bob was offline"
+    );
+    assert_eq!(r.unsigned.load(Ordering::SeqCst), 0, "every request signed");
+    drop(node);
+}
+
+#[tokio::test]
+async fn an_event_failing_for_its_whole_retry_period_is_dead_lettered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (r, addr) = receiver().await;
+    r.fail_next.store(usize::MAX, Ordering::SeqCst);
+    let cfg = config(dir.path(), addr, "1s");
+    let node =
+        ProcessNode::start_with_env(&dir.path().join("data"), &[("SWITCHBOARD_CONFIG", &cfg)])
+            .await;
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    ann.send_accepted("demo-bob", "nobody hears", "r1").await;
+    wait_for("the event in the dead letters", async || {
+        let Some((200, _, text)) = support::http_get_text(node.client_addr, "/metrics").await
+        else {
+            return false;
+        };
+        text.lines().any(|l| {
+            l.starts_with("switchboard_webhooks_dead_lettered_total")
+                && l.contains("app=\"demo\"")
+                && l.ends_with(" 1")
+        })
+    })
+    .await;
+    assert!(r.attempts.load(Ordering::SeqCst) >= 2, "retried first");
+    assert!(r.got.lock().await.is_empty());
+}
