@@ -250,6 +250,67 @@ async fn rest_send_defaults_lists_and_fast() {
     node.shutdown().await;
 }
 
+/// A topic publication through REST reaches subscribers as the PUBLISH
+/// frame of its sender would: the same fields, the id and offset the 202
+/// gave; the online list names the connected users.
+#[tokio::test]
+async fn rest_publishes_to_topics_and_lists_online_users() {
+    let node = TestNode::start_with(with_keys, Default::default()).await;
+    let api = Api::new(&node.url());
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let mut cat = Client::login(&node.url(), "demo-cat").await;
+    bob.send(json!({"type": "SUBSCRIBE", "data": {"topic": "prices"}}))
+        .await;
+    bob.recv_type("SUBSCRIBED").await;
+
+    // The same publication over WebSocket, for comparison.
+    cat.send(json!({"type": "PUBLISH", "data": {"topic": "prices", "content": "7"}}))
+        .await;
+    cat.recv_type("PUBLISHED").await;
+    let by_ws = bob.recv_type("PUBLICATION").await;
+
+    let a = api
+        .send(
+            Some(SEND_KEY),
+            json!({"topic": "prices", "from": "demo-ann", "content": "8"}),
+        )
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let by_rest = bob.recv_type("PUBLICATION").await;
+    let keys = |f: &Value| -> BTreeSet<String> {
+        f["data"]
+            .as_object()
+            .expect("data")
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&by_rest), keys(&by_ws), "{by_rest} vs {by_ws}");
+    assert_eq!(by_rest["data"]["from"], "demo-ann");
+    assert_eq!(by_rest["data"]["content"], "8");
+    assert_eq!(by_rest["data"]["id"], a.body["id"]);
+    assert_eq!(by_rest["data"]["offset"], a.body["offset"]);
+    assert_eq!(
+        by_rest["data"]["offset"].as_u64(),
+        by_ws["data"]["offset"].as_u64().map(|o| o + 1)
+    );
+
+    // Users count as online once their login went round (AUTH_CLIENT_REPLY
+    // comes before registration): bob and cat each had a round trip since.
+    let online = api.get("/v1/apps/demo/online", PRESENCE_KEY).await;
+    assert_eq!(online.status, 200, "{}", online.body);
+    assert_eq!(
+        online.body,
+        json!({"users": ["demo-bob", "demo-cat"], "truncated": false})
+    );
+    let forbidden = api.get("/v1/apps/demo/online", SEND_KEY).await;
+    assert_eq!(
+        (forbidden.status, forbidden.body["code"].clone()),
+        (403, json!("FORBIDDEN"))
+    );
+    node.shutdown().await;
+}
+
 fn uuid_v7(id: &str) -> bool {
     id.len() == 36 && id.as_bytes()[14] == b'7'
 }
@@ -453,16 +514,16 @@ async fn rest_bad_bodies_get_the_documented_errors() {
         ),
         (ok(json!({"to": []})), 400, "INVALID_FRAME", "empty"),
         (
-            ok(json!({"to": null, "topic": "prices"})),
+            ok(json!({"to": null, "topic": "prices", "id": "p-1"})),
             400,
-            "UNKNOWN_TYPE",
-            "not available yet",
+            "INVALID_FRAME",
+            "do not apply to a topic",
         ),
         (
             ok(json!({"to": null, "room": "kitchen"})),
             400,
             "UNKNOWN_TYPE",
-            "not available yet",
+            "not available through REST",
         ),
         (
             ok(json!({"content": "c".repeat(1025)})),
@@ -549,6 +610,7 @@ async fn openapi_document_is_valid_and_checked_in() {
         "/v1/apps/{appId}/messages",
         "/v1/apps/{appId}/users/{userId}/presence",
         "/v1/apps/{appId}/users/{userId}/inbox",
+        "/v1/apps/{appId}/online",
     ] {
         assert!(paths.contains_key(path), "{path} is documented");
     }

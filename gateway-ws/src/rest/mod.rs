@@ -21,8 +21,8 @@ use switchboard_mesh::{ErrorCode, pb};
 use utoipa::OpenApi;
 
 use crate::GatewayRole;
-use crate::commands::{GroupMessage, Message, RequestMeta};
-use crate::session::{ApiGrant, KeyCheck, Session};
+use crate::commands::{GroupMessage, Message, Publish, RequestMeta};
+use crate::session::{ApiGrant, ChannelOutcome, KeyCheck, Session};
 
 pub use error::{ApiError, ErrorBody};
 
@@ -42,6 +42,12 @@ pub fn router(gateway: &GatewayRole) -> Router<GatewayRole> {
             get(user_presence)
                 .fallback(method_not_allowed)
                 .layer(from_fn(|req, next| counted("user_presence", req, next))),
+        )
+        .route(
+            "/v1/apps/{appId}/online",
+            get(online_users)
+                .fallback(method_not_allowed)
+                .layer(from_fn(|req, next| counted("online_users", req, next))),
         )
         .route(
             "/v1/apps/{appId}/users/{userId}/inbox",
@@ -84,8 +90,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
                        frame it mirrors (docs/protocol.md). Errors are `{code, message}` with \
                        the protocol's error codes."
     ),
-    paths(send_message, user_presence, inbox_depth),
-    components(schemas(SendMessage, Recipients, Feature, MessageAccepted, Presence, InboxDepth, ErrorBody)),
+    paths(send_message, user_presence, online_users, inbox_depth),
+    components(schemas(SendMessage, Recipients, Feature, MessageAccepted, Presence, OnlineUsers, InboxDepth, ErrorBody)),
     modifiers(&BearerKey),
     tags((name = "messages"), (name = "users"))
 )]
@@ -125,10 +131,12 @@ pub struct SendMessage {
     /// A persistent group's id (the sender must be a member).
     #[serde(default)]
     group: Option<String>,
-    /// A topic (not available yet: answered 400 `UNKNOWN_TYPE`).
+    /// A topic: published as `PUBLISH` from `from` would be (every
+    /// subscriber gets a `PUBLICATION`); `id` and `feature` do not apply.
     #[serde(default)]
     topic: Option<String>,
-    /// A room (not available yet: answered 400 `UNKNOWN_TYPE`).
+    /// A room: not available through REST (rooms take messages from their
+    /// members' connections), answered 400 `UNKNOWN_TYPE`.
     #[serde(default)]
     room: Option<String>,
     /// The message text, at most `limits.max_content_bytes` bytes (UTF-8).
@@ -174,6 +182,17 @@ pub enum Feature {
 pub struct MessageAccepted {
     /// The message's id: the given `id`, or a UUIDv7.
     id: String,
+    /// A topic publication's offset in its topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OnlineUsers {
+    /// The app's users with an open connection, sorted.
+    users: Vec<String>,
+    /// More are online than `limits.max_user_list` (the list is cut).
+    truncated: bool,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -286,9 +305,9 @@ fn meta(headers: &HeaderMap, reference: Option<String>) -> RequestMeta {
     security(("apiKey" = [])),
     responses(
         (status = 202, description = "Accepted (stored, when RELIABLE)", body = MessageAccepted),
-        (status = 400, description = "Invalid JSON (`INVALID_JSON`), a missing or wrong field (`INVALID_FRAME`), a recipient not of the app (`INVALID_RECIPIENT`), topics and rooms (`UNKNOWN_TYPE`, not available yet)", body = ErrorBody),
+        (status = 400, description = "Invalid JSON (`INVALID_JSON`), a missing or wrong field (`INVALID_FRAME`), a recipient not of the app or an unknown group (`INVALID_RECIPIENT`), a room (`UNKNOWN_TYPE`)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key (`NOT_AUTHENTICATED`)", body = ErrorBody),
-        (status = 403, description = "The key lacks the `send` scope, or the sender is not a member of the group (`FORBIDDEN`, `NOT_A_MEMBER`)", body = ErrorBody),
+        (status = 403, description = "The key lacks the `send` scope, the sender is not a member of the group, or may not publish to the app's topics (`FORBIDDEN`, `NOT_A_MEMBER`)", body = ErrorBody),
         (status = 413, description = "Body over the frame limit, or content over the content limit (`PAYLOAD_TOO_LARGE`)", body = ErrorBody),
         (status = 415, description = "The body is not `application/json` (`INVALID_FRAME`)", body = ErrorBody),
         (status = 503, description = "A role did not answer in time; try again (`UNAVAILABLE`)", body = ErrorBody),
@@ -319,13 +338,39 @@ async fn send_message(
             "give exactly one of to, group, topic and room",
         ));
     }
-    if body.topic.is_some() || body.room.is_some() {
+    if body.room.is_some() {
         return Err(ApiError::new(
             ErrorCode::UnknownType,
-            "topics and rooms are not available yet on this server",
+            "sending to a room is not available through REST: rooms take messages from their \
+             members' connections (ROOM_JOIN over WebSocket)",
+        ));
+    }
+    if body.topic.is_some() && (body.id.is_some() || body.feature.is_some()) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidFrame,
+            "id and feature do not apply to a topic publication",
         ));
     }
     session.act_for(grant, body.from)?;
+    if let Some(topic) = body.topic {
+        let published = session
+            .publish(Publish {
+                topic,
+                content: body.content,
+            })
+            .await?;
+        let ChannelOutcome::Published { id, offset, .. } = published else {
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                "unexpected publish outcome",
+            ));
+        };
+        let accepted = MessageAccepted {
+            id,
+            offset: Some(offset),
+        };
+        return Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response());
+    }
     let meta = meta(&headers, body.reference);
     let accepted = match (body.to, body.group) {
         (Some(Recipients::One(to)), _) => {
@@ -353,7 +398,10 @@ async fn send_message(
     };
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(MessageAccepted { id: accepted.id }),
+        axum::Json(MessageAccepted {
+            id: accepted.id,
+            offset: None,
+        }),
     )
         .into_response())
 }
@@ -386,6 +434,31 @@ async fn user_presence(
     session.act_for(grant, Some(user_id.clone()))?;
     let online = session.is_online(&user_id).await?;
     Ok(axum::Json(Presence { user_id, online }))
+}
+
+/// Read the app's online users.
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{appId}/online",
+    tag = "users",
+    params(("appId" = String, Path, description = "The app's id")),
+    security(("apiKey" = [])),
+    responses(
+        (status = 200, description = "The connected users, sorted, capped at `limits.max_user_list`", body = OnlineUsers),
+        (status = 401, description = "Missing or wrong API key (`NOT_AUTHENTICATED`)", body = ErrorBody),
+        (status = 403, description = "The key lacks the `presence` scope (`FORBIDDEN`)", body = ErrorBody),
+        (status = 503, description = "Presence did not answer; try again (`UNAVAILABLE`)", body = ErrorBody),
+    )
+)]
+async fn online_users(
+    State(gateway): State<GatewayRole>,
+    Path(app_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<axum::Json<OnlineUsers>, ApiError> {
+    let session = gateway.session();
+    let grant = grant(&session, &headers, &app_id, ApiScope::Presence).await?;
+    let (users, truncated) = session.online_users(&grant).await?;
+    Ok(axum::Json(OnlineUsers { users, truncated }))
 }
 
 /// Read the depth of a user's inbox.

@@ -119,6 +119,21 @@ impl Session {
         Ok(gateways.iter().any(|(_, n)| *n > 0))
     }
 
+    /// The online users of the grant's app, sorted, at most
+    /// `limits.max_user_list` (`true`: there are more), as
+    /// `USER_LIST_REQUEST` answers them.
+    pub async fn online_users(
+        &self,
+        grant: &ApiGrant,
+    ) -> Result<(Vec<String>, bool), ServiceError> {
+        self.gw
+            .deps
+            .presence
+            .online_users(&grant.app_id, self.gw.limits.max_user_list)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("presence: {e}")))
+    }
+
     /// The number of stored messages waiting in the session user's inbox
     /// (RELIABLE messages and confirmations not delivered yet).
     pub async fn inbox_depth(&self) -> Result<u64, ServiceError> {
