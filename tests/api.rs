@@ -311,6 +311,40 @@ async fn rest_publishes_to_topics_and_lists_online_users() {
     node.shutdown().await;
 }
 
+/// A send to a persistent group goes through the groups role as the
+/// GROUP_MESSAGE frame does: members get it with `data.group`; a sender
+/// who is not a member gets NOT_A_MEMBER.
+#[tokio::test]
+async fn rest_sends_to_a_persistent_group() {
+    let node = TestNode::start_with(with_keys, Default::default()).await;
+    let api = Api::new(&node.url());
+    let mut ann = Client::login(&node.url(), "demo-ann").await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    ann.send(json!({"type": "GROUP_CREATE", "data": {"name": "Team", "members": ["demo-bob"], "group": "g-team"}}))
+        .await;
+    ann.recv_type("GROUP_CREATED").await;
+    let a = api
+        .send(
+            Some(SEND_KEY),
+            json!({"group": "g-team", "from": "demo-ann", "content": "standup", "id": "team-1"}),
+        )
+        .await;
+    assert_eq!((a.status, a.body.clone()), (202, json!({"id": "team-1"})));
+    let m = bob.recv_type("MESSAGE").await;
+    assert_eq!(m["data"]["group"], "g-team", "{m}");
+    assert_eq!(m["data"]["from"], "demo-ann");
+    assert_eq!(m["data"]["id"], "team-1");
+    let outsider = api
+        .send(
+            Some(SEND_KEY),
+            json!({"group": "g-team", "from": "demo-cat", "content": "hi"}),
+        )
+        .await;
+    assert_eq!(outsider.status, 403, "{}", outsider.body);
+    assert_eq!(outsider.body["code"], "NOT_A_MEMBER");
+    node.shutdown().await;
+}
+
 fn uuid_v7(id: &str) -> bool {
     id.len() == 36 && id.as_bytes()[14] == b'7'
 }

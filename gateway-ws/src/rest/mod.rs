@@ -1,5 +1,6 @@
 //! The public REST API, `/v1` on the client port: server-side callers send
-//! messages and read presence and inbox depths with an app's API key. Each
+//! messages (to users, groups and topics) and read presence, the online
+//! list and inbox depths with an app's API key. Each
 //! handler is a thin adapter over a [`Session`](crate::Session), so a call
 //! behaves exactly as the WebSocket frame it mirrors (same checks, ids,
 //! inboxes, confirmations, `MESSAGE_SENT` copies and traces). The OpenAPI
@@ -85,7 +86,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     info(
         title = "Switchboard REST API",
         version = "1",
-        description = "Send messages and read presence and inbox depths with an app's API key \
+        description = "Send messages and read presence, the online list and inbox depths with an app's API key \
                        (`Authorization: Bearer <key>`). Every call behaves as the WebSocket \
                        frame it mirrors (docs/protocol.md). Errors are `{code, message}` with \
                        the protocol's error codes."
@@ -291,8 +292,9 @@ fn meta(headers: &HeaderMap, reference: Option<String>) -> RequestMeta {
 
 /// Send a message.
 ///
-/// Accepted as the WebSocket `MESSAGE` (`to` a user) or `GROUP_MESSAGE`
-/// (`to` a list, or `group`) frame from `from` would be: RELIABLE messages
+/// Accepted as the WebSocket `MESSAGE` (`to` a user), `GROUP_MESSAGE`
+/// (`to` a list, or `group`) or `PUBLISH` (`topic`, answered with its
+/// offset) frame from `from` would be: RELIABLE messages
 /// are stored before the answer; `from`'s connections get `MESSAGE_SENT`
 /// copies; a RELIABLE direct message with a `reference` gets a
 /// `MESSAGE_CONFIRMATION` to `from` once delivered.
