@@ -2,7 +2,7 @@
 # Runs the whole Switchboard test suite on a fresh machine.
 #
 # Installs what is missing (Debian's etcd-server and redis-server, with
-# apt-get), starts etcd and Redis on free loopback ports with temporary data
+# apt-get; schemathesis from PyPI into a cached venv), starts etcd and Redis on free loopback ports with temporary data
 # dirs, passes their addresses to the tests (SWITCHBOARD_TEST_ETCD,
 # SWITCHBOARD_TEST_REDIS), runs `cargo test --workspace`, and stops what it
 # started by PID, also when the tests fail. Arguments go to cargo test in
@@ -96,9 +96,29 @@ if ((services)); then
   export SWITCHBOARD_TEST_ETCD="http://127.0.0.1:$etcd_port"
   export SWITCHBOARD_TEST_REDIS="redis://127.0.0.1:$redis_port"
   log "etcd at $SWITCHBOARD_TEST_ETCD, redis at $SWITCHBOARD_TEST_REDIS"
+
+  # schemathesis (PyPI) fuzzes the REST API from its OpenAPI document
+  # (tests/api.rs). Installed once into a venv of its own, pinned, within
+  # five minutes; without it that test is skipped (fails under CI=true).
+  venv="${XDG_CACHE_HOME:-$HOME/.cache}/switchboard-test/venv-schemathesis-4.32.5"
+  if [[ ! -x $venv/bin/schemathesis ]]; then
+    log "installing schemathesis 4.32.5 into $venv"
+    rm -rf "$venv"
+    if ! { python3 -m venv "$venv" >/dev/null 2>&1 &&
+      timeout 300 "$venv/bin/pip" install -q --disable-pip-version-check 'schemathesis==4.32.5' >"$tmp/pip.log" 2>&1; }; then
+      log "cannot install schemathesis (python3 venv/pip or PyPI unavailable): its test is skipped"
+      tail -3 "$tmp/pip.log" >&2 2>/dev/null || true
+      rm -rf "$venv"
+    fi
+  fi
+  if [[ -x $venv/bin/schemathesis ]]; then
+    export SWITCHBOARD_TEST_SCHEMATHESIS="$venv/bin/schemathesis"
+  else
+    unset SWITCHBOARD_TEST_SCHEMATHESIS
+  fi
 else
-  unset SWITCHBOARD_TEST_ETCD SWITCHBOARD_TEST_REDIS
-  log "no etcd or Redis (--no-services): the tests that need them are skipped"
+  unset SWITCHBOARD_TEST_ETCD SWITCHBOARD_TEST_REDIS SWITCHBOARD_TEST_SCHEMATHESIS
+  log "no etcd, Redis or schemathesis (--no-services): the tests that need them are skipped"
 fi
 # Each test skipped for a missing service appends a line here.
 export SWITCHBOARD_TEST_SKIPS="$tmp/skips"

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-use switchboard_config::{AppConfig, AuthMode};
+use switchboard_config::{ApiKeyConfig, AppConfig, AuthMode};
 use switchboard_mesh::{ErrorCode, ServiceError, pb};
 use switchboard_metadata::{Kind, Metadata, MetadataError, MetadataExt};
 use tokio::sync::broadcast::error::RecvError;
@@ -284,6 +284,28 @@ fn register(app: AppConfig) -> Result<RegisteredApp, AuthError> {
     })
 }
 
+/// The key of `keys` whose hash is the SHA-256 of `presented`. Every key is
+/// compared, each in constant time, so the time taken tells nothing about
+/// which bytes matched.
+fn find_api_key<'a>(keys: &'a [ApiKeyConfig], presented: &str) -> Option<&'a ApiKeyConfig> {
+    use sha2::Digest;
+    use subtle::ConstantTimeEq;
+    let digest = sha2::Sha256::digest(presented.as_bytes());
+    let mut hex = [0u8; 64];
+    for (i, b) in digest.iter().enumerate() {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        hex[2 * i] = DIGITS[usize::from(b >> 4)];
+        hex[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    let mut found = None;
+    for key in keys {
+        if bool::from(key.sha256.as_bytes().ct_eq(&hex)) && found.is_none() {
+            found = Some(key);
+        }
+    }
+    found
+}
+
 fn refuse(reason: impl Into<String>) -> pb::VerifyClientReply {
     pb::VerifyClientReply {
         authenticated: false,
@@ -333,6 +355,27 @@ impl switchboard_mesh::Auth for AuthRole {
         })
     }
 
+    #[tracing::instrument(name = "auth.verify_api_key", skip_all, fields(app = %req.app_id))]
+    async fn verify_api_key(
+        &self,
+        req: pb::VerifyApiKeyRequest,
+    ) -> Result<pb::VerifyApiKeyReply, ServiceError> {
+        let Some(app) = self.app(&req.app_id) else {
+            return Ok(pb::VerifyApiKeyReply::default());
+        };
+        let Some(key) = find_api_key(&app.config.api_keys, &req.key) else {
+            tracing::debug!(app = %app.config.name, "api key refused");
+            return Ok(pb::VerifyApiKeyReply::default());
+        };
+        Ok(pb::VerifyApiKeyReply {
+            valid: true,
+            app_name: app.config.name.clone(),
+            master_user_id: app.config.master_user_id.clone(),
+            key_name: key.name.clone(),
+            scopes: key.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+        })
+    }
+
     async fn get_app(&self, req: pb::GetAppRequest) -> Result<pb::App, ServiceError> {
         let app = self
             .app(&req.app_id)
@@ -373,6 +416,60 @@ mod tests {
             &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
         )
         .expect("encode")
+    }
+
+    fn sha256_hex(text: &str) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn api_keys_are_matched_by_hash_with_their_scopes() {
+        use switchboard_config::{ApiKeyConfig, ApiScope};
+        let mut app = jwt_app();
+        app.api_keys = vec![
+            ApiKeyConfig {
+                name: "backend".into(),
+                sha256: sha256_hex("key-one"),
+                scopes: vec![ApiScope::Send],
+            },
+            ApiKeyConfig {
+                name: "ops".into(),
+                sha256: sha256_hex("key-two"),
+                scopes: vec![ApiScope::Presence, ApiScope::Admin],
+            },
+        ];
+        let role = AuthRole::new(vec![app]).expect("role");
+        let check = |app: &str, key: &str| {
+            role.verify_api_key(pb::VerifyApiKeyRequest {
+                app_id: app.into(),
+                key: key.into(),
+            })
+        };
+        let one = check("app-1", "key-one").await.expect("reply");
+        assert!(one.valid);
+        assert_eq!(
+            (one.key_name.as_str(), one.scopes.clone()),
+            ("backend", vec!["send".to_owned()])
+        );
+        assert_eq!(
+            (one.app_name.as_str(), one.master_user_id.as_str()),
+            ("ANZ", "ANZ-0")
+        );
+        let two = check("app-1", "key-two").await.expect("reply");
+        assert_eq!(two.scopes, vec!["presence".to_owned(), "admin".to_owned()]);
+        for (app, key) in [
+            ("app-1", "key-on"),
+            ("app-1", ""),
+            ("app-1", &sha256_hex("key-one")),
+            ("other", "key-one"),
+        ] {
+            let reply = check(app, key).await.expect("reply");
+            assert!(!reply.valid && reply.scopes.is_empty(), "{app} {key}");
+        }
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ mod json;
 mod ratelimit;
 mod read_ahead;
 mod registry;
+pub mod rest;
 mod seen;
 mod server;
 pub mod session;

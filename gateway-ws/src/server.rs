@@ -29,6 +29,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade))
+        .merge(crate::rest::router(&gateway))
         .with_state(gateway.clone());
     let closing = gateway.clone();
     // Small frames must leave at once: no Nagle delay on client sockets.

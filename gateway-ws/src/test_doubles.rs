@@ -35,6 +35,25 @@ impl switchboard_mesh::Auth for DemoAuth {
     async fn get_app(&self, _: pb::GetAppRequest) -> Result<pb::App, ServiceError> {
         Err(ServiceError::internal("not used"))
     }
+
+    /// API keys of `demo`: `k-send` (scope send) and `k-admin` (admin).
+    async fn verify_api_key(
+        &self,
+        req: pb::VerifyApiKeyRequest,
+    ) -> Result<pb::VerifyApiKeyReply, ServiceError> {
+        let scope = match (req.app_id.as_str(), req.key.as_str()) {
+            ("demo", "k-send") => "send",
+            ("demo", "k-admin") => "admin",
+            _ => return Ok(pb::VerifyApiKeyReply::default()),
+        };
+        Ok(pb::VerifyApiKeyReply {
+            valid: true,
+            app_name: "demo".into(),
+            master_user_id: "demo-0".into(),
+            key_name: req.key,
+            scopes: vec![scope.into()],
+        })
+    }
 }
 
 /// Inboxes and the id index: what router, groups and delivery do, in memory.

@@ -755,5 +755,8 @@ async fn call<T>(
         .map_err(|_| ServiceError::unavailable("timed out; try again"))?
 }
 
+mod api;
 #[cfg(test)]
 mod tests;
+
+pub use api::{ApiGrant, KeyCheck};

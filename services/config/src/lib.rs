@@ -593,6 +593,58 @@ pub struct AppConfig {
     /// user id).
     #[serde(default)]
     pub anonymous_rooms: bool,
+    /// Server-side credentials of the REST API (`Authorization: Bearer
+    /// <key>`), stored as hashes only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+/// One API key of an app: `{ name = "backend", sha256 = "<hex>", scopes = ["send"] }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// For logs and operators; not secret.
+    pub name: String,
+    /// Lowercase hex SHA-256 of the key (64 characters): the key itself is
+    /// never stored (`switchboard apps new-key` prints both).
+    pub sha256: String,
+    pub scopes: Vec<ApiScope>,
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiScope {
+    /// Send messages.
+    Send,
+    /// Manage persistent groups.
+    Groups,
+    /// Read presence.
+    Presence,
+    /// Everything, including reading inbox depths.
+    Admin,
+}
+
+impl ApiScope {
+    pub const ALL: [ApiScope; 4] = [
+        ApiScope::Send,
+        ApiScope::Groups,
+        ApiScope::Presence,
+        ApiScope::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiScope::Send => "send",
+            ApiScope::Groups => "groups",
+            ApiScope::Presence => "presence",
+            ApiScope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ApiScope> {
+        ApiScope::ALL.into_iter().find(|s| s.as_str() == text)
+    }
 }
 
 impl AppConfig {
@@ -609,6 +661,7 @@ impl AppConfig {
             jwt_audience: None,
             topic_publish: TopicPublish::Any,
             anonymous_rooms: false,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -926,6 +979,19 @@ impl AppConfig {
                 self.name
             )));
         }
+        for key in &self.api_keys {
+            let hex = key.sha256.len() == 64
+                && key
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if key.name.is_empty() || !hex || key.scopes.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "app {:?}: api key {:?} needs a name, sha256 as 64 lowercase hex digits and at least one scope",
+                    self.name, key.name
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -990,6 +1056,43 @@ fn typed_like(default: &toml::Value, var: &str, raw: &str) -> Result<toml::Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_keys_load_and_are_checked() {
+        let app = |keys: &str| {
+            format!(
+                "[[apps]]\nname = \"ANZ\"\napp_id = \"a1\"\nauth = \"none\"\napi_keys = [{keys}]\n"
+            )
+        };
+        let hash = "ab".repeat(32);
+        let c = Config::from_toml_and_env(
+            &app(&format!(
+                "{{ name = \"backend\", sha256 = \"{hash}\", scopes = [\"send\", \"admin\"] }}"
+            )),
+            &BTreeMap::new(),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.apps[0].api_keys[0].scopes,
+            vec![ApiScope::Send, ApiScope::Admin]
+        );
+        for bad in [
+            format!("{{ name = \"b\", sha256 = \"{hash}\", scopes = [\"root\"] }}"),
+            format!(
+                "{{ name = \"b\", sha256 = \"{}\", scopes = [\"send\"] }}",
+                "AB".repeat(32)
+            ),
+            "{ name = \"b\", sha256 = \"abc\", scopes = [\"send\"] }".to_owned(),
+            format!("{{ name = \"b\", sha256 = \"{hash}\", scopes = [] }}"),
+            format!("{{ name = \"\", sha256 = \"{hash}\", scopes = [\"send\"] }}"),
+            format!("{{ name = \"b\", sha256 = \"{hash}\", scopes = [\"send\"], key = \"x\" }}"),
+        ] {
+            assert!(
+                Config::from_toml_and_env(&app(&bad), &BTreeMap::new()).is_err(),
+                "{bad}"
+            );
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -120,6 +120,12 @@ impl pb::auth_server::Auth for AuthService {
     async fn get_app(&self, req: Request<pb::GetAppRequest>) -> Result<Response<pb::App>, Status> {
         unary!(self.get_app(req), "Auth/GetApp")
     }
+    async fn verify_api_key(
+        &self,
+        req: Request<pb::VerifyApiKeyRequest>,
+    ) -> Result<Response<pb::VerifyApiKeyReply>, Status> {
+        unary!(self.verify_api_key(req), "Auth/VerifyApiKey")
+    }
 }
 
 #[tonic::async_trait]

@@ -121,6 +121,12 @@ impl Auth for RemoteAuth {
     async fn get_app(&self, req: pb::GetAppRequest) -> Result<pb::App, ServiceError> {
         pooled!(self, AuthGrpc::get_app(req))
     }
+    async fn verify_api_key(
+        &self,
+        req: pb::VerifyApiKeyRequest,
+    ) -> Result<pb::VerifyApiKeyReply, ServiceError> {
+        pooled!(self, AuthGrpc::verify_api_key(req))
+    }
 }
 
 #[async_trait]

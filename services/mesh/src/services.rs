@@ -13,6 +13,14 @@ pub trait Auth: Send + Sync + 'static {
         req: pb::VerifyClientRequest,
     ) -> Result<pb::VerifyClientReply, ServiceError>;
     async fn get_app(&self, req: pb::GetAppRequest) -> Result<pb::App, ServiceError>;
+    /// Checks an API key of the public REST API. Doubles that serve no
+    /// REST calls need not implement it.
+    async fn verify_api_key(
+        &self,
+        _req: pb::VerifyApiKeyRequest,
+    ) -> Result<pb::VerifyApiKeyReply, ServiceError> {
+        Err(ServiceError::unavailable("API keys are not checked here"))
+    }
 }
 
 /// Where an envelope goes: local delivery, group fan-out or another domain.

@@ -49,8 +49,50 @@ enum Command {
     /// file (checked first: an invalid file writes nothing), show the
     /// domains, links and the route from each domain to every other.
     Topology(TopologyArgs),
+    /// Sends one message through the REST API (POST /v1/apps/APP/messages)
+    /// and prints its id; on an error prints the error code and message
+    /// and exits with status 1.
+    Send(SendArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// The server's client port [env: SWITCHBOARD_URL]
+    #[arg(long, env = "SWITCHBOARD_URL", default_value = "http://127.0.0.1:8088")]
+    url: String,
+    /// An API key of the app with the `send` scope [env: SWITCHBOARD_API_KEY]
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    key: String,
+    /// The app's id [env: SWITCHBOARD_APP]
+    #[arg(long, env = "SWITCHBOARD_APP")]
+    app: String,
+    /// Recipient user; several (repeated or comma-separated) make an ad-hoc
+    /// group message
+    #[arg(long, value_delimiter = ',')]
+    to: Vec<String>,
+    /// A persistent group's id, instead of --to
+    #[arg(long)]
+    group: Option<String>,
+    /// A topic, instead of --to
+    #[arg(long)]
+    topic: Option<String>,
+    /// The sending user; default: the app's master user
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long)]
+    content: String,
+    /// RELIABLE (default) or FAST
+    #[arg(long)]
+    feature: Option<String>,
+    /// The message's own id, for safe resends
+    #[arg(long)]
+    id: Option<String>,
+    /// A correlation string; a RELIABLE direct message with one is confirmed
+    /// to the sender
+    #[arg(long)]
+    reference: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -143,7 +185,7 @@ struct AppsArgs {
 
 #[derive(Subcommand)]
 enum AppsAction {
-    /// One line per app: app id, name, auth mode, master user.
+    /// One line per app: app id, name, auth mode, master user, API key names.
     List,
     /// Adds or replaces every app of FILE: `[[apps]]` tables with the keys
     /// of the config file's `[[apps]]`.
@@ -152,6 +194,20 @@ enum AppsAction {
     Delete {
         #[arg(required = true)]
         app_ids: Vec<String>,
+    },
+    /// Prints a fresh random API key (once: only its hash is stored) and
+    /// the `api_keys` line that holds its hash, for the app's `[[apps]]`
+    /// entry. Needs no etcd.
+    NewKey {
+        /// The app's name (for the printed hint)
+        #[arg(long)]
+        app: String,
+        /// Comma-separated: send, groups, presence, admin
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// The key's name in the config, for logs
+        #[arg(long, default_value = "backend")]
+        name: String,
     },
 }
 
@@ -204,6 +260,10 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Send(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(send(args))
         }
         Command::Apps(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -368,10 +428,113 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     served
 }
 
+/// `apps new-key`: 32 bytes of the OS CSPRNG, hex, with a prefix that
+/// makes keys easy to spot in leaked text.
+fn new_key(app: &str, scopes: &[String], name: &str) -> anyhow::Result<()> {
+    use sha2::Digest;
+    use std::fmt::Write;
+    for scope in scopes {
+        anyhow::ensure!(
+            switchboard_config::ApiScope::parse(scope).is_some(),
+            "unknown scope {scope:?}: use send, groups, presence or admin"
+        );
+    }
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains('"'),
+        "--name must be non-empty, without quotes"
+    );
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no random bytes: {e}"))?;
+    let mut key = String::from("sbk_");
+    for b in bytes {
+        let _ = write!(key, "{b:02x}");
+    }
+    let mut hash = String::new();
+    for b in sha2::Sha256::digest(key.as_bytes()) {
+        let _ = write!(hash, "{b:02x}");
+    }
+    let scopes: Vec<String> = scopes.iter().map(|s| format!("{s:?}")).collect();
+    eprintln!(
+        "a new API key for app {app:?}: the key (shown once, keep it secret) and the line for \
+         the app's [[apps]] entry (or add the entry to api_keys there):"
+    );
+    println!("{key}");
+    println!(
+        "api_keys = [{{ name = \"{name}\", sha256 = \"{hash}\", scopes = [{}] }}]",
+        scopes.join(", ")
+    );
+    Ok(())
+}
+
+/// `send`: one message through the REST API.
+async fn send(args: SendArgs) -> anyhow::Result<()> {
+    // reqwest's rustls has no provider of its own (no C builds): ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut body = serde_json::Map::new();
+    match args.to.len() {
+        0 => {}
+        1 => {
+            body.insert("to".into(), args.to[0].clone().into());
+        }
+        _ => {
+            body.insert("to".into(), args.to.clone().into());
+        }
+    }
+    let optional = [
+        ("group", args.group),
+        ("topic", args.topic),
+        ("from", args.from),
+        ("feature", args.feature),
+        ("id", args.id),
+        ("reference", args.reference),
+    ];
+    for (field, value) in optional {
+        if let Some(value) = value {
+            body.insert(field.into(), value.into());
+        }
+    }
+    body.insert("content".into(), args.content.into());
+    let url = format!(
+        "{}/v1/apps/{}/messages",
+        args.url.trim_end_matches('/'),
+        args.app
+    );
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+    let response = client
+        .post(&url)
+        .bearer_auth(&args.key)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let text = response.text().await.context("reading the answer")?;
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    if status == reqwest::StatusCode::ACCEPTED
+        && let Some(id) = json.get("id").and_then(|v| v.as_str())
+    {
+        println!("{id}");
+        return Ok(());
+    }
+    match (
+        json.get("code").and_then(|v| v.as_str()),
+        json.get("message").and_then(|v| v.as_str()),
+    ) {
+        (Some(code), Some(message)) => anyhow::bail!("HTTP {status}: {code}: {message}"),
+        _ => anyhow::bail!("HTTP {status}: {text}"),
+    }
+}
+
 async fn apps(args: AppsArgs) -> anyhow::Result<()> {
     use switchboard_config::AppConfig;
     use switchboard_metadata::{EtcdMetadata, MetadataExt};
 
+    if let AppsAction::NewKey { app, scopes, name } = &args.action {
+        return new_key(app, scopes, name);
+    }
     let file = match &args.config {
         Some(path) => Config::load(Some(path), &BTreeMap::new())?,
         None => Config::default(),
@@ -407,9 +570,13 @@ async fn apps(args: AppsArgs) -> anyhow::Result<()> {
                     switchboard_config::AuthMode::None => "none",
                     switchboard_config::AuthMode::Jwt => "jwt",
                 };
+                let keys: Vec<&str> = app.api_keys.iter().map(|k| k.name.as_str()).collect();
                 println!(
-                    "{}\tname={}\tauth={auth}\tmaster_user_id={}",
-                    app.app_id, app.name, app.master_user_id
+                    "{}\tname={}\tauth={auth}\tmaster_user_id={}\tapi_keys={}",
+                    app.app_id,
+                    app.name,
+                    app.master_user_id,
+                    keys.join(",")
                 );
             }
         }
@@ -443,6 +610,8 @@ async fn apps(args: AppsArgs) -> anyhow::Result<()> {
                 println!("put {}", app.app_id);
             }
         }
+        // Answered above, without etcd.
+        AppsAction::NewKey { .. } => {}
         AppsAction::Delete { app_ids } => {
             let mut missing = Vec::new();
             for id in &app_ids {

@@ -17,6 +17,9 @@ use std::io::Write;
 pub const ETCD: &str = "SWITCHBOARD_TEST_ETCD";
 /// The Redis under test (`redis://host:port`).
 pub const REDIS: &str = "SWITCHBOARD_TEST_REDIS";
+/// The `schemathesis` executable (PyPI), which fuzzes the REST API from its
+/// OpenAPI document; `scripts/test.sh` installs it into a venv.
+pub const SCHEMATHESIS: &str = "SWITCHBOARD_TEST_SCHEMATHESIS";
 /// File a skipped test appends its line to.
 pub const SKIPS_FILE: &str = "SWITCHBOARD_TEST_SKIPS";
 
