@@ -671,7 +671,21 @@ async fn nothing_accepted_is_lost_when_the_domain_on_the_path_dies_or_a_link_is_
         ring.kill9(1);
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // d2 comes back only after d1 has seen it gone and sent on through
+    // d4 (else everything could simply wait for d2's return).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ring
+        .metric(
+            0,
+            "switchboard_federation_forwarded_total",
+            &["peer=\"d4\""],
+        )
+        .await
+        == 0.0
+    {
+        assert!(Instant::now() < deadline, "d1 never sent through d4");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     ring.restart(1).await;
     let got = collect(
         &mut carol,
