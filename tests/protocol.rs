@@ -660,6 +660,7 @@ fn jwt_app() -> AppConfig {
         jwt_public_key_pem: None,
         jwt_public_key_file: None,
         jwt_audience: None,
+        auth_url: None,
         ..AppConfig::demo()
     }
 }

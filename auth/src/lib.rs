@@ -51,6 +51,8 @@ pub struct AuthRole {
     /// The apps of the federation's topology (every domain serves them);
     /// an app of this deployment's own with the same id wins.
     federated: RwLock<Arc<Registry>>,
+    /// Calls to apps' auth URLs, and their positive answers remembered.
+    url_auth: UrlAuth,
     /// Dropped with the role: the task following the apps (if any) ends.
     _followed: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -71,6 +73,7 @@ impl AuthRole {
         Ok(AuthRole {
             apps: RwLock::new(Arc::new(build(apps, true)?)),
             federated: RwLock::default(),
+            url_auth: UrlAuth::default(),
             _followed: None,
         })
     }
@@ -95,6 +98,7 @@ impl AuthRole {
         let role = Arc::new(AuthRole {
             apps: RwLock::new(Arc::new(build(or_demo(apps), strict)?)),
             federated: RwLock::default(),
+            url_auth: UrlAuth::default(),
             _followed: Some(followed),
         });
         let weak: Weak<AuthRole> = Arc::downgrade(&role);
@@ -228,6 +232,157 @@ impl AuthRole {
     }
 }
 
+/// How long one call to an app's auth URL may take: past it the client is
+/// told to retry (UNAVAILABLE), not refused.
+pub const AUTH_URL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a positive answer of an auth URL is remembered (at most; an
+/// `expiresAt` in the answer shortens it).
+pub const AUTH_URL_CACHE: Duration = Duration::from_secs(60);
+/// Most answers remembered; past it the expired ones are dropped, then all.
+const AUTH_URL_CACHE_ENTRIES: usize = 100_000;
+
+/// Calls to apps' auth URLs (`auth = "url"`).
+#[derive(Default)]
+struct UrlAuth {
+    client: std::sync::OnceLock<Result<reqwest::Client, String>>,
+    /// (app id, user id, SHA-256 of the token) → until when it is accepted.
+    accepted: std::sync::Mutex<HashMap<(String, String, [u8; 32]), std::time::Instant>>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UrlAuthRequest<'a> {
+    app_id: &'a str,
+    user_id: &'a str,
+    token: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UrlAuthAnswer {
+    is_authenticated: bool,
+    /// Unix milliseconds after which the answer no longer holds.
+    #[serde(default)]
+    expires_at: Option<i64>,
+}
+
+impl UrlAuth {
+    fn client(&self) -> Result<&reqwest::Client, ServiceError> {
+        self.client
+            .get_or_init(|| {
+                // reqwest's rustls needs the process-wide crypto provider;
+                // another part of the process may have installed it.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::builder()
+                    .timeout(AUTH_URL_TIMEOUT)
+                    .connect_timeout(AUTH_URL_TIMEOUT)
+                    .build()
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| ServiceError::unavailable(format!("no HTTP client for auth URLs: {e}")))
+    }
+}
+
+impl AuthRole {
+    /// `auth = "url"`: the app's service decides. Its positive answers are
+    /// remembered; an answer that does not come (down, slow, 5xx) is
+    /// UNAVAILABLE to the client, who may retry — never a refusal.
+    async fn check_url(
+        &self,
+        app: &RegisteredApp,
+        req: &pb::VerifyClientRequest,
+    ) -> Result<pb::VerifyClientReply, ServiceError> {
+        use sha2::Digest;
+        let accepted = || pb::VerifyClientReply {
+            authenticated: true,
+            reason: String::new(),
+            app_name: app.config.name.clone(),
+            master_user_id: app.config.master_user_id.clone(),
+        };
+        let key = (
+            req.app_id.clone(),
+            req.user_id.clone(),
+            <[u8; 32]>::from(sha2::Sha256::digest(req.token.as_bytes())),
+        );
+        let now = std::time::Instant::now();
+        if self
+            .url_auth
+            .accepted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .is_some_and(|until| *until > now)
+        {
+            metrics::counter!("switchboard_auth_url_total", "outcome" => "cached").increment(1);
+            return Ok(accepted());
+        }
+        let Some(url) = app.config.auth_url.as_deref() else {
+            return Ok(refuse("this app's auth URL is not configured"));
+        };
+        let started = std::time::Instant::now();
+        let answer = self
+            .url_auth
+            .client()?
+            .post(url)
+            .json(&UrlAuthRequest {
+                app_id: &req.app_id,
+                user_id: &req.user_id,
+                token: &req.token,
+            })
+            .send()
+            .await;
+        metrics::histogram!("switchboard_auth_url_seconds").record(started.elapsed().as_secs_f64());
+        let unavailable = |why: String| {
+            metrics::counter!("switchboard_auth_url_total", "outcome" => "unavailable")
+                .increment(1);
+            tracing::warn!(app = %app.config.name, %why, "the app's auth URL did not answer");
+            ServiceError::unavailable(format!(
+                "the app's auth service did not answer ({why}); retry"
+            ))
+        };
+        let response = answer.map_err(|e| {
+            unavailable(if e.is_timeout() {
+                format!("no answer within {AUTH_URL_TIMEOUT:?}")
+            } else {
+                "cannot reach it".to_owned()
+            })
+        })?;
+        if !response.status().is_success() {
+            return Err(unavailable(format!("it answered {}", response.status())));
+        }
+        let answer: UrlAuthAnswer = response
+            .json()
+            .await
+            .map_err(|_| unavailable("its answer is not {\"isAuthenticated\": …}".to_owned()))?;
+        if !answer.is_authenticated {
+            metrics::counter!("switchboard_auth_url_total", "outcome" => "refused").increment(1);
+            return Ok(refuse("refused by the app's auth service"));
+        }
+        metrics::counter!("switchboard_auth_url_total", "outcome" => "accepted").increment(1);
+        let mut keep = AUTH_URL_CACHE;
+        if let Some(at) = answer.expires_at {
+            let left_ms = at.saturating_sub(switchboard_mesh::now_ms());
+            keep = keep.min(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0)));
+        }
+        if !keep.is_zero() {
+            let mut cache = self
+                .url_auth
+                .accepted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if cache.len() >= AUTH_URL_CACHE_ENTRIES {
+                cache.retain(|_, until| *until > now);
+                if cache.len() >= AUTH_URL_CACHE_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, now + keep);
+        }
+        Ok(accepted())
+    }
+}
+
 fn or_demo(apps: Vec<AppConfig>) -> Vec<AppConfig> {
     if apps.is_empty() {
         tracing::warn!(
@@ -336,6 +491,9 @@ impl switchboard_mesh::Auth for AuthRole {
                 app.config.name
             )));
         }
+        if app.config.auth == AuthMode::Url {
+            return self.check_url(app, &req).await;
+        }
         if app.config.auth == AuthMode::Jwt && app.hs256.is_none() && app.rs256.is_none() {
             return Ok(refuse(
                 "this app requires authentication and this domain has no key to check its tokens",
@@ -405,6 +563,7 @@ mod tests {
             jwt_public_key_pem: None,
             jwt_public_key_file: None,
             jwt_audience: None,
+            auth_url: None,
             ..AppConfig::demo()
         }
     }

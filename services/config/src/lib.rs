@@ -562,6 +562,9 @@ pub enum AuthMode {
     None,
     /// A JWT signed with HS256 or RS256; `sub` must equal the user id.
     Jwt,
+    /// The app's own service decides: `{appId, userId, token}` is POSTed
+    /// to `auth_url`, which answers `{"isAuthenticated": true|false}`.
+    Url,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -586,6 +589,12 @@ pub struct AppConfig {
     /// Required `aud` of tokens; when unset, `aud` is not checked.
     #[serde(default)]
     pub jwt_audience: Option<String>,
+    /// `auth = "url"`: where `{appId, userId, token}` is POSTed; a 2xx
+    /// answer `{"isAuthenticated": true}` (optionally `"expiresAt"`, Unix
+    /// milliseconds) lets the user in, and is remembered for up to a
+    /// minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_url: Option<String>,
     /// Who may PUBLISH to topics: `any` (default) or `master`.
     #[serde(default)]
     pub topic_publish: TopicPublish,
@@ -659,6 +668,7 @@ impl AppConfig {
             jwt_public_key_pem: None,
             jwt_public_key_file: None,
             jwt_audience: None,
+            auth_url: None,
             topic_publish: TopicPublish::Any,
             anonymous_rooms: false,
             api_keys: Vec::new(),
@@ -968,6 +978,17 @@ impl AppConfig {
                 "app_id {:?} must not contain '/'",
                 self.app_id
             )));
+        }
+        if self.auth == AuthMode::Url {
+            match &self.auth_url {
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {}
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "app {:?} uses url auth but has no auth_url (http:// or https://)",
+                        self.name
+                    )));
+                }
+            }
         }
         if self.auth == AuthMode::Jwt
             && self.jwt_secret.is_none()

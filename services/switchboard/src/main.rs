@@ -569,6 +569,7 @@ async fn apps(args: AppsArgs) -> anyhow::Result<()> {
                 let auth = match app.auth {
                     switchboard_config::AuthMode::None => "none",
                     switchboard_config::AuthMode::Jwt => "jwt",
+                    switchboard_config::AuthMode::Url => "url",
                 };
                 let keys: Vec<&str> = app.api_keys.iter().map(|k| k.name.as_str()).collect();
                 println!(
