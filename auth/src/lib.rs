@@ -241,12 +241,15 @@ pub const AUTH_URL_CACHE: Duration = Duration::from_secs(60);
 /// Most answers remembered; past it the expired ones are dropped, then all.
 const AUTH_URL_CACHE_ENTRIES: usize = 100_000;
 
+/// An accepted credential: app id, user id, SHA-256 of the token.
+type UrlAuthKey = (String, String, [u8; 32]);
+
 /// Calls to apps' auth URLs (`auth = "url"`).
 #[derive(Default)]
 struct UrlAuth {
     client: std::sync::OnceLock<Result<reqwest::Client, String>>,
     /// (app id, user id, SHA-256 of the token) → until when it is accepted.
-    accepted: std::sync::Mutex<HashMap<(String, String, [u8; 32]), std::time::Instant>>,
+    accepted: std::sync::Mutex<HashMap<UrlAuthKey, std::time::Instant>>,
 }
 
 #[derive(serde::Serialize)]
