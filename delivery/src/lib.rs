@@ -272,8 +272,13 @@ async fn retry_onward(
             }
         }
     }
-    for m in &messages {
-        let inbox = InboxKey::new(app_id.as_str(), m.to.as_str());
+    remove_handed_on(store.as_ref(), &app_id, &messages).await;
+}
+
+/// Removes messages handed on to another domain from the inboxes here.
+async fn remove_handed_on(store: &dyn Store, app_id: &str, messages: &[pb::InboxMessage]) {
+    for m in messages {
+        let inbox = InboxKey::new(app_id, m.to.as_str());
         if let Err(e) = store.remove(&inbox, &[m.seq], None).await {
             tracing::warn!(error = %e, id = %m.id, "a confirmation sent to another domain stays in the inbox here too");
         }
@@ -348,14 +353,7 @@ impl DeliveryRole {
             })
             .collect();
         match onward.forward(envelopes.clone()).await {
-            Ok(()) => {
-                for m in &remote {
-                    let inbox = InboxKey::new(app_id, m.to.as_str());
-                    if let Err(e) = self.store.remove(&inbox, &[m.seq], None).await {
-                        tracing::warn!(error = %e, id = %m.id, "a confirmation sent to another domain stays in the inbox here too");
-                    }
-                }
-            }
+            Ok(()) => remove_handed_on(self.store.as_ref(), app_id, &remote).await,
             Err(e) => {
                 // Stored here already: nothing is lost, and they are
                 // handed on as soon as a route takes them.

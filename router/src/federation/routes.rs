@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use switchboard_metadata::CurrentTopology;
 use switchboard_topology::{LinkState, Route};
@@ -16,7 +16,14 @@ pub struct RouteTable {
     pub(crate) topology: Option<Arc<CurrentTopology>>,
     down: LinkState,
     routes: BTreeMap<String, Route>,
+    /// Next hops of envelopes that passed other domains, by (home,
+    /// domains passed): computed once per table, not once per envelope
+    /// (a forwarding domain's worker asks for every envelope it holds).
+    detours: Mutex<HashMap<(String, Vec<String>), Target>>,
 }
+
+/// Detours remembered per table before the memory starts over.
+const MAX_DETOURS: usize = 10_000;
 
 impl RouteTable {
     /// `reported`: (reporter, peer) links other domains publish as down;
@@ -47,6 +54,7 @@ impl RouteTable {
             topology,
             down,
             routes,
+            detours: Mutex::new(HashMap::new()),
         }
     }
 
@@ -78,6 +86,22 @@ impl RouteTable {
         {
             return Target::Peer(route.next.clone());
         }
+        let key = (home.to_owned(), visited.to_vec());
+        let mut detours = self.detours.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = detours.get(&key) {
+            return t.clone();
+        }
+        let target = self.detour(t, home, visited);
+        if detours.len() >= MAX_DETOURS {
+            detours.clear();
+        }
+        detours.insert(key, target.clone());
+        target
+    }
+
+    /// The next hop to `home` avoiding `visited`: over links that are up,
+    /// else over any link, else none.
+    fn detour(&self, t: &CurrentTopology, home: &str, visited: &[String]) -> Target {
         let mut avoid = self.down.clone();
         let mut without_down = LinkState::all_up();
         for (a, b, _) in t.network.links() {

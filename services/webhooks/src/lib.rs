@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use switchboard_config::{AppWebhook, WebhooksConfig};
-use switchboard_mesh::pb;
+use switchboard_mesh::{now_ms, pb};
 use switchboard_store::Queue;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -249,13 +249,6 @@ fn hook(app: &AppWebhook) -> Result<Hook, WebhookError> {
 fn event_id(kind: &str, message_id: &str, user_id: &str) -> String {
     let h = xxhash_rust::xxh3::xxh3_128(format!("{kind}\0{message_id}\0{user_id}").as_bytes());
     format!("evt_{h:032x}")
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The pause before attempt `attempt + 1`: `min` doubled per attempt up to
