@@ -393,6 +393,48 @@ impl Cluster {
                 }
             }
         }
+        self.wait_known().await;
+    }
+
+    /// Waits until every running gateway knows at least every running
+    /// instance of each role it calls (`switchboard_mesh_instances`):
+    /// ready means one instance per role, and a second instance that
+    /// appears later would move rooms and topics it owns by rendezvous
+    /// hashing — a test that starts before that sees a ROOM_RESET.
+    pub async fn wait_known(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for proc in self.procs.iter().filter(|p| p.child.is_some()) {
+            let Some(addr) = proc.client_addr else {
+                continue;
+            };
+            loop {
+                let known = match super::http_get_text(addr, "/metrics").await {
+                    Some((200, _, text)) => mesh_instances(&text),
+                    _ => Vec::new(),
+                };
+                let short: Vec<String> = known
+                    .iter()
+                    .filter_map(|(role, n)| {
+                        let running = self
+                            .procs
+                            .iter()
+                            .filter(|p| p.child.is_some())
+                            .filter(|p| p.roles.iter().any(|r| r.as_str() == role))
+                            .count();
+                        (*n < running).then(|| format!("{role}: {n} of {running}"))
+                    })
+                    .collect();
+                if short.is_empty() {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} does not know every instance within 30 s: {short:?}",
+                    proc.name
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     pub async fn shutdown(mut self) {
@@ -451,4 +493,18 @@ fn spawn_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn switchboard")
+}
+
+/// `(role, instances)` from the `switchboard_mesh_instances` lines of a
+/// Prometheus scrape.
+fn mesh_instances(scrape: &str) -> Vec<(String, usize)> {
+    scrape
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("switchboard_mesh_instances{role=\"")?;
+            let (role, rest) = rest.split_once('"')?;
+            let value = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
+            Some((role.to_owned(), value as usize))
+        })
+        .collect()
 }

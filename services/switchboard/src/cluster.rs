@@ -76,6 +76,8 @@ pub(crate) fn follow(
                     .filter(|m| m.has_role(role.as_str()))
                     .map(|m| (m.id.clone(), m.addr.clone()))
                     .collect();
+                metrics::gauge!("switchboard_mesh_instances", "role" => role.as_str())
+                    .set(instances.len() as f64);
                 pool.update(&instances);
             }
             let remote_gateways: Vec<(String, String)> = trusted()

@@ -270,6 +270,10 @@ fn describe() {
         "switchboard_connections",
         "Open authenticated client connections."
     );
+    describe_gauge!(
+        "switchboard_mesh_instances",
+        "Instances of each role this process knows from discovery and may call."
+    );
     describe_counter!(
         "switchboard_frames_in_total",
         "Client frames received, by type."
