@@ -372,7 +372,7 @@ async fn ack_mode_replays_until_acknowledged_and_the_rate_limit_spares_acks() {
     .expect("acked");
     // The report reaches delivery in the background.
     let mut left = usize::MAX;
-    for _ in 0..100 {
+    for _ in 0..500 {
         left = inboxes.inbox_len("demo-bob");
         if left == 1 {
             break;

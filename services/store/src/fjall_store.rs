@@ -1487,8 +1487,10 @@ mod tests {
             .await;
         }
         let spare = dir.path().join("inbox.log").join("fresh.spare");
+        // Up to 10 s: the spare is written and synced by a background
+        // thread, which a busy machine (CI) may not run for a while.
         let mut waited = 0;
-        while !spare.exists() && waited < 100 {
+        while !spare.exists() && waited < 500 {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             waited += 1;
         }
