@@ -364,6 +364,11 @@ impl Client {
             .expect("send frame");
     }
 
+    /// Sends any WebSocket message, raw frames included.
+    pub async fn send_message(&mut self, msg: Message) {
+        self.ws.send(msg).await.expect("send message");
+    }
+
     /// Sends frames back to back and flushes once: they reach the server
     /// together, as from a client that pipelines.
     pub async fn send_burst(&mut self, frames: &[Value]) {

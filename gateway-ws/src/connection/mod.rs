@@ -37,7 +37,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_id = gw.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let shared = Arc::new(ConnShared::new(conn_id, gw.shutdown.child_token()));
+    let shared = Arc::new(ConnShared::new(
+        conn_id,
+        gw.shutdown.child_token(),
+        gw.limits.send_queue_bytes,
+    ));
     let (tx, rx) = mpsc::channel(gw.limits.send_queue_frames);
     let handle = ConnHandle {
         shared: shared.clone(),

@@ -485,7 +485,7 @@ impl Session {
         users.sort_unstable();
         users.dedup();
         for user in &users {
-            super::check_recipient(id, user)?;
+            super::check_recipient(id, user, self.gw.limits.max_user_id_chars)?;
         }
         let max = self.gw.limits.max_presence_subscriptions;
         if self.channels.watching.len() + users.len() > max {

@@ -391,6 +391,24 @@ pub struct Limits {
     pub max_presence_subscriptions: usize,
     /// Users in one USER_LIST (past it the list says `truncated`).
     pub max_user_list: usize,
+    /// Longest user id, in characters (signing in, recipients, members).
+    pub max_user_id_chars: usize,
+    /// Sustained ACK frames per second per connection (their own limit:
+    /// ACKs do not count against `messages_per_second`).
+    pub acks_per_second: u32,
+    /// Bytes queued for one connection before it counts as a slow consumer
+    /// (beside `send_queue_frames`).
+    pub send_queue_bytes: usize,
+    /// Seconds a client has to send a whole HTTP request head (the
+    /// WebSocket upgrade included) on the client port; also how long an
+    /// idle keep-alive HTTP connection stays open.
+    pub http_header_timeout_secs: u64,
+    /// Open client-port connections per process (HTTP and WebSocket); past
+    /// it new ones get 503. 0: the open-files limit less a reserve of 256,
+    /// so that health checks, the mesh and the store keep working.
+    pub max_connections: usize,
+    /// Open client-port connections from one IP address; 0 = no limit.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -418,6 +436,12 @@ impl Default for Limits {
             max_rooms_per_connection: 20,
             max_presence_subscriptions: 1000,
             max_user_list: 1000,
+            max_user_id_chars: 128,
+            acks_per_second: 1000,
+            send_queue_bytes: 8 * 1024 * 1024,
+            http_header_timeout_secs: 10,
+            max_connections: 0,
+            max_connections_per_ip: 0,
         }
     }
 }
@@ -930,6 +954,17 @@ impl Config {
         if l.read_ahead_bytes > 1024 * 1024 {
             return Err(ConfigError::Invalid(
                 "limits.read_ahead_bytes must be at most 1048576 (held by every connection that is reading)"
+                    .into(),
+            ));
+        }
+        if l.max_user_id_chars == 0
+            || l.acks_per_second == 0
+            || l.send_queue_bytes < 64 * 1024
+            || l.http_header_timeout_secs == 0
+        {
+            return Err(ConfigError::Invalid(
+                "limits.max_user_id_chars, acks_per_second and http_header_timeout_secs must be > 0, \
+                 and limits.send_queue_bytes at least 65536"
                     .into(),
             ));
         }
