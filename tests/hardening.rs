@@ -245,3 +245,93 @@ async fn a_client_that_never_reads_is_closed_by_queued_bytes() {
     assert_eq!(f.reason.as_str(), "slow consumer: send queue full");
     node.shutdown().await;
 }
+
+/// `switchboard run` (every role, no etcd) opens no mesh port: nothing can
+/// call its roles from outside. A process that must listen on the mesh
+/// refuses to start without a mesh secret (or mesh TLS) and says how to
+/// fix it; `--insecure-mesh` runs it open, with a warning.
+#[tokio::test]
+async fn all_in_one_has_no_mesh_port_and_an_open_mesh_must_be_asked_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = support::ProcessNode::start(dir.path()).await;
+    assert!(
+        TcpStream::connect(node.mesh_addr).await.is_err(),
+        "the all-in-one node listens on its mesh address"
+    );
+    drop(node);
+
+    let mesh_port = support::free_port();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["run", "--roles", "router"])
+            .args(["--mesh-addr", &format!("127.0.0.1:{mesh_port}")])
+            .args(extra)
+            .env("SWITCHBOARD_LOG", "warn")
+            .output()
+            .expect("run switchboard")
+    };
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the mesh port 127.0.0.1:{mesh_port} would accept calls from anyone who reaches it: set mesh_secret"
+        )) && stderr.contains("--insecure-mesh"),
+        "{stderr}"
+    );
+    // With --insecure-mesh (or a secret) the mesh is accepted; this router
+    // then stops for want of etcd to find the other roles.
+    for extra in [&["--insecure-mesh"][..], &["--mesh-secret", "s3cret"]] {
+        let out = run(extra);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("would accept calls from anyone"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("there is no etcd to find it"), "{stderr}");
+    }
+}
+
+/// An app with `allowed_origins` refuses browser connections from other
+/// origins at AUTH_CLIENT (and anonymous room joins); connections without
+/// an `Origin` header (not from a browser) and from a listed origin pass.
+#[tokio::test]
+async fn a_foreign_origin_is_refused_where_the_app_lists_its_origins() {
+    use switchboard_config::AppConfig;
+    let node = TestNode::start_with(
+        |c| {
+            c.apps = vec![AppConfig {
+                allowed_origins: vec!["https://chat.example.com".into()],
+                anonymous_rooms: true,
+                ..AppConfig::demo()
+            }];
+        },
+        Default::default(),
+    )
+    .await;
+    let auth = json!({"type": "AUTH_CLIENT", "data": {"appId": "demo", "userId": "demo-ann", "token": ""}});
+    let mut evil = Client::connect_from(&node.url(), "https://evil.example").await;
+    evil.send(auth.clone()).await;
+    let reply = evil.recv_type("AUTH_CLIENT_REPLY").await;
+    assert_eq!(reply["data"]["isAuthenticated"], false, "{reply}");
+    assert_eq!(
+        reply["data"]["reason"],
+        "connections from web pages of https://evil.example are not allowed for this app"
+    );
+    let mut anon = Client::connect_from(&node.url(), "https://evil.example").await;
+    anon.send(json!({"type": "ROOM_JOIN", "data": {"appId": "demo", "room": "lobby"}}))
+        .await;
+    let f = anon.recv_type("ERROR").await;
+    assert_eq!(f["data"]["code"], "FORBIDDEN", "{f}");
+
+    for mut ok in [
+        Client::connect_from(&node.url(), "https://CHAT.example.com").await,
+        Client::connect(&node.url()).await,
+    ] {
+        ok.send(auth.clone()).await;
+        let reply = ok.recv_type("AUTH_CLIENT_REPLY").await;
+        assert_eq!(reply["data"]["isAuthenticated"], true, "{reply}");
+    }
+    node.shutdown().await;
+}

@@ -133,6 +133,10 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
         return bad_request("missing Sec-WebSocket-Key");
     };
     let accept = derive_accept_key(key.as_bytes());
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return bad_request("connection cannot be upgraded");
     };
@@ -162,7 +166,7 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
                     Some(config),
                 )
                 .await;
-                connection::run(inner, ws).await;
+                connection::run(inner, ws, origin).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }

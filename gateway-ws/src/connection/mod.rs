@@ -32,7 +32,9 @@ const SHUTDOWN_CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// How long a closing connection may take to flush what is queued.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-pub(crate) async fn run<S>(gw: Arc<GatewayInner>, ws: WebSocketStream<S>)
+/// Runs one client connection; `origin` is the `Origin` header of its
+/// upgrade request (browsers send one).
+pub(crate) async fn run<S>(gw: Arc<GatewayInner>, ws: WebSocketStream<S>, origin: Option<String>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -49,6 +51,7 @@ where
     };
     let (sink, mut stream) = ws.split();
     let mut session = Session::new(gw.clone(), conn_id);
+    session.set_web_origin(origin);
     session.attach(handle.clone());
     let identity = session.identity_cell();
 

@@ -400,6 +400,10 @@ impl Session {
                 "this app does not allow anonymous room members; send AUTH_CLIENT first",
             ));
         }
+        if let Err(reason) = self.check_origin(&app.allowed_origins) {
+            metrics::counter!("switchboard_origin_refusals_total").increment(1);
+            return Err(ServiceError::new(ErrorCode::Forbidden, reason));
+        }
         let suffix = switchboard_mesh::new_message_id().replace('-', "");
         let user_id = format!("{}-anon-{}", app.name, &suffix[suffix.len() - 12..]);
         self.channels.anon = Some(Identity {

@@ -217,6 +217,9 @@ pub struct Session {
     /// the next page starts after it.
     fetch_cursor: u64,
     channels: channels::ChannelState,
+    /// The `Origin` header of the browser page that opened the connection;
+    /// `None` for other clients (and other transports).
+    web_origin: Option<Box<str>>,
 }
 
 impl Session {
@@ -232,6 +235,28 @@ impl Session {
             ack_limiter,
             fetch_cursor: 0,
             channels: channels::ChannelState::default(),
+            web_origin: None,
+        }
+    }
+
+    /// The `Origin` the connection was opened with (WebSocket upgrade).
+    pub(crate) fn set_web_origin(&mut self, origin: Option<String>) {
+        self.web_origin = origin.map(String::into_boxed_str);
+    }
+
+    /// Refuses a browser connection from an origin the app does not list
+    /// (an empty list allows any).
+    fn check_origin(&self, allowed: &[String]) -> Result<(), String> {
+        match &self.web_origin {
+            Some(origin)
+                if !allowed.is_empty()
+                    && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) =>
+            {
+                Err(format!(
+                    "connections from web pages of {origin} are not allowed for this app"
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -368,6 +393,15 @@ impl Session {
                 app_id: auth.app_id,
                 user_id: auth.user_id,
                 reason: reply.reason,
+                redirect: None,
+            });
+        }
+        if let Err(reason) = self.check_origin(&reply.allowed_origins) {
+            metrics::counter!("switchboard_origin_refusals_total").increment(1);
+            return Ok(AuthOutcome::Refused {
+                app_id: auth.app_id,
+                user_id: auth.user_id,
+                reason,
                 redirect: None,
             });
         }

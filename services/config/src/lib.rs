@@ -80,6 +80,14 @@ pub struct Config {
     /// the same on every process of a deployment. Empty: the mesh port is
     /// open (acceptable on loopback only).
     pub mesh_secret: String,
+    /// Open the mesh port even where nothing needs it (every role in this
+    /// process and no etcd): for tools and tests that call the roles over
+    /// gRPC. Elsewhere it is always open.
+    pub mesh_listen: bool,
+    /// Run a mesh port with neither `mesh_secret` nor `mesh_tls`: anyone who
+    /// reaches it may call every role. Refused without this; warned about
+    /// at start and every hour with it.
+    pub insecure_mesh: bool,
     /// The mesh address other processes dial (`host:port`). Empty: the mesh
     /// address, which then must not be a wildcard when `etcd` is set.
     pub advertise_addr: String,
@@ -116,6 +124,8 @@ impl Default for Config {
             roles: Role::ALL.to_vec(),
             etcd: Vec::new(),
             mesh_secret: String::new(),
+            mesh_listen: false,
+            insecure_mesh: false,
             advertise_addr: String::new(),
             discovery: DiscoveryConfig::default(),
             mesh_tls: MeshTlsConfig::default(),
@@ -630,6 +640,13 @@ pub struct AppConfig {
     /// <key>`), stored as hashes only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Web origins (`https://chat.example.com`, scheme://host[:port]) whose
+    /// pages may open WebSocket connections for this app: a browser
+    /// connection sent from another origin is refused at AUTH_CLIENT (or an
+    /// anonymous ROOM_JOIN). Empty: any origin. Connections without an
+    /// `Origin` header (not from a browser) are not affected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
 }
 
 /// One API key of an app: `{ name = "backend", sha256 = "<hex>", scopes = ["send"] }`.
@@ -696,6 +713,7 @@ impl AppConfig {
             topic_publish: TopicPublish::Any,
             anonymous_rooms: false,
             api_keys: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -742,6 +760,14 @@ impl Config {
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Whether this process opens the mesh port: when other processes may
+    /// call it (it does not run every role, or it is in etcd), or when
+    /// `mesh_listen` asks. One process running everything with no etcd —
+    /// `switchboard run` — opens none: its roles call each other in-process.
+    pub fn listens_on_mesh(&self) -> bool {
+        self.mesh_listen || !self.etcd.is_empty() || !Role::ALL.iter().all(|r| self.runs(*r))
     }
 
     /// The configured apps, or the built-in development app when none are.
@@ -823,6 +849,18 @@ impl Config {
                 "etcd is set but redis is not: processes of one deployment share presence in Redis"
                     .into(),
             ));
+        }
+        if self.listens_on_mesh()
+            && self.mesh_secret.is_empty()
+            && !self.mesh_tls.enabled()
+            && !self.insecure_mesh
+        {
+            return Err(ConfigError::Invalid(format!(
+                "the mesh port {} would accept calls from anyone who reaches it: set mesh_secret \
+                 (the same on every process of the deployment) or mesh_tls, or run it open with \
+                 --insecure-mesh (insecure_mesh = true)",
+                self.mesh_addr
+            )));
         }
         for hook in &self.webhooks.apps {
             if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
@@ -1014,6 +1052,20 @@ impl AppConfig {
                 self.app_id
             )));
         }
+        for origin in &self.allowed_origins {
+            let valid = origin.split_once("://").is_some_and(|(scheme, rest)| {
+                (scheme == "http" || scheme == "https")
+                    && !rest.is_empty()
+                    && !rest.contains(['/', '?', '#', ' '])
+            });
+            if !valid || origin.ends_with('/') {
+                return Err(ConfigError::Invalid(format!(
+                    "app {:?}: allowed_origins entry {origin:?} must be scheme://host[:port] \
+                     (http or https, no path), as browsers send it",
+                    self.name
+                )));
+            }
+        }
         if self.auth == AuthMode::Url {
             match &self.auth_url {
                 Some(url) if url.starts_with("http://") || url.starts_with("https://") => {}
@@ -1191,6 +1243,7 @@ mod tests {
                 ("SWITCHBOARD_ROLES", "gateway, auth"),
                 ("SWITCHBOARD_ETCD", "http://127.0.0.1:1,http://127.0.0.1:2"),
                 ("SWITCHBOARD_REDIS", "redis://127.0.0.1:3"),
+                ("SWITCHBOARD_MESH_SECRET", "s"),
             ]),
         )
         .expect("load");
@@ -1210,13 +1263,42 @@ mod tests {
         )
         .expect_err("etcd without redis");
         assert!(err.to_string().contains("redis"), "{err}");
-        assert!(Config::from_toml_and_env("", &env(&[("SWITCHBOARD_ETCD", "http://x:1")])).is_ok());
+        let etcd_secret = [
+            ("SWITCHBOARD_ETCD", "http://x:1"),
+            ("SWITCHBOARD_MESH_SECRET", "s"),
+        ];
+        assert!(Config::from_toml_and_env("", &env(&etcd_secret)).is_ok());
+    }
+
+    #[test]
+    fn a_mesh_port_needs_a_secret_tls_or_insecure_mesh() {
+        // All-in-one without etcd opens no mesh port: nothing to protect.
+        let c = Config::from_toml_and_env("", &env(&[])).expect("all-in-one");
+        assert!(!c.listens_on_mesh());
+        for open in [
+            &[("SWITCHBOARD_ROLES", "router")][..],
+            &[("SWITCHBOARD_MESH_LISTEN", "true")],
+            &[("SWITCHBOARD_ETCD", "http://x:1")],
+        ] {
+            let err = Config::from_toml_and_env("", &env(open)).expect_err("open mesh");
+            assert!(
+                err.to_string().contains("would accept calls from anyone"),
+                "{err}"
+            );
+            let mut insecure = open.to_vec();
+            insecure.push(("SWITCHBOARD_INSECURE_MESH", "true"));
+            let c = Config::from_toml_and_env("", &env(&insecure)).expect("insecure mesh");
+            assert!(c.listens_on_mesh());
+            let mut secret = open.to_vec();
+            secret.push(("SWITCHBOARD_MESH_SECRET", "s"));
+            assert!(Config::from_toml_and_env("", &env(&secret)).is_ok());
+        }
     }
 
     #[test]
     fn federation_settings_are_checked() {
         let ok = Config::from_toml_and_env(
-            "domain = \"d1\"\netcd = [\"http://x:1\"]\n[federation]\naddr = \"127.0.0.1:9090\"\nsecret = \"s\"\n[federation.peers]\nd2 = \"own\"\n",
+            "domain = \"d1\"\netcd = [\"http://x:1\"]\nmesh_secret = \"m\"\n[federation]\naddr = \"127.0.0.1:9090\"\nsecret = \"s\"\n[federation.peers]\nd2 = \"own\"\n",
             &env(&[]),
         )
         .expect("load");
