@@ -293,7 +293,14 @@ async fn a_resend_after_a_crash_between_store_and_reply_is_stored_once() {
     use switchboard_mesh::{DeliveryClient, RouterClient, pb};
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let failpoint = [("SWITCHBOARD_FAILPOINT", "delivery-after-append")];
+    // The test calls the roles over the mesh, which all-in-one opens only
+    // when asked.
+    let open_mesh = [
+        ("SWITCHBOARD_MESH_LISTEN", "true"),
+        ("SWITCHBOARD_INSECURE_MESH", "true"),
+    ];
+    let mut failpoint = vec![("SWITCHBOARD_FAILPOINT", "delivery-after-append")];
+    failpoint.extend(open_mesh);
     let mut node = ProcessNode::start_with_env(dir.path(), &failpoint).await;
     let envelope = support::client_id_envelope("client-42", "exactly once");
     let route = |mesh_addr, envelope: pb::Envelope| async move {
@@ -318,7 +325,7 @@ async fn a_resend_after_a_crash_between_store_and_reply_is_stored_once() {
     drop(node);
 
     // Restarted without the failpoint: the resend is a repeat.
-    let node = ProcessNode::start(dir.path()).await;
+    let node = ProcessNode::start_with_env(dir.path(), &open_mesh).await;
     let again = route(node.mesh_addr, envelope.clone())
         .await
         .expect("route after the restart");

@@ -199,6 +199,7 @@ impl Ring {
         }
         let child = command
             .args(["run", "--domain", &d.name, "--etcd", &self.etcd])
+            .args(["--mesh-secret", "ring-mesh-secret"])
             .args(&secret_args)
             .arg("--client-addr")
             .arg(d.client.to_string())

@@ -10,8 +10,8 @@ use switchboard_mesh::{AuthClient, ErrorCode, RouterClient, pb};
 
 #[tokio::test]
 async fn gateway_uses_auth_and_router_of_another_process_over_grpc() {
-    let core = TestNode::start().await;
-    let ch = support::mesh_channel(core.mesh_addr).await;
+    let core = TestNode::start_with(support::open_mesh, RemoteRoles::default()).await;
+    let ch = support::mesh_channel(core.mesh_addr()).await;
     let edge = TestNode::start_with(
         |_| {},
         RemoteRoles {
@@ -38,7 +38,7 @@ async fn gateway_uses_auth_and_router_of_another_process_over_grpc() {
     assert_eq!(reply["data"]["isAuthenticated"], false);
 
     // Errors keep their protocol code across gRPC.
-    let router = RouterClient::from_channel(support::mesh_channel(core.mesh_addr).await);
+    let router = RouterClient::from_channel(support::mesh_channel(core.mesh_addr()).await);
     let err = router
         .route(pb::RouteRequest {
             envelope: Some(pb::Envelope {
@@ -67,10 +67,11 @@ async fn gateway_uses_auth_and_router_of_another_process_over_grpc() {
 /// once.
 #[tokio::test]
 async fn a_repeated_deliver_call_delivers_once() {
-    let node = TestNode::start().await;
+    let node = TestNode::start_with(support::open_mesh, RemoteRoles::default()).await;
     let mut bob = Client::login(&node.url(), "demo-bob").await;
-    let delivery =
-        switchboard_mesh::DeliveryClient::from_channel(support::mesh_channel(node.mesh_addr).await);
+    let delivery = switchboard_mesh::DeliveryClient::from_channel(
+        support::mesh_channel(node.mesh_addr()).await,
+    );
     let request = pb::DeliverRequest {
         envelopes: vec![pb::Envelope {
             id: switchboard_mesh::new_message_id(),
@@ -102,12 +103,12 @@ async fn a_repeated_deliver_call_delivers_once() {
 /// Direct, group and batched sends alike.
 #[tokio::test]
 async fn a_resent_client_id_is_reported_repeated_and_shown_once() {
-    let node = TestNode::start().await;
+    let node = TestNode::start_with(support::open_mesh, RemoteRoles::default()).await;
     let mut bob = Client::login(&node.url(), "demo-bob").await;
     let mut cat = Client::login(&node.url(), "demo-cat").await;
     // The sender's connection: the envelopes below come from another one.
     let mut ann = Client::login(&node.url(), "demo-ann").await;
-    let router = RouterClient::from_channel(support::mesh_channel(node.mesh_addr).await);
+    let router = RouterClient::from_channel(support::mesh_channel(node.mesh_addr()).await);
     let envelope = |id: &str, kind: pb::MessageKind, to: &[&str]| pb::Envelope {
         id: id.into(),
         client_id: true,

@@ -302,6 +302,7 @@ impl AuthRole {
             reason: String::new(),
             app_name: app.config.name.clone(),
             master_user_id: app.config.master_user_id.clone(),
+            allowed_origins: app.config.allowed_origins.clone(),
         };
         let key = (
             req.app_id.clone(),
@@ -393,6 +394,18 @@ fn or_demo(apps: Vec<AppConfig>) -> Vec<AppConfig> {
         );
         vec![AppConfig::demo()]
     } else {
+        let open: Vec<&str> = apps
+            .iter()
+            .filter(|a| a.allowed_origins.is_empty())
+            .map(|a| a.name.as_str())
+            .collect();
+        if !open.is_empty() {
+            tracing::info!(
+                apps = %open.join(","),
+                "these apps accept WebSocket connections from web pages of any origin \
+                 (set allowed_origins to limit them)"
+            );
+        }
         apps
     }
 }
@@ -513,6 +526,7 @@ impl switchboard_mesh::Auth for AuthRole {
             reason: String::new(),
             app_name: app.config.name.clone(),
             master_user_id: app.config.master_user_id.clone(),
+            allowed_origins: app.config.allowed_origins.clone(),
         })
     }
 
@@ -547,6 +561,7 @@ impl switchboard_mesh::Auth for AuthRole {
             master_user_id: app.config.master_user_id.clone(),
             topic_publish: app.config.topic_publish.as_str().to_owned(),
             anonymous_rooms: app.config.anonymous_rooms,
+            allowed_origins: app.config.allowed_origins.clone(),
         })
     }
 }

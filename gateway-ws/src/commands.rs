@@ -170,9 +170,74 @@ pub fn check_message_id(id: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// Whether `c` reorders or hides text when displayed: the Unicode
+/// bidirectional formatting characters (U+061C, U+200E/F, U+202A–U+202E,
+/// U+2066–U+2069). In a user id they make one id look like another.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A user id as it may appear anywhere (signing in, a recipient, a group
+/// member): 1 to `max_chars` characters, none of them a control or a
+/// bidirectional formatting character. `field` names it in the error.
+pub fn check_user_id(field: &str, user: &str, max_chars: usize) -> Result<(), ServiceError> {
+    let invalid = |why: String| {
+        ServiceError::new(
+            ErrorCode::InvalidFrame,
+            format!("{field} is not a valid user id: {why}"),
+        )
+    };
+    if user.is_empty() {
+        return Err(invalid("it is empty".into()));
+    }
+    let chars = user.chars().count();
+    if chars > max_chars {
+        return Err(invalid(format!(
+            "it has {chars} characters, more than {max_chars}"
+        )));
+    }
+    if let Some(c) = user.chars().find(|&c| c.is_control() || is_bidi_control(c)) {
+        return Err(invalid(format!(
+            "it contains the control character U+{:04X}",
+            u32::from(c)
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_ids_are_bounded_and_free_of_control_and_bidi_characters() {
+        for ok in [
+            "ANZ-1",
+            "demo-\u{00e9}l\u{00e8}ve",
+            "demo-\u{4e2d}\u{6587}",
+            &"x".repeat(128),
+        ] {
+            assert!(check_user_id("data.to", ok, 128).is_ok(), "{ok:?}");
+        }
+        for (bad, why) in [
+            ("", "it is empty"),
+            (
+                &"x".repeat(129) as &str,
+                "it has 129 characters, more than 128",
+            ),
+            ("demo-a\nb", "it contains the control character U+000A"),
+            ("demo-\u{0000}", "it contains the control character U+0000"),
+            (
+                "demo-\u{202E}nimda",
+                "it contains the control character U+202E",
+            ),
+            ("demo-\u{2066}x", "it contains the control character U+2066"),
+        ] {
+            let e = check_user_id("data.to", bad, 128).expect_err(bad);
+            assert_eq!(e.code, ErrorCode::InvalidFrame);
+            assert_eq!(e.message, format!("data.to is not a valid user id: {why}"));
+        }
+    }
 
     #[test]
     fn message_ids_of_the_allowed_characters_and_lengths_pass() {

@@ -5,6 +5,7 @@ mod channels;
 pub mod commands;
 mod connection;
 mod counters;
+mod edge;
 pub mod frames;
 mod json;
 mod ratelimit;

@@ -139,14 +139,37 @@ pub struct ConnShared {
     pub id: u64,
     pub cancel: CancellationToken,
     close: Mutex<Option<CloseReason>>,
+    /// Bytes of the frames in the send queue (taken out when the writer
+    /// takes them).
+    queued_bytes: AtomicUsize,
+    /// Past this many queued bytes the connection is a slow consumer.
+    max_queued_bytes: usize,
 }
 
 impl ConnShared {
-    pub fn new(id: u64, cancel: CancellationToken) -> Self {
+    pub fn new(id: u64, cancel: CancellationToken, max_queued_bytes: usize) -> Self {
         ConnShared {
             id,
             cancel,
             close: Mutex::new(None),
+            queued_bytes: AtomicUsize::new(0),
+            max_queued_bytes,
+        }
+    }
+
+    /// The writer took frames of `bytes` out of the queue.
+    pub fn dequeued(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    fn slow_consumer(&self) {
+        // Pushes keep coming until the connection leaves the registry: the
+        // disconnect is counted once.
+        if self.close(CloseReason::Server(
+            1008,
+            "slow consumer: send queue full".into(),
+        )) {
+            metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
         }
     }
 
@@ -182,22 +205,27 @@ pub struct ConnHandle {
 }
 
 impl ConnHandle {
-    /// Queues a frame; a full queue marks a slow consumer and closes it.
+    /// Queues a frame; a full queue (in frames or in bytes) marks a slow
+    /// consumer and closes it. One frame larger than the byte bound is
+    /// queued when nothing else is.
     pub fn send(&self, frame: Outbound) -> bool {
+        let len = frame.text.len();
+        let shared = &self.shared;
+        let before = shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && before + len > shared.max_queued_bytes {
+            shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            shared.slow_consumer();
+            return false;
+        }
         match self.tx.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // Pushes keep coming until the connection leaves the
-                // registry: the disconnect is counted once.
-                if self.shared.close(CloseReason::Server(
-                    1008,
-                    "slow consumer: send queue full".into(),
-                )) {
-                    metrics::counter!("switchboard_slow_consumer_disconnects_total").increment(1);
+            Err(e) => {
+                shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                if let mpsc::error::TrySendError::Full(_) = e {
+                    shared.slow_consumer();
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 }
@@ -362,7 +390,7 @@ mod backlog_tests {
 
     #[test]
     fn a_close_is_reported_once_and_the_first_reason_wins() {
-        let shared = ConnShared::new(1, CancellationToken::new());
+        let shared = ConnShared::new(1, CancellationToken::new(), usize::MAX);
         let full = || CloseReason::Server(1008, "slow consumer: send queue full".into());
         assert!(shared.close(full()), "the first close closes");
         assert!(
@@ -374,7 +402,7 @@ mod backlog_tests {
             shared.reason(),
             Some(CloseReason::Server(1008, _))
         ));
-        let stopped = ConnShared::new(2, CancellationToken::new());
+        let stopped = ConnShared::new(2, CancellationToken::new(), usize::MAX);
         stopped.cancel.cancel(); // server shutdown
         assert!(
             !stopped.close(full()),

@@ -7,13 +7,15 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use std::sync::Arc;
+
+use crate::edge::ConnSlot;
 use crate::read_ahead::ReadAhead;
 use crate::{GatewayError, GatewayRole, connection};
 
@@ -32,18 +34,20 @@ pub async fn serve(
         .merge(crate::rest::router(&gateway))
         .with_state(gateway.clone());
     let closing = gateway.clone();
-    // Small frames must leave at once: no Nagle delay on client sockets.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
+    let limits = &gateway.inner.limits;
+    let edge = crate::edge::Edge::new(limits.max_connections, limits.max_connections_per_ip);
+    let header_timeout = std::time::Duration::from_secs(limits.http_header_timeout_secs);
+    crate::edge::serve(
+        listener,
+        app,
+        edge,
+        header_timeout,
+        shutdown,
+        || async move {
             closing.close_all(std::time::Duration::from_secs(5)).await;
-        })
-        .await?;
+        },
+    )
+    .await;
     Ok(())
 }
 
@@ -129,12 +133,20 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
         return bad_request("missing Sec-WebSocket-Key");
     };
     let accept = derive_accept_key(key.as_bytes());
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return bad_request("connection cannot be upgraded");
     };
     let limits = gateway.inner.limits.clone();
     let inner = gateway.inner.clone();
+    // The connection's place under the client port's caps, held until the
+    // WebSocket closes.
+    let slot = req.extensions_mut().remove::<Arc<ConnSlot>>();
     tokio::spawn(async move {
+        let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let hard_limit = limits.max_frame_bytes.saturating_mul(4);
@@ -154,7 +166,7 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
                     Some(config),
                 )
                 .await;
-                connection::run(inner, ws).await;
+                connection::run(inner, ws, origin).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }

@@ -29,6 +29,7 @@ impl switchboard_mesh::Auth for DemoAuth {
             reason: if ok { String::new() } else { "refused".into() },
             app_name: "demo".into(),
             master_user_id: String::new(),
+            allowed_origins: Vec::new(),
         })
     }
 

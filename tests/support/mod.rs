@@ -27,7 +27,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A node running in this test process.
 pub struct TestNode {
     pub client_addr: SocketAddr,
-    pub mesh_addr: SocketAddr,
+    /// The mesh port, when the node opens one (see [`TestNode::mesh_addr`]).
+    pub mesh: Option<SocketAddr>,
     stop: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
@@ -53,7 +54,7 @@ impl TestNode {
             .client_addr()
             .expect("addr")
             .expect("a gateway has a client port");
-        let mesh_addr = listeners.mesh_addr().expect("addr");
+        let mesh = listeners.mesh_addr().expect("addr");
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(switchboard::serve(config, listeners, remote, async move {
@@ -61,11 +62,17 @@ impl TestNode {
         }));
         TestNode {
             client_addr,
-            mesh_addr,
+            mesh,
             stop,
             task: Some(task),
             _dir: Some(dir),
         }
+    }
+
+    /// The mesh port of a node started with [`open_mesh`].
+    pub fn mesh_addr(&self) -> SocketAddr {
+        self.mesh
+            .expect("this node has no mesh port: start it with support::open_mesh")
     }
 
     pub fn url(&self) -> String {
@@ -332,6 +339,23 @@ impl Client {
         }
     }
 
+    /// Connects as a browser page of `origin` would (an `Origin` header).
+    pub async fn connect_from(url: &str, origin: &str) -> Client {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().expect("request");
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().expect("header value"));
+        let (ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("websocket connect");
+        Client {
+            ws,
+            user: String::new(),
+            end: None,
+        }
+    }
+
     /// Connects and authenticates as `user` of the demo app.
     pub async fn login(url: &str, user: &str) -> Client {
         Self::login_with(url, user, false).await
@@ -362,6 +386,11 @@ impl Client {
             .send(Message::Text(text.into()))
             .await
             .expect("send frame");
+    }
+
+    /// Sends any WebSocket message, raw frames included.
+    pub async fn send_message(&mut self, msg: Message) {
+        self.ws.send(msg).await.expect("send message");
     }
 
     /// Sends frames back to back and flushes once: they reach the server
@@ -505,6 +534,13 @@ pub fn close_code(closed: &Closed) -> Option<u16> {
         Closed::Frame(Some(f)) => Some(u16::from(f.code)),
         _ => None,
     }
+}
+
+/// Opens the mesh port of an all-in-one test node, without a secret (tests
+/// call it with [`mesh_channel`]).
+pub fn open_mesh(config: &mut Config) {
+    config.mesh_listen = true;
+    config.insecure_mesh = true;
 }
 
 /// A channel to a node's mesh port (plaintext, as the test nodes serve it).

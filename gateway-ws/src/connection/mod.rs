@@ -32,12 +32,18 @@ const SHUTDOWN_CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// How long a closing connection may take to flush what is queued.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-pub(crate) async fn run<S>(gw: Arc<GatewayInner>, ws: WebSocketStream<S>)
+/// Runs one client connection; `origin` is the `Origin` header of its
+/// upgrade request (browsers send one).
+pub(crate) async fn run<S>(gw: Arc<GatewayInner>, ws: WebSocketStream<S>, origin: Option<String>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_id = gw.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let shared = Arc::new(ConnShared::new(conn_id, gw.shutdown.child_token()));
+    let shared = Arc::new(ConnShared::new(
+        conn_id,
+        gw.shutdown.child_token(),
+        gw.limits.send_queue_bytes,
+    ));
     let (tx, rx) = mpsc::channel(gw.limits.send_queue_frames);
     let handle = ConnHandle {
         shared: shared.clone(),
@@ -45,6 +51,7 @@ where
     };
     let (sink, mut stream) = ws.split();
     let mut session = Session::new(gw.clone(), conn_id);
+    session.set_web_origin(origin);
     session.attach(handle.clone());
     let identity = session.identity_cell();
 

@@ -76,6 +76,13 @@ impl Connection {
                 Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))) => {
                     return self.close(1009, "frame too large");
                 }
+                // RFC 6455 §8.1: a text frame that is not UTF-8 fails the
+                // connection with 1007.
+                Ok(Some(Err(WsError::Utf8(_)))) => {
+                    metrics::counter!("switchboard_refusals_total", "code" => "INVALID_UTF8")
+                        .increment(1);
+                    return self.close(1007, "text frame is not valid UTF-8");
+                }
                 Ok(Some(Err(e))) => {
                     tracing::debug!(error = %e, "websocket read failed");
                     return;

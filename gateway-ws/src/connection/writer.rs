@@ -53,6 +53,7 @@ pub(super) async fn write_loop<W>(
                 if n == 0 {
                     break;
                 }
+                shared.dequeued(batch.iter().map(|f| f.text.len()).sum());
                 drop_repeats(&mut sent, &mut batch);
                 // Tracked before the write: an ACK may come back before the
                 // write call returns.

@@ -93,7 +93,9 @@ impl Session {
             user_id,
             acks: false,
         };
-        check_recipient(&identity, &identity.user_id).map_err(|_| {
+        let max = self.gw.limits.max_user_id_chars;
+        crate::commands::check_user_id("from", &identity.user_id, max)?;
+        check_recipient(&identity, &identity.user_id, max).map_err(|_| {
             ServiceError::invalid(format!(
                 "{:?} is not a user of app {}",
                 identity.user_id, identity.app_name
@@ -108,7 +110,7 @@ impl Session {
     /// gateway.
     pub async fn is_online(&self, user: &str) -> Result<bool, ServiceError> {
         let id = self.user()?;
-        check_recipient(id, user)?;
+        check_recipient(id, user, self.gw.limits.max_user_id_chars)?;
         let gateways = self
             .gw
             .deps

@@ -400,6 +400,10 @@ impl Session {
                 "this app does not allow anonymous room members; send AUTH_CLIENT first",
             ));
         }
+        if let Err(reason) = self.check_origin(&app.allowed_origins) {
+            metrics::counter!("switchboard_origin_refusals_total").increment(1);
+            return Err(ServiceError::new(ErrorCode::Forbidden, reason));
+        }
         let suffix = switchboard_mesh::new_message_id().replace('-', "");
         let user_id = format!("{}-anon-{}", app.name, &suffix[suffix.len() - 12..]);
         self.channels.anon = Some(Identity {
@@ -485,7 +489,7 @@ impl Session {
         users.sort_unstable();
         users.dedup();
         for user in &users {
-            super::check_recipient(id, user)?;
+            super::check_recipient(id, user, self.gw.limits.max_user_id_chars)?;
         }
         let max = self.gw.limits.max_presence_subscriptions;
         if self.channels.watching.len() + users.len() > max {

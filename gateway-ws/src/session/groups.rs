@@ -79,7 +79,7 @@ impl Session {
                     )));
                 }
                 for user in &members {
-                    check_recipient(id, user)?;
+                    check_recipient(id, user, self.gw.limits.max_user_id_chars)?;
                 }
                 members
             }

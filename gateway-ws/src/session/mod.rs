@@ -16,7 +16,7 @@ use tokio::time::timeout;
 use crate::GatewayInner;
 use crate::commands::{
     Ack, Auth, ClientCommand, CommandKind, Fetch, GroupMessage, Message, RequestMeta,
-    check_message_id,
+    check_message_id, check_user_id,
 };
 use crate::ratelimit::RateLimiter;
 
@@ -210,23 +210,53 @@ pub struct Session {
     identity: Arc<OnceLock<Identity>>,
     unacked: Arc<Unacked>,
     limiter: RateLimiter,
+    /// ACK frames have their own budget: a client acks what it receives,
+    /// which its send rate does not bound.
+    ack_limiter: RateLimiter,
     /// Highest sequence number a fetch (or the ack-mode replay) returned:
     /// the next page starts after it.
     fetch_cursor: u64,
     channels: channels::ChannelState,
+    /// The `Origin` header of the browser page that opened the connection;
+    /// `None` for other clients (and other transports).
+    web_origin: Option<Box<str>>,
 }
 
 impl Session {
     pub(crate) fn new(gw: Arc<GatewayInner>, conn_id: u64) -> Self {
         let limiter = RateLimiter::new(gw.limits.messages_per_second);
+        let ack_limiter = RateLimiter::new(gw.limits.acks_per_second);
         Session {
             gw,
             conn_id,
             identity: Arc::default(),
             unacked: Arc::default(),
             limiter,
+            ack_limiter,
             fetch_cursor: 0,
             channels: channels::ChannelState::default(),
+            web_origin: None,
+        }
+    }
+
+    /// The `Origin` the connection was opened with (WebSocket upgrade).
+    pub(crate) fn set_web_origin(&mut self, origin: Option<String>) {
+        self.web_origin = origin.map(String::into_boxed_str);
+    }
+
+    /// Refuses a browser connection from an origin the app does not list
+    /// (an empty list allows any).
+    fn check_origin(&self, allowed: &[String]) -> Result<(), String> {
+        match &self.web_origin {
+            Some(origin)
+                if !allowed.is_empty()
+                    && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) =>
+            {
+                Err(format!(
+                    "connections from web pages of {origin} are not allowed for this app"
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -256,8 +286,8 @@ impl Session {
 
     /// Whether a request of `kind` (`None`: one the server does not know)
     /// may go on, checked before its fields are read: only AUTH_CLIENT
-    /// before authentication, and after it the rate limit (ACK is exempt)
-    /// and no second AUTH_CLIENT.
+    /// before authentication, and after it the rate limits (ACK has its
+    /// own) and no second AUTH_CLIENT.
     pub fn admit(&mut self, kind: Option<CommandKind>) -> Result<(), ServiceError> {
         if !self.is_authenticated() {
             return match kind {
@@ -269,7 +299,17 @@ impl Session {
                 )),
             };
         }
-        if kind != Some(CommandKind::Ack) {
+        if kind == Some(CommandKind::Ack) {
+            if !self.ack_limiter.allow() {
+                return Err(ServiceError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} ACK frames per second",
+                        self.gw.limits.acks_per_second
+                    ),
+                ));
+            }
+        } else {
             self.within_rate()?;
         }
         if kind == Some(CommandKind::Auth) {
@@ -337,6 +377,11 @@ impl Session {
                 "this connection is an anonymous room member; sign in on a new connection",
             ));
         }
+        check_user_id(
+            "data.userId",
+            &auth.user_id,
+            self.gw.limits.max_user_id_chars,
+        )?;
         let reply = call(self.gw.deps.auth.verify_client(pb::VerifyClientRequest {
             app_id: auth.app_id.clone(),
             user_id: auth.user_id.clone(),
@@ -348,6 +393,15 @@ impl Session {
                 app_id: auth.app_id,
                 user_id: auth.user_id,
                 reason: reply.reason,
+                redirect: None,
+            });
+        }
+        if let Err(reason) = self.check_origin(&reply.allowed_origins) {
+            metrics::counter!("switchboard_origin_refusals_total").increment(1);
+            return Ok(AuthOutcome::Refused {
+                app_id: auth.app_id,
+                user_id: auth.user_id,
+                reason,
                 redirect: None,
             });
         }
@@ -445,7 +499,7 @@ impl Session {
         if let Some(client_id) = &msg.id {
             check_message_id(client_id)?;
         }
-        check_recipient(id, &msg.to)?;
+        check_recipient(id, &msg.to, self.gw.limits.max_user_id_chars)?;
         self.check_content(&msg.content)?;
         let mut envelope = self.envelope(id, msg.id, meta, msg.feature);
         envelope.to = vec![msg.to];
@@ -479,7 +533,7 @@ impl Session {
                     )));
                 }
                 for user in &to {
-                    check_recipient(id, user)?;
+                    check_recipient(id, user, self.gw.limits.max_user_id_chars)?;
                 }
                 envelope.to = to;
             }
@@ -699,7 +753,10 @@ impl Session {
     }
 }
 
-fn check_recipient(id: &Identity, to: &str) -> Result<(), ServiceError> {
+/// `to` is a user of the sender's app (`<app name>-<rest>`) and a valid
+/// user id ([`check_user_id`]).
+fn check_recipient(id: &Identity, to: &str, max_chars: usize) -> Result<(), ServiceError> {
+    check_user_id("recipient", to, max_chars)?;
     let ok = to
         .strip_prefix(id.app_name.as_str())
         .and_then(|rest| rest.strip_prefix('-'))

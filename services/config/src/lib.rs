@@ -80,6 +80,14 @@ pub struct Config {
     /// the same on every process of a deployment. Empty: the mesh port is
     /// open (acceptable on loopback only).
     pub mesh_secret: String,
+    /// Open the mesh port even where nothing needs it (every role in this
+    /// process and no etcd): for tools and tests that call the roles over
+    /// gRPC. Elsewhere it is always open.
+    pub mesh_listen: bool,
+    /// Run a mesh port with neither `mesh_secret` nor `mesh_tls`: anyone who
+    /// reaches it may call every role. Refused without this; warned about
+    /// at start and every hour with it.
+    pub insecure_mesh: bool,
     /// The mesh address other processes dial (`host:port`). Empty: the mesh
     /// address, which then must not be a wildcard when `etcd` is set.
     pub advertise_addr: String,
@@ -116,6 +124,8 @@ impl Default for Config {
             roles: Role::ALL.to_vec(),
             etcd: Vec::new(),
             mesh_secret: String::new(),
+            mesh_listen: false,
+            insecure_mesh: false,
             advertise_addr: String::new(),
             discovery: DiscoveryConfig::default(),
             mesh_tls: MeshTlsConfig::default(),
@@ -391,6 +401,24 @@ pub struct Limits {
     pub max_presence_subscriptions: usize,
     /// Users in one USER_LIST (past it the list says `truncated`).
     pub max_user_list: usize,
+    /// Longest user id, in characters (signing in, recipients, members).
+    pub max_user_id_chars: usize,
+    /// Sustained ACK frames per second per connection (their own limit:
+    /// ACKs do not count against `messages_per_second`).
+    pub acks_per_second: u32,
+    /// Bytes queued for one connection before it counts as a slow consumer
+    /// (beside `send_queue_frames`).
+    pub send_queue_bytes: usize,
+    /// Seconds a client has to send a whole HTTP request head (the
+    /// WebSocket upgrade included) on the client port; also how long an
+    /// idle keep-alive HTTP connection stays open.
+    pub http_header_timeout_secs: u64,
+    /// Open client-port connections per process (HTTP and WebSocket); past
+    /// it new ones get 503. 0: the open-files limit less a reserve of 256,
+    /// so that health checks, the mesh and the store keep working.
+    pub max_connections: usize,
+    /// Open client-port connections from one IP address; 0 = no limit.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -418,6 +446,12 @@ impl Default for Limits {
             max_rooms_per_connection: 20,
             max_presence_subscriptions: 1000,
             max_user_list: 1000,
+            max_user_id_chars: 128,
+            acks_per_second: 1000,
+            send_queue_bytes: 8 * 1024 * 1024,
+            http_header_timeout_secs: 10,
+            max_connections: 0,
+            max_connections_per_ip: 0,
         }
     }
 }
@@ -606,6 +640,13 @@ pub struct AppConfig {
     /// <key>`), stored as hashes only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Web origins (`https://chat.example.com`, scheme://host[:port]) whose
+    /// pages may open WebSocket connections for this app: a browser
+    /// connection sent from another origin is refused at AUTH_CLIENT (or an
+    /// anonymous ROOM_JOIN). Empty: any origin. Connections without an
+    /// `Origin` header (not from a browser) are not affected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
 }
 
 /// One API key of an app: `{ name = "backend", sha256 = "<hex>", scopes = ["send"] }`.
@@ -672,6 +713,7 @@ impl AppConfig {
             topic_publish: TopicPublish::Any,
             anonymous_rooms: false,
             api_keys: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -718,6 +760,14 @@ impl Config {
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Whether this process opens the mesh port: when other processes may
+    /// call it (it does not run every role, or it is in etcd), or when
+    /// `mesh_listen` asks. One process running everything with no etcd —
+    /// `switchboard run` — opens none: its roles call each other in-process.
+    pub fn listens_on_mesh(&self) -> bool {
+        self.mesh_listen || !self.etcd.is_empty() || !Role::ALL.iter().all(|r| self.runs(*r))
     }
 
     /// The configured apps, or the built-in development app when none are.
@@ -799,6 +849,18 @@ impl Config {
                 "etcd is set but redis is not: processes of one deployment share presence in Redis"
                     .into(),
             ));
+        }
+        if self.listens_on_mesh()
+            && self.mesh_secret.is_empty()
+            && !self.mesh_tls.enabled()
+            && !self.insecure_mesh
+        {
+            return Err(ConfigError::Invalid(format!(
+                "the mesh port {} would accept calls from anyone who reaches it: set mesh_secret \
+                 (the same on every process of the deployment) or mesh_tls, or run it open with \
+                 --insecure-mesh (insecure_mesh = true)",
+                self.mesh_addr
+            )));
         }
         for hook in &self.webhooks.apps {
             if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
@@ -933,6 +995,17 @@ impl Config {
                     .into(),
             ));
         }
+        if l.max_user_id_chars == 0
+            || l.acks_per_second == 0
+            || l.send_queue_bytes < 64 * 1024
+            || l.http_header_timeout_secs == 0
+        {
+            return Err(ConfigError::Invalid(
+                "limits.max_user_id_chars, acks_per_second and http_header_timeout_secs must be > 0, \
+                 and limits.send_queue_bytes at least 65536"
+                    .into(),
+            ));
+        }
         if l.messages_per_second == 0 || l.send_queue_frames == 0 || l.max_group_recipients == 0 {
             return Err(ConfigError::Invalid(
                 "limits.messages_per_second, send_queue_frames and max_group_recipients must be > 0"
@@ -978,6 +1051,20 @@ impl AppConfig {
                 "app_id {:?} must not contain '/'",
                 self.app_id
             )));
+        }
+        for origin in &self.allowed_origins {
+            let valid = origin.split_once("://").is_some_and(|(scheme, rest)| {
+                (scheme == "http" || scheme == "https")
+                    && !rest.is_empty()
+                    && !rest.contains(['/', '?', '#', ' '])
+            });
+            if !valid || origin.ends_with('/') {
+                return Err(ConfigError::Invalid(format!(
+                    "app {:?}: allowed_origins entry {origin:?} must be scheme://host[:port] \
+                     (http or https, no path), as browsers send it",
+                    self.name
+                )));
+            }
         }
         if self.auth == AuthMode::Url {
             match &self.auth_url {
@@ -1156,6 +1243,7 @@ mod tests {
                 ("SWITCHBOARD_ROLES", "gateway, auth"),
                 ("SWITCHBOARD_ETCD", "http://127.0.0.1:1,http://127.0.0.1:2"),
                 ("SWITCHBOARD_REDIS", "redis://127.0.0.1:3"),
+                ("SWITCHBOARD_MESH_SECRET", "s"),
             ]),
         )
         .expect("load");
@@ -1175,13 +1263,42 @@ mod tests {
         )
         .expect_err("etcd without redis");
         assert!(err.to_string().contains("redis"), "{err}");
-        assert!(Config::from_toml_and_env("", &env(&[("SWITCHBOARD_ETCD", "http://x:1")])).is_ok());
+        let etcd_secret = [
+            ("SWITCHBOARD_ETCD", "http://x:1"),
+            ("SWITCHBOARD_MESH_SECRET", "s"),
+        ];
+        assert!(Config::from_toml_and_env("", &env(&etcd_secret)).is_ok());
+    }
+
+    #[test]
+    fn a_mesh_port_needs_a_secret_tls_or_insecure_mesh() {
+        // All-in-one without etcd opens no mesh port: nothing to protect.
+        let c = Config::from_toml_and_env("", &env(&[])).expect("all-in-one");
+        assert!(!c.listens_on_mesh());
+        for open in [
+            &[("SWITCHBOARD_ROLES", "router")][..],
+            &[("SWITCHBOARD_MESH_LISTEN", "true")],
+            &[("SWITCHBOARD_ETCD", "http://x:1")],
+        ] {
+            let err = Config::from_toml_and_env("", &env(open)).expect_err("open mesh");
+            assert!(
+                err.to_string().contains("would accept calls from anyone"),
+                "{err}"
+            );
+            let mut insecure = open.to_vec();
+            insecure.push(("SWITCHBOARD_INSECURE_MESH", "true"));
+            let c = Config::from_toml_and_env("", &env(&insecure)).expect("insecure mesh");
+            assert!(c.listens_on_mesh());
+            let mut secret = open.to_vec();
+            secret.push(("SWITCHBOARD_MESH_SECRET", "s"));
+            assert!(Config::from_toml_and_env("", &env(&secret)).is_ok());
+        }
     }
 
     #[test]
     fn federation_settings_are_checked() {
         let ok = Config::from_toml_and_env(
-            "domain = \"d1\"\netcd = [\"http://x:1\"]\n[federation]\naddr = \"127.0.0.1:9090\"\nsecret = \"s\"\n[federation.peers]\nd2 = \"own\"\n",
+            "domain = \"d1\"\netcd = [\"http://x:1\"]\nmesh_secret = \"m\"\n[federation]\naddr = \"127.0.0.1:9090\"\nsecret = \"s\"\n[federation.peers]\nd2 = \"own\"\n",
             &env(&[]),
         )
         .expect("load");

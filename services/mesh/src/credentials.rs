@@ -10,6 +10,56 @@ use tonic::{Request, Status};
 
 const HEADER: &str = "authorization";
 
+/// Refusals log one line per peer address per interval, with the count of
+/// those left unlogged since: an outsider calling in a loop costs a line
+/// every 10 s, not one per call.
+pub const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Peers remembered for rate-limited logging; past it, the oldest entries
+/// are forgotten (a forgotten peer is logged again at once).
+const REFUSAL_PEERS: usize = 1024;
+
+/// Per peer address: when its last refusal was logged, and how many were
+/// refused since without a line.
+#[derive(Default)]
+struct RefusalLog {
+    peers: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+}
+
+impl RefusalLog {
+    /// Whether to log a refusal of `peer` now, and how many of its
+    /// refusals went unlogged before it.
+    fn should_log(&self, peer: &str) -> Option<u64> {
+        let now = crate::now_ms().max(0) as u64;
+        let interval = REFUSAL_LOG_INTERVAL.as_millis() as u64;
+        let mut peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if peers.len() >= REFUSAL_PEERS && !peers.contains_key(peer) {
+            peers.retain(|_, (last, _)| now.saturating_sub(*last) < interval);
+            if peers.len() >= REFUSAL_PEERS {
+                peers.clear();
+            }
+        }
+        let entry = peers.entry(peer.to_owned()).or_insert((0, 0));
+        if entry.0 != 0 && now.saturating_sub(entry.0) < interval {
+            entry.1 += 1;
+            return None;
+        }
+        let unlogged = entry.1;
+        *entry = (now, 0);
+        Some(unlogged)
+    }
+}
+
+/// The caller's IP address (ports change with every connection).
+fn peer_ip(req: &Request<()>) -> String {
+    req.remote_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 /// Client side: adds `authorization: Bearer <secret>` to every call.
 #[derive(Clone, Default)]
 pub struct MeshCredentials {
@@ -51,11 +101,12 @@ impl Interceptor for MeshCredentials {
     }
 }
 
-/// Server side: refuses (UNAUTHENTICATED, logged) every call whose secret is
-/// missing or wrong. With an empty secret, every call is let in.
+/// Server side: refuses (UNAUTHENTICATED, counted, logged once per peer per
+/// [`REFUSAL_LOG_INTERVAL`]) every call whose secret is missing or wrong. With an empty secret, every call is let in.
 #[derive(Clone)]
 pub struct MeshGuard {
     expected: Option<Arc<[u8]>>,
+    log: Arc<RefusalLog>,
 }
 
 impl MeshGuard {
@@ -63,6 +114,7 @@ impl MeshGuard {
         MeshGuard {
             expected: (!secret.is_empty())
                 .then(|| Arc::from(format!("Bearer {secret}").as_bytes())),
+            log: Arc::default(),
         }
     }
 }
@@ -80,11 +132,15 @@ impl Interceptor for MeshGuard {
         if constant_time_eq(given, expected) {
             return Ok(req);
         }
-        let peer = req
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "unknown".to_owned());
-        tracing::warn!(%peer, "mesh call refused: missing or wrong mesh secret");
+        metrics::counter!("switchboard_mesh_refused_total").increment(1);
+        let peer = peer_ip(&req);
+        if let Some(unlogged) = self.log.should_log(&peer) {
+            tracing::warn!(
+                %peer,
+                unlogged,
+                "mesh call refused: missing or wrong mesh secret (this peer's next refusals in 10 s are only counted: switchboard_mesh_refused_total)"
+            );
+        }
         Err(Status::unauthenticated("missing or wrong mesh secret"))
     }
 }
@@ -142,7 +198,7 @@ pub struct PeerDomain(pub String);
 /// carry that domain's secret (its own from `peers`, else `default`). With
 /// neither configured for the caller, the call is refused: the federation
 /// port is never open. Refusals are counted and logged at most once per
-/// [`REFUSAL_LOG_INTERVAL`].
+/// peer per [`REFUSAL_LOG_INTERVAL`].
 #[derive(Clone)]
 pub struct FederationGuard {
     inner: Arc<GuardInner>,
@@ -151,13 +207,10 @@ pub struct FederationGuard {
 struct GuardInner {
     default: Option<Vec<u8>>,
     peers: std::collections::HashMap<String, Vec<u8>>,
-    last_log_ms: std::sync::atomic::AtomicU64,
+    log: RefusalLog,
     /// With mutual TLS: the client certificate must name the calling domain.
     names_in_certificates: bool,
 }
-
-/// Federation refusals log one line per interval, with the count since.
-pub const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl FederationGuard {
     /// `default`: the secret of every link without its own; `peers`:
@@ -171,7 +224,7 @@ impl FederationGuard {
                     .into_iter()
                     .filter_map(|(d, s)| bearer(s).map(|b| (d.to_owned(), b)))
                     .collect(),
-                last_log_ms: std::sync::atomic::AtomicU64::new(0),
+                log: RefusalLog::default(),
                 names_in_certificates: false,
             }),
         }
@@ -189,28 +242,9 @@ impl FederationGuard {
 
     fn refuse(&self, req: &Request<()>, why: &'static str) -> Status {
         metrics::counter!("switchboard_federation_refused_total", "reason" => why).increment(1);
-        let now = crate::now_ms().max(0) as u64;
-        let last = self
-            .inner
-            .last_log_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if now.saturating_sub(last) >= REFUSAL_LOG_INTERVAL.as_millis() as u64
-            && self
-                .inner
-                .last_log_ms
-                .compare_exchange(
-                    last,
-                    now,
-                    std::sync::atomic::Ordering::Relaxed,
-                    std::sync::atomic::Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            let peer = req
-                .remote_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "unknown".to_owned());
-            tracing::warn!(%peer, reason = why, "federation call refused (further refusals in the next 10 s are only counted: switchboard_federation_refused_total)");
+        let peer = peer_ip(req);
+        if let Some(unlogged) = self.inner.log.should_log(&peer) {
+            tracing::warn!(%peer, reason = why, unlogged, "federation call refused (this peer's next refusals in 10 s are only counted: switchboard_federation_refused_total)");
         }
         Status::unauthenticated(why)
     }
@@ -336,5 +370,45 @@ mod tests {
         assert_eq!(secret_tag("a"), secret_tag("a"));
         assert_ne!(secret_tag("a"), secret_tag("b"));
         assert_eq!(secret_tag("a").len(), 16);
+    }
+}
+
+#[cfg(test)]
+mod refusal_log_tests {
+    use super::RefusalLog;
+
+    #[test]
+    fn one_line_per_peer_per_interval_with_the_count_since() {
+        let log = RefusalLog::default();
+        assert_eq!(
+            log.should_log("10.0.0.1"),
+            Some(0),
+            "the first refusal is logged"
+        );
+        for _ in 0..5 {
+            assert_eq!(log.should_log("10.0.0.1"), None);
+        }
+        assert_eq!(
+            log.should_log("10.0.0.2"),
+            Some(0),
+            "another peer has its own line"
+        );
+        // The interval passes for 10.0.0.1: its next line says 5 went unlogged.
+        log.peers
+            .lock()
+            .expect("lock")
+            .get_mut("10.0.0.1")
+            .expect("entry")
+            .0 = 1;
+        assert_eq!(log.should_log("10.0.0.1"), Some(5));
+    }
+
+    #[test]
+    fn many_peers_do_not_grow_the_table_without_bound() {
+        let log = RefusalLog::default();
+        for i in 0..5000 {
+            log.should_log(&format!("peer-{i}"));
+        }
+        assert!(log.peers.lock().expect("lock").len() <= super::REFUSAL_PEERS);
     }
 }

@@ -39,7 +39,8 @@ mod cluster;
 pub struct Listeners {
     /// The client port; only processes running the gateway role have one.
     pub client: Option<TcpListener>,
-    pub mesh: TcpListener,
+    /// The mesh port, when [`Config::listens_on_mesh`].
+    pub mesh: Option<TcpListener>,
     /// The federation port, when federation is on.
     pub federation: Option<TcpListener>,
 }
@@ -57,9 +58,13 @@ impl Listeners {
         } else {
             None
         };
-        let mesh = TcpListener::bind(config.mesh_addr)
-            .await
-            .with_context(|| format!("cannot listen on mesh address {}", config.mesh_addr))?;
+        let mesh =
+            match config.listens_on_mesh() {
+                true => Some(TcpListener::bind(config.mesh_addr).await.with_context(|| {
+                    format!("cannot listen on mesh address {}", config.mesh_addr)
+                })?),
+                false => None,
+            };
         let federation = match config.federation.enabled() {
             true => Some(
                 TcpListener::bind(&config.federation.addr)
@@ -88,8 +93,9 @@ impl Listeners {
             .transpose()
     }
 
-    pub fn mesh_addr(&self) -> std::io::Result<SocketAddr> {
-        self.mesh.local_addr()
+    /// The mesh port's address, when this process has one.
+    pub fn mesh_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.mesh.as_ref().map(TcpListener::local_addr).transpose()
     }
 
     /// The federation port's address, when federation is on.
@@ -131,10 +137,21 @@ pub async fn serve(
     let credentials = MeshCredentials::new(&config.mesh_secret).context("invalid mesh_secret")?;
     let tls = load_mesh_tls(&config)?;
     let connector = MeshConnector::new(credentials, tls.clone());
-    if config.mesh_secret.is_empty() && !config.etcd.is_empty() {
-        tracing::warn!(
-            "no mesh_secret set: the mesh port accepts calls from anyone who reaches it"
-        );
+    if listeners.mesh.is_some() && config.mesh_secret.is_empty() && tls.is_none() {
+        // Allowed only with insecure_mesh (Config::validate): said at start
+        // and every hour, so that it is not forgotten.
+        let addr = config.mesh_addr;
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                every.tick().await;
+                tracing::warn!(
+                    %addr,
+                    "insecure mesh: no mesh_secret and no mesh_tls, the mesh port accepts calls \
+                     from anyone who reaches it (set mesh_secret on every process)"
+                );
+            }
+        });
     }
 
     // Discovery first: a second delivery process is refused before it
@@ -424,23 +441,26 @@ pub async fn serve(
         mesh =
             mesh.add_service(GatewayService::new(Arc::new(g.clone()), stop.clone()).into_server());
     }
-    let mesh = mesh.serve_with_incoming_shutdown(
-        // Nagle off on accepted mesh connections: small replies must not wait
-        // for the peer's delayed ACK (40 ms per call otherwise).
-        tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.mesh),
-            |conn| {
-                if let Ok(tcp) = &conn
-                    && let Err(e) = tcp.set_nodelay(true)
-                {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY on a mesh connection");
-                }
-                conn
-            },
-        ),
-        async move { mesh_stop.cancelled().await },
-    );
-    let mesh = tokio::spawn(mesh);
+    // All-in-one without etcd opens no mesh port: its roles call each
+    // other in-process.
+    let mesh = listeners.mesh.map(|listener| {
+        tokio::spawn(mesh.serve_with_incoming_shutdown(
+            // Nagle off on accepted mesh connections: small replies must not
+            // wait for the peer's delayed ACK (40 ms per call otherwise).
+            tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |conn| {
+                    if let Ok(tcp) = &conn
+                        && let Err(e) = tcp.set_nodelay(true)
+                    {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY on a mesh connection");
+                    }
+                    conn
+                },
+            ),
+            async move { mesh_stop.cancelled().await },
+        ))
+    });
 
     // The federation port: its own listener and credential check, never
     // the mesh's.
@@ -535,10 +555,12 @@ pub async fn serve(
     if let Some(m) = metrics_server {
         let _ = tokio::time::timeout(Duration::from_secs(2), m).await;
     }
-    match tokio::time::timeout(Duration::from_secs(5), mesh).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "mesh port stopped with an error"),
-        Ok(_) => {}
-        Err(_) => tracing::warn!("mesh port did not stop within 5 s"),
+    if let Some(mesh) = mesh {
+        match tokio::time::timeout(Duration::from_secs(5), mesh).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "mesh port stopped with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("mesh port did not stop within 5 s"),
+        }
     }
     if gateway.is_some() {
         node_presence.retire(&node_id).await;
@@ -630,6 +652,7 @@ fn follow_federated_apps(auth: Arc<AuthRole>, mut view: TopologyView, domain: St
                             api_keys: Vec::new(),
                             topic_publish: switchboard_config::TopicPublish::Any,
                             anonymous_rooms: false,
+                            allowed_origins: Vec::new(),
                         })
                         .collect()
                 })
@@ -736,7 +759,10 @@ async fn join_discovery(
         } else {
             "http"
         };
-        advertised = format!("{scheme}://{}", listeners.mesh_addr()?);
+        let addr = listeners
+            .mesh_addr()?
+            .context("a process in etcd listens on the mesh")?;
+        advertised = format!("{scheme}://{addr}");
     }
     let me = Member {
         id: node_id.to_owned(),

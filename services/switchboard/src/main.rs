@@ -129,6 +129,15 @@ struct RunArgs {
     /// [env: SWITCHBOARD_MESH_SECRET]
     #[arg(long)]
     mesh_secret: Option<String>,
+    /// Open the mesh port although every role runs here and there is no etcd
+    /// (for tools that call the roles over gRPC) [env: SWITCHBOARD_MESH_LISTEN]
+    #[arg(long)]
+    mesh_listen: bool,
+    /// Run the mesh port with neither a mesh secret nor mesh TLS: anyone who
+    /// reaches it may call every role (warned at start and every hour)
+    /// [env: SWITCHBOARD_INSECURE_MESH]
+    #[arg(long)]
+    insecure_mesh: bool,
     /// Mesh address other processes dial (host:port); default: --mesh-addr
     /// [env: SWITCHBOARD_ADVERTISE_ADDR]
     #[arg(long)]
@@ -334,6 +343,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(secret) = args.mesh_secret {
         config.mesh_secret = secret;
     }
+    if args.mesh_listen {
+        config.mesh_listen = true;
+    }
+    if args.insecure_mesh {
+        config.insecure_mesh = true;
+    }
     if let Some(addr) = args.advertise_addr {
         config.advertise_addr = addr;
     }
@@ -374,7 +389,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(client) = client {
         println!("  client port  ws://{client}/ws   (health: http://{client}/healthz)");
     }
-    println!("  mesh port    grpc://{mesh}");
+    match mesh {
+        Some(mesh) => println!("  mesh port    grpc://{mesh}"),
+        None => println!("  mesh port    none (every role runs here; --mesh-listen opens one)"),
+    }
     if config.runs(switchboard_config::Role::Delivery) {
         println!("  data dir     {}", config.data_dir.display());
     }

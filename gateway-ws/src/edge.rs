@@ -1,0 +1,256 @@
+//! The client port's accept loop: HTTP/1 with a deadline for each request
+//! head (a client that never finishes one is closed: no slowloris), and
+//! caps on open connections per process and per client address, answered
+//! with `503` so that the rest of the process (health checks, the mesh, the
+//! store) keeps file descriptors when clients take all they can.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// File descriptors kept for everything but client connections when
+/// `max_connections` is 0 (derived from the open-files limit).
+const FD_RESERVE: u64 = 256;
+
+/// How long a shut-down server waits for HTTP requests in progress.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Open connections, in total and per client address.
+pub(crate) struct Edge {
+    max_total: usize,
+    max_per_ip: usize,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// One open client-port connection; dropping it (the HTTP connection ends,
+/// or the WebSocket it was upgraded to closes) frees its place. Requests
+/// carry it in their extensions so that an upgrade keeps it.
+pub(crate) struct ConnSlot {
+    edge: Arc<Edge>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut open = self.edge.lock();
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_ip.remove(&self.ip);
+            }
+        }
+        metrics::gauge!("switchboard_client_port_connections").set(open.total as f64);
+    }
+}
+
+/// Why a connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Process,
+    Address,
+}
+
+impl Edge {
+    /// `max_total` 0: the open-files limit less [`FD_RESERVE`];
+    /// `max_per_ip` 0: no limit per address.
+    pub(crate) fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        let max_total = match max_total {
+            0 => {
+                let soft = rlimit::getrlimit(rlimit::Resource::NOFILE)
+                    .map(|(soft, _)| soft)
+                    .unwrap_or(1024);
+                usize::try_from(soft.saturating_sub(FD_RESERVE).max(1)).unwrap_or(usize::MAX)
+            }
+            n => n,
+        };
+        Arc::new(Edge {
+            max_total,
+            max_per_ip: if max_per_ip == 0 {
+                usize::MAX
+            } else {
+                max_per_ip
+            },
+            open: Mutex::new(Open::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Arc<ConnSlot>, Refusal> {
+        let mut open = self.lock();
+        if open.total >= self.max_total {
+            return Err(Refusal::Process);
+        }
+        let n = open.per_ip.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return Err(Refusal::Address);
+        }
+        *n += 1;
+        open.total += 1;
+        metrics::gauge!("switchboard_client_port_connections").set(open.total as f64);
+        Ok(Arc::new(ConnSlot {
+            edge: Arc::clone(self),
+            ip,
+        }))
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; then stops
+/// accepting, runs `closing` (which closes the WebSockets) and gives HTTP
+/// requests in progress a few seconds.
+pub(crate) async fn serve<C>(
+    listener: TcpListener,
+    app: Router,
+    edge: Arc<Edge>,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    closing: impl FnOnce() -> C,
+) where
+    C: Future<Output = ()>,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Some(header_timeout));
+    // Connections in progress, told to finish (after their current
+    // request) at shutdown, and waited for.
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors (or a connection reset
+                    // before accept): pause instead of spinning.
+                    tracing::debug!(error = %e, "client port accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Small frames must leave at once: no Nagle delay on client sockets.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let slot = match edge.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refuse(tcp, refusal);
+                continue;
+            }
+        };
+        let app = app.clone();
+        let service = tower::service_fn(move |req: hyper::Request<Incoming>| {
+            let mut req = req.map(axum::body::Body::new);
+            req.extensions_mut().insert(Arc::clone(&slot));
+            app.clone().oneshot(req)
+        });
+        let conn = http
+            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+            .with_upgrades();
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "client port connection ended with an error");
+            }
+        });
+    }
+    closing().await;
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
+        tracing::debug!("HTTP requests still in progress at shutdown");
+    }
+}
+
+/// Answers a connection over a cap with `503` and a JSON body, then closes
+/// it (in the background, bounded: a peer that does not read is dropped).
+fn refuse(mut tcp: TcpStream, refusal: Refusal) {
+    let (reason, message) = match refusal {
+        Refusal::Process => (
+            "max_connections",
+            "this server holds as many connections as it allows; retry later or elsewhere",
+        ),
+        Refusal::Address => (
+            "max_connections_per_ip",
+            "too many connections from your address",
+        ),
+    };
+    metrics::counter!("switchboard_connections_refused_total", "reason" => reason).increment(1);
+    let body = serde_json::json!({"code": "UNAVAILABLE", "message": message}).to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::spawn(async move {
+        let write = async {
+            tcp.write_all(response.as_bytes()).await?;
+            tcp.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_per_process_and_per_address_free_their_place_when_dropped() {
+        let edge = Edge::new(3, 2);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let a1 = edge.admit(a).expect("first from a");
+        let a2 = edge.admit(a).expect("second from a");
+        assert_eq!(edge.admit(a).err(), Some(Refusal::Address));
+        let b1 = edge.admit(b).expect("first from b");
+        assert_eq!(edge.admit(b).err(), Some(Refusal::Process));
+        drop(a1);
+        assert!(edge.admit(b).is_ok(), "a's place is free again");
+        drop((a2, b1));
+        assert_eq!(edge.lock().per_ip.get(&a), None, "no entry left for a");
+    }
+
+    #[test]
+    fn zero_means_the_open_files_limit_less_the_reserve() {
+        let edge = Edge::new(0, 0);
+        let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).expect("getrlimit");
+        assert_eq!(
+            edge.max_total as u64,
+            soft.saturating_sub(FD_RESERVE).max(1)
+        );
+        assert_eq!(edge.max_per_ip, usize::MAX);
+    }
+}
