@@ -30,6 +30,8 @@ mod hot;
 mod manifest;
 pub mod queue;
 pub mod queue_contract;
+#[cfg(all(test, feature = "scylla"))]
+mod scylla_contract_tests;
 #[cfg(feature = "scylla")]
 mod scylla_groups;
 #[cfg(feature = "scylla")]
