@@ -6,6 +6,8 @@
 //! Times taken are stored (`queue_attempts`), for back-off.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,8 +25,9 @@ use crate::scylla_store::{KeyLocks, Shared, at_most, backend, from_cql, to_cql};
 
 /// Items per write of an enqueue (one partition: applied together).
 const ITEMS_PER_BATCH: usize = 50;
-/// Payload bytes per write of an enqueue, under ScyllaDB's batch size limit.
-const BYTES_PER_BATCH: usize = 256 * 1024;
+/// Payload bytes per write of an enqueue, under ScyllaDB's batch size
+/// warning (128 KiB by default).
+const BYTES_PER_BATCH: usize = 100 * 1024;
 const IN_CHUNK: usize = 100;
 const PARALLEL: usize = 16;
 /// How long the times an item was taken are kept.
@@ -231,9 +234,24 @@ impl Queue for ScyllaQueues {
         let ids: Vec<u64> = (first..).take(payloads.len()).collect();
         let enqueued_ms = to_cql(wall_micros() / 1000)?;
         let sizes: Vec<usize> = payloads.iter().map(Vec::len).collect();
-        let mut writes = Vec::new();
         let mut payloads = payloads.into_iter();
+        let mut writes: Vec<Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>>> =
+            Vec::new();
         for range in write_groups(&sizes) {
+            if range.len() == 1 {
+                // A large payload goes alone, as a plain write: a batch
+                // that large is refused.
+                let payload = payloads.next().unwrap_or_default();
+                let values = (queue, to_cql(ids[range.start])?, enqueued_ms, payload);
+                writes.push(Box::pin(async move {
+                    session
+                        .execute_unpaged(&inner.st.insert, values)
+                        .await
+                        .map(|_| ())
+                        .map_err(backend)
+                }));
+                continue;
+            }
             let mut batch = Batch::new(BatchType::Unlogged);
             let mut values = Vec::with_capacity(range.len());
             for i in range {
@@ -241,7 +259,13 @@ impl Queue for ScyllaQueues {
                 let payload = payloads.next().unwrap_or_default();
                 values.push((queue, to_cql(ids[i])?, enqueued_ms, payload));
             }
-            writes.push(async move { session.batch(&batch, values).await.map_err(backend) });
+            writes.push(Box::pin(async move {
+                session
+                    .batch(&batch, values)
+                    .await
+                    .map(|_| ())
+                    .map_err(backend)
+            }));
         }
         at_most(PARALLEL, writes).await?;
         Ok(ids)

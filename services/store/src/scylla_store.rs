@@ -493,6 +493,9 @@ struct StoreInner {
     ids: KeyLocks<(String, String, String)>,
     /// Inboxes with a removal in progress.
     removing: KeyLocks<InboxKey>,
+    /// `(app, inbox, id)` of follow-ups being written (the copies of one
+    /// group message confirm to one sender under one id).
+    follow_ups: KeyLocks<(String, String, String)>,
 }
 
 /// A client id's key in the sender's id index.
@@ -527,6 +530,7 @@ impl ScyllaStore {
                 horizon,
                 ids: KeyLocks::new(),
                 removing: KeyLocks::new(),
+                follow_ups: KeyLocks::new(),
             }),
         })
     }
@@ -756,6 +760,10 @@ impl StoreInner {
         mut msg: InboxMessage,
     ) -> Result<InboxMessage, StoreError> {
         let session = &self.shared.session;
+        let _held = self
+            .follow_ups
+            .lock(vec![(app.to_owned(), msg.to.clone(), msg.id.clone())])
+            .await;
         let existing = session
             .execute_unpaged(&self.st.follow_up_lookup, (app, &msg.to, &msg.id))
             .await
@@ -814,11 +822,13 @@ impl StoreInner {
         let mut removal = Removal::default();
         if let Some(follow_up) = follow_up {
             let mut pending = Vec::new();
+            let mut keys = HashSet::new();
             for seq in &present {
                 let bytes = &found[seq];
                 let header = decode_header(bytes)?;
                 if !header.reference.is_empty()
                     && let Some(msg) = follow_up(&header)
+                    && keys.insert((msg.to.clone(), msg.id.clone()))
                 {
                     pending.push(msg);
                 }
