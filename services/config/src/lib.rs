@@ -536,8 +536,8 @@ pub struct StoreConfig {
     /// keyspace is created (1 for a single development node).
     pub replication_factor: u32,
     /// scylla: consistency level of every read and write: `local_quorum`
-    /// (the default), `quorum`, `each_quorum`, `all`, `one`, `local_one`,
-    /// … (docs/operations.md, "ScyllaDB").
+    /// (the default), `quorum`, `all`, `one`, `local_one`, …
+    /// (docs/operations.md, "ScyllaDB store").
     pub consistency: String,
 }
 

@@ -161,12 +161,13 @@ pub fn parse_consistency(name: &str) -> Result<Consistency, StoreError> {
         "quorum" => Consistency::Quorum,
         "all" => Consistency::All,
         "local_quorum" => Consistency::LocalQuorum,
-        "each_quorum" => Consistency::EachQuorum,
         "local_one" => Consistency::LocalOne,
+        // EACH_QUORUM and ANY are write-only levels: every level here
+        // serves reads and writes alike.
         _ => {
             return Err(StoreError::Invalid(format!(
-                "store.consistency {name:?} is not one of one, two, three, quorum, all, \
-                 local_quorum, each_quorum, local_one"
+                "store.consistency {name:?} is not one of local_quorum, quorum, all, one, two, \
+                 three, local_one"
             )));
         }
     })
@@ -1014,8 +1015,10 @@ mod tests {
         );
         assert_eq!(parse_consistency("QUORUM").expect("q"), Consistency::Quorum);
         assert_eq!(parse_consistency(" one ").expect("one"), Consistency::One);
-        let err = parse_consistency("serial").expect_err("serial is not a write level");
-        assert!(err.to_string().contains("store.consistency"), "{err}");
+        for bad in ["serial", "each_quorum", "any", ""] {
+            let err = parse_consistency(bad).expect_err("not a level for reads and writes");
+            assert!(err.to_string().contains("store.consistency"), "{err}");
+        }
         assert_eq!(
             serial_of(Consistency::LocalQuorum),
             SerialConsistency::LocalSerial
