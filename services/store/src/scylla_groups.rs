@@ -222,7 +222,7 @@ impl GroupStore for ScyllaGroups {
                 .map_err(backend)?,
         )?;
         if !created {
-            return Ok(inner.full(app, group).await?);
+            return inner.full(app, group).await;
         }
         inner.memberships(app, group, &record.members, true).await?;
         Ok(None)

@@ -6,8 +6,6 @@
 //! Times taken are stored (`queue_attempts`), for back-off.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +19,7 @@ use crate::queue::{
     MAX_ENQUEUE, MAX_LEASE, MAX_PAYLOAD_BYTES, MAX_TAKE, Queue, QueueDepth, QueueItem, check_name,
 };
 use crate::scylla_seq::{WRITERS, wall_micros};
-use crate::scylla_store::{KeyLocks, Shared, at_most, backend, from_cql, to_cql};
+use crate::scylla_store::{KeyLocks, Shared, Write, at_most, backend, from_cql, to_cql};
 
 /// Items per write of an enqueue (one partition: applied together).
 const ITEMS_PER_BATCH: usize = 50;
@@ -235,8 +233,7 @@ impl Queue for ScyllaQueues {
         let enqueued_ms = to_cql(wall_micros() / 1000)?;
         let sizes: Vec<usize> = payloads.iter().map(Vec::len).collect();
         let mut payloads = payloads.into_iter();
-        let mut writes: Vec<Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>>> =
-            Vec::new();
+        let mut writes: Vec<Write<'_>> = Vec::new();
         for range in write_groups(&sizes) {
             if range.len() == 1 {
                 // A large payload goes alone, as a plain write: a batch

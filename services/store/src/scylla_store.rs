@@ -57,6 +57,9 @@ const PAGE_ROWS: i32 = 500;
 /// How long a follow-up's marker is kept: longer than a removal is retried.
 const FOLLOW_UP_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// One write of a request, boxed: a request's writes differ in type.
+pub(crate) type Write<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
 /// Runs `futures`, at most `limit` at a time, and collects their results
 /// in order; the first error ends it. (Built from a `Vec`, not a lazy map
 /// over an iterator: `async_trait`'s `Send` check cannot see through the
@@ -634,8 +637,7 @@ impl StoreInner {
         let session = &self.shared.session;
         let accepted_us = to_cql(wall_micros())?;
         let ttl = self.id_ttl();
-        let mut writes: Vec<Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>>> =
-            Vec::with_capacity(plain.len() + keyed.len());
+        let mut writes: Vec<Write<'_>> = Vec::with_capacity(plain.len() + keyed.len());
         for r in plain {
             writes.push(Box::pin(async move {
                 session
