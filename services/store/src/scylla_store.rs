@@ -283,7 +283,11 @@ pub(crate) async fn connect(options: &ScyllaOptions) -> Result<Arc<Shared>, Stor
             ))
         })?;
     migrate(&session, &options.keyspace, options.replication_factor).await?;
-    let writer = claim_writer(&session, &options.keyspace).await?;
+    let serial = match serial_of(options.consistency) {
+        SerialConsistency::LocalSerial => Consistency::LocalSerial,
+        SerialConsistency::Serial => Consistency::Serial,
+    };
+    let writer = claim_writer(&session, &options.keyspace, serial).await?;
     tracing::info!(
         keyspace = %options.keyspace,
         writer,
@@ -364,7 +368,11 @@ pub(crate) fn applied(
 
 /// Counts the process incarnations up by one (a lightweight transaction,
 /// once per start) and returns the new count: the writer number.
-async fn claim_writer(session: &Session, keyspace: &str) -> Result<u64, StoreError> {
+async fn claim_writer(
+    session: &Session,
+    keyspace: &str,
+    serial: Consistency,
+) -> Result<u64, StoreError> {
     let read = format!("SELECT incarnation FROM {keyspace}.writers WHERE name = 'seq'");
     let insert = format!(
         "INSERT INTO {keyspace}.writers (name, incarnation) VALUES ('seq', 1) IF NOT EXISTS"
@@ -375,7 +383,7 @@ async fn claim_writer(session: &Session, keyspace: &str) -> Result<u64, StoreErr
     for _ in 0..50 {
         let mut read_stmt = Statement::new(read.as_str());
         // The value a conditional write last committed.
-        read_stmt.set_consistency(Consistency::Serial);
+        read_stmt.set_consistency(serial);
         let current = session
             .query_unpaged(read_stmt, &[])
             .await
@@ -961,8 +969,11 @@ impl Store for ScyllaStore {
         {
             // The page reaches rows a lower number may still join: wait
             // until it is settled, then read it again.
+            // At most the settle time: a row numbered further ahead comes
+            // from a clock ahead of ours by more than the allowed skew, and
+            // stays unshown (counted in `left`) until ours catches up.
             let wait = inner.horizon.wait_for(from_cql(last)?, wall_micros());
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(wait.min(inner.horizon.settle())).await;
             rows = inner.page(inbox, after, limit).await?;
         }
         let horizon = to_cql(inner.horizon.at(wall_micros()))?;
