@@ -118,9 +118,9 @@ impl SeqClock {
 /// fetch does not show them until the horizon passes them.
 ///
 /// A write is given up (and its append fails) when it has not been
-/// acknowledged within `request_timeout` of its numbers being given out;
+/// acknowledged within `write_deadline` of its numbers being given out;
 /// a writer's clock is at most `clock_skew` behind ours. So once our clock
-/// reads `micros_of(seq) + request_timeout + clock_skew`, every append
+/// reads `micros_of(seq) + write_deadline + clock_skew`, every append
 /// numbered below `seq` that will ever be acknowledged has been, and a
 /// reader at quorum sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,9 +129,9 @@ pub struct Horizon {
 }
 
 impl Horizon {
-    pub fn new(request_timeout: Duration, clock_skew: Duration) -> Self {
+    pub fn new(write_deadline: Duration, clock_skew: Duration) -> Self {
         Horizon {
-            settle: request_timeout.saturating_add(clock_skew),
+            settle: write_deadline.saturating_add(clock_skew),
         }
     }
 

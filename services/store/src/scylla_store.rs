@@ -10,7 +10,7 @@
 //! - Sequence numbers are time-based and given out in the process, no
 //!   lightweight transaction on the message path (scylla_seq.rs). A fetch
 //!   shows a row only once every lower number that will ever be
-//!   acknowledged has been: the [`Horizon`], `request_timeout +
+//!   acknowledged has been: the [`Horizon`], `write_deadline +
 //!   clock_skew` behind the clock. A fetch whose page reaches past it waits
 //!   (at most that long) and reads again.
 //! - What one process must not do twice at once (store one client id,
@@ -54,6 +54,8 @@ const PARALLEL: usize = 32;
 const IN_CHUNK: usize = 100;
 /// Rows per page of a fetch.
 const PAGE_ROWS: i32 = 500;
+/// The longest TTL ScyllaDB takes: 20 years.
+const MAX_TTL_SECS: u64 = 20 * 365 * 24 * 3600;
 /// How long a follow-up's marker is kept: longer than a removal is retried.
 const FOLLOW_UP_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -92,10 +94,12 @@ pub struct ScyllaOptions {
     pub consistency: Consistency,
     /// How long a client-given message id is remembered per sender.
     pub id_window: Duration,
-    /// A request (its retries included) not answered in this time fails;
-    /// an append whose writes take longer fails too, so that the fetch
-    /// horizon holds.
+    /// A request (its retries included) not answered in this time fails.
     pub request_timeout: Duration,
+    /// An append (or follow-up) whose writes are not all acknowledged this
+    /// long after its sequence numbers were given out fails, so that the
+    /// fetch horizon never waits longer than this plus the clock skew.
+    pub write_deadline: Duration,
     /// The most the clocks of two Switchboard processes may differ (NTP in
     /// one datacenter keeps them within milliseconds).
     pub clock_skew: Duration,
@@ -123,7 +127,8 @@ impl ScyllaOptions {
             replication_factor,
             consistency: parse_consistency(consistency)?,
             id_window,
-            request_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            write_deadline: Duration::from_secs(1),
             clock_skew: Duration::from_millis(100),
         })
     }
@@ -499,7 +504,7 @@ struct StoreInner {
     shared: Arc<Shared>,
     st: InboxStatements,
     id_window: Duration,
-    request_timeout: Duration,
+    write_deadline: Duration,
     horizon: Horizon,
     /// `(app, sender, id)` of appends with a client id in progress.
     ids: KeyLocks<(String, String, String)>,
@@ -528,7 +533,7 @@ impl ScyllaStore {
     pub async fn connect(options: ScyllaOptions) -> Result<Self, StoreError> {
         let shared = connect(&options).await?;
         let st = InboxStatements::prepare(&shared).await?;
-        let horizon = Horizon::new(options.request_timeout, options.clock_skew);
+        let horizon = Horizon::new(options.write_deadline, options.clock_skew);
         tracing::info!(
             settle_ms = horizon.settle().as_millis(),
             "a fetch shows messages once every lower number is settled"
@@ -538,7 +543,7 @@ impl ScyllaStore {
                 shared,
                 st,
                 id_window: options.id_window,
-                request_timeout: options.request_timeout,
+                write_deadline: options.write_deadline,
                 horizon,
                 ids: KeyLocks::new(),
                 removing: KeyLocks::new(),
@@ -633,8 +638,10 @@ impl StoreInner {
     }
 
     fn id_ttl(&self) -> i32 {
-        // Rounded up, plus one: ScyllaDB expires on whole seconds.
-        i32::try_from(self.id_window.as_secs().saturating_add(2)).unwrap_or(i32::MAX)
+        // Rounded up, plus one: ScyllaDB expires on whole seconds. At most
+        // the 20 years ScyllaDB allows.
+        let secs = self.id_window.as_secs().saturating_add(2).min(MAX_TTL_SECS);
+        i32::try_from(secs).unwrap_or(i32::MAX)
     }
 
     async fn write_rows(
@@ -688,12 +695,12 @@ impl StoreInner {
         let writes = at_most(PARALLEL, writes);
         // Past the deadline the append fails, so that the fetch horizon
         // never has to wait for an acknowledgement later than it.
-        tokio::time::timeout(self.request_timeout, writes)
+        tokio::time::timeout(self.write_deadline, writes)
             .await
             .map_err(|_| {
                 backend(format!(
                     "the append was not acknowledged within {:?}",
-                    self.request_timeout
+                    self.write_deadline
                 ))
             })??;
         Ok(())
@@ -801,7 +808,7 @@ impl StoreInner {
             (app, &msg.to, seq, encode_row(&msg)),
             (app, &msg.to, &msg.id, seq, ttl),
         );
-        tokio::time::timeout(self.request_timeout, session.batch(&batch, values))
+        tokio::time::timeout(self.write_deadline, session.batch(&batch, values))
             .await
             .map_err(|_| backend("a follow-up was not acknowledged in time"))?
             .map_err(backend)?;
