@@ -5,7 +5,7 @@
 //! process, every unacked item is visible, which at-least-once allows.
 //! Times taken are stored (`queue_attempts`), for back-off.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use crate::StoreError;
 use crate::queue::{
     MAX_ENQUEUE, MAX_LEASE, MAX_PAYLOAD_BYTES, MAX_TAKE, Queue, QueueDepth, QueueItem, check_name,
 };
-use crate::scylla_seq::{WRITERS, wall_micros};
+use crate::scylla_seq::{MAX_QUEUE_BATCH, wall_micros};
 use crate::scylla_store::{KeyLocks, Shared, Write, at_most, backend, from_cql, to_cql};
 
 /// Items per write of an enqueue (one partition: applied together).
@@ -55,6 +55,26 @@ struct Local {
     leased: BTreeMap<u64, Instant>,
     /// The lowest id the last scan found.
     floor: u64,
+    /// The first ids of this process's enqueues still being written: a
+    /// take hands out nothing at or above the lowest, so that items come
+    /// out in id order although enqueues are written concurrently.
+    writing: BTreeSet<u64>,
+}
+
+/// Takes an enqueue's first id out of `writing` when the enqueue ends,
+/// written or not.
+struct Writing<'a> {
+    inner: &'a Inner,
+    queue: &'a str,
+    first: u64,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if let Some(state) = self.inner.local().get_mut(self.queue) {
+            state.writing.remove(&self.first);
+        }
+    }
 }
 
 /// The queues of the ScyllaDB engine.
@@ -228,7 +248,21 @@ impl Queue for ScyllaQueues {
             .execute_unpaged(&inner.st.name, (queue,))
             .await
             .map_err(backend)?;
-        let first = inner.shared.clock.next_queue_ids(payloads.len());
+        let first = {
+            let mut local = inner.local();
+            let first = inner.shared.clock.next_queue_ids(payloads.len());
+            local
+                .entry(queue.to_owned())
+                .or_default()
+                .writing
+                .insert(first);
+            first
+        };
+        let _writing = Writing {
+            inner,
+            queue,
+            first,
+        };
         let ids: Vec<u64> = (first..).take(payloads.len()).collect();
         let enqueued_ms = to_cql(wall_micros() / 1000)?;
         let sizes: Vec<usize> = payloads.iter().map(Vec::len).collect();
@@ -284,13 +318,14 @@ impl Queue for ScyllaQueues {
         let _busy = inner.busy.lock(vec![queue.to_owned()]).await;
         let now = Instant::now();
         let until = now + lease.min(MAX_LEASE);
-        let (leased, floor) = {
+        let (leased, floor, writing) = {
             let mut local = inner.local();
             let state = local.entry(queue.to_owned()).or_default();
             state.leased.retain(|_, until| *until > now);
-            (state.leased.clone(), state.floor)
+            let writing = state.writing.first().copied().unwrap_or(u64::MAX);
+            (state.leased.clone(), state.floor, writing)
         };
-        let margin = u64::try_from(SCAN_MARGIN.as_micros()).unwrap_or(0) * WRITERS;
+        let margin = u64::try_from(SCAN_MARGIN.as_micros()).unwrap_or(0) * MAX_QUEUE_BATCH;
         let start = to_cql(floor.saturating_sub(margin))?;
         let mut rows = inner
             .shared
@@ -305,6 +340,10 @@ impl Queue for ScyllaQueues {
         while let Some(row) = rows.try_next().await.map_err(backend)? {
             let (id, enqueued_ms, payload) = row;
             let id = from_cql(id)?;
+            if id >= writing {
+                // An earlier enqueue of this process is still being written.
+                break;
+            }
             first_seen.get_or_insert(id);
             if leased.contains_key(&id) {
                 continue;
