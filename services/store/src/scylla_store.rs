@@ -47,8 +47,11 @@ use crate::{
     decode_header, decode_stored,
 };
 
-/// Requests one call sends at once (a large append, a removal's follow-ups).
-const PARALLEL: usize = 32;
+/// Requests one call sends at once (a large append, a removal's
+/// follow-ups): the driver multiplexes them over one connection per shard,
+/// and an append of a few thousand copies must finish within the write
+/// deadline.
+const PARALLEL: usize = 128;
 /// Values in one `IN (…)` of clustering keys: ScyllaDB refuses more than
 /// 100 by default (`max_clustering_key_restrictions_per_query`).
 const IN_CHUNK: usize = 100;
@@ -586,6 +589,13 @@ pub fn decode_row(seq: i64, bytes: &[u8]) -> Result<InboxMessage, StoreError> {
     decode_stored(bytes, from_cql(seq)?)
 }
 
+/// Whether a send's copies (`rows`, `bytes` of messages) go in one logged
+/// batch with its index entry: ScyllaDB refuses batches past 1 MiB by
+/// default and warns past 128 KiB.
+fn fits_one_batch(rows: usize, bytes: usize) -> bool {
+    rows <= 100 && bytes <= 100 * 1024
+}
+
 /// What an append answers for each message, given which keys were
 /// accepted before: per key, the first copy for each recipient is stored
 /// and the rest are repeats; a key seen before repeats every copy. `None`
@@ -663,28 +673,48 @@ impl StoreInner {
             }));
         }
         // A send with a client id: its copies and its index entry in one
-        // logged batch, which the cluster applies whole or not at all.
+        // logged batch, which the cluster applies whole or not at all. A
+        // send too large for one batch (a large group's copies) writes its
+        // copies first and the index entry after them: a crash between
+        // leaves copies without an entry, and a resend stores them again,
+        // which at-least-once allows; never an entry without its copies.
         for ((app, sender, id), rows) in keyed {
-            let mut batch = Batch::new(BatchType::Logged);
-            let mut values: Vec<Vec<CqlValue>> = Vec::with_capacity(rows.len() + 1);
-            for r in rows {
-                batch.append_statement(self.st.insert.clone());
-                values.push(vec![
-                    CqlValue::Text(r.app),
-                    CqlValue::Text(r.user),
-                    CqlValue::BigInt(r.seq),
-                    CqlValue::Blob(r.bytes),
-                ]);
-            }
-            batch.append_statement(self.st.id_insert.clone());
-            values.push(vec![
+            let index = vec![
                 CqlValue::Text(app),
                 CqlValue::Text(sender),
                 CqlValue::Text(id),
                 CqlValue::BigInt(accepted_us),
                 CqlValue::Int(ttl),
-            ]);
+            ];
+            let bytes: usize = rows.iter().map(|r| r.bytes.len()).sum();
+            let whole = fits_one_batch(rows.len(), bytes);
+            let mut batch = Batch::new(BatchType::Logged);
+            let mut values: Vec<Vec<CqlValue>> = Vec::with_capacity(rows.len() + 1);
+            let mut copies: Vec<Write<'_>> = Vec::new();
+            for r in rows {
+                let row = vec![
+                    CqlValue::Text(r.app),
+                    CqlValue::Text(r.user),
+                    CqlValue::BigInt(r.seq),
+                    CqlValue::Blob(r.bytes),
+                ];
+                if whole {
+                    batch.append_statement(self.st.insert.clone());
+                    values.push(row);
+                } else {
+                    copies.push(Box::pin(async move {
+                        session
+                            .execute_unpaged(&self.st.insert, row)
+                            .await
+                            .map(|_| ())
+                            .map_err(backend)
+                    }));
+                }
+            }
+            batch.append_statement(self.st.id_insert.clone());
+            values.push(index);
             writes.push(Box::pin(async move {
+                at_most(PARALLEL, copies).await?;
                 session
                     .batch(&batch, values)
                     .await
@@ -1096,6 +1126,14 @@ mod tests {
             "damage is an error"
         );
         assert!(to_cql(u64::MAX).is_err());
+    }
+
+    #[test]
+    fn a_large_send_is_written_copies_first() {
+        assert!(fits_one_batch(1, 0));
+        assert!(fits_one_batch(100, 100 * 1024));
+        assert!(!fits_one_batch(101, 10), "a large group's copies");
+        assert!(!fits_one_batch(2, 100 * 1024 + 1), "large contents");
     }
 
     #[test]
