@@ -52,6 +52,8 @@ use crate::{
 /// and an append of a few thousand copies must finish within the write
 /// deadline.
 const PARALLEL: usize = 128;
+/// Inboxes one `remove_many` works on at once.
+const PARALLEL_INBOXES: usize = 32;
 /// Values in one `IN (…)` of clustering keys: ScyllaDB refuses more than
 /// 100 by default (`max_clustering_key_restrictions_per_query`).
 const IN_CHUNK: usize = 100;
@@ -1032,6 +1034,22 @@ impl Store for ScyllaStore {
     ) -> Result<Removal, StoreError> {
         self.inner.shared.check_open()?;
         self.inner.remove_one(inbox, seqs, follow_up).await
+    }
+
+    async fn remove_many(
+        &self,
+        removals: Vec<(InboxKey, Vec<u64>)>,
+        follow_up: Option<FollowUp>,
+    ) -> Result<Vec<Removal>, StoreError> {
+        self.inner.shared.check_open()?;
+        // Inboxes are independent partitions: removed side by side (an
+        // inbox listed twice waits for its own lock).
+        let inner = &*self.inner;
+        let mut each = Vec::with_capacity(removals.len());
+        for (inbox, seqs) in &removals {
+            each.push(inner.remove_one(inbox, seqs, follow_up));
+        }
+        at_most(PARALLEL_INBOXES, each).await
     }
 
     async fn close(&self) -> Result<(), StoreError> {
