@@ -527,6 +527,9 @@ impl TopicPublish {
 pub enum StoreEngine {
     /// The inbox log in front of fjall, an LSM tree, in the data dir.
     Fjall,
+    /// A ScyllaDB cluster (`url`, `keyspace`, `replication_factor`,
+    /// `consistency`), shared by any number of delivery processes.
+    Scylla,
 }
 
 /// The embedded store.
@@ -557,6 +560,19 @@ pub struct StoreConfig {
     /// (humantime: `"24h"`, `"90m"`).
     #[serde(with = "humantime_duration")]
     pub id_window: Duration,
+    /// A shared engine's address; scylla: contact points,
+    /// `host:9042,host2:9042`.
+    pub url: String,
+    /// scylla: the keyspace, created (with the schema) at start-up when
+    /// missing.
+    pub keyspace: String,
+    /// scylla: replicas of every partition in each datacenter, when the
+    /// keyspace is created (1 for a single development node).
+    pub replication_factor: u32,
+    /// scylla: consistency level of every read and write: `local_quorum`
+    /// (the default), `quorum`, `all`, `one`, `local_one`, …
+    /// (docs/operations.md, "ScyllaDB store").
+    pub consistency: String,
 }
 
 /// A duration written as humantime text (`"24h"`, `"1s"`).
@@ -585,6 +601,10 @@ impl Default for StoreConfig {
             hot_mib: 64,
             recover: false,
             id_window: Duration::from_secs(24 * 60 * 60),
+            url: String::new(),
+            keyspace: "switchboard".into(),
+            replication_factor: 3,
+            consistency: "local_quorum".into(),
         }
     }
 }
@@ -969,6 +989,12 @@ impl Config {
         if self.store.hot_mib == 0 {
             return Err(ConfigError::Invalid(
                 "store.hot_mib must be at least 1 (MiB of undelivered messages kept in the inbox log)"
+                    .into(),
+            ));
+        }
+        if self.store.engine == StoreEngine::Scylla && self.store.url.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "store.url must name the ScyllaDB nodes (host:9042,host2:9042) with engine = \"scylla\""
                     .into(),
             ));
         }
@@ -1408,6 +1434,43 @@ mod tests {
                     .is_err()
             );
         }
+    }
+
+    #[test]
+    fn the_scylla_engine_takes_its_settings_from_toml_and_env() {
+        let c = Config::from_toml_and_env(
+            "[store]\nengine = \"scylla\"\nurl = \"10.0.0.1:9042,10.0.0.2:9042\"\nkeyspace = \"chat\"\n\
+             replication_factor = 1\nconsistency = \"quorum\"\n",
+            &env(&[]),
+        )
+        .expect("load");
+        assert_eq!(c.store.engine, StoreEngine::Scylla);
+        assert_eq!(c.store.url, "10.0.0.1:9042,10.0.0.2:9042");
+        assert_eq!(
+            (c.store.keyspace.as_str(), c.store.replication_factor),
+            ("chat", 1)
+        );
+        assert_eq!(c.store.consistency, "quorum");
+        let c = Config::from_toml_and_env(
+            "",
+            &env(&[
+                ("SWITCHBOARD_STORE__ENGINE", "scylla"),
+                ("SWITCHBOARD_STORE__URL", "scylla-1:9042"),
+                ("SWITCHBOARD_STORE__REPLICATION_FACTOR", "5"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(c.store.engine, StoreEngine::Scylla);
+        assert_eq!(c.store.url, "scylla-1:9042");
+        assert_eq!(c.store.replication_factor, 5);
+        assert_eq!(
+            (c.store.keyspace.as_str(), c.store.consistency.as_str()),
+            ("switchboard", "local_quorum"),
+            "defaults"
+        );
+        let err = Config::from_toml_and_env("[store]\nengine = \"scylla\"\n", &env(&[]))
+            .expect_err("no url");
+        assert!(err.to_string().contains("store.url"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,13 @@ use crate::{Appended, InboxKey, InboxMessage, MessageHeader, Store};
 pub trait Harness: Sized {
     type Store: Store;
 
+    /// Whether the engine under test is there: an engine on a server the
+    /// test environment may lack answers `false` (and records the skip),
+    /// and every test of the suite passes without running.
+    fn available() -> bool {
+        true
+    }
+
     /// A new, empty place for a store.
     async fn create() -> Self;
 
@@ -493,12 +500,14 @@ macro_rules! store_contract_tests {
         mod contract_suite {
             #[allow(unused_imports)]
             use super::*;
-            use $crate::contract::Harness as _;
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let place = <$harness>::create().await;
-                    let store = place.open($crate::contract::DAY).await;
+                    if !<$harness as $crate::contract::Harness>::available() {
+                        return;
+                    }
+                    let place = <$harness as $crate::contract::Harness>::create().await;
+                    let store = $crate::contract::Harness::open(&place, $crate::contract::DAY).await;
                     $crate::contract::$name(&store).await;
                     $crate::Store::close(&store).await.expect("close");
                 }
@@ -506,7 +515,10 @@ macro_rules! store_contract_tests {
             $(
                 #[tokio::test]
                 async fn $again() {
-                    let place = <$harness>::create().await;
+                    if !<$harness as $crate::contract::Harness>::available() {
+                        return;
+                    }
+                    let place = <$harness as $crate::contract::Harness>::create().await;
                     $crate::contract::$again(&place).await;
                 }
             )*

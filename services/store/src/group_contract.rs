@@ -10,6 +10,23 @@ use crate::groups::{GroupChange, GroupRecord, GroupStore};
 /// Opens the engine's group store on a data dir.
 pub type OpenGroups = fn(&Path) -> Arc<dyn GroupStore>;
 
+/// Where the groups of an engine on a server live (a keyspace, a schema),
+/// for [`group_store_contract_tests!(harness = H)`](crate::group_store_contract_tests).
+#[allow(async_fn_in_trait)]
+pub trait GroupHarness: Sized {
+    /// Whether the server is there; `false` records a skip and every test
+    /// passes without running.
+    fn available() -> bool {
+        true
+    }
+
+    /// A new, empty place for groups.
+    async fn create() -> Self;
+
+    /// Opens the groups kept here (again, after the last handle went).
+    async fn open(&self) -> Arc<dyn GroupStore>;
+}
+
 fn users(names: &[&str]) -> Vec<String> {
     names.iter().map(|n| format!("demo-{n}")).collect()
 }
@@ -209,9 +226,14 @@ pub async fn bad_fields_are_refused(s: &dyn GroupStore) {
 
 /// Groups written before a close are there after reopening.
 pub async fn groups_survive_reopening(open: OpenGroups, dir: &Path) {
+    groups_survive_reopening_by(async || open(dir)).await;
+}
+
+/// [`groups_survive_reopening`] with any way of opening.
+pub async fn groups_survive_reopening_by(open: impl AsyncFn() -> Arc<dyn GroupStore>) {
     let g = record("g-1", "ann", &["ann", "bob"]);
     {
-        let s = open(dir);
+        let s = open().await;
         s.create_group(&g).await.expect("create");
         s.update_group(
             "app-1",
@@ -225,7 +247,7 @@ pub async fn groups_survive_reopening(open: OpenGroups, dir: &Path) {
         .await
         .expect("update");
     }
-    let s = open(dir);
+    let s = open().await;
     let read = s.group("app-1", "g-1").await.expect("get").expect("found");
     assert_eq!(read.members, users(&["ann", "cat"]));
     assert_eq!(
@@ -236,11 +258,15 @@ pub async fn groups_survive_reopening(open: OpenGroups, dir: &Path) {
 
 /// Generates the group store contract tests for an engine. `$open` is a
 /// `fn(&Path) -> Arc<dyn GroupStore>` (a closure without captures) opening
-/// the engine's groups on a data dir.
+/// the engine's groups on a data dir; an engine on a server gives a
+/// [`GroupHarness`] instead: `group_store_contract_tests!(harness = H)`.
 #[macro_export]
 macro_rules! group_store_contract_tests {
-    ($open:expr) => {
-        $crate::group_store_contract_tests!(@each $open;
+    (harness = $harness:ty) => {
+        $crate::group_store_contract_tests!(@names harness $harness);
+    };
+    (@names $how:ident $arg:tt) => {
+        $crate::group_store_contract_tests!(@$how $arg;
             a_created_group_reads_back_with_sorted_members,
             creating_an_existing_group_returns_it_and_writes_nothing,
             updates_add_remove_and_rename_and_repeat_safely,
@@ -249,6 +275,39 @@ macro_rules! group_store_contract_tests {
             a_large_group_reads_back_whole,
             bad_fields_are_refused
         );
+    };
+    (@harness $harness:ty; $($name:ident),*) => {
+        mod group_store_contract_suite {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if !<$harness as $crate::group_contract::GroupHarness>::available() {
+                        return;
+                    }
+                    let place = <$harness as $crate::group_contract::GroupHarness>::create().await;
+                    let groups = $crate::group_contract::GroupHarness::open(&place).await;
+                    $crate::group_contract::$name(&*groups).await;
+                }
+            )*
+
+            #[tokio::test]
+            async fn groups_survive_reopening() {
+                if !<$harness as $crate::group_contract::GroupHarness>::available() {
+                    return;
+                }
+                let place = <$harness as $crate::group_contract::GroupHarness>::create().await;
+                $crate::group_contract::groups_survive_reopening_by(async || {
+                    $crate::group_contract::GroupHarness::open(&place).await
+                })
+                .await;
+            }
+        }
+    };
+    ($open:expr) => {
+        $crate::group_store_contract_tests!(@names each $open);
     };
     (@each $open:expr; $($name:ident),*) => {
         mod group_store_contract_suite {

@@ -15,6 +15,9 @@
 //! later) in front of fjall, a log-structured merge tree, which keeps what
 //! stays undelivered and the id index past the log's life. One writer thread
 //! commits everything queued as one synced write (group commit).
+//!
+//! With the `scylla` feature, [`ScyllaStore`] keeps the same contracts in a
+//! ScyllaDB cluster shared by any number of processes (scylla_store.rs).
 
 pub mod contract;
 #[cfg(test)]
@@ -27,12 +30,30 @@ mod hot;
 mod manifest;
 pub mod queue;
 pub mod queue_contract;
+#[cfg(all(test, feature = "scylla"))]
+mod scylla_contract_tests;
+#[cfg(feature = "scylla")]
+mod scylla_groups;
+#[cfg(feature = "scylla")]
+mod scylla_queue;
+#[cfg(feature = "scylla")]
+mod scylla_schema;
+#[cfg(feature = "scylla")]
+mod scylla_seq;
+#[cfg(feature = "scylla")]
+mod scylla_store;
 
 use async_trait::async_trait;
 pub use fjall_store::{FjallStore, FjallStoreOptions};
 pub use groups::{FjallGroups, GroupChange, GroupRecord, GroupStore};
 use prost::Message;
 pub use queue::{FjallQueues, Queue, QueueDepth, QueueItem};
+#[cfg(feature = "scylla")]
+pub use scylla_groups::ScyllaGroups;
+#[cfg(feature = "scylla")]
+pub use scylla_queue::ScyllaQueues;
+#[cfg(feature = "scylla")]
+pub use scylla_store::{ScyllaOptions, ScyllaStore};
 pub use switchboard_proto::mesh::InboxMessage;
 
 /// One user's inbox: the partition key.

@@ -14,6 +14,23 @@ use crate::queue::{MAX_PAYLOAD_BYTES, MAX_TAKE, Queue, QueueDepth};
 /// Opens the engine's queues on a data dir.
 pub type OpenQueues = fn(&Path) -> Arc<dyn Queue>;
 
+/// Where the queues of an engine on a server live (a keyspace, a schema),
+/// for [`queue_contract_tests!(harness = H)`](crate::queue_contract_tests).
+#[allow(async_fn_in_trait)]
+pub trait QueueHarness: Sized {
+    /// Whether the server is there; `false` records a skip and every test
+    /// passes without running.
+    fn available() -> bool {
+        true
+    }
+
+    /// A new, empty place for queues.
+    async fn create() -> Self;
+
+    /// Opens the queues kept here (again, after the last handle went).
+    async fn open(&self) -> Arc<dyn Queue>;
+}
+
 fn payloads(range: std::ops::Range<u64>) -> Vec<Vec<u8>> {
     range.map(|n| n.to_be_bytes().to_vec()).collect()
 }
@@ -178,8 +195,13 @@ pub async fn concurrent_enqueues_all_land_whole_and_in_order(q: &dyn Queue) {
 }
 
 pub async fn items_and_ids_survive_reopening(open: OpenQueues, dir: &Path) {
+    items_and_ids_survive_reopening_by(async || open(dir)).await;
+}
+
+/// [`items_and_ids_survive_reopening`] with any way of opening.
+pub async fn items_and_ids_survive_reopening_by(open: impl AsyncFn() -> Arc<dyn Queue>) {
     {
-        let q = open(dir);
+        let q = open().await;
         let ids = q.enqueue("link", payloads(0..3)).await.expect("enqueue");
         let taken = q.take("link", 1, LONG).await.expect("take");
         q.ack("link", &[taken[0].id]).await.expect("ack");
@@ -190,7 +212,7 @@ pub async fn items_and_ids_survive_reopening(open: OpenQueues, dir: &Path) {
     }
     // Fjall's writer lets go of the database shortly after its handle.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let q = open(dir);
+    let q = open().await;
     // Leases do not survive a restart: everything unacked is visible.
     let items = q.take("link", 10, LONG).await.expect("take");
     let numbers: Vec<u64> = items.iter().map(|i| number(&i.payload)).collect();
@@ -307,11 +329,17 @@ pub fn enqueued_items_survive_kill_9(open: OpenQueues, test_path: &str, dir: &Pa
 
 /// Generates the queue contract tests for an engine. `$open` is a
 /// `fn(&Path) -> Arc<dyn Queue>` (a closure without captures) opening the
-/// engine's queues on a data dir.
+/// engine's queues on a data dir. An engine on a server gives a
+/// [`QueueHarness`] instead: `queue_contract_tests!(harness = H)` runs the
+/// same tests in a fresh place each (the kill -9 test is the embedded
+/// engine's: a server's durability does not depend on the client process).
 #[macro_export]
 macro_rules! queue_contract_tests {
-    ($open:expr) => {
-        $crate::queue_contract_tests!(@each $open;
+    (harness = $harness:ty) => {
+        $crate::queue_contract_tests!(@names harness $harness);
+    };
+    (@names $how:ident $arg:tt) => {
+        $crate::queue_contract_tests!(@$how $arg;
             items_come_out_in_enqueue_order,
             taken_items_come_back_after_the_lease_in_order,
             ack_removes_once,
@@ -319,6 +347,39 @@ macro_rules! queue_contract_tests {
             bounds_are_enforced,
             concurrent_enqueues_all_land_whole_and_in_order
         );
+    };
+    (@harness $harness:ty; $($name:ident),*) => {
+        mod queue_contract_suite {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if !<$harness as $crate::queue_contract::QueueHarness>::available() {
+                        return;
+                    }
+                    let place = <$harness as $crate::queue_contract::QueueHarness>::create().await;
+                    let queues = $crate::queue_contract::QueueHarness::open(&place).await;
+                    $crate::queue_contract::$name(&*queues).await;
+                }
+            )*
+
+            #[tokio::test]
+            async fn items_and_ids_survive_reopening() {
+                if !<$harness as $crate::queue_contract::QueueHarness>::available() {
+                    return;
+                }
+                let place = <$harness as $crate::queue_contract::QueueHarness>::create().await;
+                $crate::queue_contract::items_and_ids_survive_reopening_by(async || {
+                    $crate::queue_contract::QueueHarness::open(&place).await
+                })
+                .await;
+            }
+        }
+    };
+    ($open:expr) => {
+        $crate::queue_contract_tests!(@names each $open);
     };
     (@each $open:expr; $($name:ident),*) => {
         mod queue_contract_suite {

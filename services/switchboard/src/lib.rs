@@ -34,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod cluster;
+mod scylla;
 
 /// Already-bound listeners (tests bind port 0).
 pub struct Listeners {
@@ -189,7 +190,7 @@ pub async fn serve(
 
     let (store, queues, group_store) = match config.runs(Role::Delivery) {
         true => {
-            let opened = open_store(&config).with_context(|| {
+            let opened = open_store(&config).await.with_context(|| {
                 format!("cannot open the store in {}", config.data_dir.display())
             })?;
             (Some(opened.inbox), Some(opened.queues), Some(opened.groups))
@@ -933,7 +934,7 @@ struct OpenedStore {
     groups: Arc<dyn GroupStore>,
 }
 
-fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreError> {
+async fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreError> {
     let cache_bytes = config.store.cache_mib.saturating_mul(1024 * 1024);
     Ok(match config.store.engine {
         StoreEngine::Fjall => {
@@ -955,6 +956,7 @@ fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreEr
                 inbox: Arc::new(store),
             }
         }
+        StoreEngine::Scylla => scylla::open(&config.store).await?,
     })
 }
 

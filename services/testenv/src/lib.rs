@@ -22,6 +22,10 @@ pub const REDIS: &str = "SWITCHBOARD_TEST_REDIS";
 pub const SCHEMATHESIS: &str = "SWITCHBOARD_TEST_SCHEMATHESIS";
 /// File a skipped test appends its line to.
 pub const SKIPS_FILE: &str = "SWITCHBOARD_TEST_SKIPS";
+/// A ScyllaDB node (`host:9042`). Not started by `scripts/test.sh`: no
+/// runnable ScyllaDB installs here, so its tests are skipped when it is
+/// unset, under CI too ([`optional_service`]).
+pub const SCYLLA: &str = "SWITCHBOARD_TEST_SCYLLA";
 
 /// The values of `vars`, in order, when all are set; `None` (recorded as a
 /// skip) when one is missing outside CI. Panics under `CI=true`.
@@ -42,6 +46,18 @@ pub fn services(vars: &[&str]) -> Option<Vec<String>> {
 /// One service: `service(REDIS)`.
 pub fn service(var: &str) -> Option<String> {
     services(&[var]).and_then(|mut v| v.pop())
+}
+
+/// A service CI does not provide (ScyllaDB): its value, or `None`,
+/// recorded as a skip with `why`, under `CI=true` as well.
+pub fn optional_service(var: &str, why: &str) -> Option<String> {
+    match std::env::var(var).ok().filter(|v| !v.is_empty()) {
+        Some(value) => Some(value),
+        None => {
+            record_skip(&format!("{var} not set ({why})"));
+            None
+        }
+    }
 }
 
 /// The values of `vars`, or the names of those missing.
