@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::read_ahead::ReadAhead;
+use crate::ui::UiOptions;
 use crate::{GatewayError, GatewayRole, connection};
 
 /// Serves the client port on an already-bound listener until `shutdown`
@@ -24,12 +25,23 @@ pub async fn serve(
     gateway: GatewayRole,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    serve_with_ui(listener, gateway, UiOptions::default(), shutdown).await
+}
+
+/// [`serve`], with the web UI as `ui` configures it (docs/ui.md).
+pub async fn serve_with_ui(
+    listener: TcpListener,
+    gateway: GatewayRole,
+    ui: UiOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade))
         .merge(crate::rest::router(&gateway))
+        .merge(crate::ui::router(ui))
         .with_state(gateway.clone());
     let closing = gateway.clone();
     // Small frames must leave at once: no Nagle delay on client sockets.

@@ -34,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod cluster;
+mod console;
 
 /// Already-bound listeners (tests bind port 0).
 pub struct Listeners {
@@ -481,12 +482,41 @@ pub async fn serve(
         _ => None,
     };
 
+    // The console's view of the cluster and the federation, when it is on.
+    let console = match config.ui.console {
+        true => Some(Arc::new(console::NodeConsole {
+            node_id: node_id.clone(),
+            tag: switchboard_mesh::secret_tag(&config.mesh_secret),
+            members: discovery.as_ref().map(Discovery::members),
+            federating: config.federation.enabled(),
+            topology: topology.clone(),
+            links: match config.etcd.is_empty() {
+                true => None,
+                false => {
+                    EtcdMetadata::connect_kinds(&config.etcd, &config.federation_prefix(), &[])
+                        .await
+                        .map_err(
+                            |e| tracing::warn!(error = %e, "the console cannot read link states"),
+                        )
+                        .ok()
+                }
+            },
+        })
+            as Arc<dyn switchboard_gateway::ui::ConsoleSource>),
+        false => None,
+    };
     let client = match (&gateway, listeners.client) {
         (Some(gateway), Some(listener)) => {
             let client_stop = stop.clone();
-            Some(tokio::spawn(switchboard_gateway::serve(
+            let ui = switchboard_gateway::ui::UiOptions {
+                config: config.ui.clone(),
+                roles: config.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+                source: console.clone(),
+            };
+            Some(tokio::spawn(switchboard_gateway::serve_with_ui(
                 listener,
                 gateway.clone(),
+                ui,
                 async move {
                     client_stop.cancelled().await;
                 },
