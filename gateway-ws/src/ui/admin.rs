@@ -93,6 +93,9 @@ pub struct NodeView {
     /// Jaeger's UI: the console links message ids to their traces there.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jaeger_url: Option<String>,
+    /// The `service.name` of this process's spans (`switchboard-all`, or
+    /// `switchboard-` and its roles joined by `+`).
+    pub trace_service: String,
     /// What `/readyz` checks, and why each failed.
     pub checks: Vec<ReadinessCheck>,
 }
@@ -168,6 +171,11 @@ async fn node(
         node: gateway.id().to_owned(),
         domain: gateway.inner.deps.domain.clone(),
         roles: options.roles.clone(),
+        trace_service: match options.roles.len() {
+            // As the binary names its tracer (every role: `-all`).
+            5 => "switchboard-all".to_owned(),
+            _ => format!("switchboard-{}", options.roles.join("+")),
+        },
         jaeger_url: Some(options.config.jaeger_url.clone()).filter(|u| !u.is_empty()),
         checks,
     }))

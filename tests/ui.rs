@@ -1,0 +1,224 @@
+//! The web UI (docs/ui.md) in a real browser: headless Chromium driven by
+//! Playwright (`tests/ui/run.mjs`, one scenario per test) against a running
+//! Switchboard. `scripts/test.sh` installs Debian's `chromium` and the
+//! pinned `playwright-core` (`npm ci` in `tests/ui`); without them a test is
+//! skipped with its reason, and fails under `CI=true`. Every scenario saves
+//! a screenshot of each page under `target/ui-screenshots/`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::TestNode;
+use support::cluster::{Cluster, Infra, PROTOCOL_SHAPE};
+use switchboard::RemoteRoles;
+use switchboard_config::{ApiKeyConfig, ApiScope, AppConfig, Config};
+
+const ADMIN_KEY: &str = "sbk_test_console_admin_0123456789";
+const SEND_KEY: &str = "sbk_test_console_send_0123456789";
+/// A whole scenario, browser start included; a step waits 15 s at most.
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Node, Playwright and Chromium, when all are there.
+fn browser() -> Option<PathBuf> {
+    let chromium = std::env::var("SWITCHBOARD_TEST_CHROMIUM").unwrap_or("/usr/bin/chromium".into());
+    let playwright = workspace().join("tests/ui/node_modules/playwright-core/package.json");
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let missing = if !node {
+        Some("node is not installed".to_owned())
+    } else if !playwright.exists() {
+        Some("playwright-core is not installed (npm ci in tests/ui)".to_owned())
+    } else if !Path::new(&chromium).exists() {
+        Some(format!("{chromium} is not installed"))
+    } else {
+        None
+    };
+    match missing {
+        None => Some(workspace().join("tests/ui/run.mjs")),
+        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{why} (CI=true): scripts/test.sh installs it")
+        }
+        Some(why) => {
+            switchboard_testenv::record_skip(&format!("{why}; scripts/test.sh installs it"));
+            None
+        }
+    }
+}
+
+/// Runs one scenario of `run.mjs` against `base` and returns its report;
+/// fails with the step that failed and the page errors.
+async fn scenario(script: &Path, name: &str, base: &str, options: Value) -> Value {
+    let shots = workspace().join("target/ui-screenshots");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let child = tokio::process::Command::new("node")
+        .arg(script)
+        .args([name, base])
+        .arg(&shots)
+        .arg(options.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn node");
+    let out = tokio::time::timeout(SCENARIO_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("scenario {name} did not end within {SCENARIO_TIMEOUT:?}"))
+        .expect("node ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "scenario {name}: {stderr}\n(screenshots in {})",
+        shots.display()
+    );
+    let last = stdout.lines().last().unwrap_or("{}");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("report {last:?}: {e}"))
+}
+
+fn base_of(node: &TestNode) -> String {
+    format!("http://{}", node.client_addr)
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The demo app with an admin key and a send key; the console on for it.
+fn with_console(c: &mut Config) {
+    let key = |name: &str, secret: &str, scope| ApiKeyConfig {
+        name: name.into(),
+        sha256: sha256_hex(secret),
+        scopes: vec![scope],
+    };
+    c.apps = vec![AppConfig {
+        api_keys: vec![
+            key("ops", ADMIN_KEY, ApiScope::Admin),
+            key("backend", SEND_KEY, ApiScope::Send),
+        ],
+        ..AppConfig::demo()
+    }];
+    c.ui.console = true;
+    c.ui.console_app = "demo".into();
+    c.ui.jaeger_url = "http://jaeger.example:16686".into();
+}
+
+#[tokio::test]
+async fn two_users_exchange_a_reliable_message_and_a_second_tab_shows_it() {
+    let Some(script) = browser() else { return };
+    let node = TestNode::start().await;
+    let report = scenario(&script, "direct", &base_of(&node), json!({})).await;
+    // What docs/ui.md quotes: the page's own clock, first load, empty cache.
+    println!("measured: {report}");
+    assert!(
+        report["firstLoadBytes"].as_u64().is_some_and(|b| b > 0),
+        "{report}"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_user_who_signs_in_later_sees_the_missed_message() {
+    let Some(script) = browser() else { return };
+    let node = TestNode::start().await;
+    scenario(&script, "missed", &base_of(&node), json!({})).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_group_a_room_and_a_topic_round_trip_at_phone_width() {
+    let Some(script) = browser() else { return };
+    let node = TestNode::start().await;
+    scenario(&script, "channels", &base_of(&node), json!({"phone": true})).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_console_lists_the_processes_of_a_local_cluster() {
+    let Some(infra) = Infra::from_env() else {
+        return;
+    };
+    let Some(script) = browser() else { return };
+    let cluster = Cluster::start(infra, PROTOCOL_SHAPE, with_console).await;
+    let members: Vec<String> = cluster
+        .procs
+        .iter()
+        .map(|p| p.node_id().to_owned())
+        .collect();
+    let gw = cluster.proc("gw1").client_addr.expect("a gateway");
+    scenario(
+        &script,
+        "console",
+        &format!("http://{gw}"),
+        json!({"key": ADMIN_KEY, "members": members}),
+    )
+    .await;
+    cluster.shutdown().await;
+}
+
+/// Without a browser: the headers every page carries, and who may read the
+/// admin API.
+#[tokio::test]
+async fn pages_have_a_strict_csp_and_the_admin_api_needs_an_admin_key() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let node = TestNode::start_with(with_console, RemoteRoles::default()).await;
+    let base = base_of(&node);
+    for path in ["/", "/console", "/ui/chat.js", "/ui/style.css"] {
+        let res = http
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(res.status(), 200, "{path}");
+        let csp = res.headers()["content-security-policy"]
+            .to_str()
+            .expect("csp");
+        assert!(csp.starts_with("default-src 'self'"), "{path}: {csp}");
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+    }
+    let get = |key: Option<&str>| {
+        let mut req = http.get(format!("{base}/v1/admin/node"));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        req.send()
+    };
+    let res = get(None).await.expect("answer");
+    assert_eq!(res.status(), 401);
+    let res = get(Some(SEND_KEY)).await.expect("answer");
+    assert_eq!(res.status(), 403);
+    let res = get(Some(ADMIN_KEY)).await.expect("answer");
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["domain"], "local", "{body}");
+    assert_eq!(body["jaegerUrl"], "http://jaeger.example:16686", "{body}");
+    assert_eq!(body["traceService"], "switchboard-all", "{body}");
+    node.shutdown().await;
+
+    // Off unless configured: no console, no admin API; the chat stays.
+    let plain = TestNode::start().await;
+    let base = base_of(&plain);
+    for (path, status) in [("/console", 404), ("/v1/admin/node", 404), ("/", 200)] {
+        let res = http
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(res.status(), status, "{path}");
+    }
+    plain.shutdown().await;
+}
