@@ -19,6 +19,7 @@ use switchboard_config::{ApiKeyConfig, ApiScope, AppConfig, Config};
 
 const ADMIN_KEY: &str = "sbk_test_console_admin_0123456789";
 const SEND_KEY: &str = "sbk_test_console_send_0123456789";
+const JAEGER: &str = "http://jaeger.example:16686";
 /// A whole scenario, browser start included; a step waits 15 s at most.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -113,7 +114,7 @@ fn with_console(c: &mut Config) {
     }];
     c.ui.console = true;
     c.ui.console_app = "demo".into();
-    c.ui.jaeger_url = "http://jaeger.example:16686".into();
+    c.ui.jaeger_url = JAEGER.into();
 }
 
 #[tokio::test]
@@ -163,7 +164,7 @@ async fn the_console_lists_the_processes_of_a_local_cluster() {
         &script,
         "console",
         &format!("http://{gw}"),
-        json!({"key": ADMIN_KEY, "members": members}),
+        json!({"key": ADMIN_KEY, "members": members, "jaeger": JAEGER}),
     )
     .await;
     cluster.shutdown().await;
@@ -205,7 +206,7 @@ async fn pages_have_a_strict_csp_and_the_admin_api_needs_an_admin_key() {
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.expect("json");
     assert_eq!(body["domain"], "local", "{body}");
-    assert_eq!(body["jaegerUrl"], "http://jaeger.example:16686", "{body}");
+    assert_eq!(body["jaegerUrl"], JAEGER, "{body}");
     assert_eq!(body["traceService"], "switchboard-all", "{body}");
     node.shutdown().await;
 
@@ -221,4 +222,107 @@ async fn pages_have_a_strict_csp_and_the_admin_api_needs_an_admin_key() {
         assert_eq!(res.status(), status, "{path}");
     }
     plain.shutdown().await;
+}
+
+/// Without a browser: the console's federation view, from the topology in
+/// etcd and the link states the domains publish, while the one neighbour
+/// is not running.
+#[tokio::test]
+async fn the_admin_api_shows_the_federation_and_a_link_down() {
+    let Some(etcd) = switchboard_testenv::service(switchboard_testenv::ETCD) else {
+        return;
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = switchboard_mesh::new_message_id().replace('-', "");
+    let prefix = format!("/sbtest-ui/{tag}/");
+    let fed = |_: u8| format!("127.0.0.1:{}", support::free_port());
+    let (d1_fed, d2_fed) = (fed(1), fed(2));
+    let topology = format!(
+        "domains:\n  - {{name: d1, federation: 'http://{d1_fed}', client: 'ws://127.0.0.1:1/ws'}}\n  \
+         - {{name: d2, federation: 'http://{d2_fed}', client: 'ws://127.0.0.1:2/ws'}}\n\
+         domainLinks:\n  - {{n1: d1, n2: d2, weight: 3}}\n\
+         clientApps:\n  - appName: ANZ\n    appId: anz\n    masterUserId: ANZ-0\n    authEnabled: false\n    \
+         userDistributions:\n      - {{domainName: d1, from: 0, to: 999}}\n      - {{domainName: d2, from: 1000}}\n"
+    );
+    let path = dir.path().join("topology.yaml");
+    std::fs::write(&path, topology).expect("write topology");
+    let (ok, out) = support::switchboard_cli(&[
+        "topology",
+        "apply",
+        &path.to_string_lossy(),
+        "--etcd",
+        &etcd,
+        "--prefix",
+        &prefix,
+    ]);
+    assert!(ok, "topology apply: {out}");
+    let node = TestNode::start_with(
+        |c| {
+            with_console(c);
+            c.domain = "d1".into();
+            c.etcd = vec![etcd.clone()];
+            c.discovery.key_prefix = format!("/sbtest-ui-d/{tag}/");
+            c.federation.addr = d1_fed.clone();
+            c.federation.secret = "ui-test-link".into();
+            c.federation.prefix = prefix.clone();
+        },
+        RemoteRoles::default(),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = base_of(&node);
+    let read = |path: &'static str| {
+        let req = http.get(format!("{base}{path}")).bearer_auth(ADMIN_KEY);
+        async move {
+            let res = req.send().await.expect("answer");
+            assert_eq!(res.status(), 200, "{path}");
+            res.json::<Value>().await.expect("json")
+        }
+    };
+    // d1 finds d2 unreachable and publishes the link down.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let view = loop {
+        let view = read("/v1/admin/federation").await;
+        if view["links"][0]["state"] == "down" {
+            break view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the link is not shown down: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(view["enabled"], true, "{view}");
+    let names: Vec<&str> = view["domains"]
+        .as_array()
+        .expect("domains")
+        .iter()
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    assert_eq!(names, ["d1", "d2"], "{view}");
+    assert_eq!(
+        (
+            &view["links"][0]["a"],
+            &view["links"][0]["b"],
+            &view["links"][0]["weight"]
+        ),
+        (&json!("d1"), &json!("d2"), &json!(3)),
+        "{view}"
+    );
+    // This process's own gauge of the link, with its outbox.
+    let stats = read("/v1/admin/stats").await;
+    let link = stats["links"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .find(|l| l["peer"] == "d2")
+        .cloned()
+        .unwrap_or_else(|| panic!("no link to d2 in {stats}"));
+    assert_eq!(link["up"], false, "{stats}");
+    assert_eq!(link["outboxDepth"], 0.0, "{stats}");
+    let cluster = read("/v1/admin/cluster").await;
+    assert_eq!(cluster["discovery"], true, "{cluster}");
+    assert_eq!(cluster["members"][0]["this"], true, "{cluster}");
+    node.shutdown().await;
 }

@@ -75,6 +75,8 @@ function renderCluster(c) {
 
 function renderFederation(f, stats) {
   $('federation').textContent = f.error ? f.error : f.domains.length ? (f.enabled ? 'this domain federates' : 'this process does not federate') : 'no federation topology';
+  $('domains-table').hidden = !f.domains.length;
+  $('links-table').hidden = !f.links.length;
   $('domains').replaceChildren(...f.domains.map((d) => row([d.name, d.client, d.federation])));
   const outbox = new Map(stats.links.map((l) => [l.peer, l]));
   $('links').replaceChildren(...f.links.map((l) => {

@@ -171,6 +171,11 @@ const scenarios = {
       await page.waitForSelector(`#members tr[data-id="${id}"]`);
     }
     await page.waitForSelector('#stats b');
+    step = 'a message id links to its trace in Jaeger';
+    await page.fill('#trace-id', 'msg-42');
+    await page.press('#trace-id', 'Enter');
+    const href = await page.getAttribute('#trace-link', 'href');
+    if (!href.startsWith(`${options.jaeger}/search?`) || !decodeURIComponent(href).includes('{"message.id":"msg-42"}')) throw new Error(`trace link ${href}`);
     step = 'the key is nowhere but in memory';
     const stored = await page.evaluate(() => JSON.stringify({ ...localStorage }) + JSON.stringify({ ...sessionStorage }) + location.href + document.cookie);
     if (stored.includes(options.key)) throw new Error(`the key was stored: ${stored}`);
