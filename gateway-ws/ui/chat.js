@@ -213,7 +213,8 @@ const handlers = {
   },
   FETCH_MISSING_MESSAGES_COMPLETE(f) {
     const left = f.data?.leftMissingCount || 0;
-    notice(`${fetchedCount || 0} missed message${fetchedCount === 1 ? '' : 's'} fetched${left ? ` (${left} more on the server)` : ''}`);
+    const n = fetchedCount || 0;
+    notice(n ? `${n} missed message${n === 1 ? '' : 's'} fetched${left ? ` (${left} more on the server)` : ''}` : 'no missed messages');
     fetchedCount = null;
   },
   ERROR(f) {
@@ -292,6 +293,7 @@ const handlers = {
     refreshDetails(c);
   },
   PRESENCE(f) {
+    if (presence.has(f.data.userId) && presence.get(f.data.userId) !== !!f.data.online) conn.send({ type: 'USER_LIST_REQUEST' });
     presence.set(f.data.userId, !!f.data.online);
     renderList();
     const c = convs.get(current);
