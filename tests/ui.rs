@@ -140,9 +140,19 @@ async fn a_user_who_signs_in_later_sees_the_missed_message() {
 }
 
 #[tokio::test]
-async fn a_group_a_room_and_a_topic_round_trip_at_phone_width() {
+async fn a_group_a_room_an_anonymous_guest_and_a_topic_at_phone_width() {
     let Some(script) = browser() else { return };
-    let node = TestNode::start().await;
+    // Rooms open to anonymous members, as an app may allow.
+    let node = TestNode::start_with(
+        |c| {
+            c.apps = vec![AppConfig {
+                anonymous_rooms: true,
+                ..AppConfig::demo()
+            }]
+        },
+        RemoteRoles::default(),
+    )
+    .await;
     scenario(&script, "channels", &base_of(&node), json!({"phone": true})).await;
     node.shutdown().await;
 }
@@ -325,4 +335,20 @@ async fn the_admin_api_shows_the_federation_and_a_link_down() {
     assert_eq!(cluster["discovery"], true, "{cluster}");
     assert_eq!(cluster["members"][0]["this"], true, "{cluster}");
     node.shutdown().await;
+}
+
+#[test]
+fn the_console_needs_its_app_and_jaeger_an_http_url() {
+    let env = Default::default();
+    let err = Config::from_toml_and_env("[ui]\nconsole = true\n", &env).expect_err("no app");
+    assert!(err.to_string().contains("ui.console_app"), "{err}");
+    let err = Config::from_toml_and_env("[ui]\njaeger_url = \"jaeger:16686\"\n", &env)
+        .expect_err("not a URL");
+    assert!(err.to_string().contains("ui.jaeger_url"), "{err}");
+    let on = "[ui]\nconsole = true\nconsole_app = \"ops\"\n";
+    let config = Config::from_toml_and_env(on, &env).expect("valid");
+    assert!(config.ui.console && config.ui.chat);
+    let env = [("SWITCHBOARD_UI__CHAT".to_owned(), "false".to_owned())].into();
+    let config = Config::from_toml_and_env("", &env).expect("valid");
+    assert!(!config.ui.chat);
 }

@@ -148,6 +148,16 @@ const scenarios = {
     await send(bob, 'coffee?');
     await ann.waitForSelector(message('coffee?'));
     await expectText(ann, '#room-members', '^2 members');
+    step = 'a guest joins the room anonymously and gets its history';
+    const guest = await open('guest');
+    await guest.check('#anonymous');
+    await guest.press('#app', 'Enter');
+    await guest.waitForSelector('body[data-signed-in=true]');
+    await guest.fill('#room-name', 'kitchen');
+    await guest.fill('#room-nick', 'guest');
+    await guest.press('#room-nick', 'Enter');
+    await guest.waitForSelector(message('coffee?'));
+    await expectText(guest, '#room-members', '^3 members');
     step = 'both subscribe to a topic; ann publishes; bob sees it';
     for (const page of [ann, bob]) {
       await page.fill('#topic-name', 'prices');
