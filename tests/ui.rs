@@ -56,34 +56,108 @@ fn browser() -> Option<PathBuf> {
     }
 }
 
-/// Runs one scenario of `run.mjs` against `base` and returns its report;
-/// fails with the step that failed and the page errors.
-async fn scenario(script: &Path, name: &str, base: &str, options: Value) -> Value {
-    let shots = workspace().join("target/ui-screenshots");
-    std::fs::create_dir_all(&shots).expect("screenshot dir");
-    let child = tokio::process::Command::new("node")
-        .arg(script)
-        .args([name, base])
-        .arg(&shots)
-        .arg(options.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn node");
-    let out = tokio::time::timeout(SCENARIO_TIMEOUT, child.wait_with_output())
+/// A running scenario of `run.mjs` against `base`.
+struct Run {
+    name: String,
+    child: tokio::process::Child,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Run {
+    fn start(script: &Path, name: &str, base: &str, options: Value) -> Run {
+        std::fs::create_dir_all(shots()).expect("screenshot dir");
+        let mut child = tokio::process::Command::new("node")
+            .arg(script)
+            .args([name, base])
+            .arg(shots())
+            .arg(options.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn node");
+        let stdout = child.stdout.take().expect("piped");
+        Run {
+            name: name.to_owned(),
+            child,
+            stdout: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)),
+        }
+    }
+
+    /// Waits until the scenario hands over at `label` (`PAUSE label`).
+    async fn paused(&mut self, label: &str) {
+        let line = tokio::time::timeout(SCENARIO_TIMEOUT, self.stdout.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("scenario {} did not reach {label}", self.name));
+        match line.expect("stdout") {
+            Some(l) if l == format!("PAUSE {label}") => {}
+            other => {
+                let rest = self.finish_output().await;
+                panic!(
+                    "scenario {}: expected PAUSE {label}, got {other:?}\n{rest}",
+                    self.name
+                )
+            }
+        }
+    }
+
+    /// Lets the scenario go on after [`Run::paused`].
+    async fn resume(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.child.stdin.as_mut().expect("piped");
+        stdin.write_all(b"go\n").await.expect("write to node");
+        stdin.flush().await.expect("flush");
+    }
+
+    async fn finish_output(&mut self) -> String {
+        let mut err = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err),
+            )
+            .await;
+        }
+        err
+    }
+
+    /// Waits for the end; fails with the step that failed and the page
+    /// errors. Returns the scenario's report.
+    async fn finish(mut self) -> Value {
+        let mut last = String::from("{}");
+        let status = tokio::time::timeout(SCENARIO_TIMEOUT, async {
+            while let Ok(Some(line)) = self.stdout.next_line().await {
+                last = line;
+            }
+            self.child.wait().await
+        })
         .await
-        .unwrap_or_else(|_| panic!("scenario {name} did not end within {SCENARIO_TIMEOUT:?}"))
+        .unwrap_or_else(|_| {
+            panic!(
+                "scenario {} did not end within {SCENARIO_TIMEOUT:?}",
+                self.name
+            )
+        })
         .expect("node ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "scenario {name}: {stderr}\n(screenshots in {})",
-        shots.display()
-    );
-    let last = stdout.lines().last().unwrap_or("{}");
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("report {last:?}: {e}"))
+        let stderr = self.finish_output().await;
+        assert!(
+            status.success(),
+            "scenario {}: {stderr}\n(screenshots in {})",
+            self.name,
+            shots().display()
+        );
+        serde_json::from_str(&last).unwrap_or_else(|e| panic!("report {last:?}: {e}"))
+    }
+}
+
+fn shots() -> PathBuf {
+    workspace().join("target/ui-screenshots")
+}
+
+/// Runs one scenario of `run.mjs` against `base` and returns its report.
+async fn scenario(script: &Path, name: &str, base: &str, options: Value) -> Value {
+    Run::start(script, name, base, options).finish().await
 }
 
 fn base_of(node: &TestNode) -> String {
@@ -154,6 +228,23 @@ async fn a_group_a_room_an_anonymous_guest_and_a_topic_at_phone_width() {
     )
     .await;
     scenario(&script, "channels", &base_of(&node), json!({"phone": true})).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_pages_reconnect_when_the_server_comes_back() {
+    let Some(script) = browser() else { return };
+    let node = TestNode::start().await;
+    let addr = node.client_addr;
+    let mut run = Run::start(&script, "reconnect", &base_of(&node), json!({}));
+    run.paused("stop").await;
+    // Every socket is closed with 1001 (going away).
+    node.shutdown().await;
+    run.resume().await;
+    run.paused("start").await;
+    let node = TestNode::start_with(|c| c.client_addr = addr, RemoteRoles::default()).await;
+    run.resume().await;
+    run.finish().await;
     node.shutdown().await;
 }
 

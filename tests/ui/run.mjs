@@ -20,7 +20,11 @@ async function open(name, path = '/') {
   const context = await browser.newContext({ viewport: options.phone ? { width: 390, height: 844 } : { width: 1100, height: 760 } });
   const page = await context.newPage();
   page.setDefaultTimeout(STEP_MS);
-  page.on('console', (m) => { if (m.type() === 'error') problems.push(`${name}: ${m.text()}`); });
+  page.on('console', (m) => {
+    // While the server is away, the browser logs each refused reconnection.
+    const expected = scenario === 'reconnect' && /WebSocket connection to .* failed/.test(m.text());
+    if (m.type() === 'error' && !expected) problems.push(`${name}: ${m.text()}`);
+  });
   page.on('pageerror', (e) => problems.push(`${name}: ${e.message}`));
   pages.set(name, page);
   await page.goto(base + path);
@@ -44,6 +48,25 @@ async function send(page, text, feature = 'RELIABLE') {
   await page.selectOption('#feature', feature);
   await page.fill('#text', text);
   await page.press('#text', 'Enter');
+}
+
+// Hands control to tests/ui.rs (it stops or starts the server) until it
+// writes a line back.
+const lines = [];
+let wake = () => {};
+let listening = false;
+async function pause(label) {
+  if (!listening) {
+    listening = true;
+    process.stdin.setEncoding('utf8');
+    process.stdin.on('data', (chunk) => {
+      lines.push(...chunk.split('\n').slice(0, -1));
+      wake();
+    });
+  }
+  console.log(`PAUSE ${label}`);
+  while (!lines.length) await new Promise((resolve) => { wake = resolve; });
+  lines.shift();
 }
 
 const message = (text) => `#messages li:has-text("${text}")`;
@@ -170,6 +193,31 @@ const scenarios = {
     return {};
   },
 
+  // The server goes away and comes back: the pages reconnect by themselves.
+  async reconnect() {
+    step = 'ann and bob sign in';
+    const ann = await open('ann');
+    await signIn(ann, 'demo-ann');
+    const bob = await open('bob');
+    await signIn(bob, 'demo-bob');
+    step = 'the server stops: the pages say they retry';
+    await pause('stop');
+    await expectText(ann, '#status', 'retrying in');
+    await expectText(bob, '#status', 'retrying in');
+    step = 'the server is back: both pages sign in again by themselves';
+    await pause('start');
+    await expectText(ann, '#status', '^signed in as demo-ann$');
+    await expectText(bob, '#status', '^signed in as demo-bob$');
+    step = 'ann writes to bob after the restart; delivered';
+    await ann.fill('#direct-to', 'demo-bob');
+    await ann.press('#direct-to', 'Enter');
+    await send(ann, 'after the restart');
+    await openConversation(bob, 'dm:demo-ann');
+    await bob.waitForSelector(message('after the restart'));
+    await ann.waitForSelector(`${message('after the restart')} .state.delivered`);
+    return {};
+  },
+
   // The console lists the processes of the cluster.
   async console() {
     step = 'the console asks for the key';
@@ -213,3 +261,4 @@ if (failed) {
   process.exit(1);
 }
 console.log(JSON.stringify(report));
+process.exit(0); // stdin may still be open
