@@ -116,6 +116,12 @@ const scenarios = {
     step = "ann's second tab shows the sent copy";
     await openConversation(ann2, 'dm:demo-bob');
     await ann2.waitForSelector(`#messages li.out:has-text("hello bob")`);
+    step = 'a message to a user of no app fails with the server\'s words';
+    await ann.fill('#direct-to', 'nobody-1');
+    await ann.press('#direct-to', 'Enter');
+    await send(ann, 'lost');
+    await expectText(ann, '#errors', '^INVALID_RECIPIENT: ');
+    await ann.waitForSelector(`${message('lost')} .state.failed`);
     step = 'bob answers FAST; ann sees it';
     await send(bob, 'hi ann', 'FAST');
     await openConversation(ann, 'dm:demo-bob');
@@ -161,6 +167,14 @@ const scenarios = {
     await bob.click('#conversations button[data-key^="group:"]');
     await bob.waitForSelector(message('hello team'));
     await expectText(bob, '#title', 'Team');
+    step = 'ann adds cid to the group, then removes cid';
+    await ann.fill('#member-edit', 'demo-cid');
+    await ann.press('#member-edit', 'Enter');
+    await expectText(ann, '#group-info', 'members: .*demo-cid');
+    await ann.fill('#member-edit', 'demo-cid');
+    await ann.click('#details button:has-text("Remove")');
+    await expectText(ann, '#group-info', '^(?!.*demo-cid)owner demo-ann');
+    await bob.waitForSelector('#messages li.system:has-text("members removed: demo-cid")');
     step = 'both join a room; bob writes; ann sees it and two members';
     for (const [page, nick] of [[ann, 'ann'], [bob, 'bob']]) {
       await page.fill('#room-name', 'kitchen');
