@@ -293,7 +293,8 @@ const handlers = {
     refreshDetails(c);
   },
   PRESENCE(f) {
-    if (presence.has(f.data.userId) && presence.get(f.data.userId) !== !!f.data.online) conn.send({ type: 'USER_LIST_REQUEST' });
+    // A watched user came or went: the online list is stale.
+    conn.send({ type: 'USER_LIST_REQUEST' });
     presence.set(f.data.userId, !!f.data.online);
     renderList();
     const c = convs.get(current);

@@ -126,6 +126,11 @@ const scenarios = {
     await send(bob, 'hi ann', 'FAST');
     await openConversation(ann, 'dm:demo-bob');
     await ann.waitForSelector(message('hi ann'));
+    step = "ann sees bob online, then offline when he signs out";
+    await ann.waitForSelector('#conversations button[data-key="dm:demo-bob"] .dot.on');
+    await ann.waitForSelector('#online button[data-user="demo-bob"]');
+    await bob.click('#signout');
+    await ann.waitForSelector('#conversations button[data-key="dm:demo-bob"] .dot:not(.on)');
     return measured;
   },
 
