@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use switchboard_config::Config;
 use switchboard_discovery::Members;
 use switchboard_gateway::ui::{
     ClusterMember, ClusterView, ConsoleSource, DomainInfo, FederationView, LinkInfo,
@@ -14,14 +15,40 @@ use switchboard_metadata::{EtcdMetadata, TopologyView};
 use tokio::sync::watch;
 
 pub(crate) struct NodeConsole {
-    pub(crate) node_id: String,
+    node_id: String,
     /// The mesh secret's tag: members with another are foreign.
-    pub(crate) tag: String,
-    pub(crate) members: Option<watch::Receiver<Arc<Members>>>,
-    pub(crate) federating: bool,
-    pub(crate) topology: Option<TopologyView>,
+    tag: String,
+    members: Option<watch::Receiver<Arc<Members>>>,
+    federating: bool,
+    topology: Option<TopologyView>,
     /// The federation's prefix in etcd, where link states are published.
-    pub(crate) links: Option<EtcdMetadata>,
+    links: Option<EtcdMetadata>,
+}
+
+impl NodeConsole {
+    pub(crate) async fn open(
+        config: &Config,
+        node_id: &str,
+        members: Option<watch::Receiver<Arc<Members>>>,
+        topology: Option<TopologyView>,
+    ) -> Arc<dyn ConsoleSource> {
+        let links = match config.etcd.is_empty() {
+            true => None,
+            // Without it the links show `unknown`; the rest still works.
+            false => EtcdMetadata::connect_kinds(&config.etcd, &config.federation_prefix(), &[])
+                .await
+                .map_err(|e| tracing::warn!(error = %e, "the console cannot read link states"))
+                .ok(),
+        };
+        Arc::new(NodeConsole {
+            node_id: node_id.to_owned(),
+            tag: switchboard_mesh::secret_tag(&config.mesh_secret),
+            members,
+            federating: config.federation.enabled(),
+            topology,
+            links,
+        })
+    }
 }
 
 #[async_trait]

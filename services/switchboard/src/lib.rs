@@ -484,25 +484,15 @@ pub async fn serve(
 
     // The console's view of the cluster and the federation, when it is on.
     let console = match config.ui.console {
-        true => Some(Arc::new(console::NodeConsole {
-            node_id: node_id.clone(),
-            tag: switchboard_mesh::secret_tag(&config.mesh_secret),
-            members: discovery.as_ref().map(Discovery::members),
-            federating: config.federation.enabled(),
-            topology: topology.clone(),
-            links: match config.etcd.is_empty() {
-                true => None,
-                false => {
-                    EtcdMetadata::connect_kinds(&config.etcd, &config.federation_prefix(), &[])
-                        .await
-                        .map_err(
-                            |e| tracing::warn!(error = %e, "the console cannot read link states"),
-                        )
-                        .ok()
-                }
-            },
-        })
-            as Arc<dyn switchboard_gateway::ui::ConsoleSource>),
+        true => Some(
+            console::NodeConsole::open(
+                &config,
+                &node_id,
+                discovery.as_ref().map(Discovery::members),
+                topology.clone(),
+            )
+            .await,
+        ),
         false => None,
     };
     let client = match (&gateway, listeners.client) {
