@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole Switchboard test suite on a fresh machine.
 #
-# Installs what is missing (Debian's etcd-server and redis-server, with
-# apt-get; schemathesis from PyPI into a cached venv), starts etcd and Redis on free loopback ports with temporary data
+# Installs what is missing (Debian's etcd-server, redis-server, chromium and
+# npm, with apt-get; schemathesis from PyPI into a cached venv;
+# playwright-core from npm into tests/ui/node_modules), starts etcd and Redis on free loopback ports with temporary data
 # dirs, passes their addresses to the tests (SWITCHBOARD_TEST_ETCD,
 # SWITCHBOARD_TEST_REDIS), runs `cargo test --workspace`, and stops what it
 # started by PID, also when the tests fail. Arguments go to cargo test in
@@ -29,6 +30,10 @@ if ((services)); then
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 fi
+# The web UI's browser tests (tests/ui.rs) drive Debian's chromium with
+# Node (playwright-core, below).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if ((${#need[@]})); then
   log "installing ${need[*]}"
   sudo=""
@@ -119,6 +124,19 @@ if ((services)); then
 else
   unset SWITCHBOARD_TEST_ETCD SWITCHBOARD_TEST_REDIS SWITCHBOARD_TEST_SCHEMATHESIS
   log "no etcd, Redis or schemathesis (--no-services): the tests that need them are skipped"
+fi
+# playwright-core for tests/ui.rs, pinned by tests/ui/package-lock.json:
+# `npm ci` into tests/ui/node_modules, again only when the lock changed.
+# Without it the browser tests are skipped (fail under CI=true).
+ui_lock=tests/ui/node_modules/.switchboard-lock.json
+if ! cmp -s tests/ui/package-lock.json "$ui_lock"; then
+  log "installing playwright-core (npm ci in tests/ui)"
+  if (cd tests/ui && timeout 300 npm ci --no-audit --no-fund --loglevel=error >"$tmp/npm.log" 2>&1); then
+    cp tests/ui/package-lock.json "$ui_lock"
+  else
+    log "cannot install playwright-core: the browser tests are skipped"
+    tail -3 "$tmp/npm.log" >&2 || true
+  fi
 fi
 # Each test skipped for a missing service appends a line here.
 export SWITCHBOARD_TEST_SKIPS="$tmp/skips"

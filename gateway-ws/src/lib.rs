@@ -17,6 +17,7 @@ mod server;
 pub mod session;
 #[cfg(test)]
 mod test_doubles;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use commands::ClientCommand;
 pub use read_ahead::ReadAhead;
-pub use server::{serve, serve_metrics};
+pub use server::{serve, serve_metrics, serve_with_ui};
 pub use session::Session;
 
 use registry::Registry;

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use crate::edge::ConnSlot;
 use crate::read_ahead::ReadAhead;
+use crate::ui::UiOptions;
 use crate::{GatewayError, GatewayRole, connection};
 
 /// Serves the client port on an already-bound listener until `shutdown`
@@ -26,12 +27,23 @@ pub async fn serve(
     gateway: GatewayRole,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    serve_with_ui(listener, gateway, UiOptions::default(), shutdown).await
+}
+
+/// [`serve`], with the web UI as `ui` configures it (docs/ui.md).
+pub async fn serve_with_ui(
+    listener: TcpListener,
+    gateway: GatewayRole,
+    ui: UiOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade))
         .merge(crate::rest::router(&gateway))
+        .merge(crate::ui::router(ui))
         .with_state(gateway.clone());
     let closing = gateway.clone();
     let limits = &gateway.inner.limits;

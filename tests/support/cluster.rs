@@ -51,6 +51,11 @@ impl Proc {
         format!("ws://{}/ws", self.client_addr.expect("a gateway"))
     }
 
+    /// Its id in discovery.
+    pub fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

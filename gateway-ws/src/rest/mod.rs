@@ -78,7 +78,9 @@ async fn counted(operation: &'static str, req: Request, next: Next) -> Response 
 
 /// The OpenAPI 3.1 document of the REST API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::ui::AdminDoc::openapi());
+    doc
 }
 
 #[derive(OpenApi)]
@@ -212,7 +214,7 @@ pub struct InboxDepth {
     depth: u64,
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, key) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())

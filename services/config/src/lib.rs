@@ -108,6 +108,7 @@ pub struct Config {
     pub federation: FederationConfig,
     pub webhooks: WebhooksConfig,
     pub channels: ChannelsConfig,
+    pub ui: UiConfig,
     /// Client apps. Empty: the built-in development app `demo`.
     pub apps: Vec<AppConfig>,
 }
@@ -138,6 +139,7 @@ impl Default for Config {
             federation: FederationConfig::default(),
             webhooks: WebhooksConfig::default(),
             channels: ChannelsConfig::default(),
+            ui: UiConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -496,6 +498,35 @@ impl Default for ChannelsConfig {
             topic_history: 100,
             room_history: 1000,
             idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The web UI on the client port (docs/ui.md): the chat client at `/`
+/// and the operator console at `/console` with its `/v1/admin` API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    /// Serve the chat client at `/` (on by default: it only speaks the
+    /// public protocol).
+    pub chat: bool,
+    /// Serve the operator console at `/console` and the `/v1/admin` API.
+    /// Off by default; needs `console_app`.
+    pub console: bool,
+    /// The app whose API keys with the `admin` scope open the console.
+    pub console_app: String,
+    /// Jaeger's UI (`http://jaeger:16686`): the console links a message id
+    /// to a search for its trace. Empty: no links.
+    pub jaeger_url: String,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig {
+            chat: true,
+            console: false,
+            console_app: String::new(),
+            jaeger_url: String::new(),
         }
     }
 }
@@ -1049,6 +1080,19 @@ impl Config {
                  and limits.group_fanout_batch 1 to 10000"
                     .into(),
             ));
+        }
+        if self.ui.console && self.ui.console_app.is_empty() {
+            return Err(ConfigError::Invalid(
+                "ui.console is on but ui.console_app is empty: name the app whose admin API keys open the console"
+                    .into(),
+            ));
+        }
+        let jaeger = &self.ui.jaeger_url;
+        let is_http = jaeger.starts_with("http://") || jaeger.starts_with("https://");
+        if !jaeger.is_empty() && !is_http {
+            return Err(ConfigError::Invalid(format!(
+                "ui.jaeger_url {jaeger:?} is not http(s)://…"
+            )));
         }
         let mut ids = std::collections::BTreeSet::new();
         for app in &self.apps {

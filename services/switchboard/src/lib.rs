@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 mod cluster;
 mod scylla;
+mod console;
 
 /// Already-bound listeners (tests bind port 0).
 pub struct Listeners {
@@ -502,12 +503,31 @@ pub async fn serve(
         _ => None,
     };
 
+    // The console's view of the cluster and the federation, when it is on.
+    let console = match config.ui.console {
+        true => Some(
+            console::NodeConsole::open(
+                &config,
+                &node_id,
+                discovery.as_ref().map(Discovery::members),
+                topology.clone(),
+            )
+            .await,
+        ),
+        false => None,
+    };
     let client = match (&gateway, listeners.client) {
         (Some(gateway), Some(listener)) => {
             let client_stop = stop.clone();
-            Some(tokio::spawn(switchboard_gateway::serve(
+            let ui = switchboard_gateway::ui::UiOptions {
+                config: config.ui.clone(),
+                roles: config.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+                source: console.clone(),
+            };
+            Some(tokio::spawn(switchboard_gateway::serve_with_ui(
                 listener,
                 gateway.clone(),
+                ui,
                 async move {
                     client_stop.cancelled().await;
                 },
