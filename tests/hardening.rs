@@ -55,7 +55,7 @@ async fn read_until_closed(tcp: &mut TcpStream, limit: Duration) -> Option<Vec<u
 
 /// A client that starts an HTTP request (a WebSocket upgrade) and never
 /// finishes it is closed after `http_header_timeout_secs`; so is one that
-/// connects and sends nothing. Health checks answer all along.
+/// connects and sends nothing, or half of the HTTP/2 preface. Health checks answer all along.
 #[tokio::test]
 async fn a_request_head_that_never_ends_is_closed_after_the_header_timeout() {
     let node = TestNode::start_with(
@@ -68,12 +68,17 @@ async fn a_request_head_that_never_ends_is_closed_after_the_header_timeout() {
         .await
         .expect("write");
     let mut silent = TcpStream::connect(node.client_addr).await.expect("connect");
+    let mut half_h2 = TcpStream::connect(node.client_addr).await.expect("connect");
+    half_h2
+        .write_all(b"PRI * HTTP/2.0\r\n")
+        .await
+        .expect("write");
     let (status, _) = support::http_get(node.client_addr, "/healthz")
         .await
         .expect("healthz answers");
     assert_eq!(status, 200);
     let started = tokio::time::Instant::now();
-    for tcp in [&mut half, &mut silent] {
+    for tcp in [&mut half, &mut silent, &mut half_h2] {
         assert!(
             read_until_closed(tcp, WAIT).await.is_some(),
             "a connection without a whole request head stays open"

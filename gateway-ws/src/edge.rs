@@ -1,5 +1,6 @@
-//! The client port's accept loop: HTTP/1 with a deadline for each request
-//! head (a client that never finishes one is closed: no slowloris), and
+//! The client port's accept loop: HTTP/1.1 and HTTP/2 (h2c) with a
+//! deadline for the first bytes and for each HTTP/1 request head (a client
+//! that never finishes one is closed: no slowloris), and
 //! caps on open connections per process and per client address, answered
 //! with `503` so that the rest of the process (health checks, the mesh, the
 //! store) keeps file descriptors when clients take all they can.
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -129,9 +131,17 @@ pub(crate) async fn serve<C>(
 ) where
     C: Future<Output = ()>,
 {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    // HTTP/1.1 (REST, the WebSocket upgrade) and HTTP/2 (h2c: the gRPC
+    // API) on one port, told apart by the first bytes.
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
         .header_read_timeout(Some(header_timeout));
+    http.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let http = Arc::new(http);
     // Connections in progress, told to finish (after their current
     // request) at shutdown, and waited for.
     let stop = CancellationToken::new();
@@ -163,16 +173,27 @@ pub(crate) async fn serve<C>(
             }
         };
         let app = app.clone();
+        let http = Arc::clone(&http);
         let service = tower::service_fn(move |req: hyper::Request<Incoming>| {
             let mut req = req.map(axum::body::Body::new);
             req.extensions_mut().insert(Arc::clone(&slot));
             app.clone().oneshot(req)
         });
-        let conn = http
-            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
-            .with_upgrades();
         let stop = stop.clone();
         tracker.spawn(async move {
+            // The version is read from the first bytes before either
+            // protocol's own timeouts run: a client that sends nothing (or
+            // a slow HTTP/2 preface) is bounded here.
+            if tokio::time::timeout(header_timeout, version_known(&tcp))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let conn = http.serve_connection_with_upgrades(
+                TokioIo::new(tcp),
+                TowerToHyperService::new(service),
+            );
             tokio::pin!(conn);
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
@@ -191,6 +212,28 @@ pub(crate) async fn serve<C>(
     tracker.close();
     if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
         tracing::debug!("HTTP requests still in progress at shutdown");
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Returns once the first bytes tell HTTP/1 from HTTP/2 (or the peer
+/// closed): they differ from the HTTP/2 preface, or hold all of it.
+async fn version_known(tcp: &TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 24];
+    loop {
+        tcp.readable().await?;
+        let n = match tcp.peek(&mut buf).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 || n == buf.len() || buf[..n] != H2_PREFACE[..n] {
+            return Ok(());
+        }
+        // Part of the preface: wait for more (peek does not consume).
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

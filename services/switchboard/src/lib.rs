@@ -34,8 +34,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod cluster;
-mod scylla;
 mod console;
+mod scylla;
 
 /// Already-bound listeners (tests bind port 0).
 pub struct Listeners {
