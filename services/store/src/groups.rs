@@ -75,7 +75,7 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("groups: {e}"))
 }
 
-fn check_field(what: &str, value: &str) -> Result<(), StoreError> {
+pub(crate) fn check_field(what: &str, value: &str) -> Result<(), StoreError> {
     if value.is_empty() || value.len() > MAX_FIELD_BYTES {
         return Err(StoreError::Invalid(format!(
             "a group's {what} is 1 to {MAX_FIELD_BYTES} bytes, not {}",

@@ -15,6 +15,9 @@
 //! later) in front of fjall, a log-structured merge tree, which keeps what
 //! stays undelivered and the id index past the log's life. One writer thread
 //! commits everything queued as one synced write (group commit).
+//!
+//! [`PostgresStore`] keeps the same contract in a PostgreSQL database that
+//! several delivery processes share (`postgres.rs`).
 
 pub mod contract;
 #[cfg(test)]
@@ -25,12 +28,18 @@ pub mod group_contract;
 pub mod groups;
 mod hot;
 mod manifest;
+mod postgres;
+mod postgres_groups;
+mod postgres_queue;
+#[cfg(test)]
+mod postgres_tests;
 pub mod queue;
 pub mod queue_contract;
 
 use async_trait::async_trait;
 pub use fjall_store::{FjallStore, FjallStoreOptions};
 pub use groups::{FjallGroups, GroupChange, GroupRecord, GroupStore};
+pub use postgres::{PostgresOptions, PostgresStore};
 use prost::Message;
 pub use queue::{FjallQueues, Queue, QueueDepth, QueueItem};
 pub use switchboard_proto::mesh::InboxMessage;

@@ -85,7 +85,7 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("queue: {e}"))
 }
 
-fn check_name(queue: &str) -> Result<(), StoreError> {
+pub(crate) fn check_name(queue: &str) -> Result<(), StoreError> {
     if queue.is_empty() || queue.len() > MAX_NAME_BYTES {
         return Err(StoreError::Invalid(format!(
             "a queue name is 1 to {MAX_NAME_BYTES} bytes, not {}",
