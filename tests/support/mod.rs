@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod otlp;
+pub mod postgres;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

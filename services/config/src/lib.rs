@@ -486,20 +486,22 @@ impl TopicPublish {
     }
 }
 
-/// Engine of the store. One embedded engine; shared databases come as
-/// further variants.
+/// Engine of the store: the embedded one, or a shared database.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreEngine {
     /// The inbox log in front of fjall, an LSM tree, in the data dir.
     Fjall,
+    /// A PostgreSQL database (`store.url`) shared by every delivery
+    /// process of the deployment.
+    Postgres,
 }
 
-/// The embedded store.
+/// The store: the embedded engine in the data dir, or a shared database.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `fjall`, the one embedded engine (the default).
+    /// `fjall`, the embedded engine (the default), or `postgres`.
     pub engine: StoreEngine,
     /// Most messages (appended or removed) committed, and fsync'd, together.
     pub max_batch: usize,
@@ -523,6 +525,11 @@ pub struct StoreConfig {
     /// (humantime: `"24h"`, `"90m"`).
     #[serde(with = "humantime_duration")]
     pub id_window: Duration,
+    /// Shared engines: where the database is (`postgres`:
+    /// `postgres://user:password@host:5432/database`).
+    pub url: String,
+    /// Shared engines: most connections one process holds.
+    pub pool_size: usize,
 }
 
 /// A duration written as humantime text (`"24h"`, `"1s"`).
@@ -551,6 +558,8 @@ impl Default for StoreConfig {
             hot_mib: 64,
             recover: false,
             id_window: Duration::from_secs(24 * 60 * 60),
+            url: String::new(),
+            pool_size: 16,
         }
     }
 }
@@ -902,6 +911,17 @@ impl Config {
         if self.discovery.lease_ttl_secs == 0 {
             return Err(ConfigError::Invalid(
                 "discovery.lease_ttl_secs must be > 0".into(),
+            ));
+        }
+        if self.store.engine == StoreEngine::Postgres && self.store.url.is_empty() {
+            return Err(ConfigError::Invalid(
+                "store.engine is postgres but store.url is empty: set it to postgres://user@host:port/database"
+                    .into(),
+            ));
+        }
+        if self.store.pool_size == 0 {
+            return Err(ConfigError::Invalid(
+                "store.pool_size must be at least 1".into(),
             ));
         }
         if self.store.hot_mib == 0 {
@@ -1291,6 +1311,25 @@ mod tests {
                     .is_err()
             );
         }
+    }
+
+    #[test]
+    fn a_postgres_store_from_env_needs_its_url() {
+        let c = Config::from_toml_and_env(
+            "",
+            &env(&[
+                ("SWITCHBOARD_STORE__ENGINE", "postgres"),
+                ("SWITCHBOARD_STORE__URL", "postgres://sb@db:5432/sb"),
+                ("SWITCHBOARD_STORE__POOL_SIZE", "4"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(c.store.engine, StoreEngine::Postgres);
+        assert_eq!(c.store.url, "postgres://sb@db:5432/sb");
+        assert_eq!(c.store.pool_size, 4);
+        let err = Config::from_toml_and_env("[store]\nengine = \"postgres\"\n", &env(&[]))
+            .expect_err("no url");
+        assert!(err.to_string().contains("store.url"), "{err}");
     }
 
     #[test]

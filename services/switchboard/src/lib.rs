@@ -29,7 +29,9 @@ use switchboard_metadata::TopologyView;
 use switchboard_metadata::{EtcdMetadata, Kind as MetadataKind, StaticMetadata};
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::{Federation, FederationOptions, RouterRole};
-use switchboard_store::{FjallStore, FjallStoreOptions, GroupStore, Queue, Store};
+use switchboard_store::{
+    FjallStore, FjallStoreOptions, GroupStore, PostgresOptions, PostgresStore, Queue, Store,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -172,9 +174,7 @@ pub async fn serve(
 
     let (store, queues, group_store) = match config.runs(Role::Delivery) {
         true => {
-            let opened = open_store(&config).with_context(|| {
-                format!("cannot open the store in {}", config.data_dir.display())
-            })?;
+            let opened = open_store(&config).await?;
             (Some(opened.inbox), Some(opened.queues), Some(opened.groups))
         }
         false => (None, None, None),
@@ -721,8 +721,8 @@ fn load_tls(
 /// How long a starting process waits for etcd.
 const ETCD_START_WAIT: Duration = Duration::from_secs(15);
 
-/// Registers this process in etcd and, for the delivery role, claims the
-/// single embedded store of the deployment.
+/// Registers this process in etcd and, for the delivery role on the
+/// embedded engine, claims the single store of the deployment.
 async fn join_discovery(
     config: &Config,
     node_id: &str,
@@ -765,7 +765,9 @@ async fn join_discovery(
             }
         }
     };
-    if config.runs(Role::Delivery) {
+    // The embedded store lives in one process's data dir: one delivery
+    // process per deployment. A shared engine takes any number.
+    if config.runs(Role::Delivery) && config.store.engine == StoreEngine::Fjall {
         discovery
             .claim_exclusive("delivery-store", node_id)
             .await
@@ -774,7 +776,7 @@ async fn join_discovery(
                     "refusing to start a second delivery process: the embedded store ({:?}) keeps \
                      inboxes in one process's data dir and cannot be shared between delivery \
                      processes. Run exactly one delivery process per deployment (several need a \
-                     shared store such as ScyllaDB)",
+                     shared store: store.engine = \"postgres\")",
                     config.store.engine
                 )
             })?;
@@ -907,10 +909,10 @@ struct OpenedStore {
     groups: Arc<dyn GroupStore>,
 }
 
-fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreError> {
-    let cache_bytes = config.store.cache_mib.saturating_mul(1024 * 1024);
+async fn open_store(config: &Config) -> anyhow::Result<OpenedStore> {
     Ok(match config.store.engine {
         StoreEngine::Fjall => {
+            let cache_bytes = config.store.cache_mib.saturating_mul(1024 * 1024);
             let store = FjallStore::open(
                 &config.data_dir,
                 FjallStoreOptions {
@@ -922,7 +924,24 @@ fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreEr
                     id_window: config.store.id_window,
                     ..FjallStoreOptions::default()
                 },
-            )?;
+            )
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+            OpenedStore {
+                queues: store.queues(),
+                groups: store.groups(),
+                inbox: Arc::new(store),
+            }
+        }
+        StoreEngine::Postgres => {
+            // Its error names the address (never the password).
+            let store = PostgresStore::connect(PostgresOptions {
+                url: config.store.url.clone(),
+                pool_size: config.store.pool_size,
+                id_window: config.store.id_window,
+                ..PostgresOptions::default()
+            })
+            .await
+            .context("cannot open the PostgreSQL store (store.url)")?;
             OpenedStore {
                 queues: store.queues(),
                 groups: store.groups(),
