@@ -33,7 +33,7 @@ pub use credentials::{
 };
 pub use error::{ErrorCode, ServiceError};
 pub use ids::{new_message_id, now_ms};
-pub use pool::{MeshChannel, Pool, RETRY_BUDGET};
+pub use pool::{MeshChannel, Pool, RETRY_BUDGET, inbox_key, owner_among};
 pub use services::{Auth, Delivery, Federation, Gateway, Groups, Router};
 // Persistent groups.
 pub use adapters::{GroupAdminService, GroupRecordsService};

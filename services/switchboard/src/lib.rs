@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod cluster;
+mod ownership;
 
 /// Already-bound listeners (tests bind port 0).
 pub struct Listeners {
@@ -227,9 +228,22 @@ pub async fn serve(
         }
         _ => None,
     };
-    let delivery = match &delivery_role {
-        Some(role) => DeliveryClient::from_local(role.clone()),
-        None => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
+    // Sharded delivery (a shared store with discovery): this process serves
+    // the inboxes it owns, and every caller here, its own roles included,
+    // reaches each inbox's owner through the pool.
+    let ownership = match (&discovery, &delivery_role, config.store.engine) {
+        (Some(d), Some(_), StoreEngine::Postgres) => Some(ownership::Ownership::follow(
+            node_id.clone(),
+            switchboard_mesh::secret_tag(&config.mesh_secret),
+            d.members(),
+            d.publisher(),
+            &config.discovery_prefix(),
+        )),
+        _ => None,
+    };
+    let delivery = match (&delivery_role, &ownership) {
+        (Some(role), None) => DeliveryClient::from_local(role.clone()),
+        _ => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
     };
     // Persistent groups: their records where the store is, their owners
     // among the groups instances.
@@ -417,7 +431,15 @@ pub async fn serve(
         .add_optional_service(store.is_some().then(|| {
             // Over the mesh a Deliver can come twice (a caller's
             // failover); local calls cannot, and skip that memory.
-            let mesh_delivery = MeshDelivery::new(arc_of(&delivery));
+            let local: Arc<dyn switchboard_mesh::Delivery> = match (&delivery_role, &ownership) {
+                (Some(role), Some(ownership)) => Arc::new(ownership::OwnedDelivery {
+                    inner: role.clone(),
+                    ownership: ownership.clone(),
+                }),
+                (Some(role), None) => role.clone(),
+                (None, _) => arc_of(&delivery),
+            };
+            let mesh_delivery = MeshDelivery::new(local);
             DeliveryService::new(Arc::new(mesh_delivery)).into_server()
         }));
     if let Some(g) = &gateway {
