@@ -194,11 +194,7 @@ impl Groups for RemoteGroups {
 impl Delivery for RemoteDelivery {
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
         let n = req.envelopes.len();
-        let keys: Vec<Vec<u8>> = req
-            .envelopes
-            .iter()
-            .map(|e| crate::pool::inbox_key(&e.app_id, e.to.first().map_or("", String::as_str)))
-            .collect();
+        let keys = routing_keys(&req.envelopes);
         let mut reply = pb::DeliverReply {
             seqs: vec![0; n],
             repeated: Vec::new(),
@@ -299,6 +295,27 @@ impl Delivery for RemoteDelivery {
             key = Some(key.as_slice())
         )
     }
+}
+
+/// The inboxes whose owners a delivery call goes to: each envelope's
+/// recipient's, except that the copies of one send with a client-given id
+/// (a group message) all go with the first copy's: they are stored in one
+/// write, so that they are all new or all repeats (see `Store::append`).
+pub fn routing_keys(envelopes: &[pb::Envelope]) -> Vec<Vec<u8>> {
+    let mut first_copy: HashMap<(&str, &str, &str), Vec<u8>> = HashMap::default();
+    envelopes
+        .iter()
+        .map(|e| {
+            let own = crate::pool::inbox_key(&e.app_id, e.to.first().map_or("", String::as_str));
+            if !e.client_id {
+                return own;
+            }
+            first_copy
+                .entry((e.app_id.as_str(), e.from.as_str(), e.id.as_str()))
+                .or_insert(own)
+                .clone()
+        })
+        .collect()
 }
 
 impl RemoteDelivery {

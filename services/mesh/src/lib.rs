@@ -24,7 +24,7 @@ pub use adapters::{
 pub use channels::{Channels, ChannelsClient, ChannelsService, channel_key};
 pub use clients::{
     AuthClient, DeliveryClient, GatewayClient, GatewayDirectory, GatewayTable, GroupsClient,
-    RouterClient,
+    RouterClient, routing_keys,
 };
 pub use connector::{ConnectError, MeshConnector, MeshTls};
 pub use credentials::{

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_discovery::{Members, Publisher};
-use switchboard_mesh::{Delivery, ServiceError, inbox_key, owner_among, pb};
+use switchboard_mesh::{Delivery, ServiceError, inbox_key, owner_among, pb, routing_keys};
 use tokio::sync::{RwLock, watch};
 
 /// The member lists of one process.
@@ -165,16 +165,17 @@ impl Ownership {
     }
 
     /// Holds the view for the duration of a call when this process serves
-    /// every inbox in `inboxes`; otherwise a "moved" answer.
-    async fn admit<'a>(
+    /// every inbox of `keys` ([`inbox_key`]); otherwise a "moved" answer.
+    async fn admit(
         &self,
-        inboxes: impl Iterator<Item = (&'a str, &'a str)>,
+        keys: impl IntoIterator<Item = Vec<u8>>,
     ) -> Result<tokio::sync::RwLockReadGuard<'_, Views>, ServiceError> {
         let views = self.views.read().await;
-        for (app, user) in inboxes {
-            if let Err(why) = views.serves(&self.me, &inbox_key(app, user)) {
+        for key in keys {
+            if let Err(why) = views.serves(&self.me, &key) {
                 metrics::counter!("switchboard_delivery_moved_total").increment(1);
-                return Err(ServiceError::moved(format!("inbox {app}/{user}: {why}")));
+                let inbox = String::from_utf8_lossy(&key).replace('\0', "/");
+                return Err(ServiceError::moved(format!("inbox {inbox}: {why}")));
             }
         }
         Ok(views)
@@ -191,21 +192,16 @@ pub(crate) struct OwnedDelivery {
 #[async_trait]
 impl Delivery for OwnedDelivery {
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
-        let _held = self
-            .ownership
-            .admit(
-                req.envelopes
-                    .iter()
-                    .map(|e| (e.app_id.as_str(), e.to.first().map_or("", String::as_str))),
-            )
-            .await?;
+        // The copies of one client-id send come with their first copy's
+        // owner, as callers route them (`routing_keys`).
+        let _held = self.ownership.admit(routing_keys(&req.envelopes)).await?;
         self.inner.deliver(req).await
     }
 
     async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
         let _held = self
             .ownership
-            .admit(std::iter::once((req.app_id.as_str(), req.user_id.as_str())))
+            .admit([inbox_key(&req.app_id, &req.user_id)])
             .await?;
         self.inner.fetch(req).await
     }
@@ -216,11 +212,7 @@ impl Delivery for OwnedDelivery {
     ) -> Result<pb::DeliveredReply, ServiceError> {
         let _held = self
             .ownership
-            .admit(
-                req.items
-                    .iter()
-                    .map(|i| (i.app_id.as_str(), i.user_id.as_str())),
-            )
+            .admit(req.items.iter().map(|i| inbox_key(&i.app_id, &i.user_id)))
             .await?;
         self.inner.delivered(req).await
     }
