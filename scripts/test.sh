@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole Switchboard test suite on a fresh machine.
 #
-# Installs what is missing (Debian's etcd-server, redis-server, chromium and
-# npm, with apt-get; schemathesis from PyPI into a cached venv;
-# playwright-core from npm into tests/ui/node_modules), starts etcd and Redis on free loopback ports with temporary data
-# dirs, passes their addresses to the tests (SWITCHBOARD_TEST_ETCD,
-# SWITCHBOARD_TEST_REDIS), runs `cargo test --workspace`, and stops what it
+# Installs what is missing (Debian's etcd-server, redis-server, postgresql,
+# chromium and npm, with apt-get; schemathesis from PyPI into a cached venv;
+# playwright-core from npm into tests/ui/node_modules), starts etcd, Redis
+# and PostgreSQL on free loopback ports with temporary data dirs, passes
+# their addresses to the tests (SWITCHBOARD_TEST_ETCD, SWITCHBOARD_TEST_REDIS,
+# SWITCHBOARD_TEST_POSTGRES), runs `cargo test --workspace`, and stops what it
 # started by PID, also when the tests fail. Arguments go to cargo test in
 # place of the default selection (`--workspace --all-targets`), e.g.
 # `-p switchboard --test protocol`.
@@ -29,6 +30,7 @@ need=()
 if ((services)); then
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)
 fi
 # The web UI's browser tests (tests/ui.rs) drive Debian's chromium with
 # Node (playwright-core, below).
@@ -102,6 +104,34 @@ if ((services)); then
   export SWITCHBOARD_TEST_REDIS="redis://127.0.0.1:$redis_port"
   log "etcd at $SWITCHBOARD_TEST_ETCD, redis at $SWITCHBOARD_TEST_REDIS"
 
+  # PostgreSQL (Debian's, newest installed) in a temp data dir, as user
+  # postgres when we are root (initdb refuses root): setpriv execs the
+  # server, so the PID held is the server's. Tests create their own
+  # databases in it.
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  pg_port=$(free_port)
+  pg_dir="$tmp/postgres"
+  as_pg=()
+  if [[ $(id -u) == 0 ]]; then
+    chmod 711 "$tmp"
+    mkdir -p "$pg_dir"
+    chown postgres:postgres "$pg_dir"
+    as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
+  fi
+  "${as_pg[@]}" "$pg_bin/initdb" -D "$pg_dir/data" -A trust -U postgres >"$tmp/initdb.log" 2>&1 ||
+    { log "initdb failed:"; tail -5 "$tmp/initdb.log" >&2; exit 1; }
+  "${as_pg[@]}" "$pg_bin/postgres" -D "$pg_dir/data" -p "$pg_port" -k "$pg_dir/data" -h 127.0.0.1 \
+    -c fsync=off -c max_connections=300 >"$tmp/postgres.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 200); do
+    "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
+    sleep 0.05
+  done
+  "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" ||
+    { log "postgres did not start on port $pg_port"; tail -5 "$tmp/postgres.log" >&2; exit 1; }
+  export SWITCHBOARD_TEST_POSTGRES="postgres://postgres@127.0.0.1:$pg_port/postgres"
+  log "postgres at $SWITCHBOARD_TEST_POSTGRES"
+
   # schemathesis (PyPI) fuzzes the REST API from its OpenAPI document
   # (tests/api.rs). Installed once into a venv of its own, pinned, within
   # five minutes; without it that test is skipped (fails under CI=true).
@@ -122,8 +152,8 @@ if ((services)); then
     unset SWITCHBOARD_TEST_SCHEMATHESIS
   fi
 else
-  unset SWITCHBOARD_TEST_ETCD SWITCHBOARD_TEST_REDIS SWITCHBOARD_TEST_SCHEMATHESIS
-  log "no etcd, Redis or schemathesis (--no-services): the tests that need them are skipped"
+  unset SWITCHBOARD_TEST_ETCD SWITCHBOARD_TEST_REDIS SWITCHBOARD_TEST_SCHEMATHESIS SWITCHBOARD_TEST_POSTGRES
+  log "no etcd, Redis, PostgreSQL or schemathesis (--no-services): the tests that need them are skipped"
 fi
 # playwright-core for tests/ui.rs, pinned by tests/ui/package-lock.json:
 # `npm ci` into tests/ui/node_modules, again only when the lock changed.

@@ -32,6 +32,10 @@
 #   SWITCHBOARD_LOG          log filter of the switchboard processes
 #   SWITCHBOARD_CONFIG       a config file every switchboard process loads
 #                            (e.g. for [[apps]]); flags set by this script win
+#   CLUSTER_DELIVERIES=N     N delivery processes (delivery1..N) instead of
+#                            one; needs a shared store, e.g.
+#                            SWITCHBOARD_STORE__ENGINE=postgres and
+#                            SWITCHBOARD_STORE__URL=postgres://…
 #   CLUSTER_SH_NO_CURL=1     probe /readyz with bash's /dev/tcp even when curl
 #                            is installed (to test that path)
 #
@@ -50,6 +54,14 @@ MARKER=.created-by-cluster-sh
 
 # name:roles, in start order.
 NODES=(gw1:gateway gw2:gateway delivery:delivery groups1:groups groups2:groups router:router auth:auth)
+# Several delivery processes (a shared store: SWITCHBOARD_STORE__ENGINE and
+# SWITCHBOARD_STORE__URL in the environment): delivery1..N.
+deliveries=${CLUSTER_DELIVERIES:-1}
+[[ $deliveries =~ ^[1-9][0-9]*$ ]] || { printf '[cluster.sh] CLUSTER_DELIVERIES must be a positive number\n' >&2; exit 2; }
+if ((deliveries > 1)); then
+  NODES=(gw1:gateway gw2:gateway groups1:groups groups2:groups router:router auth:auth)
+  for ((d = 1; d <= deliveries; d++)); do NODES+=("delivery$d:delivery"); done
+fi
 
 log() { printf '[cluster.sh] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }

@@ -94,6 +94,17 @@ pub const FULL_SHAPE: &[(&str, &str)] = &[
     ("auth", "auth"),
 ];
 
+/// Sharded delivery: two gateways, router, groups and auth together, and
+/// three delivery processes (on a shared store).
+pub const SHARDED_SHAPE: &[(&str, &str)] = &[
+    ("gw1", "gateway"),
+    ("gw2", "gateway"),
+    ("core", "router,groups,auth"),
+    ("d1", "delivery"),
+    ("d2", "delivery"),
+    ("d3", "delivery"),
+];
+
 pub const TEST_SECRET: &str = "test-mesh-secret";
 
 impl Cluster {

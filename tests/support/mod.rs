@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod otlp;
+pub mod postgres;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -110,9 +111,21 @@ impl Deployment {
     }
 
     /// The protocol-test cluster shape; `None` when etcd/Redis are not
-    /// available outside CI (the reason is printed).
+    /// available outside CI (the reason is printed). With
+    /// `SWITCHBOARD_TEST_SHARDED=1`, three delivery processes on a fresh
+    /// PostgreSQL database instead of one on the embedded store.
     pub async fn cluster(edit: impl FnOnce(&mut Config)) -> Option<Deployment> {
         let infra = cluster::Infra::from_env()?;
+        if std::env::var("SWITCHBOARD_TEST_SHARDED").is_ok_and(|v| v == "1") {
+            let url = postgres::fresh_database(&postgres::server()?).await;
+            let sharded = cluster::Cluster::start(infra, cluster::SHARDED_SHAPE, |c| {
+                c.store.engine = switchboard_config::StoreEngine::Postgres;
+                c.store.url = url;
+                edit(c);
+            })
+            .await;
+            return Some(Deployment::Cluster(Box::new(sharded)));
+        }
         Some(Deployment::Cluster(Box::new(
             cluster::Cluster::start(infra, cluster::PROTOCOL_SHAPE, edit).await,
         )))

@@ -551,8 +551,7 @@ impl TopicPublish {
     }
 }
 
-/// Engine of the store. One embedded engine; shared databases come as
-/// further variants.
+/// Engine of the store: the embedded one, or a shared database.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreEngine {
@@ -561,13 +560,16 @@ pub enum StoreEngine {
     /// A ScyllaDB cluster (`url`, `keyspace`, `replication_factor`,
     /// `consistency`), shared by any number of delivery processes.
     Scylla,
+    /// A PostgreSQL database (`store.url`) shared by every delivery
+    /// process of the deployment.
+    Postgres,
 }
 
-/// The embedded store.
+/// The store: the embedded engine in the data dir, or a shared database.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `fjall`, the one embedded engine (the default).
+    /// `fjall`, the embedded engine (the default), or `postgres`.
     pub engine: StoreEngine,
     /// Most messages (appended or removed) committed, and fsync'd, together.
     pub max_batch: usize,
@@ -591,8 +593,9 @@ pub struct StoreConfig {
     /// (humantime: `"24h"`, `"90m"`).
     #[serde(with = "humantime_duration")]
     pub id_window: Duration,
-    /// A shared engine's address; scylla: contact points,
-    /// `host:9042,host2:9042`.
+    /// A shared engine's address; postgres:
+    /// `postgres://user:password@host:5432/database`; scylla: contact
+    /// points, `host:9042,host2:9042`.
     pub url: String,
     /// scylla: the keyspace, created (with the schema) at start-up when
     /// missing.
@@ -604,6 +607,8 @@ pub struct StoreConfig {
     /// (the default), `quorum`, `all`, `one`, `local_one`, …
     /// (docs/operations.md, "ScyllaDB store").
     pub consistency: String,
+    /// Shared engines: most connections one process holds.
+    pub pool_size: usize,
 }
 
 /// A duration written as humantime text (`"24h"`, `"1s"`).
@@ -636,6 +641,7 @@ impl Default for StoreConfig {
             keyspace: "switchboard".into(),
             replication_factor: 3,
             consistency: "local_quorum".into(),
+            pool_size: 16,
         }
     }
 }
@@ -1015,6 +1021,17 @@ impl Config {
         if self.discovery.lease_ttl_secs == 0 {
             return Err(ConfigError::Invalid(
                 "discovery.lease_ttl_secs must be > 0".into(),
+            ));
+        }
+        if self.store.engine == StoreEngine::Postgres && self.store.url.is_empty() {
+            return Err(ConfigError::Invalid(
+                "store.engine is postgres but store.url is empty: set it to postgres://user@host:port/database"
+                    .into(),
+            ));
+        }
+        if self.store.pool_size == 0 {
+            return Err(ConfigError::Invalid(
+                "store.pool_size must be at least 1".into(),
             ));
         }
         if self.store.hot_mib == 0 {
@@ -1513,6 +1530,25 @@ mod tests {
             "defaults"
         );
         let err = Config::from_toml_and_env("[store]\nengine = \"scylla\"\n", &env(&[]))
+            .expect_err("no url");
+        assert!(err.to_string().contains("store.url"), "{err}");
+    }
+
+    #[test]
+    fn a_postgres_store_from_env_needs_its_url() {
+        let c = Config::from_toml_and_env(
+            "",
+            &env(&[
+                ("SWITCHBOARD_STORE__ENGINE", "postgres"),
+                ("SWITCHBOARD_STORE__URL", "postgres://sb@db:5432/sb"),
+                ("SWITCHBOARD_STORE__POOL_SIZE", "4"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(c.store.engine, StoreEngine::Postgres);
+        assert_eq!(c.store.url, "postgres://sb@db:5432/sb");
+        assert_eq!(c.store.pool_size, 4);
+        let err = Config::from_toml_and_env("[store]\nengine = \"postgres\"\n", &env(&[]))
             .expect_err("no url");
         assert!(err.to_string().contains("store.url"), "{err}");
     }

@@ -193,22 +193,189 @@ impl Groups for RemoteGroups {
 #[async_trait]
 impl Delivery for RemoteDelivery {
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
-        pooled!(self, DeliveryGrpc::deliver(req))
+        let n = req.envelopes.len();
+        let keys = routing_keys(&req.envelopes);
+        let mut reply = pb::DeliverReply {
+            seqs: vec![0; n],
+            repeated: Vec::new(),
+        };
+        // The sender's copies go with one call (they are pushed once).
+        let sent_copies = std::sync::Mutex::new(Some(req.sent_copies));
+        let sent_copies = &sent_copies;
+        let parts = self
+            .by_owner_with_retry(&keys, |key, positions| {
+                let part = pb::DeliverRequest {
+                    envelopes: positions
+                        .iter()
+                        .map(|&i| req.envelopes[i].clone())
+                        .collect(),
+                    sent_copies: sent_copies
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take()
+                        .unwrap_or_default(),
+                    copy_to_sender: req.copy_to_sender,
+                };
+                async move {
+                    let copies = part.sent_copies.clone();
+                    let reply: Result<pb::DeliverReply, ServiceError> = pooled!(
+                        self,
+                        DeliveryGrpc::deliver(part),
+                        key = Some(key.as_slice())
+                    );
+                    if reply.is_err() && !copies.is_empty() {
+                        // Not sent: the next attempt takes them.
+                        *sent_copies
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(copies);
+                    }
+                    reply
+                }
+            })
+            .await?;
+        for (positions, part) in parts {
+            if !part.repeated.is_empty() && reply.repeated.is_empty() {
+                reply.repeated = vec![false; n];
+            }
+            for (k, &at) in positions.iter().enumerate() {
+                reply.seqs[at] = part.seqs.get(k).copied().unwrap_or(0);
+                if let Some(&r) = part.repeated.get(k) {
+                    reply.repeated[at] = r;
+                }
+            }
+        }
+        Ok(reply)
     }
     async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
-        pooled!(self, DeliveryGrpc::fetch(req))
+        let key = [crate::pool::inbox_key(&req.app_id, &req.user_id)];
+        let mut parts = self
+            .by_owner_with_retry(&key, |key, _| {
+                let req = req.clone();
+                async move { pooled!(self, DeliveryGrpc::fetch(req), key = Some(key.as_slice())) }
+            })
+            .await?;
+        Ok(parts.pop().map(|(_, reply)| reply).unwrap_or_default())
     }
     async fn delivered(
         &self,
         req: pb::DeliveredRequest,
     ) -> Result<pb::DeliveredReply, ServiceError> {
-        pooled!(self, DeliveryGrpc::delivered(req))
+        let keys: Vec<Vec<u8>> = req
+            .items
+            .iter()
+            .map(|i| crate::pool::inbox_key(&i.app_id, &i.user_id))
+            .collect();
+        let parts = self
+            .by_owner_with_retry(&keys, |key, positions| {
+                let part = pb::DeliveredRequest {
+                    items: positions.iter().map(|&i| req.items[i].clone()).collect(),
+                };
+                async move {
+                    pooled!(
+                        self,
+                        DeliveryGrpc::delivered(part),
+                        key = Some(key.as_slice())
+                    )
+                }
+            })
+            .await?;
+        let removed = parts
+            .iter()
+            .fold(0u32, |sum, (_, r)| sum.saturating_add(r.removed));
+        Ok(pb::DeliveredReply { removed })
     }
     async fn presence_changed(
         &self,
         req: pb::PresenceChangeRequest,
     ) -> Result<pb::PresenceChangeReply, ServiceError> {
-        pooled!(self, DeliveryGrpc::presence_changed(req))
+        let key = crate::pool::inbox_key(&req.app_id, &req.user_id);
+        pooled!(
+            self,
+            DeliveryGrpc::presence_changed(req),
+            key = Some(key.as_slice())
+        )
+    }
+}
+
+/// The inboxes whose owners a delivery call goes to: each envelope's
+/// recipient's, except that the copies of one send with a client-given id
+/// (a group message) all go with the first copy's: they are stored in one
+/// write, so that they are all new or all repeats (see `Store::append`).
+pub fn routing_keys(envelopes: &[pb::Envelope]) -> Vec<Vec<u8>> {
+    let mut first_copy: HashMap<(&str, &str, &str), Vec<u8>> = HashMap::default();
+    envelopes
+        .iter()
+        .map(|e| {
+            let own = crate::pool::inbox_key(&e.app_id, e.to.first().map_or("", String::as_str));
+            if !e.client_id {
+                return own;
+            }
+            first_copy
+                .entry((e.app_id.as_str(), e.from.as_str(), e.id.as_str()))
+                .or_insert(own)
+                .clone()
+        })
+        .collect()
+}
+
+impl RemoteDelivery {
+    /// Calls `call` once per owner of the inboxes `keys` (rendezvous
+    /// hashing over the live delivery instances; with one instance, one
+    /// call), at once, with the positions of that owner's inboxes. A part
+    /// answered "moved" (the member list is changing) is split again by the
+    /// pool's newer list and sent again, within the pool's retry budget.
+    async fn by_owner_with_retry<R, F, Fut>(
+        &self,
+        keys: &[Vec<u8>],
+        call: F,
+    ) -> Result<Vec<(Vec<usize>, R)>, ServiceError>
+    where
+        F: Fn(Vec<u8>, Vec<usize>) -> Fut,
+        Fut: std::future::Future<Output = Result<R, ServiceError>>,
+    {
+        let deadline = tokio::time::Instant::now() + crate::pool::RETRY_BUDGET;
+        let mut pause = std::time::Duration::from_millis(20);
+        let mut todo: Vec<usize> = (0..keys.len()).collect();
+        let mut done = Vec::new();
+        if keys.is_empty() {
+            todo.clear();
+            // One call all the same (an empty request is still answered).
+            let reply = call(Vec::new(), Vec::new()).await?;
+            done.push((Vec::new(), reply));
+            return Ok(done);
+        }
+        while !todo.is_empty() {
+            let mut groups: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+            for &i in &todo {
+                let owner = self.0.owner(&keys[i]).unwrap_or_default();
+                match groups.iter_mut().find(|g| g.0 == owner) {
+                    Some(group) => group.2.push(i),
+                    None => groups.push((owner, keys[i].clone(), vec![i])),
+                }
+            }
+            let calls = groups.into_iter().map(|(_, key, positions)| {
+                let reply = call(key, positions.clone());
+                async move { (positions, reply.await) }
+            });
+            let mut again = Vec::new();
+            for (positions, reply) in futures_util::future::join_all(calls).await {
+                match reply {
+                    Ok(reply) => done.push((positions, reply)),
+                    Err(e) if e.is_moved() && tokio::time::Instant::now() + pause < deadline => {
+                        tracing::debug!(error = %e, "inboxes moved; asking their new owner");
+                        again.extend(positions);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !again.is_empty() {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
+            again.sort_unstable();
+            todo = again;
+        }
+        Ok(done)
     }
 }
 

@@ -135,7 +135,23 @@ impl ServiceError {
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidFrame, message)
     }
+
+    /// The called instance does not serve this key now (sharded delivery:
+    /// the inbox is another instance's, or is moving to this one): the
+    /// caller's pool tries again, at the owner of its next member list.
+    pub fn moved(message: impl std::fmt::Display) -> Self {
+        Self::unavailable(format!("{MOVED_PREFIX}{message}"))
+    }
+
+    /// Whether this is a [`ServiceError::moved`] answer.
+    pub fn is_moved(&self) -> bool {
+        self.code == ErrorCode::Unavailable && self.message.starts_with(MOVED_PREFIX)
+    }
 }
+
+/// How a [`ServiceError::moved`] message starts (an UNAVAILABLE like any
+/// other to callers that do not retry).
+const MOVED_PREFIX: &str = "not served here now: ";
 
 /// A short label for a gRPC status code (metrics).
 pub(crate) fn status_label(code: tonic::Code) -> &'static str {

@@ -24,7 +24,7 @@ pub use adapters::{
 pub use channels::{Channels, ChannelsClient, ChannelsService, channel_key};
 pub use clients::{
     AuthClient, DeliveryClient, GatewayClient, GatewayDirectory, GatewayTable, GroupsClient,
-    RouterClient,
+    RouterClient, routing_keys,
 };
 pub use connector::{ConnectError, MeshConnector, MeshTls};
 pub use credentials::{
@@ -33,7 +33,7 @@ pub use credentials::{
 };
 pub use error::{ErrorCode, ServiceError};
 pub use ids::{new_message_id, now_ms};
-pub use pool::{MeshChannel, Pool, RETRY_BUDGET};
+pub use pool::{MeshChannel, Pool, RETRY_BUDGET, inbox_key, owner_among};
 pub use services::{Auth, Delivery, Federation, Gateway, Groups, Router};
 // Persistent groups.
 pub use adapters::{GroupAdminService, GroupRecordsService};

@@ -268,6 +268,25 @@ fn hash(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
+/// The owner of `key` among instance `ids`, as a pool of them picks it
+/// (for an instance checking that it owns a key).
+pub fn owner_among<'a>(ids: &'a [String], key: &[u8]) -> Option<&'a str> {
+    let k = hash(key);
+    ids.iter()
+        .max_by_key(|id| rendezvous_weight(k, hash(id.as_bytes())))
+        .map(String::as_str)
+}
+
+/// The rendezvous key of a user's inbox (sharded delivery).
+pub fn inbox_key(app_id: &str, user_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(app_id.len() + 1 + user_id.len());
+    key.extend_from_slice(app_id.as_bytes());
+    // Not in an app id: ("a", "bc") and ("ab", "c") differ.
+    key.push(0);
+    key.extend_from_slice(user_id.as_bytes());
+    key
+}
+
 /// Highest-random-weight score of an instance for a key.
 fn rendezvous_weight(key_hash: u64, id_hash: u64) -> u64 {
     let mut buf = [0u8; 16];

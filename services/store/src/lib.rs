@@ -18,6 +18,8 @@
 //!
 //! With the `scylla` feature, [`ScyllaStore`] keeps the same contracts in a
 //! ScyllaDB cluster shared by any number of processes (scylla_store.rs).
+//! [`PostgresStore`] keeps the same contract in a PostgreSQL database that
+//! several delivery processes share (`postgres.rs`).
 
 pub mod contract;
 #[cfg(test)]
@@ -28,6 +30,11 @@ pub mod group_contract;
 pub mod groups;
 mod hot;
 mod manifest;
+mod postgres;
+mod postgres_groups;
+mod postgres_queue;
+#[cfg(test)]
+mod postgres_tests;
 pub mod queue;
 pub mod queue_contract;
 #[cfg(all(test, feature = "scylla"))]
@@ -46,6 +53,7 @@ mod scylla_store;
 use async_trait::async_trait;
 pub use fjall_store::{FjallStore, FjallStoreOptions};
 pub use groups::{FjallGroups, GroupChange, GroupRecord, GroupStore};
+pub use postgres::{PostgresOptions, PostgresStore};
 use prost::Message;
 pub use queue::{FjallQueues, Queue, QueueDepth, QueueItem};
 #[cfg(feature = "scylla")]

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use switchboard_config::{Config, Role};
+use switchboard_config::{Config, Role, StoreEngine};
 use switchboard_discovery::Members;
 use switchboard_mesh::{GatewayTable, MeshConnector, Pool};
 use tokio::sync::watch;
@@ -17,14 +17,20 @@ pub(crate) struct Pools {
 impl Pools {
     /// One pool per role not run here, when discovery is configured; and
     /// one of every groups instance, this one included, whose topics and
-    /// rooms go to their owner even from a process that runs groups too.
+    /// rooms go to their owner even from a process that runs groups too;
+    /// likewise of every delivery instance with a shared store, where each
+    /// inbox has its owner (sharded delivery).
     pub(crate) fn new(config: &Config, connector: &MeshConnector) -> Self {
         if config.etcd.is_empty() {
             return Pools::default();
         }
+        let sharded = config.store.engine != StoreEngine::Fjall;
         let pools = Role::ALL
             .into_iter()
-            .filter(|r| (!config.runs(*r) || *r == Role::Groups) && *r != Role::Gateway)
+            .filter(|r| {
+                (!config.runs(*r) || *r == Role::Groups || (*r == Role::Delivery && sharded))
+                    && *r != Role::Gateway
+            })
             .map(|r| (r, Pool::new(r.as_str(), connector.clone())))
             .collect();
         Pools { pools }

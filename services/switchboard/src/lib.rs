@@ -29,12 +29,15 @@ use switchboard_metadata::TopologyView;
 use switchboard_metadata::{EtcdMetadata, Kind as MetadataKind, StaticMetadata};
 use switchboard_presence::{InMemoryPresence, Presence, RedisPresence};
 use switchboard_router::{Federation, FederationOptions, RouterRole};
-use switchboard_store::{FjallStore, FjallStoreOptions, GroupStore, Queue, Store};
+use switchboard_store::{
+    FjallStore, FjallStoreOptions, GroupStore, PostgresOptions, PostgresStore, Queue, Store,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod cluster;
 mod console;
+mod ownership;
 mod scylla;
 
 /// Already-bound listeners (tests bind port 0).
@@ -191,9 +194,7 @@ pub async fn serve(
 
     let (store, queues, group_store) = match config.runs(Role::Delivery) {
         true => {
-            let opened = open_store(&config).await.with_context(|| {
-                format!("cannot open the store in {}", config.data_dir.display())
-            })?;
+            let opened = open_store(&config).await?;
             (Some(opened.inbox), Some(opened.queues), Some(opened.groups))
         }
         false => (None, None, None),
@@ -246,9 +247,22 @@ pub async fn serve(
         }
         _ => None,
     };
-    let delivery = match &delivery_role {
-        Some(role) => DeliveryClient::from_local(role.clone()),
-        None => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
+    // Sharded delivery (a shared store with discovery): this process serves
+    // the inboxes it owns, and every caller here, its own roles included,
+    // reaches each inbox's owner through the pool.
+    let ownership = match (&discovery, &delivery_role, config.store.engine) {
+        (Some(d), Some(_), StoreEngine::Postgres) => Some(ownership::Ownership::follow(
+            node_id.clone(),
+            switchboard_mesh::secret_tag(&config.mesh_secret),
+            d.members(),
+            d.publisher(),
+            &config.discovery_prefix(),
+        )),
+        _ => None,
+    };
+    let delivery = match (&delivery_role, &ownership) {
+        (Some(role), None) => DeliveryClient::from_local(role.clone()),
+        _ => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
     };
     // Persistent groups: their records where the store is, their owners
     // among the groups instances.
@@ -436,7 +450,15 @@ pub async fn serve(
         .add_optional_service(store.is_some().then(|| {
             // Over the mesh a Deliver can come twice (a caller's
             // failover); local calls cannot, and skip that memory.
-            let mesh_delivery = MeshDelivery::new(arc_of(&delivery));
+            let local: Arc<dyn switchboard_mesh::Delivery> = match (&delivery_role, &ownership) {
+                (Some(role), Some(ownership)) => Arc::new(ownership::OwnedDelivery {
+                    inner: role.clone(),
+                    ownership: ownership.clone(),
+                }),
+                (Some(role), None) => role.clone(),
+                (None, _) => arc_of(&delivery),
+            };
+            let mesh_delivery = MeshDelivery::new(local);
             DeliveryService::new(Arc::new(mesh_delivery)).into_server()
         }));
     if let Some(g) = &gateway {
@@ -765,8 +787,8 @@ fn load_tls(
 /// How long a starting process waits for etcd.
 const ETCD_START_WAIT: Duration = Duration::from_secs(15);
 
-/// Registers this process in etcd and, for the delivery role, claims the
-/// single embedded store of the deployment.
+/// Registers this process in etcd and, for the delivery role on the
+/// embedded engine, claims the single store of the deployment.
 async fn join_discovery(
     config: &Config,
     node_id: &str,
@@ -812,7 +834,9 @@ async fn join_discovery(
             }
         }
     };
-    if config.runs(Role::Delivery) {
+    // The embedded store lives in one process's data dir: one delivery
+    // process per deployment. A shared engine takes any number.
+    if config.runs(Role::Delivery) && config.store.engine == StoreEngine::Fjall {
         discovery
             .claim_exclusive("delivery-store", node_id)
             .await
@@ -821,7 +845,7 @@ async fn join_discovery(
                     "refusing to start a second delivery process: the embedded store ({:?}) keeps \
                      inboxes in one process's data dir and cannot be shared between delivery \
                      processes. Run exactly one delivery process per deployment (several need a \
-                     shared store such as ScyllaDB)",
+                     shared store: store.engine = \"postgres\")",
                     config.store.engine
                 )
             })?;
@@ -954,10 +978,10 @@ struct OpenedStore {
     groups: Arc<dyn GroupStore>,
 }
 
-async fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::StoreError> {
-    let cache_bytes = config.store.cache_mib.saturating_mul(1024 * 1024);
+async fn open_store(config: &Config) -> anyhow::Result<OpenedStore> {
     Ok(match config.store.engine {
         StoreEngine::Fjall => {
+            let cache_bytes = config.store.cache_mib.saturating_mul(1024 * 1024);
             let store = FjallStore::open(
                 &config.data_dir,
                 FjallStoreOptions {
@@ -969,14 +993,33 @@ async fn open_store(config: &Config) -> Result<OpenedStore, switchboard_store::S
                     id_window: config.store.id_window,
                     ..FjallStoreOptions::default()
                 },
-            )?;
+            )
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
             OpenedStore {
                 queues: store.queues(),
                 groups: store.groups(),
                 inbox: Arc::new(store),
             }
         }
-        StoreEngine::Scylla => scylla::open(&config.store).await?,
+        StoreEngine::Postgres => {
+            // Its error names the address (never the password).
+            let store = PostgresStore::connect(PostgresOptions {
+                url: config.store.url.clone(),
+                pool_size: config.store.pool_size,
+                id_window: config.store.id_window,
+                ..PostgresOptions::default()
+            })
+            .await
+            .context("cannot open the PostgreSQL store (store.url)")?;
+            OpenedStore {
+                queues: store.queues(),
+                groups: store.groups(),
+                inbox: Arc::new(store),
+            }
+        }
+        StoreEngine::Scylla => scylla::open(&config.store)
+            .await
+            .context("cannot open the ScyllaDB store (store.url)")?,
     })
 }
 

@@ -1,7 +1,8 @@
 //! Whether a test that needs an external service (etcd, Redis) runs.
 //!
-//! `scripts/test.sh` starts etcd and Redis and names them in
-//! `SWITCHBOARD_TEST_ETCD` / `SWITCHBOARD_TEST_REDIS`. A test asks for the
+//! `scripts/test.sh` starts etcd, Redis and PostgreSQL and names them in
+//! `SWITCHBOARD_TEST_ETCD` / `SWITCHBOARD_TEST_REDIS` /
+//! `SWITCHBOARD_TEST_POSTGRES`. A test asks for the
 //! services it needs with [`services`]:
 //! - all set: it runs, with their addresses;
 //! - one missing under `CI=true`: the test fails (CI provides them, so a
@@ -17,6 +18,9 @@ use std::io::Write;
 pub const ETCD: &str = "SWITCHBOARD_TEST_ETCD";
 /// The Redis under test (`redis://host:port`).
 pub const REDIS: &str = "SWITCHBOARD_TEST_REDIS";
+/// The PostgreSQL under test (`postgres://user@host:port/database`); tests
+/// create databases of their own in it.
+pub const POSTGRES: &str = "SWITCHBOARD_TEST_POSTGRES";
 /// The `schemathesis` executable (PyPI), which fuzzes the REST API from its
 /// OpenAPI document; `scripts/test.sh` installs it into a venv.
 pub const SCHEMATHESIS: &str = "SWITCHBOARD_TEST_SCHEMATHESIS";
