@@ -6,6 +6,7 @@ pub mod commands;
 mod connection;
 mod counters;
 pub mod frames;
+pub mod grpc;
 mod json;
 mod ratelimit;
 mod read_ahead;
@@ -80,6 +81,8 @@ pub trait Readiness: Send + Sync + 'static {
 pub enum GatewayError {
     #[error("client port: {0}")]
     Io(#[from] std::io::Error),
+    #[error("grpc reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 /// Reports of RELIABLE messages written to a socket, batched to delivery.

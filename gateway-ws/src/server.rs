@@ -1,4 +1,5 @@
-//! The client port: HTTP (health) and the WebSocket upgrade on one listener.
+//! The client port: HTTP (health, REST), the WebSocket upgrade and the
+//! public gRPC API on one listener.
 
 use std::future::Future;
 
@@ -30,7 +31,9 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade))
         .merge(crate::rest::router(&gateway))
-        .with_state(gateway.clone());
+        .with_state(gateway.clone())
+        // gRPC (HTTP/2, h2c) beside HTTP/1.1 and the WebSocket upgrade.
+        .merge(crate::grpc::router(&gateway)?);
     let closing = gateway.clone();
     // Small frames must leave at once: no Nagle delay on client sockets.
     let listener = listener.tap_io(|tcp| {

@@ -101,6 +101,7 @@ impl Session {
         })?;
         // Set once: checked above, and only the authenticate methods set it.
         let _ = self.identity.set(identity);
+        self.api_caller = true;
         Ok(())
     }
 

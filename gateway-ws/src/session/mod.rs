@@ -214,6 +214,9 @@ pub struct Session {
     /// the next page starts after it.
     fetch_cursor: u64,
     channels: channels::ChannelState,
+    /// A server-side caller of the public API ([`Session::act_for`]): it
+    /// has no connection, so none of the user's is the one it sent from.
+    api_caller: bool,
 }
 
 impl Session {
@@ -227,6 +230,7 @@ impl Session {
             limiter,
             fetch_cursor: 0,
             channels: channels::ChannelState::default(),
+            api_caller: false,
         }
     }
 
@@ -528,8 +532,14 @@ impl Session {
             reference: meta.reference.clone().unwrap_or_default(),
             feature: feature.into(),
             ts: switchboard_mesh::now_ms(),
+            // An API caller's origin names no gateway: every connection of
+            // the sender counts as another device (MESSAGE_SENT copies).
             origin: Some(pb::ConnRef {
-                gateway_id: self.gw.id.clone(),
+                gateway_id: if self.api_caller {
+                    String::new()
+                } else {
+                    self.gw.id.clone()
+                },
                 conn_id: self.conn_id,
             }),
             hop_limit: switchboard_mesh::DEFAULT_HOP_LIMIT,
