@@ -627,6 +627,7 @@ fn follow_federated_apps(auth: Arc<AuthRole>, mut view: TopologyView, domain: St
                             jwt_public_key_file: None,
                             jwt_audience: None,
                             auth_url: None,
+                            jwks_url: None,
                             api_keys: Vec::new(),
                             topic_publish: switchboard_config::TopicPublish::Any,
                             anonymous_rooms: false,
