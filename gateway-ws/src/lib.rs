@@ -49,6 +49,8 @@ pub struct GatewayDeps {
     pub groups: GroupAdminClient,
     /// Topics and rooms (the groups role).
     pub channels: ChannelsClient,
+    /// The webhook dead letters (where the store is).
+    pub webhook_admin: switchboard_mesh::WebhookAdminClient,
     pub presence: Arc<dyn Presence>,
     /// What `/readyz` checks.
     pub readiness: Arc<dyn Readiness>,

@@ -8,6 +8,7 @@
 
 mod error;
 mod groups;
+mod webhooks;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -58,6 +59,7 @@ pub fn router(gateway: &GatewayRole) -> Router<GatewayRole> {
                 .layer(from_fn(|req, next| counted("inbox_depth", req, next))),
         )
         .merge(groups::routes())
+        .merge(webhooks::routes())
         .route("/v1/openapi.json", get(openapi_json))
         .route("/v1/{*rest}", axum::routing::any(unknown_operation))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -97,13 +99,15 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         send_message, user_presence, online_users, inbox_depth,
         groups::create_group, groups::get_group, groups::rename_group, groups::delete_group,
         groups::add_members, groups::remove_members, groups::list_groups,
+        webhooks::list_dead_letters, webhooks::replay_dead_letters,
     ),
     components(schemas(
         SendMessage, Recipients, Feature, MessageAccepted, Presence, OnlineUsers, InboxDepth, ErrorBody,
         groups::Group, groups::GroupList, groups::NewGroup, groups::Members, groups::Rename,
+        webhooks::DeadLetter, webhooks::DeadLetters,
     )),
     modifiers(&BearerKey),
-    tags((name = "messages"), (name = "users"), (name = "groups"))
+    tags((name = "messages"), (name = "users"), (name = "groups"), (name = "webhooks"))
 )]
 struct ApiDoc;
 

@@ -135,6 +135,26 @@ impl Session {
             .map_err(|e| ServiceError::unavailable(format!("presence: {e}")))
     }
 
+    /// The webhook dead letters of the grant's app, at most one page
+    /// (`replay`: moved back to its outbox, to be sent again).
+    pub async fn webhook_dead_letters(
+        &self,
+        grant: &ApiGrant,
+        replay: bool,
+    ) -> Result<pb::DeadLettersReply, ServiceError> {
+        call(
+            self.gw
+                .deps
+                .webhook_admin
+                .dead_letters(pb::DeadLettersRequest {
+                    app_id: grant.app_id.clone(),
+                    replay,
+                    max: 0,
+                }),
+        )
+        .await
+    }
+
     /// The number of stored messages waiting in the session user's inbox
     /// (RELIABLE messages and confirmations not delivered yet).
     pub async fn inbox_depth(&self) -> Result<u64, ServiceError> {
