@@ -316,3 +316,90 @@ async fn dead_letters_are_listed_and_replayed_through_the_admin_api() {
     assert!(ok && out.contains("0 listed; 0 dead letters"), "{out}");
     drop(node);
 }
+
+/// In a cluster the dead letters live with the delivery process's store:
+/// a gateway's admin endpoints reach them over the mesh
+/// (`WebhookAdmin/DeadLetters`), list them, and replay them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_in_a_cluster_are_reached_from_any_gateway() {
+    use sha2::Digest;
+    const ADMIN_KEY: &str = "sbk_webhooks_admin_cluster_0123456789";
+    let Some(infra) = support::cluster::Infra::from_env() else {
+        return;
+    };
+    let port = support::free_port();
+    let cluster = support::cluster::Cluster::start(infra, support::cluster::PROTOCOL_SHAPE, |c| {
+        c.apps = vec![switchboard_config::AppConfig {
+            api_keys: vec![switchboard_config::ApiKeyConfig {
+                name: "ops".into(),
+                sha256: sha2::Sha256::digest(ADMIN_KEY.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+                scopes: vec![switchboard_config::ApiScope::Admin],
+            }],
+            ..switchboard_config::AppConfig::demo()
+        }];
+        c.webhooks.retry_for = Duration::from_secs(1);
+        c.webhooks.backoff_min = Duration::from_millis(50);
+        c.webhooks.timeout = Duration::from_secs(2);
+        c.webhooks.apps = vec![switchboard_config::AppWebhook {
+            app_id: "demo".into(),
+            url: format!("http://127.0.0.1:{port}/hook"),
+            secret: SECRET.into(),
+            events: Vec::new(),
+            preview_chars: 0,
+        }];
+    })
+    .await;
+    let mut ann = Client::login_with(&cluster.proc("gw1").url(), "demo-ann", true).await;
+    let message_id = ann.send_accepted("demo-bob", "nobody hears", "r1").await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let base = |gw: &str| {
+        let addr = cluster.proc(gw).client_addr.expect("a gateway");
+        format!("http://{addr}/v1/apps/demo/webhooks/dead-letters")
+    };
+    let mut listed = Value::Null;
+    wait_for("the event in the dead letters, seen from gw2", async || {
+        let res = http
+            .get(base("gw2"))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .expect("gw2 answers");
+        assert_eq!(res.status(), 200);
+        listed = res.json().await.expect("JSON");
+        listed["depth"] == 1
+    })
+    .await;
+    assert_eq!(
+        listed["deadLetters"][0]["event"]["data"]["messageId"],
+        message_id.as_str(),
+        "{listed}"
+    );
+    let r = receiver_at(port).await;
+    let replayed: Value = http
+        .post(format!("{}/replay", base("gw1")))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("gw1 answers")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(replayed["depth"], 0, "{replayed}");
+    wait_for("the replayed event", async || {
+        !r.got.lock().await.is_empty()
+    })
+    .await;
+    let got = r.got.lock().await.clone();
+    assert_eq!(
+        got[0].0,
+        listed["deadLetters"][0]["webhookId"]
+            .as_str()
+            .unwrap_or_default()
+    );
+    assert_eq!(r.unsigned.load(Ordering::SeqCst), 0);
+    cluster.shutdown().await;
+}
