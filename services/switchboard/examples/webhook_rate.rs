@@ -12,6 +12,9 @@
 //!    (the server's `switchboard_webhooks_outbox_depth` gauge), its peak, and
 //!    how long after the receiver came back every event had arrived.
 //!
+//! The sender is one connection: give the server a `limits.messages_per_second`
+//! above the burst's pace, or the gateway refuses part of it.
+//!
 //! cargo run -p switchboard --example webhook_rate -- --url 127.0.0.1:8088 \
 //!     --receiver 127.0.0.1:9901 --secret whsec_… --burst 2000 --rate 100 --down 60s
 
@@ -175,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
         next += 1;
     }
     let sent_in = started.elapsed();
-    let complete = wait_for(&r, next, Duration::from_secs(300)).await;
+    let complete = wait_for(&r, next, Duration::from_secs(120)).await;
     let last = r.last.lock().await.unwrap_or_else(Instant::now);
     let took = last.duration_since(started);
     println!(
