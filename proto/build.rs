@@ -9,13 +9,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe {
         std::env::set_var("PROTOC", protoc);
     }
-    let files = [
-        "switchboard/mesh/v1/mesh.proto",
-        "switchboard/api/v1/messaging.proto",
-    ];
-    for f in &files {
+    let mesh = "switchboard/mesh/v1/mesh.proto";
+    let api = "switchboard/api/v1/messaging.proto";
+    for f in [mesh, api] {
         println!("cargo:rerun-if-changed={f}");
     }
-    tonic_prost_build::configure().compile_protos(&files, &["."])?;
+    tonic_prost_build::configure().compile_protos(&[mesh], &["."])?;
+    // The public API's descriptors, for server reflection (the mesh's stay
+    // out of it: they are not for callers).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("switchboard_api_v1.bin"))
+        .compile_protos(&[api], &["."])?;
     Ok(())
 }

@@ -100,6 +100,24 @@ impl Api {
         self.request(req).await
     }
 
+    /// Any call: `body` as JSON when given.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(key);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        self.request(req).await
+    }
+
     async fn get(&self, path: &str, key: &str) -> Answer {
         self.request(
             self.http
@@ -939,4 +957,275 @@ async fn rest_send_joins_the_callers_trace() {
             "{name} in the caller's trace: {names:?}"
         );
     }
+}
+
+/// The next GROUP_EVENT of `event` (earlier events are skipped).
+async fn group_event(c: &mut Client, event: &str) -> Value {
+    loop {
+        let f = c.recv_type("GROUP_EVENT").await;
+        if f["data"]["event"] == event {
+            return f;
+        }
+    }
+}
+
+/// Group management through REST acts as `?as=` (the master user when
+/// absent) exactly as the GROUP_* frames from that user: members get the
+/// same GROUP_EVENTs as when the owner manages the group over WebSocket,
+/// only the owner changes it, only members read it.
+#[tokio::test]
+async fn rest_manages_groups_as_websocket_frames_do() {
+    use reqwest::Method;
+    let node = TestNode::start_with(with_keys, Default::default()).await;
+    let api = Api::new(&node.url());
+    let mut ann = Client::login(&node.url(), "demo-ann").await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let mut cat = Client::login(&node.url(), "demo-cat").await;
+
+    // The same creation over WebSocket, for comparison of bob's event.
+    ann.send(json!({"type": "GROUP_CREATE", "data": {"group": "g-ws", "name": "WS", "members": ["demo-bob"]}}))
+        .await;
+    ann.recv_type("GROUP_CREATED").await;
+    let by_ws = group_event(&mut bob, "members_added").await;
+
+    let created = api
+        .call(
+            Method::POST,
+            "/v1/apps/demo/groups?as=demo-ann",
+            ADMIN_KEY,
+            Some(json!({"group": "g-rest", "name": "Team", "members": ["demo-bob"]})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(created.body["group"], "g-rest");
+    assert_eq!(created.body["name"], "Team");
+    assert_eq!(created.body["owner"], "demo-ann");
+    assert_eq!(created.body["members"], json!(["demo-ann", "demo-bob"]));
+    assert!(created.body["createdMs"].as_i64().is_some_and(|t| t > 0));
+    let by_rest = group_event(&mut bob, "members_added").await;
+    let keys = |f: &Value| -> BTreeSet<String> {
+        f["data"]
+            .as_object()
+            .expect("data")
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&by_rest), keys(&by_ws), "{by_rest} vs {by_ws}");
+    assert_eq!(by_rest["data"]["group"], "g-rest");
+    assert_eq!(by_rest["data"]["by"], "demo-ann");
+
+    let added = api
+        .call(
+            Method::POST,
+            "/v1/apps/demo/groups/g-rest/members?as=demo-ann",
+            ADMIN_KEY,
+            Some(json!({"members": ["demo-cat"]})),
+        )
+        .await;
+    assert_eq!(added.status, 200, "{}", added.body);
+    assert_eq!(
+        added.body["members"],
+        json!(["demo-ann", "demo-bob", "demo-cat"])
+    );
+    let e = group_event(&mut cat, "members_added").await;
+    assert_eq!(e["data"]["members"], json!(["demo-cat"]), "{e}");
+
+    let renamed = api
+        .call(
+            Method::PATCH,
+            "/v1/apps/demo/groups/g-rest?as=demo-ann",
+            ADMIN_KEY,
+            Some(json!({"name": "Crew"})),
+        )
+        .await;
+    assert_eq!(renamed.status, 200, "{}", renamed.body);
+    assert_eq!(renamed.body["name"], "Crew");
+    for c in [&mut bob, &mut cat] {
+        let e = group_event(c, "renamed").await;
+        assert_eq!(e["data"]["name"], "Crew", "{e}");
+    }
+
+    // A member reads it; a member may not change it; a non-member may not
+    // read it; an unknown group is unknown; the key needs `groups`.
+    let info = api
+        .call(
+            Method::GET,
+            "/v1/apps/demo/groups/g-rest?as=demo-bob",
+            ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (info.status, info.body["name"].clone()),
+        (200, json!("Crew"))
+    );
+    let refused = api
+        .call(
+            Method::DELETE,
+            "/v1/apps/demo/groups/g-rest?as=demo-bob",
+            ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (refused.status, refused.body["code"].clone()),
+        (403, json!("FORBIDDEN"))
+    );
+    let refused = api
+        .call(
+            Method::GET,
+            "/v1/apps/demo/groups/g-rest?as=demo-dan",
+            ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (refused.status, refused.body["code"].clone()),
+        (403, json!("NOT_A_MEMBER"))
+    );
+    let unknown = api
+        .call(
+            Method::GET,
+            "/v1/apps/demo/groups/g-nope?as=demo-ann",
+            ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (unknown.status, unknown.body["code"].clone()),
+        (400, json!("INVALID_RECIPIENT"))
+    );
+    let scope = api
+        .call(
+            Method::GET,
+            "/v1/apps/demo/groups/g-rest?as=demo-ann",
+            SEND_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (scope.status, scope.body["code"].clone()),
+        (403, json!("FORBIDDEN"))
+    );
+    for (what, method, path, body) in [
+        (
+            "bad id",
+            Method::GET,
+            "/v1/apps/demo/groups/no%20spaces?as=demo-ann",
+            None,
+        ),
+        (
+            "as not of the app",
+            Method::GET,
+            "/v1/apps/demo/groups/g-rest?as=other-1",
+            None,
+        ),
+        (
+            "unknown query",
+            Method::GET,
+            "/v1/apps/demo/groups/g-rest?who=demo-ann",
+            None,
+        ),
+        (
+            "members missing",
+            Method::POST,
+            "/v1/apps/demo/groups/g-rest/members?as=demo-ann",
+            Some(json!({})),
+        ),
+        (
+            "members empty",
+            Method::POST,
+            "/v1/apps/demo/groups/g-rest/members?as=demo-ann",
+            Some(json!({"members": []})),
+        ),
+        (
+            "name missing",
+            Method::PATCH,
+            "/v1/apps/demo/groups/g-rest?as=demo-ann",
+            Some(json!({})),
+        ),
+        (
+            "unknown field",
+            Method::POST,
+            "/v1/apps/demo/groups?as=demo-ann",
+            Some(json!({"owner": "demo-bob"})),
+        ),
+    ] {
+        let bad = api.call(method, path, ADMIN_KEY, body).await;
+        assert_eq!(
+            (bad.status, bad.body["code"].clone()),
+            (400, json!("INVALID_FRAME")),
+            "{what}: {}",
+            bad.body
+        );
+    }
+
+    let removed = api
+        .call(
+            Method::POST,
+            "/v1/apps/demo/groups/g-rest/members/remove?as=demo-ann",
+            ADMIN_KEY,
+            Some(json!({"members": ["demo-bob"]})),
+        )
+        .await;
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    assert_eq!(removed.body["members"], json!(["demo-ann", "demo-cat"]));
+    group_event(&mut bob, "members_removed").await;
+
+    let list = api
+        .call(
+            Method::GET,
+            "/v1/apps/demo/users/demo-cat/groups",
+            ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    let ids: Vec<&str> = list.body["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g["group"].as_str())
+        .collect();
+    assert_eq!(ids, ["g-rest"]);
+
+    // Without `as`, the app's master user acts: it owns what it creates.
+    let mine = api
+        .call(
+            Method::POST,
+            "/v1/apps/demo/groups",
+            ADMIN_KEY,
+            Some(json!({"members": ["demo-cat"]})),
+        )
+        .await;
+    assert_eq!(mine.status, 201, "{}", mine.body);
+    assert_eq!(mine.body["owner"], "demo-0");
+    assert!(
+        mine.body["group"]
+            .as_str()
+            .is_some_and(|g| g.starts_with("g-"))
+    );
+
+    let deleted = api
+        .call(
+            Method::DELETE,
+            "/v1/apps/demo/groups/g-rest?as=demo-ann",
+            ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(deleted.body["members"], json!([]));
+    group_event(&mut cat, "deleted").await;
+    let gone = api
+        .call(
+            Method::GET,
+            "/v1/apps/demo/groups/g-rest?as=demo-ann",
+            ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(gone.status, 400, "{}", gone.body);
+    node.shutdown().await;
 }

@@ -17,9 +17,13 @@ use switchboard_mesh::{ErrorCode, ServiceError, pb};
 use switchboard_metadata::{Kind, Metadata, MetadataError, MetadataExt};
 use tokio::sync::broadcast::error::RecvError;
 
+mod jwks;
+
+pub use jwks::{JWKS_MIN_REFETCH, JWKS_REFRESH, JWKS_TIMEOUT};
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("app {app:?}: cannot read RS256 public key {path}: {source}")]
+    #[error("app {app:?}: cannot read JWT public key {path}: {source}")]
     KeyFile {
         app: String,
         path: String,
@@ -38,7 +42,9 @@ pub enum AuthError {
 struct RegisteredApp {
     config: AppConfig,
     hs256: Option<DecodingKey>,
-    rs256: Option<DecodingKey>,
+    /// The configured public key and the algorithm its kind signs with
+    /// (RSA: RS256, P-256: ES256, Ed25519: EdDSA).
+    public: Option<(Algorithm, DecodingKey)>,
 }
 
 type Registry = HashMap<String, RegisteredApp>;
@@ -53,6 +59,8 @@ pub struct AuthRole {
     federated: RwLock<Arc<Registry>>,
     /// Calls to apps' auth URLs, and their positive answers remembered.
     url_auth: UrlAuth,
+    /// Apps' JSON Web Key Sets, fetched and kept.
+    jwks: jwks::Jwks,
     /// Dropped with the role: the task following the apps (if any) ends.
     _followed: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -74,6 +82,7 @@ impl AuthRole {
             apps: RwLock::new(Arc::new(build(apps, true)?)),
             federated: RwLock::default(),
             url_auth: UrlAuth::default(),
+            jwks: jwks::Jwks::default(),
             _followed: None,
         })
     }
@@ -99,6 +108,7 @@ impl AuthRole {
             apps: RwLock::new(Arc::new(build(or_demo(apps), strict)?)),
             federated: RwLock::default(),
             url_auth: UrlAuth::default(),
+            jwks: jwks::Jwks::default(),
             _followed: Some(followed),
         });
         let weak: Weak<AuthRole> = Arc::downgrade(&role);
@@ -195,40 +205,82 @@ impl AuthRole {
         }
     }
 
-    fn check_jwt(app: &RegisteredApp, user_id: &str, token: &str) -> Result<(), String> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| format!("invalid token: {e}"))?;
-        let key = match header.alg {
-            Algorithm::HS256 => app.hs256.as_ref(),
-            Algorithm::RS256 => app.rs256.as_ref(),
-            _ => None,
-        }
-        .ok_or_else(|| {
+    /// `auth = "jwt"`: the token's signature (by its algorithm: the
+    /// app's secret, its public key, or its key set's key for the token's
+    /// `kid`), `exp`, `nbf`, `sub` = the user, and `aud` when the app names
+    /// one (then a token without `aud` is refused). `Ok(Err(reason))`: refused;
+    /// `Err`: the key set cannot be fetched (the client may retry).
+    async fn check_jwt(
+        &self,
+        app: &RegisteredApp,
+        user_id: &str,
+        token: &str,
+    ) -> Result<Result<(), String>, ServiceError> {
+        let header = match jsonwebtoken::decode_header(token) {
+            Ok(header) => header,
+            Err(e) => return Ok(Err(format!("invalid token: {e}"))),
+        };
+        let not_accepted = || {
             format!(
                 "token algorithm {:?} is not accepted for this app",
                 header.alg
             )
-        })?;
+        };
+        let static_key = match header.alg {
+            Algorithm::HS256 => app.hs256.clone(),
+            alg => app
+                .public
+                .as_ref()
+                .filter(|(a, _)| *a == alg)
+                .map(|(_, key)| key.clone()),
+        };
+        let from_set = matches!(
+            header.alg,
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
+        );
+        let key = match (static_key, app.config.jwks_url.as_deref()) {
+            // A token naming a key id is checked with the set's key.
+            (Some(key), url) if header.kid.is_none() || url.is_none() => key,
+            (_, Some(url)) if from_set => {
+                match self
+                    .jwks
+                    .key(url, header.kid.as_deref(), header.alg)
+                    .await?
+                {
+                    Ok(key) => key,
+                    Err(reason) => return Ok(Err(reason)),
+                }
+            }
+            _ => return Ok(Err(not_accepted())),
+        };
         let mut validation = Validation::new(header.alg);
-        validation.set_required_spec_claims(&["exp", "sub"]);
         validation.sub = Some(user_id.to_owned());
         validation.leeway = 5;
+        validation.validate_nbf = true;
         match &app.config.jwt_audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+            }
+            None => {
+                validation.validate_aud = false;
+                validation.set_required_spec_claims(&["exp", "sub"]);
+            }
         }
-        jsonwebtoken::decode::<Claims>(token, key, &validation)
+        use jsonwebtoken::errors::ErrorKind;
+        Ok(jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map(|_| ())
             .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "token expired".to_owned(),
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
-                    "invalid token signature".to_owned()
-                }
-                jsonwebtoken::errors::ErrorKind::InvalidSubject => {
-                    "token subject does not match userId".to_owned()
+                ErrorKind::ExpiredSignature => "token expired".to_owned(),
+                ErrorKind::ImmatureSignature => "token not valid yet (nbf)".to_owned(),
+                ErrorKind::InvalidSignature => "invalid token signature".to_owned(),
+                ErrorKind::InvalidSubject => "token subject does not match userId".to_owned(),
+                ErrorKind::InvalidAudience => "token audience is not this app's".to_owned(),
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    format!("token has no {claim:?} claim")
                 }
                 _ => format!("invalid token: {e}"),
-            })
+            }))
     }
 }
 
@@ -445,13 +497,20 @@ fn register(app: AppConfig) -> Result<RegisteredApp, AuthError> {
         })?),
         (None, None) => None,
     };
-    let rs256 = pem
-        .map(|pem| DecodingKey::from_rsa_pem(&pem).map_err(key_err))
+    // The key's kind decides the algorithm it checks.
+    let public = pem
+        .map(|pem| match DecodingKey::from_rsa_pem(&pem) {
+            Ok(key) => Ok((Algorithm::RS256, key)),
+            Err(rsa) => DecodingKey::from_ec_pem(&pem)
+                .map(|key| (Algorithm::ES256, key))
+                .or_else(|_| DecodingKey::from_ed_pem(&pem).map(|key| (Algorithm::EdDSA, key)))
+                .map_err(|_| key_err(rsa)),
+        })
         .transpose()?;
     Ok(RegisteredApp {
         config: app,
         hs256,
-        rs256,
+        public,
     })
 }
 
@@ -510,13 +569,17 @@ impl switchboard_mesh::Auth for AuthRole {
         if app.config.auth == AuthMode::Url {
             return self.check_url(app, &req).await;
         }
-        if app.config.auth == AuthMode::Jwt && app.hs256.is_none() && app.rs256.is_none() {
+        if app.config.auth == AuthMode::Jwt
+            && app.hs256.is_none()
+            && app.public.is_none()
+            && app.config.jwks_url.is_none()
+        {
             return Ok(refuse(
                 "this app requires authentication and this domain has no key to check its tokens",
             ));
         }
         if app.config.auth == AuthMode::Jwt
-            && let Err(reason) = Self::check_jwt(app, &req.user_id, &req.token)
+            && let Err(reason) = self.check_jwt(app, &req.user_id, &req.token).await?
         {
             tracing::debug!(app = %app.config.name, %reason, "client token refused");
             return Ok(refuse(reason));
@@ -678,6 +741,49 @@ mod tests {
                 .await
                 .authenticated
         );
+    }
+
+    #[tokio::test]
+    async fn a_named_audience_requires_aud_and_nbf_is_honoured() {
+        let token = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(b"s3cret"),
+            )
+            .expect("encode")
+        };
+        let mut app = jwt_app();
+        app.jwt_audience = Some("switchboard".into());
+        let role = AuthRole::new(vec![app]).expect("role");
+        let no_aud = verify(
+            &role,
+            "app-1",
+            "ANZ-1",
+            &token(serde_json::json!({"sub": "ANZ-1", "exp": now() + 600})),
+        )
+        .await;
+        assert!(!no_aud.authenticated);
+        assert!(no_aud.reason.contains("aud"), "{}", no_aud.reason);
+
+        let role = AuthRole::new(vec![jwt_app()]).expect("role");
+        let later = verify(
+            &role,
+            "app-1",
+            "ANZ-1",
+            &token(serde_json::json!({"sub": "ANZ-1", "exp": now() + 600, "nbf": now() + 300})),
+        )
+        .await;
+        assert!(!later.authenticated);
+        assert!(later.reason.contains("nbf"), "{}", later.reason);
+        let now_valid = verify(
+            &role,
+            "app-1",
+            "ANZ-1",
+            &token(serde_json::json!({"sub": "ANZ-1", "exp": now() + 600, "nbf": now() - 1})),
+        )
+        .await;
+        assert!(now_valid.authenticated, "{}", now_valid.reason);
     }
 
     const RS_PRIVATE: &str = include_str!("../tests/fixtures/test-rs256.key.pem");

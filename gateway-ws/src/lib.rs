@@ -7,6 +7,7 @@ mod connection;
 mod counters;
 mod edge;
 pub mod frames;
+pub mod grpc;
 mod json;
 mod ratelimit;
 mod read_ahead;
@@ -50,6 +51,8 @@ pub struct GatewayDeps {
     pub groups: GroupAdminClient,
     /// Topics and rooms (the groups role).
     pub channels: ChannelsClient,
+    /// The webhook dead letters (where the store is).
+    pub webhook_admin: switchboard_mesh::WebhookAdminClient,
     pub presence: Arc<dyn Presence>,
     /// What `/readyz` checks.
     pub readiness: Arc<dyn Readiness>,
@@ -82,6 +85,8 @@ pub trait Readiness: Send + Sync + 'static {
 pub enum GatewayError {
     #[error("client port: {0}")]
     Io(#[from] std::io::Error),
+    #[error("grpc reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 /// Reports of RELIABLE messages written to a socket, batched to delivery.

@@ -1,4 +1,5 @@
-//! The client port: HTTP (health) and the WebSocket upgrade on one listener.
+//! The client port: HTTP (health, REST), the WebSocket upgrade and the
+//! public gRPC API on one listener.
 
 use std::future::Future;
 
@@ -44,7 +45,9 @@ pub async fn serve_with_ui(
         .route("/ws", get(ws_upgrade))
         .merge(crate::rest::router(&gateway))
         .merge(crate::ui::router(ui))
-        .with_state(gateway.clone());
+        .with_state(gateway.clone())
+        // gRPC (HTTP/2, h2c) beside HTTP/1.1 and the WebSocket upgrade.
+        .merge(crate::grpc::router(&gateway)?);
     let closing = gateway.clone();
     let limits = &gateway.inner.limits;
     let edge = crate::edge::Edge::new(limits.max_connections, limits.max_connections_per_ip);

@@ -227,6 +227,18 @@ impl Readiness for Ready {
     }
 }
 
+struct NoDeadLetters;
+
+#[async_trait]
+impl switchboard_mesh::WebhookAdmin for NoDeadLetters {
+    async fn dead_letters(
+        &self,
+        _: pb::DeadLettersRequest,
+    ) -> Result<pb::DeadLettersReply, ServiceError> {
+        Ok(pb::DeadLettersReply::default())
+    }
+}
+
 pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
     let inboxes = Arc::new(Inboxes::default());
     let deps = GatewayDeps {
@@ -240,6 +252,7 @@ pub(crate) fn gateway(limits: Limits) -> (GatewayRole, Arc<Inboxes>) {
                 Arc::new(switchboard_mesh::GatewayTable::default()),
             ),
         )),
+        webhook_admin: switchboard_mesh::WebhookAdminClient::from_local(Arc::new(NoDeadLetters)),
         presence: Arc::new(InMemoryPresence::default()),
         readiness: Arc::new(Ready),
         domain: "local".to_owned(),

@@ -15,6 +15,10 @@ pub mod mesh {
 pub mod api {
     pub mod v1 {
         tonic::include_proto!("switchboard.api.v1");
+
+        /// The encoded descriptors of this package, for server reflection.
+        pub const FILE_DESCRIPTOR_SET: &[u8] =
+            tonic::include_file_descriptor_set!("switchboard_api_v1");
     }
     pub use v1::*;
 }

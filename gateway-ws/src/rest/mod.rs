@@ -7,6 +7,8 @@
 //! document is generated from the annotations here ([`openapi`]).
 
 mod error;
+mod groups;
+mod webhooks;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -56,6 +58,8 @@ pub fn router(gateway: &GatewayRole) -> Router<GatewayRole> {
                 .fallback(method_not_allowed)
                 .layer(from_fn(|req, next| counted("inbox_depth", req, next))),
         )
+        .merge(groups::routes())
+        .merge(webhooks::routes())
         .route("/v1/openapi.json", get(openapi_json))
         .route("/v1/{*rest}", axum::routing::any(unknown_operation))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -88,15 +92,24 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     info(
         title = "Switchboard REST API",
         version = "1",
-        description = "Send messages and read presence, the online list and inbox depths with an app's API key \
+        description = "Send messages, manage persistent groups, and read presence, the online list and inbox depths with an app's API key \
                        (`Authorization: Bearer <key>`). Every call behaves as the WebSocket \
                        frame it mirrors (docs/protocol.md). Errors are `{code, message}` with \
                        the protocol's error codes."
     ),
-    paths(send_message, user_presence, online_users, inbox_depth),
-    components(schemas(SendMessage, Recipients, Feature, MessageAccepted, Presence, OnlineUsers, InboxDepth, ErrorBody)),
+    paths(
+        send_message, user_presence, online_users, inbox_depth,
+        groups::create_group, groups::get_group, groups::rename_group, groups::delete_group,
+        groups::add_members, groups::remove_members, groups::list_groups,
+        webhooks::list_dead_letters, webhooks::replay_dead_letters,
+    ),
+    components(schemas(
+        SendMessage, Recipients, Feature, MessageAccepted, Presence, OnlineUsers, InboxDepth, ErrorBody,
+        groups::Group, groups::GroupList, groups::NewGroup, groups::Members, groups::Rename,
+        webhooks::DeadLetter, webhooks::DeadLetters,
+    )),
     modifiers(&BearerKey),
-    tags((name = "messages"), (name = "users"))
+    tags((name = "messages"), (name = "users"), (name = "groups"), (name = "webhooks"))
 )]
 struct ApiDoc;
 

@@ -103,6 +103,7 @@ impl Session {
         })?;
         // Set once: checked above, and only the authenticate methods set it.
         let _ = self.identity.set(identity);
+        self.api_caller = true;
         Ok(())
     }
 
@@ -134,6 +135,26 @@ impl Session {
             .online_users(&grant.app_id, self.gw.limits.max_user_list)
             .await
             .map_err(|e| ServiceError::unavailable(format!("presence: {e}")))
+    }
+
+    /// The webhook dead letters of the grant's app, at most one page
+    /// (`replay`: moved back to its outbox, to be sent again).
+    pub async fn webhook_dead_letters(
+        &self,
+        grant: &ApiGrant,
+        replay: bool,
+    ) -> Result<pb::DeadLettersReply, ServiceError> {
+        call(
+            self.gw
+                .deps
+                .webhook_admin
+                .dead_letters(pb::DeadLettersRequest {
+                    app_id: grant.app_id.clone(),
+                    replay,
+                    max: 0,
+                }),
+        )
+        .await
     }
 
     /// The number of stored messages waiting in the session user's inbox

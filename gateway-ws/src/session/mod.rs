@@ -220,6 +220,9 @@ pub struct Session {
     /// The `Origin` header of the browser page that opened the connection;
     /// `None` for other clients (and other transports).
     web_origin: Option<Box<str>>,
+    /// A server-side caller of the public API ([`Session::act_for`]): it
+    /// has no connection, so none of the user's is the one it sent from.
+    api_caller: bool,
 }
 
 impl Session {
@@ -236,6 +239,7 @@ impl Session {
             fetch_cursor: 0,
             channels: channels::ChannelState::default(),
             web_origin: None,
+            api_caller: false,
         }
     }
 
@@ -582,8 +586,14 @@ impl Session {
             reference: meta.reference.clone().unwrap_or_default(),
             feature: feature.into(),
             ts: switchboard_mesh::now_ms(),
+            // An API caller's origin names no gateway: every connection of
+            // the sender counts as another device (MESSAGE_SENT copies).
             origin: Some(pb::ConnRef {
-                gateway_id: self.gw.id.clone(),
+                gateway_id: if self.api_caller {
+                    String::new()
+                } else {
+                    self.gw.id.clone()
+                },
                 conn_id: self.conn_id,
             }),
             hop_limit: switchboard_mesh::DEFAULT_HOP_LIMIT,

@@ -686,6 +686,12 @@ pub struct AppConfig {
     /// minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_url: Option<String>,
+    /// `auth = "jwt"`: a JSON Web Key Set (http:// or https://) whose keys
+    /// (RS256, ES256, EdDSA) check tokens by their `kid`; fetched when
+    /// first needed, again on an unknown `kid` (at most once a second) and
+    /// when older than five minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
     /// Who may PUBLISH to topics: `any` (default) or `master`.
     #[serde(default)]
     pub topic_publish: TopicPublish,
@@ -767,6 +773,7 @@ impl AppConfig {
             jwt_public_key_file: None,
             jwt_audience: None,
             auth_url: None,
+            jwks_url: None,
             topic_publish: TopicPublish::Any,
             anonymous_rooms: false,
             api_keys: Vec::new(),
@@ -1168,9 +1175,18 @@ impl AppConfig {
             && self.jwt_secret.is_none()
             && self.jwt_public_key_pem.is_none()
             && self.jwt_public_key_file.is_none()
+            && self.jwks_url.is_none()
         {
             return Err(ConfigError::Invalid(format!(
-                "app {:?} uses jwt auth but has no jwt_secret, jwt_public_key_pem or jwt_public_key_file",
+                "app {:?} uses jwt auth but has no jwt_secret, jwt_public_key_pem, jwt_public_key_file or jwks_url",
+                self.name
+            )));
+        }
+        if let Some(url) = &self.jwks_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "app {:?}: jwks_url must be http:// or https://",
                 self.name
             )));
         }

@@ -276,3 +276,23 @@ impl pb::group_records_server::GroupRecords for GroupRecordsService {
         unary!(self.call(req), "GroupRecords/Call")
     }
 }
+
+// ---------------------------------------------------------------- webhooks
+
+use crate::services::WebhookAdmin;
+use pb::webhook_admin_server::WebhookAdminServer;
+
+adapter!(
+    /// The webhook dead letters on the mesh, where the store is.
+    WebhookAdminService, WebhookAdmin, WebhookAdminServer
+);
+
+#[tonic::async_trait]
+impl pb::webhook_admin_server::WebhookAdmin for WebhookAdminService {
+    async fn dead_letters(
+        &self,
+        req: Request<pb::DeadLettersRequest>,
+    ) -> Result<Response<pb::DeadLettersReply>, Status> {
+        unary!(self.dead_letters(req), "WebhookAdmin/DeadLetters")
+    }
+}

@@ -695,3 +695,25 @@ impl GroupRecords for RemoteGroupRecords {
         pooled!(self, GroupRecordsGrpc::call(req))
     }
 }
+
+// ---------------------------------------------------------------- webhooks
+
+use crate::services::WebhookAdmin;
+use pb::webhook_admin_client::WebhookAdminClient as WebhookAdminGrpc;
+
+client_handle!(
+    /// Client of the webhook dead letters, where the store is (round robin).
+    WebhookAdminClient, WebhookAdmin, RemoteWebhookAdmin, "delivery"
+);
+
+struct RemoteWebhookAdmin(Arc<Pool>);
+
+#[async_trait]
+impl WebhookAdmin for RemoteWebhookAdmin {
+    async fn dead_letters(
+        &self,
+        req: pb::DeadLettersRequest,
+    ) -> Result<pb::DeadLettersReply, ServiceError> {
+        pooled!(self, WebhookAdminGrpc::dead_letters(req))
+    }
+}

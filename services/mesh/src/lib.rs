@@ -36,8 +36,11 @@ pub use ids::{new_message_id, now_ms};
 pub use pool::{MeshChannel, Pool, RETRY_BUDGET, inbox_key, owner_among};
 pub use services::{Auth, Delivery, Federation, Gateway, Groups, Router};
 // Persistent groups.
+pub use adapters::WebhookAdminService;
 pub use adapters::{GroupAdminService, GroupRecordsService};
+pub use clients::WebhookAdminClient;
 pub use clients::{GroupAdminClient, GroupRecordsClient};
+pub use services::WebhookAdmin;
 pub use services::{GroupAdmin, GroupRecords};
 pub use switchboard_proto::mesh as pb;
 

@@ -92,3 +92,12 @@ pub trait GroupRecords: Send + Sync + 'static {
         req: pb::GroupRecordsRequest,
     ) -> Result<pb::GroupRecordsReply, ServiceError>;
 }
+
+/// The webhook dead letters of an app, where the store is.
+#[async_trait]
+pub trait WebhookAdmin: Send + Sync + 'static {
+    async fn dead_letters(
+        &self,
+        req: pb::DeadLettersRequest,
+    ) -> Result<pb::DeadLettersReply, ServiceError>;
+}

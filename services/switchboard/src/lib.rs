@@ -264,6 +264,13 @@ pub async fn serve(
         (Some(role), None) => DeliveryClient::from_local(role.clone()),
         _ => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
     };
+    // The webhook dead letters, where the store is.
+    let webhook_admin = match &queues {
+        Some(queues) => switchboard_mesh::WebhookAdminClient::from_local(Arc::new(
+            switchboard_webhooks::DeadLetters::new(queues.clone(), webhooks.clone()),
+        )),
+        None => switchboard_mesh::WebhookAdminClient::from_pool(remote_or_pool(Role::Delivery)?),
+    };
     // Persistent groups: their records where the store is, their owners
     // among the groups instances.
     let group_records = group_store
@@ -377,6 +384,7 @@ pub async fn serve(
                     delivery: delivery.clone(),
                     groups: group_admin.clone(),
                     channels: channels.clone(),
+                    webhook_admin: webhook_admin.clone(),
                     presence: presence.clone(),
                     homes: topology.as_ref().map(|view| {
                         Arc::new(TopologyHomes {
@@ -442,6 +450,9 @@ pub async fn serve(
                 .as_ref()
                 .map(|r| GroupRecordsService::new(arc_of(r)).into_server()),
         )
+        .add_optional_service(queues.is_some().then(|| {
+            switchboard_mesh::WebhookAdminService::new(arc_of(&webhook_admin)).into_server()
+        }))
         .add_optional_service(
             local_channels
                 .as_ref()
@@ -692,6 +703,7 @@ fn follow_federated_apps(auth: Arc<AuthRole>, mut view: TopologyView, domain: St
                             jwt_public_key_file: None,
                             jwt_audience: None,
                             auth_url: None,
+                            jwks_url: None,
                             api_keys: Vec::new(),
                             topic_publish: switchboard_config::TopicPublish::Any,
                             anonymous_rooms: false,

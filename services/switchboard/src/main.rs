@@ -218,6 +218,33 @@ enum AppsAction {
         #[arg(long, default_value = "backend")]
         name: String,
     },
+    /// An app's push webhooks, through a running server's REST API.
+    Webhooks {
+        #[command(subcommand)]
+        action: WebhooksAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum WebhooksAction {
+    /// Lists the app's dead letters (events that failed for their whole
+    /// retry period), one line each: id, webhook-id, dead-lettered at (Unix
+    /// ms), the event; with --replay moves them back to the outbox to be
+    /// sent again (signed, in order, same webhook-id). Needs no etcd.
+    DeadLetters {
+        /// The server's client port [env: SWITCHBOARD_URL]
+        #[arg(long, env = "SWITCHBOARD_URL", default_value = "http://127.0.0.1:8088")]
+        url: String,
+        /// An API key of the app with the `admin` scope [env: SWITCHBOARD_API_KEY]
+        #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+        key: String,
+        /// The app's id [env: SWITCHBOARD_APP]
+        #[arg(long, env = "SWITCHBOARD_APP")]
+        app: String,
+        /// Replay them instead of only listing
+        #[arg(long)]
+        replay: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -546,12 +573,81 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
     }
 }
 
+/// `apps webhooks dead-letters`: lists (or replays) an app's webhook dead
+/// letters through the REST API.
+async fn dead_letters(url: &str, key: &str, app: &str, replay: bool) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let base = format!(
+        "{}/v1/apps/{app}/webhooks/dead-letters",
+        url.trim_end_matches('/')
+    );
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+    let request = if replay {
+        client.post(format!("{base}/replay"))
+    } else {
+        client.get(&base)
+    };
+    let response = request
+        .bearer_auth(key)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    let status = response.status();
+    let text = response.text().await.context("reading the answer")?;
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    if !status.is_success() {
+        match (
+            json.get("code").and_then(|v| v.as_str()),
+            json.get("message").and_then(|v| v.as_str()),
+        ) {
+            (Some(code), Some(message)) => anyhow::bail!("HTTP {status}: {code}: {message}"),
+            _ => anyhow::bail!("HTTP {status}: {text}"),
+        }
+    }
+    let letters = json
+        .get("deadLetters")
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for letter in &letters {
+        println!(
+            "{}\t{}\t{}\t{}",
+            letter["id"],
+            letter["webhookId"].as_str().unwrap_or_default(),
+            letter["deadAtMs"],
+            letter["event"]
+        );
+    }
+    let left = json.get("depth").and_then(|v| v.as_u64()).unwrap_or(0);
+    if replay {
+        println!("replayed {}; {left} dead letters left", letters.len());
+    } else {
+        println!("{} listed; {left} dead letters", letters.len());
+    }
+    Ok(())
+}
+
 async fn apps(args: AppsArgs) -> anyhow::Result<()> {
     use switchboard_config::AppConfig;
     use switchboard_metadata::{EtcdMetadata, MetadataExt};
 
     if let AppsAction::NewKey { app, scopes, name } = &args.action {
         return new_key(app, scopes, name);
+    }
+    if let AppsAction::Webhooks {
+        action:
+            WebhooksAction::DeadLetters {
+                url,
+                key,
+                app,
+                replay,
+            },
+    } = &args.action
+    {
+        return dead_letters(url, key, app, *replay).await;
     }
     let file = match &args.config {
         Some(path) => Config::load(Some(path), &BTreeMap::new())?,
@@ -630,7 +726,7 @@ async fn apps(args: AppsArgs) -> anyhow::Result<()> {
             }
         }
         // Answered above, without etcd.
-        AppsAction::NewKey { .. } => {}
+        AppsAction::NewKey { .. } | AppsAction::Webhooks { .. } => {}
         AppsAction::Delete { app_ids } => {
             let mut missing = Vec::new();
             for id in &app_ids {

@@ -405,6 +405,98 @@ async fn send(hooks: &Webhooks, app: &str, hook: &Hook, stored: &Stored) -> Resu
     outcome
 }
 
+/// The dead letters of the apps' webhooks, where the store is: listed, and
+/// replayed into the outbox (sent again by the app's worker, signed, with
+/// their original `webhook-id`).
+pub struct DeadLetters {
+    queues: Arc<dyn Queue>,
+    /// The running webhooks (none when no app has one here).
+    webhooks: Option<Arc<Webhooks>>,
+}
+
+/// How long a listing holds the letters it read from other readers.
+const LIST_LEASE: Duration = Duration::from_millis(1);
+/// How long a replay holds the letters it moves.
+const REPLAY_LEASE: Duration = Duration::from_secs(60);
+
+impl DeadLetters {
+    pub fn new(queues: Arc<dyn Queue>, webhooks: Option<Arc<Webhooks>>) -> Self {
+        DeadLetters { queues, webhooks }
+    }
+}
+
+fn store_error(e: switchboard_store::StoreError) -> switchboard_mesh::ServiceError {
+    switchboard_mesh::ServiceError::unavailable(format!("webhook dead letters: {e}"))
+}
+
+#[async_trait::async_trait]
+impl switchboard_mesh::WebhookAdmin for DeadLetters {
+    async fn dead_letters(
+        &self,
+        req: pb::DeadLettersRequest,
+    ) -> Result<pb::DeadLettersReply, switchboard_mesh::ServiceError> {
+        let dead = dead_letters(&req.app_id);
+        let max = match req.max {
+            0 => switchboard_store::queue::MAX_TAKE,
+            n => (n as usize).min(switchboard_store::queue::MAX_TAKE),
+        };
+        let wake = self
+            .webhooks
+            .as_ref()
+            .filter(|_| req.replay)
+            .and_then(|w| Some((w, w.hooks.get(&req.app_id)?.wake.clone())));
+        if req.replay && wake.is_none() {
+            return Err(switchboard_mesh::ServiceError::invalid(format!(
+                "app {:?} has no webhook here: configure one before replaying",
+                req.app_id
+            )));
+        }
+        let lease = if req.replay { REPLAY_LEASE } else { LIST_LEASE };
+        let items = self
+            .queues
+            .take(&dead, max, lease)
+            .await
+            .map_err(store_error)?;
+        let letters: Vec<pb::DeadLetter> = items
+            .iter()
+            .map(|item| {
+                let stored = serde_json::from_slice::<Stored>(&item.payload).ok();
+                pb::DeadLetter {
+                    id: item.id,
+                    webhook_id: stored.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+                    body: stored
+                        .map(|s| s.body)
+                        .unwrap_or_else(|| String::from_utf8_lossy(&item.payload).into_owned()),
+                    dead_at_ms: item.enqueued_at_ms,
+                }
+            })
+            .collect();
+        if let Some((webhooks, wake)) = wake
+            && !items.is_empty()
+        {
+            // Into the outbox first, then out of the dead letters: a crash
+            // in between sends an event twice, never loses it.
+            let payloads = items.iter().map(|i| i.payload.clone()).collect();
+            let queue = outbox(&req.app_id);
+            self.queues
+                .enqueue(&queue, payloads)
+                .await
+                .map_err(store_error)?;
+            let ids: Vec<u64> = items.iter().map(|i| i.id).collect();
+            self.queues.ack(&dead, &ids).await.map_err(store_error)?;
+            if let Ok(depth) = self.queues.depth(&queue).await {
+                webhooks.set_depth(&req.app_id, depth);
+            }
+            metrics::counter!("switchboard_webhooks_replayed_total", "app" => req.app_id.clone())
+                .increment(items.len() as u64);
+            tracing::info!(app = %req.app_id, events = items.len(), "webhook dead letters replayed");
+            wake.notify_one();
+        }
+        let depth = self.queues.depth(&dead).await.map_err(store_error)?;
+        Ok(pb::DeadLettersReply { letters, depth })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
