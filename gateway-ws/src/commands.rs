@@ -175,6 +175,10 @@ pub fn check_message_id(id: &str) -> Result<(), ServiceError> {
 /// U+2066–U+2069). In a user id they make one id look like another.
 fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        // Invisible format characters and line separators: the same
+        // look-alike trick (zero-width spaces and joiners, word joiner,
+        // BOM, soft hyphen).
+        || matches!(c, '\u{00AD}' | '\u{200B}'..='\u{200D}' | '\u{2028}' | '\u{2029}' | '\u{2060}' | '\u{FEFF}')
 }
 
 /// A user id as it may appear anywhere (signing in, a recipient, a group

@@ -26,6 +26,12 @@ use tower::ServiceExt;
 /// `max_connections` is 0 (derived from the open-files limit).
 const FD_RESERVE: u64 = 256;
 
+/// Client connections the open-files limit `soft` leaves room for: all but
+/// [`FD_RESERVE`] (a quarter when the limit is small), at least 16.
+fn fd_cap(soft: u64) -> u64 {
+    soft.saturating_sub(FD_RESERVE.min(soft / 4)).max(16)
+}
+
 /// How long a shut-down server waits for HTTP requests in progress.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -80,7 +86,7 @@ impl Edge {
                 let soft = rlimit::getrlimit(rlimit::Resource::NOFILE)
                     .map(|(soft, _)| soft)
                     .unwrap_or(1024);
-                usize::try_from(soft.saturating_sub(FD_RESERVE).max(1)).unwrap_or(usize::MAX)
+                usize::try_from(fd_cap(soft)).unwrap_or(usize::MAX)
             }
             n => n,
         };
@@ -139,6 +145,7 @@ pub(crate) async fn serve<C>(
         .header_read_timeout(Some(header_timeout));
     http.http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(Some(256))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let http = Arc::new(http);
@@ -232,8 +239,11 @@ async fn version_known(tcp: &TcpStream) -> std::io::Result<()> {
         if n == 0 || n == buf.len() || buf[..n] != H2_PREFACE[..n] {
             return Ok(());
         }
-        // Part of the preface: wait for more (peek does not consume).
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Part of the preface: peek does not consume, so the socket stays
+        // readable; clear that so the next wait is for new bytes.
+        let _ = tcp.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
     }
 }
 
@@ -290,10 +300,9 @@ mod tests {
     fn zero_means_the_open_files_limit_less_the_reserve() {
         let edge = Edge::new(0, 0);
         let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).expect("getrlimit");
-        assert_eq!(
-            edge.max_total as u64,
-            soft.saturating_sub(FD_RESERVE).max(1)
-        );
+        assert_eq!(edge.max_total as u64, fd_cap(soft));
+        assert_eq!(fd_cap(20_000), 19_744);
+        assert_eq!(fd_cap(256), 192, "a small limit keeps a quarter");
         assert_eq!(edge.max_per_ip, usize::MAX);
     }
 }

@@ -148,10 +148,11 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
         return bad_request("missing Sec-WebSocket-Key");
     };
     let accept = derive_accept_key(key.as_bytes());
+    // An Origin that is not text is kept as such (and matches no allowed
+    // origin), not taken for a client without one.
     let origin = headers
         .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return bad_request("connection cannot be upgraded");
     };

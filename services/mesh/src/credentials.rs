@@ -24,7 +24,14 @@ const REFUSAL_PEERS: usize = 1024;
 #[derive(Default)]
 struct RefusalLog {
     peers: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+    /// Lines logged in the current interval, over all peers (start, count):
+    /// callers from many addresses share [`REFUSAL_LINES`].
+    lines: std::sync::Mutex<(u64, u32)>,
 }
+
+/// Refusal lines per interval over all peers; past it refusals are only
+/// counted (in the metric, and in each peer's next line).
+const REFUSAL_LINES: u32 = 20;
 
 impl RefusalLog {
     /// Whether to log a refusal of `peer` now, and how many of its
@@ -47,6 +54,18 @@ impl RefusalLog {
             entry.1 += 1;
             return None;
         }
+        let mut lines = self
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if now.saturating_sub(lines.0) >= interval {
+            *lines = (now, 0);
+        }
+        if lines.1 >= REFUSAL_LINES {
+            entry.1 += 1;
+            return None;
+        }
+        lines.1 += 1;
         let unlogged = entry.1;
         *entry = (now, 0);
         Some(unlogged)
@@ -406,9 +425,14 @@ mod refusal_log_tests {
     #[test]
     fn many_peers_do_not_grow_the_table_without_bound() {
         let log = RefusalLog::default();
-        for i in 0..5000 {
-            log.should_log(&format!("peer-{i}"));
-        }
+        let logged = (0..5000)
+            .filter(|i| log.should_log(&format!("peer-{i}")).is_some())
+            .count();
         assert!(log.peers.lock().expect("lock").len() <= super::REFUSAL_PEERS);
+        assert_eq!(
+            logged,
+            super::REFUSAL_LINES as usize,
+            "callers from many addresses share one budget of lines"
+        );
     }
 }

@@ -28,8 +28,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: with no arguments, every role in this process with the
-    /// embedded store in ./data, client port 127.0.0.1:8088 (WebSocket /ws,
-    /// /healthz) and mesh port 127.0.0.1:9089 (gRPC).
+    /// embedded store in ./data and client port 127.0.0.1:8088 (WebSocket
+    /// /ws, the web UI at /, REST /v1, /healthz); no mesh port (its roles
+    /// call each other in-process; --mesh-listen opens one).
     ///
     /// Every setting is also a key in the TOML file given by --config and an
     /// environment variable (SWITCHBOARD_KEY, or SWITCHBOARD_SECTION__KEY for
@@ -344,6 +345,11 @@ fn init_telemetry(config: &Config) -> anyhow::Result<switchboard_telemetry::Tele
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Client connections are file descriptors: take what the hard limit
+    // allows (limits.max_connections derives from it).
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::debug!(error = %e, "cannot raise the open-files limit");
+    }
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let mut config = Config::load(args.config.as_deref(), &env)?;
     if let Some(addr) = args.client_addr {
