@@ -172,8 +172,9 @@ pub fn check_message_id(id: &str) -> Result<(), ServiceError> {
 
 /// Whether `c` reorders or hides text when displayed: the Unicode
 /// bidirectional formatting characters (U+061C, U+200E/F, U+202A–U+202E,
-/// U+2066–U+2069). In a user id they make one id look like another.
-fn is_bidi_control(c: char) -> bool {
+/// U+2066–U+2069) and invisible ones. In a user id they make one id look
+/// like another.
+fn is_hidden_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
         // Invisible format characters and line separators: the same
         // look-alike trick (zero-width spaces and joiners, word joiner,
@@ -200,7 +201,10 @@ pub fn check_user_id(field: &str, user: &str, max_chars: usize) -> Result<(), Se
             "it has {chars} characters, more than {max_chars}"
         )));
     }
-    if let Some(c) = user.chars().find(|&c| c.is_control() || is_bidi_control(c)) {
+    if let Some(c) = user
+        .chars()
+        .find(|&c| c.is_control() || is_hidden_control(c))
+    {
         return Err(invalid(format!(
             "it contains the control character U+{:04X}",
             u32::from(c)

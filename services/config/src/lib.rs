@@ -565,6 +565,14 @@ pub enum StoreEngine {
     Postgres,
 }
 
+impl StoreEngine {
+    /// A database several delivery processes share (sharded delivery);
+    /// the embedded engine is one process's.
+    pub fn is_shared(self) -> bool {
+        self != StoreEngine::Fjall
+    }
+}
+
 /// The store: the embedded engine in the data dir, or a shared database.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use switchboard_config::{Config, Role, StoreEngine};
+use switchboard_config::{Config, Role};
 use switchboard_discovery::Members;
 use switchboard_mesh::{GatewayTable, MeshConnector, Pool};
 use tokio::sync::watch;
@@ -24,7 +24,7 @@ impl Pools {
         if config.etcd.is_empty() {
             return Pools::default();
         }
-        let sharded = config.store.engine != StoreEngine::Fjall;
+        let sharded = config.store.engine.is_shared();
         let pools = Role::ALL
             .into_iter()
             .filter(|r| {

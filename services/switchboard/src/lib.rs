@@ -142,14 +142,20 @@ pub async fn serve(
     let credentials = MeshCredentials::new(&config.mesh_secret).context("invalid mesh_secret")?;
     let tls = load_mesh_tls(&config)?;
     let connector = MeshConnector::new(credentials, tls.clone());
+    // Cancelled when this node stops: ends its background tasks.
+    let stop = CancellationToken::new();
     if listeners.mesh.is_some() && config.mesh_secret.is_empty() && tls.is_none() {
         // Allowed only with insecure_mesh (Config::validate): said at start
         // and every hour, so that it is not forgotten.
         let addr = config.mesh_addr;
+        let stopped = stop.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(3600));
             loop {
-                every.tick().await;
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    _ = every.tick() => {}
+                }
                 tracing::warn!(
                     %addr,
                     "insecure mesh: no mesh_secret and no mesh_tls, the mesh port accepts calls \
@@ -250,14 +256,16 @@ pub async fn serve(
     // Sharded delivery (a shared store with discovery): this process serves
     // the inboxes it owns, and every caller here, its own roles included,
     // reaches each inbox's owner through the pool.
-    let ownership = match (&discovery, &delivery_role, config.store.engine) {
-        (Some(d), Some(_), StoreEngine::Postgres) => Some(ownership::Ownership::follow(
-            node_id.clone(),
-            switchboard_mesh::secret_tag(&config.mesh_secret),
-            d.members(),
-            d.publisher(),
-            &config.discovery_prefix(),
-        )),
+    let ownership = match (&discovery, &delivery_role) {
+        (Some(d), Some(_)) if config.store.engine.is_shared() => {
+            Some(ownership::Ownership::follow(
+                node_id.clone(),
+                switchboard_mesh::secret_tag(&config.mesh_secret),
+                d.members(),
+                d.publisher(),
+                &config.discovery_prefix(),
+            ))
+        }
         _ => None,
     };
     let delivery = match (&delivery_role, &ownership) {
@@ -413,7 +421,6 @@ pub async fn serve(
         false => None,
     };
 
-    let stop = CancellationToken::new();
     let mesh_stop = stop.clone();
     let mut mesh = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
@@ -848,7 +855,7 @@ async fn join_discovery(
     };
     // The embedded store lives in one process's data dir: one delivery
     // process per deployment. A shared engine takes any number.
-    if config.runs(Role::Delivery) && config.store.engine == StoreEngine::Fjall {
+    if config.runs(Role::Delivery) && !config.store.engine.is_shared() {
         discovery
             .claim_exclusive("delivery-store", node_id)
             .await
