@@ -86,11 +86,7 @@ impl Ring {
         link_secrets: bool,
     ) -> Ring {
         let dir = tempfile::tempdir().expect("tempdir");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let prefix = format!("/sbtest-ring/{nanos:x}-{}/", std::process::id());
+        let prefix = format!("/sbtest-ring/{}/", switchboard_testenv::unique());
         let domains: Vec<Domain> = (1..=4)
             .map(|i| Domain {
                 name: format!("d{i}"),

@@ -23,11 +23,7 @@ fn topology(etcd: &str, prefix: &str, args: &[&str]) -> (bool, String) {
 }
 
 fn fresh_prefix() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("/sbtest-federation/{nanos:x}-{}/", std::process::id())
+    format!("/sbtest-federation/{}/", switchboard_testenv::unique())
 }
 
 fn assert_has(out: &str, lines: &[&str]) {

@@ -12,11 +12,7 @@ async fn metadata() -> Option<EtcdMetadata> {
 /// A metadata in a fresh prefix, with the etcd URL and the prefix.
 async fn metadata_at() -> Option<(EtcdMetadata, String, String)> {
     let url = switchboard_testenv::service(switchboard_testenv::ETCD)?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let prefix = format!("/sbtest-meta/{:x}-{}/", nanos, std::process::id());
+    let prefix = format!("/sbtest-meta/{}/", switchboard_testenv::unique());
     let m = EtcdMetadata::connect(std::slice::from_ref(&url), &prefix)
         .await
         .expect("connect to etcd");

@@ -13,21 +13,13 @@ fn redis_url() -> Option<String> {
 /// A presence in its own key prefix, with g1 and g2 alive.
 async fn presence(ttl: Duration) -> Option<RedisPresence> {
     let url = redis_url()?;
-    let prefix = format!("sbtest:{}:", uuid_like());
+    let prefix = format!("sbtest:{}:", switchboard_testenv::unique());
     let p = RedisPresence::connect(&url, &prefix, ttl)
         .await
         .expect("connect to redis");
     p.heartbeat("g1").await.expect("heartbeat");
     p.heartbeat("g2").await.expect("heartbeat");
     Some(p)
-}
-
-fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{:x}-{}", nanos, std::process::id())
 }
 
 #[tokio::test]

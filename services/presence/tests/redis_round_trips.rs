@@ -37,11 +37,7 @@ async fn a_batch_lookup_is_one_round_trip() {
     let Some(url) = switchboard_testenv::service(switchboard_testenv::REDIS) else {
         return;
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let prefix = format!("sbtest:rt{nanos:x}:");
+    let prefix = format!("sbtest:rt{}:", switchboard_testenv::unique());
     let p = RedisPresence::connect(&url, &prefix, Duration::from_secs(30))
         .await
         .expect("connect");

@@ -68,7 +68,7 @@ struct PgHarness {
 impl PgHarness {
     async fn new() -> Self {
         let server = server().expect("checked by available()");
-        let database = format!("t_{}", uuid_like());
+        let database = format!("t_{}", switchboard_testenv::unique());
         create_database(&server, &database).await;
         PgHarness {
             url: with_database(&server, &database),
@@ -92,21 +92,6 @@ impl crate::contract::Harness for PgHarness {
             .await
             .expect("open the store")
     }
-}
-
-/// A name unique to this run of this test.
-fn uuid_like() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "{:x}_{:x}_{}",
-        std::process::id(),
-        nanos,
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 impl crate::queue_contract::QueueHarness for PgHarness {

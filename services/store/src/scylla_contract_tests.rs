@@ -6,7 +6,6 @@
 //! machines (docs/operations.md, "ScyllaDB", says how to run them).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::contract::{DAY, Harness};
@@ -29,18 +28,9 @@ pub struct ScyllaPlace {
 
 impl ScyllaPlace {
     fn new() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
         ScyllaPlace {
             node: std::env::var(switchboard_testenv::SCYLLA).unwrap_or_default(),
-            keyspace: format!(
-                "sbtest_{:x}_{}_{}",
-                nanos,
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ),
+            keyspace: format!("sbtest_{}", switchboard_testenv::unique()),
         }
     }
 

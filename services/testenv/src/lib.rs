@@ -162,3 +162,31 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A name no other test of any run shares: process id, wall clock and a
+/// counter, in hex joined by `_` (valid in etcd prefixes, Redis keys,
+/// PostgreSQL database names and ScyllaDB keyspaces). Two tests of one
+/// process can read the same clock nanosecond; the counter tells them
+/// apart.
+pub fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{:x}_{:x}_{:x}",
+        std::process::id(),
+        nanos,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod unique_tests {
+    #[test]
+    fn two_names_taken_at_once_differ() {
+        let names: std::collections::HashSet<String> = (0..1000).map(|_| super::unique()).collect();
+        assert_eq!(names.len(), 1000);
+    }
+}
