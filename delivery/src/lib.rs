@@ -1097,7 +1097,7 @@ mod tests {
             })
         };
         // gw-ok gets its users' messages while gw-stuck has not answered.
-        let pushed = tokio::time::timeout(Duration::from_secs(2), ok_rx.recv())
+        let pushed = tokio::time::timeout(Duration::from_secs(10), ok_rx.recv())
             .await
             .expect("the other gateway is not held up")
             .expect("pushed");
@@ -1105,7 +1105,7 @@ mod tests {
         assert!(!call.is_finished());
         assert!(stuck_rx.try_recv().is_err());
         gate.notify_one();
-        let stuck = tokio::time::timeout(Duration::from_secs(2), stuck_rx.recv())
+        let stuck = tokio::time::timeout(Duration::from_secs(10), stuck_rx.recv())
             .await
             .expect("released")
             .expect("pushed");

@@ -428,7 +428,7 @@ mod backlog_tests {
         assert!(!waiter.is_finished(), "at the limit a reader waits");
         // One frame written (its token dropped): the reader goes on.
         held.pop();
-        let waited = tokio::time::timeout(Duration::from_secs(1), waiter)
+        let waited = tokio::time::timeout(Duration::from_secs(10), waiter)
             .await
             .expect("woken")
             .expect("task");

@@ -46,7 +46,7 @@ async fn send(client: &mut Socket, frames: &[Value]) {
 
 async fn recv(client: &mut Socket) -> Value {
     loop {
-        let next = tokio::time::timeout(std::time::Duration::from_secs(5), client.next())
+        let next = tokio::time::timeout(std::time::Duration::from_secs(15), client.next())
             .await
             .expect("a frame in time")
             .expect("open")

@@ -124,7 +124,7 @@ mod tests {
         assert!(view.borrow().is_none());
         let topology = Topology::from_yaml(RING).expect("yaml");
         metadata.put_record(&topology).await.expect("put");
-        tokio::time::timeout(Duration::from_secs(5), view.changed())
+        tokio::time::timeout(Duration::from_secs(15), view.changed())
             .await
             .expect("in time")
             .expect("open");

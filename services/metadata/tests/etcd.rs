@@ -72,7 +72,7 @@ async fn a_change_made_by_another_process_is_notified() {
         ..AppConfig::demo()
     };
     writer.put_record(&app).await.expect("put");
-    let change = tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv())
+    let change = tokio::time::timeout(std::time::Duration::from_secs(15), changes.recv())
         .await
         .expect("notified in time")
         .expect("open");

@@ -134,7 +134,7 @@ pub async fn changes_are_announced_once_per_transition(p: &impl Presence) {
     p.connect("c", "c-sentinel", "g1").await.expect("c");
     let mut got = Vec::new();
     loop {
-        let change = tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv())
+        let change = tokio::time::timeout(std::time::Duration::from_secs(15), changes.recv())
             .await
             .expect("a change in time")
             .expect("stream open");
