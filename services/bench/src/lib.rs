@@ -8,6 +8,7 @@
 //! the same connections and reports percentiles, loss and duplicates.
 
 mod schedule;
+pub mod soak;
 pub mod stats;
 
 use std::fmt::Write as _;
@@ -118,7 +119,7 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
 

@@ -42,6 +42,12 @@ enum Command {
     /// partner at a fixed rate; reports latency percentiles, loss, duplicates
     /// and throughput per rate step.
     Bench(switchboard_bench::BenchArgs),
+    /// A mixed workload held for a long time (direct FAST and RELIABLE,
+    /// group messages, users coming and going, slow consumers, offline
+    /// fetches): reports the server's memory and open files (--pid), what
+    /// is stored and undelivered, and loss; exits 1 when a stored message
+    /// was lost. scripts/soak.sh runs it against a fresh node.
+    Soak(switchboard_bench::soak::SoakArgs),
     /// The client apps of a cluster, in etcd (docs/operations.md, "Apps"):
     /// list them, put (add or replace) the apps of a TOML file, delete.
     /// Running auth processes follow the change within a second.
@@ -277,6 +283,18 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Version => {
             println!("switchboard {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Soak(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let report = runtime.block_on(switchboard_bench::soak::run(args))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if report.lost_reliable > 0 {
+                anyhow::bail!(
+                    "{} stored RELIABLE copies were never received",
+                    report.lost_reliable
+                );
+            }
             Ok(())
         }
         Command::Bench(args) => {
