@@ -5,8 +5,8 @@
 //! The users (`--users`, all in acknowledged mode) play three parts by
 //! index: seven in ten are *steady* (always connected; they send), two in
 //! ten *churn* (connect, fetch what they missed, stay a few seconds, leave,
-//! stay away a few seconds) and one in ten is *slow* (reads a frame every
-//! a second, so what it is sent to it outgrows its send queue and the server
+//! stay away a few seconds) and one in ten is *slow* (reads one frame a
+//! second, fewer than it is sent, so its send queue grows until the server
 //! closes it as a slow consumer; it reconnects). Steady users send, in
 //! turn: RELIABLE direct messages to anyone, FAST direct messages to steady
 //! users (counted for loss: both ends are always online) and to slow users
