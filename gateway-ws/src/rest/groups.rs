@@ -132,8 +132,12 @@ fn group_of(record: pb::GroupRecord) -> Group {
 }
 
 fn query(q: Result<Query<ActAs>, QueryRejection>) -> Result<Option<String>, ApiError> {
-    q.map(|Query(q)| q.as_user)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidFrame, e.body_text()))
+    q.map(|Query(q)| q.as_user).map_err(|_| {
+        ApiError::new(
+            ErrorCode::InvalidFrame,
+            "the query string takes one parameter: as=USER_ID",
+        )
+    })
 }
 
 /// Runs a group request as `as_user` with the key's `groups` scope.

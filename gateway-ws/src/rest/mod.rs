@@ -9,6 +9,7 @@
 mod error;
 mod groups;
 mod webhooks;
+mod words;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -276,23 +277,33 @@ fn json_body<T: serde::de::DeserializeOwned>(
             ApiError::new(ErrorCode::InvalidFrame, e.body_text())
         }
     })?;
-    serde_json::from_slice(&body).map_err(|e| {
+    // serde reads a struct from an array too (field by position); every
+    // body of this API is an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidFrame,
+            "the body must be a JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         use serde_json::error::Category;
-        match e.classify() {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
             Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}"))
+                ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON: {inner}"))
             }
-            Category::Data => {
-                let message = e.to_string();
-                let message = if message.contains("untagged enum Recipients") {
-                    "to must be a user id or a list of user ids".to_owned()
-                } else {
-                    message
-                };
-                ApiError::new(ErrorCode::InvalidFrame, message)
-            }
+            Category::Data => ApiError::new(
+                ErrorCode::InvalidFrame,
+                words::data_error(&path, &inner.to_string()),
+            ),
         }
-    })
+    })?;
+    // Trailing characters after the value are bad JSON too.
+    de.end()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
+    Ok(value)
 }
 
 fn meta(headers: &HeaderMap, reference: Option<String>) -> RequestMeta {
