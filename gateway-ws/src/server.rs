@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::edge::ConnSlot;
 use crate::read_ahead::ReadAhead;
+use crate::tls::ClientTls;
 use crate::ui::UiOptions;
 use crate::{GatewayError, GatewayRole, connection};
 
@@ -38,6 +39,18 @@ pub async fn serve_with_ui(
     ui: UiOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    serve_client_port(listener, gateway, ui, None, shutdown).await
+}
+
+/// [`serve_with_ui`], over TLS when `tls` is given (`wss://`, `https://`;
+/// its files are watched for new certificates while the port is open).
+pub async fn serve_client_port(
+    listener: TcpListener,
+    gateway: GatewayRole,
+    ui: UiOptions,
+    tls: Option<Arc<ClientTls>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -52,17 +65,23 @@ pub async fn serve_with_ui(
     let limits = &gateway.inner.limits;
     let edge = crate::edge::Edge::new(limits.max_connections, limits.max_connections_per_ip);
     let header_timeout = std::time::Duration::from_secs(limits.http_header_timeout_secs);
+    let watching = tokio_util::sync::CancellationToken::new();
+    if let Some(tls) = &tls {
+        tokio::spawn(Arc::clone(tls).watch(watching.clone()));
+    }
     crate::edge::serve(
         listener,
         app,
         edge,
         header_timeout,
+        tls,
         shutdown,
         || async move {
             closing.close_all(std::time::Duration::from_secs(5)).await;
         },
     )
     .await;
+    watching.cancel();
     Ok(())
 }
 

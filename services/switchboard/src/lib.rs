@@ -141,6 +141,12 @@ pub async fn serve(
     let _ = switchboard_telemetry::metrics_handle();
     let credentials = MeshCredentials::new(&config.mesh_secret).context("invalid mesh_secret")?;
     let tls = load_mesh_tls(&config)?;
+    // The client port's certificate, checked before anything else starts:
+    // a missing file or a key that is not the certificate's refuses the start.
+    let client_tls = match listeners.client.is_some() && config.tls.enabled() {
+        true => Some(switchboard_gateway::tls::ClientTls::load(&config.tls)?),
+        false => None,
+    };
     let connector = MeshConnector::new(credentials, tls.clone());
     // Cancelled when this node stops: ends its background tasks.
     let stop = CancellationToken::new();
@@ -564,10 +570,11 @@ pub async fn serve(
                 roles: config.roles.iter().map(|r| r.as_str().to_owned()).collect(),
                 source: console.clone(),
             };
-            Some(tokio::spawn(switchboard_gateway::serve_with_ui(
+            Some(tokio::spawn(switchboard_gateway::serve_client_port(
                 listener,
                 gateway.clone(),
                 ui,
+                client_tls,
                 async move {
                     client_stop.cancelled().await;
                 },
