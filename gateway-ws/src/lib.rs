@@ -35,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use commands::ClientCommand;
 pub use read_ahead::ReadAhead;
-pub use server::{serve, serve_client_port, serve_metrics, serve_with_ui};
+pub use server::{
+    serve, serve_client_port, serve_metrics, serve_metrics_with_readiness, serve_with_ui,
+};
 pub use session::Session;
 
 use registry::Registry;

@@ -20,7 +20,7 @@ use crate::edge::ConnSlot;
 use crate::read_ahead::ReadAhead;
 use crate::tls::ClientTls;
 use crate::ui::UiOptions;
-use crate::{GatewayError, GatewayRole, connection};
+use crate::{GatewayError, GatewayRole, Readiness, connection};
 
 /// Serves the client port on an already-bound listener until `shutdown`
 /// resolves; then stops accepting and closes every socket with 1001.
@@ -97,6 +97,29 @@ pub async fn metrics() -> Response {
         .into_response()
 }
 
+/// Serves `/metrics`, `/healthz` and `/readyz` (what `readiness` checks):
+/// the metrics listener of processes without a client port, where
+/// orchestrators probe them.
+pub async fn serve_metrics_with_readiness(
+    listener: TcpListener,
+    readiness: Arc<dyn Readiness>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(node_readyz))
+        .with_state(readiness);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+async fn node_readyz(State(readiness): State<Arc<dyn Readiness>>) -> Response {
+    readiness_response(readiness.as_ref()).await
+}
+
 /// Serves only `/metrics` (and `/healthz`): for processes without a client
 /// port.
 pub async fn serve_metrics(
@@ -118,7 +141,11 @@ async fn healthz() -> impl IntoResponse {
 
 /// 200 when every dependency answers, 503 naming those that did not.
 async fn readyz(State(gateway): State<GatewayRole>) -> Response {
-    let checks = gateway.inner.deps.readiness.check().await;
+    readiness_response(gateway.inner.deps.readiness.as_ref()).await
+}
+
+async fn readiness_response(readiness: &dyn Readiness) -> Response {
+    let checks = readiness.check().await;
     let ready = checks.iter().all(|c| c.error.is_none());
     let body: serde_json::Map<String, serde_json::Value> = checks
         .into_iter()
