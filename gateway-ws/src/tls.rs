@@ -92,8 +92,8 @@ impl ClientTls {
     /// pair that loads.
     pub(crate) async fn watch(self: Arc<Self>, stop: CancellationToken) {
         let mut seen = match (
-            std::fs::read(&self.cert_path),
-            std::fs::read(&self.key_path),
+            tokio::fs::read(&self.cert_path).await,
+            tokio::fs::read(&self.key_path).await,
         ) {
             (Ok(cert), Ok(key)) => Some((cert, key)),
             _ => None,
