@@ -1,4 +1,5 @@
-//! The client port's accept loop: HTTP/1.1 and HTTP/2 (h2c) with a
+//! The client port's accept loop: HTTP/1.1 and HTTP/2 (h2c, or h2 over
+//! TLS with `[tls]`, see `tls.rs`) with a
 //! deadline for the first bytes and for each HTTP/1 request head (a client
 //! that never finishes one is closed: no slowloris), and
 //! caps on open connections per process and per client address, answered
@@ -127,9 +128,8 @@ impl Edge {
 }
 
 /// Serves `app` on `listener` (over TLS when `tls` is given) until
-/// `shutdown` resolves; then stops
-/// accepting, runs `closing` (which closes the WebSockets) and gives HTTP
-/// requests in progress a few seconds.
+/// `shutdown` resolves; then stops accepting, runs `closing` (which closes
+/// the WebSockets) and gives HTTP requests in progress a few seconds.
 pub(crate) async fn serve<C>(
     listener: TcpListener,
     app: Router,
