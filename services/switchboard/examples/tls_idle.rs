@@ -3,7 +3,8 @@
 //! certificate made here), opens N connections that sign in and stay idle,
 //! and prints the server's RSS growth per connection.
 //!
-//!   cargo run --release -p switchboard --example tls_idle -- 2000
+//!   cargo build --release -p switchboard --bin switchboard --example tls_idle
+//!   ./target/release/examples/tls_idle 2000
 
 use std::sync::Arc;
 use std::time::Duration;
