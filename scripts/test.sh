@@ -2,7 +2,7 @@
 # Runs the whole Switchboard test suite on a fresh machine.
 #
 # Installs what is missing (Debian's etcd-server, redis-server, postgresql,
-# chromium and npm, with apt-get; schemathesis from PyPI into a cached venv;
+# chromium, npm and systemd, with apt-get; schemathesis from PyPI into a cached venv;
 # playwright-core from npm into tests/ui/node_modules), starts etcd, Redis
 # and PostgreSQL on free loopback ports with temporary data dirs, passes
 # their addresses to the tests (SWITCHBOARD_TEST_ETCD, SWITCHBOARD_TEST_REDIS,
@@ -36,6 +36,9 @@ fi
 # Node (playwright-core, below).
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+# tests/deploy.rs checks deploy/systemd/switchboard.service with
+# `systemd-analyze verify` (the package only installs files in a container).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if ((${#need[@]})); then
   log "installing ${need[*]}"
   sudo=""

@@ -1,4 +1,5 @@
-//! The client port's accept loop: HTTP/1.1 and HTTP/2 (h2c) with a
+//! The client port's accept loop: HTTP/1.1 and HTTP/2 (h2c, or h2 over
+//! TLS with `[tls]`, see `tls.rs`) with a
 //! deadline for the first bytes and for each HTTP/1 request head (a client
 //! that never finishes one is closed: no slowloris), and
 //! caps on open connections per process and per client address, answered
@@ -16,11 +17,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
+
+use crate::tls::{ClientTls, Prefixed};
 
 /// File descriptors kept for everything but client connections when
 /// `max_connections` is 0 (derived from the open-files limit).
@@ -124,14 +127,15 @@ impl Edge {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; then stops
-/// accepting, runs `closing` (which closes the WebSockets) and gives HTTP
-/// requests in progress a few seconds.
+/// Serves `app` on `listener` (over TLS when `tls` is given) until
+/// `shutdown` resolves; then stops accepting, runs `closing` (which closes
+/// the WebSockets) and gives HTTP requests in progress a few seconds.
 pub(crate) async fn serve<C>(
     listener: TcpListener,
     app: Router,
     edge: Arc<Edge>,
     header_timeout: Duration,
+    tls: Option<Arc<ClientTls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     closing: impl FnOnce() -> C,
 ) where
@@ -187,30 +191,38 @@ pub(crate) async fn serve<C>(
             app.clone().oneshot(req)
         });
         let stop = stop.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
-            // The version is read from the first bytes before either
-            // protocol's own timeouts run: a client that sends nothing (or
-            // a slow HTTP/2 preface) is bounded here.
-            if tokio::time::timeout(header_timeout, version_known(&tcp))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let conn = http.serve_connection_with_upgrades(
-                TokioIo::new(tcp),
-                TowerToHyperService::new(service),
-            );
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                ended = conn.as_mut() => ended,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            // The TLS handshake and the first bytes (HTTP/1 or HTTP/2?)
+            // share one deadline, before either protocol's own timeouts
+            // run: a client that sends nothing, or never finishes its
+            // hello or a slow HTTP/2 preface, is closed here.
+            match tls {
+                None => {
+                    if tokio::time::timeout(header_timeout, version_known(&tcp))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    serve_connection(&http, tcp, service, stop).await;
                 }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "client port connection ended with an error");
+                Some(tls) => {
+                    let opened = async {
+                        let mut stream = tls.acceptor().accept(tcp).await?;
+                        let first = first_bytes(&mut stream).await?;
+                        Ok::<_, std::io::Error>(Prefixed::new(first, stream))
+                    };
+                    match tokio::time::timeout(header_timeout, opened).await {
+                        Ok(Ok(stream)) => serve_connection(&http, stream, service, stop).await,
+                        Ok(Err(e)) => {
+                            metrics::counter!("switchboard_tls_handshake_failures_total")
+                                .increment(1);
+                            tracing::debug!(error = %e, "client port TLS handshake failed");
+                        }
+                        Err(_) => {}
+                    }
+                }
             }
         });
     }
@@ -220,6 +232,56 @@ pub(crate) async fn serve<C>(
     if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
         tracing::debug!("HTTP requests still in progress at shutdown");
     }
+}
+
+/// Serves HTTP on one accepted connection until it ends, or finishes its
+/// current request once `stop` is cancelled.
+async fn serve_connection<I, S>(
+    http: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    stop: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<hyper::Request<Incoming>, Response = axum::response::Response>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn =
+        http.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "client port connection ended with an error");
+    }
+}
+
+/// Reads a TLS stream's first bytes, until they differ from the HTTP/2
+/// preface or hold all of it (or the peer closed); they are given back to
+/// the HTTP server through [`Prefixed`].
+async fn first_bytes<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut buf = [0u8; 24];
+    let mut n = 0;
+    while n < buf.len() {
+        let read = stream.read(&mut buf[n..]).await?;
+        if read == 0 {
+            break;
+        }
+        n += read;
+        if buf[..n] != H2_PREFACE[..n] {
+            break;
+        }
+    }
+    Ok(buf[..n].to_vec())
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).

@@ -18,6 +18,7 @@ mod server;
 pub mod session;
 #[cfg(test)]
 mod test_doubles;
+pub mod tls;
 pub mod ui;
 
 use std::sync::Arc;
@@ -34,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use commands::ClientCommand;
 pub use read_ahead::ReadAhead;
-pub use server::{serve, serve_metrics, serve_with_ui};
+pub use server::{
+    serve, serve_client_port, serve_metrics, serve_metrics_with_readiness, serve_with_ui,
+};
 pub use session::Session;
 
 use registry::Registry;
@@ -87,6 +90,8 @@ pub enum GatewayError {
     Io(#[from] std::io::Error),
     #[error("grpc reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("client port TLS: {0}")]
+    Tls(String),
 }
 
 /// Reports of RELIABLE messages written to a socket, batched to delivery.

@@ -18,8 +18,9 @@ use std::sync::Arc;
 
 use crate::edge::ConnSlot;
 use crate::read_ahead::ReadAhead;
+use crate::tls::ClientTls;
 use crate::ui::UiOptions;
-use crate::{GatewayError, GatewayRole, connection};
+use crate::{GatewayError, GatewayRole, Readiness, connection};
 
 /// Serves the client port on an already-bound listener until `shutdown`
 /// resolves; then stops accepting and closes every socket with 1001.
@@ -38,6 +39,18 @@ pub async fn serve_with_ui(
     ui: UiOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    serve_client_port(listener, gateway, ui, None, shutdown).await
+}
+
+/// [`serve_with_ui`], over TLS when `tls` is given (`wss://`, `https://`;
+/// its files are watched for new certificates while the port is open).
+pub async fn serve_client_port(
+    listener: TcpListener,
+    gateway: GatewayRole,
+    ui: UiOptions,
+    tls: Option<Arc<ClientTls>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -52,17 +65,23 @@ pub async fn serve_with_ui(
     let limits = &gateway.inner.limits;
     let edge = crate::edge::Edge::new(limits.max_connections, limits.max_connections_per_ip);
     let header_timeout = std::time::Duration::from_secs(limits.http_header_timeout_secs);
+    let watching = tokio_util::sync::CancellationToken::new();
+    if let Some(tls) = &tls {
+        tokio::spawn(Arc::clone(tls).watch(watching.clone()));
+    }
     crate::edge::serve(
         listener,
         app,
         edge,
         header_timeout,
+        tls,
         shutdown,
         || async move {
             closing.close_all(std::time::Duration::from_secs(5)).await;
         },
     )
     .await;
+    watching.cancel();
     Ok(())
 }
 
@@ -76,6 +95,29 @@ pub async fn metrics() -> Response {
         switchboard_telemetry::metrics_handle().render(),
     )
         .into_response()
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (what `readiness` checks):
+/// the metrics listener of processes without a client port, where
+/// orchestrators probe them.
+pub async fn serve_metrics_with_readiness(
+    listener: TcpListener,
+    readiness: Arc<dyn Readiness>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(node_readyz))
+        .with_state(readiness);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+async fn node_readyz(State(readiness): State<Arc<dyn Readiness>>) -> Response {
+    readiness_response(readiness.as_ref()).await
 }
 
 /// Serves only `/metrics` (and `/healthz`): for processes without a client
@@ -99,7 +141,11 @@ async fn healthz() -> impl IntoResponse {
 
 /// 200 when every dependency answers, 503 naming those that did not.
 async fn readyz(State(gateway): State<GatewayRole>) -> Response {
-    let checks = gateway.inner.deps.readiness.check().await;
+    readiness_response(gateway.inner.deps.readiness.as_ref()).await
+}
+
+async fn readiness_response(readiness: &dyn Readiness) -> Response {
+    let checks = readiness.check().await;
     let ready = checks.iter().all(|c| c.error.is_none());
     let body: serde_json::Map<String, serde_json::Value> = checks
         .into_iter()

@@ -93,6 +93,7 @@ pub struct Config {
     pub advertise_addr: String,
     pub discovery: DiscoveryConfig,
     pub mesh_tls: MeshTlsConfig,
+    pub tls: ClientTlsConfig,
     /// OTLP/gRPC endpoint for traces (`http://127.0.0.1:4317`). Empty:
     /// tracing off.
     pub otlp_endpoint: String,
@@ -130,6 +131,7 @@ impl Default for Config {
             advertise_addr: String::new(),
             discovery: DiscoveryConfig::default(),
             mesh_tls: MeshTlsConfig::default(),
+            tls: ClientTlsConfig::default(),
             otlp_endpoint: String::new(),
             trace_sampling: 1.0,
             metrics_addr: String::new(),
@@ -336,6 +338,39 @@ pub struct MeshTlsConfig {
 }
 
 impl MeshTlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
+}
+
+/// TLS on the client port (`wss://`, `https://`, gRPC over TLS): `cert`
+/// and `key` both set, or neither (plain `ws://` and `http://`). The files
+/// are read again every `reload_interval`; a changed pair that loads
+/// replaces the old one for new connections, one that does not is logged
+/// and the old one kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTlsConfig {
+    /// The certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// How often the files are checked for a change (humantime: `"5s"`).
+    #[serde(with = "humantime_duration")]
+    pub reload_interval: Duration,
+}
+
+impl Default for ClientTlsConfig {
+    fn default() -> Self {
+        ClientTlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ClientTlsConfig {
     pub fn enabled(&self) -> bool {
         !self.cert.as_os_str().is_empty()
     }
@@ -834,6 +869,27 @@ impl Config {
         Ok(config)
     }
 
+    /// Every environment variable the loader reads a key from
+    /// (`SWITCHBOARD_CLIENT_ADDR`, `SWITCHBOARD_LIMITS__MAX_FRAME_BYTES`, …),
+    /// sorted: what deploy files may set.
+    pub fn env_var_names() -> Vec<String> {
+        fn walk(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+            for (key, value) in table {
+                let name = format!("{prefix}{}", key.to_ascii_uppercase());
+                match value {
+                    toml::Value::Table(inner) => walk(inner, &format!("{name}__"), out),
+                    _ => out.push(name),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if let Ok(defaults) = toml::Table::try_from(Config::default()) {
+            walk(&defaults, ENV_PREFIX, &mut out);
+        }
+        out.sort();
+        out
+    }
+
     /// Whether this process opens the mesh port: when other processes may
     /// call it (it does not run every role, or it is in etcd), or when
     /// `mesh_listen` asks. One process running everything with no etcd —
@@ -1019,6 +1075,16 @@ impl Config {
         if set != 0 && set != 3 {
             return Err(ConfigError::Invalid(
                 "mesh_tls needs all of cert, key and ca (or none)".into(),
+            ));
+        }
+        if self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "tls needs both cert and key (or neither, for a plain client port)".into(),
+            ));
+        }
+        if self.tls.reload_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "tls.reload_interval must be above zero".into(),
             ));
         }
         if !(0.0..=1.0).contains(&self.trace_sampling) {
@@ -1644,6 +1710,44 @@ mod tests {
             err.to_string()
                 .contains("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND")
         );
+    }
+
+    #[test]
+    fn client_tls_from_toml_and_env_needs_both_files() {
+        let config = Config::from_toml_and_env(
+            "[tls]\ncert = \"/etc/sb/cert.pem\"\nreload_interval = \"2s\"\n",
+            &env(&[("SWITCHBOARD_TLS__KEY", "/etc/sb/key.pem")]),
+        )
+        .expect("tls loads");
+        assert!(config.tls.enabled());
+        assert_eq!(config.tls.key, PathBuf::from("/etc/sb/key.pem"));
+        assert_eq!(config.tls.reload_interval, Duration::from_secs(2));
+        let err = Config::from_toml_and_env("[tls]\ncert = \"/etc/sb/cert.pem\"\n", &env(&[]))
+            .expect_err("a cert without a key");
+        assert!(err.to_string().contains("both cert and key"), "{err}");
+        assert!(!Config::default().tls.enabled());
+    }
+
+    #[test]
+    fn env_var_names_are_what_the_loader_reads() {
+        let names = Config::env_var_names();
+        for name in [
+            "SWITCHBOARD_CLIENT_ADDR",
+            "SWITCHBOARD_TLS__CERT",
+            "SWITCHBOARD_LIMITS__MAX_FRAME_BYTES",
+            "SWITCHBOARD_STORE__ENGINE",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} missing");
+        }
+        assert!(
+            !names.iter().any(|n| n == "SWITCHBOARD_TLS"),
+            "sections are not keys"
+        );
+        // Every listed name changes what loads.
+        let config =
+            Config::from_toml_and_env("", &env(&[("SWITCHBOARD_LIMITS__MAX_FRAME_BYTES", "4096")]))
+                .expect("loads");
+        assert_eq!(config.limits.max_frame_bytes, 4096);
     }
 
     #[test]

@@ -141,6 +141,12 @@ pub async fn serve(
     let _ = switchboard_telemetry::metrics_handle();
     let credentials = MeshCredentials::new(&config.mesh_secret).context("invalid mesh_secret")?;
     let tls = load_mesh_tls(&config)?;
+    // The client port's certificate, checked before anything else starts:
+    // a missing file or a key that is not the certificate's refuses the start.
+    let client_tls = match listeners.client.is_some() && config.tls.enabled() {
+        true => Some(switchboard_gateway::tls::ClientTls::load(&config.tls)?),
+        false => None,
+    };
     let connector = MeshConnector::new(credentials, tls.clone());
     // Cancelled when this node stops: ends its background tasks.
     let stop = CancellationToken::new();
@@ -380,6 +386,17 @@ pub async fn serve(
         (None, Some(l)) => l.clone(),
         (None, None) => RouterClient::from_pool(remote_or_pool(Role::Router)?),
     };
+    // What /readyz checks, on the client port or the metrics listener.
+    let readiness: Arc<dyn Readiness> = Arc::new(NodeReadiness {
+        store: store.clone(),
+        presence: presence.clone(),
+        discovery: discovery.as_ref().map(Discovery::checker),
+        pools: pools.clone(),
+        federation: topology
+            .as_ref()
+            .filter(|_| config.federation.enabled())
+            .map(|view| (config.domain.clone(), view.clone())),
+    });
     let gateway = match config.runs(Role::Gateway) {
         true => {
             let gateway = GatewayRole::new(
@@ -400,16 +417,7 @@ pub async fn serve(
                             view: view.clone(),
                         }) as Arc<dyn switchboard_gateway::Homes>
                     }),
-                    readiness: Arc::new(NodeReadiness {
-                        store: store.clone(),
-                        presence: presence.clone(),
-                        discovery: discovery.as_ref().map(Discovery::checker),
-                        pools: pools.clone(),
-                        federation: topology
-                            .as_ref()
-                            .filter(|_| config.federation.enabled())
-                            .map(|view| (config.domain.clone(), view.clone())),
-                    }),
+                    readiness: readiness.clone(),
                 },
             );
             gateways.insert(
@@ -564,10 +572,11 @@ pub async fn serve(
                 roles: config.roles.iter().map(|r| r.as_str().to_owned()).collect(),
                 source: console.clone(),
             };
-            Some(tokio::spawn(switchboard_gateway::serve_with_ui(
+            Some(tokio::spawn(switchboard_gateway::serve_client_port(
                 listener,
                 gateway.clone(),
                 ui,
+                client_tls,
                 async move {
                     client_stop.cancelled().await;
                 },
@@ -583,10 +592,13 @@ pub async fn serve(
             .await
             .with_context(|| format!("cannot listen on metrics address {}", config.metrics_addr))?;
         let metrics_stop = stop.clone();
-        Some(tokio::spawn(switchboard_gateway::serve_metrics(
-            listener,
-            async move { metrics_stop.cancelled().await },
-        )))
+        Some(tokio::spawn(
+            switchboard_gateway::serve_metrics_with_readiness(
+                listener,
+                readiness.clone(),
+                async move { metrics_stop.cancelled().await },
+            ),
+        ))
     };
 
     let roles: Vec<&str> = config.roles.iter().map(|r| r.as_str()).collect();

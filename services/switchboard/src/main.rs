@@ -173,6 +173,14 @@ struct RunArgs {
     /// (federation.peers in TOML) [env: SWITCHBOARD_FEDERATION__SECRET]
     #[arg(long)]
     federation_secret: Option<String>,
+    /// Certificate chain (PEM) of the client port: with --tls-key it serves
+    /// wss:// and https://, reloading the files when they change
+    /// [env: SWITCHBOARD_TLS__CERT]
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert [env: SWITCHBOARD_TLS__KEY]
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
     /// Start even if the store is damaged: keep every intact record, log
     /// what was lost, continue sequence numbers above all given out
     /// before. Without it a damaged store refuses to start
@@ -424,6 +432,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(secret) = args.federation_secret {
         config.federation.secret = secret;
     }
+    if let Some(cert) = args.tls_cert {
+        config.tls.cert = cert;
+    }
+    if let Some(key) = args.tls_key {
+        config.tls.key = key;
+    }
     config.validate()?;
     if config.node_id.is_empty() {
         config.node_id = format!("node-{}", &switchboard_mesh::new_message_id()[24..]);
@@ -438,7 +452,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     println!("  domain       {}", config.domain);
     println!("  roles        {}", roles.join(","));
     if let Some(client) = client {
-        println!("  client port  ws://{client}/ws   (health: http://{client}/healthz)");
+        let (ws, http) = match config.tls.enabled() {
+            true => ("wss", "https"),
+            false => ("ws", "http"),
+        };
+        println!("  client port  {ws}://{client}/ws   (health: {http}://{client}/healthz)");
     }
     match mesh {
         Some(mesh) => println!("  mesh port    grpc://{mesh}"),
