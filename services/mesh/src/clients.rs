@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use switchboard_proto::mesh as pb;
 use tonic::transport::Channel;
 
+use crate::coalescer::BatchLimits;
 use crate::connector::MeshConnector;
 use crate::credentials::MeshCredentials;
 use crate::error::ServiceError;
@@ -31,7 +32,7 @@ macro_rules! client_handle {
 
             /// A client calling the role's instances in `pool`.
             pub fn from_pool(pool: Arc<Pool>) -> Self {
-                $client(Arc::new($remote(pool)))
+                $client(Arc::new($remote::from(pool)))
             }
 
             /// A client calling one remote instance over gRPC.
@@ -101,14 +102,63 @@ client_handle!(
 );
 
 struct RemoteAuth(Arc<Pool>);
-struct RemoteRouter(Arc<Pool>);
 struct RemoteGroups(Arc<Pool>);
-struct RemoteDelivery(Arc<Pool>);
+
+/// The router instances, with the coalescer that gathers this process's
+/// route calls into `RouteMany` calls.
+struct RemoteRouter(Arc<crate::coalescer::Coalescer<pb::RouteManyItem, pb::RouteReply>>);
+
+/// The delivery instances, with the coalescer that gathers this process's
+/// deliver calls into `DeliverMany` calls per owner.
+struct RemoteDelivery(
+    Arc<Pool>,
+    Arc<crate::coalescer::Coalescer<crate::batched::KeyedDeliverItem, pb::DeliverReply>>,
+);
+
+/// Remote clients that are just their pool.
+macro_rules! pool_only {
+    ($($remote:ident),*) => {$(
+        impl From<Arc<Pool>> for $remote {
+            fn from(pool: Arc<Pool>) -> Self {
+                $remote(pool)
+            }
+        }
+    )*};
+}
+
+pool_only!(
+    RemoteAuth,
+    RemoteGroups,
+    RemoteGroupAdmin,
+    RemoteGroupRecords,
+    RemoteWebhookAdmin
+);
+
+impl From<Arc<Pool>> for RemoteRouter {
+    fn from(pool: Arc<Pool>) -> Self {
+        RemoteRouter(crate::batched::router_batches(pool, BatchLimits::default()))
+    }
+}
+
+impl From<Arc<Pool>> for RemoteDelivery {
+    fn from(pool: Arc<Pool>) -> Self {
+        let batches = crate::batched::delivery_batches(pool.clone(), BatchLimits::default());
+        RemoteDelivery(pool, batches)
+    }
+}
+
+impl RemoteRouter {
+    /// One route item through the coalescer.
+    async fn batched(&self, item: pb::RouteManyItem) -> Result<pb::RouteReply, ServiceError> {
+        let order = crate::batched::route_order_key(&item);
+        let bytes = prost::Message::encoded_len(&item);
+        self.0.call("", &order, bytes, item).await
+    }
+}
 
 use pb::auth_client::AuthClient as AuthGrpc;
 use pb::delivery_client::DeliveryClient as DeliveryGrpc;
 use pb::groups_client::GroupsClient as GroupsGrpc;
-use pb::router_client::RouterClient as RouterGrpc;
 
 #[async_trait]
 impl Auth for RemoteAuth {
@@ -132,41 +182,23 @@ impl Auth for RemoteAuth {
 #[async_trait]
 impl Router for RemoteRouter {
     async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError> {
-        pooled!(self, RouterGrpc::route(req))
+        self.batched(pb::RouteManyItem {
+            single: Some(req),
+            traceparent: crate::batched::current_traceparent(),
+            ..Default::default()
+        })
+        .await
     }
     async fn route_batch(
         &self,
         req: pb::RouteBatchRequest,
     ) -> Result<pb::RouteReply, ServiceError> {
-        self.0
-            .call(None, |channel| {
-                let req = req.clone();
-                let mut client = grpc_client!(RouterGrpc, channel);
-                async move {
-                    match client.route_batch(req.clone()).await {
-                        // A router from before RouteBatch (a cluster being
-                        // upgraded): one Route per message, in order.
-                        Err(status) if status.code() == tonic::Code::Unimplemented => {
-                            let mut recipients = 0u32;
-                            for envelope in req.envelopes {
-                                let reply = client
-                                    .route(pb::RouteRequest {
-                                        envelope: Some(envelope),
-                                    })
-                                    .await?;
-                                recipients =
-                                    recipients.saturating_add(reply.into_inner().recipients);
-                            }
-                            Ok(tonic::Response::new(pb::RouteReply {
-                                recipients,
-                                ..Default::default()
-                            }))
-                        }
-                        other => other,
-                    }
-                }
-            })
-            .await
+        self.batched(pb::RouteManyItem {
+            batch: Some(req),
+            traceparent: crate::batched::current_traceparent(),
+            single: None,
+        })
+        .await
     }
 }
 
@@ -218,11 +250,7 @@ impl Delivery for RemoteDelivery {
                 };
                 async move {
                     let copies = part.sent_copies.clone();
-                    let reply: Result<pb::DeliverReply, ServiceError> = pooled!(
-                        self,
-                        DeliveryGrpc::deliver(part),
-                        key = Some(key.as_slice())
-                    );
+                    let reply = self.batched(key, part).await;
                     if reply.is_err() && !copies.is_empty() {
                         // Not sent: the next attempt takes them.
                         *sent_copies
@@ -319,6 +347,22 @@ pub fn routing_keys(envelopes: &[pb::Envelope]) -> Vec<Vec<u8>> {
 }
 
 impl RemoteDelivery {
+    /// One deliver call to the owner of `key`, through the coalescer.
+    async fn batched(
+        &self,
+        key: Vec<u8>,
+        req: pb::DeliverRequest,
+    ) -> Result<pb::DeliverReply, ServiceError> {
+        let owner = self.0.owner(&key).unwrap_or_default();
+        let order = crate::batched::deliver_order_key(&req);
+        let item = pb::DeliverManyItem {
+            request: Some(req),
+            traceparent: crate::batched::current_traceparent(),
+        };
+        let bytes = prost::Message::encoded_len(&item);
+        self.1.call(&owner, &order, bytes, (key, item)).await
+    }
+
     /// Calls `call` once per owner of the inboxes `keys` (rendezvous
     /// hashing over the live delivery instances; with one instance, one
     /// call), at once, with the positions of that owner's inboxes. A part
@@ -610,6 +654,13 @@ mod tests {
             &self,
             _req: tonic::Request<pb::RouteBatchRequest>,
         ) -> Result<tonic::Response<pb::RouteReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("Not implemented"))
+        }
+
+        async fn route_many(
+            &self,
+            _req: tonic::Request<pb::RouteManyRequest>,
+        ) -> Result<tonic::Response<pb::RouteManyReply>, tonic::Status> {
             Err(tonic::Status::unimplemented("Not implemented"))
         }
     }
