@@ -28,7 +28,7 @@ pub use clients::{
     AuthClient, DeliveryClient, GatewayClient, GatewayDirectory, GatewayTable, GroupsClient,
     RouterClient, routing_keys,
 };
-pub use coalescer::{BatchLimits, Coalescer, run_ordered};
+pub use coalescer::{BatchFuture, BatchLimits, BatchSend, Coalescer, run_ordered};
 pub use connector::{ConnectError, MeshConnector, MeshTls};
 pub use credentials::{
     DOMAIN_HEADER, FederationCredentials, FederationGuard, InvalidSecret, MeshCredentials,

@@ -232,10 +232,15 @@ pub async fn serve(
         (None, Some(l)) => l.clone(),
         (None, None) => AuthClient::from_pool(remote_or_pool(Role::Auth)?),
     };
+    // Redis lookups of concurrent deliveries share round trips.
+    let delivery_presence: Arc<dyn Presence> = match &node_presence.redis {
+        Some(_) => Arc::new(switchboard_delivery::BatchedPresence::new(presence.clone())),
+        None => presence.clone(),
+    };
     let delivery_role = store.as_ref().map(|store| {
         Arc::new(DeliveryRole::new(
             store.clone(),
-            presence.clone(),
+            delivery_presence.clone(),
             gateways.clone(),
             auth.clone(),
         ))
