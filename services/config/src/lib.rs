@@ -93,6 +93,7 @@ pub struct Config {
     pub advertise_addr: String,
     pub discovery: DiscoveryConfig,
     pub mesh_tls: MeshTlsConfig,
+    pub mesh_batch: MeshBatchConfig,
     /// OTLP/gRPC endpoint for traces (`http://127.0.0.1:4317`). Empty:
     /// tracing off.
     pub otlp_endpoint: String,
@@ -130,6 +131,7 @@ impl Default for Config {
             advertise_addr: String::new(),
             discovery: DiscoveryConfig::default(),
             mesh_tls: MeshTlsConfig::default(),
+            mesh_batch: MeshBatchConfig::default(),
             otlp_endpoint: String::new(),
             trace_sampling: 1.0,
             metrics_addr: String::new(),
@@ -454,6 +456,36 @@ impl Default for Limits {
             http_header_timeout_secs: 10,
             max_connections: 0,
             max_connections_per_ip: 0,
+        }
+    }
+}
+
+/// How a process gathers its calls to other processes into batch calls
+/// (gateway → router, router and groups → delivery).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshBatchConfig {
+    /// Calls per batch.
+    pub max_items: usize,
+    /// Encoded bytes per batch (a larger call goes alone).
+    pub max_bytes: usize,
+    /// Microseconds a busy peer's next batch waits for more calls. 0: none;
+    /// an idle peer never waits, and what arrives while a batch is in
+    /// flight already forms the next one. Tokio's timers tick in
+    /// milliseconds, so small values round up to one.
+    pub linger_us: u64,
+    /// Batches in flight to one peer at once (calls of one sender always
+    /// share one, in order).
+    pub lanes: usize,
+}
+
+impl Default for MeshBatchConfig {
+    fn default() -> Self {
+        MeshBatchConfig {
+            max_items: 512,
+            max_bytes: 4 * 1024 * 1024,
+            linger_us: 0,
+            lanes: 4,
         }
     }
 }

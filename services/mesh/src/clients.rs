@@ -147,6 +147,23 @@ impl From<Arc<Pool>> for RemoteDelivery {
     }
 }
 
+impl RouterClient {
+    /// [`RouterClient::from_pool`] with batches bounded by `limits`.
+    pub fn from_pool_batched(pool: Arc<Pool>, limits: BatchLimits) -> Self {
+        RouterClient(Arc::new(RemoteRouter(crate::batched::router_batches(
+            pool, limits,
+        ))))
+    }
+}
+
+impl DeliveryClient {
+    /// [`DeliveryClient::from_pool`] with batches bounded by `limits`.
+    pub fn from_pool_batched(pool: Arc<Pool>, limits: BatchLimits) -> Self {
+        let batches = crate::batched::delivery_batches(pool.clone(), limits);
+        DeliveryClient(Arc::new(RemoteDelivery(pool, batches)))
+    }
+}
+
 impl RemoteRouter {
     /// One route item through the coalescer.
     async fn batched(&self, item: pb::RouteManyItem) -> Result<pb::RouteReply, ServiceError> {

@@ -189,6 +189,12 @@ pub async fn serve(
             connector.clone(),
         );
     }
+    let batch_limits = switchboard_mesh::BatchLimits {
+        max_items: config.mesh_batch.max_items,
+        max_bytes: config.mesh_batch.max_bytes,
+        linger: Duration::from_micros(config.mesh_batch.linger_us),
+        lanes: config.mesh_batch.lanes,
+    };
     let remote_or_pool = |role: Role| -> anyhow::Result<Arc<Pool>> {
         pools.get(role).with_context(|| {
             format!(
@@ -275,7 +281,7 @@ pub async fn serve(
     };
     let delivery = match (&delivery_role, &ownership) {
         (Some(role), None) => DeliveryClient::from_local(role.clone()),
-        _ => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
+        _ => DeliveryClient::from_pool_batched(remote_or_pool(Role::Delivery)?, batch_limits),
     };
     // The webhook dead letters, where the store is.
     let webhook_admin = match &queues {
@@ -383,7 +389,9 @@ pub async fn serve(
     let router = match (&remote.router, &local_router) {
         (Some(r), _) => r.clone(),
         (None, Some(l)) => l.clone(),
-        (None, None) => RouterClient::from_pool(remote_or_pool(Role::Router)?),
+        (None, None) => {
+            RouterClient::from_pool_batched(remote_or_pool(Role::Router)?, batch_limits)
+        }
     };
     let gateway = match config.runs(Role::Gateway) {
         true => {
