@@ -717,6 +717,104 @@ mod tests {
         assert_eq!(routed, ["m0", "m1", "m2", "m3", "m4"]);
         server.abort();
     }
+
+    /// A delivery process from before `DeliverMany`: `Deliver` works, the
+    /// batch call is answered `UNIMPLEMENTED`.
+    #[derive(Default, Clone)]
+    struct OldDelivery {
+        delivered: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl pb::delivery_server::Delivery for OldDelivery {
+        async fn deliver(
+            &self,
+            req: tonic::Request<pb::DeliverRequest>,
+        ) -> Result<tonic::Response<pb::DeliverReply>, tonic::Status> {
+            let req = req.into_inner();
+            let mut delivered = self
+                .delivered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            delivered.extend(req.envelopes.iter().map(|e| e.id.clone()));
+            Ok(tonic::Response::new(pb::DeliverReply {
+                seqs: vec![u64::try_from(delivered.len()).unwrap_or(0); req.envelopes.len()],
+                repeated: Vec::new(),
+            }))
+        }
+        async fn fetch(
+            &self,
+            _req: tonic::Request<pb::FetchRequest>,
+        ) -> Result<tonic::Response<pb::FetchReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+        async fn delivered(
+            &self,
+            _req: tonic::Request<pb::DeliveredRequest>,
+        ) -> Result<tonic::Response<pb::DeliveredReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+        async fn presence_changed(
+            &self,
+            _req: tonic::Request<pb::PresenceChangeRequest>,
+        ) -> Result<tonic::Response<pb::PresenceChangeReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+        async fn deliver_many(
+            &self,
+            _req: tonic::Request<pb::DeliverManyRequest>,
+        ) -> Result<tonic::Response<pb::DeliverManyReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("Not implemented"))
+        }
+    }
+
+    #[tokio::test]
+    async fn deliveries_to_a_process_without_deliver_many_go_one_by_one() {
+        let old = OldDelivery::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::delivery_server::DeliveryServer::new(old.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect_lazy();
+        let delivery = DeliveryClient::from_channel(channel);
+        let calls = (0..4).map(|i| {
+            let delivery = delivery.clone();
+            async move {
+                delivery
+                    .deliver(pb::DeliverRequest {
+                        envelopes: vec![pb::Envelope {
+                            id: format!("m{i}"),
+                            app_id: "app".into(),
+                            from: format!("sender{i}"),
+                            to: vec!["bob".into()],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+            }
+        });
+        for reply in futures_util::future::join_all(calls).await {
+            let reply = reply.expect("delivered through Deliver");
+            assert_eq!(reply.seqs.len(), 1);
+            assert!(reply.seqs[0] > 0);
+        }
+        let mut delivered = old
+            .delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        delivered.sort();
+        assert_eq!(delivered, ["m0", "m1", "m2", "m3"]);
+        server.abort();
+    }
 }
 
 // ---------------------------------------------------------------- persistent groups
