@@ -2,6 +2,7 @@
 //! many senders at once, so that calls of different connections share
 //! batches: per-sender order, nothing lost or doubled, and kill -9 of the
 //! router or of delivery with batches in flight loses no accepted message.
+//! Batching is opt-in (`[mesh_batch] enabled`): these clusters turn it on.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -56,6 +57,7 @@ async fn many_senders_keep_their_order_through_batched_hops_with_nothing_lost_or
     const RECIPIENTS: usize = 4;
     const N: usize = 200;
     let cluster = Cluster::start(infra, FULL_SHAPE, |c| {
+        c.mesh_batch.enabled = true;
         c.limits.messages_per_second = 100_000;
     })
     .await;
@@ -140,6 +142,7 @@ async fn kill9_with_batches_in_flight_loses_no_accepted_message(victim: &str) {
     const SENDERS: usize = 6;
     const N: usize = 300;
     let mut cluster = Cluster::start(infra, FULL_SHAPE, |c| {
+        c.mesh_batch.enabled = true;
         c.limits.messages_per_second = 100_000;
         c.limits.max_refusals = 100_000;
     })

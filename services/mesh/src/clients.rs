@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use switchboard_proto::mesh as pb;
 use tonic::transport::Channel;
 
-use crate::coalescer::BatchLimits;
+use crate::coalescer::{BatchLimits, Coalescer};
 use crate::connector::MeshConnector;
 use crate::credentials::MeshCredentials;
 use crate::error::ServiceError;
@@ -32,7 +32,7 @@ macro_rules! client_handle {
 
             /// A client calling the role's instances in `pool`.
             pub fn from_pool(pool: Arc<Pool>) -> Self {
-                $client(Arc::new($remote::from(pool)))
+                $client(Arc::new($remote(pool)))
             }
 
             /// A client calling one remote instance over gRPC.
@@ -102,69 +102,50 @@ client_handle!(
 );
 
 struct RemoteAuth(Arc<Pool>);
+struct RemoteRouter(Arc<Pool>);
 struct RemoteGroups(Arc<Pool>);
+struct RemoteDelivery(Arc<Pool>);
 
 /// The router instances, with the coalescer that gathers this process's
-/// route calls into `RouteMany` calls.
-struct RemoteRouter(Arc<crate::coalescer::Coalescer<pb::RouteManyItem, pb::RouteReply>>);
+/// route calls into `RouteMany` calls. Only through
+/// [`RouterClient::from_pool_batched`] (`[mesh_batch] enabled`).
+struct BatchedRouter(Arc<Coalescer<pb::RouteManyItem, pb::RouteReply>>);
 
 /// The delivery instances, with the coalescer that gathers this process's
-/// deliver calls into `DeliverMany` calls per owner.
-struct RemoteDelivery(
-    Arc<Pool>,
-    Arc<crate::coalescer::Coalescer<crate::batched::KeyedDeliverItem, pb::DeliverReply>>,
-);
-
-/// Remote clients that are just their pool.
-macro_rules! pool_only {
-    ($($remote:ident),*) => {$(
-        impl From<Arc<Pool>> for $remote {
-            fn from(pool: Arc<Pool>) -> Self {
-                $remote(pool)
-            }
-        }
-    )*};
-}
-
-pool_only!(
-    RemoteAuth,
-    RemoteGroups,
-    RemoteGroupAdmin,
-    RemoteGroupRecords,
-    RemoteWebhookAdmin
-);
-
-impl From<Arc<Pool>> for RemoteRouter {
-    fn from(pool: Arc<Pool>) -> Self {
-        RemoteRouter(crate::batched::router_batches(pool, BatchLimits::default()))
-    }
-}
-
-impl From<Arc<Pool>> for RemoteDelivery {
-    fn from(pool: Arc<Pool>) -> Self {
-        let batches = crate::batched::delivery_batches(pool.clone(), BatchLimits::default());
-        RemoteDelivery(pool, batches)
-    }
+/// deliver calls into `DeliverMany` calls per owner; its other calls are
+/// [`RemoteDelivery`]'s. Only through [`DeliveryClient::from_pool_batched`]
+/// (`[mesh_batch] enabled`).
+struct BatchedDelivery {
+    remote: RemoteDelivery,
+    batches: Arc<Coalescer<crate::batched::KeyedDeliverItem, pb::DeliverReply>>,
 }
 
 impl RouterClient {
-    /// [`RouterClient::from_pool`] with batches bounded by `limits`.
+    /// A client calling the router instances in `pool` through a
+    /// coalescer: concurrent route calls go as `RouteMany` batches bounded
+    /// by `limits`. [`RouterClient::from_pool`] makes one unary call per call.
     pub fn from_pool_batched(pool: Arc<Pool>, limits: BatchLimits) -> Self {
-        RouterClient(Arc::new(RemoteRouter(crate::batched::router_batches(
+        RouterClient(Arc::new(BatchedRouter(crate::batched::router_batches(
             pool, limits,
         ))))
     }
 }
 
 impl DeliveryClient {
-    /// [`DeliveryClient::from_pool`] with batches bounded by `limits`.
+    /// A client calling the delivery instances in `pool` whose deliver
+    /// calls go through a coalescer, as `DeliverMany` batches per owner
+    /// bounded by `limits`. [`DeliveryClient::from_pool`] makes one unary
+    /// call per call.
     pub fn from_pool_batched(pool: Arc<Pool>, limits: BatchLimits) -> Self {
         let batches = crate::batched::delivery_batches(pool.clone(), limits);
-        DeliveryClient(Arc::new(RemoteDelivery(pool, batches)))
+        DeliveryClient(Arc::new(BatchedDelivery {
+            remote: RemoteDelivery(pool),
+            batches,
+        }))
     }
 }
 
-impl RemoteRouter {
+impl BatchedRouter {
     /// One route item through the coalescer.
     async fn batched(&self, item: pb::RouteManyItem) -> Result<pb::RouteReply, ServiceError> {
         let order = crate::batched::route_order_key(&item);
@@ -176,6 +157,7 @@ impl RemoteRouter {
 use pb::auth_client::AuthClient as AuthGrpc;
 use pb::delivery_client::DeliveryClient as DeliveryGrpc;
 use pb::groups_client::GroupsClient as GroupsGrpc;
+use pb::router_client::RouterClient as RouterGrpc;
 
 #[async_trait]
 impl Auth for RemoteAuth {
@@ -198,6 +180,47 @@ impl Auth for RemoteAuth {
 
 #[async_trait]
 impl Router for RemoteRouter {
+    async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError> {
+        pooled!(self, RouterGrpc::route(req))
+    }
+    async fn route_batch(
+        &self,
+        req: pb::RouteBatchRequest,
+    ) -> Result<pb::RouteReply, ServiceError> {
+        self.0
+            .call(None, |channel| {
+                let req = req.clone();
+                let mut client = grpc_client!(RouterGrpc, channel);
+                async move {
+                    match client.route_batch(req.clone()).await {
+                        // A router from before RouteBatch (a cluster being
+                        // upgraded): one Route per message, in order.
+                        Err(status) if status.code() == tonic::Code::Unimplemented => {
+                            let mut recipients = 0u32;
+                            for envelope in req.envelopes {
+                                let reply = client
+                                    .route(pb::RouteRequest {
+                                        envelope: Some(envelope),
+                                    })
+                                    .await?;
+                                recipients =
+                                    recipients.saturating_add(reply.into_inner().recipients);
+                            }
+                            Ok(tonic::Response::new(pb::RouteReply {
+                                recipients,
+                                ..Default::default()
+                            }))
+                        }
+                        other => other,
+                    }
+                }
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Router for BatchedRouter {
     async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError> {
         self.batched(pb::RouteManyItem {
             single: Some(req),
@@ -267,7 +290,11 @@ impl Delivery for RemoteDelivery {
                 };
                 async move {
                     let copies = part.sent_copies.clone();
-                    let reply = self.batched(key, part).await;
+                    let reply: Result<pb::DeliverReply, ServiceError> = pooled!(
+                        self,
+                        DeliveryGrpc::deliver(part),
+                        key = Some(key.as_slice())
+                    );
                     if reply.is_err() && !copies.is_empty() {
                         // Not sent: the next attempt takes them.
                         *sent_copies
@@ -342,6 +369,96 @@ impl Delivery for RemoteDelivery {
     }
 }
 
+/// [`RemoteDelivery`]'s, except that each owner's part of a deliver call
+/// goes through the coalescer.
+#[async_trait]
+impl Delivery for BatchedDelivery {
+    async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
+        let n = req.envelopes.len();
+        let keys = routing_keys(&req.envelopes);
+        let mut reply = pb::DeliverReply {
+            seqs: vec![0; n],
+            repeated: Vec::new(),
+        };
+        // The sender's copies go with one call (they are pushed once).
+        let sent_copies = std::sync::Mutex::new(Some(req.sent_copies));
+        let sent_copies = &sent_copies;
+        let parts = self
+            .remote
+            .by_owner_with_retry(&keys, |key, positions| {
+                let part = pb::DeliverRequest {
+                    envelopes: positions
+                        .iter()
+                        .map(|&i| req.envelopes[i].clone())
+                        .collect(),
+                    sent_copies: sent_copies
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take()
+                        .unwrap_or_default(),
+                    copy_to_sender: req.copy_to_sender,
+                };
+                async move {
+                    let copies = part.sent_copies.clone();
+                    let reply = self.batched(key, part).await;
+                    if reply.is_err() && !copies.is_empty() {
+                        // Not sent: the next attempt takes them.
+                        *sent_copies
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(copies);
+                    }
+                    reply
+                }
+            })
+            .await?;
+        for (positions, part) in parts {
+            if !part.repeated.is_empty() && reply.repeated.is_empty() {
+                reply.repeated = vec![false; n];
+            }
+            for (k, &at) in positions.iter().enumerate() {
+                reply.seqs[at] = part.seqs.get(k).copied().unwrap_or(0);
+                if let Some(&r) = part.repeated.get(k) {
+                    reply.repeated[at] = r;
+                }
+            }
+        }
+        Ok(reply)
+    }
+    async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
+        self.remote.fetch(req).await
+    }
+    async fn delivered(
+        &self,
+        req: pb::DeliveredRequest,
+    ) -> Result<pb::DeliveredReply, ServiceError> {
+        self.remote.delivered(req).await
+    }
+    async fn presence_changed(
+        &self,
+        req: pb::PresenceChangeRequest,
+    ) -> Result<pb::PresenceChangeReply, ServiceError> {
+        self.remote.presence_changed(req).await
+    }
+}
+
+impl BatchedDelivery {
+    /// One deliver call to the owner of `key`, through the coalescer.
+    async fn batched(
+        &self,
+        key: Vec<u8>,
+        req: pb::DeliverRequest,
+    ) -> Result<pb::DeliverReply, ServiceError> {
+        let owner = self.remote.0.owner(&key).unwrap_or_default();
+        let order = crate::batched::deliver_order_key(&req);
+        let item = pb::DeliverManyItem {
+            request: Some(req),
+            traceparent: crate::batched::current_traceparent(),
+        };
+        let bytes = prost::Message::encoded_len(&item);
+        self.batches.call(&owner, &order, bytes, (key, item)).await
+    }
+}
+
 /// The inboxes whose owners a delivery call goes to: each envelope's
 /// recipient's, except that the copies of one send with a client-given id
 /// (a group message) all go with the first copy's: they are stored in one
@@ -364,22 +481,6 @@ pub fn routing_keys(envelopes: &[pb::Envelope]) -> Vec<Vec<u8>> {
 }
 
 impl RemoteDelivery {
-    /// One deliver call to the owner of `key`, through the coalescer.
-    async fn batched(
-        &self,
-        key: Vec<u8>,
-        req: pb::DeliverRequest,
-    ) -> Result<pb::DeliverReply, ServiceError> {
-        let owner = self.0.owner(&key).unwrap_or_default();
-        let order = crate::batched::deliver_order_key(&req);
-        let item = pb::DeliverManyItem {
-            request: Some(req),
-            traceparent: crate::batched::current_traceparent(),
-        };
-        let bytes = prost::Message::encoded_len(&item);
-        self.1.call(&owner, &order, bytes, (key, item)).await
-    }
-
     /// Calls `call` once per owner of the inboxes `keys` (rendezvous
     /// hashing over the live delivery instances; with one instance, one
     /// call), at once, with the positions of that owner's inboxes. A part
@@ -783,7 +884,11 @@ mod tests {
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("uri")
             .connect_lazy();
-        let delivery = DeliveryClient::from_channel(channel);
+        // Batching on (`[mesh_batch] enabled`): the client that sends DeliverMany.
+        let delivery = DeliveryClient::from_pool_batched(
+            Pool::fixed("delivery", channel, MeshCredentials::default()),
+            BatchLimits::default(),
+        );
         let calls = (0..4).map(|i| {
             let delivery = delivery.clone();
             async move {
