@@ -12,6 +12,9 @@
 //! within its id window as a repeat, which is neither stored nor pushed (nor
 //! copied to the sender) again and is reported in `DeliverReply.repeated`.
 
+mod presence_batch;
+pub use presence_batch::BatchedPresence;
+
 use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 

@@ -94,6 +94,7 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub mesh_tls: MeshTlsConfig,
     pub tls: ClientTlsConfig,
+    pub mesh_batch: MeshBatchConfig,
     /// OTLP/gRPC endpoint for traces (`http://127.0.0.1:4317`). Empty:
     /// tracing off.
     pub otlp_endpoint: String,
@@ -132,6 +133,7 @@ impl Default for Config {
             discovery: DiscoveryConfig::default(),
             mesh_tls: MeshTlsConfig::default(),
             tls: ClientTlsConfig::default(),
+            mesh_batch: MeshBatchConfig::default(),
             otlp_endpoint: String::new(),
             trace_sampling: 1.0,
             metrics_addr: String::new(),
@@ -489,6 +491,42 @@ impl Default for Limits {
             http_header_timeout_secs: 10,
             max_connections: 0,
             max_connections_per_ip: 0,
+        }
+    }
+}
+
+/// How a process gathers its calls to other processes into batch calls
+/// (gateway → router, router and groups → delivery).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshBatchConfig {
+    /// Batch calls at all. Off by default: until per-inbox order across
+    /// inbox ownership moves is proven with batching, each call to another
+    /// process is its own unary call (`Route`, `Deliver`) and the other
+    /// keys are unused.
+    pub enabled: bool,
+    /// Calls per batch.
+    pub max_items: usize,
+    /// Encoded bytes per batch (a larger call goes alone).
+    pub max_bytes: usize,
+    /// Microseconds a busy peer's next batch waits for more calls. 0: none;
+    /// an idle peer never waits, and what arrives while a batch is in
+    /// flight already forms the next one. Tokio's timers tick in
+    /// milliseconds, so small values round up to one.
+    pub linger_us: u64,
+    /// Batches in flight to one peer at once (calls of one sender always
+    /// share one, in order).
+    pub lanes: usize,
+}
+
+impl Default for MeshBatchConfig {
+    fn default() -> Self {
+        MeshBatchConfig {
+            enabled: false,
+            max_items: 512,
+            max_bytes: 4 * 1024 * 1024,
+            linger_us: 0,
+            lanes: 4,
         }
     }
 }

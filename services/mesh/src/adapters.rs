@@ -143,6 +143,26 @@ impl pb::router_server::Router for RouterService {
     ) -> Result<Response<pb::RouteReply>, Status> {
         unary!(self.route_batch(req), "Router/RouteBatch")
     }
+
+    async fn route_many(
+        &self,
+        req: Request<pb::RouteManyRequest>,
+    ) -> Result<Response<pb::RouteManyReply>, Status> {
+        let started = std::time::Instant::now();
+        let reply = crate::batched::route_many(self.0.clone(), req.into_inner()).await;
+        batch_served("Router/RouteMany", started);
+        Ok(Response::new(reply))
+    }
+}
+
+/// A batch call's duration (its items' outcomes are in its reply).
+fn batch_served(rpc: &'static str, started: std::time::Instant) {
+    metrics::histogram!(
+        "switchboard_mesh_server_duration_seconds",
+        "method" => rpc,
+        "status" => "ok"
+    )
+    .record(started.elapsed().as_secs_f64());
 }
 
 #[tonic::async_trait]
@@ -210,6 +230,15 @@ impl pb::delivery_server::Delivery for DeliveryService {
         req: Request<pb::PresenceChangeRequest>,
     ) -> Result<Response<pb::PresenceChangeReply>, Status> {
         unary!(self.presence_changed(req), "Delivery/PresenceChanged")
+    }
+    async fn deliver_many(
+        &self,
+        req: Request<pb::DeliverManyRequest>,
+    ) -> Result<Response<pb::DeliverManyReply>, Status> {
+        let started = std::time::Instant::now();
+        let reply = crate::batched::deliver_many(self.0.clone(), req.into_inner()).await;
+        batch_served("Delivery/DeliverMany", started);
+        Ok(Response::new(reply))
     }
 }
 

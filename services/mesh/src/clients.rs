@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use switchboard_proto::mesh as pb;
 use tonic::transport::Channel;
 
+use crate::coalescer::{BatchLimits, Coalescer};
 use crate::connector::MeshConnector;
 use crate::credentials::MeshCredentials;
 use crate::error::ServiceError;
@@ -105,6 +106,54 @@ struct RemoteRouter(Arc<Pool>);
 struct RemoteGroups(Arc<Pool>);
 struct RemoteDelivery(Arc<Pool>);
 
+/// The router instances, with the coalescer that gathers this process's
+/// route calls into `RouteMany` calls. Only through
+/// [`RouterClient::from_pool_batched`] (`[mesh_batch] enabled`).
+struct BatchedRouter(Arc<Coalescer<pb::RouteManyItem, pb::RouteReply>>);
+
+/// The delivery instances, with the coalescer that gathers this process's
+/// deliver calls into `DeliverMany` calls per owner; its other calls are
+/// [`RemoteDelivery`]'s. Only through [`DeliveryClient::from_pool_batched`]
+/// (`[mesh_batch] enabled`).
+struct BatchedDelivery {
+    remote: RemoteDelivery,
+    batches: Arc<Coalescer<crate::batched::KeyedDeliverItem, pb::DeliverReply>>,
+}
+
+impl RouterClient {
+    /// A client calling the router instances in `pool` through a
+    /// coalescer: concurrent route calls go as `RouteMany` batches bounded
+    /// by `limits`. [`RouterClient::from_pool`] makes one unary call per call.
+    pub fn from_pool_batched(pool: Arc<Pool>, limits: BatchLimits) -> Self {
+        RouterClient(Arc::new(BatchedRouter(crate::batched::router_batches(
+            pool, limits,
+        ))))
+    }
+}
+
+impl DeliveryClient {
+    /// A client calling the delivery instances in `pool` whose deliver
+    /// calls go through a coalescer, as `DeliverMany` batches per owner
+    /// bounded by `limits`. [`DeliveryClient::from_pool`] makes one unary
+    /// call per call.
+    pub fn from_pool_batched(pool: Arc<Pool>, limits: BatchLimits) -> Self {
+        let batches = crate::batched::delivery_batches(pool.clone(), limits);
+        DeliveryClient(Arc::new(BatchedDelivery {
+            remote: RemoteDelivery(pool),
+            batches,
+        }))
+    }
+}
+
+impl BatchedRouter {
+    /// One route item through the coalescer.
+    async fn batched(&self, item: pb::RouteManyItem) -> Result<pb::RouteReply, ServiceError> {
+        let order = crate::batched::route_order_key(&item);
+        let bytes = prost::Message::encoded_len(&item);
+        self.0.call("", &order, bytes, item).await
+    }
+}
+
 use pb::auth_client::AuthClient as AuthGrpc;
 use pb::delivery_client::DeliveryClient as DeliveryGrpc;
 use pb::groups_client::GroupsClient as GroupsGrpc;
@@ -167,6 +216,29 @@ impl Router for RemoteRouter {
                 }
             })
             .await
+    }
+}
+
+#[async_trait]
+impl Router for BatchedRouter {
+    async fn route(&self, req: pb::RouteRequest) -> Result<pb::RouteReply, ServiceError> {
+        self.batched(pb::RouteManyItem {
+            single: Some(req),
+            traceparent: crate::batched::current_traceparent(),
+            ..Default::default()
+        })
+        .await
+    }
+    async fn route_batch(
+        &self,
+        req: pb::RouteBatchRequest,
+    ) -> Result<pb::RouteReply, ServiceError> {
+        self.batched(pb::RouteManyItem {
+            batch: Some(req),
+            traceparent: crate::batched::current_traceparent(),
+            single: None,
+        })
+        .await
     }
 }
 
@@ -294,6 +366,96 @@ impl Delivery for RemoteDelivery {
             DeliveryGrpc::presence_changed(req),
             key = Some(key.as_slice())
         )
+    }
+}
+
+/// [`RemoteDelivery`]'s, except that each owner's part of a deliver call
+/// goes through the coalescer.
+#[async_trait]
+impl Delivery for BatchedDelivery {
+    async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
+        let n = req.envelopes.len();
+        let keys = routing_keys(&req.envelopes);
+        let mut reply = pb::DeliverReply {
+            seqs: vec![0; n],
+            repeated: Vec::new(),
+        };
+        // The sender's copies go with one call (they are pushed once).
+        let sent_copies = std::sync::Mutex::new(Some(req.sent_copies));
+        let sent_copies = &sent_copies;
+        let parts = self
+            .remote
+            .by_owner_with_retry(&keys, |key, positions| {
+                let part = pb::DeliverRequest {
+                    envelopes: positions
+                        .iter()
+                        .map(|&i| req.envelopes[i].clone())
+                        .collect(),
+                    sent_copies: sent_copies
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take()
+                        .unwrap_or_default(),
+                    copy_to_sender: req.copy_to_sender,
+                };
+                async move {
+                    let copies = part.sent_copies.clone();
+                    let reply = self.batched(key, part).await;
+                    if reply.is_err() && !copies.is_empty() {
+                        // Not sent: the next attempt takes them.
+                        *sent_copies
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(copies);
+                    }
+                    reply
+                }
+            })
+            .await?;
+        for (positions, part) in parts {
+            if !part.repeated.is_empty() && reply.repeated.is_empty() {
+                reply.repeated = vec![false; n];
+            }
+            for (k, &at) in positions.iter().enumerate() {
+                reply.seqs[at] = part.seqs.get(k).copied().unwrap_or(0);
+                if let Some(&r) = part.repeated.get(k) {
+                    reply.repeated[at] = r;
+                }
+            }
+        }
+        Ok(reply)
+    }
+    async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
+        self.remote.fetch(req).await
+    }
+    async fn delivered(
+        &self,
+        req: pb::DeliveredRequest,
+    ) -> Result<pb::DeliveredReply, ServiceError> {
+        self.remote.delivered(req).await
+    }
+    async fn presence_changed(
+        &self,
+        req: pb::PresenceChangeRequest,
+    ) -> Result<pb::PresenceChangeReply, ServiceError> {
+        self.remote.presence_changed(req).await
+    }
+}
+
+impl BatchedDelivery {
+    /// One deliver call to the owner of `key`, through the coalescer.
+    async fn batched(
+        &self,
+        key: Vec<u8>,
+        req: pb::DeliverRequest,
+    ) -> Result<pb::DeliverReply, ServiceError> {
+        let owner = self.remote.0.owner(&key).unwrap_or_default();
+        let order = crate::batched::deliver_order_key(&req);
+        let item = pb::DeliverManyItem {
+            request: Some(req),
+            traceparent: crate::batched::current_traceparent(),
+        };
+        let bytes = prost::Message::encoded_len(&item);
+        self.batches.call(&owner, &order, bytes, (key, item)).await
     }
 }
 
@@ -612,6 +774,13 @@ mod tests {
         ) -> Result<tonic::Response<pb::RouteReply>, tonic::Status> {
             Err(tonic::Status::unimplemented("Not implemented"))
         }
+
+        async fn route_many(
+            &self,
+            _req: tonic::Request<pb::RouteManyRequest>,
+        ) -> Result<tonic::Response<pb::RouteManyReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("Not implemented"))
+        }
     }
 
     #[tokio::test]
@@ -647,6 +816,108 @@ mod tests {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         assert_eq!(routed, ["m0", "m1", "m2", "m3", "m4"]);
+        server.abort();
+    }
+
+    /// A delivery process from before `DeliverMany`: `Deliver` works, the
+    /// batch call is answered `UNIMPLEMENTED`.
+    #[derive(Default, Clone)]
+    struct OldDelivery {
+        delivered: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl pb::delivery_server::Delivery for OldDelivery {
+        async fn deliver(
+            &self,
+            req: tonic::Request<pb::DeliverRequest>,
+        ) -> Result<tonic::Response<pb::DeliverReply>, tonic::Status> {
+            let req = req.into_inner();
+            let mut delivered = self
+                .delivered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            delivered.extend(req.envelopes.iter().map(|e| e.id.clone()));
+            Ok(tonic::Response::new(pb::DeliverReply {
+                seqs: vec![u64::try_from(delivered.len()).unwrap_or(0); req.envelopes.len()],
+                repeated: Vec::new(),
+            }))
+        }
+        async fn fetch(
+            &self,
+            _req: tonic::Request<pb::FetchRequest>,
+        ) -> Result<tonic::Response<pb::FetchReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+        async fn delivered(
+            &self,
+            _req: tonic::Request<pb::DeliveredRequest>,
+        ) -> Result<tonic::Response<pb::DeliveredReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+        async fn presence_changed(
+            &self,
+            _req: tonic::Request<pb::PresenceChangeRequest>,
+        ) -> Result<tonic::Response<pb::PresenceChangeReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+        async fn deliver_many(
+            &self,
+            _req: tonic::Request<pb::DeliverManyRequest>,
+        ) -> Result<tonic::Response<pb::DeliverManyReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("Not implemented"))
+        }
+    }
+
+    #[tokio::test]
+    async fn deliveries_to_a_process_without_deliver_many_go_one_by_one() {
+        let old = OldDelivery::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::delivery_server::DeliveryServer::new(old.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect_lazy();
+        // Batching on (`[mesh_batch] enabled`): the client that sends DeliverMany.
+        let delivery = DeliveryClient::from_pool_batched(
+            Pool::fixed("delivery", channel, MeshCredentials::default()),
+            BatchLimits::default(),
+        );
+        let calls = (0..4).map(|i| {
+            let delivery = delivery.clone();
+            async move {
+                delivery
+                    .deliver(pb::DeliverRequest {
+                        envelopes: vec![pb::Envelope {
+                            id: format!("m{i}"),
+                            app_id: "app".into(),
+                            from: format!("sender{i}"),
+                            to: vec!["bob".into()],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+            }
+        });
+        for reply in futures_util::future::join_all(calls).await {
+            let reply = reply.expect("delivered through Deliver");
+            assert_eq!(reply.seqs.len(), 1);
+            assert!(reply.seqs[0] > 0);
+        }
+        let mut delivered = old
+            .delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        delivered.sort();
+        assert_eq!(delivered, ["m0", "m1", "m2", "m3"]);
         server.abort();
     }
 }

@@ -8,8 +8,10 @@
 //! sits between them.
 
 mod adapters;
+mod batched;
 mod channels;
 mod clients;
+mod coalescer;
 mod connector;
 mod credentials;
 mod error;
@@ -26,6 +28,7 @@ pub use clients::{
     AuthClient, DeliveryClient, GatewayClient, GatewayDirectory, GatewayTable, GroupsClient,
     RouterClient, routing_keys,
 };
+pub use coalescer::{BatchFuture, BatchLimits, BatchSend, Coalescer, run_ordered};
 pub use connector::{ConnectError, MeshConnector, MeshTls};
 pub use credentials::{
     DOMAIN_HEADER, FederationCredentials, FederationGuard, InvalidSecret, MeshCredentials,

@@ -195,6 +195,16 @@ pub async fn serve(
             connector.clone(),
         );
     }
+    // Batch calls to other processes only when `[mesh_batch] enabled` (off
+    // by default until per-inbox order across ownership moves is proven
+    // with it); otherwise one unary call per call.
+    let batching = config.mesh_batch.enabled;
+    let batch_limits = switchboard_mesh::BatchLimits {
+        max_items: config.mesh_batch.max_items,
+        max_bytes: config.mesh_batch.max_bytes,
+        linger: Duration::from_micros(config.mesh_batch.linger_us),
+        lanes: config.mesh_batch.lanes,
+    };
     let remote_or_pool = |role: Role| -> anyhow::Result<Arc<Pool>> {
         pools.get(role).with_context(|| {
             format!(
@@ -238,10 +248,17 @@ pub async fn serve(
         (None, Some(l)) => l.clone(),
         (None, None) => AuthClient::from_pool(remote_or_pool(Role::Auth)?),
     };
+    // With batching, Redis lookups of concurrent deliveries share round trips.
+    let delivery_presence: Arc<dyn Presence> = match &node_presence.redis {
+        Some(_) if batching => {
+            Arc::new(switchboard_delivery::BatchedPresence::new(presence.clone()))
+        }
+        _ => presence.clone(),
+    };
     let delivery_role = store.as_ref().map(|store| {
         Arc::new(DeliveryRole::new(
             store.clone(),
-            presence.clone(),
+            delivery_presence.clone(),
             gateways.clone(),
             auth.clone(),
         ))
@@ -276,6 +293,9 @@ pub async fn serve(
     };
     let delivery = match (&delivery_role, &ownership) {
         (Some(role), None) => DeliveryClient::from_local(role.clone()),
+        _ if batching => {
+            DeliveryClient::from_pool_batched(remote_or_pool(Role::Delivery)?, batch_limits)
+        }
         _ => DeliveryClient::from_pool(remote_or_pool(Role::Delivery)?),
     };
     // The webhook dead letters, where the store is.
@@ -384,6 +404,9 @@ pub async fn serve(
     let router = match (&remote.router, &local_router) {
         (Some(r), _) => r.clone(),
         (None, Some(l)) => l.clone(),
+        (None, None) if batching => {
+            RouterClient::from_pool_batched(remote_or_pool(Role::Router)?, batch_limits)
+        }
         (None, None) => RouterClient::from_pool(remote_or_pool(Role::Router)?),
     };
     // What /readyz checks, on the client port or the metrics listener.
