@@ -150,6 +150,9 @@ pub struct Accepted {
     /// A resend of a client id this sender already had accepted: nothing
     /// was stored or shown again.
     pub repeated: bool,
+    /// Recipients of a group message whose inbox is full: the message was
+    /// not stored for them (it was for the others).
+    pub inbox_full: Vec<String>,
 }
 
 /// Messages routed together, all accepted.
@@ -157,12 +160,20 @@ pub struct Accepted {
 pub struct Routed {
     /// Positions (in the batch) of the resends of an accepted client id.
     repeated: Vec<u32>,
+    /// Positions refused because their recipient's inbox is full.
+    inbox_full: Vec<u32>,
 }
 
 impl Routed {
     /// Whether the message at `position` of the batch was a resend.
     pub fn is_repeated(&self, position: usize) -> bool {
         self.repeated.iter().any(|&p| p as usize == position)
+    }
+
+    /// Whether the message at `position` was refused: its recipient's inbox
+    /// is full.
+    pub fn is_inbox_full(&self, position: usize) -> bool {
+        self.inbox_full.iter().any(|&p| p as usize == position)
     }
 }
 
@@ -644,6 +655,7 @@ impl Session {
             id,
             reliable,
             repeated: reply.repeated.contains(&0),
+            inbox_full: reply.inbox_full_recipients,
         })
     }
 
@@ -660,6 +672,7 @@ impl Session {
         let Some(first) = envelopes.first() else {
             return Ok(Routed {
                 repeated: Vec::new(),
+                inbox_full: Vec::new(),
             });
         };
         let span = receive_span(
@@ -692,6 +705,7 @@ impl Session {
         })?;
         Ok(Routed {
             repeated: reply.repeated,
+            inbox_full: reply.inbox_full,
         })
     }
 
