@@ -425,6 +425,11 @@ pub async fn serve(
                     }),
                 },
             );
+            gateway.set_quotas(switchboard_gateway::GatewayQuotas {
+                sender_bytes_per_second: config.quotas.sender_bytes_per_second,
+                sender_burst_bytes: config.quotas.sender_burst_bytes,
+                app_max_connections: config.quotas.app_max_connections,
+            });
             gateways.insert(
                 node_id.clone(),
                 GatewayClient::from_local(Arc::new(gateway.clone())),
