@@ -366,3 +366,101 @@ async fn a_full_disk_refuses_reliable_cleanly_and_loses_nothing() {
     drop(bob);
     drop(node);
 }
+
+/// With no floor, a disk that fills up under the store: a RELIABLE write
+/// that fails for want of space is refused to its sender (UNAVAILABLE), the
+/// process stays up, FAST flows, and once space is back the store takes
+/// writes again; every accepted message survives a kill -9.
+///
+/// Known failure, kept as its reproduction: the refusal, FAST and the
+/// recovery work, but the last message accepted before the failed write and
+/// the first accepted after it are missing after the restart (the inbox
+/// log's segment handling around a failed write and rotation; hot.rs). The
+/// disk floor (on by default) keeps a node from reaching a full disk.
+#[tokio::test]
+#[ignore = "known bug: messages acknowledged around an ENOSPC in the inbox log are lost on restart"]
+async fn a_write_failing_with_no_space_is_refused_and_the_store_recovers() {
+    let Some(disk) = SmallDisk::mount("64m") else {
+        return;
+    };
+    let data = disk.path().join("data");
+    let env = [
+        ("SWITCHBOARD_QUOTAS__DISK_MIN_FREE_BYTES", "0"),
+        ("SWITCHBOARD_QUOTAS__DISK_MIN_FREE_PERCENT", "0"),
+        ("SWITCHBOARD_QUOTAS__DISK_CHECK_INTERVAL", "100ms"),
+        ("SWITCHBOARD_STORE__HOT_MIB", "4"),
+        // The log's segments are preallocated: filling the rest of one
+        // takes a few hundred of the largest messages, sent back to back.
+        ("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "100000"),
+    ];
+    let mut node = ProcessNode::start_with_env(&data, &env).await;
+    let mut ann = Client::login_with(&node.url(), "demo-ann", true).await;
+    let mut carl = Client::login(&node.url(), "demo-carl").await;
+    let mut accepted: Vec<String> = Vec::new();
+    let reply = send_reliable(&mut ann, "demo-bob", "before", "b0").await;
+    assert_eq!(reply["type"], "MESSAGE_ACCEPTED", "{reply}");
+    accepted.push("before".into());
+    // Fill every byte left.
+    let filler = disk.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; disk.free_bytes() as usize]);
+    let mut tail = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&filler)
+        .expect("open the filler");
+    while std::io::Write::write_all(&mut tail, &[0u8; 4096]).is_ok() {}
+    drop(tail);
+    // Messages of 16 KB until one is refused: the store's next write fails.
+    let content = "y".repeat(16_000);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let text = format!("{attempt}-{content}");
+        let reply = send_reliable(&mut ann, "demo-bob", &text, &format!("f{attempt}")).await;
+        if reply["type"] == "MESSAGE_ACCEPTED" {
+            accepted.push(text);
+        } else {
+            assert_eq!(reply["data"]["code"], "UNAVAILABLE", "{reply}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no write failed on a full disk"
+        );
+    }
+    ann.message("demo-carl", "fast on a full disk", "FAST", "f1")
+        .await;
+    assert_eq!(
+        carl.recv_type("MESSAGE").await["data"]["content"],
+        "fast on a full disk"
+    );
+    std::fs::remove_file(&filler).expect("free the disk");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        attempt += 1;
+        let text = format!("after-{attempt}");
+        let reply = send_reliable(&mut ann, "demo-bob", &text, &format!("a{attempt}")).await;
+        if reply["type"] == "MESSAGE_ACCEPTED" {
+            accepted.push(text);
+            break;
+        }
+        assert_eq!(reply["data"]["code"], "UNAVAILABLE", "{reply}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store never took writes again with space back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.kill9();
+    drop(node);
+    let node = ProcessNode::start_with_env(&data, &env).await;
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    let (frames, _) = bob.fetch_all(1000).await;
+    // Compared by their labels (the text before the first '-').
+    let label = |c: &String| c.split('-').next().unwrap_or_default().to_owned();
+    let fetched: Vec<String> = contents(&frames).iter().map(label).collect();
+    let expected: Vec<String> = accepted.iter().map(label).collect();
+    assert_eq!(fetched, expected);
+    drop(bob);
+    drop(node);
+}
