@@ -30,6 +30,8 @@ pub struct QuotasConfig {
     /// (`UNAVAILABLE`); FAST ones keep flowing.
     pub disk_min_free_bytes: u64,
     /// Free space, in percent of the filesystem, below which the same.
+    /// Off by default: on a large disk one percent is gigabytes that a
+    /// healthy node may well be running with.
     pub disk_min_free_percent: f64,
     /// How often the free space is read (humantime: `"1s"`).
     #[serde(with = "super::humantime_duration")]
@@ -46,7 +48,7 @@ impl Default for QuotasConfig {
             app_max_connections: 0,
             app_max_inboxes: 1_000_000,
             disk_min_free_bytes: 64 * 1024 * 1024,
-            disk_min_free_percent: 1.0,
+            disk_min_free_percent: 0.0,
             disk_check_interval: Duration::from_secs(1),
         }
     }
