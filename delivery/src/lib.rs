@@ -23,12 +23,22 @@ use switchboard_mesh::{AuthClient, GatewayDirectory, ServiceError, pb};
 use switchboard_presence::Presence;
 use switchboard_store::{Appended, InboxKey, MessageHeader, Store, StoreError};
 
+mod disk;
+mod quota;
+pub use disk::{DiskFloor, DiskGuard};
+pub use quota::InboxQuota;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Presence(#[from] switchboard_presence::PresenceError),
+    /// The store's disk is below its free-space floor.
+    #[error(
+        "the server is low on disk space: RELIABLE messages are refused for now; try again later"
+    )]
+    LowDisk,
 }
 
 impl From<DeliveryError> for ServiceError {
@@ -52,6 +62,10 @@ pub struct DeliveryRole {
     /// Told about RELIABLE messages stored for users with nobody connected
     /// (push webhooks); set once.
     offline: std::sync::OnceLock<Arc<dyn Offline>>,
+    /// Messages and bytes per inbox, against the inbox quota.
+    counters: quota::InboxCounters,
+    /// The store's free-space floor; none for stores on other machines.
+    disk: Option<Arc<DiskGuard>>,
 }
 
 /// Messages stored for users with nobody connected (push webhooks).
@@ -93,6 +107,8 @@ struct Delivered {
     seqs: Vec<u64>,
     /// Whether its client id was a repeat; empty when none was.
     repeated: Vec<bool>,
+    /// Whether its recipient's inbox was full; empty when none was.
+    inbox_full: Vec<bool>,
 }
 
 /// Handles of the metrics recorded per store call, registered once (the
@@ -306,7 +322,27 @@ impl DeliveryRole {
                 .is_ok_and(|v| v == FAILPOINT_AFTER_APPEND),
             onward: std::sync::OnceLock::new(),
             offline: std::sync::OnceLock::new(),
+            counters: quota::InboxCounters::new(InboxQuota::default()),
+            disk: None,
         }
+    }
+
+    /// Refuses RELIABLE messages to inboxes past `quota` (`INBOX_FULL`).
+    pub fn with_inbox_quota(mut self, quota: InboxQuota) -> Self {
+        self.counters = quota::InboxCounters::new(quota);
+        self
+    }
+
+    /// Refuses RELIABLE messages (`UNAVAILABLE`) while `disk` is low.
+    pub fn with_disk_guard(mut self, disk: Arc<DiskGuard>) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// Forgets the inbox counts: each is read from the store again when
+    /// next touched. Called when the inboxes this process serves change.
+    pub fn forget_inbox_counts(&self) {
+        self.counters.forget();
     }
 
     /// Tells `offline` about RELIABLE messages stored for users with nobody
@@ -375,6 +411,17 @@ impl DeliveryRole {
         sent_copies: Vec<pb::Envelope>,
         copy_to_sender: bool,
     ) -> Result<Delivered, DeliveryError> {
+        // Below the disk floor nothing RELIABLE is taken, so nothing is
+        // accepted and then lost; FAST messages flow on.
+        if let Some(disk) = &self.disk
+            && disk.is_low()
+            && envelopes
+                .iter()
+                .any(|e| e.feature() == pb::Feature::Reliable)
+        {
+            metrics::counter!("switchboard_quota_refusals_total", "quota" => "disk").increment(1);
+            return Err(DeliveryError::LowDisk);
+        }
         // Envelopes whose id the client gave: indexed by the store. Empty
         // (nothing allocated) when none is.
         let client_ids: Vec<bool> = if envelopes.iter().any(|e| e.client_id) {
@@ -441,6 +488,7 @@ impl DeliveryRole {
         // in practice: a route call carries messages of one app).
         let mut seqs = vec![0u64; messages.len()];
         let mut repeated: Vec<bool> = Vec::new();
+        let mut inbox_full: Vec<bool> = Vec::new();
         let reliable = |m: &pb::InboxMessage| m.feature() == pb::Feature::Reliable;
         let mut start = 0;
         while start < messages.len() {
@@ -458,12 +506,51 @@ impl DeliveryRole {
                     .count();
             let run = &messages[start..end];
             let run_flags = flags.get(start..end).unwrap_or_default();
+            let charges = self.counters.admit(self.store.as_ref(), app, run).await?;
+            // The positions (in the run) that go to the store: all of them
+            // unless an inbox is full, which is rare (its messages then are
+            // copied out of the run).
+            let (kept, kept_at): (std::borrow::Cow<'_, [pb::InboxMessage]>, Vec<usize>) =
+                if charges.refused.is_empty() {
+                    (run.into(), (0..run.len()).collect())
+                } else {
+                    let at: Vec<usize> = (0..run.len()).filter(|&k| !charges.refused[k]).collect();
+                    if inbox_full.is_empty() {
+                        inbox_full = vec![false; messages.len()];
+                    }
+                    for (k, &r) in charges.refused.iter().enumerate() {
+                        inbox_full[start + k] = r;
+                    }
+                    metrics::counter!("switchboard_quota_refusals_total", "quota" => "inbox")
+                        .increment((run.len() - at.len()) as u64);
+                    (at.iter().map(|&k| run[k].clone()).collect(), at)
+                };
+            let kept_flags: std::borrow::Cow<'_, [bool]> =
+                if charges.refused.is_empty() || run_flags.is_empty() {
+                    run_flags.into()
+                } else {
+                    kept_at.iter().map(|&k| run_flags[k]).collect()
+                };
             let started = std::time::Instant::now();
-            let appended = tracing::Instrument::instrument(
-                self.store.append(app, run, run_flags),
-                tracing::info_span!("store.append", count = run.len()),
-            )
-            .await?;
+            let appended = if kept.is_empty() {
+                Vec::new()
+            } else {
+                let appended = tracing::Instrument::instrument(
+                    self.store.append(app, &kept, &kept_flags),
+                    tracing::info_span!("store.append", count = kept.len()),
+                )
+                .await;
+                match appended {
+                    Ok(appended) => appended,
+                    Err(e) => {
+                        self.counters.release(app, kept.iter());
+                        if let Some(disk) = &self.disk {
+                            disk.write_failed(&e);
+                        }
+                        return Err(e.into());
+                    }
+                }
+            };
             if self.abort_after_append {
                 tracing::error!("failpoint delivery-after-append: aborting");
                 std::process::abort();
@@ -472,7 +559,8 @@ impl DeliveryRole {
                 .append_seconds
                 .record(started.elapsed().as_secs_f64());
             let mut stored = 0;
-            for (i, outcome) in (start..end).zip(appended) {
+            for (k, outcome) in kept_at.iter().zip(appended) {
+                let i = start + k;
                 match outcome {
                     Appended::Stored(seq) => {
                         seqs[i] = seq;
@@ -483,6 +571,7 @@ impl DeliveryRole {
                             repeated = vec![false; messages.len()];
                         }
                         repeated[i] = true;
+                        self.counters.release(app, std::iter::once(&messages[i]));
                     }
                 }
             }
@@ -495,6 +584,7 @@ impl DeliveryRole {
             tracing::debug!(count, "repeated client ids: not stored or pushed again");
         }
         let is_repeat = |i: usize| repeated.get(i).copied().unwrap_or(false);
+        let is_full = |i: usize| inbox_full.get(i).copied().unwrap_or(false);
         let mut pushes = Vec::with_capacity(messages.len() + copies.len());
         for (i, ((app, mut msg), seq)) in apps
             .into_iter()
@@ -502,6 +592,10 @@ impl DeliveryRole {
             .zip(seqs.iter().copied())
             .enumerate()
         {
+            if is_full(i) {
+                // Refused to its sender: neither stored nor shown.
+                continue;
+            }
             if is_repeat(i) {
                 // Still in the inbox (its first push may never have gone
                 // out: a crash between store and reply): pushed again, under
@@ -520,7 +614,7 @@ impl DeliveryRole {
         let group_repeat = repeated.iter().any(|r| *r);
         for (source, copy) in copies {
             let skip = match source {
-                Some(i) => message_of(i).is_some_and(is_repeat),
+                Some(i) => message_of(i).is_some_and(|m| is_repeat(m) || is_full(m)),
                 None => group_repeat,
             };
             if !skip {
@@ -528,7 +622,11 @@ impl DeliveryRole {
             }
         }
         self.push(pushes).await?;
-        Ok(Delivered { seqs, repeated })
+        Ok(Delivered {
+            seqs,
+            repeated,
+            inbox_full,
+        })
     }
 
     /// The stored copy of a repeated send in its recipient's inbox, when the
@@ -724,13 +822,22 @@ impl switchboard_mesh::Delivery for DeliveryRole {
             } else {
                 vec![false; n]
             };
+            let mut inbox_full = Vec::new();
             for (k, at) in local_at.into_iter().enumerate() {
                 seqs[at] = delivered.seqs.get(k).copied().unwrap_or(0);
                 if let Some(r) = delivered.repeated.get(k) {
                     repeated[at] = *r;
                 }
+                if delivered.inbox_full.get(k).copied().unwrap_or(false) {
+                    inbox_full.resize(n, false);
+                    inbox_full[at] = true;
+                }
             }
-            return Ok(pb::DeliverReply { seqs, repeated });
+            return Ok(pb::DeliverReply {
+                seqs,
+                repeated,
+                inbox_full,
+            });
         }
         let delivered = self
             .deliver_envelopes(req.envelopes, req.sent_copies, req.copy_to_sender)
@@ -738,6 +845,7 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         Ok(pb::DeliverReply {
             seqs: delivered.seqs,
             repeated: delivered.repeated,
+            inbox_full: delivered.inbox_full,
         })
     }
 
@@ -776,7 +884,7 @@ impl switchboard_mesh::Delivery for DeliveryRole {
         // loses it once its message is gone (see `Store::remove`).
         let started = std::time::Instant::now();
         let by_inbox: Vec<(InboxKey, Vec<u64>)> = by_inbox.into_iter().collect();
-        let apps: Vec<String> = by_inbox.iter().map(|(k, _)| k.app_id.clone()).collect();
+        let inboxes: Vec<InboxKey> = by_inbox.iter().map(|(k, _)| k.clone()).collect();
         let removals = self
             .store
             .remove_many(by_inbox, Some(confirmation_of))
@@ -786,9 +894,13 @@ impl switchboard_mesh::Delivery for DeliveryRole {
             .remove_seconds
             .record(started.elapsed().as_secs_f64());
         let mut removed_total = 0u64;
-        for (app_id, removal) in apps.into_iter().zip(removals) {
+        for (inbox, removal) in inboxes.into_iter().zip(removals) {
             removed_total += removal.removed.len() as u64;
-            for msg in self.send_onward(&app_id, removal.appended).await {
+            self.counters.removed(&inbox, removal.removed.len() as u64);
+            let app_id = inbox.app_id;
+            let local = self.send_onward(&app_id, removal.appended).await;
+            self.counters.appended(&app_id, &local);
+            for msg in local {
                 pushes.push(push_to_recipient(app_id.clone(), msg));
             }
         }
@@ -900,6 +1012,7 @@ impl switchboard_mesh::Delivery for MeshDelivery {
             return Ok(pb::DeliverReply {
                 seqs,
                 repeated: repeats,
+                ..Default::default()
             });
         }
         let (sent_copies, copy_to_sender) = if repeated == 0 {
@@ -919,10 +1032,17 @@ impl switchboard_mesh::Delivery for MeshDelivery {
             repeats = vec![false; seqs.len()];
         }
         let mut recent = self.recent();
+        let mut inbox_full = Vec::new();
         for (n, (&i, seq)) in positions.iter().zip(reply.seqs).enumerate() {
             seqs[i] = seq;
             if reply.repeated.get(n).copied().unwrap_or(false) {
                 repeats[i] = true;
+            }
+            if reply.inbox_full.get(n).copied().unwrap_or(false) {
+                // Refused, not delivered: a retry is judged afresh.
+                inbox_full.resize(seqs.len(), false);
+                inbox_full[i] = true;
+                continue;
             }
             if let Some(key) = keys[i] {
                 recent.insert(key, seq);
@@ -931,6 +1051,7 @@ impl switchboard_mesh::Delivery for MeshDelivery {
         Ok(pb::DeliverReply {
             seqs,
             repeated: repeats,
+            inbox_full,
         })
     }
 

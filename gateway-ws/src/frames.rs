@@ -739,6 +739,32 @@ struct ErrorData<'a> {
     message: &'a str,
 }
 
+#[derive(Serialize)]
+struct InboxFullData<'a> {
+    code: &'a str,
+    message: String,
+    id: &'a str,
+    recipients: &'a [String],
+}
+
+/// The ERROR of a group message that was not stored for some recipients,
+/// their inboxes being full (it was accepted for the others).
+pub fn inbox_full(reference: Option<&str>, id: &str, recipients: &[String]) -> String {
+    render(
+        "ERROR",
+        InboxFullData {
+            code: ErrorCode::InboxFull.as_str(),
+            message: format!(
+                "not stored for {} recipient(s) whose inbox is full; accepted for the others",
+                recipients.len()
+            ),
+            id,
+            recipients,
+        },
+        reference,
+    )
+}
+
 pub fn error(err: &FrameError) -> String {
     render(
         "ERROR",

@@ -1,6 +1,8 @@
 //! The gateway role: the client port. It speaks client protocol v1 over
 //! WebSocket, holds the live connections and writes pushed messages to them.
 
+mod quota;
+pub use quota::GatewayQuotas;
 mod channels;
 pub mod commands;
 mod connection;
@@ -110,6 +112,8 @@ pub(crate) struct GatewayInner {
     /// Cancelled at shutdown: every connection closes with 1001.
     pub shutdown: CancellationToken,
     pub next_conn_id: std::sync::atomic::AtomicU64,
+    /// Sender budgets and app connection counts; none until set.
+    pub quotas: std::sync::OnceLock<quota::Quotas>,
 }
 
 /// A gateway instance. Cheap to clone.
@@ -138,6 +142,7 @@ impl GatewayRole {
             delivered_tx,
             shutdown: CancellationToken::new(),
             next_conn_id: std::sync::atomic::AtomicU64::new(1),
+            quotas: std::sync::OnceLock::new(),
         });
         tokio::spawn(channels::sync_with_owners(Arc::downgrade(&inner)));
         GatewayRole { inner }
@@ -145,6 +150,11 @@ impl GatewayRole {
 
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// Enforces `quotas` from now on. Set once; later calls are ignored.
+    pub fn set_quotas(&self, quotas: GatewayQuotas) {
+        let _ = self.inner.quotas.set(quota::Quotas::new(quotas));
     }
 
     /// A new client session on this gateway, for a transport other than

@@ -131,6 +131,7 @@ impl switchboard_mesh::Router for Inboxes {
         Ok(pb::RouteReply {
             recipients: 1,
             repeated,
+            ..Default::default()
         })
     }
 
@@ -142,6 +143,7 @@ impl switchboard_mesh::Router for Inboxes {
         Ok(pb::RouteReply {
             recipients: 1,
             repeated,
+            ..Default::default()
         })
     }
 }

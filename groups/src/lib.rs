@@ -68,10 +68,13 @@ impl switchboard_mesh::Groups for GroupsRole {
             .collect();
         recipients.sort_unstable();
         recipients.dedup();
+        // Owned: the envelope moves on as the sender's copy, and a full
+        // inbox is reported by its recipient's name.
+        let recipients: Vec<String> = recipients.into_iter().cloned().collect();
         let envelopes: Vec<pb::Envelope> = recipients
             .iter()
             .map(|user| pb::Envelope {
-                to: vec![(*user).clone()],
+                to: vec![user.clone()],
                 origin: None,
                 ..envelope.clone()
             })
@@ -97,6 +100,18 @@ impl switchboard_mesh::Groups for GroupsRole {
         Ok(pb::FanoutReply {
             recipients: count,
             repeated: reply.repeated.iter().any(|r| *r),
+            inbox_full: full_recipients(&recipients, &reply.inbox_full),
         })
     }
+}
+
+/// The recipients (in the order of a delivery call's envelopes) whose
+/// inbox was full.
+pub(crate) fn full_recipients<S: AsRef<str>>(recipients: &[S], inbox_full: &[bool]) -> Vec<String> {
+    recipients
+        .iter()
+        .zip(inbox_full)
+        .filter(|(_, full)| **full)
+        .map(|(user, _)| user.as_ref().to_owned())
+        .collect()
 }

@@ -534,6 +534,7 @@ impl PersistentGroups {
         tracing::Span::current().record("fanout.size", recipients.len());
         let mut sent_copy = envelope.origin.is_some().then(|| envelope.clone());
         let mut repeated = false;
+        let mut inbox_full = Vec::new();
         for (i, chunk) in recipients.chunks(self.limits.fanout_batch).enumerate() {
             let envelopes = chunk
                 .iter()
@@ -560,6 +561,7 @@ impl PersistentGroups {
                 repeated = true;
                 break;
             }
+            inbox_full.extend(crate::full_recipients(chunk, &reply.inbox_full));
         }
         if recipients.is_empty() && sent_copy.is_some() {
             // Alone in the group: only the sender's other devices see it.
@@ -578,6 +580,7 @@ impl PersistentGroups {
         Ok(pb::FanoutReply {
             recipients: u32::try_from(recipients.len()).unwrap_or(u32::MAX),
             repeated,
+            inbox_full,
         })
     }
 }
@@ -666,7 +669,11 @@ mod tests {
                 .collect();
             let seqs = vec![1; req.envelopes.len()];
             self.calls.lock().expect("lock").push(req);
-            Ok(pb::DeliverReply { seqs, repeated })
+            Ok(pb::DeliverReply {
+                seqs,
+                repeated,
+                ..Default::default()
+            })
         }
         async fn fetch(&self, _: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
             Err(ServiceError::internal("not used"))

@@ -15,7 +15,7 @@ pub mod federation;
 mod local;
 
 pub use federation::{Federation, FederationOptions, RouteTable};
-pub use local::Local;
+pub use local::{BatchRouted, Local, LocalRouted};
 
 pub struct RouterRole {
     domain: String,
@@ -43,7 +43,7 @@ impl RouterRole {
         let _ = self.federation.set(federation);
     }
 
-    async fn route_one(&self, envelope: pb::Envelope) -> Result<(u32, bool), ServiceError> {
+    async fn route_one(&self, envelope: pb::Envelope) -> Result<LocalRouted, ServiceError> {
         match self.federation.get() {
             Some(f) => f.route(envelope).await,
             None => self.local.route(envelope).await,
@@ -66,10 +66,12 @@ impl switchboard_mesh::Router for RouterRole {
         let envelope = req
             .envelope
             .ok_or_else(|| ServiceError::invalid("route request without an envelope"))?;
-        let (recipients, repeat) = self.route_one(envelope).await?;
+        let routed = self.route_one(envelope).await?;
         Ok(pb::RouteReply {
-            recipients,
-            repeated: if repeat { vec![0] } else { Vec::new() },
+            recipients: routed.recipients,
+            repeated: if routed.repeated { vec![0] } else { Vec::new() },
+            inbox_full: Vec::new(),
+            inbox_full_recipients: routed.inbox_full,
         })
     }
 
@@ -99,18 +101,22 @@ impl switchboard_mesh::Router for RouterRole {
         let recipients = u32::try_from(envelopes.len()).unwrap_or(u32::MAX);
         // One delivery call for what stays here: RELIABLE ones share one
         // store write, and they keep the order they were sent in.
-        let repeated = match self.federation.get() {
+        let routed = match self.federation.get() {
             Some(f) => f.route_batch(envelopes).await?,
             None => self.local.deliver_batch(envelopes).await?,
         };
-        let repeated = (0u32..)
-            .zip(&repeated)
-            .filter(|(_, r)| **r)
-            .map(|(i, _)| i)
-            .collect();
+        let positions = |flags: &[bool]| -> Vec<u32> {
+            (0u32..)
+                .zip(flags)
+                .filter(|(_, r)| **r)
+                .map(|(i, _)| i)
+                .collect()
+        };
         Ok(pb::RouteReply {
             recipients,
-            repeated,
+            repeated: positions(&routed.repeated),
+            inbox_full: positions(&routed.inbox_full),
+            inbox_full_recipients: Vec::new(),
         })
     }
 }

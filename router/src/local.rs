@@ -3,6 +3,34 @@
 
 use switchboard_mesh::{DeliveryClient, ErrorCode, GroupsClient, ServiceError, pb};
 
+/// What routing one envelope here did.
+#[derive(Debug, Default)]
+pub struct LocalRouted {
+    /// Recipients it was handed to.
+    pub recipients: u32,
+    /// Its client id was a repeat.
+    pub repeated: bool,
+    /// Recipients of a group message whose inbox is full (not stored for
+    /// them; accepted for the others).
+    pub inbox_full: Vec<String>,
+}
+
+/// What routing direct envelopes together did, by position.
+#[derive(Debug, Default)]
+pub struct BatchRouted {
+    pub repeated: Vec<bool>,
+    /// Refused: the recipient's inbox is full.
+    pub inbox_full: Vec<bool>,
+}
+
+/// The refusal of a direct message to a full inbox.
+pub(crate) fn inbox_full_error(to: &str) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::InboxFull,
+        format!("the inbox of {to} is full: the message was not stored"),
+    )
+}
+
 /// The roles an envelope for a local recipient is handed to.
 #[derive(Clone)]
 pub struct Local {
@@ -11,9 +39,9 @@ pub struct Local {
 }
 
 impl Local {
-    /// Routes one envelope here: how many recipients it was handed to, and
-    /// whether its client id was a repeat.
-    pub async fn route(&self, envelope: pb::Envelope) -> Result<(u32, bool), ServiceError> {
+    /// Routes one envelope here. A direct message to a full inbox is an
+    /// `INBOX_FULL` error; a group message names its full recipients.
+    pub async fn route(&self, envelope: pb::Envelope) -> Result<LocalRouted, ServiceError> {
         match envelope.kind() {
             // A persistent group's copy for one member (fanned out in the
             // domain that holds the group) is delivered like a direct one.
@@ -24,7 +52,11 @@ impl Local {
                         envelope: Some(envelope),
                     })
                     .await?;
-                Ok((reply.recipients, reply.repeated))
+                Ok(LocalRouted {
+                    recipients: reply.recipients,
+                    repeated: reply.repeated,
+                    inbox_full: reply.inbox_full,
+                })
             }
             _ => {
                 if envelope.to.len() != 1 {
@@ -34,6 +66,7 @@ impl Local {
                     ));
                 }
                 let copy_to_sender = envelope.origin.is_some();
+                let to = envelope.to[0].clone();
                 let reply = self
                     .delivery
                     .deliver(pb::DeliverRequest {
@@ -42,19 +75,26 @@ impl Local {
                         copy_to_sender,
                     })
                     .await?;
-                Ok((1, reply.repeated.first().copied().unwrap_or(false)))
+                if reply.inbox_full.first().copied().unwrap_or(false) {
+                    return Err(inbox_full_error(&to));
+                }
+                Ok(LocalRouted {
+                    recipients: 1,
+                    repeated: reply.repeated.first().copied().unwrap_or(false),
+                    inbox_full: Vec::new(),
+                })
             }
         }
     }
 
     /// Direct envelopes in one delivery call (one store write), in order;
-    /// the positions of repeats.
+    /// the positions of repeats and of refusals for a full inbox.
     pub async fn deliver_batch(
         &self,
         envelopes: Vec<pb::Envelope>,
-    ) -> Result<Vec<bool>, ServiceError> {
+    ) -> Result<BatchRouted, ServiceError> {
         let Some(first) = envelopes.first() else {
-            return Ok(Vec::new());
+            return Ok(BatchRouted::default());
         };
         let copy_to_sender = first.origin.is_some();
         let n = envelopes.len();
@@ -68,7 +108,12 @@ impl Local {
             .await?;
         let mut repeated = reply.repeated;
         repeated.resize(n, false);
-        Ok(repeated)
+        let mut inbox_full = reply.inbox_full;
+        inbox_full.resize(n, false);
+        Ok(BatchRouted {
+            repeated,
+            inbox_full,
+        })
     }
 
     /// The MESSAGE_SENT copies of messages that left this domain: the

@@ -260,6 +260,17 @@ impl Connection {
 
     /// MESSAGE_ACCEPTED, when the session says the client is told.
     fn answer_accepted(&self, accepted: &Accepted, meta: &RequestMeta) {
+        if !accepted.inbox_full.is_empty() {
+            // Accepted for the others; the sender learns who did not get it.
+            self.send_text(
+                "ERROR",
+                frames::inbox_full(
+                    meta.reference.as_deref(),
+                    &accepted.id,
+                    &accepted.inbox_full,
+                ),
+            );
+        }
         if self.session.answers_accepted(accepted) {
             self.send_text(
                 "MESSAGE_ACCEPTED",

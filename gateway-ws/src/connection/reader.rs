@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use switchboard_mesh::ErrorCode;
+use switchboard_mesh::{ErrorCode, ServiceError};
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
 
@@ -259,10 +259,21 @@ impl Connection {
         match self.session.route_batch(envelopes, &answers[0].2).await {
             Ok(routed) => {
                 for (position, (id, reliable, meta)) in answers.into_iter().enumerate() {
+                    if routed.is_inbox_full(position) {
+                        let e = ServiceError::new(
+                            ErrorCode::InboxFull,
+                            "the recipient's inbox is full: the message was not stored",
+                        );
+                        if let Flow::Stop = self.refuse(FrameError::refused(e, &meta)) {
+                            return Flow::Stop;
+                        }
+                        continue;
+                    }
                     let accepted = Accepted {
                         id,
                         reliable,
                         repeated: routed.is_repeated(position),
+                        inbox_full: Vec::new(),
                     };
                     self.answer_accepted(&accepted, &meta);
                 }

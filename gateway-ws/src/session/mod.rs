@@ -150,6 +150,9 @@ pub struct Accepted {
     /// A resend of a client id this sender already had accepted: nothing
     /// was stored or shown again.
     pub repeated: bool,
+    /// Recipients of a group message whose inbox is full: the message was
+    /// not stored for them (it was for the others).
+    pub inbox_full: Vec<String>,
 }
 
 /// Messages routed together, all accepted.
@@ -157,12 +160,20 @@ pub struct Accepted {
 pub struct Routed {
     /// Positions (in the batch) of the resends of an accepted client id.
     repeated: Vec<u32>,
+    /// Positions refused because their recipient's inbox is full.
+    inbox_full: Vec<u32>,
 }
 
 impl Routed {
     /// Whether the message at `position` of the batch was a resend.
     pub fn is_repeated(&self, position: usize) -> bool {
         self.repeated.iter().any(|&p| p as usize == position)
+    }
+
+    /// Whether the message at `position` was refused: its recipient's inbox
+    /// is full.
+    pub fn is_inbox_full(&self, position: usize) -> bool {
+        self.inbox_full.iter().any(|&p| p as usize == position)
     }
 }
 
@@ -223,6 +234,8 @@ pub struct Session {
     /// A server-side caller of the public API ([`Session::act_for`]): it
     /// has no connection, so none of the user's is the one it sent from.
     api_caller: bool,
+    /// This session's place in its app's connection count.
+    _app_slot: Option<crate::quota::AppSlot>,
 }
 
 impl Session {
@@ -240,6 +253,7 @@ impl Session {
             channels: channels::ChannelState::default(),
             web_origin: None,
             api_caller: false,
+            _app_slot: None,
         }
     }
 
@@ -427,6 +441,19 @@ impl Session {
                 redirect: Some(url),
             });
         }
+        if let Some(quotas) = self.gw.quotas.get() {
+            match quotas.join_app(&auth.app_id) {
+                Ok(slot) => self._app_slot = slot,
+                Err(reason) => {
+                    return Ok(AuthOutcome::Refused {
+                        app_id: auth.app_id,
+                        user_id: auth.user_id,
+                        reason,
+                        redirect: None,
+                    });
+                }
+            }
+        }
         // Set once: checked above, and only this method sets it.
         let _ = self.identity.set(Identity {
             app_id: auth.app_id,
@@ -505,6 +532,9 @@ impl Session {
         }
         check_recipient(id, &msg.to, self.gw.limits.max_user_id_chars)?;
         self.check_content(&msg.content)?;
+        if let Some(quotas) = self.gw.quotas.get() {
+            quotas.charge(&id.app_id, &id.user_id, msg.content.len() as u64)?;
+        }
         let mut envelope = self.envelope(id, msg.id, meta, msg.feature);
         envelope.to = vec![msg.to];
         envelope.content = msg.content;
@@ -539,18 +569,40 @@ impl Session {
                 for user in &to {
                     check_recipient(id, user, self.gw.limits.max_user_id_chars)?;
                 }
+                // Every recipient costs the content: one message to 1,000
+                // users is 1,000 messages' worth of storage and pushes.
+                if let Some(quotas) = self.gw.quotas.get() {
+                    let cost = (msg.content.len() as u64).saturating_mul(to.len() as u64);
+                    quotas.charge(&id.app_id, &id.user_id, cost)?;
+                }
                 envelope.to = to;
             }
-            (None, Some(group)) if !group.is_empty() => envelope.group = group,
+            (None, Some(group)) if !group.is_empty() => {
+                // Its members are known once routed: charged then.
+                if let Some(quotas) = self.gw.quotas.get() {
+                    quotas.check(&id.app_id, &id.user_id)?;
+                }
+                envelope.group = group;
+            }
             _ => {
                 return Err(ServiceError::invalid(
                     "GROUP_MESSAGE needs either data.to (a list of users) or data.group",
                 ));
             }
         }
+        let persistent = !envelope.group.is_empty();
+        let content_bytes = msg.content.len() as u64;
         envelope.content = msg.content;
         envelope.kind = pb::MessageKind::Group.into();
-        self.route(envelope, meta).await
+        let (accepted, recipients) = self.route_counted(envelope, meta).await?;
+        if persistent && let Some(quotas) = self.gw.quotas.get() {
+            quotas.charge_after(
+                &id.app_id,
+                &id.user_id,
+                content_bytes.saturating_mul(u64::from(recipients)),
+            );
+        }
+        Ok(accepted)
     }
 
     fn check_content(&self, content: &str) -> Result<(), ServiceError> {
@@ -616,6 +668,16 @@ impl Session {
         envelope: pb::Envelope,
         meta: &RequestMeta,
     ) -> Result<Accepted, ServiceError> {
+        Ok(self.route_counted(envelope, meta).await?.0)
+    }
+
+    /// Routes one envelope built by this session; also how many recipients
+    /// it was handed to.
+    async fn route_counted(
+        &self,
+        envelope: pb::Envelope,
+        meta: &RequestMeta,
+    ) -> Result<(Accepted, u32), ServiceError> {
         let id = envelope.id.clone();
         let reliable = envelope.feature() == pb::Feature::Reliable;
         let group = envelope.kind() == pb::MessageKind::Group;
@@ -640,11 +702,15 @@ impl Session {
         let reply = routed.inspect_err(|e| {
             span.record("error", tracing::field::display(e));
         })?;
-        Ok(Accepted {
-            id,
-            reliable,
-            repeated: reply.repeated.contains(&0),
-        })
+        Ok((
+            Accepted {
+                id,
+                reliable,
+                repeated: reply.repeated.contains(&0),
+                inbox_full: reply.inbox_full_recipients,
+            },
+            reply.recipients,
+        ))
     }
 
     /// Routes checked direct messages as one unit (one store write for the
@@ -660,6 +726,7 @@ impl Session {
         let Some(first) = envelopes.first() else {
             return Ok(Routed {
                 repeated: Vec::new(),
+                inbox_full: Vec::new(),
             });
         };
         let span = receive_span(
@@ -692,6 +759,7 @@ impl Session {
         })?;
         Ok(Routed {
             repeated: reply.repeated,
+            inbox_full: reply.inbox_full,
         })
     }
 

@@ -179,7 +179,7 @@ impl Federation {
     pub(crate) async fn route(
         &self,
         mut envelope: pb::Envelope,
-    ) -> Result<(u32, bool), ServiceError> {
+    ) -> Result<crate::LocalRouted, ServiceError> {
         // The hop limit is this domain's setting where a message enters
         // the federation.
         envelope.hop_limit = self.inner.options.hop_limit;
@@ -204,6 +204,7 @@ impl Federation {
         }
         let mut recipients = 0u32;
         let mut repeat = false;
+        let mut inbox_full = Vec::new();
         let mut remote = Vec::new();
         for (target, part) in parts {
             match target {
@@ -211,9 +212,10 @@ impl Federation {
                     let mut part = part;
                     // The sender's copy is made once, below, for the whole message.
                     part.origin = None;
-                    let (n, r) = self.inner.local.route(part).await?;
-                    recipients += n;
-                    repeat |= r;
+                    let routed = self.inner.local.route(part).await?;
+                    recipients += routed.recipients;
+                    repeat |= routed.repeated;
+                    inbox_full.extend(routed.inbox_full);
                 }
                 Target::Peer(peer) => {
                     recipients += part.to.len() as u32;
@@ -231,7 +233,11 @@ impl Federation {
         if envelope.origin.is_some() && !repeat {
             self.inner.local.sent_copies(vec![envelope]).await?;
         }
-        Ok((recipients, repeat))
+        Ok(crate::LocalRouted {
+            recipients,
+            repeated: repeat,
+            inbox_full,
+        })
     }
 
     /// Direct messages of one connection, in order: local ones in one
@@ -239,7 +245,7 @@ impl Federation {
     pub(crate) async fn route_batch(
         &self,
         envelopes: Vec<pb::Envelope>,
-    ) -> Result<Vec<bool>, ServiceError> {
+    ) -> Result<crate::BatchRouted, ServiceError> {
         let routes = self.routes();
         if envelopes
             .iter()
@@ -275,15 +281,18 @@ impl Federation {
             }
         }
         let mut repeated = vec![false; n];
-        for (at, r) in local_at
-            .into_iter()
-            .zip(self.inner.local.deliver_batch(local).await?)
-        {
-            repeated[at] = r;
+        let mut inbox_full = vec![false; n];
+        let delivered = self.inner.local.deliver_batch(local).await?;
+        for (k, at) in local_at.into_iter().enumerate() {
+            repeated[at] = delivered.repeated.get(k).copied().unwrap_or(false);
+            inbox_full[at] = delivered.inbox_full.get(k).copied().unwrap_or(false);
         }
         self.inner.send(remote).await?;
         self.inner.local.sent_copies(copies).await?;
-        Ok(repeated)
+        Ok(crate::BatchRouted {
+            repeated,
+            inbox_full,
+        })
     }
 
     /// Hands messages this domain created (sender confirmations) toward

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod quotas;
+pub use quotas::QuotasConfig;
+
 pub const ENV_PREFIX: &str = "SWITCHBOARD_";
 
 /// The domain of a deployment that names none.
@@ -111,6 +114,7 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub channels: ChannelsConfig,
     pub ui: UiConfig,
+    pub quotas: QuotasConfig,
     /// Client apps. Empty: the built-in development app `demo`.
     pub apps: Vec<AppConfig>,
 }
@@ -144,6 +148,7 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             channels: ChannelsConfig::default(),
             ui: UiConfig::default(),
+            quotas: QuotasConfig::default(),
             apps: Vec::new(),
         }
     }
@@ -1001,6 +1006,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_domain(&self.domain)?;
+        self.quotas.validate().map_err(ConfigError::Invalid)?;
         if self.roles.is_empty() {
             return Err(ConfigError::Invalid(
                 "roles is empty: name at least one of gateway, router, groups, delivery, auth"

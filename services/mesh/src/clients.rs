@@ -269,7 +269,7 @@ impl Delivery for RemoteDelivery {
         let keys = routing_keys(&req.envelopes);
         let mut reply = pb::DeliverReply {
             seqs: vec![0; n],
-            repeated: Vec::new(),
+            ..Default::default()
         };
         // The sender's copies go with one call (they are pushed once).
         let sent_copies = std::sync::Mutex::new(Some(req.sent_copies));
@@ -313,6 +313,10 @@ impl Delivery for RemoteDelivery {
                 reply.seqs[at] = part.seqs.get(k).copied().unwrap_or(0);
                 if let Some(&r) = part.repeated.get(k) {
                     reply.repeated[at] = r;
+                }
+                if part.inbox_full.get(k).copied().unwrap_or(false) {
+                    reply.inbox_full.resize(n, false);
+                    reply.inbox_full[at] = true;
                 }
             }
         }

@@ -15,10 +15,12 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     Internal,
+    /// The recipient's inbox holds its quota of messages or bytes.
+    InboxFull,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidJson,
         ErrorCode::UnknownType,
         ErrorCode::InvalidFrame,
@@ -30,6 +32,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::InboxFull,
     ];
 
     /// The code as it appears in a protocol `ERROR` frame.
@@ -44,6 +47,7 @@ impl ErrorCode {
             ErrorCode::NotAMember => "NOT_A_MEMBER",
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::InboxFull => "INBOX_FULL",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
         }
@@ -63,7 +67,7 @@ impl ErrorCode {
             ErrorCode::InvalidRecipient => tonic::Code::NotFound,
             ErrorCode::NotAMember => tonic::Code::FailedPrecondition,
             ErrorCode::PayloadTooLarge => tonic::Code::OutOfRange,
-            ErrorCode::RateLimited => tonic::Code::ResourceExhausted,
+            ErrorCode::RateLimited | ErrorCode::InboxFull => tonic::Code::ResourceExhausted,
             ErrorCode::Unavailable => tonic::Code::Unavailable,
             ErrorCode::Internal => tonic::Code::Internal,
         }
@@ -79,6 +83,8 @@ impl ErrorCode {
             ErrorCode::Forbidden | ErrorCode::NotAMember => 403,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimited => 429,
+            // Insufficient Storage: the recipient's, not the server's.
+            ErrorCode::InboxFull => 507,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }

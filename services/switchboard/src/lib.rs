@@ -256,12 +256,21 @@ pub async fn serve(
         _ => presence.clone(),
     };
     let delivery_role = store.as_ref().map(|store| {
-        Arc::new(DeliveryRole::new(
+        let role = DeliveryRole::new(
             store.clone(),
             delivery_presence.clone(),
             gateways.clone(),
             auth.clone(),
-        ))
+        )
+        .with_inbox_quota(switchboard_delivery::InboxQuota {
+            max_messages: config.quotas.inbox_max_messages,
+            max_bytes: config.quotas.inbox_max_bytes,
+            app_max_inboxes: config.quotas.app_max_inboxes,
+        });
+        Arc::new(match disk_guard(&config, &stop) {
+            Some(guard) => role.with_disk_guard(guard),
+            None => role,
+        })
     });
     // Push webhooks for users with nobody connected: sent from the
     // delivery process's durable outboxes.
@@ -280,13 +289,17 @@ pub async fn serve(
     // the inboxes it owns, and every caller here, its own roles included,
     // reaches each inbox's owner through the pool.
     let ownership = match (&discovery, &delivery_role) {
-        (Some(d), Some(_)) if config.store.engine.is_shared() => {
+        (Some(d), Some(role)) if config.store.engine.is_shared() => {
+            let role = role.clone();
             Some(ownership::Ownership::follow(
                 node_id.clone(),
                 switchboard_mesh::secret_tag(&config.mesh_secret),
                 d.members(),
                 d.publisher(),
                 &config.discovery_prefix(),
+                // Inbox counts follow ownership: those of gained inboxes
+                // are read from the store again.
+                Box::new(move || role.forget_inbox_counts()),
             ))
         }
         _ => None,
@@ -443,6 +456,11 @@ pub async fn serve(
                     readiness: readiness.clone(),
                 },
             );
+            gateway.set_quotas(switchboard_gateway::GatewayQuotas {
+                sender_bytes_per_second: config.quotas.sender_bytes_per_second,
+                sender_burst_bytes: config.quotas.sender_burst_bytes,
+                app_max_connections: config.quotas.app_max_connections,
+            });
             gateways.insert(
                 node_id.clone(),
                 GatewayClient::from_local(Arc::new(gateway.clone())),
@@ -905,6 +923,34 @@ async fn join_discovery(
             })?;
     }
     Ok(discovery)
+}
+
+/// The free-space floor of the embedded store's disk, read every
+/// `quotas.disk_check_interval` until the node stops. None for stores on
+/// other machines, or with both floors at 0.
+fn disk_guard(
+    config: &Config,
+    stop: &CancellationToken,
+) -> Option<Arc<switchboard_delivery::DiskGuard>> {
+    let q = &config.quotas;
+    if config.store.engine != StoreEngine::Fjall
+        || (q.disk_min_free_bytes == 0 && q.disk_min_free_percent <= 0.0)
+    {
+        return None;
+    }
+    let guard = Arc::new(switchboard_delivery::DiskGuard::new(
+        &config.data_dir,
+        switchboard_delivery::DiskFloor {
+            min_free_bytes: q.disk_min_free_bytes,
+            min_free_percent: q.disk_min_free_percent,
+        },
+    ));
+    let stopped = stop.clone();
+    tokio::spawn(guard.clone().watch(
+        q.disk_check_interval,
+        async move { stopped.cancelled().await },
+    ));
+    Some(guard)
 }
 
 /// `/readyz` of a node: its store and its presence backend answer.

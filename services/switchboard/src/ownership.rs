@@ -85,6 +85,7 @@ impl Ownership {
         mut members: watch::Receiver<Arc<Members>>,
         publisher: Publisher,
         discovery_prefix: &str,
+        on_settle: Box<dyn Fn() + Send + Sync>,
     ) -> Self {
         let ownership = Ownership {
             me,
@@ -105,7 +106,8 @@ impl Ownership {
                     ids
                 };
                 if view != this.views.read().await.current {
-                    this.apply(view, &publisher, &prefix, &mut members).await;
+                    this.apply(view, &publisher, &prefix, &mut members, on_settle.as_ref())
+                        .await;
                 }
                 if members.changed().await.is_err() {
                     return;
@@ -124,6 +126,7 @@ impl Ownership {
         publisher: &Publisher,
         prefix: &str,
         members: &mut watch::Receiver<Arc<Members>>,
+        on_settle: &(dyn Fn() + Send + Sync),
     ) {
         self.views.write().await.current = view.clone();
         let mine = fingerprint(&view);
@@ -150,6 +153,8 @@ impl Ownership {
                 if settled {
                     let mut views = self.views.write().await;
                     if views.current == view {
+                        // Under the write lock: no call in flight.
+                        on_settle();
                         views.settled = Some(view);
                         tracing::info!("delivery member list settled");
                     }
