@@ -187,21 +187,38 @@ async fn route_unbatched(
         Err(status) if status.code() == tonic::Code::Unimplemented => {
             let mut recipients = 0u32;
             let mut repeated = Vec::new();
+            let mut inbox_full = Vec::new();
+            let mut inbox_full_recipients = Vec::new();
             for (at, envelope) in (0u32..).zip(batch.envelopes) {
-                let reply = client
+                let reply = match client
                     .route(pb::RouteRequest {
                         envelope: Some(envelope),
                     })
-                    .await?
-                    .into_inner();
+                    .await
+                {
+                    Ok(reply) => reply.into_inner(),
+                    // A direct message to a full inbox: refused alone, as
+                    // RouteBatch reports it.
+                    Err(status)
+                        if crate::ServiceError::from(status.clone()).code
+                            == crate::ErrorCode::InboxFull =>
+                    {
+                        inbox_full.push(at);
+                        continue;
+                    }
+                    Err(status) => return Err(status),
+                };
                 recipients = recipients.saturating_add(reply.recipients);
                 if !reply.repeated.is_empty() {
                     repeated.push(at);
                 }
+                inbox_full_recipients.extend(reply.inbox_full_recipients);
             }
             Ok(pb::RouteReply {
                 recipients,
                 repeated,
+                inbox_full,
+                inbox_full_recipients,
             })
         }
         other => other.map(tonic::Response::into_inner),

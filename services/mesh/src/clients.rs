@@ -383,6 +383,7 @@ impl Delivery for BatchedDelivery {
         let mut reply = pb::DeliverReply {
             seqs: vec![0; n],
             repeated: Vec::new(),
+            inbox_full: Vec::new(),
         };
         // The sender's copies go with one call (they are pushed once).
         let sent_copies = std::sync::Mutex::new(Some(req.sent_copies));
@@ -423,6 +424,10 @@ impl Delivery for BatchedDelivery {
                 reply.seqs[at] = part.seqs.get(k).copied().unwrap_or(0);
                 if let Some(&r) = part.repeated.get(k) {
                     reply.repeated[at] = r;
+                }
+                if part.inbox_full.get(k).copied().unwrap_or(false) {
+                    reply.inbox_full.resize(n, false);
+                    reply.inbox_full[at] = true;
                 }
             }
         }
@@ -845,6 +850,7 @@ mod tests {
             Ok(tonic::Response::new(pb::DeliverReply {
                 seqs: vec![u64::try_from(delivered.len()).unwrap_or(0); req.envelopes.len()],
                 repeated: Vec::new(),
+                inbox_full: Vec::new(),
             }))
         }
         async fn fetch(
