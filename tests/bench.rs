@@ -64,14 +64,34 @@ async fn pair_mode_reliable_loses_nothing() {
 
 #[tokio::test]
 async fn connections_the_server_closes_are_reported_with_their_reason() {
-    let node = TestNode::start().await;
+    // A node of its own process: its gauges count only this test's
+    // connections (the tests of this binary share one metrics recorder).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = support::ProcessNode::start(dir.path()).await;
+    // One step long enough to be running whenever the server stops.
     let mut bench = args(&node.url(), &["--mode", "pair", "--feature", "fast"]);
+    bench.rate_steps = vec![20.0];
+    bench.duration = Duration::from_secs(10);
     bench.drain = Duration::from_secs(1);
     let running = tokio::spawn(run(bench, false));
-    // Stop the server while the steps run (connecting 20 takes milliseconds;
-    // the two steps take ~2.6 s).
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    node.shutdown().await;
+    // Stop the server once all 20 are connected and signed in (under load
+    // that took more than a second).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = support::http_get_text(node.client_addr, "/metrics")
+            .await
+            .map(|(_, _, body)| body)
+            .unwrap_or_default();
+        if metrics.lines().any(|l| l == "switchboard_connections 20") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the 20 bench connections never signed in"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.terminate().success(), "a clean stop");
     let report = running.await.expect("bench task").expect("bench run");
     assert_eq!(
         report.server_closes.get("1001 server shutting down"),
