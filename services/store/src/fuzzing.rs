@@ -8,7 +8,9 @@ use prost::Message;
 
 use crate::{InboxMessage, StoreError, decode_header, manifest, queue};
 
-pub use crate::hot::replay_checks::{check_arbitrary_segment, check_written_segment};
+pub use crate::hot::replay_checks::{
+    check_arbitrary_segment, check_log_open, check_written_segment,
+};
 
 /// A stored message value: the header reader never panics, agrees with a
 /// full decode whenever that succeeds, and a decoded message re-encodes to

@@ -9,8 +9,8 @@ use proptest::prelude::*;
 use prost::Message;
 use switchboard_store::InboxMessage;
 use switchboard_store::fuzzing::{
-    check_arbitrary_segment, check_manifest, check_queue_item, check_stored_message,
-    check_written_segment,
+    check_arbitrary_segment, check_log_open, check_manifest, check_queue_item,
+    check_stored_message, check_written_segment,
 };
 
 fn message() -> impl Strategy<Value = InboxMessage> {
@@ -78,5 +78,17 @@ proptest! {
     #[test]
     fn outbox_items_are_refused_or_round_trip(data in prop::collection::vec(any::<u8>(), 0..40)) {
         check_queue_item(&data);
+    }
+}
+
+proptest! {
+    // Each case writes and opens two log directories: fewer cases.
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn log_directories_open_or_report_their_damage(
+        data in prop::collection::vec(any::<u8>(), 0..400)
+    ) {
+        check_log_open(&data);
     }
 }
