@@ -15,6 +15,8 @@ use crate::json;
 mod groups;
 pub use groups::group_reply;
 mod channels;
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub use channels::*;
 

@@ -222,3 +222,11 @@ impl switchboard_mesh::Gateway for GatewayRole {
         Ok(pb::PushReply { connections })
     }
 }
+
+/// Not an API: the parsers of client input with the properties they must
+/// keep, for the fuzz targets in `fuzz/` and the property tests.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::frames::fuzzing::check_frame;
+    pub use crate::rest::fuzzing::check_rest_body;
+}

@@ -7,6 +7,8 @@
 //! document is generated from the annotations here ([`openapi`]).
 
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod groups;
 mod webhooks;
 mod words;
@@ -306,6 +308,37 @@ fn json_body<T: serde::de::DeserializeOwned>(
     Ok(value)
 }
 
+/// What a send's body must hold whoever sends it: one target, and no
+/// fields that do not apply to it.
+fn check_send(body: &SendMessage) -> Result<(), ApiError> {
+    let given = [
+        body.to.is_some(),
+        body.group.is_some(),
+        body.topic.is_some(),
+        body.room.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(ApiError::new(
+            ErrorCode::InvalidFrame,
+            "give exactly one of to, group, topic and room",
+        ));
+    }
+    if body.room.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::UnknownType,
+            "sending to a room is not available through REST: rooms take messages from their \
+             members' connections (ROOM_JOIN over WebSocket)",
+        ));
+    }
+    if body.topic.is_some() && (body.id.is_some() || body.feature.is_some()) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidFrame,
+            "id and feature do not apply to a topic publication",
+        ));
+    }
+    Ok(())
+}
+
 fn meta(headers: &HeaderMap, reference: Option<String>) -> RequestMeta {
     RequestMeta {
         reference: reference.filter(|r| !r.is_empty()),
@@ -354,31 +387,7 @@ async fn send_message(
         Feature::Reliable => pb::Feature::Reliable,
         Feature::Fast => pb::Feature::Fast,
     };
-    let given = [
-        body.to.is_some(),
-        body.group.is_some(),
-        body.topic.is_some(),
-        body.room.is_some(),
-    ];
-    if given.iter().filter(|g| **g).count() != 1 {
-        return Err(ApiError::new(
-            ErrorCode::InvalidFrame,
-            "give exactly one of to, group, topic and room",
-        ));
-    }
-    if body.room.is_some() {
-        return Err(ApiError::new(
-            ErrorCode::UnknownType,
-            "sending to a room is not available through REST: rooms take messages from their \
-             members' connections (ROOM_JOIN over WebSocket)",
-        ));
-    }
-    if body.topic.is_some() && (body.id.is_some() || body.feature.is_some()) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidFrame,
-            "id and feature do not apply to a topic publication",
-        ));
-    }
+    check_send(&body)?;
     session.act_for(grant, body.from)?;
     if let Some(topic) = body.topic {
         let published = session

@@ -698,6 +698,9 @@ pub struct StoreConfig {
 }
 
 /// A duration written as humantime text (`"24h"`, `"1s"`).
+#[doc(hidden)]
+pub mod fuzzing;
+
 mod humantime_duration {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;

@@ -41,6 +41,8 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use crate::StoreError;
 use crate::manifest::{self, SegmentEntry};
 
+pub(crate) mod replay_checks;
+
 /// Record tags. They stay within 1..=32: the search for the next frame
 /// past damage (`frame_at`) checks a payload's first byte against that
 /// before its checksum.

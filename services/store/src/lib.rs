@@ -25,6 +25,8 @@ pub mod contract;
 #[cfg(test)]
 mod damage_tests;
 mod fjall_store;
+#[doc(hidden)]
+pub mod fuzzing;
 mod group_commit;
 pub mod group_contract;
 pub mod groups;

@@ -121,7 +121,7 @@ fn id_of(key: &[u8]) -> Result<u64, StoreError> {
 /// Stored value: `version 1 | enqueued_at_ms u64 BE | payload`.
 const VALUE_VERSION: u8 = 1;
 
-fn encode_item(enqueued_at_ms: u64, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn encode_item(enqueued_at_ms: u64, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(9 + payload.len());
     v.push(VALUE_VERSION);
     v.extend_from_slice(&enqueued_at_ms.to_be_bytes());
@@ -129,7 +129,7 @@ fn encode_item(enqueued_at_ms: u64, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-fn decode_item(id: u64, value: &[u8], attempts: u32) -> Result<QueueItem, StoreError> {
+pub(crate) fn decode_item(id: u64, value: &[u8], attempts: u32) -> Result<QueueItem, StoreError> {
     match value {
         [VALUE_VERSION, rest @ ..] if rest.len() >= 8 => {
             let (at, payload) = rest.split_at(8);

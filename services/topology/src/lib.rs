@@ -15,6 +15,8 @@
 
 use serde::{Deserialize, Serialize};
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod routing;
 mod validate;
 
