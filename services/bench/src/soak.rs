@@ -512,6 +512,19 @@ fn note_close(world: &World, msg: &Message) {
     }
 }
 
+/// Accounts for one frame received by user `me`; what to send back.
+fn answer(world: &World, me: u32, msg: &Message) -> Option<Message> {
+    note_close(world, msg);
+    let Message::Text(t) = msg else {
+        return None;
+    };
+    match on_frame(world, me, t.as_str()) {
+        Reply::Ack(id) => Some(ack(&id)),
+        Reply::FetchMore => Some(Message::text(FETCH)),
+        Reply::None => None,
+    }
+}
+
 const FETCH: &str = r#"{"type":"FETCH_MISSING_MESSAGES_REQUEST","data":{"count":500}}"#;
 
 fn ack(id: &str) -> Message {
@@ -558,16 +571,8 @@ async fn steady_user(
                 }
                 msg = ws.next() => {
                     let Some(Ok(msg)) = msg else { continue 'connection };
-                    note_close(&world, &msg);
-                    if let Message::Text(t) = msg {
-                        let out = match on_frame(&world, me, t.as_str()) {
-                            Reply::Ack(id) => Some(ack(&id)),
-                            Reply::FetchMore => Some(Message::text(FETCH)),
-                            Reply::None => None,
-                        };
-                        if let Some(out) = out && ws.send(out).await.is_err() {
-                            continue 'connection;
-                        }
+                    if let Some(out) = answer(&world, me, &msg) && ws.send(out).await.is_err() {
+                        continue 'connection;
                     }
                 }
             }
@@ -685,16 +690,8 @@ async fn visiting_user(world: Arc<World>, i: usize, mut phase: watch::Receiver<P
                 }
                 msg = ws.next() => {
                     let Some(Ok(msg)) = msg else { break };
-                    note_close(&world, &msg);
-                    if let Message::Text(t) = msg {
-                        let out = match on_frame(&world, me, t.as_str()) {
-                            Reply::Ack(id) => Some(ack(&id)),
-                            Reply::FetchMore => Some(Message::text(FETCH)),
-                            Reply::None => None,
-                        };
-                        if let Some(out) = out && ws.send(out).await.is_err() {
-                            break;
-                        }
+                    if let Some(out) = answer(&world, me, &msg) && ws.send(out).await.is_err() {
+                        break;
                     }
                     if slow && *phase.borrow() == Phase::Sending {
                         tokio::time::sleep(Duration::from_secs(1)).await;
