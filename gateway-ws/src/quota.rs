@@ -27,9 +27,17 @@ struct Bucket {
     at: Instant,
 }
 
+/// Buckets by app, then user: a sender seen before is found with borrowed
+/// keys, so a send costs no allocation.
+#[derive(Default)]
+struct Budgets {
+    by_app: HashMap<String, HashMap<String, Bucket>>,
+    senders: usize,
+}
+
 pub(crate) struct Quotas {
     settings: GatewayQuotas,
-    budgets: Mutex<HashMap<(String, String), Bucket>>,
+    budgets: Mutex<Budgets>,
     apps: Arc<Mutex<HashMap<String, u64>>>,
 }
 
@@ -70,7 +78,7 @@ impl Quotas {
     pub(crate) fn new(settings: GatewayQuotas) -> Self {
         Quotas {
             settings,
-            budgets: Mutex::new(HashMap::new()),
+            budgets: Mutex::default(),
             apps: Arc::default(),
         }
     }
@@ -88,14 +96,32 @@ impl Quotas {
             .budgets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if budgets.len() >= MAX_SENDERS {
-            budgets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+        let Budgets { by_app, senders } = &mut *budgets;
+        if *senders >= MAX_SENDERS {
+            let full =
+                |b: &Bucket| b.tokens + now.duration_since(b.at).as_secs_f64() * rate >= burst;
+            *senders = 0;
+            for users in by_app.values_mut() {
+                users.retain(|_, b| !full(b));
+                *senders += users.len();
+            }
+            by_app.retain(|_, users| !users.is_empty());
         }
-        let key = (app.to_owned(), user.to_owned());
-        let bucket = budgets.entry(key).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
+        if !by_app.contains_key(app) {
+            by_app.insert(app.to_owned(), HashMap::new());
+        }
+        let users = by_app.get_mut(app).expect("inserted above");
+        if !users.contains_key(user) {
+            users.insert(
+                user.to_owned(),
+                Bucket {
+                    tokens: burst,
+                    at: now,
+                },
+            );
+            *senders += 1;
+        }
+        let bucket = users.get_mut(user).expect("inserted above");
         bucket.tokens =
             (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
         bucket.at = now;
