@@ -169,8 +169,7 @@ impl Connection {
                 Ok(Flow::Continue)
             }
             Outcome::Fetched(page) => {
-                let left = page.left;
-                self.send_page(page);
+                let left = page.left + self.send_page(page);
                 self.send_text(
                     "FETCH_MISSING_MESSAGES_COMPLETE",
                     frames::fetch_complete(left),
@@ -233,11 +232,28 @@ impl Connection {
     }
 
     /// Queues stored messages as pushes (tracked by the writer like live
-    /// ones: written once, reported delivered or awaiting ACK).
-    fn send_page(&self, page: Fetched) {
+    /// ones: written once, reported delivered or awaiting ACK). A page
+    /// stops at half the send queue's byte bound (its first message always
+    /// goes): a page of large messages would otherwise overflow the queue,
+    /// close the connection as a slow consumer and drop the page's tail.
+    /// Returns how many messages were left for the next page.
+    fn send_page(&mut self, page: Fetched) -> u64 {
         let item = pb::PushItem::default();
-        for msg in page.messages {
+        let budget = self.gw.limits.send_queue_bytes / 2;
+        let mut queued = 0usize;
+        let mut last_sent = None;
+        let total = page.messages.len();
+        for (i, msg) in page.messages.into_iter().enumerate() {
             let text = frames::render_push(&item, &msg);
+            queued = queued.saturating_add(text.len());
+            if let Some(last) = last_sent
+                && queued > budget
+            {
+                // The next FETCH starts with this one.
+                self.session.fetch_sent_up_to(last);
+                return (total - i) as u64;
+            }
+            last_sent = Some(msg.seq);
             metrics::counter!("switchboard_frames_out_total", "type" => frames::push_type(&msg))
                 .increment(1);
             let sent = self.handle.send(Outbound {
@@ -256,6 +272,7 @@ impl Connection {
                 break;
             }
         }
+        0
     }
 
     /// MESSAGE_ACCEPTED, when the session says the client is told.

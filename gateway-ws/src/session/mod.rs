@@ -813,6 +813,12 @@ impl Session {
         })
     }
 
+    /// The transport handed out the last page only up to `seq` (the rest
+    /// did not fit its send queue): the next page starts after `seq`.
+    pub fn fetch_sent_up_to(&mut self, seq: u64) {
+        self.fetch_cursor = seq;
+    }
+
     /// Acknowledges stored messages handed out in ack mode: they count as
     /// delivered. Ids not handed out (or already acknowledged) are ignored.
     pub async fn ack(&self, ack: Ack) -> Result<(), ServiceError> {
