@@ -268,6 +268,9 @@ struct Writer {
     counters_kept: usize,
     hot: HotLog,
     metrics: LogMetrics,
+    /// Maintenance attempts failed in a row (a full disk fails every one):
+    /// the first is logged, then one line when it works again.
+    maintenance_failures: u64,
 }
 
 /// What operators watch of the inbox log.
@@ -427,6 +430,7 @@ impl FjallStore {
             counters_kept: options.counters_kept,
             hot: recovered.log,
             metrics: LogMetrics::new(),
+            maintenance_failures: 0,
         };
         for (prefix, seq) in recovered.last_seqs {
             let stored = writer.stored_last_seq(&prefix)?;
@@ -806,8 +810,21 @@ impl Engine for Writer {
         let sync = self.hot.appends_staged();
         self.hot.commit(sync)?;
         self.commit_tree(pending)?;
-        if let Err(e) = self.maintain() {
-            tracing::error!(error = %e, "store: inbox log maintenance failed; retried after the next batch");
+        match self.maintain() {
+            Err(e) => {
+                if self.maintenance_failures == 0 {
+                    tracing::error!(error = %e, "store: inbox log maintenance failed; retried after each batch, logged again when it works");
+                }
+                self.maintenance_failures += 1;
+            }
+            Ok(()) if self.maintenance_failures > 0 => {
+                tracing::warn!(
+                    failed = self.maintenance_failures,
+                    "store: inbox log maintenance works again"
+                );
+                self.maintenance_failures = 0;
+            }
+            Ok(()) => {}
         }
         self.publish_footprint();
         Ok(outcomes)

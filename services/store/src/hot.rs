@@ -301,6 +301,12 @@ pub(crate) struct HotLog {
     client_ids: HashMap<Vec<u8>, (u64, u64)>,
     /// Memory held by `client_ids`, counted against the budget.
     client_id_bytes: usize,
+    /// A write or sync of the current segment failed: its end may hold a
+    /// partial frame, and after a failed sync the kernel may have dropped
+    /// pages of it. Nothing more is written there; every batch is refused
+    /// until a new segment is begun (the old one is sealed at its last
+    /// whole, synced frame).
+    needs_rotation: bool,
 }
 
 /// Memory an id index entry holds.
@@ -917,6 +923,7 @@ impl HotLog {
             newest_append,
             client_ids,
             client_id_bytes,
+            needs_rotation: false,
         };
         Ok(Recovered {
             log,
@@ -1034,6 +1041,12 @@ impl HotLog {
         if self.frame.is_empty() {
             return Ok(());
         }
+        if self.needs_rotation
+            && let Err(e) = self.rotate()
+        {
+            self.abort();
+            return Err(e);
+        }
         let payload_len = u32::try_from(self.frame.len() - HEADER)
             .map_err(|_| StoreError::Backend("inbox log: batch too large".into()))?;
         let sum = checksum(&self.frame[HEADER..], self.current_id());
@@ -1052,9 +1065,13 @@ impl HotLog {
         self.frame.clear();
         let staged = std::mem::take(&mut self.staged);
         if let Err(e) = written {
-            // The file may now end in a partial frame; a new segment keeps
-            // later frames readable.
-            self.rotate()?;
+            // Refused, nothing applied. The next frame goes to a new
+            // segment; if none can be begun now (a full disk), the next
+            // batch tries again, and is refused while it cannot.
+            self.needs_rotation = true;
+            if let Err(again) = self.rotate() {
+                tracing::debug!(error = %again, "inbox log: no new segment after a failed write yet");
+            }
             return Err(io(e));
         }
         let current = self.current_id();
@@ -1123,13 +1140,17 @@ impl HotLog {
         if let Err(e) = self.file.sync_data() {
             tracing::error!(error = %e, "inbox log: cannot sync the segment being sealed");
         }
+        // The new file first: while it cannot be begun, the current segment
+        // stays the current one (unsealed), so that no manifest records a
+        // sealed length that later frames would pass.
+        let id = self.current_id() + 1;
+        let (file, size) = open_segment(&self.dir, id, self.options.segment_bytes)?;
         if let Some(current) = self.segments.back_mut() {
             current.sealed = Some(Instant::now());
         }
-        let id = self.current_id() + 1;
-        let (file, size) = open_segment(&self.dir, id, self.options.segment_bytes)?;
         self.file = file;
         self.segments.push_back(Segment::new(id, size));
+        self.needs_rotation = false;
         // The new file first, then the manifest: a crash between leaves a
         // file newer than the manifest, which is read as found.
         self.write_manifest(None)?;
@@ -1322,15 +1343,30 @@ fn open_segment(dir: &Path, id: u64, bytes: u64) -> Result<(File, u64), StoreErr
     let path = segment_path(dir, id);
     let file = match spares(dir)?.pop() {
         Some(spare) => {
-            std::fs::rename(spare, &path).map_err(io)?;
-            let file = OpenOptions::new().write(true).open(&path).map_err(io)?;
-            // Zeros where its first frame goes (as after every frame): a
-            // restart before that frame finds an empty segment, not what
-            // the file held in its earlier life taken for a torn batch.
-            std::os::unix::fs::FileExt::write_all_at(&file, &[0; HEADER], 0).map_err(io)?;
-            file
+            std::fs::rename(&spare, &path).map_err(io)?;
+            let opened = OpenOptions::new().write(true).open(&path).and_then(|file| {
+                // Zeros where its first frame goes (as after every frame): a
+                // restart before that frame finds an empty segment, not what
+                // the file held in its earlier life taken for a torn batch.
+                std::os::unix::fs::FileExt::write_all_at(&file, &[0; HEADER], 0)?;
+                Ok(file)
+            });
+            match opened {
+                Ok(file) => file,
+                Err(e) => {
+                    // Still a spare: a later rotation takes it again.
+                    let _ = std::fs::rename(&path, &spare);
+                    return Err(io(e));
+                }
+            }
         }
         None => {
+            // A file of this id is what an earlier attempt left when it
+            // failed (a segment's id is above every file's when begun, and
+            // nothing is written to it before it is): not a segment.
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(io)?;
+            }
             let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -1346,9 +1382,16 @@ fn open_segment(dir: &Path, id: u64, bytes: u64) -> Result<(File, u64), StoreErr
             file
         }
     };
-    sync_dir(dir)?;
-    let size = file.metadata().map_err(io)?.len();
-    Ok((file, size))
+    let size = sync_dir(dir).and_then(|()| file.metadata().map_err(io));
+    match size {
+        Ok(meta) => Ok((file, meta.len())),
+        Err(e) => {
+            // Not begun: a later rotation begins it again (from a spare,
+            // or written anew).
+            let _ = std::fs::rename(&path, path.with_extension(SPARE));
+            Err(e)
+        }
+    }
 }
 
 /// Writes `bytes` zeros from the file's position and syncs them.
@@ -1366,6 +1409,48 @@ fn fill_zeros(file: &mut File, bytes: u64) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that fails (a read-only handle stands in for a full disk)
+    /// is refused; so is every batch while no new segment can be begun
+    /// (a directory in the next segment's place stands in for no space).
+    /// Then the log takes writes in a new segment, and a restart finds
+    /// every accepted message and none of the refused ones.
+    #[test]
+    fn after_a_failed_write_nothing_is_written_until_a_new_segment_is_begun() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = HotOptions {
+            budget: 1 << 20,
+            spill_after: Duration::from_secs(60),
+            segment_bytes: 4096,
+            max_segments: 64,
+        };
+        let open = |dir: &Path| HotLog::open(dir, options, false, |_, _| Ok(false)).expect("open");
+        let append = |log: &mut HotLog, seq: u64| {
+            let value = Slice::from(format!("m{seq}").as_bytes());
+            log.stage_append(b"inbox", seq, value, false);
+            log.commit(true)
+        };
+        let mut log = open(dir.path()).log;
+        log.begin().expect("begin");
+        append(&mut log, 1).expect("first write");
+        let next = segment_path(dir.path(), 2);
+        std::fs::create_dir(&next).expect("block the next segment");
+        log.file = File::open(segment_path(dir.path(), 1)).expect("read-only handle");
+        assert!(append(&mut log, 2).is_err(), "the failed write is refused");
+        assert!(
+            append(&mut log, 3).is_err(),
+            "refused while no new segment can be begun"
+        );
+        std::fs::remove_dir(&next).expect("unblock");
+        append(&mut log, 4).expect("taken in a new segment");
+        drop(log);
+        let recovered = open(dir.path());
+        let index = recovered.log.index();
+        let (page, left) = lock(&index).after(b"inbox", 0, 10);
+        let seqs: Vec<u64> = page.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!((seqs, left), (vec![1, 4], 0));
+        assert!(!recovered.lost, "nothing acknowledged was lost");
+    }
 
     #[test]
     fn a_release_finds_its_segment_past_a_skipped_one() {
