@@ -183,6 +183,124 @@ async fn the_group_message_amplification_is_bounded_by_the_sender_budget() {
     node.shutdown().await;
 }
 
+const API_KEY: &str = "sbk_quota_send_0123456789";
+
+/// The demo app with one API key of scope `send`.
+fn with_send_key(c: &mut switchboard_config::Config) {
+    use sha2::Digest;
+    let sha256 = sha2::Sha256::digest(API_KEY.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    c.apps = vec![switchboard_config::AppConfig {
+        api_keys: vec![switchboard_config::ApiKeyConfig {
+            name: "sender".into(),
+            sha256,
+            scopes: vec![switchboard_config::ApiScope::Send],
+        }],
+        ..switchboard_config::AppConfig::demo()
+    }];
+}
+
+/// A full inbox through the public APIs: a direct RELIABLE send is refused
+/// (REST 429, gRPC RESOURCE_EXHAUSTED, code INBOX_FULL); a group send is
+/// accepted and its answer names the recipients it was not stored for.
+#[tokio::test]
+async fn the_public_apis_tell_the_caller_which_inboxes_are_full() {
+    use switchboard_proto::api::v1 as api;
+    let node = TestNode::start_with(
+        |c| {
+            with_send_key(c);
+            c.quotas.inbox_max_messages = 1;
+        },
+        Default::default(),
+    )
+    .await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let host = node
+        .url()
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .to_owned();
+    let http = reqwest::Client::new();
+    let post = |body: Value| {
+        http.post(format!("http://{host}/v1/apps/demo/messages"))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .send()
+    };
+    let res = post(json!({"to": "demo-bob", "content": "first"}))
+        .await
+        .expect("answer");
+    assert_eq!(res.status().as_u16(), 202);
+    let res = post(json!({"to": "demo-bob", "content": "second"}))
+        .await
+        .expect("answer");
+    assert_eq!(res.status().as_u16(), 429);
+    let body: Value = res.json().await.expect("JSON");
+    assert_eq!(body["code"], "INBOX_FULL", "{body}");
+    let res = post(json!({"to": ["demo-bob", "demo-cy"], "content": "all"}))
+        .await
+        .expect("answer");
+    assert_eq!(res.status().as_u16(), 202);
+    let body: Value = res.json().await.expect("JSON");
+    assert_eq!(body["inboxFull"], json!(["demo-bob"]), "{body}");
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{host}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect over HTTP/2");
+    let mut grpc = api::messaging_client::MessagingClient::new(channel);
+    let request = |target: api::send_message_request::Target| {
+        let mut req = tonic::Request::new(api::SendMessageRequest {
+            app_id: "demo".into(),
+            target: Some(target),
+            content: "by grpc".into(),
+            ..Default::default()
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {API_KEY}").parse().expect("metadata"),
+        );
+        req
+    };
+    use api::send_message_request::Target;
+    let refused = grpc
+        .send_message(request(Target::To("demo-bob".into())))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused
+            .metadata()
+            .get("x-switchboard-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("INBOX_FULL"),
+        "{refused:?}"
+    );
+    let reply = grpc
+        .send_message(request(Target::Users(api::UserIds {
+            users: vec!["demo-bob".into(), "demo-dan".into()],
+        })))
+        .await
+        .expect("accepted for the others")
+        .into_inner();
+    assert_eq!(reply.inbox_full, ["demo-bob"]);
+    // Stored for the others, and for bob only the first.
+    let mut cy = Client::login(&node.url(), "demo-cy").await;
+    assert_eq!(contents(&cy.fetch_all(100).await.0), ["all"]);
+    let mut dan = Client::login(&node.url(), "demo-dan").await;
+    assert_eq!(contents(&dan.fetch_all(100).await.0), ["by grpc"]);
+    let mut bob = Client::login(&node.url(), "demo-bob").await;
+    assert_eq!(contents(&bob.fetch_all(100).await.0), ["first"]);
+    node.shutdown().await;
+}
+
 /// A fetched page larger than the connection's send-queue bound is cut
 /// to what fits, not dropped: the client is told how many are left, stays
 /// connected, and the next FETCH goes on where the page stopped. (Before,

@@ -238,6 +238,7 @@ impl MessagingApi {
                 return Ok(api::SendMessageReply {
                     id,
                     offset: Some(offset),
+                    inbox_full: Vec::new(),
                 });
             }
             Target::To(to) => {
@@ -274,6 +275,7 @@ impl MessagingApi {
         Ok(api::SendMessageReply {
             id: accepted.id,
             offset: None,
+            inbox_full: accepted.inbox_full,
         })
     }
 }

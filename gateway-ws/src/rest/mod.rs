@@ -204,6 +204,10 @@ pub struct MessageAccepted {
     /// A topic publication's offset in its topic.
     #[serde(skip_serializing_if = "Option::is_none")]
     offset: Option<u64>,
+    /// Recipients of a RELIABLE group message whose inbox is full: it was
+    /// not stored for them (it was for the others). Absent when none.
+    #[serde(rename = "inboxFull", skip_serializing_if = "Vec::is_empty")]
+    inbox_full: Vec<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -371,6 +375,7 @@ fn meta(headers: &HeaderMap, reference: Option<String>) -> RequestMeta {
         (status = 403, description = "The key lacks the `send` scope, the sender is not a member of the group, or may not publish to the app's topics (`FORBIDDEN`, `NOT_A_MEMBER`)", body = ErrorBody),
         (status = 413, description = "Body over the frame limit, or content over the content limit (`PAYLOAD_TOO_LARGE`)", body = ErrorBody),
         (status = 415, description = "The body is not `application/json` (`INVALID_FRAME`)", body = ErrorBody),
+        (status = 429, description = "RELIABLE to a user whose inbox is full (`INBOX_FULL`): not stored", body = ErrorBody),
         (status = 503, description = "A role did not answer in time; try again (`UNAVAILABLE`)", body = ErrorBody),
     )
 )]
@@ -405,6 +410,7 @@ async fn send_message(
         let accepted = MessageAccepted {
             id,
             offset: Some(offset),
+            inbox_full: Vec::new(),
         };
         return Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response());
     }
@@ -438,6 +444,7 @@ async fn send_message(
         axum::Json(MessageAccepted {
             id: accepted.id,
             offset: None,
+            inbox_full: accepted.inbox_full,
         }),
     )
         .into_response())

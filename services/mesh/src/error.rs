@@ -82,9 +82,9 @@ impl ErrorCode {
             ErrorCode::NotAuthenticated => 401,
             ErrorCode::Forbidden | ErrorCode::NotAMember => 403,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::RateLimited => 429,
-            // Insufficient Storage: the recipient's, not the server's.
-            ErrorCode::InboxFull => 507,
+            // A full inbox is the senders' doing, not a server fault (a
+            // 5xx invites blind retries): 429, as gRPC's RESOURCE_EXHAUSTED.
+            ErrorCode::RateLimited | ErrorCode::InboxFull => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
