@@ -301,6 +301,84 @@ async fn the_public_apis_tell_the_caller_which_inboxes_are_full() {
     node.shutdown().await;
 }
 
+/// Connects and authenticates as `user` of app `app`, in ack mode.
+async fn login_app(url: &str, app: &str, user: &str) -> Result<Client, Value> {
+    let mut c = Client::connect(url).await;
+    let reply = c
+        .auth(json!({"appId": app, "userId": user, "token": "", "acks": true}))
+        .await;
+    if reply["data"]["isAuthenticated"] == true {
+        Ok(c)
+    } else {
+        Err(reply)
+    }
+}
+
+/// Two apps, one with its own quotas (`[[apps]]` `quotas`): each inbox
+/// holds what its app allows, and each app's connection limit is its own;
+/// what the app does not set is the `[quotas]` value.
+#[tokio::test]
+async fn an_app_with_its_own_quotas_is_held_to_them_and_the_others_to_the_global_ones() {
+    let node = TestNode::start_with(
+        |c| {
+            c.quotas.inbox_max_messages = 2;
+            c.quotas.app_max_connections = 0;
+            c.apps = vec![
+                switchboard_config::AppConfig::demo(),
+                switchboard_config::AppConfig {
+                    name: "big".into(),
+                    app_id: "big".into(),
+                    master_user_id: "big-0".into(),
+                    quotas: switchboard_config::AppQuotas {
+                        inbox_max_messages: Some(4),
+                        app_max_connections: Some(2),
+                        ..Default::default()
+                    },
+                    ..switchboard_config::AppConfig::demo()
+                },
+            ];
+        },
+        Default::default(),
+    )
+    .await;
+    let url = node.url();
+    // How many RELIABLE messages an inbox takes before INBOX_FULL.
+    async fn taken(sender: &mut Client, to: &str) -> usize {
+        for i in 0..10 {
+            let reply = send_reliable(sender, to, &format!("m{i}"), &format!("{to}-{i}")).await;
+            if reply["type"] != "MESSAGE_ACCEPTED" {
+                assert_eq!(reply["data"]["code"], "INBOX_FULL", "{reply}");
+                return i;
+            }
+        }
+        10
+    }
+    let mut ann = login_app(&url, "demo", "demo-ann").await.expect("demo");
+    let mut big_ann = login_app(&url, "big", "big-ann").await.expect("big");
+    assert_eq!(taken(&mut ann, "demo-bob").await, 2, "the global quota");
+    assert_eq!(taken(&mut big_ann, "big-bob").await, 4, "the app's own");
+    // Connections: big holds two (ann and this one); demo has no limit.
+    let _second = login_app(&url, "big", "big-cy")
+        .await
+        .expect("big's second");
+    let refused = login_app(&url, "big", "big-dan")
+        .await
+        .err()
+        .expect("a third connection of big is refused");
+    assert!(
+        refused["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("maximum of 2 connections")),
+        "{refused}"
+    );
+    for user in ["demo-cy", "demo-dan", "demo-eve"] {
+        login_app(&url, "demo", user)
+            .await
+            .expect("demo has no limit");
+    }
+    node.shutdown().await;
+}
+
 /// A fetched page larger than the connection's send-queue bound is cut
 /// to what fits, not dropped: the client is told how many are left, stays
 /// connected, and the next FETCH goes on where the page stopped. (Before,

@@ -333,6 +333,17 @@ impl DeliveryRole {
         self
     }
 
+    /// As [`DeliveryRole::with_inbox_quota`], with the apps (by id) that
+    /// have their own.
+    pub fn with_inbox_quotas(
+        mut self,
+        quota: InboxQuota,
+        per_app: std::collections::HashMap<String, InboxQuota>,
+    ) -> Self {
+        self.counters = quota::InboxCounters::with_apps(quota, per_app);
+        self
+    }
+
     /// Refuses RELIABLE messages (`UNAVAILABLE`) while `disk` is low.
     pub fn with_disk_guard(mut self, disk: Arc<DiskGuard>) -> Self {
         self.disk = Some(disk);

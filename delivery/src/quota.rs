@@ -58,6 +58,8 @@ pub(crate) struct Charges {
 
 pub(crate) struct InboxCounters {
     quota: InboxQuota,
+    /// Apps with their own quotas (`[[apps]]` `quotas`), by app id.
+    per_app: std::collections::HashMap<String, InboxQuota>,
     state: Mutex<State>,
 }
 
@@ -71,13 +73,27 @@ pub(crate) fn stored_size(m: &pb::InboxMessage) -> u64 {
 
 impl InboxCounters {
     pub(crate) fn new(quota: InboxQuota) -> Self {
+        Self::with_apps(quota, std::collections::HashMap::new())
+    }
+
+    /// `quota` for every app but those in `per_app`, which have their own.
+    pub(crate) fn with_apps(
+        quota: InboxQuota,
+        per_app: std::collections::HashMap<String, InboxQuota>,
+    ) -> Self {
         InboxCounters {
             quota,
+            per_app,
             state: Mutex::new(State {
                 usage: HashMap::new(),
                 nonempty: HashMap::new(),
             }),
         }
+    }
+
+    /// The quota of `app`.
+    fn quota(&self, app: &str) -> &InboxQuota {
+        self.per_app.get(app).unwrap_or(&self.quota)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -95,7 +111,8 @@ impl InboxCounters {
         app: &str,
         messages: &[pb::InboxMessage],
     ) -> Result<Charges, StoreError> {
-        if self.quota.is_off() {
+        let quota = *self.quota(app);
+        if quota.is_off() {
             return Ok(Charges {
                 refused: Vec::new(),
             });
@@ -132,11 +149,11 @@ impl InboxCounters {
             let size = stored_size(m);
             let u = usage.entry(key).or_default();
             let app_count = nonempty.get(app).copied().unwrap_or(0);
-            let full = (self.quota.max_messages > 0 && u.messages >= self.quota.max_messages)
-                || (self.quota.max_bytes > 0 && u.bytes + size > self.quota.max_bytes)
-                || (self.quota.app_max_inboxes > 0
+            let full = (quota.max_messages > 0 && u.messages >= quota.max_messages)
+                || (quota.max_bytes > 0 && u.bytes + size > quota.max_bytes)
+                || (quota.app_max_inboxes > 0
                     && u.messages == 0
-                    && app_count >= self.quota.app_max_inboxes);
+                    && app_count >= quota.app_max_inboxes);
             if full {
                 if refused.is_empty() {
                     refused = vec![false; messages.len()];
@@ -160,7 +177,7 @@ impl InboxCounters {
         app: &str,
         messages: impl Iterator<Item = &'a pb::InboxMessage>,
     ) {
-        if self.quota.is_off() {
+        if self.quota(app).is_off() {
             return;
         }
         let mut state = self.state();
@@ -173,7 +190,7 @@ impl InboxCounters {
     /// Counts messages stored without a quota check (sender confirmations,
     /// written with the removals): only in inboxes already counted.
     pub(crate) fn appended(&self, app: &str, messages: &[pb::InboxMessage]) {
-        if self.quota.is_off() {
+        if self.quota(app).is_off() {
             return;
         }
         let mut state = self.state();
@@ -192,7 +209,7 @@ impl InboxCounters {
     /// `count` messages left `inbox` (delivered); their bytes are taken as
     /// the inbox's average, and an emptied inbox counts zero bytes.
     pub(crate) fn removed(&self, inbox: &InboxKey, count: u64) {
-        if self.quota.is_off() || count == 0 {
+        if self.quota(&inbox.app_id).is_off() || count == 0 {
             return;
         }
         remove_from(&mut self.state(), inbox, count, None);

@@ -157,6 +157,18 @@ impl GatewayRole {
         let _ = self.inner.quotas.set(quota::Quotas::new(quotas));
     }
 
+    /// As [`GatewayRole::set_quotas`], with the apps (by id) that have their own.
+    pub fn set_quotas_per_app(
+        &self,
+        quotas: GatewayQuotas,
+        per_app: std::collections::HashMap<String, GatewayQuotas>,
+    ) {
+        let _ = self
+            .inner
+            .quotas
+            .set(quota::Quotas::with_apps(quotas, per_app));
+    }
+
     /// A new client session on this gateway, for a transport other than
     /// its WebSocket port (the session's pushes reach no connection: stored
     /// messages wait for a fetch).

@@ -37,6 +37,8 @@ struct Budgets {
 
 pub(crate) struct Quotas {
     settings: GatewayQuotas,
+    /// Apps with their own quotas (`[[apps]]` `quotas`), by app id.
+    per_app: HashMap<String, GatewayQuotas>,
     budgets: Mutex<Budgets>,
     apps: Arc<Mutex<HashMap<String, u64>>>,
 }
@@ -76,21 +78,36 @@ fn refused(cost: u64, settings: &GatewayQuotas) -> ServiceError {
 
 impl Quotas {
     pub(crate) fn new(settings: GatewayQuotas) -> Self {
+        Self::with_apps(settings, HashMap::new())
+    }
+
+    /// `settings` for every app but those in `per_app`, which have their own.
+    pub(crate) fn with_apps(
+        settings: GatewayQuotas,
+        per_app: HashMap<String, GatewayQuotas>,
+    ) -> Self {
         Quotas {
             settings,
+            per_app,
             budgets: Mutex::default(),
             apps: Arc::default(),
         }
     }
 
-    fn budgets_on(&self) -> bool {
-        self.settings.sender_bytes_per_second > 0
+    /// The quotas of `app`.
+    fn settings(&self, app: &str) -> &GatewayQuotas {
+        self.per_app.get(app).unwrap_or(&self.settings)
+    }
+
+    fn budgets_on(&self, app: &str) -> bool {
+        self.settings(app).sender_bytes_per_second > 0
     }
 
     /// Runs `f` on the sender's bucket, refilled to now.
     fn with_bucket<T>(&self, app: &str, user: &str, f: impl FnOnce(&mut Bucket) -> T) -> T {
-        let burst = self.settings.sender_burst_bytes as f64;
-        let rate = self.settings.sender_bytes_per_second as f64;
+        let settings = self.settings(app);
+        let burst = settings.sender_burst_bytes as f64;
+        let rate = settings.sender_bytes_per_second as f64;
         let now = Instant::now();
         let mut budgets = self
             .budgets
@@ -98,11 +115,16 @@ impl Quotas {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Budgets { by_app, senders } = &mut *budgets;
         if *senders >= MAX_SENDERS {
-            let full =
-                |b: &Bucket| b.tokens + now.duration_since(b.at).as_secs_f64() * rate >= burst;
             *senders = 0;
-            for users in by_app.values_mut() {
-                users.retain(|_, b| !full(b));
+            for (app, users) in by_app.iter_mut() {
+                let s = self.settings(app);
+                let (rate, burst) = (
+                    s.sender_bytes_per_second as f64,
+                    s.sender_burst_bytes as f64,
+                );
+                users.retain(|_, b| {
+                    b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst
+                });
                 *senders += users.len();
             }
             by_app.retain(|_, users| !users.is_empty());
@@ -131,7 +153,7 @@ impl Quotas {
     /// Takes `cost` recipient-bytes from the sender's budget, or refuses
     /// (`RATE_LIMITED`) and takes nothing.
     pub(crate) fn charge(&self, app: &str, user: &str, cost: u64) -> Result<(), ServiceError> {
-        if !self.budgets_on() {
+        if !self.budgets_on(app) {
             return Ok(());
         }
         let ok = self.with_bucket(app, user, |b| {
@@ -145,34 +167,34 @@ impl Quotas {
         if ok {
             Ok(())
         } else {
-            Err(refused(cost, &self.settings))
+            Err(refused(cost, self.settings(app)))
         }
     }
 
     /// Refuses a send whose cost is known only once it is routed (a
     /// persistent group's members) while the budget is spent.
     pub(crate) fn check(&self, app: &str, user: &str) -> Result<(), ServiceError> {
-        if !self.budgets_on() {
+        if !self.budgets_on(app) {
             return Ok(());
         }
         if self.with_bucket(app, user, |b| b.tokens > 0.0) {
             Ok(())
         } else {
-            Err(refused(0, &self.settings))
+            Err(refused(0, self.settings(app)))
         }
     }
 
     /// Takes the cost of a send already made (it may leave the budget in
     /// debt, which later sends wait out).
     pub(crate) fn charge_after(&self, app: &str, user: &str, cost: u64) {
-        if self.budgets_on() {
+        if self.budgets_on(app) {
             self.with_bucket(app, user, |b| b.tokens -= cost as f64);
         }
     }
 
     /// A place for one more connection of `app`, or why not.
     pub(crate) fn join_app(&self, app: &str) -> Result<Option<AppSlot>, String> {
-        let max = self.settings.app_max_connections;
+        let max = self.settings(app).app_max_connections;
         if max == 0 {
             return Ok(None);
         }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod quotas;
-pub use quotas::QuotasConfig;
+pub use quotas::{AppQuotas, QuotasConfig};
 
 pub const ENV_PREFIX: &str = "SWITCHBOARD_";
 
@@ -799,6 +799,9 @@ pub struct AppConfig {
     /// `Origin` header (not from a browser) are not affected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_origins: Vec<String>,
+    /// This app's own quotas, over `[quotas]` (absent keys keep it).
+    #[serde(default, skip_serializing_if = "AppQuotas::is_empty")]
+    pub quotas: AppQuotas,
 }
 
 /// One API key of an app: `{ name = "backend", sha256 = "<hex>", scopes = ["send"] }`.
@@ -867,6 +870,7 @@ impl AppConfig {
             anonymous_rooms: false,
             api_keys: Vec::new(),
             allowed_origins: Vec::new(),
+            quotas: AppQuotas::default(),
         }
     }
 }
@@ -1010,6 +1014,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_domain(&self.domain)?;
         self.quotas.validate().map_err(ConfigError::Invalid)?;
+        for app in &self.apps {
+            app.quotas
+                .over(&self.quotas)
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("app {}: {e}", app.app_id)))?;
+        }
         if self.roles.is_empty() {
             return Err(ConfigError::Invalid(
                 "roles is empty: name at least one of gateway, router, groups, delivery, auth"

@@ -74,3 +74,89 @@ impl QuotasConfig {
         Ok(())
     }
 }
+
+/// One app's own quotas, in its `[[apps]]` entry (`quotas = {
+/// inbox_max_messages = 1000 }`) and so in its etcd record: each key given
+/// replaces the `[quotas]` value for that app; an absent key keeps it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppQuotas {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbox_max_messages: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbox_max_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_bytes_per_second: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_burst_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_max_connections: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_max_inboxes: Option<u64>,
+}
+
+impl AppQuotas {
+    pub fn is_empty(&self) -> bool {
+        *self == AppQuotas::default()
+    }
+
+    /// The quotas that apply to the app: `global` with this app's values.
+    pub fn over(&self, global: &QuotasConfig) -> QuotasConfig {
+        QuotasConfig {
+            inbox_max_messages: self.inbox_max_messages.unwrap_or(global.inbox_max_messages),
+            inbox_max_bytes: self.inbox_max_bytes.unwrap_or(global.inbox_max_bytes),
+            sender_bytes_per_second: self
+                .sender_bytes_per_second
+                .unwrap_or(global.sender_bytes_per_second),
+            sender_burst_bytes: self.sender_burst_bytes.unwrap_or(global.sender_burst_bytes),
+            app_max_connections: self
+                .app_max_connections
+                .unwrap_or(global.app_max_connections),
+            app_max_inboxes: self.app_max_inboxes.unwrap_or(global.app_max_inboxes),
+            ..global.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+    use std::collections::BTreeMap;
+
+    const APPS: &str = r#"
+[quotas]
+inbox_max_messages = 10
+sender_bytes_per_second = 1000
+
+[[apps]]
+name = "big"
+app_id = "big"
+auth = "none"
+quotas = { inbox_max_messages = 500, app_max_connections = 3 }
+
+[[apps]]
+name = "small"
+app_id = "small"
+auth = "none"
+"#;
+
+    #[test]
+    fn an_app_quota_replaces_only_the_keys_it_sets() {
+        let c = Config::from_toml_and_env(APPS, &BTreeMap::new()).expect("load");
+        let big = c.apps[0].quotas.over(&c.quotas);
+        assert_eq!(big.inbox_max_messages, 500);
+        assert_eq!(big.app_max_connections, 3);
+        assert_eq!(big.sender_bytes_per_second, 1000, "the global value");
+        assert!(c.apps[1].quotas.is_empty());
+        assert_eq!(c.apps[1].quotas.over(&c.quotas), c.quotas);
+    }
+
+    #[test]
+    fn an_app_quota_is_checked_as_the_global_one_and_names_its_app() {
+        let bad = APPS.replace("app_max_connections = 3", "sender_burst_bytes = 0");
+        let err = Config::from_toml_and_env(&bad, &BTreeMap::new()).expect_err("refused");
+        assert!(err.to_string().contains("app big"), "{err}");
+        let typo = APPS.replace("app_max_connections", "app_max_conections");
+        assert!(Config::from_toml_and_env(&typo, &BTreeMap::new()).is_err());
+    }
+}

@@ -262,11 +262,10 @@ pub async fn serve(
             gateways.clone(),
             auth.clone(),
         )
-        .with_inbox_quota(switchboard_delivery::InboxQuota {
-            max_messages: config.quotas.inbox_max_messages,
-            max_bytes: config.quotas.inbox_max_bytes,
-            app_max_inboxes: config.quotas.app_max_inboxes,
-        });
+        .with_inbox_quotas(
+            inbox_quota(&config.quotas),
+            per_app_quotas(&config, inbox_quota),
+        );
         Arc::new(match disk_guard(&config, &stop) {
             Some(guard) => role.with_disk_guard(guard),
             None => role,
@@ -456,11 +455,10 @@ pub async fn serve(
                     readiness: readiness.clone(),
                 },
             );
-            gateway.set_quotas(switchboard_gateway::GatewayQuotas {
-                sender_bytes_per_second: config.quotas.sender_bytes_per_second,
-                sender_burst_bytes: config.quotas.sender_burst_bytes,
-                app_max_connections: config.quotas.app_max_connections,
-            });
+            gateway.set_quotas_per_app(
+                gateway_quotas(&config.quotas),
+                per_app_quotas(&config, gateway_quotas),
+            );
             gateways.insert(
                 node_id.clone(),
                 GatewayClient::from_local(Arc::new(gateway.clone())),
@@ -768,6 +766,7 @@ fn follow_federated_apps(auth: Arc<AuthRole>, mut view: TopologyView, domain: St
                             topic_publish: switchboard_config::TopicPublish::Any,
                             anonymous_rooms: false,
                             allowed_origins: Vec::new(),
+                            quotas: Default::default(),
                         })
                         .collect()
                 })
@@ -1067,6 +1066,37 @@ impl NodePresence {
             }
         }
     }
+}
+
+fn inbox_quota(q: &switchboard_config::QuotasConfig) -> switchboard_delivery::InboxQuota {
+    switchboard_delivery::InboxQuota {
+        max_messages: q.inbox_max_messages,
+        max_bytes: q.inbox_max_bytes,
+        app_max_inboxes: q.app_max_inboxes,
+    }
+}
+
+fn gateway_quotas(q: &switchboard_config::QuotasConfig) -> switchboard_gateway::GatewayQuotas {
+    switchboard_gateway::GatewayQuotas {
+        sender_bytes_per_second: q.sender_bytes_per_second,
+        sender_burst_bytes: q.sender_burst_bytes,
+        app_max_connections: q.app_max_connections,
+    }
+}
+
+/// The quotas of the configured apps that have their own (`[[apps]]`
+/// `quotas`), by app id, as `make` builds them from `[quotas]` with the
+/// app's values.
+fn per_app_quotas<T>(
+    config: &Config,
+    make: impl Fn(&switchboard_config::QuotasConfig) -> T,
+) -> std::collections::HashMap<String, T> {
+    config
+        .apps
+        .iter()
+        .filter(|app| !app.quotas.is_empty())
+        .map(|app| (app.app_id.clone(), make(&app.quotas.over(&config.quotas))))
+        .collect()
 }
 
 /// What a delivery process opens in its data dir.
