@@ -60,6 +60,8 @@ struct Ring {
     tls: Option<PathBuf>,
     /// A secret per link ([`link_secret`]) instead of one shared secret.
     link_secrets: bool,
+    /// More `SWITCHBOARD_*` settings for every domain.
+    extra_env: Vec<(String, String)>,
 }
 
 /// The secret of the link between two domains, in the per-link setup.
@@ -112,6 +114,7 @@ impl Ring {
             otlp,
             tls,
             link_secrets,
+            extra_env: Vec::new(),
         };
         ring.apply();
         for i in 0..4 {
@@ -193,6 +196,7 @@ impl Ring {
                 )
                 .env("SWITCHBOARD_FEDERATION__TLS__CA", dir.join("ca.crt"));
         }
+        command.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         let child = command
             .args(["run", "--domain", &d.name, "--etcd", &self.etcd])
             .args(["--mesh-secret", "ring-mesh-secret"])
@@ -1136,4 +1140,64 @@ impl Proxy {
         });
         self.state.lock().await.accept = Some(accept);
     }
+}
+
+/// A RELIABLE message forwarded to a domain where its recipient's inbox is
+/// full is refused there for good, not taken for delivered: the refusal
+/// (reason INBOX_FULL) is counted in both domains, and the recipient has
+/// exactly what fit. (The sender heard MESSAGE_ACCEPTED when the message
+/// entered its own domain's outbox; docs/federation.md, limits.)
+#[tokio::test]
+async fn a_message_forwarded_to_a_full_inbox_is_refused_and_counted_not_dropped_silently() {
+    let Some(etcd) = switchboard_testenv::service(switchboard_testenv::ETCD) else {
+        return;
+    };
+    let _one = SERIAL.lock().await;
+    let mut ring = Ring::start(etcd, [1, 1, 1, 1]).await;
+    // Restarted with the quota: one stored message per inbox.
+    ring.extra_env = vec![("SWITCHBOARD_QUOTAS__INBOX_MAX_MESSAGES".into(), "1".into())];
+    for i in 0..4 {
+        ring.restart(i).await;
+    }
+    let mut alice = login_with(&ring.url(0), "ANZ-5", true).await;
+    for (i, content) in ["fits", "too many"].into_iter().enumerate() {
+        alice
+            .send(json!({
+                "type": "MESSAGE",
+                "data": {"to": "ANZ-1500", "content": content},
+                "feature": "RELIABLE",
+                "reference": format!("q{i}"),
+            }))
+            .await;
+        alice.recv_type("MESSAGE_ACCEPTED").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let refused_there = ring
+            .metric(1, "switchboard_federation_dropped_total", &["INBOX_FULL"])
+            .await;
+        let refused_here = ring
+            .metric(
+                0,
+                "switchboard_federation_dropped_total",
+                &["refused by neighbour"],
+            )
+            .await;
+        if refused_there >= 1.0 && refused_here >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refusal was not counted: {refused_there} in d2, {refused_here} in d1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut bob = login(&ring.url(1), "ANZ-1500").await;
+    let (frames, _) = bob.fetch_all(100).await;
+    let got: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["type"] == "MESSAGE")
+        .filter_map(|f| f["data"]["content"].as_str())
+        .collect();
+    assert_eq!(got, ["fits"]);
 }

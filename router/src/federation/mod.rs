@@ -723,17 +723,41 @@ impl switchboard_mesh::Federation for Federation {
                 .get(first)
                 .cloned()
                 .unwrap_or_else(tracing::Span::none);
-            tracing::Instrument::instrument(
+            let refs: Vec<(usize, String)> =
+                direct.iter().map(|(at, e)| (*at, e.id.clone())).collect();
+            let routed = tracing::Instrument::instrument(
                 inner
                     .local
                     .deliver_batch(direct.into_iter().map(|(_, e)| e).collect()),
                 span,
             )
             .await?;
+            // Not stored: the outcome says so, so that the sending domain
+            // logs and counts the loss instead of taking it for delivered.
+            for (k, (at, id)) in refs.into_iter().enumerate() {
+                if routed.inbox_full.get(k).copied().unwrap_or(false) {
+                    let reason = "INBOX_FULL: the recipient's inbox is full";
+                    metrics::counter!("switchboard_federation_dropped_total", "reason" => reason)
+                        .increment(1);
+                    tracing::warn!(%id, from = from_domain, reason, "forwarded envelope refused");
+                    outcomes[at] = pb::ForwardOutcome {
+                        accepted: false,
+                        reason: reason.to_owned(),
+                    };
+                }
+            }
         }
         for (at, e) in groups {
             let span = spans.get(at).cloned().unwrap_or_else(tracing::Span::none);
-            tracing::Instrument::instrument(inner.local.route(e), span).await?;
+            let id = e.id.clone();
+            let routed = tracing::Instrument::instrument(inner.local.route(e), span).await?;
+            if !routed.inbox_full.is_empty() {
+                // Stored for the others; a Forward outcome has no room for
+                // a partial refusal: logged and counted here.
+                metrics::counter!("switchboard_federation_dropped_total", "reason" => "INBOX_FULL: the recipient's inbox is full")
+                    .increment(routed.inbox_full.len() as u64);
+                tracing::warn!(%id, from = from_domain, full = routed.inbox_full.len(), "forwarded group message not stored for recipients whose inbox is full");
+            }
         }
         inner.send(onward).await?;
         Ok(pb::ForwardReply { outcomes })
