@@ -582,6 +582,8 @@ struct Entry {
     /// Empty for a gateway in this process.
     addr: String,
     client: GatewayClient,
+    /// The push stream of a remote gateway.
+    link: Option<Arc<GatewayLink>>,
 }
 
 impl GatewayTable {
@@ -594,6 +596,7 @@ impl GatewayTable {
             Entry {
                 addr: String::new(),
                 client,
+                link: None,
             },
         );
         self.changed.notify_waiters();
@@ -623,14 +626,14 @@ impl GatewayTable {
             }
             match connector.channel(addr) {
                 Ok(channel) => {
+                    let link =
+                        Arc::new(GatewayLink::start(channel, connector.credentials().clone()));
                     map.insert(
                         id.clone(),
                         Entry {
                             addr: addr.clone(),
-                            client: GatewayClient::from_channel(
-                                channel,
-                                connector.credentials().clone(),
-                            ),
+                            client: GatewayClient(link.clone()),
+                            link: Some(link),
                         },
                     );
                 }
@@ -639,6 +642,21 @@ impl GatewayTable {
         }
         drop(map);
         self.changed.notify_waiters();
+    }
+
+    /// Waits, at most `within`, until everything pushed so far to the
+    /// remote gateways has reached them (handed to their connections) or
+    /// was lost with a broken stream. See [`GatewayLink::flush`].
+    pub async fn flush_pushes(&self, within: std::time::Duration) -> bool {
+        let links: Vec<Arc<GatewayLink>> = self
+            .gateways
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter_map(|e| e.link.clone())
+            .collect();
+        let all = futures_util::future::join_all(links.iter().map(|l| l.flush()));
+        tokio::time::timeout(within, all).await.is_ok()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {

@@ -297,6 +297,7 @@ pub async fn serve(
                 d.members(),
                 d.publisher(),
                 &config.discovery_prefix(),
+                gateways.clone(),
                 // Inbox counts follow ownership: those of gained inboxes
                 // are read from the store again.
                 Box::new(move || role.forget_inbox_counts()),
@@ -646,6 +647,15 @@ pub async fn serve(
     tracing::info!(node = %node_id, roles = %roles.join(","), "switchboard is running");
     shutdown.await;
     tracing::info!("shutting down");
+    // Sharded delivery hands its inboxes over in order: nothing served and
+    // every push on its gateway before the lease goes.
+    if let Some(o) = &ownership
+        && tokio::time::timeout(Duration::from_secs(5), o.leave())
+            .await
+            .is_err()
+    {
+        tracing::warn!("delivery calls still running 5 s into the stop");
+    }
     stop.cancel();
     if let Some(client) = client {
         match tokio::time::timeout(Duration::from_secs(10), client).await {
