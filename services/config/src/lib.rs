@@ -505,10 +505,9 @@ impl Default for Limits {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeshBatchConfig {
-    /// Batch calls at all. Off by default: until per-inbox order across
-    /// inbox ownership moves is proven with batching, each call to another
-    /// process is its own unary call (`Route`, `Deliver`) and the other
-    /// keys are unused.
+    /// Batch calls at all (the default). Off: each call to another process
+    /// is its own unary call (`Route`, `Deliver`) and the other keys are
+    /// unused.
     pub enabled: bool,
     /// Calls per batch.
     pub max_items: usize,
@@ -527,7 +526,7 @@ pub struct MeshBatchConfig {
 impl Default for MeshBatchConfig {
     fn default() -> Self {
         MeshBatchConfig {
-            enabled: false,
+            enabled: true,
             max_items: 512,
             max_bytes: 4 * 1024 * 1024,
             linger_us: 0,

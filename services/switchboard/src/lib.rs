@@ -195,9 +195,8 @@ pub async fn serve(
             connector.clone(),
         );
     }
-    // Batch calls to other processes only when `[mesh_batch] enabled` (off
-    // by default until per-inbox order across ownership moves is proven
-    // with it); otherwise one unary call per call.
+    // Batch calls to other processes when `[mesh_batch] enabled` (the
+    // default); otherwise one unary call per call.
     let batching = config.mesh_batch.enabled;
     let batch_limits = switchboard_mesh::BatchLimits {
         max_items: config.mesh_batch.max_items,
