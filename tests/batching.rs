@@ -2,8 +2,7 @@
 //! many senders at once, so that calls of different connections share
 //! batches: per-sender order, nothing lost or doubled, and kill -9 of the
 //! router or of delivery with batches in flight loses no accepted message.
-//! Batching is on by default (`[mesh_batch] enabled`); these clusters say
-//! so all the same.
+//! Batching is opt-in (`[mesh_batch] enabled`): these clusters turn it on.
 
 #[path = "support/mod.rs"]
 mod support;

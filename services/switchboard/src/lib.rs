@@ -195,8 +195,9 @@ pub async fn serve(
             connector.clone(),
         );
     }
-    // Batch calls to other processes when `[mesh_batch] enabled` (the
-    // default); otherwise one unary call per call.
+    // Batch calls to other processes only when `[mesh_batch] enabled` (off
+    // by default until a stall seen once under load with it is explained);
+    // otherwise one unary call per call.
     let batching = config.mesh_batch.enabled;
     let batch_limits = switchboard_mesh::BatchLimits {
         max_items: config.mesh_batch.max_items,
