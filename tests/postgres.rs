@@ -122,6 +122,11 @@ async fn stored_messages_survive_a_kill_9_on_postgres() {
 /// A cluster of `shape` storing in a fresh database; `None` (a recorded
 /// skip) without etcd, Redis or PostgreSQL.
 async fn sharded_cluster(shape: &[(&str, &str)]) -> Option<Cluster> {
+    sharded_cluster_batching(shape, false).await
+}
+
+/// [`sharded_cluster`] with `[mesh_batch] enabled` set to `batching`.
+async fn sharded_cluster_batching(shape: &[(&str, &str)], batching: bool) -> Option<Cluster> {
     let infra = Infra::from_env()?;
     let url = fresh_database(&server()?).await;
     Some(
@@ -130,6 +135,7 @@ async fn sharded_cluster(shape: &[(&str, &str)]) -> Option<Cluster> {
             c.store.url = url;
             c.limits.messages_per_second = 100_000;
             c.limits.max_refusals = 100_000;
+            c.mesh_batch.enabled = batching;
         })
         .await,
     )
@@ -154,7 +160,7 @@ fn parse_content(frame: &Value) -> (usize, usize) {
 type Seen = (Vec<(usize, usize, String)>, Vec<(usize, usize, String)>);
 
 /// 2,000 RELIABLE messages from four senders on gw1 to eight recipients on
-/// gw2, all sent at once; `during` runs after each answer with the number
+/// gw2 (users `demo-<tag>s<n>` and `demo-<tag>r<n>`), all sent at once; `during` runs after each answer with the number
 /// accepted so far and the recipient of the message just accepted (to
 /// kill, restart or add processes, and to time a takeover). Checks that every
 /// accepted message reached its recipient (pushed or fetched), each id
@@ -162,6 +168,17 @@ type Seen = (Vec<(usize, usize, String)>, Vec<(usize, usize, String)>);
 /// recipient (on the push path and in the inbox).
 async fn two_thousand_through(
     cluster: &mut Cluster,
+    tag: &str,
+    mut during: impl FnMut(&mut Cluster, usize, Option<usize>),
+) -> (usize, usize) {
+    many_through(cluster, tag, PER_SENDER, &mut during).await
+}
+
+/// [`two_thousand_through`] with `per_sender` messages from each sender.
+async fn many_through(
+    cluster: &mut Cluster,
+    tag: &str,
+    per_sender: usize,
     mut during: impl FnMut(&mut Cluster, usize, Option<usize>),
 ) -> (usize, usize) {
     let gw1 = cluster.proc("gw1").url();
@@ -169,7 +186,7 @@ async fn two_thousand_through(
     let mut readers = Vec::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for r in 0..RECIPIENTS {
-        let mut client = Client::login(&gw2, &format!("demo-r{r}")).await;
+        let mut client = Client::login(&gw2, &format!("demo-{tag}r{r}")).await;
         let mut stop = stop_rx.clone();
         readers.push(tokio::spawn(async move {
             let mut pushed = Vec::new();
@@ -191,14 +208,14 @@ async fn two_thousand_through(
     }
     let mut senders = Vec::new();
     for s in 0..SENDERS {
-        senders.push(Client::login_with(&gw1, &format!("demo-s{s}"), true).await);
+        senders.push(Client::login_with(&gw1, &format!("demo-{tag}s{s}"), true).await);
     }
     for (s, sender) in senders.iter_mut().enumerate() {
-        let frames: Vec<Value> = (0..PER_SENDER)
+        let frames: Vec<Value> = (0..per_sender)
             .map(|i| {
                 json!({
                     "type": "MESSAGE",
-                    "data": {"to": format!("demo-r{}", i % RECIPIENTS), "content": format!("s{s}-m{i}")},
+                    "data": {"to": format!("demo-{tag}r{}", i % RECIPIENTS), "content": format!("s{s}-m{i}")},
                     "feature": "RELIABLE",
                     "reference": format!("r{i}"),
                 })
@@ -209,7 +226,7 @@ async fn two_thousand_through(
     // Every send is answered: accepted (with its id) or refused.
     let mut accepted: BTreeMap<(usize, usize), String> = BTreeMap::new();
     let mut refused = 0usize;
-    let mut pending: Vec<usize> = vec![PER_SENDER; SENDERS];
+    let mut pending: Vec<usize> = vec![per_sender; SENDERS];
     while pending.iter().any(|&n| n > 0) {
         for (s, sender) in senders.iter_mut().enumerate() {
             while pending[s] > 0 {
@@ -303,7 +320,7 @@ async fn a_killed_delivery_process_hands_its_inboxes_to_the_others() {
     let mut probe = None;
     let mut restarted = false;
     let gw1 = cluster.proc("gw1").url();
-    let (accepted, refused) = two_thousand_through(&mut cluster, |cluster, accepted, _| {
+    let (accepted, refused) = two_thousand_through(&mut cluster, "", |cluster, accepted, _| {
         if killed_at.is_none() && accepted >= 500 {
             cluster.kill9(&victim);
             let at = Instant::now();
@@ -371,7 +388,7 @@ async fn delivery_scales_out_from_two_to_three_under_load() {
         return;
     };
     let mut added = false;
-    let (accepted, refused) = two_thousand_through(&mut cluster, |cluster, accepted, _| {
+    let (accepted, refused) = two_thousand_through(&mut cluster, "", |cluster, accepted, _| {
         if !added && accepted >= 500 {
             cluster.add("d3", "delivery", |_| {});
             added = true;
@@ -387,5 +404,55 @@ async fn delivery_scales_out_from_two_to_three_under_load() {
         SENDERS * PER_SENDER,
         "a process joining refuses nothing"
     );
+    cluster.shutdown().await;
+}
+
+/// Messages per sender while inboxes move: enough that the load outlasts
+/// a process's start and the member list settling.
+const MOVING: usize = 2_500;
+
+/// With `[mesh_batch] enabled`, inboxes move while four senders pipeline
+/// to eight recipients: to a third delivery process that joins, then back
+/// to the first two when it stops. Each sender's messages reach each
+/// recipient in order, pushed and fetched, and nothing accepted is lost.
+/// Not in the default run: one run in about ninety on a busy machine
+/// stalled before any move (see `[mesh_batch]` in docs/operations.md).
+#[tokio::test]
+#[ignore = "batched sharded delivery stalled once in ~90 runs on a busy machine; run with --ignored"]
+async fn batched_delivery_keeps_order_while_scaling_out_and_back_in_under_load() {
+    let Some(mut cluster) = sharded_cluster_batching(&SHARDED[..5], true).await else {
+        return;
+    };
+    let mut added = false;
+    let (accepted, refused) = many_through(&mut cluster, "out", MOVING, |cluster, accepted, _| {
+        if !added && accepted >= 500 {
+            cluster.add("d3", "delivery", |_| {});
+            added = true;
+        }
+    })
+    .await;
+    eprintln!("batched scale-out from two to three: {accepted} accepted, {refused} refused");
+    assert!(added);
+    assert_eq!(
+        accepted,
+        SENDERS * MOVING,
+        "a process joining refuses nothing"
+    );
+    // Every process knows d3 before it leaves again.
+    cluster.wait_known().await;
+    let mut stopped = false;
+    let (accepted, refused) = many_through(&mut cluster, "in", MOVING, |cluster, accepted, _| {
+        if !stopped && accepted >= 500 {
+            // SIGTERM without waiting: the stop drains while sends go on.
+            let pid = cluster.proc("d3").pid().expect("d3 runs");
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            stopped = true;
+        }
+    })
+    .await;
+    eprintln!("batched scale-in from three to two: {accepted} accepted, {refused} refused");
+    assert!(stopped);
     cluster.shutdown().await;
 }

@@ -505,10 +505,10 @@ impl Default for Limits {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeshBatchConfig {
-    /// Batch calls at all. Off by default: until per-inbox order across
-    /// inbox ownership moves is proven with batching, each call to another
-    /// process is its own unary call (`Route`, `Deliver`) and the other
-    /// keys are unused.
+    /// Batch calls at all. Off by default until a stall seen once under
+    /// load with batching is explained: each call to another process is
+    /// then its own unary call (`Route`, `Deliver`) and the other keys are
+    /// unused.
     pub enabled: bool,
     /// Calls per batch.
     pub max_items: usize,

@@ -265,62 +265,14 @@ impl Groups for RemoteGroups {
 #[async_trait]
 impl Delivery for RemoteDelivery {
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
-        let n = req.envelopes.len();
-        let keys = routing_keys(&req.envelopes);
-        let mut reply = pb::DeliverReply {
-            seqs: vec![0; n],
-            ..Default::default()
-        };
-        // The sender's copies go with one call (they are pushed once).
-        let sent_copies = std::sync::Mutex::new(Some(req.sent_copies));
-        let sent_copies = &sent_copies;
-        let parts = self
-            .by_owner_with_retry(&keys, |key, positions| {
-                let part = pb::DeliverRequest {
-                    envelopes: positions
-                        .iter()
-                        .map(|&i| req.envelopes[i].clone())
-                        .collect(),
-                    sent_copies: sent_copies
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take()
-                        .unwrap_or_default(),
-                    copy_to_sender: req.copy_to_sender,
-                };
-                async move {
-                    let copies = part.sent_copies.clone();
-                    let reply: Result<pb::DeliverReply, ServiceError> = pooled!(
-                        self,
-                        DeliveryGrpc::deliver(part),
-                        key = Some(key.as_slice())
-                    );
-                    if reply.is_err() && !copies.is_empty() {
-                        // Not sent: the next attempt takes them.
-                        *sent_copies
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(copies);
-                    }
-                    reply
-                }
-            })
-            .await?;
-        for (positions, part) in parts {
-            if !part.repeated.is_empty() && reply.repeated.is_empty() {
-                reply.repeated = vec![false; n];
-            }
-            for (k, &at) in positions.iter().enumerate() {
-                reply.seqs[at] = part.seqs.get(k).copied().unwrap_or(0);
-                if let Some(&r) = part.repeated.get(k) {
-                    reply.repeated[at] = r;
-                }
-                if part.inbox_full.get(k).copied().unwrap_or(false) {
-                    reply.inbox_full.resize(n, false);
-                    reply.inbox_full[at] = true;
-                }
-            }
-        }
-        Ok(reply)
+        self.deliver_by_owner(req, |key, part| async move {
+            pooled!(
+                self,
+                DeliveryGrpc::deliver(part),
+                key = Some(key.as_slice())
+            )
+        })
+        .await
     }
     async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
         let key = [crate::pool::inbox_key(&req.app_id, &req.user_id)];
@@ -378,60 +330,9 @@ impl Delivery for RemoteDelivery {
 #[async_trait]
 impl Delivery for BatchedDelivery {
     async fn deliver(&self, req: pb::DeliverRequest) -> Result<pb::DeliverReply, ServiceError> {
-        let n = req.envelopes.len();
-        let keys = routing_keys(&req.envelopes);
-        let mut reply = pb::DeliverReply {
-            seqs: vec![0; n],
-            repeated: Vec::new(),
-            inbox_full: Vec::new(),
-        };
-        // The sender's copies go with one call (they are pushed once).
-        let sent_copies = std::sync::Mutex::new(Some(req.sent_copies));
-        let sent_copies = &sent_copies;
-        let parts = self
-            .remote
-            .by_owner_with_retry(&keys, |key, positions| {
-                let part = pb::DeliverRequest {
-                    envelopes: positions
-                        .iter()
-                        .map(|&i| req.envelopes[i].clone())
-                        .collect(),
-                    sent_copies: sent_copies
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take()
-                        .unwrap_or_default(),
-                    copy_to_sender: req.copy_to_sender,
-                };
-                async move {
-                    let copies = part.sent_copies.clone();
-                    let reply = self.batched(key, part).await;
-                    if reply.is_err() && !copies.is_empty() {
-                        // Not sent: the next attempt takes them.
-                        *sent_copies
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(copies);
-                    }
-                    reply
-                }
-            })
-            .await?;
-        for (positions, part) in parts {
-            if !part.repeated.is_empty() && reply.repeated.is_empty() {
-                reply.repeated = vec![false; n];
-            }
-            for (k, &at) in positions.iter().enumerate() {
-                reply.seqs[at] = part.seqs.get(k).copied().unwrap_or(0);
-                if let Some(&r) = part.repeated.get(k) {
-                    reply.repeated[at] = r;
-                }
-                if part.inbox_full.get(k).copied().unwrap_or(false) {
-                    reply.inbox_full.resize(n, false);
-                    reply.inbox_full[at] = true;
-                }
-            }
-        }
-        Ok(reply)
+        self.remote
+            .deliver_by_owner(req, |key, part| self.batched(key, part))
+            .await
     }
     async fn fetch(&self, req: pb::FetchRequest) -> Result<pb::FetchReply, ServiceError> {
         self.remote.fetch(req).await
@@ -490,6 +391,75 @@ pub fn routing_keys(envelopes: &[pb::Envelope]) -> Vec<Vec<u8>> {
 }
 
 impl RemoteDelivery {
+    /// A deliver call split by the owners of its inboxes: `send` makes
+    /// each owner's part of the call (`key` picks the owner), parts that
+    /// met an inbox on the move are split again and sent again
+    /// ([`RemoteDelivery::by_owner_with_retry`]), and the parts' replies
+    /// are put back in the envelopes' order.
+    async fn deliver_by_owner<F, Fut>(
+        &self,
+        req: pb::DeliverRequest,
+        send: F,
+    ) -> Result<pb::DeliverReply, ServiceError>
+    where
+        F: Fn(Vec<u8>, pb::DeliverRequest) -> Fut,
+        Fut: std::future::Future<Output = Result<pb::DeliverReply, ServiceError>>,
+    {
+        let n = req.envelopes.len();
+        let keys = routing_keys(&req.envelopes);
+        let mut reply = pb::DeliverReply {
+            seqs: vec![0; n],
+            ..Default::default()
+        };
+        // The sender's copies go with one call (they are pushed once).
+        let sent_copies = std::sync::Mutex::new(Some(req.sent_copies));
+        let sent_copies = &sent_copies;
+        let send = &send;
+        let parts = self
+            .by_owner_with_retry(&keys, |key, positions| {
+                let part = pb::DeliverRequest {
+                    envelopes: positions
+                        .iter()
+                        .map(|&i| req.envelopes[i].clone())
+                        .collect(),
+                    sent_copies: sent_copies
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take()
+                        .unwrap_or_default(),
+                    copy_to_sender: req.copy_to_sender,
+                };
+                async move {
+                    let copies = part.sent_copies.clone();
+                    let reply = send(key, part).await;
+                    if reply.is_err() && !copies.is_empty() {
+                        // Not sent: the next attempt takes them.
+                        *sent_copies
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(copies);
+                    }
+                    reply
+                }
+            })
+            .await?;
+        for (positions, part) in parts {
+            if !part.repeated.is_empty() && reply.repeated.is_empty() {
+                reply.repeated = vec![false; n];
+            }
+            for (k, &at) in positions.iter().enumerate() {
+                reply.seqs[at] = part.seqs.get(k).copied().unwrap_or(0);
+                if let Some(&r) = part.repeated.get(k) {
+                    reply.repeated[at] = r;
+                }
+                if part.inbox_full.get(k).copied().unwrap_or(false) {
+                    reply.inbox_full.resize(n, false);
+                    reply.inbox_full[at] = true;
+                }
+            }
+        }
+        Ok(reply)
+    }
+
     /// Calls `call` once per owner of the inboxes `keys` (rendezvous
     /// hashing over the live delivery instances; with one instance, one
     /// call), at once, with the positions of that owner's inboxes. A part
@@ -612,6 +582,8 @@ struct Entry {
     /// Empty for a gateway in this process.
     addr: String,
     client: GatewayClient,
+    /// The push stream of a remote gateway.
+    link: Option<Arc<GatewayLink>>,
 }
 
 impl GatewayTable {
@@ -624,6 +596,7 @@ impl GatewayTable {
             Entry {
                 addr: String::new(),
                 client,
+                link: None,
             },
         );
         self.changed.notify_waiters();
@@ -653,14 +626,14 @@ impl GatewayTable {
             }
             match connector.channel(addr) {
                 Ok(channel) => {
+                    let link =
+                        Arc::new(GatewayLink::start(channel, connector.credentials().clone()));
                     map.insert(
                         id.clone(),
                         Entry {
                             addr: addr.clone(),
-                            client: GatewayClient::from_channel(
-                                channel,
-                                connector.credentials().clone(),
-                            ),
+                            client: GatewayClient(link.clone()),
+                            link: Some(link),
                         },
                     );
                 }
@@ -669,6 +642,21 @@ impl GatewayTable {
         }
         drop(map);
         self.changed.notify_waiters();
+    }
+
+    /// Waits, at most `within`, until everything pushed so far to the
+    /// remote gateways has reached them (handed to their connections) or
+    /// was lost with a broken stream. See [`GatewayLink::flush`].
+    pub async fn flush_pushes(&self, within: std::time::Duration) -> bool {
+        let links: Vec<Arc<GatewayLink>> = self
+            .gateways
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter_map(|e| e.link.clone())
+            .collect();
+        let all = futures_util::future::join_all(links.iter().map(|l| l.flush()));
+        tokio::time::timeout(within, all).await.is_ok()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {

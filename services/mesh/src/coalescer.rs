@@ -195,15 +195,19 @@ where
     }
 
     /// The next batch, or `None` (and the lane idle) when nothing waits.
+    /// Items whose callers have gone (a timeout gave up on them, and the
+    /// caller may since have sent its next item) are dropped unsent: sent
+    /// now, one would land after items its caller sent later.
     fn take(&self, lane: &Lane<I, R>) -> Option<Vec<Pending<I, R>>> {
         let mut state = lane.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.queue.is_empty() {
-            state.busy = false;
-            return None;
-        }
         let mut batch = Vec::new();
         let mut bytes = 0usize;
         while let Some(next) = state.queue.front() {
+            if next.reply.is_closed() {
+                state.queue.pop_front();
+                metrics::counter!("switchboard_mesh_batch_abandoned_total").increment(1);
+                continue;
+            }
             let fits = batch.is_empty()
                 || (batch.len() < self.limits.max_items
                     && bytes.saturating_add(next.bytes) <= self.limits.max_bytes);
@@ -214,6 +218,10 @@ where
             if let Some(p) = state.queue.pop_front() {
                 batch.push(p);
             }
+        }
+        if batch.is_empty() {
+            state.busy = false;
+            return None;
         }
         Some(batch)
     }

@@ -3,6 +3,9 @@
 //! gateway delays nobody else: when its queue is full, its pushes fail at once
 //! (RELIABLE messages stay in their inboxes and are fetched later).
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,14 +28,35 @@ const MAX_PAUSE: Duration = Duration::from_secs(2);
 
 pub(crate) struct GatewayLink {
     tx: mpsc::Sender<pb::PushItem>,
+    /// Items ever queued.
+    queued: AtomicU64,
+    /// Items ever settled: answered by the gateway (handed to its
+    /// connections), or lost with a stream that broke.
+    settled: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl GatewayLink {
     /// Starts the stream task; it ends when the link is dropped.
     pub(crate) fn start(channel: Channel, credentials: MeshCredentials) -> Self {
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
-        tokio::spawn(run_link(channel, credentials, rx));
-        GatewayLink { tx }
+        let settled = Arc::new(tokio::sync::watch::Sender::new(0));
+        tokio::spawn(run_link(channel, credentials, rx, settled.clone()));
+        GatewayLink {
+            tx,
+            queued: AtomicU64::new(0),
+            settled,
+        }
+    }
+
+    /// Waits until every item queued before the call has reached the
+    /// gateway's connections (or was lost with a broken stream). A
+    /// delivery process giving an inbox up calls this before the new
+    /// owner may push to it, so that pushes of one inbox from two
+    /// processes cannot overtake each other on their way to a gateway.
+    pub(crate) async fn flush(&self) {
+        let target = self.queued.load(Ordering::Acquire);
+        let mut settled = self.settled.subscribe();
+        let _ = settled.wait_for(|&n| n >= target).await;
     }
 }
 
@@ -42,7 +66,9 @@ impl Gateway for GatewayLink {
         let mut dropped = 0usize;
         for item in req.items {
             match self.tx.try_send(item) {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.queued.fetch_add(1, Ordering::AcqRel);
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => dropped += 1,
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     return Err(ServiceError::unavailable("gateway link closed"));
@@ -65,22 +91,36 @@ async fn run_link(
     channel: Channel,
     credentials: MeshCredentials,
     mut rx: mpsc::Receiver<pb::PushItem>,
+    settled: Arc<tokio::sync::watch::Sender<u64>>,
 ) {
     let mut pause = Duration::from_millis(100);
     let mut buf = Vec::with_capacity(LINK_BATCH);
+    // Items taken from the queue so far.
+    let mut taken = 0u64;
     loop {
+        // The sizes of the requests sent and not answered yet, in order:
+        // the gateway answers each request once its items are handed on.
+        let unanswered: Arc<Mutex<VecDeque<u64>>> = Arc::default();
         let (req_tx, req_rx) = mpsc::channel::<pb::PushRequest>(4);
         let mut client = pb::gateway_client::GatewayClient::new(InterceptedService::new(
             channel.clone(),
             credentials.clone(),
         ))
         .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
+        let (answered, on_reply) = (unanswered.clone(), settled.clone());
         let mut call = tokio::spawn(async move {
             let mut replies = client
                 .push_stream(tokio_stream::wrappers::ReceiverStream::new(req_rx))
                 .await?
                 .into_inner();
-            while replies.message().await?.is_some() {}
+            while replies.message().await?.is_some() {
+                let n = answered
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop_front()
+                    .unwrap_or(0);
+                on_reply.send_modify(|s| *s += n);
+            }
             Ok::<(), tonic::Status>(())
         });
         loop {
@@ -91,8 +131,13 @@ async fn run_link(
                         call.abort();
                         return;
                     }
+                    taken += n as u64;
                     let mut failed = false;
                     for items in split_by_size(std::mem::take(&mut buf)) {
+                        unanswered
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push_back(items.len() as u64);
                         if req_tx.send(pb::PushRequest { items }).await.is_err() {
                             failed = true;
                             break;
@@ -114,6 +159,9 @@ async fn run_link(
             }
         }
         call.abort();
+        // What the broken stream did not deliver is lost (stored messages
+        // stay in their inboxes): nothing of it is on its way any more.
+        settled.send_modify(|s| *s = (*s).max(taken));
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(MAX_PAUSE);
     }
@@ -153,6 +201,77 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// A gateway that hands pushes on only when the test opens `gate`.
+    struct GatedGateway {
+        gate: Arc<tokio::sync::Semaphore>,
+        pushed: Arc<AtomicU64>,
+    }
+
+    #[async_trait]
+    impl Gateway for GatedGateway {
+        async fn push(&self, req: pb::PushRequest) -> Result<pb::PushReply, ServiceError> {
+            self.gate
+                .acquire()
+                .await
+                .map_err(|_| ServiceError::internal("closed"))?
+                .forget();
+            self.pushed
+                .fetch_add(req.items.len() as u64, Ordering::SeqCst);
+            Ok(pb::PushReply::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flush_waits_until_the_gateway_has_handed_every_earlier_push_on() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let pushed = Arc::new(AtomicU64::new(0));
+        let gateway = GatedGateway {
+            gate: gate.clone(),
+            pushed: pushed.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let closing = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    crate::GatewayService::new(Arc::new(gateway), closing.clone()).into_server(),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect_lazy();
+        let link = GatewayLink::start(channel, MeshCredentials::default());
+        link.push(pb::PushRequest {
+            items: vec![item(10), item(10), item(10)],
+        })
+        .await
+        .expect("queued");
+        // The gateway holds them: the flush cannot end.
+        let flush = link.flush();
+        tokio::pin!(flush);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut flush)
+                .await
+                .is_err(),
+            "flushed before the gateway answered"
+        );
+        gate.add_permits(100);
+        tokio::time::timeout(Duration::from_secs(30), flush)
+            .await
+            .expect("flushed once answered");
+        assert_eq!(pushed.load(Ordering::SeqCst), 3);
+        // Nothing queued since: at once.
+        tokio::time::timeout(Duration::from_secs(30), link.flush())
+            .await
+            .expect("nothing to wait for");
+        closing.cancel();
+        server.abort();
     }
 
     #[test]

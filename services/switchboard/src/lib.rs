@@ -196,8 +196,8 @@ pub async fn serve(
         );
     }
     // Batch calls to other processes only when `[mesh_batch] enabled` (off
-    // by default until per-inbox order across ownership moves is proven
-    // with it); otherwise one unary call per call.
+    // by default until a stall seen once under load with it is explained);
+    // otherwise one unary call per call.
     let batching = config.mesh_batch.enabled;
     let batch_limits = switchboard_mesh::BatchLimits {
         max_items: config.mesh_batch.max_items,
@@ -296,6 +296,7 @@ pub async fn serve(
                 d.members(),
                 d.publisher(),
                 &config.discovery_prefix(),
+                gateways.clone(),
                 // Inbox counts follow ownership: those of gained inboxes
                 // are read from the store again.
                 Box::new(move || role.forget_inbox_counts()),
@@ -644,6 +645,15 @@ pub async fn serve(
     tracing::info!(node = %node_id, roles = %roles.join(","), "switchboard is running");
     shutdown.await;
     tracing::info!("shutting down");
+    // Sharded delivery hands its inboxes over in order: nothing served and
+    // every push on its gateway before the lease goes.
+    if let Some(o) = &ownership
+        && tokio::time::timeout(Duration::from_secs(5), o.leave())
+            .await
+            .is_err()
+    {
+        tracing::warn!("delivery calls still running 5 s into the stop");
+    }
     stop.cancel();
     if let Some(client) = client {
         match tokio::time::timeout(Duration::from_secs(10), client).await {

@@ -15,8 +15,13 @@
 //!   last view every member had applied — is served only once every other
 //!   member of the new view has published that view: each of them has
 //!   stopped serving it and drained its calls.
+//! - Before publishing, it waits (at most [`PUSH_FLUSH`]) until what its
+//!   drained calls pushed has reached the gateways: the new owner's pushes
+//!   of an inbox then follow the old owner's on every gateway connection.
 //! - A killed process serves nothing; its key and its membership go with its
-//!   lease, and the survivors' views no longer count it.
+//!   lease, and the survivors' views no longer count it. A process stopping
+//!   gracefully first refuses everything, drains its calls and flushes its
+//!   pushes ([`Ownership::leave`]), and only then gives its lease back.
 //!
 //! A refused call is retried by the caller's pool at the owner of its own
 //! (possibly newer) member list, within its retry budget.
@@ -26,7 +31,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_discovery::{Members, Publisher};
-use switchboard_mesh::{Delivery, ServiceError, inbox_key, owner_among, pb, routing_keys};
+use switchboard_mesh::{
+    Delivery, GatewayTable, ServiceError, inbox_key, owner_among, pb, routing_keys,
+};
 use tokio::sync::{RwLock, watch};
 
 /// The member lists of one process.
@@ -37,11 +44,16 @@ struct Views {
     /// The last view every member of it had applied (`None` until the
     /// first one settles).
     settled: Option<Vec<String>>,
+    /// The process is stopping: it serves nothing any more.
+    leaving: bool,
 }
 
 impl Views {
     /// Whether this process may serve `inbox` now.
     fn serves(&self, me: &str, key: &[u8]) -> Result<(), String> {
+        if self.leaving {
+            return Err(format!("{me} is stopping"));
+        }
         let owner = owner_among(&self.current, key).unwrap_or_default();
         if owner != me {
             return Err(format!("its delivery instance is {owner}"));
@@ -61,6 +73,8 @@ impl Views {
 pub(crate) struct Ownership {
     me: String,
     views: Arc<RwLock<Views>>,
+    /// The push streams to flush before an inbox is given up.
+    gateways: Arc<GatewayTable>,
 }
 
 /// Where processes publish the view they applied.
@@ -76,6 +90,10 @@ fn fingerprint(view: &[String]) -> String {
 /// How often a process that waits for the others reads their views.
 const SETTLE_POLL: Duration = Duration::from_millis(50);
 
+/// How long giving inboxes up waits for the pushes already made to reach
+/// the gateways (a gateway that reads nothing must not hold a move up).
+const PUSH_FLUSH: Duration = Duration::from_secs(1);
+
 impl Ownership {
     /// Follows the member list (`tag`: the mesh secret's, as the pools
     /// trust members) and publishes each view applied.
@@ -85,11 +103,13 @@ impl Ownership {
         mut members: watch::Receiver<Arc<Members>>,
         publisher: Publisher,
         discovery_prefix: &str,
+        gateways: Arc<GatewayTable>,
         on_settle: Box<dyn Fn() + Send + Sync>,
     ) -> Self {
         let ownership = Ownership {
             me,
             views: Arc::default(),
+            gateways,
         };
         let prefix = views_prefix(discovery_prefix);
         let this = ownership.clone();
@@ -128,7 +148,17 @@ impl Ownership {
         members: &mut watch::Receiver<Arc<Members>>,
         on_settle: &(dyn Fn() + Send + Sync),
     ) {
-        self.views.write().await.current = view.clone();
+        {
+            let mut views = self.views.write().await;
+            if views.leaving {
+                return;
+            }
+            views.current = view.clone();
+        }
+        // The calls drained above pushed what they stored: on the gateways
+        // before the new owners (who wait for this view to be published)
+        // push anything of those inboxes.
+        self.flush_pushes().await;
         let mine = fingerprint(&view);
         tracing::info!(instances = %mine, "delivery member list applied");
         let key = format!("{prefix}{}", self.me);
@@ -167,6 +197,25 @@ impl Ownership {
             }
             tokio::time::sleep(SETTLE_POLL).await;
         }
+    }
+
+    async fn flush_pushes(&self) {
+        if !self.gateways.flush_pushes(PUSH_FLUSH).await {
+            tracing::warn!(
+                within_ms = PUSH_FLUSH.as_millis() as u64,
+                "pushes to a gateway still on their way when inboxes move"
+            );
+        }
+    }
+
+    /// Stops serving (every call is refused as "moved" from now on, after
+    /// the calls in flight have finished) and waits for their pushes to
+    /// reach the gateways; the caller then gives the lease back, and the
+    /// other processes take the inboxes over.
+    pub(crate) async fn leave(&self) {
+        self.views.write().await.leaving = true;
+        self.flush_pushes().await;
+        tracing::info!("delivery stopped serving its inboxes");
     }
 
     /// Holds the view for the duration of a call when this process serves
@@ -257,6 +306,7 @@ mod tests {
         let views = Views {
             current: new.clone(),
             settled: Some(old.clone()),
+            leaving: false,
         };
         assert!(views.serves("d3", &moving).is_err(), "d3 waits");
         assert!(
@@ -267,11 +317,17 @@ mod tests {
             views.serves("d1", &staying).is_ok(),
             "unmoved inboxes go on"
         );
-        let settled = Views {
+        let mut settled = Views {
             current: new.clone(),
             settled: Some(new),
+            leaving: false,
         };
         assert!(settled.serves("d3", &moving).is_ok());
+        settled.leaving = true;
+        assert!(
+            settled.serves("d1", &staying).is_err(),
+            "nothing once stopping"
+        );
         assert!(
             Views::default().serves("d1", &staying).is_err(),
             "nothing before a view"

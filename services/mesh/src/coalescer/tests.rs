@@ -287,3 +287,31 @@ async fn the_server_side_runs_one_senders_items_in_order_and_others_alongside() 
     let log = log.lock().unwrap_or_else(PoisonError::into_inner).clone();
     assert_eq!(log, vec![(2, 0), (2, 1), (1, 0), (1, 1), (1, 2)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_item_whose_caller_gave_up_is_never_sent_after_its_callers_next_one() {
+    let (c, peer) = peer(one_lane());
+    let first = call(&c, (1, 0));
+    peer.wait_for(1).await;
+    // Queued behind the batch in flight; its caller times out and goes on
+    // with its next item.
+    let gave_up = call(&c, (2, 0));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    gave_up.abort();
+    assert!(gave_up.await.is_err(), "aborted");
+    let next = call(&c, (2, 1));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    peer.gate.add_permits(2);
+    let batches = peer.wait_for(2).await;
+    assert_eq!(batches[1].2, vec![(2, 1)], "only the item still awaited");
+    assert!(first.await.is_ok());
+    assert_eq!(next.await.ok().and_then(Result::ok), Some((2, 1)));
+    // Everything given up: the lane goes idle and serves the next call.
+    let again = call(&c, (3, 0));
+    peer.gate.add_permits(1);
+    assert_eq!(again.await.ok().and_then(Result::ok), Some((3, 0)));
+}
