@@ -222,7 +222,8 @@ pub struct Session {
     unacked: Arc<Unacked>,
     limiter: RateLimiter,
     /// ACK frames have their own budget: a client acks what it receives,
-    /// which its send rate does not bound.
+    /// which its send rate does not bound. Only ids that acknowledge
+    /// nothing spend it (see [`Session::ack`]).
     ack_limiter: RateLimiter,
     /// Highest sequence number a fetch (or the ack-mode replay) returned:
     /// the next page starts after it.
@@ -318,7 +319,8 @@ impl Session {
             };
         }
         if kind == Some(CommandKind::Ack) {
-            if !self.ack_limiter.allow() {
+            // Spent by `ack` once the frame's ids are known.
+            if !self.ack_limiter.has_room() {
                 return Err(ServiceError::new(
                     ErrorCode::RateLimited,
                     format!(
@@ -815,9 +817,26 @@ impl Session {
 
     /// Acknowledges stored messages handed out in ack mode: they count as
     /// delivered. Ids not handed out (or already acknowledged) are ignored.
-    pub async fn ack(&self, ack: Ack) -> Result<(), ServiceError> {
+    ///
+    /// An id that acknowledges a message handed to this session costs
+    /// nothing, however many frames carry them: a client catching up on a
+    /// backlog may ack one message per frame. Every other id (unknown,
+    /// already acknowledged, repeated) spends one unit of the ACK budget,
+    /// and a frame that acknowledges nothing at least one, so a flood of
+    /// ACKs of nothing, in small frames or large ones, is refused.
+    pub async fn ack(&mut self, ack: Ack) -> Result<(), ServiceError> {
+        self.user()?;
+        let seqs = self.unacked.take(&ack.ids);
+        let wasted = if seqs.is_empty() {
+            ack.ids.len().max(1)
+        } else {
+            ack.ids.len() - seqs.len()
+        };
+        if wasted > 0 {
+            self.ack_limiter.charge(wasted);
+        }
         let id = self.user()?;
-        for seq in self.unacked.take(&ack.ids) {
+        for seq in seqs {
             let item = pb::DeliveredItem {
                 app_id: id.app_id.clone(),
                 user_id: id.user_id.clone(),
