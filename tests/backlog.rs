@@ -136,3 +136,101 @@ async fn acknowledging_a_large_backlog_one_frame_per_message_is_never_limited() 
     assert_eq!(f["data"]["code"], "RATE_LIMITED", "{f}");
     node.shutdown().await;
 }
+
+/// Resident memory of a process, MiB, from /proc.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kib / 1024.0
+}
+
+/// Sends `count` RELIABLE messages of `content` round-robin to `to`, in
+/// bursts, and waits until every one is stored.
+async fn store_messages(sender: &mut Client, to: &[String], count: usize, content: &str) {
+    let mut next = 0;
+    while next < count {
+        let burst: Vec<Value> = (next..(next + 100).min(count))
+            .map(|i| {
+                json!({"type": "MESSAGE", "feature": "RELIABLE", "reference": format!("r{i}"),
+                    "data": {"to": to[i % to.len()], "content": content}})
+            })
+            .collect();
+        sender.send_burst(&burst).await;
+        let mut accepted = 0;
+        while accepted < burst.len() {
+            let f = sender.recv().await;
+            assert_ne!(f["type"], "ERROR", "{f}");
+            if f["type"] == "MESSAGE_ACCEPTED" {
+                accepted += 1;
+            }
+        }
+        next += burst.len();
+    }
+}
+
+/// Stored messages live on disk: 120 MiB stored for users who are offline,
+/// and for an ack-mode reader that never reads, raise the server's memory
+/// by what the configuration allows (the hot tier, the engine's cache and
+/// tables, one send queue), not by the backlog.
+#[tokio::test]
+async fn a_large_stored_backlog_is_held_on_disk_not_in_memory() {
+    const HOT_MIB: f64 = 16.0;
+    const CACHE_MIB: f64 = 16.0;
+    const SEND_QUEUE_MIB: f64 = 4.0;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = support::ProcessNode::start_with_env(
+        dir.path(),
+        &[
+            ("SWITCHBOARD_STORE__HOT_MIB", "16"),
+            ("SWITCHBOARD_STORE__CACHE_MIB", "16"),
+            ("SWITCHBOARD_LIMITS__SEND_QUEUE_BYTES", "4194304"),
+            ("SWITCHBOARD_LIMITS__MESSAGES_PER_SECOND", "100000"),
+            ("SWITCHBOARD_QUOTAS__SENDER_BYTES_PER_SECOND", "1073741824"),
+            ("SWITCHBOARD_QUOTAS__SENDER_BURST_BYTES", "1073741824"),
+        ],
+    )
+    .await;
+    let pid = node.child.id();
+    let mut sender = Client::login_with(&node.url(), "demo-ann", true).await;
+    let content = "x".repeat(12 * 1024);
+    // Warm up: the allocator's and the engine's first growth are not the
+    // backlog's.
+    let warm: Vec<String> = vec!["demo-warm".into()];
+    store_messages(&mut sender, &warm, 500, &content).await;
+    let baseline = rss_mib(pid);
+
+    // A reader in ack mode that never reads: sent everything, reads nothing.
+    let mut stuck = Client::login_with(&node.url(), "demo-stuck", true).await;
+    let mut to: Vec<String> = (0..8).map(|i| format!("demo-offline-{i}")).collect();
+    to.push("demo-stuck".into());
+    let total = 10_000; // 120 MiB of content
+    store_messages(&mut sender, &to, total, &content).await;
+    // Messages stay in memory for `spill_after` (5 s) after their append
+    // before they may move to the tree; appends after that move them.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let budget = baseline + HOT_MIB + CACHE_MIB + SEND_QUEUE_MIB + 48.0;
+    let mut rss = rss_mib(pid);
+    eprintln!("backlog: right after the sends {rss:.1} MiB");
+    while rss > budget && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        store_messages(&mut sender, &warm, 10, &content).await;
+        rss = rss_mib(pid);
+    }
+    eprintln!("backlog: baseline {baseline:.1} MiB, after {rss:.1} MiB, budget {budget:.1} MiB");
+    assert!(
+        rss <= budget,
+        "RSS {rss:.0} MiB after storing {total} messages of 12 KiB: over {budget:.0} MiB \
+         (baseline {baseline:.0} MiB)"
+    );
+    // Everything is still there, in order, for whoever comes back.
+    let mut back = Client::login(&node.url(), "demo-offline-3").await;
+    // Pages within the send queue's bytes.
+    let (messages, _) = back.fetch_all(100).await;
+    assert_eq!(messages.len(), total / to.len());
+    drop(stuck.try_recv(std::time::Duration::from_millis(1)).await);
+    node.terminate();
+}
