@@ -120,6 +120,8 @@ pub struct SoakSample {
     /// FAST messages between steady users not received yet (in flight).
     pub fast_in_flight: u64,
     pub received: u64,
+    /// MESSAGE_CONFIRMATIONs received (and acknowledged).
+    pub confirmations: u64,
     pub connects: u64,
     pub slow_consumer_closes: u64,
     pub other_server_closes: u64,
@@ -266,6 +268,7 @@ struct Counters {
     fast_steady_sent: AtomicU64,
     fast_steady_received: AtomicU64,
     received: AtomicU64,
+    confirmations: AtomicU64,
     redelivered: AtomicU64,
     connects: AtomicU64,
     refused: AtomicU64,
@@ -595,6 +598,7 @@ fn sample(
         send_rate: sent.saturating_sub(before) as f64 / (seconds - since).max(0.001),
         fast_in_flight: lock(&world.fast).len() as u64,
         received: c.received.load(Ordering::Relaxed),
+        confirmations: c.confirmations.load(Ordering::Relaxed),
         connects: c.connects.load(Ordering::Relaxed),
         slow_consumer_closes: slow_closes,
         other_server_closes: all_closes - slow_closes,
@@ -711,6 +715,16 @@ fn on_frame(world: &World, me: u32, text: &str) -> Reply {
                 world.counters.redelivered.fetch_add(1, Ordering::Relaxed);
             }
             Reply::Ack(id.to_owned())
+        }
+        // Confirmations are stored in the sender's inbox and, in ack mode,
+        // wait for an ACK like any stored message: unacknowledged they
+        // pile up (the first one-hour soak did not ACK them).
+        Some("MESSAGE_CONFIRMATION") => {
+            world.counters.confirmations.fetch_add(1, Ordering::Relaxed);
+            match data["id"].as_str() {
+                Some(id) => Reply::Ack(id.to_owned()),
+                None => Reply::None,
+            }
         }
         Some("MESSAGE_ACCEPTED") => {
             if let Some(id) = data["id"].as_str()
@@ -1040,6 +1054,14 @@ mod tests {
         // anyone, a tenth of them slow, plus 100 FAST to slow users.
         let per_slow = slow_incoming(1000.0, 100, 10);
         assert!((per_slow - 18.5).abs() < 1e-9, "{per_slow}");
+    }
+
+    #[test]
+    fn a_confirmation_is_acknowledged() {
+        let w = world(2);
+        let frame = r#"{"type":"MESSAGE_CONFIRMATION","data":{"reference":"m3","id":"m3"}}"#;
+        assert!(matches!(on_frame(&w, 0, frame), Reply::Ack(id) if id == "m3"));
+        assert_eq!(w.counters.confirmations.load(Ordering::Relaxed), 1);
     }
 
     #[test]
