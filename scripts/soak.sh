@@ -3,16 +3,20 @@
 # group messages, users coming and going, slow consumers, offline fetches)
 # against a fresh all-in-one node, or against a running deployment.
 #
-#   scripts/soak.sh 1h                 # fresh release node in a temp dir
+#   scripts/soak.sh 1h                 # fresh release node; a short ramp finds
+#                                      # its capacity, the soak runs at half
 #   scripts/soak.sh 10m --rate 5000    # extra args go to `switchboard soak`
 #   SOAK_URLS="ws://h1:8088/ws ws://h2:8088/ws" SOAK_PIDS="123 456" \
 #     scripts/soak.sh 1h               # a running deployment (e.g. deploy/local/cluster.sh)
 #
-# Prints one line every 10 s (server RSS and open files, messages sent,
-# stored and undelivered, connects, slow-consumer closes, refusals), then
+# Prints one line every 10 s (server RSS and open files, messages sent and
+# the send rate reached, stored and undelivered — the slow users' share
+# apart —, FAST in flight, connects, slow-consumer closes, refusals), then
 # the whole report as JSON, which is also kept in target/soak-report.json (or $SOAK_REPORT). Exits
 # non-zero when a stored message was lost. Run it with nothing else on
-# the machine when its figures are to be quoted.
+# the machine when its figures are to be quoted. The report's
+# `lost_fast_by_cause` says why FAST messages between connected users did
+# not arrive (a connection down around the send, refused, unexplained).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:?usage: scripts/soak.sh DURATION [switchboard soak args...]}

@@ -4,12 +4,17 @@
 //! that never finishes one is closed: no slowloris), and
 //! caps on open connections per process and per client address, answered
 //! with `503` so that the rest of the process (health checks, the mesh, the
-//! store) keeps file descriptors when clients take all they can.
+//! store) keeps file descriptors when clients take all they can. An HTTP/2
+//! connection with no request in progress for `http2_idle_timeout_secs` is
+//! closed (GOAWAY): answering pings does not keep a connection slot.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -35,8 +40,94 @@ fn fd_cap(soft: u64) -> u64 {
     soft.saturating_sub(FD_RESERVE.min(soft / 4)).max(16)
 }
 
-/// How long a shut-down server waits for HTTP requests in progress.
+/// How long a shut-down server waits for its client connections (close
+/// frames to WebSockets, HTTP requests in progress) all together.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// How long an idle HTTP/2 connection told to go (GOAWAY) may take to
+/// answer before it is dropped.
+const GOAWAY_WAIT: Duration = Duration::from_secs(10);
+
+/// Requests in progress on one connection (a response counts until its
+/// body is done: gRPC streams included), and when the last one ended.
+struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            last: Mutex::new(tokio::time::Instant::now()),
+        })
+    }
+
+    /// When the connection became idle; `None` while a request is in
+    /// progress.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        let last = *self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.in_flight.load(Ordering::Acquire) == 0).then_some(last)
+    }
+}
+
+/// One request in progress; dropped when its response body is.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(Arc::clone(activity))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(PoisonError::into_inner) = tokio::time::Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in progress.
+struct Tracked {
+    inner: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Resolves once the connection has had no request in progress for
+/// `idle`.
+async fn idle_for(activity: &Activity, idle: Duration) {
+    loop {
+        let wake = match activity.idle_since() {
+            Some(since) if since.elapsed() >= idle => return,
+            Some(since) => since + idle,
+            // Checked again a full period later: a request in progress
+            // ends before the connection can be idle long enough.
+            None => tokio::time::Instant::now() + idle,
+        };
+        tokio::time::sleep_until(wake).await;
+    }
+}
 
 /// Open connections, in total and per client address.
 pub(crate) struct Edge {
@@ -128,13 +219,16 @@ impl Edge {
 }
 
 /// Serves `app` on `listener` (over TLS when `tls` is given) until
-/// `shutdown` resolves; then stops accepting, runs `closing` (which closes
-/// the WebSockets) and gives HTTP requests in progress a few seconds.
+/// `shutdown` resolves; then stops accepting, and runs `closing` (which
+/// closes the WebSockets) while HTTP requests in progress finish, both
+/// within [`DRAIN`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve<C>(
     listener: TcpListener,
     app: Router,
     edge: Arc<Edge>,
     header_timeout: Duration,
+    h2_idle: Duration,
     tls: Option<Arc<ClientTls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     closing: impl FnOnce() -> C,
@@ -185,10 +279,19 @@ pub(crate) async fn serve<C>(
         };
         let app = app.clone();
         let http = Arc::clone(&http);
+        let activity = Activity::new();
+        let watched = Arc::clone(&activity);
         let service = tower::service_fn(move |req: hyper::Request<Incoming>| {
+            let busy = Busy::new(&activity);
             let mut req = req.map(axum::body::Body::new);
             req.extensions_mut().insert(Arc::clone(&slot));
-            app.clone().oneshot(req)
+            let response = app.clone().oneshot(req);
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|inner| axum::body::Body::new(Tracked { inner, _busy: busy })),
+                )
+            }
         });
         let stop = stop.clone();
         let tls = tls.clone();
@@ -199,22 +302,26 @@ pub(crate) async fn serve<C>(
             // hello or a slow HTTP/2 preface, is closed here.
             match tls {
                 None => {
-                    if tokio::time::timeout(header_timeout, version_known(&tcp))
-                        .await
-                        .is_err()
-                    {
+                    let Ok(Ok(h2)) =
+                        tokio::time::timeout(header_timeout, version_known(&tcp)).await
+                    else {
                         return;
-                    }
-                    serve_connection(&http, tcp, service, stop).await;
+                    };
+                    let idle = h2.then_some((watched, h2_idle));
+                    serve_connection(&http, tcp, service, stop, idle).await;
                 }
                 Some(tls) => {
                     let opened = async {
                         let mut stream = tls.acceptor().accept(tcp).await?;
                         let first = first_bytes(&mut stream).await?;
-                        Ok::<_, std::io::Error>(Prefixed::new(first, stream))
+                        let h2 = first == H2_PREFACE;
+                        Ok::<_, std::io::Error>((Prefixed::new(first, stream), h2))
                     };
                     match tokio::time::timeout(header_timeout, opened).await {
-                        Ok(Ok(stream)) => serve_connection(&http, stream, service, stop).await,
+                        Ok(Ok((stream, h2))) => {
+                            let idle = h2.then_some((watched, h2_idle));
+                            serve_connection(&http, stream, service, stop, idle).await;
+                        }
                         Ok(Err(e)) => {
                             metrics::counter!("switchboard_tls_handshake_failures_total")
                                 .increment(1);
@@ -226,21 +333,29 @@ pub(crate) async fn serve<C>(
             }
         });
     }
-    closing().await;
+    // WebSockets and HTTP requests in progress are closed side by side,
+    // within one deadline: one after the other, each with its own, took
+    // twice as long as a stop should.
     stop.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
-        tracing::debug!("HTTP requests still in progress at shutdown");
+    let drained = tokio::time::timeout(DRAIN, async {
+        tokio::join!(closing(), tracker.wait());
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!("client connections still open at shutdown");
     }
 }
 
 /// Serves HTTP on one accepted connection until it ends, or finishes its
-/// current request once `stop` is cancelled.
+/// current request once `stop` is cancelled, or (HTTP/2, `idle`) once no
+/// request was in progress for the idle time.
 async fn serve_connection<I, S>(
     http: &auto::Builder<TokioExecutor>,
     io: I,
     service: S,
     stop: CancellationToken,
+    idle: Option<(Arc<Activity>, Duration)>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<hyper::Request<Incoming>, Response = axum::response::Response>
@@ -253,11 +368,27 @@ async fn serve_connection<I, S>(
     let conn =
         http.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
+    let idle_out = async {
+        match &idle {
+            Some((activity, idle)) => idle_for(activity, *idle).await,
+            None => std::future::pending().await,
+        }
+    };
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
         _ = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        _ = idle_out => {
+            metrics::counter!("switchboard_http2_idle_closes_total").increment(1);
+            conn.as_mut().graceful_shutdown();
+            // The GOAWAY waits for the peer's answer to a ping; one that
+            // does not answer is dropped.
+            match tokio::time::timeout(GOAWAY_WAIT, conn).await {
+                Ok(ended) => ended,
+                Err(_) => Ok(()),
+            }
         }
     };
     if let Err(e) = ended {
@@ -288,8 +419,9 @@ async fn first_bytes<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> std::io
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Returns once the first bytes tell HTTP/1 from HTTP/2 (or the peer
-/// closed): they differ from the HTTP/2 preface, or hold all of it.
-async fn version_known(tcp: &TcpStream) -> std::io::Result<()> {
+/// closed): they differ from the HTTP/2 preface, or hold all of it (then
+/// `true`).
+async fn version_known(tcp: &TcpStream) -> std::io::Result<bool> {
     let mut buf = [0u8; 24];
     loop {
         tcp.readable().await?;
@@ -299,7 +431,7 @@ async fn version_known(tcp: &TcpStream) -> std::io::Result<()> {
             Err(e) => return Err(e),
         };
         if n == 0 || n == buf.len() || buf[..n] != H2_PREFACE[..n] {
-            return Ok(());
+            return Ok(n == buf.len() && buf == *H2_PREFACE);
         }
         // Part of the preface: peek does not consume, so the socket stays
         // readable; clear that so the next wait is for new bytes.

@@ -21,10 +21,29 @@ impl RateLimiter {
         self.allow_at(Instant::now())
     }
 
-    fn allow_at(&mut self, now: Instant) -> bool {
+    /// Whether a whole unit is left, without spending it (see [`charge`]).
+    ///
+    /// [`charge`]: RateLimiter::charge
+    pub fn has_room(&mut self) -> bool {
+        self.refill(Instant::now());
+        self.tokens >= 1.0
+    }
+
+    /// Spends `units` after the fact, possibly into debt: a request whose
+    /// cost is known only once it ran then waits out what it overspent.
+    pub fn charge(&mut self, units: usize) {
+        self.refill(Instant::now());
+        self.tokens -= units as f64;
+    }
+
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+    }
+
+    fn allow_at(&mut self, now: Instant) -> bool {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true

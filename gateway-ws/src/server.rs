@@ -74,6 +74,7 @@ pub async fn serve_client_port(
         app,
         edge,
         header_timeout,
+        std::time::Duration::from_secs(limits.http2_idle_timeout_secs),
         tls,
         shutdown,
         || async move {

@@ -52,14 +52,26 @@ pub struct Unacked(Mutex<UnackedMap>);
 
 #[derive(Default)]
 struct UnackedMap {
-    /// id → seq.
-    by_id: HashMap<String, u64>,
+    /// Keys of the digests: random per connection, so no sender can choose
+    /// an id whose digest is another message's.
+    keys: std::hash::RandomState,
+    /// Digest of the id → seq. Up to `max_unacked` entries per connection
+    /// (a reader far behind, or one that never acknowledges): 16 bytes
+    /// each instead of a copy of the id (~70 with its allocation).
+    by_id: HashMap<u64, u64>,
     /// Further messages whose id is already tracked: client ids are unique
     /// per sender only, so two senders may pick the same one. Each
     /// occurrence of the id in an ACK acknowledges one of them, the oldest
     /// first: an ACK of one message never takes another that the client
     /// may not have read yet.
-    shared_ids: Vec<(String, u64)>,
+    shared_ids: Vec<(u64, u64)>,
+}
+
+impl UnackedMap {
+    fn digest(&self, id: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one(id)
+    }
 }
 
 impl Unacked {
@@ -75,18 +87,19 @@ impl Unacked {
             if map.by_id.len() + map.shared_ids.len() >= limit {
                 break;
             }
-            match map.by_id.get(&stored.id) {
+            let id = map.digest(&stored.id);
+            match map.by_id.get(&id) {
                 None => {
-                    map.by_id.insert(stored.id.clone(), stored.seq);
+                    map.by_id.insert(id, stored.seq);
                 }
                 Some(&seq)
                     if seq != stored.seq
                         && !map
                             .shared_ids
                             .iter()
-                            .any(|(id, seq)| *seq == stored.seq && *id == stored.id) =>
+                            .any(|(shared, seq)| *seq == stored.seq && *shared == id) =>
                 {
-                    map.shared_ids.push((stored.id.clone(), stored.seq));
+                    map.shared_ids.push((id, stored.seq));
                 }
                 Some(_) => {}
             }
@@ -103,7 +116,8 @@ impl Unacked {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut seqs = Vec::with_capacity(ids.len());
         for id in ids {
-            let Some(seq) = map.by_id.remove(id) else {
+            let id = map.digest(id);
+            let Some(seq) = map.by_id.remove(&id) else {
                 continue;
             };
             seqs.push(seq);
@@ -113,7 +127,7 @@ impl Unacked {
                 .shared_ids
                 .iter()
                 .enumerate()
-                .filter(|(_, (shared, _))| shared == id)
+                .filter(|(_, (shared, _))| *shared == id)
                 .min_by_key(|(_, (_, seq))| *seq)
                 .map(|(at, _)| at);
             if let Some(at) = next {
@@ -222,7 +236,8 @@ pub struct Session {
     unacked: Arc<Unacked>,
     limiter: RateLimiter,
     /// ACK frames have their own budget: a client acks what it receives,
-    /// which its send rate does not bound.
+    /// which its send rate does not bound. Only ids that acknowledge
+    /// nothing spend it (see [`Session::ack`]).
     ack_limiter: RateLimiter,
     /// Highest sequence number a fetch (or the ack-mode replay) returned:
     /// the next page starts after it.
@@ -318,7 +333,8 @@ impl Session {
             };
         }
         if kind == Some(CommandKind::Ack) {
-            if !self.ack_limiter.allow() {
+            // Spent by `ack` once the frame's ids are known.
+            if !self.ack_limiter.has_room() {
                 return Err(ServiceError::new(
                     ErrorCode::RateLimited,
                     format!(
@@ -821,9 +837,26 @@ impl Session {
 
     /// Acknowledges stored messages handed out in ack mode: they count as
     /// delivered. Ids not handed out (or already acknowledged) are ignored.
-    pub async fn ack(&self, ack: Ack) -> Result<(), ServiceError> {
+    ///
+    /// An id that acknowledges a message handed to this session costs
+    /// nothing, however many frames carry them: a client catching up on a
+    /// backlog may ack one message per frame. Every other id (unknown,
+    /// already acknowledged, repeated) spends one unit of the ACK budget,
+    /// and a frame that acknowledges nothing at least one, so a flood of
+    /// ACKs of nothing, in small frames or large ones, is refused.
+    pub async fn ack(&mut self, ack: Ack) -> Result<(), ServiceError> {
+        self.user()?;
+        let seqs = self.unacked.take(&ack.ids);
+        let wasted = if seqs.is_empty() {
+            ack.ids.len().max(1)
+        } else {
+            ack.ids.len() - seqs.len()
+        };
+        if wasted > 0 {
+            self.ack_limiter.charge(wasted);
+        }
         let id = self.user()?;
-        for seq in self.unacked.take(&ack.ids) {
+        for seq in seqs {
             let item = pb::DeliveredItem {
                 app_id: id.app_id.clone(),
                 user_id: id.user_id.clone(),

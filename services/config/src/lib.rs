@@ -463,6 +463,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Open client-port connections from one IP address; 0 = no limit.
     pub max_connections_per_ip: usize,
+    /// Seconds an HTTP/2 connection (the gRPC API) may go without a
+    /// request in progress before it is closed (GOAWAY); its pings do not
+    /// count.
+    pub http2_idle_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -496,6 +500,7 @@ impl Default for Limits {
             http_header_timeout_secs: 10,
             max_connections: 0,
             max_connections_per_ip: 0,
+            http2_idle_timeout_secs: 300,
         }
     }
 }
@@ -1216,6 +1221,11 @@ impl Config {
                 "limits.max_user_id_chars, acks_per_second and http_header_timeout_secs must be > 0, \
                  and limits.send_queue_bytes at least 65536"
                     .into(),
+            ));
+        }
+        if l.http2_idle_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.http2_idle_timeout_secs must be > 0".into(),
             ));
         }
         if l.messages_per_second == 0 || l.send_queue_frames == 0 || l.max_group_recipients == 0 {
