@@ -311,6 +311,16 @@ impl Registry {
         }
     }
 
+    /// How many connections the user has on this gateway.
+    pub fn connections_of(&self, app_id: &str, user_id: &str) -> usize {
+        self.shard(app_id, user_id)
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(app_id)
+            .and_then(|users| users.get(user_id))
+            .map_or(0, Vec::len)
+    }
+
     /// Queues a pushed message on each of the user's connections here; returns
     /// how many took it.
     pub fn push(&self, gateway_id: &str, item: &pb::PushItem) -> u32 {
