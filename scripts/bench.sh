@@ -215,7 +215,7 @@ knee() { # per-connection rate, seconds
   local sampler=$!
   local du_before
   du_before=$(du -sb "$tmp/data" | cut -f1)
-  run "switchboard RELIABLE at the knee" -n 200 --feature reliable --rate-steps "$1" --warmup 2s --duration "${2}s" >/dev/null
+  run "all-in-one RELIABLE at the knee" -n 200 --feature reliable --rate-steps "$1" --warmup 2s --duration "${2}s" >/dev/null
   sleep 1
   local du_after
   du_after=$(du -sb "$tmp/data" | cut -f1)
