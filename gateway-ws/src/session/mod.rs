@@ -668,9 +668,7 @@ impl Session {
     ) -> Result<Accepted, ServiceError> {
         if self.gw.same_gateway.get().is_some() {
             let id = msg.0.id.clone();
-            let span = receive_span(&self.gw.deps.domain, &msg.0, meta.traceparent.as_deref(), 1);
-            let here = tracing::Instrument::instrument(self.deliver_here(vec![msg.0]), span).await;
-            return match here {
+            return match self.deliver_here(vec![msg.0], meta).await {
                 Ok(()) => Ok(Accepted {
                     id,
                     reliable: false,
@@ -747,16 +745,8 @@ impl Session {
     ) -> Result<Routed, ServiceError> {
         // Same layout: the vector is reused in place, not reallocated.
         let mut envelopes: Vec<pb::Envelope> = messages.into_iter().map(|m| m.0).collect();
-        if self.gw.same_gateway.get().is_some()
-            && let Some(first) = envelopes.first()
-        {
-            let span = receive_span(
-                &self.gw.deps.domain,
-                first,
-                meta.traceparent.as_deref(),
-                envelopes.len(),
-            );
-            match tracing::Instrument::instrument(self.deliver_here(envelopes), span).await {
+        if self.gw.same_gateway.get().is_some() && !envelopes.is_empty() {
+            match self.deliver_here(envelopes, meta).await {
                 Ok(()) => {
                     return Ok(Routed {
                         repeated: Vec::new(),

@@ -23,6 +23,7 @@ use switchboard_mesh::{RouterClient, pb};
 use tokio::sync::mpsc;
 
 use super::Session;
+use crate::commands::RequestMeta;
 
 /// Reports waiting for the router; past this they are dropped (counted).
 const REPORT_QUEUE: usize = 65_536;
@@ -143,6 +144,7 @@ impl Session {
     pub(super) async fn deliver_here(
         &self,
         envelopes: Vec<pb::Envelope>,
+        meta: &RequestMeta,
     ) -> Result<(), Vec<pb::Envelope>> {
         let Some(shortcut) = self.gw.same_gateway.get() else {
             return Err(envelopes);
@@ -156,6 +158,15 @@ impl Session {
             );
             return Err(envelopes);
         }
+        // The receive span only for messages delivered here: a routed one
+        // gets its own when it is routed (one per message id).
+        let span = super::receive_span(
+            &self.gw.deps.domain,
+            &envelopes[0],
+            meta.traceparent.as_deref(),
+            envelopes.len(),
+        );
+        let _entered = span.enter();
         let counters = &self.gw.registry.counters;
         counters
             .message(false, false)
