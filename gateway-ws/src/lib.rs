@@ -114,6 +114,8 @@ pub(crate) struct GatewayInner {
     pub next_conn_id: std::sync::atomic::AtomicU64,
     /// Sender budgets and app connection counts; none until set.
     pub quotas: std::sync::OnceLock<quota::Quotas>,
+    /// The same-gateway FAST shortcut; none until switched on.
+    pub same_gateway: std::sync::OnceLock<session::same_gateway::Shortcut>,
 }
 
 /// A gateway instance. Cheap to clone.
@@ -143,6 +145,7 @@ impl GatewayRole {
             shutdown: CancellationToken::new(),
             next_conn_id: std::sync::atomic::AtomicU64::new(1),
             quotas: std::sync::OnceLock::new(),
+            same_gateway: std::sync::OnceLock::new(),
         });
         tokio::spawn(channels::sync_with_owners(Arc::downgrade(&inner)));
         GatewayRole { inner }
@@ -167,6 +170,19 @@ impl GatewayRole {
             .inner
             .quotas
             .set(quota::Quotas::with_apps(quotas, per_app));
+    }
+
+    /// Delivers FAST direct messages between users connected only here
+    /// without the router (a router in another process), reporting them
+    /// to `router` afterwards for its metrics and traces. Set once.
+    pub fn deliver_same_gateway_fast(&self, router: RouterClient) {
+        let _ = self
+            .inner
+            .same_gateway
+            .set(session::same_gateway::Shortcut::start(
+                self.inner.id.clone(),
+                router,
+            ));
     }
 
     /// A new client session on this gateway, for a transport other than

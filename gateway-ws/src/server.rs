@@ -203,7 +203,8 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return bad_request("connection cannot be upgraded");
     };
-    let limits = gateway.inner.limits.clone();
+    // The limits are read through `inner` inside the task: a clone would
+    // stay in the task's future for the connection's whole life.
     let inner = gateway.inner.clone();
     // The connection's place under the client port's caps, held until the
     // WebSocket closes.
@@ -212,6 +213,7 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
         let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => {
+                let limits = &inner.limits;
                 let hard_limit = limits.max_frame_bytes.saturating_mul(4);
                 let config = WebSocketConfig::default()
                     .read_buffer_size(limits.read_buffer_bytes)

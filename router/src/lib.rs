@@ -13,6 +13,7 @@ use switchboard_mesh::{DeliveryClient, GroupsClient, ServiceError, pb};
 
 pub mod federation;
 mod local;
+mod observe;
 
 pub use federation::{Federation, FederationOptions, RouteTable};
 pub use local::{BatchRouted, Local, LocalRouted};
@@ -118,5 +119,10 @@ impl switchboard_mesh::Router for RouterRole {
             inbox_full: positions(&routed.inbox_full),
             inbox_full_recipients: Vec::new(),
         })
+    }
+
+    async fn observe(&self, req: pb::ObserveRequest) -> Result<pb::ObserveReply, ServiceError> {
+        observe::record(&self.domain, &req);
+        Ok(pb::ObserveReply {})
     }
 }

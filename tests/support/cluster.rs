@@ -56,6 +56,11 @@ impl Proc {
         &self.config.node_id
     }
 
+    /// Its extra `/metrics` listener, when its config has one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.config.metrics_addr.parse().ok()
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -367,6 +372,9 @@ impl Cluster {
                     proc.config.mesh_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
                     proc.config.client_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
                     proc.mesh_addr = proc.config.mesh_addr;
+                    if !proc.config.metrics_addr.is_empty() {
+                        proc.config.metrics_addr = format!("127.0.0.1:{}", free_port());
+                    }
                     if proc.client_addr.is_some() {
                         proc.client_addr = Some(proc.config.client_addr);
                     }

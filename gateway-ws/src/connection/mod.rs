@@ -258,14 +258,14 @@ impl Connection {
                 .increment(1);
             let sent = self.handle.send(Outbound {
                 text: Utf8Bytes::from(text),
-                push: Some(Box::new(Push {
+                push: Some(Push {
                     stored: Some(Stored {
                         seq: msg.seq,
                         id: msg.id,
                     }),
                     accepted_ms: 0,
                     _backlog: None,
-                })),
+                }),
             });
             if !sent {
                 // The queue is full or gone: the connection is closing.

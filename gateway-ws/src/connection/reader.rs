@@ -35,9 +35,10 @@ impl Connection {
     where
         R: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
-        let limits = self.gw.limits.clone();
-        let auth_deadline = Instant::now() + Duration::from_secs(limits.auth_timeout_secs);
-        let idle = Duration::from_secs(limits.idle_timeout_secs.max(1));
+        // Two durations, not a clone of the limits: this future lives as
+        // long as the connection.
+        let auth_deadline = Instant::now() + Duration::from_secs(self.gw.limits.auth_timeout_secs);
+        let idle = Duration::from_secs(self.gw.limits.idle_timeout_secs.max(1));
         // What the stream gave after a batch of text frames, handled next.
         let mut held: Option<Box<Option<Result<Message, WsError>>>> = None;
         loop {

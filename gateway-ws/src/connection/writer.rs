@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::CLOSE_GRACE;
 use crate::GatewayInner;
 use crate::counters::Counters;
-use crate::registry::{CloseReason, ConnShared, Outbound};
+use crate::registry::{CloseReason, ConnShared, Queued};
 use crate::seen::SeqWindow;
 use crate::session::{Identity, Unacked};
 
@@ -33,7 +33,7 @@ const WRITE_STALL: Duration = Duration::from_secs(10);
 pub(super) async fn write_loop<W>(
     gw: Arc<GatewayInner>,
     mut sink: W,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: mpsc::Receiver<Queued>,
     shared: Arc<ConnShared>,
     identity: Arc<OnceLock<Identity>>,
     unacked: Arc<Unacked>,
@@ -136,7 +136,7 @@ enum Written {
 /// is left was never written, and the close path may still write it once.
 async fn write_or_stall<W>(
     sink: &mut W,
-    batch: &mut Vec<Outbound>,
+    batch: &mut Vec<Queued>,
     counters: &Counters,
     cancel: &CancellationToken,
 ) -> Written
@@ -175,7 +175,7 @@ where
 
 async fn write_batch<W>(
     sink: &mut W,
-    batch: &mut [Outbound],
+    batch: &mut [Queued],
     counters: &Counters,
 ) -> Result<(), WsError>
 where
@@ -192,7 +192,7 @@ where
 /// allocation and two atomic operations per frame).
 async fn write_batch_counted<W>(
     sink: &mut W,
-    batch: &mut [Outbound],
+    batch: &mut [Queued],
     counters: &Counters,
     fed: &mut usize,
 ) -> Result<(), WsError>
@@ -226,7 +226,7 @@ where
 /// fetches it, or replayed in ack mode as it is pushed — and is written once
 /// (within the last [`crate::seen::WINDOW`] numbers of the user's inbox; see
 /// [`SeqWindow`]).
-fn drop_repeats(sent: &mut SeqWindow, batch: &mut Vec<Outbound>) {
+fn drop_repeats(sent: &mut SeqWindow, batch: &mut Vec<Queued>) {
     batch.retain(|out| out.stored().is_none_or(|stored| sent.insert(stored.seq)));
 }
 
@@ -235,14 +235,14 @@ fn track_unacked(
     gw: &GatewayInner,
     identity: &OnceLock<Identity>,
     unacked: &Unacked,
-    batch: &[Outbound],
+    batch: &[Queued],
 ) {
     if !identity.get().is_some_and(|id| id.acks) {
         return;
     }
     unacked.track(
         gw.limits.max_unacked,
-        batch.iter().filter_map(Outbound::stored),
+        batch.iter().filter_map(|out| out.stored()),
     );
 }
 
@@ -251,7 +251,7 @@ fn track_unacked(
 async fn report_delivered(
     gw: &GatewayInner,
     identity: &OnceLock<Identity>,
-    batch: &mut Vec<Outbound>,
+    batch: &mut Vec<Queued>,
 ) {
     let Some(id) = identity.get().filter(|id| !id.acks) else {
         batch.clear();
@@ -275,6 +275,7 @@ async fn report_delivered(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Outbound;
     use std::pin::Pin;
     use std::task::Context;
 
@@ -324,9 +325,9 @@ mod tests {
         }
     }
 
-    fn frames(n: usize) -> Vec<Outbound> {
+    fn frames(n: usize) -> Vec<Queued> {
         (0..n)
-            .map(|i| Outbound::reply(Utf8Bytes::from(format!("frame {i}"))))
+            .map(|i| Box::new(Outbound::reply(Utf8Bytes::from(format!("frame {i}")))))
             .collect()
     }
 

@@ -26,9 +26,11 @@ pub(crate) struct ChannelState {
     /// live connection: it subscribes to nothing).
     conn: Option<ConnHandle>,
     /// The user of an anonymous room member (no AUTH_CLIENT).
-    anon: Option<Identity>,
+    /// Boxed, like `app`: most connections never have one, and this state
+    /// lives as long as the connection.
+    anon: Option<Box<Identity>>,
     /// The app's settings, read once (who may publish).
-    app: Option<pb::App>,
+    app: Option<Box<pb::App>>,
     topics: BTreeSet<String>,
     /// room → (user, nick) this connection joined as.
     rooms: BTreeMap<String, (String, String)>,
@@ -231,13 +233,13 @@ impl Session {
         self.check_content(&req.content)?;
         let (app_id, user_id) = (id.app_id.clone(), id.user_id.clone());
         let app = match &self.channels.app {
-            Some(app) => app.clone(),
+            Some(app) => pb::App::clone(app),
             None => {
                 let app = call(self.gw.deps.auth.get_app(pb::GetAppRequest {
                     app_id: app_id.clone(),
                 }))
                 .await?;
-                self.channels.app = Some(app.clone());
+                self.channels.app = Some(Box::new(app.clone()));
                 app
             }
         };
@@ -406,13 +408,13 @@ impl Session {
         }
         let suffix = switchboard_mesh::new_message_id().replace('-', "");
         let user_id = format!("{}-anon-{}", app.name, &suffix[suffix.len() - 12..]);
-        self.channels.anon = Some(Identity {
+        self.channels.anon = Some(Box::new(Identity {
             app_id: app.app_id.clone(),
             app_name: app.name.clone(),
             user_id: user_id.clone(),
             acks: false,
-        });
-        self.channels.app = Some(app);
+        }));
+        self.channels.app = Some(Box::new(app));
         metrics::counter!("switchboard_anonymous_room_members_total").increment(1);
         Ok(user_id)
     }

@@ -251,6 +251,9 @@ pub struct Session {
     api_caller: bool,
     /// This session's place in its app's connection count.
     _app_slot: Option<crate::quota::AppSlot>,
+    /// Recipients routed the usual way (the same-gateway shortcut keeps
+    /// their order).
+    routed_to: same_gateway::RoutedTo,
 }
 
 impl Session {
@@ -269,6 +272,7 @@ impl Session {
             web_origin: None,
             api_caller: false,
             _app_slot: None,
+            routed_to: same_gateway::RoutedTo::default(),
         }
     }
 
@@ -531,7 +535,7 @@ impl Session {
         meta: &RequestMeta,
     ) -> Result<Accepted, ServiceError> {
         let checked = self.check_direct(msg, meta)?;
-        self.route(checked.0, meta).await
+        self.route_direct(checked, meta).await
     }
 
     /// A direct message checked and built, not routed yet: a transport that
@@ -606,6 +610,9 @@ impl Session {
                 ));
             }
         }
+        // Its pushes may still be on their way when a later direct message
+        // would take the same-gateway shortcut: route those too.
+        self.routed_to.add_all();
         let persistent = !envelope.group.is_empty();
         let content_bytes = msg.content.len() as u64;
         envelope.content = msg.content;
@@ -675,6 +682,21 @@ impl Session {
         msg: CheckedDirect,
         meta: &RequestMeta,
     ) -> Result<Accepted, ServiceError> {
+        if self.gw.same_gateway.get().is_some() {
+            let id = msg.0.id.clone();
+            return match self.deliver_here(vec![msg.0], meta).await {
+                Ok(()) => Ok(Accepted {
+                    id,
+                    reliable: false,
+                    repeated: false,
+                    inbox_full: Vec::new(),
+                }),
+                Err(mut back) => match back.pop() {
+                    Some(envelope) => self.route(envelope, meta).await,
+                    None => Err(ServiceError::invalid("nothing to route")),
+                },
+            };
+        }
         self.route(msg.0, meta).await
     }
 
@@ -738,7 +760,18 @@ impl Session {
         meta: &RequestMeta,
     ) -> Result<Routed, ServiceError> {
         // Same layout: the vector is reused in place, not reallocated.
-        let envelopes: Vec<pb::Envelope> = messages.into_iter().map(|m| m.0).collect();
+        let mut envelopes: Vec<pb::Envelope> = messages.into_iter().map(|m| m.0).collect();
+        if self.gw.same_gateway.get().is_some() && !envelopes.is_empty() {
+            match self.deliver_here(envelopes, meta).await {
+                Ok(()) => {
+                    return Ok(Routed {
+                        repeated: Vec::new(),
+                        inbox_full: Vec::new(),
+                    });
+                }
+                Err(back) => envelopes = back,
+            }
+        }
         let Some(first) = envelopes.first() else {
             return Ok(Routed {
                 repeated: Vec::new(),
@@ -930,6 +963,7 @@ async fn call<T>(
 }
 
 mod api;
+pub(crate) mod same_gateway;
 #[cfg(test)]
 mod tests;
 

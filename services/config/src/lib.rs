@@ -486,7 +486,7 @@ impl Default for Limits {
             idle_timeout_secs: 75,
             max_fetch_count: 1000,
             max_unacked: 10_000,
-            read_buffer_bytes: 2048,
+            read_buffer_bytes: 512,
             read_ahead_bytes: 16 * 1024,
             write_buffer_bytes: 16 * 1024,
             backlog_frames: 16_384,

@@ -153,6 +153,13 @@ impl pb::router_server::Router for RouterService {
         batch_served("Router/RouteMany", started);
         Ok(Response::new(reply))
     }
+
+    async fn observe(
+        &self,
+        req: Request<pb::ObserveRequest>,
+    ) -> Result<Response<pb::ObserveReply>, Status> {
+        unary!(self.observe(req), "Router/Observe")
+    }
 }
 
 /// A batch call's duration (its items' outcomes are in its reply).

@@ -217,6 +217,9 @@ impl Router for RemoteRouter {
             })
             .await
     }
+    async fn observe(&self, req: pb::ObserveRequest) -> Result<pb::ObserveReply, ServiceError> {
+        pooled!(self, RouterGrpc::observe(req))
+    }
 }
 
 #[async_trait]
@@ -776,6 +779,13 @@ mod tests {
             &self,
             _req: tonic::Request<pb::RouteManyRequest>,
         ) -> Result<tonic::Response<pb::RouteManyReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("Not implemented"))
+        }
+
+        async fn observe(
+            &self,
+            _req: tonic::Request<pb::ObserveRequest>,
+        ) -> Result<tonic::Response<pb::ObserveReply>, tonic::Status> {
             Err(tonic::Status::unimplemented("Not implemented"))
         }
     }

@@ -30,6 +30,11 @@ pub trait Router: Send + Sync + 'static {
     /// Direct messages of one sender connection, in order, as one unit.
     async fn route_batch(&self, req: pb::RouteBatchRequest)
     -> Result<pb::RouteReply, ServiceError>;
+    /// FAST messages a gateway delivered itself, reported afterwards for
+    /// the router's metrics and traces. Nothing to do by default.
+    async fn observe(&self, _req: pb::ObserveRequest) -> Result<pb::ObserveReply, ServiceError> {
+        Ok(pb::ObserveReply {})
+    }
 }
 
 /// Inbound traffic from a neighbouring domain (the federation port).

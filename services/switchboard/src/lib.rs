@@ -460,6 +460,17 @@ pub async fn serve(
                 gateway_quotas(&config.quotas),
                 per_app_quotas(&config, gateway_quotas),
             );
+            // With the router in another process, FAST messages between
+            // users connected only here stay here (the router is told
+            // afterwards). In one process the routed path is already a few
+            // direct calls: nothing to gain.
+            if local_router.is_none() {
+                let observer = match &remote.router {
+                    Some(r) => r.clone(),
+                    None => RouterClient::from_pool(remote_or_pool(Role::Router)?),
+                };
+                gateway.deliver_same_gateway_fast(observer);
+            }
             gateways.insert(
                 node_id.clone(),
                 GatewayClient::from_local(Arc::new(gateway.clone())),
