@@ -173,14 +173,15 @@ async fn store_messages(sender: &mut Client, to: &[String], count: usize, conten
 }
 
 /// Stored messages live on disk: 120 MiB stored for users who are offline,
-/// and for an ack-mode reader that never reads, raise the server's memory
-/// by what the configuration allows (the hot tier, the engine's cache and
-/// tables, one send queue), not by the backlog.
+/// and for an ack-mode reader that never reads, in two halves. Once the
+/// first half has filled what the configuration lets memory hold (the hot
+/// tier, the engine's cache and tables, one send queue), the second half
+/// adds little to the server's memory: well under half its own size. (An
+/// absolute bound on RSS was too tight for the allocator's noise on a
+/// loaded machine; the second half's growth tells a backlog held in memory,
+/// which grows by all of it, from one held on disk.)
 #[tokio::test]
 async fn a_large_stored_backlog_is_held_on_disk_not_in_memory() {
-    const HOT_MIB: f64 = 16.0;
-    const CACHE_MIB: f64 = 16.0;
-    const SEND_QUEUE_MIB: f64 = 4.0;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = support::ProcessNode::start_with_env(
         dir.path(),
@@ -197,40 +198,57 @@ async fn a_large_stored_backlog_is_held_on_disk_not_in_memory() {
     let pid = node.child.id();
     let mut sender = Client::login_with(&node.url(), "demo-ann", true).await;
     let content = "x".repeat(12 * 1024);
-    // Warm up: the allocator's and the engine's first growth are not the
-    // backlog's.
     let warm: Vec<String> = vec!["demo-warm".into()];
     store_messages(&mut sender, &warm, 500, &content).await;
-    let baseline = rss_mib(pid);
 
     // A reader in ack mode that never reads: sent everything, reads nothing.
     let mut stuck = Client::login_with(&node.url(), "demo-stuck", true).await;
     let mut to: Vec<String> = (0..8).map(|i| format!("demo-offline-{i}")).collect();
     to.push("demo-stuck".into());
-    let total = 10_000; // 120 MiB of content
-    store_messages(&mut sender, &to, total, &content).await;
+    let half = 5_000; // 60 MiB of content
+    let half_mib = (half * content.len()) as f64 / (1024.0 * 1024.0);
     // Messages stay in memory for `spill_after` (5 s) after their append
-    // before they may move to the tree; appends after that move them.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    let budget = baseline + HOT_MIB + CACHE_MIB + SEND_QUEUE_MIB + 48.0;
-    let mut rss = rss_mib(pid);
-    eprintln!("backlog: right after the sends {rss:.1} MiB");
-    while rss > budget && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        store_messages(&mut sender, &warm, 10, &content).await;
-        rss = rss_mib(pid);
-    }
-    eprintln!("backlog: baseline {baseline:.1} MiB, after {rss:.1} MiB, budget {budget:.1} MiB");
+    // before they may move to the tree; appends after that move them. Wait
+    // (sending a little) until RSS is at most `target`, or has found no new
+    // low for 10 s, or 60 s have passed.
+    let settle = async |sender: &mut Client, target: f64| {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut low = rss_mib(pid);
+        let mut low_at = tokio::time::Instant::now();
+        while low > target
+            && low_at.elapsed() < std::time::Duration::from_secs(10)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            store_messages(sender, &warm, 10, &content).await;
+            let rss = rss_mib(pid);
+            if rss < low {
+                low = rss;
+                low_at = tokio::time::Instant::now();
+            }
+        }
+        low
+    };
+    store_messages(&mut sender, &to, half, &content).await;
+    let first = settle(&mut sender, 0.0).await;
+    store_messages(&mut sender, &to, half, &content).await;
+    let budget = first + half_mib / 2.0;
+    let second = settle(&mut sender, budget).await;
+    eprintln!(
+        "backlog: after the first {half_mib:.0} MiB {first:.1} MiB, after the second {second:.1} MiB"
+    );
     assert!(
-        rss <= budget,
-        "RSS {rss:.0} MiB after storing {total} messages of 12 KiB: over {budget:.0} MiB \
-         (baseline {baseline:.0} MiB)"
+        second <= budget,
+        "RSS {second:.0} MiB after the second {half_mib:.0} MiB stored: grew by more than \
+         half of it from {first:.0} MiB"
     );
     // Everything is still there, in order, for whoever comes back.
     let mut back = Client::login(&node.url(), "demo-offline-3").await;
     // Pages within the send queue's bytes.
     let (messages, _) = back.fetch_all(100).await;
-    assert_eq!(messages.len(), total / to.len());
+    // Each half went round-robin from the first recipient.
+    let each_half = (0..half).filter(|i| i % to.len() == 3).count();
+    assert_eq!(messages.len(), 2 * each_half);
     drop(stuck.try_recv(std::time::Duration::from_millis(1)).await);
     node.terminate();
 }
