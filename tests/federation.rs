@@ -1144,11 +1144,13 @@ impl Proxy {
 
 /// A RELIABLE message forwarded to a domain where its recipient's inbox is
 /// full is refused there for good, not taken for delivered: the refusal
-/// (reason INBOX_FULL) is counted in both domains, and the recipient has
-/// exactly what fit. (The sender heard MESSAGE_ACCEPTED when the message
-/// entered its own domain's outbox; docs/federation.md, limits.)
+/// (reason INBOX_FULL) is counted in both domains, the recipient has
+/// exactly what fit, and the sender — who heard MESSAGE_ACCEPTED when the
+/// message entered its own domain's outbox — is told afterwards with an
+/// `ERROR INBOX_FULL` carrying the message's id and reference
+/// (docs/federation.md, limits).
 #[tokio::test]
-async fn a_message_forwarded_to_a_full_inbox_is_refused_and_counted_not_dropped_silently() {
+async fn a_message_forwarded_to_a_full_inbox_is_refused_counted_and_told_to_its_sender() {
     let Some(etcd) = switchboard_testenv::service(switchboard_testenv::ETCD) else {
         return;
     };
@@ -1160,6 +1162,7 @@ async fn a_message_forwarded_to_a_full_inbox_is_refused_and_counted_not_dropped_
         ring.restart(i).await;
     }
     let mut alice = login_with(&ring.url(0), "ANZ-5", true).await;
+    let mut ids = Vec::new();
     for (i, content) in ["fits", "too many"].into_iter().enumerate() {
         alice
             .send(json!({
@@ -1169,8 +1172,35 @@ async fn a_message_forwarded_to_a_full_inbox_is_refused_and_counted_not_dropped_
                 "reference": format!("q{i}"),
             }))
             .await;
-        alice.recv_type("MESSAGE_ACCEPTED").await;
+        let accepted = alice.recv_type("MESSAGE_ACCEPTED").await;
+        ids.push(accepted["data"]["id"].as_str().expect("id").to_owned());
     }
+    // The sender hears of the refusal, on the connection it sent from.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let told = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(f) = alice.try_recv(left).await else {
+            panic!("the sender was not told that its message was refused");
+        };
+        if f["type"] == "ERROR" {
+            break f;
+        }
+    };
+    assert_eq!(told["data"]["code"], "INBOX_FULL", "{told}");
+    assert_eq!(told["data"]["id"], ids[1].as_str(), "{told}");
+    assert_eq!(told["reference"], "q1", "{told}");
+    assert_eq!(told["data"]["recipients"], json!(["ANZ-1500"]), "{told}");
+    // A stored notice, like a confirmation: a device that was not
+    // connected finds it when it fetches (the first one has not ACKed it).
+    assert!(told["data"]["seq"].as_u64().is_some(), "{told}");
+    let mut other_device = login(&ring.url(0), "ANZ-5").await;
+    let (stored, _) = other_device.fetch_all(100).await;
+    assert!(
+        stored
+            .iter()
+            .any(|f| f["type"] == "ERROR" && f["data"]["id"] == ids[1].as_str()),
+        "the notice is not in the sender's inbox: {stored:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let refused_there = ring

@@ -416,6 +416,7 @@ pub fn push_type(msg: &pb::InboxMessage) -> &'static str {
     match msg.kind() {
         pb::MessageKind::Direct | pb::MessageKind::Group => "MESSAGE",
         pb::MessageKind::Confirmation => "MESSAGE_CONFIRMATION",
+        pb::MessageKind::Undelivered => "ERROR",
         pb::MessageKind::UserConnected => "USER_CONNECTED",
         pb::MessageKind::UserDisconnected => "USER_DISCONNECTED",
         pb::MessageKind::GroupEvent => "GROUP_EVENT",
@@ -692,6 +693,7 @@ pub fn render_push(item: &pb::PushItem, msg: &pb::InboxMessage) -> String {
             },
             None,
         ),
+        pb::MessageKind::Undelivered => undelivered(msg, seq),
         pb::MessageKind::UserConnected => {
             render("USER_CONNECTED", UserData { user_id: &msg.from }, None)
         }
@@ -764,6 +766,72 @@ pub fn inbox_full(reference: Option<&str>, id: &str, recipients: &[String]) -> S
             recipients,
         },
         reference,
+    )
+}
+
+#[derive(Serialize)]
+struct UndeliveredData<'a> {
+    code: &'a str,
+    message: String,
+    id: &'a str,
+    recipients: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+}
+
+/// What an undelivered notice carries (`content`).
+#[derive(serde::Deserialize)]
+struct UndeliveredNotice {
+    code: String,
+    #[serde(default)]
+    recipients: Vec<String>,
+}
+
+/// The `ERROR` that tells a sender, after `MESSAGE_ACCEPTED`, that another
+/// domain refused its message for good (a full inbox there): the frame a
+/// refusal here gets, with the message's id, reference and, in the
+/// acknowledged mode, the `seq` to ACK.
+fn undelivered(msg: &pb::InboxMessage, seq: Option<u64>) -> String {
+    let notice = serde_json::from_str::<UndeliveredNotice>(&msg.content).unwrap_or_else(|_| {
+        // Damaged or from a newer version: still a refusal, named by who
+        // sent the notice.
+        UndeliveredNotice {
+            code: ErrorCode::InboxFull.as_str().to_owned(),
+            recipients: Vec::new(),
+        }
+    });
+    let recipients = if notice.recipients.is_empty() {
+        std::slice::from_ref(&msg.from)
+    } else {
+        notice.recipients.as_slice()
+    };
+    let code = ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .find(|c| *c == notice.code)
+        .unwrap_or(ErrorCode::Internal.as_str());
+    let message = match code {
+        "INBOX_FULL" => format!(
+            "message {} was not delivered to {}: the recipient's inbox is full",
+            msg.id,
+            recipients.join(", ")
+        ),
+        other => format!(
+            "message {} was not delivered to {}: {other}",
+            msg.id,
+            recipients.join(", ")
+        ),
+    };
+    render(
+        "ERROR",
+        UndeliveredData {
+            code,
+            message,
+            id: &msg.id,
+            recipients,
+            seq,
+        },
+        non_empty(&msg.reference),
     )
 }
 
@@ -1170,5 +1238,38 @@ mod tests {
         assert_eq!(v["data"]["content"], content);
         assert_eq!(v["data"]["seq"], 3);
         assert_eq!(v["reference"], "r");
+    }
+
+    #[test]
+    fn an_undelivered_notice_is_the_error_its_sender_would_have_had() {
+        let mut msg = pb::InboxMessage {
+            id: "m-1".into(),
+            kind: pb::MessageKind::Undelivered.into(),
+            from: "a-2".into(),
+            to: "a-1".into(),
+            content: r#"{"code":"INBOX_FULL","recipients":["a-2","a-3"]}"#.into(),
+            reference: "r9".into(),
+            seq: 4,
+            ..Default::default()
+        };
+        let item = pb::PushItem::default();
+        assert_eq!(push_type(&msg), "ERROR");
+        let v: Value = serde_json::from_str(&render_push(&item, &msg)).expect("json");
+        assert_eq!(v["type"], "ERROR");
+        assert_eq!(v["data"]["code"], "INBOX_FULL");
+        assert_eq!(v["data"]["id"], "m-1");
+        assert_eq!(v["data"]["recipients"], serde_json::json!(["a-2", "a-3"]));
+        assert_eq!(v["data"]["seq"], 4);
+        assert_eq!(v["reference"], "r9");
+        // Damaged content, or a code this version does not know: still an
+        // error about that message, naming the notice's sender.
+        for content in ["not json", r#"{"code":"SOMETHING_NEW"}"#] {
+            msg.content = content.into();
+            let v: Value = serde_json::from_str(&render_push(&item, &msg)).expect("json");
+            assert_eq!(v["type"], "ERROR");
+            assert_eq!(v["data"]["id"], "m-1");
+            assert_eq!(v["data"]["recipients"], serde_json::json!(["a-2"]));
+            assert!(v["data"]["code"] == "INBOX_FULL" || v["data"]["code"] == "INTERNAL");
+        }
     }
 }

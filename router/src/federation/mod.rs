@@ -713,6 +713,8 @@ impl switchboard_mesh::Federation for Federation {
         // Ad-hoc group messages are fanned out here; a persistent group's
         // copies (one recipient each, the group held elsewhere) are
         // delivered like direct ones.
+        // Notices to the senders of messages refused here for good.
+        let mut undelivered = Vec::new();
         let (groups, direct): (Vec<_>, Vec<_>) = local
             .into_iter()
             .partition(|(_, e)| e.kind() == pb::MessageKind::Group && e.group.is_empty());
@@ -723,8 +725,9 @@ impl switchboard_mesh::Federation for Federation {
                 .get(first)
                 .cloned()
                 .unwrap_or_else(tracing::Span::none);
-            let refs: Vec<(usize, String)> =
-                direct.iter().map(|(at, e)| (*at, e.id.clone())).collect();
+            // What a refusal is told with (the envelopes move).
+            let heads: Vec<(usize, pb::Envelope)> =
+                direct.iter().map(|(at, e)| (*at, head_of(e))).collect();
             let routed = tracing::Instrument::instrument(
                 inner
                     .local
@@ -733,35 +736,110 @@ impl switchboard_mesh::Federation for Federation {
             )
             .await?;
             // Not stored: the outcome says so, so that the sending domain
-            // logs and counts the loss instead of taking it for delivered.
-            for (k, (at, id)) in refs.into_iter().enumerate() {
+            // logs and counts the loss instead of taking it for delivered,
+            // and the sender is told.
+            for (k, (at, head)) in heads.into_iter().enumerate() {
                 if routed.inbox_full.get(k).copied().unwrap_or(false) {
                     let reason = "INBOX_FULL: the recipient's inbox is full";
                     metrics::counter!("switchboard_federation_dropped_total", "reason" => reason)
                         .increment(1);
-                    tracing::warn!(%id, from = from_domain, reason, "forwarded envelope refused");
+                    tracing::warn!(id = %head.id, from = from_domain, reason, "forwarded envelope refused");
                     outcomes[at] = pb::ForwardOutcome {
                         accepted: false,
                         reason: reason.to_owned(),
                     };
+                    let to = head.to.clone();
+                    undelivered.extend(undelivered_notice(&head, to, ErrorCode::InboxFull));
                 }
             }
         }
         for (at, e) in groups {
             let span = spans.get(at).cloned().unwrap_or_else(tracing::Span::none);
-            let id = e.id.clone();
+            let head = head_of(&e);
             let routed = tracing::Instrument::instrument(inner.local.route(e), span).await?;
             if !routed.inbox_full.is_empty() {
                 // Stored for the others; a Forward outcome has no room for
-                // a partial refusal: logged and counted here.
+                // a partial refusal: logged, counted and told to the sender.
                 metrics::counter!("switchboard_federation_dropped_total", "reason" => "INBOX_FULL: the recipient's inbox is full")
                     .increment(routed.inbox_full.len() as u64);
-                tracing::warn!(%id, from = from_domain, full = routed.inbox_full.len(), "forwarded group message not stored for recipients whose inbox is full");
+                tracing::warn!(id = %head.id, from = from_domain, full = routed.inbox_full.len(), "forwarded group message not stored for recipients whose inbox is full");
+                undelivered.extend(undelivered_notice(
+                    &head,
+                    routed.inbox_full,
+                    ErrorCode::InboxFull,
+                ));
             }
         }
         inner.send(onward).await?;
+        if !undelivered.is_empty() {
+            // Toward the senders' home domains through the outboxes (one
+            // refused message's notice again if the caller retries this
+            // batch: stored once there, de-duplicated by its id). A
+            // notice that cannot be queued does not fail the messages
+            // that were stored.
+            let n = undelivered.len() as u64;
+            match self.forward_from_here(undelivered).await {
+                Ok(()) => {
+                    metrics::counter!("switchboard_federation_undelivered_notices_total")
+                        .increment(n);
+                }
+                Err(e) => {
+                    metrics::counter!("switchboard_federation_dropped_total", "reason" => "undelivered notice: cannot queue")
+                        .increment(n);
+                    tracing::warn!(error = %e, "cannot queue notices of refused messages for their senders");
+                }
+            }
+        }
         Ok(pb::ForwardReply { outcomes })
     }
+}
+
+/// What an undelivered notice needs of a message: all but its content.
+fn head_of(e: &pb::Envelope) -> pb::Envelope {
+    pb::Envelope {
+        id: e.id.clone(),
+        app_id: e.app_id.clone(),
+        from: e.from.clone(),
+        to: e.to.clone(),
+        group: e.group.clone(),
+        reference: e.reference.clone(),
+        kind: e.kind,
+        feature: e.feature,
+        ..Default::default()
+    }
+}
+
+/// The notice to a message's sender that it was not stored for
+/// `recipients` (users of this domain), for good: RELIABLE, routed to the
+/// sender's home domain like a confirmation, shown there as an `ERROR`
+/// with the message's id and reference. None for what is not a direct or
+/// group message (a notice about a notice would never end).
+fn undelivered_notice(
+    message: &pb::Envelope,
+    recipients: Vec<String>,
+    code: ErrorCode,
+) -> Option<pb::Envelope> {
+    if !matches!(
+        message.kind(),
+        pb::MessageKind::Direct | pb::MessageKind::Group
+    ) {
+        return None;
+    }
+    let from = recipients.first()?.clone();
+    let content = serde_json::json!({ "code": code.as_str(), "recipients": recipients });
+    Some(pb::Envelope {
+        id: message.id.clone(),
+        app_id: message.app_id.clone(),
+        from,
+        to: vec![message.from.clone()],
+        group: message.group.clone(),
+        content: content.to_string(),
+        reference: message.reference.clone(),
+        feature: pb::Feature::Reliable.into(),
+        kind: pb::MessageKind::Undelivered.into(),
+        ts: switchboard_mesh::now_ms(),
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]

@@ -183,6 +183,7 @@ impl Webhooks {
                 pb::MessageKind::Direct => "direct",
                 pb::MessageKind::Group => "group",
                 pb::MessageKind::Confirmation => "confirmation",
+                pb::MessageKind::Undelivered => "undelivered",
                 _ => continue,
             };
             if m.feature() != pb::Feature::Reliable {
