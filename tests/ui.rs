@@ -208,8 +208,34 @@ async fn two_users_exchange_a_reliable_message_and_a_second_tab_shows_it() {
 #[tokio::test]
 async fn a_user_who_signs_in_later_sees_the_missed_message() {
     let Some(script) = browser() else { return };
-    let node = TestNode::start().await;
-    scenario(&script, "missed", &base_of(&node), json!({})).await;
+    let node = TestNode::start_with(with_console, RemoteRoles::default()).await;
+    let base = base_of(&node);
+    scenario(&script, "missed", &base, json!({})).await;
+    // The page runs in the acknowledged mode: what it was shown is
+    // ACKed, the message dan fetched and the MESSAGE_CONFIRMATION ann got
+    // alike, so neither inbox keeps anything to send again.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for user in ["demo-dan", "demo-ann"] {
+        loop {
+            let res = http
+                .get(format!("{base}/v1/apps/demo/users/{user}/inbox"))
+                .bearer_auth(ADMIN_KEY)
+                .send()
+                .await
+                .expect("answer");
+            let body: Value = res.json().await.expect("json");
+            if body["depth"] == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user}'s inbox still holds what the page was shown: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     node.shutdown().await;
 }
 

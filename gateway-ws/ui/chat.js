@@ -210,6 +210,8 @@ const handlers = {
   MESSAGE_CONFIRMATION(f) {
     const m = byRef.get(f.data?.reference);
     if (m) setState(m, 'delivered');
+    // Stored for us like a message: acknowledged, or it comes again.
+    if (f.data?.seq !== undefined && f.data.id) ack(f.data.id);
   },
   FETCH_MISSING_MESSAGES_COMPLETE(f) {
     const left = f.data?.leftMissingCount || 0;
@@ -222,6 +224,8 @@ const handlers = {
     showError(`${d.code}: ${d.message}`);
     const m = byRef.get(f.reference);
     if (m) setState(m, 'failed');
+    // A stored refusal notice (another domain's full inbox) carries a seq.
+    if (d.seq !== undefined && d.id) ack(d.id);
   },
   GROUP_CREATED(f) {
     const c = conv('group', f.data.group);
