@@ -687,7 +687,11 @@ impl switchboard_mesh::Federation for Federation {
             e.origin = None;
             // Every domain de-duplicates by message id: a retried batch
             // stores nothing twice.
-            e.client_id = true;
+            // Undelivered notices excepted: one carries the id of the
+            // message it is about, under the refused recipient's name,
+            // which that user's own messages or a later confirmation of
+            // the same message would be taken as repeats of.
+            e.client_id = e.kind() != pb::MessageKind::Undelivered;
             if let Some(tp) = switchboard_telemetry::current_traceparent() {
                 e.traceparent = tp;
             }
@@ -771,22 +775,23 @@ impl switchboard_mesh::Federation for Federation {
             }
         }
         inner.send(onward).await?;
-        if !undelivered.is_empty() {
-            // Toward the senders' home domains through the outboxes (one
-            // refused message's notice again if the caller retries this
-            // batch: stored once there, de-duplicated by its id). A
-            // notice that cannot be queued does not fail the messages
-            // that were stored.
-            let n = undelivered.len() as u64;
-            match self.forward_from_here(undelivered).await {
+        // Toward the senders' home domains through the outboxes, each on
+        // its own (one without a route does not take the others with
+        // it). A notice that cannot be queued does not fail the messages
+        // that were stored. If the caller retries this batch, a notice
+        // is queued again: notices are not de-duplicated (see the
+        // `client_id` above), so its sender may see it twice.
+        for notice in undelivered {
+            let id = notice.id.clone();
+            match self.forward_from_here(vec![notice]).await {
                 Ok(()) => {
                     metrics::counter!("switchboard_federation_undelivered_notices_total")
-                        .increment(n);
+                        .increment(1);
                 }
                 Err(e) => {
                     metrics::counter!("switchboard_federation_dropped_total", "reason" => "undelivered notice: cannot queue")
-                        .increment(n);
-                    tracing::warn!(error = %e, "cannot queue notices of refused messages for their senders");
+                        .increment(1);
+                    tracing::warn!(%id, error = %e, "cannot queue the notice of a refused message for its sender");
                 }
             }
         }

@@ -200,7 +200,8 @@ impl Webhooks {
                     kind: kind.into(),
                     group: m.group.clone(),
                     seq: m.seq,
-                    preview: (hook.preview_chars > 0)
+                    // A notice's content is its JSON, not a user's words.
+                    preview: (hook.preview_chars > 0 && m.kind() != pb::MessageKind::Undelivered)
                         .then(|| m.content.chars().take(hook.preview_chars).collect()),
                 },
             };
