@@ -5,7 +5,8 @@
 //! Without `--rate` a short ramp first finds the node's capacity (RELIABLE
 //! direct messages between connected pairs, `switchboard bench`'s
 //! workload: the highest step with nothing lost, p99 ≤ 100 ms and ≥ 95 %
-//! of its rate received) and the soak sends at half of it.
+//! of its rate received) and the soak sends at half of it, counted in
+//! pushes (a send of the mix below is 1.8 of them).
 //!
 //! The users (`--users`, all in acknowledged mode) play three parts by
 //! index: seven in ten are *steady* (always connected; they send), two in
@@ -56,7 +57,7 @@ pub struct SoakArgs {
     pub duration: Duration,
     /// Sends per second, all steady users together (a GROUP_MESSAGE is one
     /// send and eight copies). Default: half of the capacity a short ramp
-    /// finds first.
+    /// finds first, in pushes (1.8 per send of the mix).
     #[arg(long)]
     pub rate: Option<f64>,
     /// A slow user reads this many times the rate it is sent (when it
@@ -229,6 +230,16 @@ async fn find_capacity(args: &SoakArgs) -> Result<Capacity, BenchError> {
     })
 }
 
+/// Pushes per send of [`next_send`]'s mix: a group message (1 in 20) to
+/// eight users, a RELIABLE direct one (9 in 20) to its recipient and its
+/// `MESSAGE_CONFIRMATION` to the sender, a FAST one (10 in 20). The
+/// capacity ramp counts one push per message (RELIABLE pairs, no
+/// confirmation): half its capacity is this many times fewer sends. A
+/// push of the mix costs more than one of the ramp's on average (acks,
+/// client ids, `MESSAGE_ACCEPTED`; FAST ones are not stored), so this is
+/// the lower bound of the conversion, not an equivalent load.
+const DELIVERIES_PER_SEND: f64 = (8.0 + 9.0 * 2.0 + 10.0) / 20.0;
+
 /// Copies a slow user is sent per second at `rate` sends per second, from
 /// [`next_send`]'s mix: a group message (1 in 20) has 8 recipients, a
 /// RELIABLE direct one (9 in 20) one, each slow with the slow users'
@@ -354,12 +365,13 @@ pub async fn run(args: SoakArgs) -> Result<SoakReport, BenchError> {
         Some(rate) => (rate, None),
         None => {
             let capacity = find_capacity(&args).await?;
+            let rate = capacity.msgs_per_sec / 2.0 / DELIVERIES_PER_SEND;
             eprintln!(
-                "capacity {:.0} msgs/s: the soak sends {:.0} a second",
+                "capacity {:.0} msgs/s: the soak sends {rate:.0} a second \
+                 ({DELIVERIES_PER_SEND} pushes each: half the capacity)",
                 capacity.msgs_per_sec,
-                capacity.msgs_per_sec / 2.0
             );
-            (capacity.msgs_per_sec / 2.0, Some(capacity))
+            (rate, Some(capacity))
         }
     };
     let limit = raise_file_limit();
