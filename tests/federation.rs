@@ -1222,6 +1222,44 @@ async fn a_message_forwarded_to_a_full_inbox_is_refused_counted_and_told_to_its_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // An ad-hoc group message with one full inbox there: stored for the
+    // other recipient, and its sender told which recipient did not get it.
+    alice
+        .send(json!({
+            "type": "GROUP_MESSAGE",
+            "data": {"to": ["ANZ-1500", "ANZ-1501"], "content": "to both"},
+            "feature": "RELIABLE",
+            "reference": "g1",
+        }))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut accepted, mut told) = (None, None);
+    while accepted.is_none() || told.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(f) = alice.try_recv(left).await else {
+            panic!("no answer and notice for the group message: {accepted:?} {told:?}");
+        };
+        if f["type"] == "MESSAGE_ACCEPTED" && f["data"]["reference"] == "g1" {
+            accepted = Some(f);
+        } else if f["type"] == "ERROR" && f["reference"] == "g1" {
+            told = Some(f);
+        }
+    }
+    let (accepted, told) = (accepted.unwrap_or_default(), told.unwrap_or_default());
+    assert_eq!(told["data"]["code"], "INBOX_FULL", "{told}");
+    assert_eq!(
+        told["data"]["id"], accepted["data"]["id"],
+        "{told} {accepted}"
+    );
+    assert_eq!(told["data"]["recipients"], json!(["ANZ-1500"]), "{told}");
+    let mut carol = login(&ring.url(1), "ANZ-1501").await;
+    let (frames, _) = carol.fetch_all(100).await;
+    let got: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["type"] == "MESSAGE")
+        .filter_map(|f| f["data"]["content"].as_str())
+        .collect();
+    assert_eq!(got, ["to both"]);
     let mut bob = login(&ring.url(1), "ANZ-1500").await;
     let (frames, _) = bob.fetch_all(100).await;
     let got: Vec<&str> = frames
