@@ -749,6 +749,9 @@ struct InboxFullData<'a> {
     message: String,
     id: &'a str,
     recipients: &'a [String],
+    /// A stored notice's number in the sender's inbox (to ACK it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
 }
 
 /// The ERROR of a group message that was not stored for some recipients,
@@ -764,19 +767,10 @@ pub fn inbox_full(reference: Option<&str>, id: &str, recipients: &[String]) -> S
             ),
             id,
             recipients,
+            seq: None,
         },
         reference,
     )
-}
-
-#[derive(Serialize)]
-struct UndeliveredData<'a> {
-    code: &'a str,
-    message: String,
-    id: &'a str,
-    recipients: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
 }
 
 /// What an undelivered notice carries (`content`).
@@ -810,21 +804,19 @@ fn undelivered(msg: &pb::InboxMessage, seq: Option<u64>) -> String {
         .map(|c| c.as_str())
         .find(|c| *c == notice.code)
         .unwrap_or(ErrorCode::Internal.as_str());
-    let message = match code {
-        "INBOX_FULL" => format!(
-            "message {} was not delivered to {}: the recipient's inbox is full",
-            msg.id,
-            recipients.join(", ")
-        ),
-        other => format!(
-            "message {} was not delivered to {}: {other}",
-            msg.id,
-            recipients.join(", ")
-        ),
+    let why = if code == ErrorCode::InboxFull.as_str() {
+        "the recipient's inbox is full"
+    } else {
+        code
     };
+    let message = format!(
+        "message {} was not delivered to {}: {why}",
+        msg.id,
+        recipients.join(", ")
+    );
     render(
         "ERROR",
-        UndeliveredData {
+        InboxFullData {
             code,
             message,
             id: &msg.id,

@@ -729,9 +729,12 @@ impl switchboard_mesh::Federation for Federation {
                 .get(first)
                 .cloned()
                 .unwrap_or_else(tracing::Span::none);
-            // What a refusal is told with (the envelopes move).
-            let heads: Vec<(usize, pb::Envelope)> =
-                direct.iter().map(|(at, e)| (*at, head_of(e))).collect();
+            // What a refusal is told with (the envelopes move); only for
+            // those a notice can be about.
+            let heads: Vec<(usize, Option<pb::Envelope>)> = direct
+                .iter()
+                .map(|(at, e)| (*at, noticeable(e).then(|| head_of(e))))
+                .collect();
             let routed = tracing::Instrument::instrument(
                 inner
                     .local
@@ -744,16 +747,17 @@ impl switchboard_mesh::Federation for Federation {
             // and the sender is told.
             for (k, (at, head)) in heads.into_iter().enumerate() {
                 if routed.inbox_full.get(k).copied().unwrap_or(false) {
-                    let reason = "INBOX_FULL: the recipient's inbox is full";
-                    metrics::counter!("switchboard_federation_dropped_total", "reason" => reason)
+                    metrics::counter!("switchboard_federation_dropped_total", "reason" => INBOX_FULL_REASON)
                         .increment(1);
-                    tracing::warn!(id = %head.id, from = from_domain, reason, "forwarded envelope refused");
+                    tracing::warn!(id = ?head.as_ref().map(|h| &h.id), from = from_domain, reason = INBOX_FULL_REASON, "forwarded envelope refused");
                     outcomes[at] = pb::ForwardOutcome {
                         accepted: false,
-                        reason: reason.to_owned(),
+                        reason: INBOX_FULL_REASON.to_owned(),
                     };
-                    let to = head.to.clone();
-                    undelivered.extend(undelivered_notice(&head, to, ErrorCode::InboxFull));
+                    if let Some(head) = head {
+                        let to = head.to.clone();
+                        undelivered.extend(undelivered_notice(&head, to, ErrorCode::InboxFull));
+                    }
                 }
             }
         }
@@ -764,7 +768,7 @@ impl switchboard_mesh::Federation for Federation {
             if !routed.inbox_full.is_empty() {
                 // Stored for the others; a Forward outcome has no room for
                 // a partial refusal: logged, counted and told to the sender.
-                metrics::counter!("switchboard_federation_dropped_total", "reason" => "INBOX_FULL: the recipient's inbox is full")
+                metrics::counter!("switchboard_federation_dropped_total", "reason" => INBOX_FULL_REASON)
                     .increment(routed.inbox_full.len() as u64);
                 tracing::warn!(id = %head.id, from = from_domain, full = routed.inbox_full.len(), "forwarded group message not stored for recipients whose inbox is full");
                 undelivered.extend(undelivered_notice(
@@ -799,6 +803,15 @@ impl switchboard_mesh::Federation for Federation {
     }
 }
 
+/// The `Forward` outcome's reason for a message refused for a full inbox.
+const INBOX_FULL_REASON: &str = "INBOX_FULL: the recipient's inbox is full";
+
+/// Whether a refused message is told to its sender: direct and group
+/// messages (a notice about a notice, or a confirmation, would never end).
+fn noticeable(e: &pb::Envelope) -> bool {
+    matches!(e.kind(), pb::MessageKind::Direct | pb::MessageKind::Group)
+}
+
 /// What an undelivered notice needs of a message: all but its content.
 fn head_of(e: &pb::Envelope) -> pb::Envelope {
     pb::Envelope {
@@ -824,10 +837,7 @@ fn undelivered_notice(
     recipients: Vec<String>,
     code: ErrorCode,
 ) -> Option<pb::Envelope> {
-    if !matches!(
-        message.kind(),
-        pb::MessageKind::Direct | pb::MessageKind::Group
-    ) {
+    if !noticeable(message) {
         return None;
     }
     let from = recipients.first()?.clone();
