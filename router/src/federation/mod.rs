@@ -806,10 +806,12 @@ impl switchboard_mesh::Federation for Federation {
 /// The `Forward` outcome's reason for a message refused for a full inbox.
 const INBOX_FULL_REASON: &str = "INBOX_FULL: the recipient's inbox is full";
 
-/// Whether a refused message is told to its sender: direct and group
-/// messages (a notice about a notice, or a confirmation, would never end).
+/// Whether a refused message is told to its sender: RELIABLE direct and
+/// group messages (FAST ones are never stored, so never refused for a full
+/// inbox; a notice about a notice, or a confirmation, would never end).
 fn noticeable(e: &pb::Envelope) -> bool {
-    matches!(e.kind(), pb::MessageKind::Direct | pb::MessageKind::Group)
+    e.feature() == pb::Feature::Reliable
+        && matches!(e.kind(), pb::MessageKind::Direct | pb::MessageKind::Group)
 }
 
 /// What an undelivered notice needs of a message: all but its content.
