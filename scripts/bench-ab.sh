@@ -9,6 +9,9 @@
 #
 # Rate steps per connection: FAST_STEPS (default 300,400,500) and
 # RELIABLE_STEPS (default 50,75,100); `none` skips that feature.
+# IDLE=N measures memory instead: RSS of each binary's `switchboard run`
+# empty, then with N idle authenticated connections (as
+# `scripts/bench.sh idle`), alternating, two rounds.
 set -euo pipefail
 before=${1:?usage: $0 BEFORE_BIN AFTER_BIN}
 after=${2:?usage: $0 BEFORE_BIN AFTER_BIN}
@@ -25,6 +28,31 @@ run_one() { # label server-binary bench-args...
     | grep '^step' | while IFS= read -r l; do echo "$label: $l"; done
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; rm -rf "$dir"
 }
+idle_one() { # label server-binary connections
+  local label=$1 server=$2 n=$3
+  local dir; dir=$(mktemp -d -t sb-ab.XXXX)
+  SWITCHBOARD_LOG=warn "$server" run --data-dir "$dir" --client-addr "127.0.0.1:$port" \
+    --mesh-addr 127.0.0.1:0 >/dev/null 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+  sleep 1
+  local before after
+  before=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  "$gen" bench --url "ws://127.0.0.1:$port/ws" -n "$n" --idle --duration 15s >/dev/null 2>&1 &
+  local g=$!
+  sleep 12
+  after=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  wait "$g" || true
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; rm -rf "$dir"
+  echo "$label idle: RSS ${before} kB empty, ${after} kB with $n idle connections: $(( (after - before) * 1024 / n )) bytes per connection"
+}
+if [[ -n ${IDLE:-} ]]; then
+  for _ in 1 2; do
+    idle_one before "$before" "$IDLE"
+    idle_one after "$after" "$IDLE"
+  done
+  exit 0
+fi
 fast_steps=${FAST_STEPS:-300,400,500}
 reliable_steps=${RELIABLE_STEPS:-50,75,100}
 for _ in 1 2; do

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use switchboard_mesh::pb;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -20,11 +20,10 @@ pub struct Outbound {
     pub push: Option<Push>,
 }
 
-/// What a connection's send queue holds: a frame, boxed. The queue's
-/// blocks (32 slots each, the first allocated with the queue) then hold
-/// pointers, not frames: an idle connection's queue costs ~300 bytes
-/// instead of ~1.3 KB, for one allocation per frame (a pushed message had
-/// one already, for its `Push`).
+/// What a connection's send queue holds: a frame, boxed, so that the
+/// queue's buffer holds pointers, not frames (a queue that once held many
+/// keeps 8 bytes per slot, not 48), for one allocation per frame (a pushed
+/// message had one already, for its `Push`).
 pub type Queued = Box<Outbound>;
 
 impl Outbound {
@@ -140,7 +139,8 @@ pub enum CloseReason {
     Server(u16, String),
 }
 
-/// State shared by a connection's reader and writer and the registry.
+/// State shared by a connection's reader and writer and the registry,
+/// with the connection's send queue.
 pub struct ConnShared {
     pub id: u64,
     pub cancel: CancellationToken,
@@ -150,17 +150,140 @@ pub struct ConnShared {
     queued_bytes: AtomicUsize,
     /// Past this many queued bytes the connection is a slow consumer.
     max_queued_bytes: usize,
+    queue: SendQueue,
+}
+
+/// A connection's send queue: frames in order, one reader (the writer
+/// loop), bounded in frames. A lock and a [`Notify`] in place of an mpsc
+/// channel: an idle connection's queue is these few words, where a tokio
+/// channel allocates ~800 bytes (its shared state and first block of 32
+/// slots) for each connection before its first frame.
+struct SendQueue {
+    state: Mutex<QueueState>,
+    /// Woken when a frame is queued (a permit is kept when the writer is
+    /// not waiting, so no wakeup is lost between its check and its wait).
+    ready: Notify,
+    /// Frames in the queue, read without the lock (the backlog's share).
+    len: AtomicUsize,
+    max_frames: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    frames: std::collections::VecDeque<Queued>,
+    /// The writer has stopped: nothing more is taken.
+    closed: bool,
+}
+
+/// A queue buffer past this many slots is given back once the queue is
+/// empty: one burst does not keep its size for the connection's life.
+const QUEUE_KEEP_SLOTS: usize = 256;
+
+/// Why a frame was not queued.
+enum QueueRefusal {
+    Full,
+    Closed,
+}
+
+impl SendQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, frame: Queued) -> Result<(), QueueRefusal> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(QueueRefusal::Closed);
+        }
+        if state.frames.len() >= self.max_frames {
+            return Err(QueueRefusal::Full);
+        }
+        state.frames.push_back(frame);
+        self.len.store(state.frames.len(), Ordering::Relaxed);
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Moves up to `limit` frames into `into`, or what is there when the
+    /// queue is closed.
+    fn take(&self, into: &mut Vec<Queued>, limit: usize) -> usize {
+        let mut state = self.lock();
+        let n = state.frames.len().min(limit);
+        into.extend(state.frames.drain(..n));
+        if state.frames.is_empty() && state.frames.capacity() > QUEUE_KEEP_SLOTS {
+            state.frames = std::collections::VecDeque::new();
+        }
+        self.len.store(state.frames.len(), Ordering::Relaxed);
+        n
+    }
+
+    /// Closes the queue: later frames are refused, and those still queued
+    /// are dropped (their backlog share with them).
+    fn close(&self) {
+        let dropped = {
+            let mut state = self.lock();
+            state.closed = true;
+            self.len.store(0, Ordering::Relaxed);
+            std::mem::take(&mut state.frames)
+        };
+        drop(dropped);
+    }
 }
 
 impl ConnShared {
-    pub fn new(id: u64, cancel: CancellationToken, max_queued_bytes: usize) -> Self {
+    /// A connection's shared state; its send queue holds up to
+    /// `max_queued_frames` frames and `max_queued_bytes` bytes.
+    pub fn new(
+        id: u64,
+        cancel: CancellationToken,
+        max_queued_frames: usize,
+        max_queued_bytes: usize,
+    ) -> Self {
         ConnShared {
             id,
             cancel,
             close: Mutex::new(None),
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes,
+            queue: SendQueue {
+                state: Mutex::new(QueueState::default()),
+                ready: Notify::new(),
+                len: AtomicUsize::new(0),
+                max_frames: max_queued_frames.max(1),
+            },
         }
+    }
+
+    /// Waits for frames and moves up to `limit` of them into `into`
+    /// (the writer loop; one caller at a time). Cancel-safe: frames are
+    /// taken only when it returns.
+    pub async fn recv_many(&self, into: &mut Vec<Queued>, limit: usize) -> usize {
+        loop {
+            let n = self.queue.take(into, limit);
+            if n > 0 {
+                return n;
+            }
+            self.queue.ready.notified().await;
+        }
+    }
+
+    /// What is queued now, without waiting.
+    pub fn take_queued(&self, into: &mut Vec<Queued>) -> usize {
+        self.queue.take(into, usize::MAX)
+    }
+
+    /// Frames waiting in the send queue.
+    pub fn queued_frames(&self) -> usize {
+        self.queue.len.load(Ordering::Relaxed)
+    }
+
+    /// The writer has stopped: the queue refuses frames from now on and
+    /// drops what it holds.
+    pub fn close_queue(&self) {
+        self.queue.close();
     }
 
     /// The writer took frames of `bytes` out of the queue.
@@ -207,7 +330,6 @@ impl ConnShared {
 #[derive(Clone)]
 pub struct ConnHandle {
     pub shared: Arc<ConnShared>,
-    pub tx: mpsc::Sender<Queued>,
 }
 
 impl ConnHandle {
@@ -223,11 +345,11 @@ impl ConnHandle {
             shared.slow_consumer();
             return false;
         }
-        match self.tx.try_send(Box::new(frame)) {
+        match shared.queue.push(Box::new(frame)) {
             Ok(()) => true,
-            Err(e) => {
+            Err(refusal) => {
                 shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-                if let mpsc::error::TrySendError::Full(_) = e {
+                if let QueueRefusal::Full = refusal {
                     shared.slow_consumer();
                 }
                 false
@@ -373,7 +495,7 @@ impl Registry {
             });
             // A queue already long (a client not reading) stops adding to
             // the gateway's backlog.
-            let waiting = conn.tx.max_capacity() - conn.tx.capacity();
+            let waiting = conn.shared.queued_frames();
             let backlog = self.backlog.token(waiting);
             let push = Push {
                 stored,
@@ -406,7 +528,7 @@ mod backlog_tests {
 
     #[test]
     fn a_close_is_reported_once_and_the_first_reason_wins() {
-        let shared = ConnShared::new(1, CancellationToken::new(), usize::MAX);
+        let shared = ConnShared::new(1, CancellationToken::new(), 8, usize::MAX);
         let full = || CloseReason::Server(1008, "slow consumer: send queue full".into());
         assert!(shared.close(full()), "the first close closes");
         assert!(
@@ -418,7 +540,7 @@ mod backlog_tests {
             shared.reason(),
             Some(CloseReason::Server(1008, _))
         ));
-        let stopped = ConnShared::new(2, CancellationToken::new(), usize::MAX);
+        let stopped = ConnShared::new(2, CancellationToken::new(), 8, usize::MAX);
         stopped.cancel.cancel(); // server shutdown
         assert!(
             !stopped.close(full()),
@@ -465,21 +587,77 @@ mod backlog_tests {
     #[tokio::test]
     async fn frames_dropped_with_a_closed_queue_leave_the_backlog() {
         let backlog = Backlog::new(1024);
-        let (tx, rx) = mpsc::channel::<Queued>(8);
+        let conn = ConnHandle {
+            shared: Arc::new(ConnShared::new(1, CancellationToken::new(), 8, 1 << 20)),
+        };
         for _ in 0..3 {
             let push = Push {
                 stored: None,
                 accepted_ms: 0,
                 _backlog: backlog.token(0),
             };
-            tx.try_send(Box::new(Outbound {
+            assert!(conn.send(Outbound {
                 text: Utf8Bytes::from_static("x"),
                 push: Some(push),
-            }))
-            .expect("queued");
+            }));
         }
         assert_eq!(backlog.queued(), 3);
-        drop(rx); // the connection is gone with frames still queued
+        assert_eq!(conn.shared.queued_frames(), 3);
+        // The connection is gone with frames still queued.
+        conn.shared.close_queue();
         assert_eq!(backlog.queued(), 0);
+        assert!(
+            !conn.send(Outbound::reply(Utf8Bytes::from_static("late"))),
+            "a closed queue takes nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_send_queue_keeps_order_and_wakes_its_writer() {
+        let shared = Arc::new(ConnShared::new(1, CancellationToken::new(), 4, 1 << 20));
+        let conn = ConnHandle {
+            shared: shared.clone(),
+        };
+        let writer = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 6 {
+                let mut batch = Vec::new();
+                shared.recv_many(&mut batch, 64).await;
+                got.extend(batch.into_iter().map(|f| f.text.to_string()));
+            }
+            got
+        });
+        for i in 0..6 {
+            // Past 4 frames not yet taken the queue is full: wait for the
+            // writer to take some.
+            while conn.shared.queued_frames() >= 4 {
+                tokio::task::yield_now().await;
+            }
+            assert!(conn.send(Outbound::reply(Utf8Bytes::from(format!("f{i}")))));
+            tokio::task::yield_now().await;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer was woken")
+            .expect("writer");
+        assert_eq!(got, ["f0", "f1", "f2", "f3", "f4", "f5"]);
+    }
+
+    #[test]
+    fn a_full_send_queue_refuses_and_closes_a_slow_consumer() {
+        let conn = ConnHandle {
+            shared: Arc::new(ConnShared::new(1, CancellationToken::new(), 2, 1 << 20)),
+        };
+        assert!(conn.send(Outbound::reply(Utf8Bytes::from_static("a"))));
+        assert!(conn.send(Outbound::reply(Utf8Bytes::from_static("b"))));
+        assert!(!conn.send(Outbound::reply(Utf8Bytes::from_static("c"))));
+        assert!(
+            conn.shared.cancel.is_cancelled(),
+            "closed as a slow consumer"
+        );
+        assert!(matches!(
+            conn.shared.reason(),
+            Some(CloseReason::Server(1008, _))
+        ));
     }
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use switchboard_mesh::pb;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -42,12 +41,11 @@ where
     let shared = Arc::new(ConnShared::new(
         conn_id,
         gw.shutdown.child_token(),
+        gw.limits.send_queue_frames,
         gw.limits.send_queue_bytes,
     ));
-    let (tx, rx) = mpsc::channel(gw.limits.send_queue_frames);
     let handle = ConnHandle {
         shared: shared.clone(),
-        tx,
     };
     let (sink, mut stream) = ws.split();
     let mut session = Session::new(gw.clone(), conn_id);
@@ -58,7 +56,6 @@ where
     let writer = tokio::spawn(writer::write_loop(
         gw.clone(),
         sink,
-        rx,
         shared.clone(),
         identity.clone(),
         session.unacked(),
@@ -78,6 +75,9 @@ where
         shared.close(CloseReason::Client);
     }
     let _ = writer.await;
+    // The writer is gone (even by a panic): what is still queued, and
+    // anything queued later, is dropped.
+    shared.close_queue();
     // Nothing can be written any more: stop routing pushes here.
     if let Some(id) = identity.get() {
         gw.registry.remove(&id.app_id, &id.user_id, conn_id);

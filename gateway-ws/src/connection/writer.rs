@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use switchboard_mesh::pb;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -33,7 +32,6 @@ const WRITE_STALL: Duration = Duration::from_secs(10);
 pub(super) async fn write_loop<W>(
     gw: Arc<GatewayInner>,
     mut sink: W,
-    mut rx: mpsc::Receiver<Queued>,
     shared: Arc<ConnShared>,
     identity: Arc<OnceLock<Identity>>,
     unacked: Arc<Unacked>,
@@ -49,7 +47,7 @@ pub(super) async fn write_loop<W>(
     loop {
         tokio::select! {
             biased;
-            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+            n = shared.recv_many(&mut batch, WRITE_BATCH) => {
                 if n == 0 {
                     break;
                 }
@@ -97,9 +95,7 @@ pub(super) async fn write_loop<W>(
         // socket (already checked for repeats and tracked); frames queued
         // since are checked now.
         let mut queued = Vec::new();
-        while let Ok(out) = rx.try_recv() {
-            queued.push(out);
-        }
+        shared.take_queued(&mut queued);
         drop_repeats(&mut sent, &mut queued);
         track_unacked(&gw, &identity, &unacked, &queued);
         batch.append(&mut queued);

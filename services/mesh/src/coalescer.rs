@@ -149,6 +149,10 @@ where
 
     /// Sends the lane's batches, one at a time, until its queue is empty.
     async fn drain(self: Arc<Self>, peer: Arc<str>, lane: Arc<Lane<I, R>>) {
+        // A send that panics unwinds this task: the guard fails what waits
+        // and leaves the lane idle, or it would stay busy (and its callers
+        // unanswered) forever.
+        let _guard = DrainGuard { lane: &lane };
         // Callers woken by the same event (one read of many frames, one
         // store commit) join the first batch.
         tokio::task::yield_now().await;
@@ -163,7 +167,7 @@ where
             let (items, replies): (Vec<I>, Vec<_>) =
                 batch.into_iter().map(|p| (p.item, p.reply)).unzip();
             let n = items.len();
-            match (self.send)(peer.clone(), items).await {
+            match watched(&peer, n, (self.send)(peer.clone(), items)).await {
                 Ok(results) if results.len() == n => {
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(result);
@@ -224,6 +228,52 @@ where
             return None;
         }
         Some(batch)
+    }
+}
+
+/// How long a batch call may be in flight before it is logged as stuck:
+/// well past the callers' retry budget, which bounds every batch send.
+const STUCK_AFTER: Duration = Duration::from_secs(15);
+
+/// Awaits a batch call, logging (once) one that is still in flight after
+/// [`STUCK_AFTER`]: a lane has one batch in flight, so a call that never
+/// ends would leave every later caller of the lane to its own timeout.
+async fn watched<T>(peer: &str, items: usize, call: impl Future<Output = T>) -> T {
+    tokio::pin!(call);
+    match tokio::time::timeout(STUCK_AFTER, call.as_mut()).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            tracing::warn!(
+                peer,
+                items,
+                secs = STUCK_AFTER.as_secs(),
+                "a batch call has been in flight this long; its lane waits for it"
+            );
+            metrics::counter!("switchboard_mesh_batch_stuck_total").increment(1);
+            call.await
+        }
+    }
+}
+
+/// Resets a lane whose drain task ends without emptying it: a panic in a
+/// batch send (the only way it can). Its waiting callers are told the
+/// batch call was abandoned, and the next call starts a new drain.
+struct DrainGuard<'a, I, R> {
+    lane: &'a Lane<I, R>,
+}
+
+impl<I, R> Drop for DrainGuard<'_, I, R> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut state = self
+            .lane
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        state.queue.clear();
+        state.busy = false;
     }
 }
 

@@ -15,6 +15,9 @@ use switchboard_config::Config;
 /// without transparent huge pages (workspace features): version 3 and huge
 /// pages cost ~0.6–1.2 KB more RSS per idle connection (docs/benchmarks.md,
 /// "Allocator").
+/// The `system-alloc` feature leaves the system allocator in place for heap
+/// profilers that follow malloc (heaptrack).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

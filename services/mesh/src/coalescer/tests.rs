@@ -315,3 +315,29 @@ async fn an_item_whose_caller_gave_up_is_never_sent_after_its_callers_next_one()
     peer.gate.add_permits(1);
     assert_eq!(again.await.ok().and_then(Result::ok), Some((3, 0)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_send_that_panics_fails_its_callers_and_leaves_the_lane_usable() {
+    let send: BatchSend<Item, Item> = Arc::new(|_to, items: Vec<Item>| {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            assert!(items.iter().all(|i| i.0 != 7), "a batch with sender 7");
+            Ok(items.into_iter().map(Ok).collect())
+        })
+    });
+    let c = Coalescer::new(one_lane(), send);
+    let doomed = call(&c, (7, 0));
+    let e = doomed.await.ok().and_then(Result::err);
+    assert_eq!(
+        e.map(|e| e.code),
+        Some(ErrorCode::Unavailable),
+        "the caller of a batch whose send panicked is answered"
+    );
+    // The lane is idle again: the next call starts a new batch.
+    let next = call(&c, (1, 0));
+    let answer = tokio::time::timeout(Duration::from_secs(5), next).await;
+    assert_eq!(
+        answer.ok().and_then(Result::ok).and_then(Result::ok),
+        Some((1, 0))
+    );
+}
