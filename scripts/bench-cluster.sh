@@ -6,6 +6,7 @@
 # meanwhile: the generator, etcd, Redis and every process share the cores.
 #
 #   scripts/bench-cluster.sh
+#   ROUNDS=2 scripts/bench-cluster.sh batching   # the cluster only: [mesh_batch] off, then on, per ramp
 #
 # Output: one line per measured step, prefixed with the scenario.
 set -euo pipefail
@@ -48,10 +49,11 @@ start_single() {
   exit 1
 }
 
-start_cluster() {
+start_cluster() { # [batching: true | false]
   stop_all
   cluster_dir="$tmp/cluster"
-  SWITCHBOARD_BIN="$bin" deploy/local/cluster.sh start "$cluster_dir" >/dev/null
+  SWITCHBOARD_MESH_BATCH__ENABLED=${1:-false} SWITCHBOARD_BIN="$bin" \
+    deploy/local/cluster.sh start "$cluster_dir" >/dev/null
   # shellcheck disable=SC1091
   source "$cluster_dir/env"
 }
@@ -67,6 +69,23 @@ run() { # label, bench args...
 # Per-connection rates (msgs/s); 200 connections, so ×200 in total. The
 # cluster's ramps are lower: every process shares the same two cores.
 common=(-n 200 --warmup 2s --duration 5s)
+
+if [[ ${1:-} == batching ]]; then
+  # The same ramps against the cluster with batched hops off and on,
+  # alternating, so that both see the same machine.
+  for round in $(seq 1 "${ROUNDS:-1}"); do
+    for feature in fast reliable; do
+      steps=10,25,50,75,100,150,200
+      [[ $feature == reliable ]] && steps=10,25,50,75,100,150
+      for batching in false true; do
+        start_cluster "$batching"
+        run "round $round cluster ${feature^^} batching=$batching" --url "$GW1_URL" --url "$GW2_URL" \
+          "${common[@]}" --feature "$feature" --rate-steps "$steps"
+      done
+    done
+  done
+  exit 0
+fi
 
 start_single
 run "all-in-one FAST" --url "ws://127.0.0.1:$port/ws" "${common[@]}" --feature fast --rate-steps 25,50,100,200,400,600

@@ -225,13 +225,15 @@ async fn ws_upgrade(State(gateway): State<GatewayRole>, mut req: Request) -> Res
                     )
                     .max_message_size(Some(hard_limit))
                     .max_frame_size(Some(hard_limit));
-                let ws = WebSocketStream::from_raw_socket(
+                // Boxed, each: this task's future is as large as its
+                // largest state, and it lives as long as the connection.
+                let ws = Box::pin(WebSocketStream::from_raw_socket(
                     ReadAhead::new(TokioIo::new(upgraded), limits.read_ahead_bytes),
                     Role::Server,
                     Some(config),
-                )
+                ))
                 .await;
-                connection::run(inner, ws, origin).await;
+                Box::pin(connection::run(inner, Box::new(ws), origin)).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }

@@ -33,8 +33,14 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs one client connection; `origin` is the `Origin` header of its
 /// upgrade request (browsers send one).
-pub(crate) async fn run<S>(gw: Arc<GatewayInner>, ws: WebSocketStream<S>, origin: Option<String>)
-where
+///
+/// `ws` comes boxed: an async fn keeps its arguments for its whole life,
+/// and the stream is split (moved) at once.
+pub(crate) async fn run<S>(
+    gw: Arc<GatewayInner>,
+    ws: Box<WebSocketStream<S>>,
+    origin: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_id = gw.next_conn_id.fetch_add(1, Ordering::Relaxed);
@@ -47,7 +53,7 @@ where
     let handle = ConnHandle {
         shared: shared.clone(),
     };
-    let (sink, mut stream) = ws.split();
+    let (sink, mut stream) = (*ws).split();
     let mut session = Session::new(gw.clone(), conn_id);
     session.set_web_origin(origin);
     session.attach(handle.clone());
@@ -79,11 +85,13 @@ where
     // anything queued later, is dropped.
     shared.close_queue();
     // Nothing can be written any more: stop routing pushes here.
+    // What runs once, at the end, is boxed: inline, its state would
+    // enlarge the future every idle connection holds.
     if let Some(id) = identity.get() {
         gw.registry.remove(&id.app_id, &id.user_id, conn_id);
-        conn.session.offline().await;
+        Box::pin(conn.session.offline()).await;
     }
-    conn.session.close_channels().await;
+    Box::pin(conn.session.close_channels()).await;
     let handshake = match shared.reason() {
         Some(CloseReason::Server(..)) => Some(CLOSE_GRACE),
         // Server shutdown: every connection closes at once; keep it short.
@@ -95,13 +103,13 @@ where
         // until it answers the close frame. Dropping a socket with unread
         // input makes the kernel send a reset, which can destroy the close
         // frame (and its reason) before the client reads it.
-        let _ = timeout(grace, async {
+        let _ = Box::pin(timeout(grace, async {
             while let Some(Ok(msg)) = stream.next().await {
                 if msg.is_close() {
                     break;
                 }
             }
-        })
+        }))
         .await;
     }
 }

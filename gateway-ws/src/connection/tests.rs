@@ -20,7 +20,7 @@ async fn connected(user: &str, acks: bool) -> (Socket, std::sync::Arc<Inboxes>) 
     let inner = gateway.inner.clone();
     tokio::spawn(async move {
         let ws = WebSocketStream::from_raw_socket(far, Role::Server, None).await;
-        super::run(inner, ws, None).await;
+        super::run(inner, Box::new(ws), None).await;
     });
     let mut client = WebSocketStream::from_raw_socket(near, Role::Client, None).await;
     send(

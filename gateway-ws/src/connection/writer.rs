@@ -70,7 +70,13 @@ pub(super) async fn write_loop<W>(
                     }
                     Written::Cancelled => break,
                 }
-                report_delivered(&gw, &identity, &mut batch).await;
+                if reports_delivered(&identity, &batch) {
+                    // Boxed: only a batch with stored messages to report
+                    // needs this state, not every idle connection's future.
+                    Box::pin(report_delivered(&gw, &identity, &mut batch)).await;
+                } else {
+                    batch.clear();
+                }
             }
             _ = shared.cancel.cancelled() => break,
             _ = ping.tick() => {
@@ -90,7 +96,9 @@ pub(super) async fn write_loop<W>(
         _ => (1001, "server shutting down".to_owned()),
     };
     // Flush what is already queued (an auth reply, an error), then close.
-    let _ = timeout(CLOSE_GRACE, async {
+    // Boxed: it runs once, and inline its state would enlarge the future
+    // every idle connection holds.
+    let _ = Box::pin(timeout(CLOSE_GRACE, async {
         // `batch` holds what an interrupted write had not yet handed to the
         // socket (already checked for repeats and tracked); frames queued
         // since are checked now.
@@ -111,8 +119,14 @@ pub(super) async fn write_loop<W>(
         };
         let _ = sink.send(Message::Close(Some(frame))).await;
         let _ = sink.close().await;
-    })
+    }))
     .await;
+}
+
+/// Whether a written batch has anything for [`report_delivered`]: stored
+/// messages, on a connection not in ack mode.
+fn reports_delivered(identity: &OnceLock<Identity>, batch: &[Queued]) -> bool {
+    identity.get().is_some_and(|id| !id.acks) && batch.iter().any(|out| out.stored().is_some())
 }
 
 /// How a batch's write ended.

@@ -90,6 +90,11 @@ fn fingerprint(view: &[String]) -> String {
 /// How often a process that waits for the others reads their views.
 const SETTLE_POLL: Duration = Duration::from_millis(50);
 
+/// A settling wait this long is logged (once per view): the inboxes this
+/// process gains are refused until it ends, and it ends only when etcd
+/// answers and every member has published the view.
+const SETTLE_SLOW: Duration = Duration::from_secs(5);
+
 /// How long giving inboxes up waits for the pushes already made to reach
 /// the gateways (a gateway that reads nothing must not hold a move up).
 const PUSH_FLUSH: Duration = Duration::from_secs(1);
@@ -174,22 +179,54 @@ impl Ownership {
                 return;
             }
         }
+        let waiting_since = tokio::time::Instant::now();
+        let mut told = false;
         loop {
-            if let Ok(published) = publisher.read_prefix(prefix).await {
-                let settled = view.iter().filter(|id| **id != self.me).all(|id| {
-                    let their_key = format!("{prefix}{id}");
-                    published.iter().any(|(k, v)| *k == their_key && *v == mine)
-                });
-                if settled {
-                    let mut views = self.views.write().await;
-                    if views.current == view {
-                        // Under the write lock: no call in flight.
-                        on_settle();
-                        views.settled = Some(view);
-                        tracing::info!("delivery member list settled");
-                    }
-                    return;
+            let read = publisher.read_prefix(prefix).await;
+            let behind: Vec<&String> = match &read {
+                Ok(published) => view
+                    .iter()
+                    .filter(|id| **id != self.me)
+                    .filter(|id| {
+                        let their_key = format!("{prefix}{id}");
+                        !published.iter().any(|(k, v)| *k == their_key && *v == mine)
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            // The inboxes this process gains are refused until the view
+            // settles: a wait this long is said once, with its cause.
+            if !told && waiting_since.elapsed() >= SETTLE_SLOW {
+                told = true;
+                match &read {
+                    Err(e) => tracing::warn!(
+                        secs = SETTLE_SLOW.as_secs(),
+                        error = %e,
+                        "delivery member list not settled: cannot read the views the others applied from etcd; the inboxes moving here are refused meanwhile"
+                    ),
+                    Ok(_) => tracing::warn!(
+                        secs = SETTLE_SLOW.as_secs(),
+                        waiting_for = ?behind,
+                        "delivery member list not settled: members have not published it yet; the inboxes moving here are refused meanwhile"
+                    ),
                 }
+            }
+            if read.is_ok() && behind.is_empty() {
+                let mut views = self.views.write().await;
+                if views.current == view {
+                    // Under the write lock: no call in flight.
+                    on_settle();
+                    views.settled = Some(view);
+                    tracing::info!("delivery member list settled");
+                }
+                drop(views);
+                if told {
+                    tracing::info!(
+                        after_ms = waiting_since.elapsed().as_millis() as u64,
+                        "delivery member list settled after a slow wait"
+                    );
+                }
+                return;
             }
             // A newer list supersedes this one: the caller applies it.
             if members.has_changed().unwrap_or(true) {
