@@ -50,28 +50,35 @@ pub(crate) async fn run<S>(
         gw.limits.send_queue_frames,
         gw.limits.send_queue_bytes,
     ));
-    let handle = ConnHandle {
-        shared: shared.clone(),
+    // Built in blocks: a local moved out of (the session, the sink) would
+    // otherwise keep its bytes in this future, which lives as long as the
+    // connection, beside the value it moved into.
+    let mut conn = {
+        let handle = ConnHandle {
+            shared: shared.clone(),
+        };
+        let mut session = Session::new(gw.clone(), conn_id);
+        session.set_web_origin(origin);
+        session.attach(handle.clone());
+        Connection {
+            gw: gw.clone(),
+            handle,
+            session,
+            refusals: 0,
+            last_refusal: Instant::now(),
+        }
     };
-    let (sink, mut stream) = (*ws).split();
-    let mut session = Session::new(gw.clone(), conn_id);
-    session.set_web_origin(origin);
-    session.attach(handle.clone());
-    let identity = session.identity_cell();
-
-    let writer = tokio::spawn(writer::write_loop(
-        gw.clone(),
-        sink,
-        shared.clone(),
-        identity.clone(),
-        session.unacked(),
-    ));
-    let mut conn = Connection {
-        gw: gw.clone(),
-        handle,
-        session,
-        refusals: 0,
-        last_refusal: Instant::now(),
+    let identity = conn.session.identity_cell();
+    let (writer, mut stream) = {
+        let (sink, stream) = (*ws).split();
+        let writer = tokio::spawn(writer::write_loop(
+            gw.clone(),
+            sink,
+            shared.clone(),
+            identity.clone(),
+            conn.session.unacked(),
+        ));
+        (writer, stream)
     };
     conn.read_loop(&mut stream).await;
     // The reader stopped on its own (client closed, socket failed): nothing
