@@ -22,8 +22,8 @@ pub struct Outbound {
 
 /// What a connection's send queue holds: a frame, boxed, so that the
 /// queue's buffer holds pointers, not frames (a queue that once held many
-/// keeps 8 bytes per slot, not 48), for one allocation per frame (a pushed
-/// message had one already, for its `Push`).
+/// keeps 8 bytes per slot, not a frame's size), for one allocation per
+/// frame (a pushed message had one already, for its `Push`).
 pub type Queued = Box<Outbound>;
 
 impl Outbound {
@@ -207,8 +207,7 @@ impl SendQueue {
         Ok(())
     }
 
-    /// Moves up to `limit` frames into `into`, or what is there when the
-    /// queue is closed.
+    /// Moves up to `limit` frames into `into` (closed or not); how many.
     fn take(&self, into: &mut Vec<Queued>, limit: usize) -> usize {
         let mut state = self.lock();
         let n = state.frames.len().min(limit);
@@ -257,10 +256,11 @@ impl ConnShared {
         }
     }
 
-    /// Waits for frames and moves up to `limit` of them into `into`
-    /// (the writer loop; one caller at a time). Cancel-safe: frames are
-    /// taken only when it returns.
+    /// Waits for frames and moves up to `limit` (at least 1) of them into
+    /// `into`; returns how many, never 0 (the writer loop; one caller at a
+    /// time). Cancel-safe: frames are taken only when it returns.
     pub async fn recv_many(&self, into: &mut Vec<Queued>, limit: usize) -> usize {
+        let limit = limit.max(1);
         loop {
             let n = self.queue.take(into, limit);
             if n > 0 {

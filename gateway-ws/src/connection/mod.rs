@@ -88,8 +88,8 @@ pub(crate) async fn run<S>(
         shared.close(CloseReason::Client);
     }
     let _ = writer.await;
-    // The writer is gone (even by a panic): what is still queued, and
-    // anything queued later, is dropped.
+    // The writer closed the queue as it ended; again here in case its task
+    // never ran (a runtime shutting down).
     shared.close_queue();
     // Nothing can be written any more: stop routing pushes here.
     // What runs once, at the end, is boxed: inline, its state would

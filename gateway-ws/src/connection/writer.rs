@@ -38,6 +38,11 @@ pub(super) async fn write_loop<W>(
 ) where
     W: futures_util::Sink<Message, Error = WsError> + Unpin,
 {
+    // However the writer ends (a socket failure, a stall, a cancel, a
+    // panic), the connection closes and its queue with it: nothing more
+    // is queued for a writer that is gone, and what was queued leaves the
+    // gateway's backlog now, not when the reader notices.
+    let _closing = WriterGone(&shared);
     let ping_every = Duration::from_secs(gw.limits.ping_interval_secs.max(1));
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     // Grown on demand (up to WRITE_BATCH): an idle connection keeps a few
@@ -47,10 +52,7 @@ pub(super) async fn write_loop<W>(
     loop {
         tokio::select! {
             biased;
-            n = shared.recv_many(&mut batch, WRITE_BATCH) => {
-                if n == 0 {
-                    break;
-                }
+            _ = shared.recv_many(&mut batch, WRITE_BATCH) => {
                 shared.dequeued(batch.iter().map(|f| f.text.len()).sum());
                 drop_repeats(&mut sent, &mut batch);
                 // Tracked before the write: an ACK may come back before the
@@ -127,6 +129,21 @@ pub(super) async fn write_loop<W>(
 /// messages, on a connection not in ack mode.
 fn reports_delivered(identity: &OnceLock<Identity>, batch: &[Queued]) -> bool {
     identity.get().is_some_and(|id| !id.acks) && batch.iter().any(|out| out.stored().is_some())
+}
+
+/// Closes the connection and its send queue when the write loop ends.
+struct WriterGone<'a>(&'a ConnShared);
+
+impl Drop for WriterGone<'_> {
+    fn drop(&mut self) {
+        // A connection already closing (for a reason, or by the server's
+        // shutdown) keeps how it closes; a writer gone on its own (a
+        // panic) takes the connection with it.
+        if !self.0.cancel.is_cancelled() {
+            self.0.close(CloseReason::Client);
+        }
+        self.0.close_queue();
+    }
 }
 
 /// How a batch's write ended.
@@ -359,6 +376,28 @@ mod tests {
         // once (it wrote the whole batch again before: duplicates).
         let left: Vec<&str> = batch.iter().map(|o| o.text.as_str()).collect();
         assert_eq!(left, ["frame 3", "frame 4"]);
+    }
+
+    #[test]
+    fn a_writer_gone_closes_its_connection_and_queue_but_leaves_a_shutdown_as_it_is() {
+        let conn = crate::registry::ConnHandle {
+            shared: Arc::new(ConnShared::new(1, CancellationToken::new(), 8, 1 << 20)),
+        };
+        assert!(conn.send(Outbound::reply(Utf8Bytes::from_static("queued"))));
+        // A writer gone on its own (a panic): the connection closes, and
+        // nothing is queued for it any more.
+        drop(WriterGone(&conn.shared));
+        assert!(conn.shared.cancel.is_cancelled());
+        assert!(matches!(conn.shared.reason(), Some(CloseReason::Client)));
+        assert_eq!(conn.shared.queued_frames(), 0, "what was queued is dropped");
+        assert!(!conn.send(Outbound::reply(Utf8Bytes::from_static("late"))));
+
+        // The server shutting down cancels from outside, with no reason:
+        // the connection keeps that (it waits for the client's close).
+        let stopping = ConnShared::new(2, CancellationToken::new(), 8, 1 << 20);
+        stopping.cancel.cancel();
+        drop(WriterGone(&stopping));
+        assert!(stopping.reason().is_none());
     }
 
     #[tokio::test]

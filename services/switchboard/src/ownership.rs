@@ -166,6 +166,9 @@ impl Ownership {
         self.flush_pushes().await;
         let mine = fingerprint(&view);
         tracing::info!(instances = %mine, "delivery member list applied");
+        // From here the inboxes this process gains wait for the view to
+        // settle (publishing it included).
+        let waiting_since = tokio::time::Instant::now();
         let key = format!("{prefix}{}", self.me);
         loop {
             match publisher.publish(&key, &mine).await {
@@ -179,7 +182,6 @@ impl Ownership {
                 return;
             }
         }
-        let waiting_since = tokio::time::Instant::now();
         let mut told = false;
         loop {
             let read = publisher.read_prefix(prefix).await;
@@ -217,14 +219,14 @@ impl Ownership {
                     // Under the write lock: no call in flight.
                     on_settle();
                     views.settled = Some(view);
-                    tracing::info!("delivery member list settled");
-                }
-                drop(views);
-                if told {
-                    tracing::info!(
-                        after_ms = waiting_since.elapsed().as_millis() as u64,
-                        "delivery member list settled after a slow wait"
-                    );
+                    if told {
+                        tracing::info!(
+                            after_ms = waiting_since.elapsed().as_millis() as u64,
+                            "delivery member list settled after a slow wait"
+                        );
+                    } else {
+                        tracing::info!("delivery member list settled");
+                    }
                 }
                 return;
             }
