@@ -331,6 +331,7 @@ impl FjallStore {
     pub fn open(data_dir: &Path, options: FjallStoreOptions) -> Result<Self, StoreError> {
         let path = data_dir.join("inbox.lsm");
         std::fs::create_dir_all(&path).map_err(backend)?;
+        clear_interrupted_creation(&path).map_err(backend)?;
         let id_window_ms = u64::try_from(options.id_window.as_millis()).unwrap_or(u64::MAX);
         let expiry: Arc<dyn Factory> = Arc::new(ExpiredClientIds {
             window_ms: id_window_ms,
@@ -961,6 +962,70 @@ impl Store for FjallStore {
     }
 }
 
+/// fjall 3 creates a database in steps — its lock file, its journal
+/// `0.jnl`, its keyspaces folder — and writes its `version` marker last.
+/// A process killed in between leaves a folder without the marker, which
+/// every later open takes for a new database and fails to create
+/// (`0.jnl` exists) — the store could never open again. Such a folder
+/// holds nothing: nothing is written before the open returns. When the
+/// folder holds exactly those leftovers (an empty keyspaces folder, a
+/// journal with nothing written in it: zeros, as fjall preallocates it),
+/// they are removed and the open creates the database afresh; anything
+/// else is left for fjall to refuse.
+fn clear_interrupted_creation(path: &Path) -> std::io::Result<()> {
+    if path.join("version").try_exists()? {
+        return Ok(());
+    }
+    let mut leftovers = Vec::new();
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let meta = entry.metadata()?;
+        let leftover = match name.to_str() {
+            Some("lock") => meta.is_file(),
+            Some("0.jnl") => meta.is_file() && only_zeros(&entry.path())?,
+            Some("keyspaces") => meta.is_dir() && std::fs::read_dir(entry.path())?.next().is_none(),
+            _ => false,
+        };
+        if !leftover {
+            // Not an interrupted creation: fjall decides.
+            return Ok(());
+        }
+        leftovers.push((entry.path(), meta.is_dir()));
+    }
+    if leftovers.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        path = %path.display(),
+        "the store's database was never fully created (a process stopped while creating it; no version marker): removing its leftovers and creating it again"
+    );
+    for (leftover, dir) in leftovers {
+        if dir {
+            std::fs::remove_dir(&leftover)?;
+        } else {
+            std::fs::remove_file(&leftover)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the file holds nothing but zero bytes.
+fn only_zeros(file: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(file)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -993,6 +1058,47 @@ mod tests {
     crate::queue_contract_tests!(|dir: &Path| open(dir).queues());
 
     crate::group_store_contract_tests!(|dir: &Path| open(dir).groups());
+
+    /// What fjall 3's creation leaves when killed before its version
+    /// marker: the lock, an empty keyspaces folder, a preallocated journal.
+    fn interrupted_creation(dir: &Path) -> std::path::PathBuf {
+        let db = dir.join("inbox.lsm");
+        std::fs::create_dir_all(db.join("keyspaces")).expect("keyspaces");
+        std::fs::write(db.join("lock"), b"").expect("lock");
+        let journal = std::fs::File::create(db.join("0.jnl")).expect("journal");
+        journal.set_len(64 * 1024 * 1024).expect("preallocate");
+        db
+    }
+
+    #[tokio::test]
+    async fn a_store_whose_creation_was_killed_opens_afresh() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = interrupted_creation(dir.path());
+        let store = open(dir.path());
+        let seqs =
+            crate::contract::stored(&store, "a", &[crate::contract::message("a-1", "m")]).await;
+        assert_eq!(seqs.len(), 1);
+        store.close().await.expect("close");
+        assert!(db.join("version").exists(), "created anew");
+    }
+
+    #[test]
+    fn a_folder_that_is_not_an_interrupted_creation_is_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = interrupted_creation(dir.path());
+        // Something was written in the journal: not a leftover of creation.
+        std::fs::write(db.join("0.jnl"), b"written").expect("write");
+        clear_interrupted_creation(&db).expect("check");
+        assert!(db.join("0.jnl").exists());
+        assert!(FjallStore::open(dir.path(), FjallStoreOptions::default()).is_err());
+
+        // Another file beside the leftovers: left alone too.
+        let other = tempfile::tempdir().expect("tempdir");
+        let db = interrupted_creation(other.path());
+        std::fs::write(db.join("notes.txt"), b"mine").expect("write");
+        clear_interrupted_creation(&db).expect("check");
+        assert!(db.join("0.jnl").exists() && db.join("notes.txt").exists());
+    }
 
     #[tokio::test]
     async fn messages_and_counters_survive_reopening() {
